@@ -1,0 +1,127 @@
+"""The MoE language model: Megatron's `GPTModel` built from megamoe's decoder spec.
+
+`transformer_config` translates megamoe's typed config into Megatron's `TransformerConfig`;
+`build_lm` returns the model chunks of this rank (one per virtual pipeline stage).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megamoe.models.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
+from megamoe.moe.routing_context import RoutingContextSlot
+
+
+def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype,
+                       num_experts_override: int | None = None) -> TransformerConfig:
+    m, moe = cfg.model, cfg.model.moe
+    num_experts = moe.num_experts if num_experts_override is None else num_experts_override
+    aux = moe.aux_loss_coeff if num_experts else 0.0
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        kv_channels=m.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        perform_initialization=False,       # megamoe.models.init fills every parameter
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=dims.tensor,
+        pipeline_model_parallel_size=dims.pipeline,
+        virtual_pipeline_model_parallel_size=dims.virtual_pipeline,
+        expert_model_parallel_size=dims.expert,
+        expert_tensor_parallel_size=dims.expert_tensor_size,
+        sequence_parallel=sequence_parallel and dims.tensor > 1,
+        num_moe_experts=num_experts or None,
+        moe_router_topk=moe.topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size if num_experts else None,
+        moe_router_score_function=moe.score_function,
+        moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+        moe_aux_loss_coeff=aux,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_drop_policy=moe.drop_policy,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=False,
+        calculate_per_token_loss=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
+             slot: RoutingContextSlot | None = None) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage). All chunks and layers share
+    one routing-context slot, set per micro-batch by the training step."""
+    from megatron.core import parallel_state
+
+    m, moe = cfg.model, cfg.model.moe
+    slot = slot or RoutingContextSlot()
+    pattern = moe_layer_pattern(m.num_layers, moe.layer_freq, tconfig.num_moe_experts or 0)
+    vp = tconfig.virtual_pipeline_model_parallel_size
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in (range(vp) if vp else [None]):
+        first = pp_rank == 0 and (vp_stage in (None, 0))
+        last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
+        spec = decoder_block_spec(tconfig, pattern, qk_layernorm=m.qk_layernorm,
+                                  router=moe.router,
+                                  shared_expert=bool(moe.shared_expert_ffn_hidden_size),
+                                  slot=slot, pg_collection=pg_collection,
+                                  vp_stage=vp_stage, pp_rank=pp_rank)
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=m.seq_length,
+            pre_process=first,
+            post_process=last,
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(m.rotary_base),
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        model.routing_context_slot = slot
+        chunks.append(model)
+    return chunks
+
+
+def moe_layers(chunks) -> list:
+    from megamoe.moe.layer import MegamoeMoELayer
+
+    return [mod for c in chunks for mod in c.modules() if isinstance(mod, MegamoeMoELayer)]
+
+
+def non_causal_routers(chunks) -> list[str]:
+    return sorted({type(layer.router).__name__ for layer in moe_layers(chunks)
+                   if not layer.router.is_causal()})

@@ -1,0 +1,108 @@
+"""Decoder block spec matching Hugging Face's Mixtral block: RMSNorm, RoPE, grouped-query attention,
+SwiGLU experts, no biases; options for QK-norm, qkv bias and a (gated) shared expert.
+
+Modules are Megatron-Core's local ones (column/row-parallel linears, `DotProductAttention`,
+`SequentialMLP` experts) plus megamoe's RMSNorm (sequence-parallel capable) and MoE layer
+(routing context, router families).
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_layer_specs import get_transformer_layer_offset
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megamoe.models.norm import QKRMSNorm, RMSNorm
+from megamoe.moe.layer import MegamoeMoELayer
+from megamoe.moe.routers import ROUTERS
+from megamoe.moe.routing_context import RoutingContextSlot
+
+
+def _mlp_submodules() -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def attention_spec(qk_layernorm: bool) -> ModuleSpec:
+    qk_norm = QKRMSNorm if qk_layernorm else IdentityOp
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
+def moe_spec(router: str, shared_expert: bool, slot: RoutingContextSlot, pg_collection) -> ModuleSpec:
+    """The MoE layer receives its process groups explicitly (Megatron's TransformerLayer only
+    forwards them to the MoE classes it knows by name)."""
+    return ModuleSpec(
+        module=MegamoeMoELayer,
+        params={"context_slot": slot, "pg_collection": pg_collection},
+        submodules=MoESubmodules(
+            experts=ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules()),
+            shared_experts=(
+                ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules())
+                if shared_expert else None
+            ),
+            router=ROUTERS[router],
+        ),
+    )
+
+
+def layer_spec(is_moe: bool, *, qk_layernorm: bool, router: str, shared_expert: bool,
+               slot: RoutingContextSlot, pg_collection=None) -> ModuleSpec:
+    mlp = (moe_spec(router, shared_expert, slot, pg_collection) if is_moe
+           else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=attention_spec(qk_layernorm),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[bool]:
+    """Which layers are MoE: every `layer_freq`-th (layer 0 included), or an explicit 0/1 list."""
+    if num_experts == 0:
+        return [False] * num_layers
+    if isinstance(layer_freq, int):
+        return [i % layer_freq == 0 for i in range(num_layers)]
+    return [bool(x) for x in layer_freq]
+
+
+def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router: str,
+                       shared_expert: bool, slot: RoutingContextSlot, pg_collection=None,
+                       vp_stage: int | None = None, pp_rank: int | None = None
+                       ) -> TransformerBlockSubmodules:
+    """The block spec of this pipeline stage (and virtual stage): its slice of the layers."""
+    specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
+                        shared_expert=shared_expert, slot=slot, pg_collection=pg_collection)
+             for m in pattern]
+    n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+    offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n_local],
+                                      layer_norm=RMSNorm)

@@ -1,0 +1,33 @@
+"""megamoe's MoE layer: route (with routing context) → dispatch → experts → combine.
+
+Dispatch, experts and combine are Megatron-Core's (`MoELayer`, all-to-all or all-gather token
+dispatcher, `SequentialMLP`/`GroupedMLP`); only routing goes through megamoe's router interface
+so that routers can read the routing context and report statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megamoe.moe.routing_context import RoutingContextSlot
+
+
+class MegamoeMoELayer(MoELayer):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
+                 context_slot: Optional[RoutingContextSlot] = None):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        self.context_slot = context_slot or RoutingContextSlot()
+        self.last_tokens_per_expert = None   # [E] local counts of the last forward
+        self.register_buffer("tokens_per_expert_acc", torch.zeros(config.num_moe_experts),
+                             persistent=False)
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        out = self.router.route(hidden_states, self.context_slot.get())
+        if out.tokens_per_expert_E is not None:
+            self.last_tokens_per_expert = out.tokens_per_expert_E
+            self.tokens_per_expert_acc += out.tokens_per_expert_E.to(self.tokens_per_expert_acc)
+        return out.probs_TE, out.routing_map_TE

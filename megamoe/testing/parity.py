@@ -1,0 +1,135 @@
+"""Parity of a parallel layout against the single-process reference (DESIGN.md, Conventions).
+
+`parity_run` trains a few steps under whatever layout the config names, on the ranks of the
+current process group, and returns (on every rank) the global loss per step, the global
+gradients of step 1 and the global parameters after the last step. The reference is the same
+function on one rank: it sees the same micro-batches (all DP ranks' micro-batches, in order), so
+routing groups and auxiliary losses are those of the parallel run. `compare` applies DESIGN.md's
+tolerances and returns the list of violations (empty = parity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megamoe.models.global_view import gather_global
+
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-5
+GRAD_ATOL = 1e-8
+SGD_PARAM_ATOL = 1e-6
+
+
+@dataclass
+class ParityResult:
+    losses: list = field(default_factory=list)
+    grads: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+
+def synthetic_sample(step: int, index: int, seq_length: int, vocab: int) -> torch.Tensor:
+    """Sample `index` of global batch `step`: a function of (step, index) only."""
+    g = torch.Generator().manual_seed(10_000 * step + index + 1)
+    return torch.randint(0, vocab, (seq_length + 1,), generator=g)
+
+
+def microbatch(step: int, m: int, dp_rank: int, dp: int, mbs: int, seq_length: int,
+               vocab: int) -> dict:
+    """Micro-batch m of DP rank r holds samples [m·mbs·dp + r·mbs, … + mbs) of the global batch."""
+    start = m * mbs * dp + dp_rank * mbs
+    tokens = torch.stack([synthetic_sample(step, start + j, seq_length, vocab) for j in range(mbs)])
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": torch.ones(mbs, seq_length),
+        "position_ids": torch.arange(seq_length).expand(mbs, seq_length).contiguous(),
+    }
+
+
+def rank_microbatches(step, dp_rank, dp, mbs, gbs, seq_length, vocab, *, reference_dp=None):
+    """This DP rank's micro-batches; with `reference_dp`, every micro-batch of a run with that
+    DP size, in (m, r) order, for the single-process reference."""
+    if reference_dp is not None:
+        n = gbs // (mbs * reference_dp)
+        return [microbatch(step, m, r, reference_dp, mbs, seq_length, vocab)
+                for m in range(n) for r in range(reference_dp)]
+    n = gbs // (mbs * dp)
+    return [microbatch(step, m, dp_rank, dp, mbs, seq_length, vocab) for m in range(n)]
+
+
+def _global_loss(stats: dict, engine) -> float:
+    """Sum the loss over the ranks that own it once: last PP stage, TP rank 0."""
+    from megatron.core import parallel_state as ps
+
+    owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    t = torch.tensor([stats["loss_sum"], stats["tokens"]], dtype=torch.float64) * float(owner)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return (t[0] / t[1]).item()
+
+
+@torch.no_grad()
+def perturb_one_expert(engine, scale: float = 1e-2) -> bool:
+    """Negative control: change local expert 0 of the first MoE layer on the last rank only."""
+    from megamoe.models.lm import moe_layers
+
+    if dist.get_rank() != dist.get_world_size() - 1:
+        return False
+    layers = moe_layers(engine.modules)
+    if not layers:
+        return False
+    w = layers[0].experts.local_experts[0].linear_fc1.weight
+    g = torch.Generator().manual_seed(99)
+    w.add_(torch.randn(w.shape, generator=g) * scale)
+    return True
+
+
+def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
+               perturb: bool = False) -> ParityResult:
+    from megatron.core import parallel_state as ps
+
+    from megamoe.training.engine import build_engine, run_forward_backward, optimizer_step
+
+    engine = build_engine(cfg, vocab, torch.device("cpu"))
+    if perturb:
+        perturb_one_expert(engine)   # fp32 optimizers update the model's own tensors
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    t, S = cfg.train, cfg.model.seq_length
+    result = ParityResult()
+    for step in range(steps):
+        mbs = rank_microbatches(step, dp_rank, dp, t.micro_batch_size, t.global_batch_size, S,
+                                vocab, reference_dp=reference_dp)
+        for c in engine.chunks:
+            c.zero_grad_buffer()
+        engine.optimizer.zero_grad()
+        stats = run_forward_backward(engine, mbs)
+        result.losses.append(_global_loss(stats, engine))
+        if step == 0:
+            result.grads = gather_global(engine.modules, grads=True)
+        optimizer_step(engine)
+    result.params = gather_global(engine.modules)
+    return result
+
+
+def compare(ref: ParityResult, got: ParityResult, *, param_atol: float = SGD_PARAM_ATOL) -> list:
+    """Violations of DESIGN.md's tolerances (empty list = parity)."""
+    bad = []
+    for i, (a, b) in enumerate(zip(ref.losses, got.losses)):
+        if abs(a - b) > LOSS_RTOL * abs(a):
+            bad.append(f"loss step {i + 1}: reference {a:.8f} vs {b:.8f}")
+    if set(ref.grads) != set(got.grads) or set(ref.params) != set(got.params):
+        bad.append(f"different tensors: {sorted(set(ref.grads) ^ set(got.grads))}")
+    for key in sorted(set(ref.grads) & set(got.grads)):
+        a, b = ref.grads[key], got.grads[key]
+        tol = GRAD_RTOL * a.abs().max().item() + GRAD_ATOL
+        err = (a - b).abs().max().item()
+        if a.shape != b.shape or err > tol:
+            bad.append(f"grad {key}: max err {err:.3e} > {tol:.3e}")
+    for key in sorted(set(ref.params) & set(got.params)):
+        err = (ref.params[key] - got.params[key]).abs().max().item()
+        if err > param_atol:
+            bad.append(f"param {key}: max err {err:.3e} > {param_atol:.1e}")
+    return bad

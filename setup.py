@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megamoe",
+    version="0.1.0",
+    description="Multimodal Mixture-of-Experts pretraining on Megatron-Core",
+    packages=find_packages(include=["megamoe", "megamoe.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # GPU users bring their own CUDA build; 2.13.0 (CPU) satisfies this range.
+        "torch>=2.6,<2.15",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        "mpi": ["mpi4py"],
+        "hf": ["transformers>=5,<6", "safetensors"],
+        "test": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megamoe=megamoe.cli:main"]},
+)
