@@ -74,6 +74,11 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
         moe_permute_fusion=False,
         moe_router_fusion=False,
         cross_entropy_loss_fusion=False,
+        # gloo matches point-to-point messages between two ranks in posting order; Megatron's
+        # batched p2p posts send_prev before send_next, which swaps activations and gradients
+        # when both neighbours are the same rank (PP=2, interleaved). The unbatched path keeps
+        # the two directions on separate groups.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
 
 

@@ -1,0 +1,24 @@
+"""Device selection and the CPU bridge for Megatron-Core (see bridge.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_layout_supported(cfg, device_type: str | None = None) -> None:
+    """Refuse layouts this device cannot run, naming the fields (before any process starts)."""
+    device_type = device_type or default_device_type()
+    p = cfg.parallel
+    etp = p.tensor if p.expert_tensor is None else p.expert_tensor
+    if device_type == "cpu" and etp > 1 and p.expert > 1:
+        raise ValueError(
+            f"parallel.expert_tensor={etp} with parallel.expert={p.expert}: on CPU, gloo cannot "
+            "do the uneven all-gather of Megatron's dispatch post-processing; use "
+            "parallel.expert_tensor=1 on CPU (this layout runs on GPUs)"
+        )
+    if device_type == "cpu" and cfg.train.precision == "bf16":
+        raise ValueError("train.precision=bf16: CPU training runs in fp32 (use auto or fp32)")

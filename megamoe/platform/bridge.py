@@ -8,6 +8,7 @@ that each patched name still exists where we expect it (DESIGN.md, "Megatron-Cor
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import torch
@@ -136,3 +137,6 @@ def quiet_megatron_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # megamoe's MoE spec passes its process groups itself; Megatron's layer warns it does not
+    # know the class by name.
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)

@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
+from megamoe.config import sequence_parallel_enabled
 from megamoe.models.init import init_global
 from megamoe.models.lm import build_lm, transformer_config
 from megamoe.moe.routing_context import RoutingContext
@@ -49,11 +50,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-
-
-def sequence_parallel_enabled(cfg) -> bool:
-    sp = cfg.parallel.sequence_parallel
-    return cfg.parallel.tensor > 1 if sp is None else bool(sp and cfg.parallel.tensor > 1)
 
 
 def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: bool = True,

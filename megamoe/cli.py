@@ -1,0 +1,130 @@
+"""`megamoe` command line: train, specs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  megamoe train --config configs/quickstart.yaml
+  megamoe train --config configs/quickstart.yaml --set train.steps=20 --set parallel.expert=4
+  torchrun --nproc-per-node 8 -m megamoe train --config configs/<recipe>.yaml
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megamoe", description="Pretrain Mixture-of-Experts models on Megatron-Core.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train", help="train a model from a YAML config",
+        description="Train a model. Without a launcher (torchrun, srun, mpirun) megamoe starts "
+                    "parallel.world_size local ranks itself: gloo ranks on CPU, one per GPU.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", "-c", metavar="YAML",
+                       help="config file (default: built-in defaults; see configs/)")
+    train.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="validate the config, print it resolved, and exit")
+    sub.add_parser("specs", help="list the router families with paper, config key, causality",
+                   description="List the MoE router families megamoe provides.")
+    return parser
+
+
+def _error(msg: str) -> int:
+    print(f"megamoe: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_specs() -> int:
+    from megamoe.moe.routers import ROUTERS
+
+    print(f"{'config key (model.moe.router)':32} {'causal':8} paper")
+    for key, cls in ROUTERS.items():
+        causal = "yes" if cls.causal else "no"
+        print(f"{key:32} {causal:8} {cls.paper}")
+    print("\ntopk is causal unless model.moe.capacity_factor is set (capacity dropping "
+          "competes across the micro-batch).")
+    return 0
+
+
+def _train_rank(config) -> None:
+    """Entry of one rank (spawned locally or started by a launcher); `config` is a resolved
+    config file or the Config itself."""
+    from megamoe.config import load_config
+    from megamoe.launch.env import discover_rank, init_distributed
+    from megamoe.platform.bridge import quiet_megatron_warnings
+    from megamoe.training.loop import train
+
+    quiet_megatron_warnings()
+    cfg = load_config(config) if isinstance(config, str) else config
+    info = discover_rank()
+    device = init_distributed(info)
+    try:
+        train(cfg, device)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cmd_train(args) -> int:
+    from megamoe.config import ConfigError, dump_config, load_config, resolve_run_dir
+    from megamoe.launch.env import discover_rank
+
+    from megamoe.platform import check_layout_supported
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_layout_supported(cfg)
+    except (ConfigError, ValueError) as exc:
+        return _error(str(exc))
+    info = discover_rank()
+    if info is not None and info.world_size != cfg.parallel.world_size:
+        return _error(f"parallel.world_size: {cfg.parallel.world_size} but the launcher started "
+                      f"{info.world_size} ranks ({info.source})")
+    if cfg.run.dir is None and info is not None:
+        # every rank must name the same run dir without talking to the others
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "job")
+        cfg.run.dir = os.path.join("runs", f"{cfg.run.name}-{job}")
+    cfg.run.dir = resolve_run_dir(cfg)
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    if args.dry_run:
+        from megamoe.config import config_to_dict
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    if info is not None:
+        if info.rank == 0:
+            dump_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+        _train_rank(cfg)
+        return 0
+    path = os.path.join(cfg.run.dir, "config.yaml")
+    dump_config(cfg, path)
+    from megamoe.launch.spawn import spawn_local
+
+    failed = spawn_local(cfg.parallel.world_size, _train_rank, (path,))
+    if failed:
+        rank, msg, tb = failed[0]
+        if os.environ.get("MEGAMOE_TRACEBACK"):
+            print(tb, file=sys.stderr)
+        return _error(f"rank {rank} failed: {msg} (set MEGAMOE_TRACEBACK=1 for the traceback)")
+    print(f"[megamoe] done: {cfg.run.dir}/summary.json")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "specs":
+        return cmd_specs()
+    parser.print_help()
+    return 0

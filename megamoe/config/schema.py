@@ -1,0 +1,256 @@
+"""The typed config: one dataclass per YAML section, each validating its own fields.
+
+Checks that involve two sections (TP vs heads, batch vs data-parallel size) live in
+`megamoe.config.validate`. Field names follow Megatron where it has one (`num_query_groups`,
+`kv_channels`, `capacity_factor`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
+
+KNOWN_ROUTERS = ("topk",)            # router families; megamoe.moe.routers.ROUTERS implements them
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+TOKEN_DISPATCHERS = ("alltoall", "allgather")
+LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16")
+DATA_KINDS = ("markov", "indexed")
+
+
+@dataclass
+class RunConfig:
+    SECTION: ClassVar[str] = "run"
+
+    name: str = "quickstart"
+    dir: str | None = None           # None: runs/<name>-<YYYYmmdd-HHMMSS>, see resolve_run_dir()
+    seed: int = 1234
+    log_interval: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            fail("run.name", f"must be a non-empty name without '/', got {self.name!r}")
+        at_least(self, "seed", 0)
+        at_least(self, "log_interval", 1)
+
+
+@dataclass
+class MoEConfig:
+    SECTION: ClassVar[str] = "model.moe"
+
+    num_experts: int = 4             # 0: dense model
+    topk: int = 2
+    layer_freq: int | list[int] = 1  # N: layer i is MoE iff i % N == 0; list: 0/1 per layer
+    ffn_hidden_size: int = 128       # per expert
+    router: str = "topk"
+    score_function: str = "softmax"
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.0
+    capacity_factor: float | None = None   # None: dropless
+    drop_policy: str = "probs"
+    pad_to_capacity: bool = False
+    token_dispatcher: str = "alltoall"
+    shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False
+    allow_non_causal: bool = False
+
+    def validate(self) -> None:
+        at_least(self, "num_experts", 0)
+        if self.num_experts > 0:
+            at_least(self, "topk", 1)
+            if self.topk > self.num_experts:
+                fail("model.moe.topk",
+                     f"{self.topk} > model.moe.num_experts ({self.num_experts})")
+        self._validate_layer_freq()
+        at_least(self, "ffn_hidden_size", 1)
+        at_least(self, "shared_expert_ffn_hidden_size", 0)
+        one_of(self, "router", KNOWN_ROUTERS)
+        one_of(self, "score_function", SCORE_FUNCTIONS)
+        one_of(self, "drop_policy", DROP_POLICIES)
+        one_of(self, "token_dispatcher", TOKEN_DISPATCHERS)
+        at_least(self, "aux_loss_coeff", 0)
+        at_least(self, "z_loss_coeff", 0)
+        greater_than(self, "capacity_factor", 0)
+        if self.pad_to_capacity and self.capacity_factor is None:
+            fail("model.moe.pad_to_capacity", "needs model.moe.capacity_factor (dropless "
+                 "experts have no capacity to pad to)")
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
+            fail("model.moe.shared_expert_gate",
+                 "needs model.moe.shared_expert_ffn_hidden_size > 0")
+
+    def _validate_layer_freq(self) -> None:
+        if isinstance(self.layer_freq, int):
+            at_least(self, "layer_freq", 1)
+        elif any(x not in (0, 1) for x in self.layer_freq):
+            fail("model.moe.layer_freq", f"a list must hold only 0 and 1, got {self.layer_freq}")
+
+
+@dataclass
+class ModelConfig:
+    SECTION: ClassVar[str] = "model"
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128       # dense FFN (layers that are not MoE)
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None   # None: num_attention_heads (MHA)
+    kv_channels: int | None = None        # None: hidden_size // num_attention_heads
+    vocab_size: int | None = None         # None: taken from the data
+    seq_length: int = 64
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    qk_layernorm: bool = False
+    add_qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "kv_channels", "vocab_size"):
+            at_least(self, name, 1)
+        at_least(self, "seq_length", 2)
+        for name in ("rotary_base", "norm_epsilon", "init_method_std"):
+            greater_than(self, name, 0)
+        groups = self.num_query_groups
+        if groups is not None and self.num_attention_heads % groups:
+            fail("model.num_query_groups", f"model.num_attention_heads "
+                 f"({self.num_attention_heads}) is not divisible by {groups}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            fail("model.hidden_size", f"{self.hidden_size} is not divisible by "
+                 f"model.num_attention_heads ({self.num_attention_heads}); set model.kv_channels")
+        self.moe.validate()
+        freq = self.moe.layer_freq
+        if isinstance(freq, list) and len(freq) != self.num_layers:
+            fail("model.moe.layer_freq", f"has {len(freq)} entries, "
+                 f"model.num_layers is {self.num_layers}")
+
+
+@dataclass
+class ParallelConfig:
+    SECTION: ClassVar[str] = "parallel"
+
+    world_size: int = 1              # ranks; spawned locally when not under a launcher
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None
+    expert: int = 1
+    expert_tensor: int | None = None      # None: same as tensor
+    sequence_parallel: bool | None = None  # None: on when tensor > 1
+    distributed_optimizer: bool = False
+
+    @property
+    def data(self) -> int:
+        return self.world_size // (self.tensor * self.pipeline)
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.tensor if self.expert_tensor is None else self.expert_tensor
+
+    @property
+    def expert_data(self) -> int:
+        return self.world_size // (self.expert_tensor_size * self.expert * self.pipeline)
+
+    def validate(self) -> None:
+        for name in ("world_size", "tensor", "pipeline", "expert", "expert_tensor",
+                     "virtual_pipeline"):
+            at_least(self, name, 1)
+        if self.virtual_pipeline is not None and self.pipeline == 1:
+            fail("parallel.virtual_pipeline", "needs parallel.pipeline > 1")
+        self._validate_grid("parallel.tensor * parallel.pipeline",
+                            self.tensor * self.pipeline, "data-parallel")
+        etp = "parallel.expert_tensor" + (" (= tensor)" if self.expert_tensor is None else "")
+        self._validate_grid(f"{etp} * parallel.expert * parallel.pipeline",
+                            self.expert_tensor_size * self.expert * self.pipeline,
+                            "expert-data-parallel")
+
+    def _validate_grid(self, product: str, size: int, rest: str) -> None:
+        """Both grids tile the ranks: attention TP×DP×PP and MoE ETP×EP×EDP×PP."""
+        if self.world_size % size:
+            fail("parallel.world_size", f"{self.world_size} is not divisible by {product} = "
+                 f"{size} (the {rest} size must be a whole number >= 1)")
+
+
+@dataclass
+class TrainConfig:
+    SECTION: ClassVar[str] = "train"
+
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    optimizer: str = "adamw"
+    clip_grad: float = 1.0           # 0: off
+    eval_interval: int = 50          # 0: validate only at the end (if eval_iters > 0)
+    eval_iters: int = 4
+    save_interval: int = 0           # 0: only the final checkpoint
+    precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU
+    deterministic: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size"):
+            at_least(self, name, 1)
+        greater_than(self, "lr", 0)
+        at_least(self, "min_lr", 0)
+        if self.min_lr > self.lr:
+            fail("train.min_lr", f"{self.min_lr} > train.lr ({self.lr})")
+        at_least(self, "warmup_steps", 0)
+        if self.warmup_steps > self.steps:
+            fail("train.warmup_steps", f"{self.warmup_steps} > train.steps ({self.steps})")
+        for name in ("adam_beta1", "adam_beta2"):
+            in_range(self, name, 0, 1, high_open=True)
+        greater_than(self, "adam_eps", 0)
+        for name in ("weight_decay", "clip_grad", "eval_interval", "eval_iters",
+                     "save_interval"):
+            at_least(self, name, 0)
+        one_of(self, "lr_schedule", LR_SCHEDULES)
+        one_of(self, "optimizer", OPTIMIZERS)
+        one_of(self, "precision", PRECISIONS)
+
+
+@dataclass
+class DataConfig:
+    SECTION: ClassVar[str] = "data"
+
+    kind: str = "markov"
+    path: str | None = None          # indexed: dataset prefix without .bin/.idx
+    tokenizer: str | None = None     # sentencepiece .model (indexed)
+    valid_fraction: float = 0.05
+    markov_vocab_size: int = 64
+    markov_branching: int = 4        # successors per state
+    markov_seed: int = 7
+
+    def validate(self) -> None:
+        one_of(self, "kind", DATA_KINDS)
+        if self.kind == "indexed" and not self.path:
+            fail("data.path", "required when data.kind is 'indexed' (dataset prefix without "
+                 ".bin/.idx)")
+        in_range(self, "valid_fraction", 0, 0.5, low_open=True)
+        at_least(self, "markov_vocab_size", 2)
+        at_least(self, "markov_branching", 1)
+        if self.markov_branching > self.markov_vocab_size:
+            fail("data.markov_branching", f"{self.markov_branching} > data.markov_vocab_size "
+                 f"({self.markov_vocab_size})")
+        at_least(self, "markov_seed", 0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)

@@ -1,0 +1,75 @@
+"""Trainer callbacks, active on rank 0: progress bar, one log line per interval, TensorBoard."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Callback:
+    def on_start(self, info: dict) -> None: ...
+    def on_step(self, step: int, metrics: dict) -> None: ...
+    def on_eval(self, step: int, val_loss: float) -> None: ...
+    def on_end(self, summary: dict) -> None: ...
+
+
+def _line(step: int, total: int, m: dict) -> str:
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+             f"grad {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:.0f}",
+             f"imbalance {m['imbalance']:.2f}"]
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+class ProgressCallback(Callback):
+    """A tqdm bar with loss and tokens/s when attached to a terminal; plain lines otherwise
+    (every `log_interval` steps), so batch jobs get readable logs."""
+
+    def __init__(self, total_steps: int, log_interval: int, enabled: bool = True):
+        self.total, self.interval = total_steps, log_interval
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def on_start(self, info: dict) -> None:
+        for key, value in info.items():
+            print(f"[megamoe] {key}: {value}", flush=True)
+
+    def on_step(self, step: int, m: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
+                                 imb=f"{m['imbalance']:.2f}")
+        elif step % self.interval == 0 or step == self.total:
+            print("[megamoe] " + _line(step, self.total, m), flush=True)
+
+    def on_eval(self, step: int, val_loss: float) -> None:
+        msg = f"[megamoe] step {step}: validation loss {val_loss:.4f}"
+        (self.bar.write if self.bar is not None else print)(msg)
+
+    def on_end(self, summary: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorBoardCallback(Callback):
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def on_step(self, step: int, m: dict) -> None:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "imbalance", "mfu"):
+            if m.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", m[key], step)
+        for layer, load in m.get("expert_load", {}).items():
+            self.writer.add_histogram(f"experts/load_layer{layer}", load, step)
+
+    def on_eval(self, step: int, val_loss: float) -> None:
+        self.writer.add_scalar("valid/loss", val_loss, step)
+
+    def on_end(self, summary: dict) -> None:
+        self.writer.flush()
+        self.writer.close()

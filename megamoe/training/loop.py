@@ -1,0 +1,140 @@
+"""The training loop run by every rank: data → train_step → metrics → callbacks, periodic
+validation, a final checkpoint and `summary.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megamoe.data.batches import build_datasets, rank_microbatches
+from megamoe.checkpoint.save import save_checkpoint
+from megamoe.models.lm import non_causal_routers
+from megamoe.training import metrics as M
+from megamoe.training.callbacks import ProgressCallback, TensorBoardCallback
+from megamoe.training.engine import build_engine, run_forward_backward, train_step
+
+PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
+
+
+def check_causality(cfg, chunks) -> list[str]:
+    """Non-causal routers in this causal decoder: refused unless the config opts in."""
+    bad = non_causal_routers(chunks)
+    if bad and not cfg.model.moe.allow_non_causal:
+        raise ValueError(
+            f"model.moe.router: {', '.join(bad)} select tokens across the sequence/batch and are "
+            "not causal in a decoder; set model.moe.allow_non_causal=true to train it anyway"
+        )
+    return bad
+
+
+def evaluate(engine, dataset, iters: int) -> float:
+    from megatron.core import parallel_state as ps
+
+    t = engine.cfg.train
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    for c in engine.chunks:
+        c.eval()
+    total = {"loss_sum": 0.0, "tokens": 0.0}
+    with torch.no_grad():
+        for i in range(iters):
+            mbs = rank_microbatches(dataset, i * t.global_batch_size, t.global_batch_size,
+                                    t.micro_batch_size, dp_rank, dp)
+            stats = run_forward_backward(engine, mbs, forward_only=True)
+            total = {k: total[k] + stats[k] for k in total}
+    for c in engine.chunks:
+        c.train()
+    return M.global_loss(total)
+
+
+def train(cfg, device: torch.device) -> dict:
+    """Train as configured; returns the summary (identical on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    t, rank0 = cfg.train, (not dist.is_initialized() or dist.get_rank() == 0)
+    train_ds, valid_ds, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
+    vocab = max(vocab, cfg.model.vocab_size or 0)
+    engine = build_engine(cfg, vocab, device)
+    non_causal = check_causality(cfg, engine.modules)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    total_params, active_params = M.parameter_counts(cfg, vocab)
+    flops_tok, peak = M.flops_per_token(cfg, vocab), _peak_flops(device)
+    callbacks = []
+    if rank0:
+        callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress))
+        if cfg.run.tensorboard:
+            callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard")))
+    info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "
+            f"{active_params:,} active per token", "run dir": cfg.run.dir, "vocab": vocab}
+    if hasattr(train_ds, "entropy_rate"):
+        info["corpus entropy rate"] = f"{train_ds.entropy_rate:.4f} nats/token"
+    if non_causal:
+        info["WARNING"] = f"non-causal routers in a causal decoder (opted in): {non_causal}"
+    for cb in callbacks:
+        cb.on_start(info)
+
+    first_loss = last_loss = val_loss = None
+    losses, tokens_per_step = [], t.global_batch_size * cfg.model.seq_length
+    start = time.perf_counter()
+    for step in range(1, t.steps + 1):
+        t0 = time.perf_counter()
+        mbs = rank_microbatches(train_ds, engine.consumed_samples, t.global_batch_size,
+                                t.micro_batch_size, dp_rank, dp)
+        stats = train_step(engine, mbs)
+        engine.consumed_samples += t.global_batch_size
+        loss = M.global_loss(stats)
+        load = M.expert_load(engine.modules, cfg.model.num_layers, cfg.model.moe.num_experts)
+        dt = time.perf_counter() - t0
+        m = {"loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+             "tokens_per_s": tokens_per_step / dt, "imbalance": M.imbalance(load),
+             "mfu": (flops_tok * tokens_per_step / dt / (peak * engine.dims.world_size))
+             if peak else None,
+             "expert_load": {i + 1: row for i, row in enumerate(load) if row.sum() > 0}}
+        if not torch.isfinite(torch.tensor(loss)):
+            raise FloatingPointError(f"loss is {loss} at step {step}; stopping before saving")
+        first_loss = loss if first_loss is None else first_loss
+        last_loss = loss
+        losses.append(loss)
+        for cb in callbacks:
+            cb.on_step(step, m)
+        if t.eval_interval and t.eval_iters and step % t.eval_interval == 0 and step < t.steps:
+            val_loss = evaluate(engine, valid_ds, t.eval_iters)
+            for cb in callbacks:
+                cb.on_eval(step, val_loss)
+        if t.save_interval and step % t.save_interval == 0 and step < t.steps:
+            _save(cfg, engine, step)
+    wall = time.perf_counter() - start
+    if t.eval_iters:
+        val_loss = evaluate(engine, valid_ds, t.eval_iters)
+        for cb in callbacks:
+            cb.on_eval(t.steps, val_loss)
+    checkpoint = _save(cfg, engine, t.steps)
+    summary = {
+        "steps": t.steps, "first_loss": first_loss, "last_loss": last_loss,
+        "last10_mean_loss": sum(losses[-10:]) / len(losses[-10:]), "val_loss": val_loss,
+        "tokens_per_s": t.steps * tokens_per_step / wall, "wall_s": wall,
+        "layout": engine.dims.describe(), "world_size": engine.dims.world_size,
+        "parameters_total": total_params, "parameters_active": active_params,
+        "entropy_rate": getattr(train_ds, "entropy_rate", None), "checkpoint": checkpoint,
+    }
+    if rank0:
+        with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        for cb in callbacks:
+            cb.on_end(summary)
+    return summary
+
+
+def _save(cfg, engine, step: int) -> str:
+    meta = {"consumed_samples": engine.consumed_samples, "layout": engine.dims.describe()}
+    return save_checkpoint(os.path.join(cfg.run.dir, "checkpoints"), engine.modules, step, meta)

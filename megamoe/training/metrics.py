@@ -1,0 +1,78 @@
+"""Numbers a training run reports: global loss, expert-load imbalance, parameter counts, FLOPs."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamoe.models.lm import moe_layers
+from megamoe.models.specs.gpt_moe import moe_layer_pattern
+
+
+def global_loss(stats: dict) -> float:
+    """Mean token loss of the global batch: summed once per (DP rank, micro-batch) by the ranks
+    that hold it (last pipeline stage, TP rank 0)."""
+    from megatron.core import parallel_state as ps
+
+    owner = (ps.is_pipeline_last_stage(ignore_virtual=True)
+             and ps.get_tensor_model_parallel_rank() == 0)
+    t = torch.tensor([stats["loss_sum"], stats["tokens"]], dtype=torch.float64) * float(owner)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return (t[0] / t[1].clamp(min=1)).item()
+
+
+def expert_load(chunks, num_layers: int, num_experts: int, reset: bool = True) -> torch.Tensor:
+    """[L, E] routed-token counts since the last reset, summed over all ranks."""
+    load = torch.zeros(num_layers, max(num_experts, 1), dtype=torch.float64)
+    for layer in moe_layers(chunks):
+        load[layer.layer_number - 1] += layer.tokens_per_expert_acc.double().cpu()
+        if reset:
+            layer.tokens_per_expert_acc.zero_()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(load)
+    return load
+
+
+def imbalance(load_LE: torch.Tensor) -> float:
+    """Mean over MoE layers of max-load / mean-load (1.0 = perfectly balanced)."""
+    rows = load_LE[load_LE.sum(-1) > 0]
+    if rows.numel() == 0:
+        return 1.0
+    return (rows.max(-1).values / rows.mean(-1)).mean().item()
+
+
+def parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
+    """(total, active per token) parameters of the model described by `cfg`."""
+    m, moe = cfg.model, cfg.model.moe
+    h = m.hidden_size
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    d = m.kv_channels or h // heads
+    attn = h * (heads * d + 2 * groups * d) + heads * d * h + 2 * h
+    if m.add_qkv_bias:
+        attn += heads * d + 2 * groups * d
+    if m.qk_layernorm:
+        attn += 2 * d
+    dense = 3 * h * m.ffn_hidden_size
+    expert = 3 * h * moe.ffn_hidden_size
+    shared = 3 * h * moe.shared_expert_ffn_hidden_size + (h if moe.shared_expert_gate else 0)
+    total = active = vocab_size * h * (1 if m.tie_embeddings else 2) + h
+    for is_moe in moe_layer_pattern(m.num_layers, moe.layer_freq, moe.num_experts):
+        total += attn
+        active += attn
+        if is_moe:
+            total += moe.num_experts * h + moe.num_experts * expert + shared
+            active += moe.num_experts * h + moe.topk * expert + shared
+        else:
+            total += dense
+            active += dense
+    return total, active
+
+
+def flops_per_token(cfg, vocab_size: int) -> float:
+    """Training FLOPs per token: 6 × active matmul parameters + causal attention scores."""
+    _, active = parameter_counts(cfg, vocab_size)
+    m = cfg.model
+    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    attention = 6 * m.num_layers * m.seq_length * m.num_attention_heads * d  # QKᵀ and AV, causal
+    return 6.0 * active + attention
