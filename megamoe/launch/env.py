@@ -37,8 +37,8 @@ def discover_rank(environ=None) -> Optional[RankInfo]:
 
 
 def select_device(local_rank: int) -> tuple[torch.device, str]:
-    """CUDA + NCCL when a GPU is visible, else CPU + gloo."""
-    if torch.cuda.is_available():
+    """CUDA + NCCL when a GPU is visible (unless MEGAMOE_DEVICE=cpu), else CPU + gloo."""
+    if torch.cuda.is_available() and os.environ.get("MEGAMOE_DEVICE", "auto") != "cpu":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device()), "nccl"
     return torch.device("cpu"), "gloo"

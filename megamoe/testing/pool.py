@@ -34,6 +34,7 @@ def _free_port() -> int:
 
 def _worker_main(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MEGAMOE_DEVICE"] = "cpu"      # the pool is the CPU test bed, also on GPU hosts
     import torch
 
     torch.set_num_threads(1)

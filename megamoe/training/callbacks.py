@@ -73,3 +73,25 @@ class TensorBoardCallback(Callback):
     def on_end(self, summary: dict) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+class JsonlCallback(Callback):
+    """`metrics.jsonl` in the run directory: one JSON object per step and per validation."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "a", buffering=1)
+
+    def _write(self, record: dict) -> None:
+        import json
+
+        self.file.write(json.dumps(record) + "\n")
+
+    def on_step(self, step: int, m: dict) -> None:
+        self._write({"step": step, **{k: v for k, v in m.items() if k != "expert_load"},
+                     "expert_load": {str(k): v.tolist() for k, v in m["expert_load"].items()}})
+
+    def on_eval(self, step: int, val_loss: float) -> None:
+        self._write({"step": step, "val_loss": val_loss})
+
+    def on_end(self, summary: dict) -> None:
+        self.file.close()

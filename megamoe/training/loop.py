@@ -14,7 +14,7 @@ from megamoe.data.batches import build_datasets, rank_microbatches
 from megamoe.checkpoint.save import save_checkpoint
 from megamoe.models.lm import non_causal_routers
 from megamoe.training import metrics as M
-from megamoe.training.callbacks import ProgressCallback, TensorBoardCallback
+from megamoe.training.callbacks import JsonlCallback, ProgressCallback, TensorBoardCallback
 from megamoe.training.engine import build_engine, run_forward_backward, train_step
 
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -72,6 +72,7 @@ def train(cfg, device: torch.device) -> dict:
     callbacks = []
     if rank0:
         callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress))
+        callbacks.append(JsonlCallback(os.path.join(cfg.run.dir, "metrics.jsonl")))
         if cfg.run.tensorboard:
             callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard")))
     info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "

@@ -49,3 +49,16 @@ def test_layout_matches_single_process(name, world, overrides, dp, optimizer):
     # negative control: one expert perturbed on one rank must be caught
     bad = run_distributed(parity_task, world, extra + overrides, perturb=True)[0]
     assert compare(ref, bad, param_atol=atol, grads=grads), "perturbed expert went unnoticed"
+
+
+@pytest.mark.timeout(300)
+def test_initialisation_is_a_function_of_the_global_parameter():
+    """Before any step, EP2×TP2 holds exactly the single-process model (not rank-seeded copies)."""
+    ref = run_distributed(parity_task, 1, [], steps=0, reference_dp=2)[0]
+    got = run_distributed(parity_task, 4, ["parallel.tensor=2", "parallel.expert=2",
+                                           "parallel.expert_tensor=1"], steps=0)[0]
+    assert set(ref.params) == set(got.params)
+    for key in ref.params:
+        assert (ref.params[key] == got.params[key]).all(), key
+    experts = ref.params["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
+    assert not (experts[:, 0] == experts[:, 1]).all()   # experts differ from each other
