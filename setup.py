@@ -11,6 +11,7 @@ setup(
         "torch>=2.6,<2.15",
         "megatron-core>=0.16.1,<0.17",
         "numpy",
+        "psutil",
         "pyyaml",
         "sentencepiece",
         "tensorboard",

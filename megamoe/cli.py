@@ -55,12 +55,13 @@ def cmd_specs() -> int:
 def _train_rank(config) -> None:
     """Entry of one rank (spawned locally or started by a launcher); `config` is a resolved
     config file or the Config itself."""
+    from megamoe.platform.bridge import quiet_megatron_warnings
+
+    quiet_megatron_warnings()   # before Megatron is imported: it warns at import time
     from megamoe.config import load_config
     from megamoe.launch.env import discover_rank, init_distributed
-    from megamoe.platform.bridge import quiet_megatron_warnings
     from megamoe.training.loop import train
 
-    quiet_megatron_warnings()
     cfg = load_config(config) if isinstance(config, str) else config
     info = discover_rank()
     device = init_distributed(info)

@@ -54,6 +54,8 @@ TORCH_PROXY_MODULES = (
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.torch",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 
@@ -136,6 +138,9 @@ def quiet_megatron_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*_all_gather_base.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated.*")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # megamoe's MoE spec passes its process groups itself; Megatron's layer warns it does not
     # know the class by name.
