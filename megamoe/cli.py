@@ -83,6 +83,9 @@ def cmd_train(args) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_layout_supported(cfg)
+        from megamoe.moe.routers import check_router_causality
+
+        check_router_causality(cfg)
     except (ConfigError, ValueError) as exc:
         return _error(str(exc))
     info = discover_rank()

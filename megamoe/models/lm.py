@@ -16,6 +16,11 @@ from megamoe.models.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
 from megamoe.moe.routing_context import RoutingContextSlot
 
 
+def _megatron_layer_freq(num_layers: int, layer_freq, num_experts: int):
+    pattern = moe_layer_pattern(num_layers, layer_freq, num_experts)
+    return 1 if all(pattern) or not num_experts else [int(x) for x in pattern]
+
+
 def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype,
                        num_experts_override: int | None = None) -> TransformerConfig:
     m, moe = cfg.model, cfg.model.moe
@@ -63,6 +68,8 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
         moe_shared_expert_gate=moe.shared_expert_gate,
         moe_router_dtype="fp32",
+        # a list tells Megatron's sharded state dict that MoE and dense layers alternate
+        moe_layer_freq=_megatron_layer_freq(m.num_layers, moe.layer_freq, num_experts),
         moe_grouped_gemm=False,
         calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,

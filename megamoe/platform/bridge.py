@@ -75,6 +75,24 @@ def _host_copy(tensor, as_numpy=False, record_stream=False):
     return tensor
 
 
+class _EmbeddingSyncTorch(type(CPU_TORCH)):
+    """`torch` for Megatron's language_module on CPU: its tied-embedding set-up calls
+    `weight.data.cuda()` before an all-reduce that copies the first stage's embedding into the
+    last stage's output weight. megamoe initialises both copies from the same global tensor
+    (models/init.py), so on CPU that step is skipped by reporting no process group there."""
+
+    def __init__(self):
+        super().__init__()
+        import types
+
+        self.distributed = types.SimpleNamespace(
+            **{k: getattr(torch.distributed, k) for k in dir(torch.distributed)
+               if not k.startswith("__")})
+        self.distributed.is_initialized = lambda: False
+
+
+LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
+
 # (module, attribute, replacement or None for "set to None when missing")
 FUNCTION_PATCHES = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_get_rng_state),
@@ -117,6 +135,11 @@ def apply_cpu_bridge() -> None:
         module = importlib.import_module(name)
         assert hasattr(module, attr), f"{name}.{attr} moved"
         setattr(module, attr, replacement)
+    language_module = importlib.import_module(LANGUAGE_MODULE)
+    assert language_module.torch in (torch,) or isinstance(language_module.torch,
+                                                          _EmbeddingSyncTorch)
+    language_module.torch = _EmbeddingSyncTorch()
+    logging.getLogger(LANGUAGE_MODULE).setLevel(logging.ERROR)
     for name, attr, default in MISSING_NAME_DEFAULTS:
         module = importlib.import_module(name)
         if not hasattr(module, attr):

@@ -7,7 +7,12 @@ from megamoe.testing.parity import TINY_VOCAB, compare, parity_task, tiny_config
 from megamoe.training.metrics import parameter_counts
 from megamoe.testing.pool import run_distributed
 
-# (id, world size, overrides, data-parallel size, optimizer)
+OPTIONS = ["model.qk_layernorm=true", "model.add_qkv_bias=true",
+           "model.moe.shared_expert_ffn_hidden_size=32", "model.moe.shared_expert_gate=true"]
+MIXED = ["model.moe.layer_freq=2", "model.tie_embeddings=true"]
+
+# (id, world size, overrides, data-parallel size, optimizer); overrides starting with "model."
+# apply to the reference too
 LAYOUTS = [
     ("tp2_sp", 2, ["parallel.tensor=2"], 1, "sgd"),
     ("ep2", 2, ["parallel.expert=2"], 2, "sgd"),
@@ -17,16 +22,24 @@ LAYOUTS = [
     ("ep2_tp2", 4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"], 2, "sgd"),
     ("pp2_ep2", 4, ["parallel.pipeline=2", "parallel.expert=2"], 2, "sgd"),
     ("dp4_ep2", 4, ["parallel.expert=2"], 4, "sgd"),
+    # model options under parallelism: QK-norm, qkv bias, gated shared expert under TP2+SP·EP2;
+    # dense/MoE alternation and tied embeddings across pipeline stages; all-gather dispatch;
+    # capacity mode (tokens dropped per micro-batch, as in the reference)
+    ("ep2_tp2_options", 4, OPTIONS + ["parallel.tensor=2", "parallel.expert=2",
+                                      "parallel.expert_tensor=1"], 2, "sgd"),
+    ("pp2_mixed_tied", 2, MIXED + ["parallel.pipeline=2"], 1, "sgd"),
+    ("ep2_allgather", 2, ["model.moe.token_dispatcher=allgather", "parallel.expert=2"], 2, "sgd"),
+    ("ep2_capacity", 2, ["model.moe.capacity_factor=1.0", "parallel.expert=2"], 2, "sgd"),
 ]
 
 ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01"]
 _REFERENCES = {}
 
 
-def reference(dp: int, optimizer: str):
-    key = (dp, optimizer)
+def reference(dp: int, optimizer: str, model_options: list):
+    key = (dp, optimizer, tuple(model_options))
     if key not in _REFERENCES:
-        extra = ADAM if optimizer == "adamw" else []
+        extra = (ADAM if optimizer == "adamw" else []) + model_options
         _REFERENCES[key] = run_distributed(parity_task, 1, extra, reference_dp=dp)[0]
     return _REFERENCES[key]
 
@@ -35,7 +48,7 @@ def reference(dp: int, optimizer: str):
 @pytest.mark.parametrize("name,world,overrides,dp,optimizer", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_layout_matches_single_process(name, world, overrides, dp, optimizer):
     extra = ADAM if optimizer == "adamw" else []
-    ref = reference(dp, optimizer)
+    ref = reference(dp, optimizer, [o for o in overrides if o.startswith("model.")])
     got = run_distributed(parity_task, world, extra + overrides)[0]
     atol = 0.05 * 0.01 * 3 if optimizer == "adamw" else 1e-6
     grads = optimizer == "sgd" and "distributed_optimizer=true" not in " ".join(overrides)

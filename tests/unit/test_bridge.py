@@ -80,3 +80,10 @@ def test_clip_grad_replacement_scales_like_megatron():
     assert torch.allclose(p.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]), atol=1e-6)
     clip_grad_by_total_norm_fp32([p], max_norm=10.0, total_norm=1.0)  # below the limit: unchanged
     assert torch.allclose(p.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]), atol=1e-6)
+
+
+def test_language_module_still_moves_the_tied_embedding_to_cuda():
+    from megatron.core.models.common.language_module import language_module
+
+    src = inspect.getsource(language_module.LanguageModule.setup_embeddings_and_output_layer)
+    assert "weight.data.cuda()" in src and "torch.distributed.is_initialized()" in src

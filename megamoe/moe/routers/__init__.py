@@ -5,4 +5,16 @@ from megamoe.moe.routers.topk import TopKSoftmaxRouter
 
 ROUTERS = {"topk": TopKSoftmaxRouter}
 
-__all__ = ["MegamoeRouter", "RouterOutput", "ROUTERS", "TopKSoftmaxRouter"]
+
+def check_router_causality(cfg) -> None:
+    """A non-causal router in this causal decoder is refused unless the config opts in."""
+    moe = cfg.model.moe
+    if moe.num_experts and not ROUTERS[moe.router].causal_for(moe) and not moe.allow_non_causal:
+        why = " with model.moe.capacity_factor set" if moe.capacity_factor is not None else ""
+        raise ValueError(
+            f"model.moe.router: '{moe.router}'{why} chooses tokens across the micro-batch, so a "
+            "token's output can depend on later tokens in this causal decoder; set "
+            "model.moe.allow_non_causal=true to train it anyway"
+        )
+
+__all__ = ["MegamoeRouter", "RouterOutput", "ROUTERS", "TopKSoftmaxRouter", "check_router_causality"]

@@ -41,3 +41,8 @@ class MegamoeRouter:
 
     def is_causal(self) -> bool:
         return self.causal
+
+    @classmethod
+    def causal_for(cls, moe_cfg) -> bool:
+        """Whether this family is causal under `moe_cfg` (checked before any rank starts)."""
+        return cls.causal

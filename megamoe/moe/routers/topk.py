@@ -36,6 +36,10 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
     def is_causal(self) -> bool:
         return self.config.moe_expert_capacity_factor is None
 
+    @classmethod
+    def causal_for(cls, moe_cfg) -> bool:
+        return moe_cfg.capacity_factor is None
+
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
                                            aux_loss_name, reduce_group,
                                            reduce_group_has_dp=False, valid_token_count=None):
