@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q "torch==2.13.0" 2>&1 | grep -v -i "^warning" || true
 fi
 .venv/bin/pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v -i "warning" || true
 .venv/bin/python -c "import megamoe, megatron.core, torch; print('megamoe', megamoe.__version__, '| torch', torch.__version__, '| megatron-core', megatron.core.__version__)"

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""JSONL → Megatron indexed dataset (`PREFIX.bin` + `PREFIX.idx`) with a sentencepiece tokenizer.
+"""JSONL -> Megatron indexed dataset (PREFIX.bin + PREFIX.idx) with a sentencepiece tokenizer.
 
-Each input line is a JSON object whose `--json-key` field (default `text`) is a document. Without
-`--tokenizer`, a BPE sentencepiece model of `--vocab-size` pieces is trained on the input first
-and saved as `PREFIX.model`. Every document ends with the tokenizer's EOS. A bad line is reported
-with its file and line number and nothing is written.
+Each non-empty input line is a JSON object whose --json-key field (default "text") is one
+document. Without --tokenizer, a BPE sentencepiece model of at most --vocab-size pieces is trained
+on the input first and saved as PREFIX.model. Each document ends with the tokenizer's EOS unless
+--no-append-eos is given. The whole input is checked before anything is written: a bad line is
+reported with its file and line number, the exit code is 2, and no output file is left behind.
 
+examples:
   python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus --vocab-size 8000
-  megamoe train --set data.kind=indexed --set data.path=data/corpus --set data.tokenizer=data/corpus.model
+  python tools/preprocess_data.py --input more.jsonl --output-prefix data/more \\
+      --tokenizer data/corpus.model
+  megamoe train --set data.kind=indexed --set data.path=data/corpus \\
+      --set data.tokenizer=data/corpus.model
 """
 
 from __future__ import annotations
@@ -18,31 +23,37 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHUNK = 1024          # documents encoded per sentencepiece call
 
 
 class InputError(ValueError):
-    pass
+    """Bad input data; the message names the file and line."""
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, metavar="FILE.jsonl", help="one JSON object per line")
-    p.add_argument("--json-key", default="text", help="field holding the document (default text)")
+    p.add_argument("--input", required=True, metavar="FILE.jsonl",
+                   help="input file, one JSON object per line")
+    p.add_argument("--json-key", default="text", metavar="KEY",
+                   help="field of each object that holds the document text (default: text)")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                   help="writes PREFIX.bin and PREFIX.idx (and PREFIX.model when training)")
-    p.add_argument("--tokenizer", metavar="MODEL", help="existing sentencepiece .model file")
-    p.add_argument("--vocab-size", type=int, default=8000,
-                   help="pieces of the tokenizer trained when --tokenizer is not given (8000)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="write PREFIX.bin and PREFIX.idx (and PREFIX.model when a tokenizer is "
+                        "trained); missing directories are created")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="MODEL",
+                     help="existing sentencepiece .model file to encode with")
+    tok.add_argument("--vocab-size", type=int, default=8000, metavar="N",
+                     help="without --tokenizer: train a BPE tokenizer of at most N pieces on the "
+                          "input, saved as PREFIX.model (default: 8000)")
+    p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="end every document with the tokenizer's EOS id (default: on)")
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return p.parse_args(argv)
 
 
-def read_documents(path: str, key: str):
-    """Yield (line number, text); InputError names the file and line of the first bad one."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
+def iter_documents(path: str, key: str):
+    """Yield (line number, text) for each non-empty line; InputError at the first bad one."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -50,64 +61,105 @@ def read_documents(path: str, key: str):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column "
+                                 f"{exc.colno})") from None
             if not isinstance(obj, dict) or key not in obj:
-                raise InputError(f"{path}:{lineno}: no '{key}' field (use --json-key)")
+                raise InputError(f"{path}:{lineno}: no '{key}' field (see --json-key)")
             if not isinstance(obj[key], str):
-                raise InputError(f"{path}:{lineno}: '{key}' is {type(obj[key]).__name__}, "
-                                 "expected a string")
+                raise InputError(f"{path}:{lineno}: '{key}' must be a string, not "
+                                 f"{type(obj[key]).__name__}")
             yield lineno, obj[key]
 
 
-def run(args) -> dict:
+def check_input(path: str, key: str) -> int:
+    """Read the whole input once; returns the number of documents."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        n = sum(1 for _ in iter_documents(path, key))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a "
+                         "line)") from None
+    if n == 0:
+        raise InputError(f"{path}: no documents")
+    return n
+
+
+def _chunks(path: str, key: str):
+    chunk = []
+    for _, text in iter_documents(path, key):
+        chunk.append(text)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run(args: argparse.Namespace) -> dict:
     from megamoe.data.indexed import IndexedDatasetWriter, best_dtype
     from megamoe.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
-    docs = [text for _, text in read_documents(args.input, args.json_key)]  # validates first
-    if not docs:
-        raise InputError(f"{args.input}: no documents")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    num_docs = check_input(args.input, args.json_key)
     if args.tokenizer:
-        tok = SentencePieceTokenizer(args.tokenizer)
-    else:
-        tok = train_sentencepiece(docs, args.output_prefix, args.vocab_size)
-    writer = IndexedDatasetWriter(args.output_prefix, best_dtype(tok.vocab_size))
-    tokens, t0 = 0, time.perf_counter()
-    bar = None
-    if not args.no_progress:
+        tok = SentencePieceTokenizer(args.tokenizer)       # before any output is created
+    elif args.vocab_size < 8:
+        raise InputError(f"--vocab-size must be ≥ 8, got {args.vocab_size}")
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp_tok = f"{args.output_prefix}.tokenizer-tmp"
+    writer = None
+    try:
+        if not args.tokenizer:
+            texts = (text for _, text in iter_documents(args.input, args.json_key))
+            tok = train_sentencepiece(texts, tmp_tok, args.vocab_size)
+        eos = [tok.eos_id] if args.append_eos else []
+        if args.append_eos and tok.eos_id < 0:
+            raise ValueError(f"{tok.path}: the tokenizer has no EOS piece; use --no-append-eos")
+        writer = IndexedDatasetWriter(args.output_prefix, best_dtype(tok.vocab_size))
+        tokens, t0 = 0, time.perf_counter()
         from tqdm import tqdm
 
-        bar = tqdm(total=len(docs), unit="doc", file=sys.stderr)
-    try:
-        for text in docs:
-            ids = tok.encode(text) + [tok.eos_id]
-            writer.add_document(ids)
-            tokens += len(ids)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+        with tqdm(total=num_docs, unit="doc", disable=args.no_progress, file=sys.stderr,
+                  desc="encoding") as bar:
+            for chunk in _chunks(args.input, args.json_key):
+                for ids in tok.encode(chunk):
+                    writer.add_document(ids + eos)
+                    tokens += len(ids) + len(eos)
+                bar.update(len(chunk))
+                bar.set_postfix(tokens=tokens)
         writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
+        writer = None
+        if not args.tokenizer:
+            os.replace(tmp_tok + ".model", args.output_prefix + ".model")
     finally:
-        if bar is not None:
-            bar.close()
-    return {"documents": len(docs), "tokens": tokens, "vocab_size": tok.vocab_size,
-            "prefix": args.output_prefix, "tokenizer": tok.path}
+        if writer is not None:
+            writer.abort()
+        for ext in (".model", ".vocab"):
+            if os.path.exists(tmp_tok + ext):
+                os.remove(tmp_tok + ext)
+    seconds = time.perf_counter() - t0
+    return {"documents": num_docs, "tokens": tokens, "vocab_size": tok.vocab_size,
+            "prefix": args.output_prefix, "seconds": seconds,
+            "tokenizer": args.tokenizer or args.output_prefix + ".model"}
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        summary = run(args)
-    except (InputError, ValueError) as exc:
-        print(f"preprocess_data: error: {exc}", file=sys.stderr)
+        args = parse_args(argv)
+    except SystemExit as exc:               # --help, or a usage error argparse has printed
+        return int(exc.code or 0)
+    try:
+        s = run(args)
+    except ValueError as exc:               # InputError, bad tokenizer, token id overflow
+        print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {summary['prefix']}.bin/.idx: {summary['documents']} documents, "
-          f"{summary['tokens']} tokens, vocab {summary['vocab_size']} ({summary['tokenizer']})")
+    print(f"wrote {s['prefix']}.bin and {s['prefix']}.idx: {s['documents']:,} documents, "
+          f"{s['tokens']:,} tokens ({s['tokens'] / s['documents']:.1f} per document), "
+          f"{s['documents'] / max(s['seconds'], 1e-9):,.0f} documents/s; tokenizer "
+          f"{s['tokenizer']} ({s['vocab_size']:,} pieces)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

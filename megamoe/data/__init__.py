@@ -1,0 +1,29 @@
+"""Training data: the built-in Markov corpus, Megatron indexed datasets, a sentencepiece
+tokenizer, and batches as a function of consumed samples.
+
+    train, valid, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
+    micro_batches = rank_microbatches(train, consumed, G, mbs, dp_rank, dp_size)
+
+Names are imported lazily so that numpy-only users (tools/preprocess_data.py) do not load torch.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "MarkovCorpus": "markov",
+    "IndexedDatasetReader": "indexed",
+    "IndexedDatasetWriter": "indexed",
+    "SentencePieceTokenizer": "tokenizer",
+    "train_sentencepiece": "tokenizer",
+    "GPTSequenceDataset": "gpt_dataset",
+    "build_datasets": "batches",
+    "global_batch_indices": "batches",
+    "rank_microbatches": "batches",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'megamoe.data' has no attribute {name!r}")
+    return getattr(import_module(f"megamoe.data.{_EXPORTS[name]}"), name)

@@ -1,8 +1,15 @@
-"""Batches as a function of consumed samples, independent of the data-parallel size.
+"""The data order as a function of consumed samples, independent of the data-parallel size.
 
-The global batch of a step is samples `consumed, …, consumed + G − 1` (mod the dataset size).
-Micro-batch m of DP rank r holds samples `[m·mbs·dp + r·mbs, … + mbs)` of it, so the union over
-DP ranks of a step is the same global batch whatever the DP size.
+Rule. With G = global batch size, b = micro-batch size, D = DP size, M = G / (b·D):
+  * the global batch of the step that starts after `consumed` samples is dataset indices
+    (consumed + j) mod N, j = 0 … G − 1 (no per-epoch reshuffle: datasets are already shuffled);
+  * micro-batch m of DP rank r holds positions [m·b·D + r·b, m·b·D + (r + 1)·b) of it.
+Hence, for a step:
+  * the union of samples over all ranks and micro-batches is the same for every D (and b);
+  * micro-batch m concatenated over ranks 0 … D−1 is positions [m·b·D, (m + 1)·b·D): the same
+    for every (b, D) with equal b·D. A one-process reference that wants the micro-batches of a
+    DP=2 run calls `rank_microbatches(..., dp_rank=r, dp_size=2)` for r = 0, 1 and concatenates
+    micro-batch m of both along the batch dimension.
 """
 
 from __future__ import annotations
@@ -13,34 +20,53 @@ import torch
 
 def global_batch_indices(consumed_samples: int, global_batch_size: int,
                          num_samples: int) -> np.ndarray:
-    return (consumed_samples + np.arange(global_batch_size)) % num_samples
+    """Dataset indices of the next global batch, wrapping around the dataset."""
+    return (consumed_samples + np.arange(global_batch_size, dtype=np.int64)) % num_samples
 
 
-def _to_batch(samples: list) -> dict:
-    tokens = torch.as_tensor(np.stack(samples), dtype=torch.long)
-    mbs, s1 = tokens.shape
+def _fetch(dataset, indices: np.ndarray) -> np.ndarray:
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(indices)
+    return np.stack([dataset[int(i)] for i in indices])
+
+
+def to_microbatch(samples_BS1: np.ndarray) -> dict:
+    """[b, S+1] samples -> the micro-batch dict: tokens/labels/position_ids [b, S] int64,
+    loss_mask [b, S] float32."""
+    x_BS1 = torch.as_tensor(np.asarray(samples_BS1), dtype=torch.long)
+    b, s = x_BS1.shape[0], x_BS1.shape[1] - 1
     return {
-        "tokens": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": torch.ones(mbs, s1 - 1),
-        "position_ids": torch.arange(s1 - 1).expand(mbs, s1 - 1).contiguous(),
+        "tokens": x_BS1[:, :-1].contiguous(),
+        "labels": x_BS1[:, 1:].contiguous(),
+        "loss_mask": torch.ones(b, s, dtype=torch.float32),
+        "position_ids": torch.arange(s).expand(b, s).contiguous(),
     }
 
 
 def rank_microbatches(dataset, consumed_samples: int, global_batch_size: int,
                       micro_batch_size: int, dp_rank: int, dp_size: int) -> list[dict]:
-    idx = global_batch_indices(consumed_samples, global_batch_size, len(dataset))
+    """The micro-batches DP rank `dp_rank` of `dp_size` processes in the step that starts after
+    `consumed_samples` samples (rule in the module docstring)."""
     per_micro = micro_batch_size * dp_size
-    assert global_batch_size % per_micro == 0, (global_batch_size, per_micro)
+    if global_batch_size % per_micro:
+        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
+                         f"micro_batch_size × dp_size = {micro_batch_size} × {dp_size}")
+    assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
+    idx = global_batch_indices(consumed_samples, global_batch_size, len(dataset))
     out = []
     for m in range(global_batch_size // per_micro):
         start = m * per_micro + dp_rank * micro_batch_size
-        out.append(_to_batch([dataset[int(i)] for i in idx[start:start + micro_batch_size]]))
+        out.append(to_microbatch(_fetch(dataset, idx[start:start + micro_batch_size])))
     return out
 
 
 def build_datasets(data_cfg, seq_length: int, seed: int):
-    """(train, valid, vocab_size) for the configured data."""
+    """(train, valid, vocab_size) for `data_cfg` (any object with the DataConfig fields).
+
+    markov: two MarkovCorpus splits (train: 1,000,000 virtual samples, each made on demand;
+    valid: 4096); `seed` is unused, the chain and its samples follow `markov_seed`.
+    indexed: two GPTSequenceDataset splits of `path`, shuffled with `seed`.
+    """
     if data_cfg.kind == "markov":
         from megamoe.data.markov import MarkovCorpus
 
@@ -49,6 +75,10 @@ def build_datasets(data_cfg, seq_length: int, seed: int):
         train = MarkovCorpus(num_samples=1_000_000, split="train", **common)
         valid = MarkovCorpus(num_samples=4096, split="valid", **common)
         return train, valid, data_cfg.markov_vocab_size
-    from megamoe.data.gpt_dataset import build_indexed_datasets
+    if data_cfg.kind == "indexed":
+        from megamoe.data.gpt_dataset import build_indexed_datasets
 
-    return build_indexed_datasets(data_cfg, seq_length, seed)
+        if not data_cfg.path:
+            raise ValueError("data.path: required when data.kind is 'indexed'")
+        return build_indexed_datasets(data_cfg, seq_length, seed)
+    raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov or indexed)")

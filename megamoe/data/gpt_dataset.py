@@ -1,7 +1,9 @@
 """Samples of `seq_length + 1` tokens cut from the concatenated documents of an indexed dataset.
 
-Sample i is a fixed window of the token stream (documents carry their EOS); the windows are
-permuted with `seed`, and the last `valid_fraction` of the permutation is the validation split.
+The documents (each already ending with EOS) are one token stream; window w is tokens
+`[w·S, w·S + S + 1)`, so consecutive windows share one token and there are ⌊(T − 1)/S⌋ of them.
+The windows are permuted with `seed`; the last `valid_fraction` of the permutation (at least one
+window) is the validation split, the rest the training split.
 """
 
 from __future__ import annotations
@@ -10,47 +12,64 @@ import numpy as np
 
 from megamoe.data.indexed import IndexedDatasetReader
 
+SPLITS = ("train", "valid")
+
 
 class GPTSequenceDataset:
+    """Sample i of a split -> int64 array of `seq_length + 1` tokens (same contract as
+    MarkovCorpus)."""
+
     def __init__(self, reader: IndexedDatasetReader, seq_length: int, seed: int, split: str,
                  valid_fraction: float, vocab_size: int | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not 0 <= valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
         self.reader, self.seq_length, self.vocab_size = reader, seq_length, vocab_size
-        self.starts = np.concatenate([[0], np.cumsum(reader.doc_lengths.astype(np.int64))])
-        total = int(self.starts[-1])
-        n = (total - 1) // seq_length
-        if n < 2:
-            raise ValueError(f"{reader.prefix}: {total} tokens, fewer than two samples of "
-                             f"{seq_length + 1} tokens (model.seq_length)")
+        self.tokens = reader.tokens
+        total, S = len(self.tokens), seq_length
+        if total < S + 1:
+            raise ValueError(f"{reader.bin_path}: {total} tokens, fewer than one sample of "
+                             f"seq_length + 1 = {S + 1} tokens")
+        n = (total - 1) // S
+        n_valid = max(1, round(n * valid_fraction)) if valid_fraction > 0 else 0
+        if n_valid >= n:
+            raise ValueError(f"{reader.bin_path}: {total} tokens make {n} samples of {S + 1} "
+                             f"tokens; valid_fraction={valid_fraction} leaves none for training")
+        if split == "valid" and n_valid == 0:
+            raise ValueError("valid split requested with valid_fraction=0")
         perm = np.random.default_rng(seed).permutation(n)
-        n_valid = max(1, int(round(n * valid_fraction)))
         self.samples = perm[n - n_valid:] if split == "valid" else perm[:n - n_valid]
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        start = int(self.samples[i % len(self.samples)]) * self.seq_length
-        end = start + self.seq_length + 1
-        doc = int(np.searchsorted(self.starts, start, side="right")) - 1
-        out, pos = [], start
-        while pos < end:
-            offset = pos - int(self.starts[doc])
-            take = min(end - pos, int(self.reader.doc_lengths[doc]) - offset)
-            out.append(self.reader.get(doc, offset, take))
-            pos += take
-            doc += 1
-        return np.concatenate(out).astype(np.int64)
+        start = int(self.samples[i]) * self.seq_length
+        return self.tokens[start:start + self.seq_length + 1].astype(np.int64)
+
+    def get_batch(self, indices) -> np.ndarray:
+        """[n, S+1] int64 for sample indices `indices` of this split."""
+        starts = self.samples[np.asarray(indices, dtype=np.int64)] * self.seq_length
+        return self.tokens[starts[:, None] + np.arange(self.seq_length + 1)].astype(np.int64)
 
 
 def build_indexed_datasets(data_cfg, seq_length: int, seed: int):
+    """(train, valid, vocab_size) from `data_cfg.path`; vocab from `data_cfg.tokenizer` if set,
+    else the largest token id + 1 (one pass over the tokens)."""
     reader = IndexedDatasetReader(data_cfg.path)
+    max_id = int(reader.tokens.max()) if reader.num_tokens else 0
     if data_cfg.tokenizer:
         from megamoe.data.tokenizer import SentencePieceTokenizer
 
         vocab = SentencePieceTokenizer(data_cfg.tokenizer).vocab_size
+        if max_id >= vocab:
+            raise ValueError(f"{reader.bin_path}: token id {max_id} does not fit the "
+                             f"{vocab}-piece tokenizer {data_cfg.tokenizer} (data.tokenizer): "
+                             "was the dataset made with another tokenizer?")
     else:
-        vocab = int(max(int(reader.get(d).max()) for d in range(len(reader)) if
-                        reader.doc_lengths[d] > 0)) + 1
-    train = GPTSequenceDataset(reader, seq_length, seed, "train", data_cfg.valid_fraction, vocab)
-    valid = GPTSequenceDataset(reader, seq_length, seed, "valid", data_cfg.valid_fraction, vocab)
+        vocab = max_id + 1
+    train, valid = (GPTSequenceDataset(reader, seq_length, seed, split, data_cfg.valid_fraction,
+                                       vocab) for split in SPLITS)
     return train, valid, vocab

@@ -75,3 +75,11 @@ def test_initialisation_is_a_function_of_the_global_parameter():
         assert (ref.params[key] == got.params[key]).all(), key
     experts = ref.params["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
     assert not (experts[:, 0] == experts[:, 1]).all()   # experts differ from each other
+
+
+@pytest.mark.timeout(300)
+def test_training_is_deterministic_on_cpu():
+    a = run_distributed(parity_task, 2, ["parallel.expert=2"])[0]
+    b = run_distributed(parity_task, 2, ["parallel.expert=2"])[0]
+    assert a.losses == b.losses
+    assert all((a.params[k] == b.params[k]).all() for k in a.params)
