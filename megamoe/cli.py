@@ -124,6 +124,9 @@ def cmd_train(args) -> int:
 
 
 def main(argv=None) -> int:
+    from megamoe.platform.bridge import quiet_megatron_warnings
+
+    quiet_megatron_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
