@@ -43,8 +43,11 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
         attention_dropout=0.0,
         qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
-        perform_initialization=False,       # megamoe.models.init fills every parameter
-        use_cpu_initialization=True,
+        # Megatron's initialisation also marks TP-split parameters (`tensor_model_parallel`,
+        # `partition_dim`), which the gradient norm and the optimizer rely on; megamoe.models.init
+        # then overwrites every value with the layout-independent global initialisation.
+        perform_initialization=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,

@@ -26,6 +26,7 @@ SGD_PARAM_ATOL = 1e-6
 @dataclass
 class ParityResult:
     losses: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
     grads: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
 
@@ -109,7 +110,7 @@ def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
         result.losses.append(_global_loss(stats, engine))
         if step == 0:
             result.grads = gather_global(engine.modules, grads=True)
-        optimizer_step(engine)
+        result.grad_norms.append(optimizer_step(engine)["grad_norm"])
     result.params = gather_global(engine.modules)
     return result
 
@@ -123,6 +124,9 @@ def compare(ref: ParityResult, got: ParityResult, *, param_atol: float = SGD_PAR
     for i, (a, b) in enumerate(zip(ref.losses, got.losses)):
         if abs(a - b) > LOSS_RTOL * abs(a):
             bad.append(f"loss step {i + 1}: reference {a:.8f} vs {b:.8f}")
+    for i, (a, b) in enumerate(zip(ref.grad_norms, got.grad_norms)):
+        if abs(a - b) > LOSS_RTOL * abs(a):
+            bad.append(f"grad norm step {i + 1}: reference {a:.8f} vs {b:.8f}")
     if set(ref.grads) != set(got.grads) or set(ref.params) != set(got.params):
         bad.append(f"different tensors: {sorted(set(ref.grads) ^ set(got.grads))}")
     for key in sorted(set(ref.grads) & set(got.grads)) if grads else []:
@@ -145,7 +149,8 @@ TINY = [
     "model.moe.aux_loss_coeff=0.01", "model.moe.z_loss_coeff=0.001",
     "train.micro_batch_size=2", "train.global_batch_size=8",
     "train.optimizer=sgd", "train.lr=0.1", "train.min_lr=0.1", "train.lr_schedule=constant",
-    "train.warmup_steps=0", "train.weight_decay=0.0", "train.clip_grad=0.0",
+    "train.warmup_steps=0", "train.weight_decay=0.0",
+    "train.clip_grad=0.5",   # below the tiny model's gradient norm: clipping is active
     "train.precision=fp32", "run.tensorboard=false", "run.progress=false",
 ]
 TINY_VOCAB = 64

@@ -16,6 +16,8 @@ def _line(step: int, total: int, m: dict) -> str:
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
              f"grad {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:.0f}",
              f"imbalance {m['imbalance']:.2f}"]
+    if m.get("load_balancing_loss") is not None:
+        parts.append(f"lbl {m['load_balancing_loss']:.3f}")
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     return " | ".join(parts)
@@ -61,7 +63,8 @@ class TensorBoardCallback(Callback):
         self.writer = SummaryWriter(log_dir=log_dir)
 
     def on_step(self, step: int, m: dict) -> None:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "imbalance", "mfu"):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "imbalance", "mfu",
+                    "load_balancing_loss", "z_loss"):
             if m.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", m[key], step)
         for layer, load in m.get("expert_load", {}).items():

@@ -95,12 +95,14 @@ def train(cfg, device: torch.device) -> dict:
         engine.consumed_samples += t.global_batch_size
         loss = M.global_loss(stats)
         load = M.expert_load(engine.modules, cfg.model.num_layers, cfg.model.moe.num_experts)
+        router = M.router_losses(cfg, engine.pg, len(mbs))
         dt = time.perf_counter() - t0
         m = {"loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
              "tokens_per_s": tokens_per_step / dt, "imbalance": M.imbalance(load),
              "mfu": (flops_tok * tokens_per_step / dt / (peak * engine.dims.world_size))
              if peak else None,
-             "expert_load": {i + 1: row for i, row in enumerate(load) if row.sum() > 0}}
+             "expert_load": {i + 1: row for i, row in enumerate(load) if row.sum() > 0},
+             **router}
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"loss is {loss} at step {step}; stopping before saving")
         first_loss = loss if first_loss is None else first_loss

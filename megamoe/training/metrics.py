@@ -76,3 +76,30 @@ def flops_per_token(cfg, vocab_size: int) -> float:
     d = m.kv_channels or m.hidden_size // m.num_attention_heads
     attention = 6 * m.num_layers * m.seq_length * m.num_attention_heads * d  # QKᵀ and AV, causal
     return 6.0 * active + attention
+
+
+def router_losses(cfg, pg, num_microbatches: int) -> dict:
+    """Mean per-layer router losses of the last step (Switch load-balancing loss and z-loss,
+    without their coefficients), read from Megatron's tracker and reduced over ranks."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    moe = cfg.model.moe
+    names = [n for n, c in (("load_balancing_loss", moe.aux_loss_coeff),
+                            ("z_loss", moe.z_loss_coeff)) if moe.num_experts and c]
+    if not names:
+        return {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name in names:   # every rank reduces the same names, also stages without MoE layers
+        if name not in tracker:
+            tracker[name] = {"values": torch.zeros(cfg.model.num_layers), "reduce_group": None,
+                             "avg_group": None, "reduce_group_has_dp": False}
+    reduce_aux_losses_tracker_across_ranks(names, pg_collection=pg)
+    n_moe = max(1, sum(moe_layer_pattern(cfg.model.num_layers, moe.layer_freq, moe.num_experts)))
+    out = {name: tracker[name]["values"].sum().item() / num_microbatches / n_moe
+           for name in names}
+    clear_aux_losses_tracker()
+    return out
