@@ -119,7 +119,7 @@ def cmd_train(args) -> int:
         if os.environ.get("MEGAMOE_TRACEBACK"):
             print(tb, file=sys.stderr)
         return _error(f"rank {rank} failed: {msg} (set MEGAMOE_TRACEBACK=1 for the traceback)")
-    print(f"[megamoe] done: {cfg.run.dir}/summary.json")
+    print(f"[megamoe] done: {cfg.run.dir}")
     return 0
 
 

@@ -1,8 +1,12 @@
 """Sharded checkpoint save through Megatron's `dist_checkpointing` (torch_dist format).
 
-Atomic: every rank writes into `<root>/.tmp-step_NNNNNNN`; rank 0 then writes `meta.json`,
-renames the folder to `step_NNNNNNN` and only after that rewrites `latest` (via a temporary file
-and `os.replace`), so `latest` never names an incomplete checkpoint.
+A checkpoint holds the model, the optimizer (non-distributed optimizer; see DESIGN.md for the
+distributed one on CPU), the LR schedule, step, consumed samples and every rank's RNG state.
+
+Atomic: all ranks write into `<root>/.tmp-step_NNNNNNN`; rank 0 then writes `meta.json` (fsync),
+renames the folder to `step_NNNNNNN`, and only after that replaces `latest` (temporary file +
+`os.replace`). A crash at any moment leaves `latest` naming a complete checkpoint, and the
+loader ignores `.tmp-*` folders and folders without `meta.json`.
 """
 
 from __future__ import annotations
@@ -11,13 +15,31 @@ import json
 import os
 import shutil
 
+import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+FORMAT_VERSION = 1
+STEP_PREFIX = "step_"
 
 
 def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -26,32 +48,91 @@ def model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save_checkpoint(root: str, chunks, step: int, meta: dict) -> str:
-    """Save the model state of every rank for `step`; returns the final directory."""
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def full_sharded_state_dict(engine, *, is_loading: bool = False) -> dict:
+    """Everything a resume needs, as one sharded state dict."""
+    from megamoe.checkpoint.optimizer_state import sharded_optimizer_state
+
+    sd = model_sharded_state_dict(engine.modules)
+    if engine.optimizer is not None and optimizer_checkpointable(engine):
+        sd["optimizer_state"] = sharded_optimizer_state(engine, engine.step)
+    if engine.scheduler is not None:
+        sd["scheduler"] = engine.scheduler.state_dict()
+    sd["progress"] = {"step": engine.step, "consumed_samples": engine.consumed_samples}
+    sd["rng"] = ShardedObject("rng_state", rng_state(), (_world(),), (_rank(),), replica_id=0)
+    return sd
+
+
+def optimizer_checkpointable(engine) -> bool:
+    """Megatron's distributed-optimizer checkpoint fails on CPU in every format (DESIGN.md)."""
+    return not (engine.cfg.parallel.distributed_optimizer and engine.device.type == "cpu")
+
+
+def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0) -> str:
+    """Save `engine` at its current step; returns the final directory."""
+    step = engine.step
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, **meta}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+    _barrier()
+    dist_checkpointing.save(full_sharded_state_dict(engine), tmp)
+    _barrier()
+    if _rank() == 0:
+        meta = {"format": FORMAT_VERSION, "step": step,
+                "consumed_samples": engine.consumed_samples, "world_size": _world(),
+                "layout": engine.dims.describe(),
+                "optimizer_saved": engine.optimizer is not None and optimizer_checkpointable(engine),
+                **meta}
+        _write_durably(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2))
+        if os.path.exists(final):
+            shutil.rmtree(final)
         os.replace(tmp, final)
-        marker = os.path.join(root, "latest")
-        with open(marker + ".tmp", "w") as f:
-            f.write(step_dir_name(step) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(marker + ".tmp", marker)
-    if dist.is_initialized():
-        dist.barrier()
+        _fsync_dir(root)
+        _write_durably(os.path.join(root, "latest"), step_dir_name(step) + "\n")
+        if keep_last:
+            prune(root, keep_last)
+    _barrier()
     return final
+
+
+def _write_durably(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(root: str, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (and stale temp folders)."""
+    from megamoe.checkpoint.load import complete_steps
+
+    removed = []
+    for name in os.listdir(root):
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    steps = complete_steps(root)
+    for step in steps[:-keep_last] if keep_last < len(steps) else []:
+        path = os.path.join(root, step_dir_name(step))
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -197,6 +197,10 @@ class TrainConfig:
     eval_interval: int = 50          # 0: validate only at the end (if eval_iters > 0)
     eval_iters: int = 4
     save_interval: int = 0           # 0: only the final checkpoint
+    exit_interval: int = 0           # save and exit when the step is a multiple (0: never)
+    keep_last: int = 3               # complete checkpoints kept (older ones are deleted); 0: all
+    resume: str = "auto"             # auto: newest complete checkpoint of run.dir, if any;
+                                     # none: start fresh; or a checkpoint root / step directory
     precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU
     deterministic: bool = True
 
@@ -214,11 +218,13 @@ class TrainConfig:
             in_range(self, name, 0, 1, high_open=True)
         greater_than(self, "adam_eps", 0)
         for name in ("weight_decay", "clip_grad", "eval_interval", "eval_iters",
-                     "save_interval"):
+                     "save_interval", "keep_last", "exit_interval"):
             at_least(self, name, 0)
         one_of(self, "lr_schedule", LR_SCHEDULES)
         one_of(self, "optimizer", OPTIMIZERS)
         one_of(self, "precision", PRECISIONS)
+        if not self.resume:
+            fail("train.resume", "must be 'auto', 'none' or a checkpoint path")
 
 
 @dataclass

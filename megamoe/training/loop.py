@@ -11,11 +11,13 @@ import torch
 import torch.distributed as dist
 
 from megamoe.data.batches import build_datasets, rank_microbatches
+from megamoe.checkpoint.load import load_checkpoint, resolve
 from megamoe.checkpoint.save import save_checkpoint
 from megamoe.models.lm import non_causal_routers
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import JsonlCallback, ProgressCallback, TensorBoardCallback
 from megamoe.training.engine import build_engine, run_forward_backward, train_step
+from megamoe.training.preemption import StopRequest
 
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -66,6 +68,7 @@ def train(cfg, device: torch.device) -> dict:
     vocab = max(vocab, cfg.model.vocab_size or 0)
     engine = build_engine(cfg, vocab, device)
     non_causal = check_causality(cfg, engine.modules)
+    resumed = resume(cfg, engine, rank0)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     total_params, active_params = M.parameter_counts(cfg, vocab)
     flops_tok, peak = M.flops_per_token(cfg, vocab), _peak_flops(device)
@@ -79,6 +82,8 @@ def train(cfg, device: torch.device) -> dict:
             f"{active_params:,} active per token", "run dir": cfg.run.dir, "vocab": vocab}
     if hasattr(train_ds, "entropy_rate"):
         info["corpus entropy rate"] = f"{train_ds.entropy_rate:.4f} nats/token"
+    if resumed:
+        info["resumed from"] = f"{resumed} (step {engine.step})"
     if non_causal:
         info["WARNING"] = f"non-causal routers in a causal decoder (opted in): {non_causal}"
     for cb in callbacks:
@@ -86,8 +91,8 @@ def train(cfg, device: torch.device) -> dict:
 
     first_loss = last_loss = val_loss = None
     losses, tokens_per_step = [], t.global_batch_size * cfg.model.seq_length
-    start = time.perf_counter()
-    for step in range(1, t.steps + 1):
+    start, first_step, stop = time.perf_counter(), engine.step + 1, StopRequest()
+    for step in range(first_step, t.steps + 1):
         t0 = time.perf_counter()
         mbs = rank_microbatches(train_ds, engine.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, dp_rank, dp)
@@ -114,18 +119,27 @@ def train(cfg, device: torch.device) -> dict:
             val_loss = evaluate(engine, valid_ds, t.eval_iters)
             for cb in callbacks:
                 cb.on_eval(step, val_loss)
+        exit_now = t.exit_interval and step % t.exit_interval == 0 and step < t.steps
+        if stop.agreed() or exit_now:
+            path = _save(cfg, engine)
+            if rank0:
+                why = "train.exit_interval" if exit_now else f"{stop.signal or 'stop'} received"
+                print(f"[megamoe] {why}: saved {path} at step {step}; exiting", flush=True)
+            return {"steps": step, "stopped": True, "checkpoint": path}
         if t.save_interval and step % t.save_interval == 0 and step < t.steps:
-            _save(cfg, engine, step)
+            _save(cfg, engine)
     wall = time.perf_counter() - start
     if t.eval_iters:
         val_loss = evaluate(engine, valid_ds, t.eval_iters)
         for cb in callbacks:
             cb.on_eval(t.steps, val_loss)
-    checkpoint = _save(cfg, engine, t.steps)
+    checkpoint = _save(cfg, engine)
+    losses = losses or [float("nan")]
     summary = {
         "steps": t.steps, "first_loss": first_loss, "last_loss": last_loss,
         "last10_mean_loss": sum(losses[-10:]) / len(losses[-10:]), "val_loss": val_loss,
-        "tokens_per_s": t.steps * tokens_per_step / wall, "wall_s": wall,
+        "tokens_per_s": (t.steps - first_step + 1) * tokens_per_step / wall, "wall_s": wall,
+        "resumed_from_step": first_step - 1,
         "layout": engine.dims.describe(), "world_size": engine.dims.world_size,
         "parameters_total": total_params, "parameters_active": active_params,
         "entropy_rate": getattr(train_ds, "entropy_rate", None), "checkpoint": checkpoint,
@@ -138,6 +152,23 @@ def train(cfg, device: torch.device) -> dict:
     return summary
 
 
-def _save(cfg, engine, step: int) -> str:
-    meta = {"consumed_samples": engine.consumed_samples, "layout": engine.dims.describe()}
-    return save_checkpoint(os.path.join(cfg.run.dir, "checkpoints"), engine.modules, step, meta)
+def _save(cfg, engine) -> str:
+    return save_checkpoint(os.path.join(cfg.run.dir, "checkpoints"), engine,
+                           {"config": os.path.join(cfg.run.dir, "config.yaml")},
+                           keep_last=cfg.train.keep_last)
+
+
+def resume(cfg, engine, rank0: bool) -> str | None:
+    """Load the checkpoint `train.resume` names (auto: this run's newest complete one)."""
+    choice = cfg.train.resume
+    if choice == "none":
+        return None
+    log = print if rank0 else (lambda *_: None)
+    path = cfg.run.dir if choice == "auto" else choice
+    if choice == "auto" and not os.path.isdir(os.path.join(path, "checkpoints")):
+        return None
+    step_dir = resolve(path, log=log)
+    if step_dir is None:
+        return None
+    load_checkpoint(engine, step_dir)
+    return step_dir

@@ -1,0 +1,200 @@
+"""Hugging Face export and import: Mixtral for the foundation block, Qwen2-MoE for the block
+with a gated shared expert; anything else is refused with the field that cannot be expressed.
+
+    export_hf(gather_global(chunks), cfg, "out/hf", tokenizer="tok.model")
+    overrides, tensors = import_hf("out/hf")        # → load_config(None, overrides), load_global_into
+
+The folder holds `config.json`, `generation_config.json`, safetensors shards (fp32) with
+`model.safetensors.index.json`, and optionally the sentencepiece tokenizer. It is written into a
+temporary sibling folder and renamed into place, so `out_dir` never holds half an export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from megamoe.checkpoint import hf_mixtral, hf_qwen2moe
+from megamoe.checkpoint.hf_layout import DecoderShape, common_problems, from_hf, to_hf
+from megamoe.checkpoint.global_load import stack_layers
+
+FAMILIES = {hf_mixtral.MODEL_TYPE: hf_mixtral, hf_qwen2moe.MODEL_TYPE: hf_qwen2moe}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def family_for(cfg):
+    """The HF family that expresses `cfg` exactly; ValueError naming every field it cannot."""
+    family = hf_qwen2moe if cfg.model.moe.shared_expert_ffn_hidden_size else hf_mixtral
+    bad = common_problems(cfg) + family.problems(cfg)
+    if bad:
+        raise ValueError("cannot export to a Hugging Face model (Mixtral, Qwen2-MoE); export "
+                         "with remote code is not implemented:\n  " + "\n  ".join(bad))
+    return family
+
+
+def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
+              max_shard_bytes: int = 2**30) -> str:
+    """Write `tensors` (global key → full tensor, `gather_global`'s format) of the model `cfg`
+    describes as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    family = family_for(cfg)
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes: must be >= 1, got {max_shard_bytes}")
+    _check_replaceable(out_dir)
+    if "embedding.word_embeddings.weight" not in tensors:
+        raise ValueError("tensors: no 'embedding.word_embeddings.weight'")
+    vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
+    hf_tensors = to_hf(tensors, DecoderShape.from_config(cfg), family.NAMES)
+    config = family.hf_config(cfg, vocab_size)
+    tmp = _temp_sibling(out_dir)
+    try:
+        special = _write_tokenizer(tokenizer, tmp, vocab_size) if tokenizer else {}
+        config.update(special)
+        _write_json(os.path.join(tmp, "config.json"), config)
+        _write_json(os.path.join(tmp, "generation_config.json"), dict(special))
+        _write_shards(hf_tensors, tmp, max_shard_bytes)
+        _commit(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def import_hf(hf_dir: str) -> tuple[list[str], dict]:
+    """megamoe config overrides and global tensors (megamoe's keys, fp32) of a Mixtral or
+    Qwen2-MoE folder."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{config_path}: not found (not a Hugging Face model folder)")
+    with open(config_path) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(FAMILIES)})")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    family = FAMILIES[model_type]
+    overrides, shape = family.from_hf_config(config, config_path)
+    tensors = from_hf(read_safetensors(hf_dir), shape, family.NAMES, hf_dir)
+    if all(shape.moe_layers):
+        tensors = stack_layers(tensors)     # Megatron stacks layers when all have one kind
+    return overrides, tensors
+
+
+# ---- safetensors -------------------------------------------------------------------------------
+
+def _write_shards(tensors: dict, out_dir: str, max_shard_bytes: int) -> None:
+    """Greedy shards of at most `max_shard_bytes` (a larger single tensor gets its own)."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        t = t.detach().to(torch.float32).contiguous().clone()   # no shared storage on disk
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, SINGLE), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    _write_json(os.path.join(out_dir, INDEX),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def read_safetensors(hf_dir: str) -> dict:
+    """Every tensor of the folder's safetensors file(s), as fp32."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(hf_dir, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(hf_dir, SINGLE)):
+        files = [SINGLE]
+    else:
+        raise ValueError(f"{hf_dir}: no {SINGLE} or {INDEX} (only safetensors weights are read)")
+    tensors = {}
+    for fname in files:
+        path = os.path.join(hf_dir, fname)
+        if not os.path.isfile(path):
+            raise ValueError(f"{index}: names {fname}, which is missing")
+        tensors.update({k: v.float() for k, v in load_file(path).items()})
+    return tensors
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+def _write_tokenizer(model_path: str, out_dir: str, vocab_size: int) -> dict:
+    """Copy the sentencepiece model; return its special-token ids for the configs.
+
+    `SentencePieceBackend` (transformers 5.x) calls sentencepiece itself, so encodings equal
+    megamoe's `SentencePieceTokenizer` exactly (LlamaTokenizer-style conversion to a fast
+    tokenizer drops sentencepiece's whitespace and NFKC normalisation); nothing is added around
+    a text, as in megamoe's data pipeline."""
+    from megamoe.data.tokenizer import SentencePieceTokenizer
+
+    sp = SentencePieceTokenizer(model_path).sp
+    if sp.GetPieceSize() > vocab_size:
+        raise ValueError(f"{model_path}: {sp.GetPieceSize()} pieces, but the model's embedding "
+                         f"has {vocab_size} rows")
+    shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))
+    tok_config = {"tokenizer_class": "SentencePieceBackend", "add_bos_token": False,
+                  "add_eos_token": False}
+    special = {}
+    for name, idx in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()),
+                      ("pad", sp.pad_id())):
+        if idx >= 0:
+            tok_config[f"{name}_token"] = sp.IdToPiece(idx)
+            if name != "unk":
+                special[f"{name}_token_id"] = idx
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_config)
+    return special
+
+
+# ---- atomic folder -----------------------------------------------------------------------------
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _check_replaceable(out_dir: str) -> None:
+    """An existing `out_dir` is replaced only when it is empty or an earlier export."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
+            os.path.join(out_dir, "config.json")):
+        raise ValueError(f"{out_dir}: exists and is not a Hugging Face model folder; refusing "
+                         "to replace it")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a folder")
+
+
+def _temp_sibling(out_dir: str) -> str:
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _commit(tmp: str, out_dir: str) -> None:
+    if not os.path.exists(out_dir):
+        os.replace(tmp, out_dir)
+        return
+    old = tmp + ".old"
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

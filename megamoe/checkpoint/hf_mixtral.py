@@ -1,0 +1,57 @@
+"""Hugging Face Mixtral (`MixtralForCausalLM`, Jiang et al. 2024): megamoe's foundation block —
+an MoE FFN in every layer, no qkv bias, no shared expert, no QK-norm.
+
+Mixtral's router takes softmax over all E logits, keeps the top k and renormalises them, which
+equals megamoe's softmax over the selected logits: p_i = exp(l_i) / Σ_{j∈topk} exp(l_j).
+"""
+
+from __future__ import annotations
+
+from megamoe.checkpoint.hf_layout import (
+    DecoderShape, Names, decoder_config, decoder_overrides, layer_freq_override,
+)
+
+MODEL_TYPE = "mixtral"
+NAMES = Names(moe_block="block_sparse_moe", expert=("w1", "w3", "w2"))
+
+
+def problems(cfg) -> list[str]:
+    """What Mixtral cannot express beyond `hf_layout.common_problems` (field: reason)."""
+    m, moe = cfg.model, cfg.model.moe
+    why = " (Qwen2-MoE can, but needs a gated shared expert: model.moe.shared_expert_gate)"
+    bad = []
+    if m.add_qkv_bias:
+        bad.append("model.add_qkv_bias: Mixtral has no qkv bias" + why)
+    if not all(DecoderShape.from_config(cfg).moe_layers):
+        bad.append(f"model.moe.layer_freq: {moe.layer_freq!r}; Mixtral has an MoE FFN in every "
+                   "layer" + why)
+    return bad
+
+
+def hf_config(cfg, vocab_size: int) -> dict:
+    moe = cfg.model.moe
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": MODEL_TYPE,
+        **decoder_config(cfg, vocab_size),
+        "intermediate_size": moe.ffn_hidden_size, "num_local_experts": moe.num_experts,
+        "sliding_window": None, "router_jitter_noise": 0.0,
+    }
+
+
+def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
+    """megamoe overrides and the tensor layout of a Mixtral config object."""
+    if getattr(c, "sliding_window", None):
+        raise ValueError(f"{where}: sliding_window {c.sliding_window}; megamoe's attention sees "
+                         "the whole causal prefix")
+    overrides, heads, groups, head_dim = decoder_overrides(c, where)
+    moe_layers = (True,) * c.num_hidden_layers
+    overrides += [
+        f"model.moe.num_experts={c.num_local_experts}",
+        f"model.moe.ffn_hidden_size={c.intermediate_size}",
+        layer_freq_override(moe_layers), "model.add_qkv_bias=false",
+        "model.moe.shared_expert_ffn_hidden_size=0", "model.moe.shared_expert_gate=false",
+    ]
+    shape = DecoderShape(moe_layers=moe_layers, num_experts=c.num_local_experts, heads=heads,
+                         groups=groups, head_dim=head_dim, qkv_bias=False, shared_expert=False,
+                         tied=bool(c.tie_word_embeddings))
+    return overrides, shape

@@ -1,0 +1,268 @@
+"""Hugging Face export/import (megamoe.checkpoint.hf).
+
+transformers loads the export (Mixtral, Qwen2-MoE) with logits equal to megamoe's, a broken layout
+(KV heads swapped in one layer) fails that check; export → import → export is the identity; a
+randomly initialised transformers Mixtral imports into megamoe (1 rank, EP2, TP2) with equal
+logits; what neither family expresses is refused naming the field.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megamoe.testing.parity import TINY_VOCAB, tiny_config
+from megamoe.testing.pool import run_distributed
+
+TOL = 1e-4
+SHARD_BYTES = 64 * 1024          # the tiny models are ~0.2-0.5 MB: several shards
+MIXTRAL = ["model.num_layers=2", "model.init_method_std=0.1"]
+QWEN2MOE = ["model.add_qkv_bias=true", "model.moe.shared_expert_ffn_hidden_size=32",
+            "model.moe.shared_expert_gate=true", "model.moe.layer_freq=2",
+            "model.tie_embeddings=true", "model.init_method_std=0.1"]
+
+
+def _tokens_BS(vocab: int, B: int = 2, S: int = 16) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(0))
+
+
+def _engine(overrides):
+    from megamoe.training.engine import build_engine
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    cfg = tiny_config([*overrides, f"parallel.world_size={world}"])
+    vocab = cfg.model.vocab_size or TINY_VOCAB
+    return cfg, build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
+
+
+@torch.no_grad()
+def _megamoe_logits(engine, tokens_BS):
+    """[B, S, V] on every rank; under TP the output layer is vocab-parallel: gather the shards."""
+    model = engine.modules[0]
+    model.eval()
+    S = tokens_BS.shape[1]
+    logits_BSV = model(tokens_BS, torch.arange(S).expand_as(tokens_BS), None)
+    tp = engine.pg.tp
+    if tp.size() > 1:
+        parts = [torch.empty_like(logits_BSV) for _ in range(tp.size())]
+        dist.all_gather(parts, logits_BSV.contiguous(), group=tp)
+        logits_BSV = torch.cat(parts, dim=-1)
+    return logits_BSV
+
+
+@torch.no_grad()
+def _hf_logits(model, tokens_BS):
+    return model(input_ids=tokens_BS).logits.float()
+
+
+def _load_hf(hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def export_task(overrides, out_dir, tokenizer=None):
+    """Export a megamoe model; compare transformers' logits with megamoe's, and with a control
+    that swaps layer 0's two KV heads in the loaded HF model."""
+    from megamoe.checkpoint.hf import export_hf
+    from megamoe.models.global_view import gather_global
+
+    cfg, engine = _engine(overrides)
+    tensors = gather_global(engine.modules)
+    export_hf(tensors, cfg, out_dir, tokenizer=tokenizer, max_shard_bytes=SHARD_BYTES)
+    tokens_BS = _tokens_BS(TINY_VOCAB)
+    ours = _megamoe_logits(engine, tokens_BS)
+    hf = _load_hf(out_dir)
+    err = (_hf_logits(hf, tokens_BS) - ours).abs().max().item()
+    with torch.no_grad():
+        k = hf.model.layers[0].self_attn.k_proj.weight
+        k.copy_(torch.cat(k.chunk(2, dim=0)[::-1]))
+    control = (_hf_logits(hf, tokens_BS) - ours).abs().max().item()
+    return {"err": err, "control": control, "scale": ours.abs().max().item(),
+            "architecture": type(hf).__name__, "tensors": tensors}
+
+
+def imported_task(hf_dir, overrides=()):
+    """Import an HF folder into a megamoe model of this pool's layout; logits on rank 0."""
+    from megamoe.checkpoint.global_load import load_global_into
+    from megamoe.checkpoint.hf import import_hf
+
+    hf_overrides, tensors = import_hf(hf_dir)
+    _, engine = _engine([*hf_overrides, *overrides])
+    load_global_into(engine.modules, tensors)
+    logits = _megamoe_logits(engine, _tokens_BS(engine.modules[0].vocab_size))
+    return logits if dist.get_rank() == 0 else None
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    from megamoe.data.tokenizer import train_sentencepiece
+
+    prefix = str(tmp_path_factory.mktemp("sp") / "tok")
+    text = ["a cab fed a bad face", "dead beef ace cafe bead", "fade deface add decade"] * 20
+    return train_sentencepiece(text, prefix, 40).path
+
+
+@pytest.fixture(scope="module")
+def mixtral_export(tmp_path_factory, sp_model):
+    out = str(tmp_path_factory.mktemp("export") / "mixtral")
+    return out, run_distributed(export_task, 1, MIXTRAL, out, tokenizer=sp_model)[0]
+
+
+@pytest.fixture(scope="module")
+def qwen2moe_export(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("export") / "qwen2moe")
+    return out, run_distributed(export_task, 1, QWEN2MOE, out)[0]
+
+
+def _config(out) -> dict:
+    """config.json without the special-token ids (written only with a tokenizer)."""
+    with open(os.path.join(out, "config.json")) as f:
+        return {k: v for k, v in json.load(f).items() if not k.endswith("_token_id")}
+
+
+def _shards(out):
+    return sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family,architecture", [("mixtral_export", "MixtralForCausalLM"),
+                                                 ("qwen2moe_export", "Qwen2MoeForCausalLM")])
+def test_transformers_loads_the_export_with_equal_logits(family, architecture, request):
+    out, r = request.getfixturevalue(family)
+    assert r["architecture"] == architecture
+    assert r["err"] < TOL, r["err"]
+    assert r["scale"] > 0.1                    # logits are not trivially small
+    assert r["control"] > 100 * TOL            # a layout error shows
+    shards = _shards(out)
+    assert len(shards) >= 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        assert set(json.load(f)["weight_map"].values()) == set(shards)
+
+
+@pytest.mark.timeout(300)
+def test_qwen2moe_export_expresses_dense_layers_and_tied_embeddings(qwen2moe_export):
+    out, _ = qwen2moe_export
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["mlp_only_layers"] == [1, 3] and config["norm_topk_prob"] is True
+    assert config["tie_word_embeddings"] is True and config["qkv_bias"] is True
+
+
+@pytest.mark.timeout(300)
+def test_tokenizer_files_load_and_encode_like_megamoe(mixtral_export, sp_model):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from megamoe.data.tokenizer import SentencePieceTokenizer
+
+    out, _ = mixtral_export
+    ours, theirs = SentencePieceTokenizer(sp_model), AutoTokenizer.from_pretrained(out)
+    for text in ["a cab fed a bad face", "  dead   beef\nace ", "ｃａｆｅ bead"]:
+        assert theirs(text)["input_ids"] == ours.encode(text)
+    assert GenerationConfig.from_pretrained(out).eos_token_id == ours.eos_id
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family,overrides", [("mixtral_export", MIXTRAL),
+                                              ("qwen2moe_export", QWEN2MOE)])
+def test_export_import_export_is_the_identity(family, overrides, request, tmp_path):
+    from megamoe.checkpoint.hf import export_hf, import_hf, read_safetensors
+
+    out, r = request.getfixturevalue(family)
+    hf_overrides, tensors = import_hf(out)
+    assert sorted(tensors) == sorted(r["tensors"])
+    for key, t in r["tensors"].items():
+        assert torch.equal(tensors[key], t), key
+    again = str(tmp_path / "again")
+    export_hf(tensors, tiny_config(hf_overrides), again, max_shard_bytes=SHARD_BYTES)
+    first, second = read_safetensors(out), read_safetensors(again)
+    assert sorted(first) == sorted(second)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert _shards(out) == _shards(again)
+    assert _config(out) == _config(again)
+
+
+# ---- import ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_mixtral(tmp_path_factory):
+    """A randomly initialised transformers Mixtral (GQA, 4 experts), saved, and its logits."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2, initializer_range=0.1,
+                           max_position_embeddings=64)
+    model = MixtralForCausalLM(config).eval()
+    out = str(tmp_path_factory.mktemp("hf") / "mixtral")
+    model.save_pretrained(out)
+    return out, _hf_logits(model, _tokens_BS(96))
+
+
+@pytest.fixture(scope="module")
+def imported_one_rank(hf_mixtral):
+    return run_distributed(imported_task, 1, hf_mixtral[0])[0]
+
+
+@pytest.mark.timeout(300)
+def test_imported_mixtral_matches_transformers(hf_mixtral, imported_one_rank):
+    _, reference = hf_mixtral
+    assert reference.abs().max() > 0.1
+    assert (imported_one_rank - reference).abs().max().item() < TOL
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", [["parallel.expert=2"], ["parallel.tensor=2"]],
+                         ids=["ep2", "tp2"])
+def test_imported_model_under_parallel_layouts_matches_one_rank(layout, hf_mixtral,
+                                                                imported_one_rank):
+    got = run_distributed(imported_task, 2, hf_mixtral[0], layout)[0]
+    assert got.shape == imported_one_rank.shape
+    assert (got - imported_one_rank).abs().max().item() < TOL
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.qk_layernorm=true"], "model.qk_layernorm"),
+    (["model.add_qkv_bias=true"], "model.add_qkv_bias"),
+    (["model.moe.layer_freq=2"], "model.moe.layer_freq"),
+    (["model.moe.shared_expert_ffn_hidden_size=32"], "model.moe.shared_expert_gate"),
+    (["model.moe.score_function=sigmoid"], "model.moe.score_function"),
+])
+def test_export_refuses_what_no_family_expresses(overrides, field, tmp_path):
+    from megamoe.checkpoint.hf import export_hf
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        export_hf({}, tiny_config(overrides), str(out))
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_import_refuses_unsupported_folders(tmp_path, hf_mixtral):
+    from safetensors.torch import save_file
+    from transformers import Qwen2MoeConfig
+
+    from megamoe.checkpoint.hf import import_hf, read_safetensors
+
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="config.json: model_type 'llama'"):
+        import_hf(str(tmp_path / "llama"))
+    Qwen2MoeConfig(norm_topk_prob=False).save_pretrained(str(tmp_path / "qwen"))
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        import_hf(str(tmp_path / "qwen"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    tensors = read_safetensors(hf_mixtral[0])
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    (broken / "config.json").write_text(open(os.path.join(hf_mixtral[0], "config.json")).read())
+    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe"
+                                         r"\.experts\.3\.w2\.weight'"):
+        import_hf(str(broken))
