@@ -2,11 +2,13 @@
 with a gated shared expert; anything else is refused with the field that cannot be expressed.
 
     export_hf(gather_global(chunks), cfg, "out/hf", tokenizer="tok.model")
-    overrides, tensors = import_hf("out/hf")        # → load_config(None, overrides), load_global_into
+    overrides, tensors = import_hf("out/hf")
+    cfg = load_config(None, overrides)          # then build the model, load_global_into(…)
 
-The folder holds `config.json`, `generation_config.json`, safetensors shards (fp32) with
-`model.safetensors.index.json`, and optionally the sentencepiece tokenizer. It is written into a
-temporary sibling folder and renamed into place, so `out_dir` never holds half an export.
+The folder holds `config.json`, `generation_config.json`, fp32 safetensors (shards of at most
+`max_shard_bytes` with `model.safetensors.index.json`, or one `model.safetensors` when it fits)
+and optionally the sentencepiece tokenizer (`hf_tokenizer`). It is written into a temporary
+sibling folder and renamed into place, so `out_dir` never holds half an export.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import shutil
 import torch
 
 from megamoe.checkpoint import hf_mixtral, hf_qwen2moe
-from megamoe.checkpoint.hf_layout import DecoderShape, common_problems, from_hf, to_hf
 from megamoe.checkpoint.global_load import stack_layers
+from megamoe.checkpoint.hf_layout import DecoderShape, common_problems, from_hf, to_hf
+from megamoe.checkpoint.hf_tokenizer import write_tokenizer
 
 FAMILIES = {hf_mixtral.MODEL_TYPE: hf_mixtral, hf_qwen2moe.MODEL_TYPE: hf_qwen2moe}
 INDEX = "model.safetensors.index.json"
@@ -43,6 +46,8 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
     family = family_for(cfg)
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes: must be >= 1, got {max_shard_bytes}")
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise ValueError(f"{tokenizer}: sentencepiece model not found")
     _check_replaceable(out_dir)
     if "embedding.word_embeddings.weight" not in tensors:
         raise ValueError("tensors: no 'embedding.word_embeddings.weight'")
@@ -51,7 +56,7 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
     config = family.hf_config(cfg, vocab_size)
     tmp = _temp_sibling(out_dir)
     try:
-        special = _write_tokenizer(tokenizer, tmp, vocab_size) if tokenizer else {}
+        special = write_tokenizer(tokenizer, tmp, vocab_size) if tokenizer else {}
         config.update(special)
         _write_json(os.path.join(tmp, "config.json"), config)
         _write_json(os.path.join(tmp, "generation_config.json"), dict(special))
@@ -63,13 +68,17 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
 
 
 def import_hf(hf_dir: str) -> tuple[list[str], dict]:
-    """megamoe config overrides and global tensors (megamoe's keys, fp32) of a Mixtral or
+    """megamoe config overrides (architecture fields only: sequence length, data and training
+    settings stay the recipe's) and global tensors (megamoe's keys, fp32) of a Mixtral or
     Qwen2-MoE folder."""
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{config_path}: not found (not a Hugging Face model folder)")
-    with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{config_path}: not a readable JSON object ({exc})") from None
     if model_type not in FAMILIES:
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(FAMILIES)})")
@@ -132,35 +141,6 @@ def read_safetensors(hf_dir: str) -> dict:
             raise ValueError(f"{index}: names {fname}, which is missing")
         tensors.update({k: v.float() for k, v in load_file(path).items()})
     return tensors
-
-
-# ---- tokenizer ---------------------------------------------------------------------------------
-
-def _write_tokenizer(model_path: str, out_dir: str, vocab_size: int) -> dict:
-    """Copy the sentencepiece model; return its special-token ids for the configs.
-
-    `SentencePieceBackend` (transformers 5.x) calls sentencepiece itself, so encodings equal
-    megamoe's `SentencePieceTokenizer` exactly (LlamaTokenizer-style conversion to a fast
-    tokenizer drops sentencepiece's whitespace and NFKC normalisation); nothing is added around
-    a text, as in megamoe's data pipeline."""
-    from megamoe.data.tokenizer import SentencePieceTokenizer
-
-    sp = SentencePieceTokenizer(model_path).sp
-    if sp.GetPieceSize() > vocab_size:
-        raise ValueError(f"{model_path}: {sp.GetPieceSize()} pieces, but the model's embedding "
-                         f"has {vocab_size} rows")
-    shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))
-    tok_config = {"tokenizer_class": "SentencePieceBackend", "add_bos_token": False,
-                  "add_eos_token": False}
-    special = {}
-    for name, idx in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()),
-                      ("pad", sp.pad_id())):
-        if idx >= 0:
-            tok_config[f"{name}_token"] = sp.IdToPiece(idx)
-            if name != "unk":
-                special[f"{name}_token_id"] = idx
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_config)
-    return special
 
 
 # ---- atomic folder -----------------------------------------------------------------------------

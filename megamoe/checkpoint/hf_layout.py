@@ -2,7 +2,8 @@
 names and layouts and the config fields both families share.
 
 Legend: E experts, F FFN hidden size, D hidden size, H query heads, G query groups (KV heads),
-d head dim. Layouts (Megatron-Core 0.16.1 and transformers 5.23 sources, checked by the logit tests):
+d head dim. Layouts (read in Megatron-Core 0.16.1 and transformers 5.23, checked by the logit
+tests in tests/unit/test_hf_convert.py):
 - Megatron's fused `linear_qkv` rows [G·(H/G + 2)·d, D] are per query group: the group's H/G
   query heads, then its key head, then its value head. HF keeps q_proj [H·d, D] and
   k_proj/v_proj [G·d, D]; query head h reads KV head h // (H/G) in both. Biases alike.

@@ -93,9 +93,10 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
         state = dist_checkpointing.load(sd, step_dir)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - Megatron raises many types for a bad checkpoint
-        raise CheckpointError(f"{step_dir}: cannot load ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:300]})") from exc
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        raise CheckpointError(f"{step_dir}: cannot load: {_reason(exc)}") from exc
     chunks = engine.modules
     if len(chunks) == 1:
         chunks[0].load_state_dict(state["model"], strict=True)
@@ -117,6 +118,20 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     if "rng" in state:
         _set_rng(state["rng"])
     return meta
+
+
+def _reason(exc: BaseException) -> str:
+    """The underlying error of a (possibly multi-rank) checkpoint failure, in one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln) and "CheckpointException ranks" not in ln]
+    text = errors[-1] if errors else f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    if text.split(":")[0].endswith(("EOFError", "UnpicklingError")):
+        text += " (a checkpoint file is truncated or corrupt)"
+    name, sep, rest = text.partition(":")
+    return (name.rsplit(".", 1)[-1] + sep + rest)[:400]
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception)(:|$)")
 
 
 def _set_rng(rng: dict) -> None:

@@ -45,8 +45,14 @@ def _worker_main(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     init_distributed(RankInfo(rank, world_size, rank, "test-pool"), "127.0.0.1", port,
                      timeout_s=COLLECTIVE_TIMEOUT_S)
     outbox.put((rank, "ready", None))
+    parent = os.getppid()
     while True:
-        task = inbox.get()
+        try:
+            task = inbox.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:     # the test process died: do not linger
+                break
+            continue
         if task is None:
             break
         module, name, args, kwargs = task
@@ -72,8 +78,9 @@ class WorkerPool:
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.outbox = ctx.Queue()
         self.procs = [
+            # not daemonic: Megatron's checkpoint writer starts child processes
             ctx.Process(target=_worker_main, args=(r, world_size, port, self.inboxes[r], self.outbox),
-                        daemon=True)
+                        daemon=False)
             for r in range(world_size)
         ]
         for p in self.procs:

@@ -1,9 +1,10 @@
 """Hugging Face export/import (megamoe.checkpoint.hf).
 
-transformers loads the export (Mixtral, Qwen2-MoE) with logits equal to megamoe's, a broken layout
-(KV heads swapped in one layer) fails that check; export → import → export is the identity; a
-randomly initialised transformers Mixtral imports into megamoe (1 rank, EP2, TP2) with equal
-logits; what neither family expresses is refused naming the field.
+transformers loads the export (Mixtral, Qwen2-MoE) with logits equal to megamoe's, and a broken
+layout (KV heads swapped in one layer) fails that check; the exported tokenizer encodes like
+megamoe's; export → import → export is the identity; a randomly initialised transformers Mixtral
+imports into megamoe (1 rank, EP2, TP2) with equal logits, and misplaced experts fail that check;
+what neither family expresses is refused naming the field.
 """
 
 import json
@@ -84,16 +85,34 @@ def export_task(overrides, out_dir, tokenizer=None):
             "architecture": type(hf).__name__, "tensors": tensors}
 
 
-def imported_task(hf_dir, overrides=()):
-    """Import an HF folder into a megamoe model of this pool's layout; logits on rank 0."""
+def imported_task(hf_dir, overrides=(), roll_experts=False):
+    """Import an HF folder into a megamoe model of this pool's layout; logits on rank 0.
+    `roll_experts` (control) moves every expert to the next index, away from its router row."""
     from megamoe.checkpoint.global_load import load_global_into
     from megamoe.checkpoint.hf import import_hf
 
     hf_overrides, tensors = import_hf(hf_dir)
+    if roll_experts:             # stacked layers (all MoE): [L, E, ...]
+        tensors = {k: v.roll(1, dims=1) if ".experts.experts." in k else v
+                   for k, v in tensors.items()}
     _, engine = _engine([*hf_overrides, *overrides])
     load_global_into(engine.modules, tensors)
     logits = _megamoe_logits(engine, _tokens_BS(engine.modules[0].vocab_size))
     return logits if dist.get_rank() == 0 else None
+
+
+def load_and_gather_task(hf_dir, overrides=()):
+    """Load an imported folder into this pool's layout and gather it back: max |difference|."""
+    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
+    from megamoe.checkpoint.hf import import_hf
+    from megamoe.models.global_view import gather_global
+
+    hf_overrides, tensors = import_hf(hf_dir)
+    _, engine = _engine([*hf_overrides, *overrides])
+    load_global_into(engine.modules, tensors)
+    want, got = unstack_layers(tensors), unstack_layers(gather_global(engine.modules))
+    assert sorted(want) == sorted(got), sorted(set(want) ^ set(got))
+    return max((want[k] - got[k]).abs().max().item() for k in want)
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -167,9 +186,8 @@ def test_tokenizer_files_load_and_encode_like_megamoe(mixtral_export, sp_model):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("family,overrides", [("mixtral_export", MIXTRAL),
-                                              ("qwen2moe_export", QWEN2MOE)])
-def test_export_import_export_is_the_identity(family, overrides, request, tmp_path):
+@pytest.mark.parametrize("family", ["mixtral_export", "qwen2moe_export"])
+def test_export_import_export_is_the_identity(family, request, tmp_path):
     from megamoe.checkpoint.hf import export_hf, import_hf, read_safetensors
 
     out, r = request.getfixturevalue(family)
@@ -224,6 +242,36 @@ def test_imported_model_under_parallel_layouts_matches_one_rank(layout, hf_mixtr
     got = run_distributed(imported_task, 2, hf_mixtral[0], layout)[0]
     assert got.shape == imported_one_rank.shape
     assert (got - imported_one_rank).abs().max().item() < TOL
+    control = run_distributed(imported_task, 2, hf_mixtral[0], layout, roll_experts=True)[0]
+    assert (control - imported_one_rank).abs().max().item() > 100 * TOL
+
+
+def test_import_reads_transformers_fused_expert_tensors(hf_mixtral, tmp_path):
+    """transformers 5.x's in-memory names (experts fused into [E, 2F, D]) import like the
+    per-expert files `save_pretrained` writes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megamoe.checkpoint.hf import import_hf
+
+    state = {k: v.detach().clone() for k, v in _load_hf(hf_mixtral[0]).state_dict().items()}
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    shutil.copy(os.path.join(hf_mixtral[0], "config.json"), tmp_path)
+    (ov_fused, fused), (ov_files, files) = import_hf(str(tmp_path)), import_hf(hf_mixtral[0])
+    assert ov_fused == ov_files and sorted(fused) == sorted(files)
+    assert all(torch.equal(fused[k], files[k]) for k in files)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("folder,layout", [("hf_mixtral", ["parallel.pipeline=2"]),
+                                           ("qwen2moe_export", ["parallel.tensor=2"]),
+                                           ("qwen2moe_export", ["parallel.expert=2"])],
+                         ids=["mixtral-pp2", "qwen2moe-tp2", "qwen2moe-ep2"])
+def test_load_global_into_any_layout_gathers_back_the_same_tensors(folder, layout, request):
+    hf_dir = request.getfixturevalue(folder)[0]
+    assert run_distributed(load_and_gather_task, 2, hf_dir, layout)[0] == 0.0
 
 
 # ---- refusals ----------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""Pool tasks for checkpoint tests: train k steps under one layout and save; load under another
+layout and continue. Data and tolerances as in megamoe.testing.parity."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamoe.models.global_view import gather_global
+from megamoe.testing.parity import TINY_VOCAB, rank_microbatches, tiny_config
+
+ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01"]
+
+
+def _engine(overrides):
+    from megamoe.training.engine import build_engine
+
+    world = dist.get_world_size()
+    cfg = tiny_config([f"parallel.world_size={world}", *ADAM, *overrides])
+    return build_engine(cfg, TINY_VOCAB, torch.device("cpu"))
+
+
+def _steps(engine, first: int, last: int) -> list:
+    from megatron.core import parallel_state as ps
+
+    from megamoe.training.engine import train_step
+    from megamoe.training.metrics import global_loss
+
+    t, S = engine.cfg.train, engine.cfg.model.seq_length
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    losses = []
+    for step in range(first, last):
+        mbs = rank_microbatches(step, r, dp, t.micro_batch_size, t.global_batch_size, S,
+                                TINY_VOCAB)
+        losses.append(global_loss(train_step(engine, mbs)))
+        engine.consumed_samples += t.global_batch_size
+    return losses
+
+
+def train_and_save(overrides, root: str, steps: int):
+    from megamoe.checkpoint.save import save_checkpoint
+
+    engine = _engine(overrides)
+    losses = _steps(engine, 0, steps)
+    save_checkpoint(root, engine, {})
+    return losses if dist.get_rank() == 0 else None
+
+
+def load_and_continue(overrides, root: str, start: int, steps: int, load_optimizer=True):
+    from megamoe.checkpoint.load import load_checkpoint, resolve
+
+    engine = _engine(overrides)
+    load_checkpoint(engine, resolve(root, log=lambda *_: None), load_optimizer=load_optimizer)
+    assert engine.step == start
+    losses = _steps(engine, start, start + steps)
+    params = gather_global(engine.modules)
+    return (losses, params) if dist.get_rank() == 0 else None
+
+
+def straight(overrides, steps: int):
+    engine = _engine(overrides)
+    losses = _steps(engine, 0, steps)
+    params = gather_global(engine.modules)
+    return (losses, params) if dist.get_rank() == 0 else None
+
+
+def save_then_load(overrides, root: str, load_overrides, corrupt: str | None = None):
+    """Save a model whose every tensor was randomised, load it into a differently seeded model
+    (optionally another config, or after corrupting the files); return the names of state
+    entries that differ, or the load error message."""
+    from megamoe.checkpoint.load import CheckpointError, load_checkpoint, resolve
+    from megamoe.checkpoint.save import save_checkpoint
+
+    a = _engine(overrides)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for m in a.modules:
+            for t in m.state_dict(keep_vars=True).values():
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    t.copy_(torch.randn(t.shape, generator=g))
+    a.step, a.consumed_samples = 7, 56
+    save_checkpoint(root, a, {})
+    if corrupt and dist.get_rank() == 0:
+        _corrupt(root, corrupt)
+    dist.barrier()
+    b = _engine([f"run.seed=99", *load_overrides])
+    try:
+        load_checkpoint(b, resolve(root, log=lambda *_: None))
+    except CheckpointError as exc:
+        return str(exc)
+    differ = []
+    for ma, mb in zip(a.modules, b.modules):
+        sa, sb = ma.state_dict(), mb.state_dict()
+        assert set(sa) == set(sb)
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor) and not torch.equal(sa[key], sb[key]):
+                differ.append(key)
+    return {"differ": differ, "keys": sorted(sa), "step": b.step,
+            "consumed": b.consumed_samples}
+
+
+def _corrupt(root: str, how: str) -> None:
+    import glob
+    import os
+
+    step_dir = sorted(glob.glob(os.path.join(root, "step_*")))[-1]
+    if how == "truncate":
+        for path in glob.glob(os.path.join(step_dir, "*.distcp")):
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 3)
+    elif how == "metadata":
+        with open(os.path.join(step_dir, "metadata.json"), "wb") as f:
+            f.write(b"\x00garbage")
