@@ -30,6 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
     train.add_argument("--dry-run", action="store_true",
                        help="validate the config, print it resolved, and exit")
+    conv = sub.add_parser(
+        "convert", help="convert a checkpoint to a Hugging Face folder, or back",
+        description="--to hf SRC OUT: SRC is a run directory, its checkpoints/ root or one step "
+                    "directory (saved under any layout); OUT loads with transformers' "
+                    "AutoModelForCausalLM (Mixtral, or Qwen2-MoE with a gated shared expert). "
+                    "--from hf SRC OUT: SRC is such a folder; OUT becomes a run directory with a "
+                    "step-0 checkpoint that any layout can train from (--set train.resume=...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  megamoe convert --to hf runs/quickstart-20261123-084046 hf/quickstart"
+               "\n  megamoe convert --from hf hf/quickstart runs/imported")
+    direction = conv.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"], help="export format")
+    direction.add_argument("--from", dest="from_", choices=["hf"], help="import format")
+    conv.add_argument("src", help="source (see above)")
+    conv.add_argument("out", help="output folder")
+    conv.add_argument("--max-shard-size", type=int, default=2**30, metavar="BYTES",
+                      help="largest safetensors shard when exporting (default 1 GiB)")
+    conv.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="config overrides for the imported model")
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
     return parser
@@ -49,6 +68,20 @@ def cmd_specs() -> int:
         print(f"{key:32} {causal:8} {cls.paper}")
     print("\ntopk is causal unless model.moe.capacity_factor is set (capacity dropping "
           "competes across the micro-batch).")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from megamoe.checkpoint import convert
+    from megamoe.config import ConfigError
+
+    try:
+        if args.to:
+            convert.to_hf(args.src, args.out, max_shard_bytes=args.max_shard_size)
+        else:
+            convert.from_hf(args.src, args.out, args.overrides)
+    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
+        return _error(str(exc))
     return 0
 
 
@@ -133,5 +166,7 @@ def main(argv=None) -> int:
         return cmd_train(args)
     if args.command == "specs":
         return cmd_specs()
+    if args.command == "convert":
+        return cmd_convert(args)
     parser.print_help()
     return 0

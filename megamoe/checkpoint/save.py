@@ -76,8 +76,9 @@ def optimizer_checkpointable(engine) -> bool:
     return not (engine.cfg.parallel.distributed_optimizer and engine.device.type == "cpu")
 
 
-def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0) -> str:
-    """Save `engine` at its current step; returns the final directory."""
+def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=None) -> str:
+    """Save `engine` at its current step (with the resolved config, so the checkpoint is
+    self-contained); returns the final directory."""
     step = engine.step
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
@@ -91,9 +92,12 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0) -> str:
     if _rank() == 0:
         meta = {"format": FORMAT_VERSION, "step": step,
                 "consumed_samples": engine.consumed_samples, "world_size": _world(),
-                "layout": engine.dims.describe(),
+                "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
                 "optimizer_saved": engine.optimizer is not None and optimizer_checkpointable(engine),
                 **meta}
+        from megamoe.config import dump_config
+
+        dump_config(config or engine.cfg, os.path.join(tmp, "config.yaml"))
         _write_durably(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2))
         if os.path.exists(final):
             shutil.rmtree(final)

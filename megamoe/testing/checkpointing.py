@@ -111,3 +111,20 @@ def _corrupt(root: str, how: str) -> None:
     elif how == "metadata":
         with open(os.path.join(step_dir, "metadata.json"), "wb") as f:
             f.write(b"\x00garbage")
+
+
+def checkpoint_logits(step_dir: str, tokens):
+    """Logits of a saved checkpoint's model on `tokens` [B, S], gathered on rank 0."""
+    from megamoe.checkpoint.convert import checkpoint_config
+    from megamoe.checkpoint.load import load_checkpoint, read_meta
+    from megamoe.training.engine import build_engine
+
+    cfg = checkpoint_config(step_dir)
+    engine = build_engine(cfg, int(read_meta(step_dir)["vocab_size"]), torch.device("cpu"),
+                          with_optimizer=False, ddp=False)
+    load_checkpoint(engine, step_dir, load_optimizer=False)
+    model = engine.modules[0]
+    model.eval()
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, pos, None)

@@ -39,6 +39,7 @@ class Engine:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     step: int = 0
     consumed_samples: int = 0
+    vocab_size: int = 0
 
     @property
     def modules(self) -> list:
@@ -78,7 +79,8 @@ def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: 
         ]
         tconfig.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         tconfig.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
-    engine = Engine(cfg=cfg, dims=dims, pg=pg, tconfig=tconfig, chunks=chunks, device=device)
+    engine = Engine(cfg=cfg, dims=dims, pg=pg, tconfig=tconfig, chunks=chunks, device=device,
+                    vocab_size=vocab_size)
     if with_optimizer:
         engine.optimizer, engine.scheduler = build_optimizer(cfg, chunks, dtype, pg)
     return engine

@@ -154,8 +154,7 @@ def train(cfg, device: torch.device) -> dict:
 
 def _save(cfg, engine) -> str:
     return save_checkpoint(os.path.join(cfg.run.dir, "checkpoints"), engine,
-                           {"config": os.path.join(cfg.run.dir, "config.yaml")},
-                           keep_last=cfg.train.keep_last)
+                           {"vocab_size": engine.vocab_size}, keep_last=cfg.train.keep_last)
 
 
 def resume(cfg, engine, rank0: bool) -> str | None:

@@ -1,0 +1,85 @@
+"""`megamoe convert`: checkpoint ↔ Hugging Face folder, in this process on one rank.
+
+A checkpoint saved under any layout loads into a one-rank model (checkpoints reshard), whose
+global tensors are exported; an imported folder initialises a one-rank model that is saved as a
+step-0 checkpoint, which any layout can then resume from (`--set train.resume=<dir>`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from megamoe.checkpoint.load import CheckpointError, read_meta, resolve
+
+
+def _one_rank():
+    from megamoe.launch.env import RankInfo, init_distributed
+    from megamoe.launch.spawn import free_port
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MEGAMOE_DEVICE", "cpu")
+        init_distributed(RankInfo(0, 1, 0, "convert"), "127.0.0.1", free_port())
+
+
+def _single_rank_overrides() -> list[str]:
+    return ["parallel.world_size=1", "parallel.tensor=1", "parallel.pipeline=1",
+            "parallel.virtual_pipeline=null", "parallel.expert=1", "parallel.expert_tensor=null",
+            "parallel.distributed_optimizer=false", "train.precision=fp32"]
+
+
+def checkpoint_config(step_dir: str, overrides=()):
+    from megamoe.config import load_config
+
+    path = os.path.join(step_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{step_dir}: no config.yaml (saved by an older megamoe?)")
+    return load_config(path, [*_single_rank_overrides(), *overrides])
+
+
+def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str:
+    from megamoe.checkpoint.hf import export_hf
+    from megamoe.checkpoint.load import load_checkpoint
+    from megamoe.models.global_view import gather_global
+    from megamoe.training.engine import build_engine
+
+    step_dir = resolve(src, log=log)
+    if step_dir is None:
+        raise CheckpointError(f"{src}: no complete checkpoint")
+    meta = read_meta(step_dir)
+    cfg = checkpoint_config(step_dir)
+    _one_rank()
+    engine = build_engine(cfg, int(meta["vocab_size"]), torch.device("cpu"),
+                          with_optimizer=False, ddp=False)
+    load_checkpoint(engine, step_dir, load_optimizer=False)
+    tensors = gather_global(engine.modules)
+    out = export_hf(tensors, cfg, out, tokenizer=cfg.data.tokenizer,
+                    max_shard_bytes=max_shard_bytes)
+    log(f"[megamoe] exported {step_dir} (step {meta['step']}) to {out}")
+    return out
+
+
+def from_hf(src: str, out: str, overrides=(), log=print) -> str:
+    from megamoe.checkpoint.global_load import load_global_into
+    from megamoe.checkpoint.hf import import_hf
+    from megamoe.checkpoint.save import save_checkpoint
+    from megamoe.config import dump_config, load_config
+    from megamoe.training.engine import build_engine
+
+    arch, tensors = import_hf(src)
+    vocab = tensors["embedding.word_embeddings.weight"].shape[0]
+    cfg = load_config(None, [*arch, *overrides, *_single_rank_overrides()])
+    _one_rank()
+    engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
+    load_global_into(engine.modules, tensors)
+    cfg.run.dir = out
+    os.makedirs(out, exist_ok=True)
+    dump_config(cfg, os.path.join(out, "config.yaml"))
+    path = save_checkpoint(os.path.join(out, "checkpoints"), engine,
+                           {"vocab_size": vocab, "imported_from": os.path.abspath(src)},
+                           config=cfg)
+    log(f"[megamoe] imported {src} into {path}; train from it with "
+        f"--set train.resume={path}")
+    return path
