@@ -110,7 +110,7 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
         if reload is not None:
             reload()
         if targets:
-            copy_loaded(targets, state["optimizer_state"])
+            copy_loaded(targets, state["optimizer_state"], engine)
     if engine.scheduler is not None and "scheduler" in state:
         engine.scheduler.load_state_dict(state["scheduler"])
     engine.step = int(state["progress"]["step"])

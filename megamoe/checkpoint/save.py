@@ -72,8 +72,8 @@ def full_sharded_state_dict(engine, *, is_loading: bool = False) -> dict:
 
 
 def optimizer_checkpointable(engine) -> bool:
-    """Megatron's distributed-optimizer checkpoint fails on CPU in every format (DESIGN.md)."""
-    return not (engine.cfg.parallel.distributed_optimizer and engine.device.type == "cpu")
+    """megamoe saves optimizer state itself (optimizer_state.py), distributed or not."""
+    return True
 
 
 def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=None) -> str:

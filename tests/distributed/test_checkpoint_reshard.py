@@ -18,6 +18,9 @@ PAIRS = [
     ("pp2_to_pp1", (2, ["parallel.pipeline=2"]), (1, [])),
     ("dp2_to_dp1", (2, []), (1, [])),
     ("dp2_to_dp4", (2, []), (4, [])),
+    ("distopt_dp2_to_dp1", (2, ["parallel.distributed_optimizer=true"]), (1, [])),
+    ("dp1_to_distopt_dp2_ep2", (1, []), (2, ["parallel.distributed_optimizer=true",
+                                            "parallel.expert=2"])),
     ("ep2tp2_to_ep4", (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"]),
      (4, ["parallel.expert=4"])),
 ]
