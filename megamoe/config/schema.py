@@ -14,6 +14,7 @@ from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
 
 KNOWN_ROUTERS = ("topk",)            # router families; megamoe.moe.routers.ROUTERS implements them
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+AUX_LOSS_TYPES = ("switch", "sequence", "global")
 DROP_POLICIES = ("probs", "position")
 TOKEN_DISPATCHERS = ("alltoall", "allgather")
 LR_SCHEDULES = ("cosine", "constant")
@@ -50,7 +51,10 @@ class MoEConfig:
     ffn_hidden_size: int = 128       # per expert
     router: str = "topk"
     score_function: str = "softmax"
+    renormalize: bool = True         # the k weights sum to 1 (softmax: = top-k before softmax)
     aux_loss_coeff: float = 0.01
+    aux_loss_type: str = "switch"    # Switch loss per micro-batch | per sequence | global batch
+    loss_free_bias_rate: float = 0.0  # DeepSeek loss-free balancing: bias step u (0: off)
     z_loss_coeff: float = 0.0
     capacity_factor: float | None = None   # None: dropless
     drop_policy: str = "probs"
@@ -72,6 +76,8 @@ class MoEConfig:
         at_least(self, "shared_expert_ffn_hidden_size", 0)
         one_of(self, "router", KNOWN_ROUTERS)
         one_of(self, "score_function", SCORE_FUNCTIONS)
+        one_of(self, "aux_loss_type", AUX_LOSS_TYPES)
+        at_least(self, "loss_free_bias_rate", 0)
         one_of(self, "drop_policy", DROP_POLICIES)
         one_of(self, "token_dispatcher", TOKEN_DISPATCHERS)
         at_least(self, "aux_loss_coeff", 0)

@@ -13,7 +13,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megamoe.models.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
+from megamoe.moe.routers import router_builder
 from megamoe.moe.routing_context import RoutingContextSlot
+
+AUX_LOSS_TYPES = {"switch": "aux_loss", "sequence": "seq_aux_loss", "global": "global_aux_loss"}
 
 
 def _megatron_layer_freq(num_layers: int, layer_freq, num_experts: int):
@@ -61,7 +64,7 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
         moe_router_topk=moe.topk,
         moe_ffn_hidden_size=moe.ffn_hidden_size if num_experts else None,
         moe_router_score_function=moe.score_function,
-        moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+        moe_router_load_balancing_type=AUX_LOSS_TYPES[moe.aux_loss_type] if aux > 0 else "none",
         moe_aux_loss_coeff=aux,
         moe_z_loss_coeff=moe.z_loss_coeff or None,
         moe_expert_capacity_factor=moe.capacity_factor,
@@ -109,7 +112,7 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
         first = pp_rank == 0 and (vp_stage in (None, 0))
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
         spec = decoder_block_spec(tconfig, pattern, qk_layernorm=m.qk_layernorm,
-                                  router=moe.router,
+                                  router=router_builder(moe),
                                   shared_expert=bool(moe.shared_expert_ffn_hidden_size),
                                   slot=slot, pg_collection=pg_collection,
                                   vp_stage=vp_stage, pp_rank=pp_rank)

@@ -24,10 +24,15 @@ class MegamoeMoELayer(MoELayer):
         self.last_tokens_per_expert = None   # [E] local counts of the last forward
         self.register_buffer("tokens_per_expert_acc", torch.zeros(config.num_moe_experts),
                              persistent=False)
+        self.stats_acc: dict = {}            # name -> [sum, count] since the last read
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         out = self.router.route(hidden_states, self.context_slot.get())
         if out.tokens_per_expert_E is not None:
             self.last_tokens_per_expert = out.tokens_per_expert_E
             self.tokens_per_expert_acc += out.tokens_per_expert_E.to(self.tokens_per_expert_acc)
+        if self.training:
+            for name, value in out.stats.items():
+                acc = self.stats_acc.setdefault(name, [0.0, 0])
+                acc[0], acc[1] = acc[0] + float(value), acc[1] + 1
         return out.probs_TE, out.routing_map_TE

@@ -29,6 +29,7 @@ class ParityResult:
     grad_norms: list = field(default_factory=list)
     grads: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    router_state: dict = field(default_factory=dict)   # "layer N.name" -> router buffer
 
 
 def synthetic_sample(step: int, index: int, seq_length: int, vocab: int) -> torch.Tensor:
@@ -112,7 +113,25 @@ def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
             result.grads = gather_global(engine.modules, grads=True)
         result.grad_norms.append(optimizer_step(engine)["grad_norm"])
     result.params = gather_global(engine.modules)
+    result.router_state = router_buffers(engine)
     return result
+
+
+def router_buffers(engine) -> dict:
+    """Persistent router buffers (loss-free biases, EMA thresholds) of every layer, merged over
+    the ranks (pipeline stages hold different layers; other ranks hold copies)."""
+    from megamoe.models.lm import moe_layers
+
+    local = {}
+    for layer in moe_layers(engine.modules):
+        for name, buf in layer.router.state_dict().items():
+            if name in dict(layer.router.named_buffers()):
+                local[f"layer {layer.layer_number}.{name}"] = buf.detach().clone()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def compare(ref: ParityResult, got: ParityResult, *, param_atol: float = SGD_PARAM_ATOL,
@@ -135,6 +154,12 @@ def compare(ref: ParityResult, got: ParityResult, *, param_atol: float = SGD_PAR
         err = (a - b).abs().max().item()
         if a.shape != b.shape or err > tol:
             bad.append(f"grad {key}: max err {err:.3e} > {tol:.3e}")
+    if set(ref.router_state) != set(got.router_state):
+        bad.append(f"different router buffers: {sorted(set(ref.router_state) ^ set(got.router_state))}")
+    for key in sorted(set(ref.router_state) & set(got.router_state)):
+        err = (ref.router_state[key].float() - got.router_state[key].float()).abs().max().item()
+        if err > SGD_PARAM_ATOL:
+            bad.append(f"router buffer {key}: max err {err:.3e}")
     for key in sorted(set(ref.params) & set(got.params)):
         err = (ref.params[key] - got.params[key]).abs().max().item()
         if err > param_atol:

@@ -18,6 +18,10 @@ def _line(step: int, total: int, m: dict) -> str:
              f"imbalance {m['imbalance']:.2f}"]
     if m.get("load_balancing_loss") is not None:
         parts.append(f"lbl {m['load_balancing_loss']:.3f}")
+    if m.get("router/dropped_fraction"):
+        parts.append(f"dropped {100 * m['router/dropped_fraction']:.1f}%")
+    if m.get("router/threshold") is not None:
+        parts.append(f"τ {m['router/threshold']:.3f}")
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     return " | ".join(parts)
@@ -63,10 +67,12 @@ class TensorBoardCallback(Callback):
         self.writer = SummaryWriter(log_dir=log_dir)
 
     def on_step(self, step: int, m: dict) -> None:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "imbalance", "mfu",
-                    "load_balancing_loss", "z_loss"):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "imbalance", "mfu", "z_loss"):
             if m.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", m[key], step)
+        for key, value in m.items():
+            if key.startswith("router/") or key.endswith("load_balancing_loss"):
+                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
         for layer, load in m.get("expert_load", {}).items():
             self.writer.add_histogram(f"experts/load_layer{layer}", load, step)
 

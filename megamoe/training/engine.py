@@ -179,6 +179,10 @@ def run_forward_backward(engine: Engine, microbatches: list, forward_only: bool 
 def optimizer_step(engine: Engine) -> dict:
     lr = engine.optimizer.param_groups[0]["lr"]
     ok, grad_norm, _ = engine.optimizer.step()
+    from megamoe.models.lm import moe_layers
+
+    for layer in moe_layers(engine.modules):
+        layer.router.after_step()
     engine.scheduler.step(increment=1)
     engine.step += 1
     return {"grad_norm": float(grad_norm) if grad_norm is not None else 0.0, "lr": lr,

@@ -101,6 +101,7 @@ def train(cfg, device: torch.device) -> dict:
         loss = M.global_loss(stats)
         load = M.expert_load(engine.modules, cfg.model.num_layers, cfg.model.moe.num_experts)
         router = M.router_losses(cfg, engine.pg, len(mbs))
+        router.update(M.routing_stats(engine.modules))
         dt = time.perf_counter() - t0
         m = {"loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
              "tokens_per_s": tokens_per_step / dt, "imbalance": M.imbalance(load),

@@ -34,6 +34,22 @@ def expert_load(chunks, num_layers: int, num_experts: int, reset: bool = True) -
     return load
 
 
+def routing_stats(chunks, names=("dropped_fraction", "router_entropy", "experts_per_token",
+                                  "threshold")) -> dict:
+    """Router statistics since the last read (RouterOutput.stats), averaged over MoE layers,
+    micro-batches and ranks; every rank reduces the same names."""
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)
+    for layer in moe_layers(chunks):
+        for i, name in enumerate(names):
+            total, count = layer.stats_acc.get(name, (0.0, 0))
+            sums[i] += torch.tensor([total, count], dtype=torch.float64)
+        layer.stats_acc.clear()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return {f"router/{n}": (sums[i, 0] / sums[i, 1]).item()
+            for i, n in enumerate(names) if sums[i, 1] > 0}
+
+
 def imbalance(load_LE: torch.Tensor) -> float:
     """Mean over MoE layers of max-load / mean-load (1.0 = perfectly balanced)."""
     rows = load_LE[load_LE.sum(-1) > 0]
@@ -88,8 +104,10 @@ def router_losses(cfg, pg, num_microbatches: int) -> dict:
     )
 
     moe = cfg.model.moe
-    names = [n for n, c in (("load_balancing_loss", moe.aux_loss_coeff),
-                            ("z_loss", moe.z_loss_coeff)) if moe.num_experts and c]
+    aux_name = {"switch": "load_balancing_loss", "sequence": "seq_load_balancing_loss",
+                "global": "global_load_balancing_loss"}[moe.aux_loss_type]
+    names = [n for n, c in ((aux_name, moe.aux_loss_coeff), ("z_loss", moe.z_loss_coeff))
+             if moe.num_experts and c]
     if not names:
         return {}
     tracker = get_moe_layer_wise_logging_tracker()

@@ -9,7 +9,8 @@ from megamoe.testing.checkpointing import save_then_load
 from megamoe.testing.pool import run_distributed
 
 OPTIONS = ["model.qk_layernorm=true", "model.add_qkv_bias=true",
-           "model.moe.shared_expert_ffn_hidden_size=32", "model.moe.shared_expert_gate=true"]
+           "model.moe.shared_expert_ffn_hidden_size=32", "model.moe.shared_expert_gate=true",
+           "model.moe.loss_free_bias_rate=0.01"]
 
 
 @pytest.mark.timeout(300)
@@ -18,6 +19,7 @@ def test_every_parameter_buffer_and_extra_state_round_trips(tmp_path):
                           ["parallel.expert=2", *OPTIONS])[0]
     assert out["differ"] == [], out["differ"]
     assert any("shared_experts" in k for k in out["keys"]) and len(out["keys"]) > 10
+    assert any(k.endswith("router.selection_bias") for k in out["keys"])   # loss-free bias
     assert (out["step"], out["consumed"]) == (7, 56)
 
 

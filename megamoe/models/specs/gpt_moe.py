@@ -51,9 +51,10 @@ def attention_spec(qk_layernorm: bool) -> ModuleSpec:
     )
 
 
-def moe_spec(router: str, shared_expert: bool, slot: RoutingContextSlot, pg_collection) -> ModuleSpec:
-    """The MoE layer receives its process groups explicitly (Megatron's TransformerLayer only
-    forwards them to the MoE classes it knows by name)."""
+def moe_spec(router, shared_expert: bool, slot: RoutingContextSlot, pg_collection) -> ModuleSpec:
+    """`router`: a family key of `ROUTERS` or a factory from `router_builder`. The MoE layer
+    receives its process groups explicitly (Megatron's TransformerLayer only forwards them to
+    the MoE classes it knows by name)."""
     return ModuleSpec(
         module=MegamoeMoELayer,
         params={"context_slot": slot, "pg_collection": pg_collection},
@@ -63,12 +64,12 @@ def moe_spec(router: str, shared_expert: bool, slot: RoutingContextSlot, pg_coll
                 ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules())
                 if shared_expert else None
             ),
-            router=ROUTERS[router],
+            router=ROUTERS[router] if isinstance(router, str) else router,
         ),
     )
 
 
-def layer_spec(is_moe: bool, *, qk_layernorm: bool, router: str, shared_expert: bool,
+def layer_spec(is_moe: bool, *, qk_layernorm: bool, router, shared_expert: bool,
                slot: RoutingContextSlot, pg_collection=None) -> ModuleSpec:
     mlp = (moe_spec(router, shared_expert, slot, pg_collection) if is_moe
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
@@ -94,7 +95,7 @@ def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[boo
     return [bool(x) for x in layer_freq]
 
 
-def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router: str,
+def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router,
                        shared_expert: bool, slot: RoutingContextSlot, pg_collection=None,
                        vp_stage: int | None = None, pp_rank: int | None = None
                        ) -> TransformerBlockSubmodules:

@@ -1,9 +1,18 @@
 """Router families, one file each; `ROUTERS` maps the config key to the class."""
 
+import functools
+
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
 from megamoe.moe.routers.topk import TopKSoftmaxRouter
 
 ROUTERS = {"topk": TopKSoftmaxRouter}
+
+
+def router_builder(moe_cfg):
+    """What Megatron's `MoELayer` calls as `router(config=..., pg_collection=...)`: the family's
+    class with its options from `model.moe` bound."""
+    cls = ROUTERS[moe_cfg.router]
+    return functools.partial(cls, **cls.options_from(moe_cfg))
 
 
 def check_router_causality(cfg) -> None:
@@ -17,4 +26,5 @@ def check_router_causality(cfg) -> None:
             "model.moe.allow_non_causal=true to train it anyway"
         )
 
-__all__ = ["MegamoeRouter", "RouterOutput", "ROUTERS", "TopKSoftmaxRouter", "check_router_causality"]
+__all__ = ["MegamoeRouter", "RouterOutput", "ROUTERS", "TopKSoftmaxRouter", "check_router_causality",
+           "router_builder"]

@@ -26,6 +26,7 @@ class RouterOutput:
     routing_map_TE: torch.Tensor    # bool; a token may go to any number of experts, or none
     aux_losses: dict = field(default_factory=dict)   # name -> detached value, for logging
     tokens_per_expert_E: torch.Tensor | None = None  # local routed-token counts
+    stats: dict = field(default_factory=dict)         # name -> float, see routing_stats
 
 
 class MegamoeRouter:
@@ -42,7 +43,29 @@ class MegamoeRouter:
     def is_causal(self) -> bool:
         return self.causal
 
+    def after_step(self) -> None:
+        """Called once after every optimizer step (buffers updated per step, e.g. biases)."""
+
+    @classmethod
+    def options_from(cls, moe_cfg) -> dict:
+        """Keyword arguments for the constructor taken from `model.moe` (family options)."""
+        return {}
+
     @classmethod
     def causal_for(cls, moe_cfg) -> bool:
         """Whether this family is causal under `moe_cfg` (checked before any rank starts)."""
         return cls.causal
+
+
+@torch.no_grad()
+def routing_stats(scores_TE: torch.Tensor, routing_map_TE: torch.Tensor, k: float) -> dict:
+    """Statistics every family reports: fraction of the k·T wanted assignments that were not
+    made (dropped), mean router entropy −Σ p log p of the normalised scores, and the mean
+    number of experts per token."""
+    T = max(routing_map_TE.shape[0], 1)
+    p_TE = scores_TE.float() / scores_TE.float().sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    entropy = -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean()
+    assigned = routing_map_TE.sum().item()
+    return {"dropped_fraction": max(0.0, 1.0 - assigned / (k * T)),
+            "router_entropy": entropy.item(),
+            "experts_per_token": assigned / T}

@@ -1,10 +1,19 @@
 """Token-choice top-k routing (Shazeer et al. 2017; Switch, Fedus et al. 2021, Eq. 4-5;
-ST-MoE z-loss, Zoph et al. 2022, Eq. 5), through Megatron-Core's `TopKRouter`.
+ST-MoE z-loss, Zoph et al. 2022, Eq. 5; DeepSeek auxiliary-loss-free balancing, Wang et al.
+2024, Eq. 3-4), through Megatron-Core's `TopKRouter`.
 
-Megatron computes the scores, top-k, capacity dropping, the Switch load-balancing loss and the
-z-loss, and attaches the losses to the graph; this adapter reports them and corrects one scale.
-With a capacity factor, tokens compete for expert slots across the micro-batch, so the router is
-not causal.
+Variants (`model.moe.*`): softmax or sigmoid scores; `renormalize` the k selected weights to sum
+to 1 or keep the raw scores (for softmax, top-k of the logits followed by a softmax over them —
+"post-softmax top-k", Mixtral — equals pre-softmax top-k with renormalisation, so one switch
+covers both); Switch load-balancing loss over the micro-batch (`aux_loss_type: switch`), per
+sequence (`sequence`) or over the global batch (`global`); z-loss; capacity with drops by
+probability or position. `loss_free_bias_rate` > 0 adds DeepSeek's selection bias for softmax
+*and* sigmoid scores (Megatron-Core 0.16's covers sigmoid only): selection uses s + b, the
+combine weights use s, and after each optimizer step b_e ← b_e + u·sign(mean(c) − c_e) with c the
+tokens per expert counted over the step (all micro-batches and ranks). The bias is model state.
+
+Megatron supplies the gating linear, the aux-loss functions, capacity dropping and the loss
+attachment; megamoe scores and selects (for the renormalisation switch and the softmax bias).
 
 Scale under sequence parallelism with per-token loss (Megatron-Core 0.16): each TP rank holds a
 partial aux / z-loss over its slice of the micro-batch, but Megatron weights it by the rank's
@@ -12,26 +21,70 @@ partial aux / z-loss over its slice of the micro-batch, but Megatron weights it 
 gradients come out TP times too small compared with one process. The parity test
 `tests/distributed/test_parity.py` (TP2+SP) shows it; the overrides below weight the partial
 losses by the micro-batch's token count instead.
+
+Shapes: T tokens of this rank (S·B, Megatron order), E experts.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
+    apply_router_token_dropping,
     save_to_aux_losses_tracker,
     z_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
+from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
 from megamoe.moe.routing_context import RoutingContext
 
 
+def scores_for(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
+    if score_function == "softmax":
+        return torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    return torch.sigmoid(logits_TE.float())
+
+
+def select_topk(scores_TE: torch.Tensor, k: int, renormalize: bool,
+                bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(combine weights [T, E], routing map [T, E]): the k experts of largest s (+ b) per token,
+    weighted by their unbiased scores, renormalised to sum 1 if asked."""
+    chooser_TE = scores_TE if bias_E is None else scores_TE.detach() + bias_E
+    top_Tk = torch.topk(chooser_TE, k, dim=-1).indices
+    weights_Tk = scores_TE.gather(1, top_Tk)
+    if renormalize:
+        weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
+    probs_TE = torch.zeros_like(scores_TE).scatter(1, top_Tk, weights_Tk)
+    routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_Tk, True)
+    return probs_TE, routing_map_TE
+
+
+def loss_free_update(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek's sign rule: raise the bias of under-loaded experts, lower over-loaded ones."""
+    return bias_E + rate * torch.sign(counts_E.mean() - counts_E)
+
+
 class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
-    paper = "Switch Transformer (Fedus et al. 2021), ST-MoE z-loss (Zoph et al. 2022)"
+    paper = ("Switch Transformer (Fedus et al. 2021) Eq. 4-5; ST-MoE z-loss (Zoph et al. 2022) "
+             "Eq. 5; DeepSeek loss-free balancing (Wang et al. 2024) Eq. 3-4")
     token_group = "micro-batch"
+
+    def __init__(self, config, pg_collection=None, *, renormalize: bool = True,
+                 loss_free_bias_rate: float = 0.0):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.renormalize = renormalize
+        self.loss_free_bias_rate = loss_free_bias_rate
+        E = config.num_moe_experts
+        if loss_free_bias_rate > 0:
+            # model state (checkpointed); the counts of the current step are not
+            self.register_buffer("selection_bias", torch.zeros(E, dtype=torch.float32))
+            self.register_buffer("step_tokens_per_expert", torch.zeros(E, dtype=torch.float32),
+                                 persistent=False)
+        else:
+            self.selection_bias = None
 
     def is_causal(self) -> bool:
         return self.config.moe_expert_capacity_factor is None
@@ -39,6 +92,13 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
     @classmethod
     def causal_for(cls, moe_cfg) -> bool:
         return moe_cfg.capacity_factor is None
+
+    @classmethod
+    def options_from(cls, moe_cfg) -> dict:
+        return {"renormalize": moe_cfg.renormalize,
+                "loss_free_bias_rate": moe_cfg.loss_free_bias_rate}
+
+    # -- Megatron scale fixes under SP + per-token loss (see the module docstring) --------------
 
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
                                            aux_loss_name, reduce_group,
@@ -64,10 +124,52 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
                                    self.config.num_layers)
         return logits
 
+    # -- routing ---------------------------------------------------------------------------------
+
+    def routing(self, logits, padding_mask=None):
+        """Megatron's `TopKRouter.routing` with megamoe's selection (renormalisation switch,
+        loss-free bias for either score function)."""
+        seq_length, bsz = logits.shape[:2]
+        logits_TE = self.apply_z_loss(logits.view(-1, self.config.num_moe_experts))
+        scores_TE = scores_for(logits_TE, self.score_function)
+        probs_TE, routing_map_TE = select_topk(scores_TE, self.topk, self.renormalize,
+                                               self.selection_bias)
+        if self.config.moe_expert_capacity_factor is not None:
+            probs_TE, routing_map_TE = apply_router_token_dropping(
+                probs_TE, routing_map_TE, router_topk=self.topk,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            aux_scores_TE = scores_TE
+            if self.score_function == "sigmoid":       # Megatron's aux losses take normalised s
+                aux_scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+            chosen_TE = select_topk(aux_scores_TE.detach(), self.topk, False)[1]
+            probs_TE = self._apply_aux_loss(probs_TE, aux_scores_TE, chosen_TE)
+            probs_TE = self._apply_seq_aux_loss(probs_TE, aux_scores_TE, chosen_TE,
+                                                seq_length, bsz)
+            probs_TE = self._apply_global_aux_loss(probs_TE, aux_scores_TE, chosen_TE)
+        if self.selection_bias is not None and self.training and torch.is_grad_enabled():
+            self.step_tokens_per_expert += routing_map_TE.sum(dim=0)
+        self._last_scores_TE = scores_TE.detach()
+        return probs_TE, routing_map_TE
+
     def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
         probs_TE, routing_map_TE = TopKRouter.forward(self, hidden_SBD)
-        return RouterOutput(
-            probs_TE=probs_TE,
-            routing_map_TE=routing_map_TE,
-            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(),
-        )
+        stats = routing_stats(self._last_scores_TE, routing_map_TE, self.topk)
+        return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
+                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """End of an optimizer step: update the loss-free bias from the step's counts (summed
+        over every rank that routes tokens of this step), reset the global-batch aux counts."""
+        self.reset_global_aux_loss_tracker()
+        if self.selection_bias is None:
+            return
+        counts_E = self.step_tokens_per_expert.clone()
+        if dist.is_initialized():
+            dist.all_reduce(counts_E, group=self.tp_dp_cp_group)
+        self.selection_bias.copy_(loss_free_update(self.selection_bias, counts_E,
+                                                   self.loss_free_bias_rate))
+        self.step_tokens_per_expert.zero_()
