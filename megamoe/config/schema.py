@@ -244,9 +244,12 @@ class DataConfig:
     markov_vocab_size: int = 64
     markov_branching: int = 4        # successors per state
     markov_seed: int = 7
+    synthetic_modalities: int = 0    # M > 0: modality id of a token = token id mod M
+    synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
+        at_least(self, "synthetic_modalities", 0)
         if self.kind == "indexed" and not self.path:
             fail("data.path", "required when data.kind is 'indexed' (dataset prefix without "
                  ".bin/.idx)")

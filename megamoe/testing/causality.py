@@ -1,5 +1,7 @@
 """Causality probe (DESIGN.md): perturb the tokens after position t and measure how much the
-model's outputs up to t move. A causal decoder with a causal router gives 0 (to rounding)."""
+model's outputs up to t move. A causal decoder with a causal router gives 0 (to rounding).
+The routing context is the synthetic one of the config (`megamoe.data.synthetic_context`),
+built per forward like the training step does."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from megamoe.testing.parity import TINY_VOCAB, tiny_config
 def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[float, float]:
     """(max |Δ output| at positions ≤ t, max |Δ output| anywhere) on one rank. `train_mode`
     probes the training-time routing (routers whose inference rule differs)."""
+    from megamoe.data.synthetic_context import context_fields
+    from megamoe.moe.routing_context import RoutingContext
     from megamoe.training.engine import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *overrides])
@@ -23,7 +27,11 @@ def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[floa
     changed = tokens.clone()
     changed[:, t + 1:] = torch.randint(0, TINY_VOCAB, (4, S - t - 1), generator=g)
     pos = torch.arange(S).expand(4, S)
+    def forward(tokens_BS):
+        fields = context_fields(tokens_BS, cfg.data, cfg.model.hidden_size)
+        model.routing_context_slot.set(RoutingContext(**fields))
+        return model(tokens_BS, pos, None)
+
     with torch.no_grad():
-        a = model(tokens, pos, None)
-        b = model(changed, pos, None)
+        a, b = forward(tokens), forward(changed)
     return (a[:, :t + 1] - b[:, :t + 1]).abs().max().item(), (a - b).abs().max().item()

@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megamoe.config import sequence_parallel_enabled
 from megamoe.models.init import init_global
 from megamoe.models.lm import build_lm, transformer_config
+from megamoe.data.synthetic_context import context_fields
 from megamoe.moe.routing_context import RoutingContext
 from megamoe.parallel import ParallelDims, init_groups, seed_rng
 
@@ -136,8 +137,10 @@ def make_forward_step(engine: Engine):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device)
-        slot.set(RoutingContext(modality_ids_BS=batch.get("modality_ids"),
-                                sequence_ids_BS=batch.get("sequence_ids")))
+        fields = {"modality_ids_BS": batch.get("modality_ids"),
+                  "sequence_ids_BS": batch.get("sequence_ids")}
+        fields.update(context_fields(batch["tokens"], engine.cfg.data, engine.cfg.model.hidden_size))
+        slot.set(RoutingContext(**fields))
         output = model(tokens, batch["position_ids"].to(device), None,
                        labels=batch["labels"].to(device))
         return output, partial(_loss_func, batch["loss_mask"].to(device))
