@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
+from megamoe.config.moe_families import validate_families
 
 KNOWN_ROUTERS = ("topk",)            # router families; megamoe.moe.routers.ROUTERS implements them
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -89,6 +90,7 @@ class MoEConfig:
         if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
             fail("model.moe.shared_expert_gate",
                  "needs model.moe.shared_expert_ffn_hidden_size > 0")
+        validate_families(self)
 
     def _validate_layer_freq(self) -> None:
         if isinstance(self.layer_freq, int):
