@@ -1,0 +1,60 @@
+"""Every router family trains: a few dozen steps of its example config (configs/<family>.yaml,
+else the quickstart with the family selected) on 2 gloo ranks with EP2; the loss must fall and
+never go below the built-in corpus's entropy rate (a lower loss would mean a leak of the future,
+e.g. through a router that looks across tokens)."""
+
+import json
+import os
+
+import pytest
+
+from megamoe.testing.pool import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 30
+
+
+def _families() -> list[str]:
+    from megamoe.moe.routers import ROUTERS
+
+    return sorted(ROUTERS)
+
+
+def _recipe(family: str) -> tuple[str, list[str]]:
+    path = os.path.join(ROOT, "configs", f"{family}.yaml")
+    if os.path.isfile(path):
+        return path, []
+    return os.path.join(ROOT, "configs", "quickstart.yaml"), [f"model.moe.router={family}"]
+
+
+def train_family(family: str, run_dir: str):
+    import torch
+    import torch.distributed as dist
+
+    from megamoe.config import load_config
+    from megamoe.training.loop import train
+
+    path, extra = _recipe(family)
+    cfg = load_config(path, extra + [
+        "parallel.world_size=2", "parallel.tensor=1", "parallel.pipeline=1",
+        "parallel.expert=2", "parallel.expert_tensor=1", "parallel.virtual_pipeline=null",
+        "model.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=8",
+        f"train.steps={STEPS}", "train.warmup_steps=3", "train.lr=3e-3", "train.eval_iters=0",
+        "train.save_interval=0", "train.resume=none", f"run.dir={run_dir}",
+        "run.tensorboard=false", "run.progress=false", "run.log_interval=1000",
+    ])
+    summary = train(cfg, torch.device("cpu"))
+    if dist.get_rank() != 0:
+        return None
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    return summary, losses
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", _families())
+def test_family_trains_above_the_entropy_rate(family, tmp_path):
+    summary, losses = run_distributed(train_family, 2, family, str(tmp_path))[0]
+    assert len(losses) == STEPS
+    assert sum(losses[-5:]) / 5 < 0.85 * losses[0], losses
+    assert min(losses) > summary["entropy_rate"], (min(losses), summary["entropy_rate"])
