@@ -11,6 +11,7 @@ loader ignores `.tmp-*` folders and folders without `meta.json`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -76,9 +77,17 @@ def optimizer_checkpointable(engine) -> bool:
     return True
 
 
-def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=None) -> str:
+def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=None,
+                    async_queue=None) -> str:
     """Save `engine` at its current step (with the resolved config, so the checkpoint is
-    self-contained); returns the final directory."""
+    self-contained); returns the final directory.
+
+    With `async_queue` (Megatron's `AsyncCallsQueue`) the tensors are written by a forked
+    process while training goes on (the fork is a copy-on-write snapshot of this step's
+    tensors; on GPUs Megatron first copies them to host memory); the commit — meta, rename,
+    `latest`, pruning — runs when `async_queue.maybe_finalize_async_calls` finds every rank's
+    writer done. Until then the checkpoint is only a `.tmp-` directory, so a crash leaves
+    `latest` on the previous complete one."""
     step = engine.step
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
@@ -87,27 +96,39 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(full_sharded_state_dict(engine), tmp)
-    _barrier()
+    meta = {"format": FORMAT_VERSION, "step": step,
+            "consumed_samples": engine.consumed_samples, "world_size": _world(),
+            "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
+            "optimizer_saved": engine.optimizer is not None and optimizer_checkpointable(engine),
+            **meta}
+    commit = functools.partial(_commit, root, tmp, final, meta, config or engine.cfg, keep_last)
+    if async_queue is None:
+        dist_checkpointing.save(full_sharded_state_dict(engine), tmp)
+        _barrier()
+        commit()
+        return final
+    request = dist_checkpointing.save(full_sharded_state_dict(engine), tmp,
+                                      async_sharded_save=True)
+    request.add_finalize_fn(commit)
+    async_queue.schedule_async_request(request)
+    return final
+
+
+def _commit(root: str, tmp: str, final: str, meta: dict, config, keep_last: int) -> None:
+    """Rank 0 makes the written directory a complete checkpoint; all ranks wait for it."""
     if _rank() == 0:
-        meta = {"format": FORMAT_VERSION, "step": step,
-                "consumed_samples": engine.consumed_samples, "world_size": _world(),
-                "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
-                "optimizer_saved": engine.optimizer is not None and optimizer_checkpointable(engine),
-                **meta}
         from megamoe.config import dump_config
 
-        dump_config(config or engine.cfg, os.path.join(tmp, "config.yaml"))
+        dump_config(config, os.path.join(tmp, "config.yaml"))
         _write_durably(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _write_durably(os.path.join(root, "latest"), step_dir_name(step) + "\n")
+        _write_durably(os.path.join(root, "latest"), os.path.basename(final) + "\n")
         if keep_last:
             prune(root, keep_last)
     _barrier()
-    return final
 
 
 def _write_durably(path: str, text: str) -> None:
@@ -127,14 +148,17 @@ def _fsync_dir(path: str) -> None:
 
 
 def prune(root: str, keep_last: int) -> list[str]:
-    """Delete all but the newest `keep_last` complete checkpoints (and stale temp folders)."""
+    """Delete all but the newest `keep_last` complete checkpoints, and temp folders of steps up
+    to the newest complete one (later ones may be asynchronous saves still being written)."""
     from megamoe.checkpoint.load import complete_steps
 
     removed = []
-    for name in os.listdir(root):
-        if name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     steps = complete_steps(root)
+    newest = steps[-1] if steps else -1
+    for name in os.listdir(root):
+        tail = name[len(".tmp-" + STEP_PREFIX):]
+        if name.startswith(".tmp-") and (not tail.isdigit() or int(tail) <= newest):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     for step in steps[:-keep_last] if keep_last < len(steps) else []:
         path = os.path.join(root, step_dir_name(step))
         shutil.rmtree(path, ignore_errors=True)

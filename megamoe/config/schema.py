@@ -11,9 +11,22 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
-from megamoe.config.moe_families import validate_families
+from megamoe.config.moe_families import (
+    DiffMoEOptions,
+    DiTMoEOptions,
+    ExpertChoiceOptions,
+    MoEEOptions,
+    RaceOptions,
+    SoftMoEOptions,
+    LIMoEOptions,
+    ModalityOptions,
+    VMoEOptions,
+    validate_families,
+)
 
-KNOWN_ROUTERS = ("topk",)            # router families; megamoe.moe.routers.ROUTERS implements them
+# router families; megamoe.moe.routers.ROUTERS implements them
+KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
+                 "vmoe", "limoe", "modality",)
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 AUX_LOSS_TYPES = ("switch", "sequence", "global")
 DROP_POLICIES = ("probs", "position")
@@ -64,6 +77,15 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False
     allow_non_causal: bool = False
+    moee: MoEEOptions = field(default_factory=MoEEOptions)
+    dit_moe: DiTMoEOptions = field(default_factory=DiTMoEOptions)
+    soft: SoftMoEOptions = field(default_factory=SoftMoEOptions)
+    diff_moe: DiffMoEOptions = field(default_factory=DiffMoEOptions)
+    expert_choice: ExpertChoiceOptions = field(default_factory=ExpertChoiceOptions)
+    race: RaceOptions = field(default_factory=RaceOptions)
+    vmoe: VMoEOptions = field(default_factory=VMoEOptions)
+    limoe: LIMoEOptions = field(default_factory=LIMoEOptions)
+    modality: ModalityOptions = field(default_factory=ModalityOptions)
 
     def validate(self) -> None:
         at_least(self, "num_experts", 0)
@@ -205,6 +227,7 @@ class TrainConfig:
     eval_interval: int = 50          # 0: validate only at the end (if eval_iters > 0)
     eval_iters: int = 4
     save_interval: int = 0           # 0: only the final checkpoint
+    async_save: bool = False         # write interval checkpoints in the background
     exit_interval: int = 0           # save and exit when the step is a multiple (0: never)
     keep_last: int = 3               # complete checkpoints kept (older ones are deleted); 0: all
     resume: str = "auto"             # auto: newest complete checkpoint of run.dir, if any;

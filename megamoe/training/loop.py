@@ -92,6 +92,7 @@ def train(cfg, device: torch.device) -> dict:
     first_loss = last_loss = val_loss = None
     losses, tokens_per_step = [], t.global_batch_size * cfg.model.seq_length
     start, first_step, stop = time.perf_counter(), engine.step + 1, StopRequest()
+    pending = AsyncSaves(t.async_save)
     for step in range(first_step, t.steps + 1):
         t0 = time.perf_counter()
         mbs = rank_microbatches(train_ds, engine.consumed_samples, t.global_batch_size,
@@ -121,19 +122,22 @@ def train(cfg, device: torch.device) -> dict:
             for cb in callbacks:
                 cb.on_eval(step, val_loss)
         exit_now = t.exit_interval and step % t.exit_interval == 0 and step < t.steps
+        pending.finish_ready()
         if stop.agreed() or exit_now:
+            pending.finish_all()
             path = _save(cfg, engine)
             if rank0:
                 why = "train.exit_interval" if exit_now else f"{stop.signal or 'stop'} received"
                 print(f"[megamoe] {why}: saved {path} at step {step}; exiting", flush=True)
             return {"steps": step, "stopped": True, "checkpoint": path}
         if t.save_interval and step % t.save_interval == 0 and step < t.steps:
-            _save(cfg, engine)
+            _save(cfg, engine, pending.queue)
     wall = time.perf_counter() - start
     if t.eval_iters:
         val_loss = evaluate(engine, valid_ds, t.eval_iters)
         for cb in callbacks:
             cb.on_eval(t.steps, val_loss)
+    pending.finish_all()
     checkpoint = _save(cfg, engine)
     losses = losses or [float("nan")]
     summary = {
@@ -153,9 +157,29 @@ def train(cfg, device: torch.device) -> dict:
     return summary
 
 
-def _save(cfg, engine) -> str:
+def _save(cfg, engine, async_queue=None) -> str:
     return save_checkpoint(os.path.join(cfg.run.dir, "checkpoints"), engine,
-                           {"vocab_size": engine.vocab_size}, keep_last=cfg.train.keep_last)
+                           {"vocab_size": engine.vocab_size}, keep_last=cfg.train.keep_last,
+                           async_queue=async_queue)
+
+
+class AsyncSaves:
+    """Interval checkpoints written in the background (`train.async_save`); committed in order
+    once every rank's writer is done (checked after each step), and always before a
+    synchronous save (stop, exit, end of training)."""
+
+    def __init__(self, enabled: bool):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False) if enabled else None
+
+    def finish_ready(self) -> None:
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def finish_all(self) -> None:
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
 
 
 def resume(cfg, engine, rank0: bool) -> str | None:
