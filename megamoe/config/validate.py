@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from megamoe.config.coerce import check_types
 from megamoe.config.errors import fail
+from megamoe.config.moe_families import resolve_soft_slots
 from megamoe.config.schema import Config
 
 
@@ -80,7 +81,7 @@ def _check_sequence_parallel(cfg: Config) -> None:
 
 
 CROSS_CHECKS = (_check_experts, _check_tensor_split, _check_batch, _check_pipeline,
-                _check_sequence_parallel)
+                _check_sequence_parallel, resolve_soft_slots)
 
 
 def validate(cfg: Config) -> None:

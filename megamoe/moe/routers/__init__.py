@@ -3,9 +3,12 @@
 import functools
 
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
+from megamoe.moe.routers.dit_moe import DiTMoERouter
+from megamoe.moe.routers.moee import MoEERouter
 from megamoe.moe.routers.topk import TopKSoftmaxRouter
 
 ROUTERS = {"topk": TopKSoftmaxRouter}
+ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter})
 
 
 def router_builder(moe_cfg):
