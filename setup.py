@@ -5,6 +5,9 @@ setup(
     version="0.1.0",
     description="Multimodal Mixture-of-Experts pretraining on Megatron-Core",
     packages=find_packages(include=["megamoe", "megamoe.*"]),
+    # copied into exported Hugging Face folders as remote code (megamoe.checkpoint.hf_megamoe)
+    package_data={"megamoe.checkpoint.hf_remote": ["configuration_megamoe.py",
+                                                   "modeling_megamoe.py"]},
     python_requires=">=3.10",
     install_requires=[
         # GPU users bring their own CUDA build; 2.13.0 (CPU) satisfies this range.

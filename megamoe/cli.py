@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a checkpoint to a Hugging Face folder, or back",
         description="--to hf SRC OUT: SRC is a run directory, its checkpoints/ root or one step "
                     "directory (saved under any layout); OUT loads with transformers' "
-                    "AutoModelForCausalLM (Mixtral, or Qwen2-MoE with a gated shared expert). "
+                    "AutoModelForCausalLM as the first family that expresses the model exactly "
+                    "(Mixtral; Qwen2-MoE for a gated shared expert; Qwen3-MoE for QK-norm), "
+                    "otherwise with megamoe's modeling code copied into OUT "
+                    "(model_type megamoe, from_pretrained(OUT, trust_remote_code=True)). "
                     "--from hf SRC OUT: SRC is such a folder; OUT becomes a run directory with a "
                     "step-0 checkpoint that any layout can train from (--set train.resume=...).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

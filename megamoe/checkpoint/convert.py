@@ -40,7 +40,7 @@ def checkpoint_config(step_dir: str, overrides=()):
 
 
 def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str:
-    from megamoe.checkpoint.hf import export_hf
+    from megamoe.checkpoint.hf import export_hf, family_for
     from megamoe.checkpoint.load import load_checkpoint
     from megamoe.models.global_view import gather_global
     from megamoe.training.engine import build_engine
@@ -57,7 +57,10 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str
     tensors = gather_global(engine.modules)
     out = export_hf(tensors, cfg, out, tokenizer=cfg.data.tokenizer,
                     max_shard_bytes=max_shard_bytes)
-    log(f"[megamoe] exported {step_dir} (step {meta['step']}) to {out}")
+    model_type = family_for(cfg).MODEL_TYPE
+    how = (" with its modeling code (load with trust_remote_code=True)"
+           if model_type == "megamoe" else "")
+    log(f"[megamoe] exported {step_dir} (step {meta['step']}) to {out} as {model_type}{how}")
     return out
 
 

@@ -1,5 +1,13 @@
-"""Hugging Face export and import: Mixtral for the foundation block, Qwen2-MoE for the block
-with a gated shared expert; anything else is refused with the field that cannot be expressed.
+"""Hugging Face export and import. `family_for` picks the first family that expresses the model
+exactly: transformers' Mixtral (the foundation block), Qwen2-MoE (a gated shared expert, qkv
+bias, dense layers), Qwen3-MoE (per-head QK-norm, dense layers); otherwise megamoe's own modeling
+code travels in the folder (model_type "megamoe", `trust_remote_code=True`, `hf_megamoe`). Only
+what that code cannot express either (other router families, capacity dropping, the loss-free
+selection bias) is refused, naming the field.
+
+Not a family: OLMoE. Its q_norm/k_norm are one RMSNorm over the whole q (H·d) and k (G·d)
+projection, mixing all heads' statistics; megamoe's QK-norm normalises each head's d channels
+on its own (Megatron's q_layernorm), which no choice of weights turns into the other.
 
     export_hf(gather_global(chunks), cfg, "out/hf", tokenizer="tok.model")
     overrides, tensors = import_hf("out/hf")
@@ -19,24 +27,28 @@ import shutil
 
 import torch
 
-from megamoe.checkpoint import hf_mixtral, hf_qwen2moe
+from megamoe.checkpoint import hf_megamoe, hf_mixtral, hf_qwen2moe, hf_qwen3moe
 from megamoe.checkpoint.global_load import stack_layers
-from megamoe.checkpoint.hf_layout import DecoderShape, common_problems, from_hf, to_hf
+from megamoe.checkpoint.hf_layout import DecoderShape, from_hf, to_hf
 from megamoe.checkpoint.hf_tokenizer import write_tokenizer
 
-FAMILIES = {hf_mixtral.MODEL_TYPE: hf_mixtral, hf_qwen2moe.MODEL_TYPE: hf_qwen2moe}
+EXACT = (hf_mixtral, hf_qwen2moe, hf_qwen3moe)       # tried in this order
+FAMILIES = {f.MODEL_TYPE: f for f in (*EXACT, hf_megamoe)}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
 def family_for(cfg):
-    """The HF family that expresses `cfg` exactly; ValueError naming every field it cannot."""
-    family = hf_qwen2moe if cfg.model.moe.shared_expert_ffn_hidden_size else hf_mixtral
-    bad = common_problems(cfg) + family.problems(cfg)
+    """The first transformers family that expresses `cfg` exactly, else megamoe's remote code;
+    ValueError naming every field that even the remote code cannot express."""
+    for family in EXACT:
+        if not family.problems(cfg):
+            return family
+    bad = hf_megamoe.problems(cfg)
     if bad:
-        raise ValueError("cannot export to a Hugging Face model (Mixtral, Qwen2-MoE); export "
-                         "with remote code is not implemented:\n  " + "\n  ".join(bad))
-    return family
+        raise ValueError("cannot export to a Hugging Face model (Mixtral, Qwen2-MoE, Qwen3-MoE "
+                         "or megamoe's remote code):\n  " + "\n  ".join(bad))
+    return hf_megamoe
 
 
 def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
@@ -60,6 +72,8 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
         config.update(special)
         _write_json(os.path.join(tmp, "config.json"), config)
         _write_json(os.path.join(tmp, "generation_config.json"), dict(special))
+        if family is hf_megamoe:
+            hf_megamoe.write_code(tmp)
         _write_shards(hf_tensors, tmp, max_shard_bytes)
         _commit(tmp, out_dir)
     finally:
@@ -69,8 +83,8 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
 
 def import_hf(hf_dir: str) -> tuple[list[str], dict]:
     """megamoe config overrides (architecture fields only: sequence length, data and training
-    settings stay the recipe's) and global tensors (megamoe's keys, fp32) of a Mixtral or
-    Qwen2-MoE folder."""
+    settings stay the recipe's) and global tensors (megamoe's keys, fp32) of a Mixtral,
+    Qwen2-MoE, Qwen3-MoE or megamoe remote-code folder."""
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{config_path}: not found (not a Hugging Face model folder)")
@@ -82,15 +96,20 @@ def import_hf(hf_dir: str) -> tuple[list[str], dict]:
     if model_type not in FAMILIES:
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(FAMILIES)})")
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     family = FAMILIES[model_type]
+    config = (hf_megamoe.read_config(hf_dir) if family is hf_megamoe
+              else _auto_config(hf_dir))
     overrides, shape = family.from_hf_config(config, config_path)
     tensors = from_hf(read_safetensors(hf_dir), shape, family.NAMES, hf_dir)
-    if all(shape.moe_layers):
+    if len(set(shape.moe_layers)) == 1:
         tensors = stack_layers(tensors)     # Megatron stacks layers when all have one kind
     return overrides, tensors
+
+
+def _auto_config(hf_dir: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(hf_dir, local_files_only=True)
 
 
 # ---- safetensors -------------------------------------------------------------------------------

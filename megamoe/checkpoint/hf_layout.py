@@ -1,9 +1,9 @@
-"""megamoe's decoder ⇄ Hugging Face's Mixtral-style decoders (Mixtral, Qwen2-MoE): the tensor
-names and layouts and the config fields both families share.
+"""megamoe's decoder ⇄ Hugging Face's Mixtral-style decoders (Mixtral, Qwen2-MoE, Qwen3-MoE and
+megamoe's own remote code): tensor names and layouts. Config fields: `hf_fields`.
 
 Legend: E experts, F FFN hidden size, D hidden size, H query heads, G query groups (KV heads),
 d head dim. Layouts (read in Megatron-Core 0.16.1 and transformers 5.23, checked by the logit
-tests in tests/unit/test_hf_convert.py):
+tests in tests/unit/test_hf_convert.py and test_hf_families.py):
 - Megatron's fused `linear_qkv` rows [G·(H/G + 2)·d, D] are per query group: the group's H/G
   query heads, then its key head, then its value head. HF keeps q_proj [H·d, D] and
   k_proj/v_proj [G·d, D]; query head h reads KV head h // (H/G) in both. Biases alike.
@@ -13,6 +13,8 @@ tests in tests/unit/test_hf_convert.py):
   `experts.gate_up_proj`; on disk (what `save_pretrained` writes) each expert is separate.
 - The router weight [E, D] is HF's `gate.weight`; the gated shared expert's `gate_weight` [1, D]
   is Qwen2-MoE's `shared_expert_gate.weight` (both: σ(x·w)·shared(x)).
+- QK-norm: Megatron's `q_layernorm`/`k_layernorm` [d] (RMSNorm over each head's d channels,
+  before RoPE) are Qwen3-MoE's `q_norm`/`k_norm`.
 - RMSNorm, RoPE (rotate-half, θ = rotary_base) and the 1/√d attention scale match as they are.
 """
 
@@ -32,6 +34,7 @@ class Names:
     """HF names that differ between families."""
     moe_block: str                     # the MoE FFN inside a layer ("block_sparse_moe", "mlp")
     expert: tuple[str, str, str]       # gate, up and down linear of one expert
+    fused_experts: bool = False        # on disk as experts.gate_up_proj [E, 2F, D], down_proj
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,9 @@ class DecoderShape:
     groups: int
     head_dim: int
     qkv_bias: bool
+    qk_norm: bool
     shared_expert: bool
+    shared_gate: bool
     tied: bool
 
     @classmethod
@@ -56,8 +61,9 @@ class DecoderShape:
                    num_experts=moe.num_experts, heads=m.num_attention_heads,
                    groups=m.num_query_groups or m.num_attention_heads,
                    head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
-                   qkv_bias=m.add_qkv_bias, shared_expert=bool(moe.shared_expert_ffn_hidden_size),
-                   tied=m.tie_embeddings)
+                   qkv_bias=m.add_qkv_bias, qk_norm=m.qk_layernorm,
+                   shared_expert=bool(moe.shared_expert_ffn_hidden_size),
+                   shared_gate=moe.shared_expert_gate, tied=m.tie_embeddings)
 
 
 class TensorPool:
@@ -130,6 +136,9 @@ def to_hf(tensors: dict, s: DecoderShape, names: Names) -> dict:
             qkv = split_qkv(mm.take(f"{p}self_attention.linear_qkv.{kind}"), s)
             for proj, t in zip("qkv", qkv):
                 out[f"{q}self_attn.{proj}_proj.{kind}"] = t
+        for qk in "qk" if s.qk_norm else "":
+            out[f"{q}self_attn.{qk}_norm.weight"] = mm.take(
+                f"{p}self_attention.{qk}_layernorm.weight")
         out[q + "self_attn.o_proj.weight"] = mm.take(p + "self_attention.linear_proj.weight")
         out[q + "post_attention_layernorm.weight"] = mm.take(p + "pre_mlp_layernorm.weight")
         if not is_moe:
@@ -140,12 +149,16 @@ def to_hf(tensors: dict, s: DecoderShape, names: Names) -> dict:
         out[b + "gate.weight"] = mm.take(p + "mlp.router.weight")
         fc1_EFD = mm.take(p + "mlp.experts.experts.linear_fc1.weight")
         fc2_EDF = mm.take(p + "mlp.experts.experts.linear_fc2.weight")
-        for e in range(fc1_EFD.shape[0]):
-            _swiglu_to_hf(out, f"{b}experts.{e}.", names.expert, fc1_EFD[e], fc2_EDF[e])
+        if names.fused_experts:
+            out[b + "experts.gate_up_proj"], out[b + "experts.down_proj"] = fc1_EFD, fc2_EDF
+        else:
+            for e in range(fc1_EFD.shape[0]):
+                _swiglu_to_hf(out, f"{b}experts.{e}.", names.expert, fc1_EFD[e], fc2_EDF[e])
         if s.shared_expert:
             _swiglu_to_hf(out, b + "shared_expert.", DENSE,
                           mm.take(p + "mlp.shared_experts.linear_fc1.weight"),
                           mm.take(p + "mlp.shared_experts.linear_fc2.weight"))
+        if s.shared_gate:
             out[b + "shared_expert_gate.weight"] = mm.take(p + "mlp.shared_experts.gate_weight")
     out["model.norm.weight"] = mm.take("decoder.final_layernorm.weight")
     if not s.tied:
@@ -179,6 +192,9 @@ def from_hf(hf_tensors: dict, s: DecoderShape, names: Names, where: str) -> dict
         for kind in ("weight", "bias") if s.qkv_bias else ("weight",):
             qkv = [hf.take(f"{q}self_attn.{proj}_proj.{kind}") for proj in "qkv"]
             out[f"{p}self_attention.linear_qkv.{kind}"] = fuse_qkv(*qkv, s, f"{where}: {q}")
+        for qk in "qk" if s.qk_norm else "":
+            out[f"{p}self_attention.{qk}_layernorm.weight"] = hf.take(
+                f"{q}self_attn.{qk}_norm.weight")
         out[p + "self_attention.linear_proj.weight"] = hf.take(q + "self_attn.o_proj.weight")
         out[p + "pre_mlp_layernorm.weight"] = hf.take(q + "post_attention_layernorm.weight")
         if not is_moe:
@@ -195,6 +211,7 @@ def from_hf(hf_tensors: dict, s: DecoderShape, names: Names, where: str) -> dict
             fc1, fc2 = _swiglu_from_hf(hf, b + "shared_expert.", DENSE)
             out[p + "mlp.shared_experts.linear_fc1.weight"] = fc1
             out[p + "mlp.shared_experts.linear_fc2.weight"] = fc2
+        if s.shared_gate:
             out[p + "mlp.shared_experts.gate_weight"] = hf.take(b + "shared_expert_gate.weight")
     out["decoder.final_layernorm.weight"] = hf.take("model.norm.weight")
     if s.tied:
@@ -205,72 +222,3 @@ def from_hf(hf_tensors: dict, s: DecoderShape, names: Names, where: str) -> dict
         hf.discard(key)                # a buffer some old checkpoints saved
     hf.expect_empty("tensors megamoe has no place for")
     return out
-
-
-# ---- config fields both families share ---------------------------------------------------------
-
-def common_problems(cfg) -> list[str]:
-    """What neither Mixtral nor Qwen2-MoE can express (field: reason)."""
-    m, moe = cfg.model, cfg.model.moe
-    bad = []
-    if m.qk_layernorm:
-        bad.append("model.qk_layernorm: QK-norm (RMSNorm over the head dim) has no "
-                   "Mixtral/Qwen2-MoE equivalent")
-    if not moe.num_experts:
-        bad.append("model.moe.num_experts: 0 (a dense model) is not an MoE family")
-    if moe.router != "topk":
-        bad.append(f"model.moe.router: {moe.router!r}; HF MoE families route token-choice top-k")
-    if moe.score_function != "softmax":
-        bad.append(f"model.moe.score_function: {moe.score_function!r}; HF Mixtral/Qwen2-MoE "
-                   "weight experts by softmax")
-    if moe.capacity_factor is not None:
-        bad.append("model.moe.capacity_factor: token dropping; HF Mixtral/Qwen2-MoE are dropless")
-    return bad
-
-
-def decoder_config(cfg, vocab_size: int) -> dict:
-    m, moe = cfg.model, cfg.model.moe
-    s = DecoderShape.from_config(cfg)
-    return {
-        "vocab_size": vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
-        "num_attention_heads": s.heads, "num_key_value_heads": s.groups, "head_dim": s.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": m.norm_epsilon,
-        # megamoe.models.lm hands Megatron int(rotary_base)
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(int(m.rotary_base))},
-        "max_position_embeddings": m.seq_length, "tie_word_embeddings": m.tie_embeddings,
-        "attention_dropout": 0.0, "initializer_range": m.init_method_std,
-        "num_experts_per_tok": moe.topk, "router_aux_loss_coef": moe.aux_loss_coeff,
-        "output_router_logits": False, "use_cache": True, "dtype": "float32",
-    }
-
-
-def decoder_overrides(c, where: str) -> tuple[list[str], int, int, int]:
-    """Overrides from the fields of an HF config object both families share; also (H, G, d)."""
-    if c.hidden_act != "silu":
-        raise ValueError(f"{where}: hidden_act {c.hidden_act!r}; megamoe's SwiGLU uses silu")
-    rope = dict(getattr(c, "rope_parameters", None) or {})
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{where}: rope_parameters.rope_type {rope['rope_type']!r}; megamoe's "
-                         "RoPE is the unscaled default")
-    if theta is None or not float(theta).is_integer():
-        raise ValueError(f"{where}: rope_theta {theta!r}; megamoe needs a whole number")
-    heads = c.num_attention_heads
-    groups = c.num_key_value_heads or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return [
-        f"model.num_layers={c.num_hidden_layers}", f"model.hidden_size={c.hidden_size}",
-        f"model.num_attention_heads={heads}", f"model.num_query_groups={groups}",
-        f"model.kv_channels={head_dim}", f"model.vocab_size={c.vocab_size}",
-        f"model.norm_epsilon={float(c.rms_norm_eps)!r}", f"model.rotary_base={float(theta)!r}",
-        f"model.tie_embeddings={str(bool(c.tie_word_embeddings)).lower()}",
-        f"model.init_method_std={float(c.initializer_range)!r}", "model.qk_layernorm=false",
-        f"model.moe.topk={c.num_experts_per_tok}", "model.moe.router=topk",
-        "model.moe.score_function=softmax", "model.moe.capacity_factor=null",
-        f"model.moe.aux_loss_coeff={float(c.router_aux_loss_coef)!r}",
-    ], heads, groups, head_dim
-
-
-def layer_freq_override(moe_layers) -> str:
-    pattern = [int(x) for x in moe_layers]
-    return "model.moe.layer_freq=" + ("1" if all(pattern) else str(pattern))

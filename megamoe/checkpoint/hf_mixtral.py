@@ -7,24 +7,28 @@ equals megamoe's softmax over the selected logits: p_i = exp(l_i) / Σ_{j∈topk
 
 from __future__ import annotations
 
-from megamoe.checkpoint.hf_layout import (
-    DecoderShape, Names, decoder_config, decoder_overrides, layer_freq_override,
+from megamoe.checkpoint.hf_fields import (
+    decoder_config, decoder_overrides, layer_freq_override, pattern_problem, renormalize,
+    transformers_problems,
 )
+from megamoe.checkpoint.hf_layout import DecoderShape, Names
 
 MODEL_TYPE = "mixtral"
 NAMES = Names(moe_block="block_sparse_moe", expert=("w1", "w3", "w2"))
 
 
 def problems(cfg) -> list[str]:
-    """What Mixtral cannot express beyond `hf_layout.common_problems` (field: reason)."""
+    """What Mixtral cannot express (field: reason)."""
     m, moe = cfg.model, cfg.model.moe
-    why = " (Qwen2-MoE can, but needs a gated shared expert: model.moe.shared_expert_gate)"
-    bad = []
+    bad = transformers_problems(cfg) + pattern_problem(cfg, "Mixtral")
     if m.add_qkv_bias:
-        bad.append("model.add_qkv_bias: Mixtral has no qkv bias" + why)
-    if not all(DecoderShape.from_config(cfg).moe_layers):
-        bad.append(f"model.moe.layer_freq: {moe.layer_freq!r}; Mixtral has an MoE FFN in every "
-                   "layer" + why)
+        bad.append("model.add_qkv_bias: Mixtral has no qkv bias")
+    if m.qk_layernorm:
+        bad.append("model.qk_layernorm: Mixtral has no QK-norm")
+    if moe.shared_expert_ffn_hidden_size:
+        bad.append("model.moe.shared_expert_ffn_hidden_size: Mixtral has no shared expert")
+    if not renormalize(moe):
+        bad.append("model.moe.renormalize: false; Mixtral renormalises the top-k probabilities")
     return bad
 
 
@@ -52,6 +56,7 @@ def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
         "model.moe.shared_expert_ffn_hidden_size=0", "model.moe.shared_expert_gate=false",
     ]
     shape = DecoderShape(moe_layers=moe_layers, num_experts=c.num_local_experts, heads=heads,
-                         groups=groups, head_dim=head_dim, qkv_bias=False, shared_expert=False,
+                         groups=groups, head_dim=head_dim, qkv_bias=False, qk_norm=False,
+                         shared_expert=False, shared_gate=False,
                          tied=bool(c.tie_word_embeddings))
     return overrides, shape

@@ -1,0 +1,115 @@
+"""megamoe's own Hugging Face family (model_type "megamoe"): the folder carries its modeling
+code (`hf_remote/`, copied in and named by `auto_map`), so transformers runs any megamoe decoder
+with `trust_remote_code=True` — sigmoid scores, QK-norm with a shared expert, an ungated shared
+expert, qkv bias with QK-norm, unrenormalised top k, dense models.
+
+Tensors are named as in Qwen2/3-MoE (`mlp.gate`, `self_attn.q_norm`, `mlp.shared_expert…`),
+experts fused ([E, 2F, D] `experts.gate_up_proj`, [E, D, F] `experts.down_proj`): the code has
+no per-expert modules to load them into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from megamoe.checkpoint.hf_fields import (
+    export_problems, layer_freq_override, renormalize, renormalize_overrides, rope_theta,
+)
+from megamoe.checkpoint.hf_layout import DENSE, DecoderShape, Names
+
+MODEL_TYPE = "megamoe"
+NAMES = Names(moe_block="mlp", expert=DENSE, fused_experts=True)
+CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
+CODE_FILES = ("configuration_megamoe.py", "modeling_megamoe.py")
+AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
+            "AutoModelForCausalLM": "modeling_megamoe.MegamoeForCausalLM"}
+
+
+def problems(cfg) -> list[str]:
+    """What even the remote code cannot express (field: reason)."""
+    return export_problems(cfg)
+
+
+def hf_config(cfg, vocab_size: int) -> dict:
+    m, moe = cfg.model, cfg.model.moe
+    s = DecoderShape.from_config(cfg)
+    return {
+        "architectures": ["MegamoeForCausalLM"], "model_type": MODEL_TYPE, "auto_map": AUTO_MAP,
+        "vocab_size": vocab_size, "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": s.heads, "num_key_value_heads": s.groups, "head_dim": s.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": float(int(m.rotary_base)),       # megamoe.models.lm: int(rotary_base)
+        "max_position_embeddings": m.seq_length, "initializer_range": m.init_method_std,
+        "qkv_bias": m.add_qkv_bias, "qk_norm": m.qk_layernorm,
+        "moe_layers": [int(x) for x in s.moe_layers], "num_experts": moe.num_experts,
+        "moe_intermediate_size": moe.ffn_hidden_size, "router": moe.router,
+        "num_experts_per_tok": moe.topk, "score_function": moe.score_function,
+        "norm_topk_prob": renormalize(moe),
+        "shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size,
+        "shared_expert_gate": moe.shared_expert_gate,
+        "router_aux_loss_coef": moe.aux_loss_coeff, "tie_word_embeddings": m.tie_embeddings,
+        "use_cache": True, "dtype": "float32",
+    }
+
+
+def write_code(out_dir: str) -> None:
+    """Copy the modeling code next to config.json (what `auto_map` names)."""
+    for name in CODE_FILES:
+        src = os.path.join(CODE_DIR, name)
+        if not os.path.isfile(src):
+            raise ValueError(f"{src}: missing (megamoe installed without its package data?)")
+        shutil.copyfile(src, os.path.join(out_dir, name))
+
+
+def read_config(hf_dir: str):
+    """The folder's config through megamoe's own copy of the code (no remote code is run)."""
+    from megamoe.checkpoint.hf_remote.configuration_megamoe import MegamoeConfig
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        fields = json.load(f)
+    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    try:
+        return MegamoeConfig(**fields)
+    except ValueError as exc:
+        raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: {exc}") from None
+
+
+def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
+    """megamoe overrides and the tensor layout of a MegamoeConfig."""
+    moe_layers = tuple(bool(x) for x in c.moe_layers)
+    if c.num_experts and not any(moe_layers):
+        raise ValueError(f"{where}: moe_layers {c.moe_layers} has no MoE layer but num_experts "
+                         f"is {c.num_experts}")
+    heads, groups, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    shared = c.shared_expert_intermediate_size
+    overrides = [
+        f"model.num_layers={c.num_hidden_layers}", f"model.hidden_size={c.hidden_size}",
+        f"model.ffn_hidden_size={c.intermediate_size}",
+        f"model.num_attention_heads={heads}", f"model.num_query_groups={groups}",
+        f"model.kv_channels={head_dim}", f"model.vocab_size={c.vocab_size}",
+        f"model.norm_epsilon={float(c.rms_norm_eps)!r}",
+        f"model.rotary_base={rope_theta(c, where)!r}",
+        f"model.tie_embeddings={str(bool(c.tie_word_embeddings)).lower()}",
+        f"model.init_method_std={float(c.initializer_range)!r}",
+        f"model.qk_layernorm={str(bool(c.qk_norm)).lower()}",
+        f"model.add_qkv_bias={str(bool(c.qkv_bias)).lower()}",
+        f"model.moe.num_experts={c.num_experts}",
+        f"model.moe.ffn_hidden_size={c.moe_intermediate_size}",
+        f"model.moe.topk={c.num_experts_per_tok}", f"model.moe.router={c.router}",
+        f"model.moe.score_function={c.score_function}", "model.moe.capacity_factor=null",
+        f"model.moe.aux_loss_coeff={float(c.router_aux_loss_coef)!r}",
+        layer_freq_override(moe_layers),
+        f"model.moe.shared_expert_ffn_hidden_size={shared}",
+        f"model.moe.shared_expert_gate={str(bool(c.shared_expert_gate)).lower()}",
+        *renormalize_overrides(c.norm_topk_prob, where),
+    ]
+    shape = DecoderShape(moe_layers=moe_layers, num_experts=c.num_experts, heads=heads,
+                         groups=groups, head_dim=head_dim, qkv_bias=bool(c.qkv_bias),
+                         qk_norm=bool(c.qk_norm), shared_expert=bool(shared),
+                         shared_gate=bool(c.shared_expert_gate),
+                         tied=bool(c.tie_word_embeddings))
+    return overrides, shape

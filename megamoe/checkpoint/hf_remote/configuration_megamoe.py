@@ -1,0 +1,93 @@
+"""`MegamoeConfig`: the architecture of a megamoe decoder, for `modeling_megamoe.py`.
+
+Shipped into every Hugging Face folder that `megamoe convert --to hf` writes for a model no
+transformers architecture expresses (`auto_map` in its config.json), so this file must stay
+self-contained: it imports only transformers.
+
+Fields follow transformers' names where a family has one (Qwen2/3-MoE); megamoe's names in
+parentheses:
+- qkv_bias (model.add_qkv_bias): biases on q, k and v only, never on o_proj.
+- qk_norm (model.qk_layernorm): RMSNorm over the head dim of every query and key head.
+- moe_layers (model.moe.layer_freq): 0/1 per layer; 1 is an MoE FFN, 0 a dense SwiGLU FFN of
+  `intermediate_size`.
+- router (model.moe.router): the routing family; only "topk" so far, see ROUTERS in
+  modeling_megamoe.py. score_function: "softmax" | "sigmoid"; norm_topk_prob
+  (model.moe.renormalize): divide the k selected scores by their sum.
+- shared_expert_intermediate_size (model.moe.shared_expert_ffn_hidden_size, 0: none) and
+  shared_expert_gate: σ(x·w_g) times the shared expert's output.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+ROUTER_KINDS = ("topk",)
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+class MegamoeConfig(PretrainedConfig):
+    model_type = "megamoe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(self, vocab_size=32000, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=None,
+                 head_dim=None, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=2048, initializer_range=0.02, qkv_bias=False,
+                 qk_norm=False, moe_layers=None, num_experts=4, moe_intermediate_size=128,
+                 router="topk", num_experts_per_tok=2, score_function="softmax",
+                 norm_topk_prob=True, shared_expert_intermediate_size=0,
+                 shared_expert_gate=False, router_aux_loss_coef=0.0, tie_word_embeddings=False,
+                 use_cache=True, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.qkv_bias = qkv_bias
+        self.qk_norm = qk_norm
+        if moe_layers is None:
+            moe_layers = [int(num_experts > 0)] * num_hidden_layers
+        self.moe_layers = [int(x) for x in moe_layers]
+        self.num_experts = num_experts
+        self.moe_intermediate_size = moe_intermediate_size
+        self.router = router
+        self.num_experts_per_tok = num_experts_per_tok
+        self.score_function = score_function
+        self.norm_topk_prob = norm_topk_prob
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.shared_expert_gate = shared_expert_gate
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.tie_word_embeddings = tie_word_embeddings
+        self.use_cache = use_cache
+        self._validate()
+        super().__init__(**kwargs)
+
+    def _validate(self) -> None:
+        """A folder this code cannot run is refused with the field, not mis-run."""
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act: {self.hidden_act!r}; the experts are SwiGLU (silu)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} does not divide "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if len(self.moe_layers) != self.num_hidden_layers or set(self.moe_layers) - {0, 1}:
+            raise ValueError(f"moe_layers: {self.moe_layers}; needs one 0/1 entry per layer "
+                             f"(num_hidden_layers is {self.num_hidden_layers})")
+        if any(self.moe_layers):
+            if self.router not in ROUTER_KINDS:
+                raise ValueError(f"router: {self.router!r}; this code implements "
+                                 f"{', '.join(ROUTER_KINDS)}")
+            if self.score_function not in SCORE_FUNCTIONS:
+                raise ValueError(f"score_function: {self.score_function!r}; one of "
+                                 f"{', '.join(SCORE_FUNCTIONS)}")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok}; needs 1 to "
+                                 f"num_experts ({self.num_experts})")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise ValueError("shared_expert_gate: true needs shared_expert_intermediate_size > 0")

@@ -1,0 +1,321 @@
+"""megamoe's decoder as a transformers model: `MegamoeForCausalLM` computes what megamoe's
+Megatron model computes, for the models no transformers architecture expresses (sigmoid router
+scores, QK-norm with a shared expert, an ungated shared expert, …).
+
+Shipped as remote code into exported folders, next to configuration_megamoe.py, so it imports
+only torch and transformers. Load with
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)).
+- RMSNorm in fp32: x / sqrt(mean(x²) + ε) · w.
+- Attention: q, k, v projections (bias on q, k, v only with `qkv_bias`); with `qk_norm` an
+  RMSNorm over the head dim of each q and k head; then RoPE (rotate-half, θ = rope_theta, fp32
+  frequencies); causal softmax(q·kᵀ/√d)·v with query head h reading KV head h // (H/G).
+- FFN: SwiGLU down(silu(gate(x)) · up(x)) in dense layers (`moe_layers[i] == 0`) and experts;
+  MoE layers: y = Σ_{i∈topk} p_i·E_i(x) [+ σ(x·w_g)·S(x) with the shared expert S].
+- Router "topk": logits l = x·Wᵀ in fp32; s = softmax(l) or σ(l); the k largest s; p_i = s_i,
+  divided by Σ_{j∈topk} s_j (+1e-20) with `norm_topk_prob`. New router families go in ROUTERS.
+
+Legend: B batch, S query positions, K key positions (cache + S), D hidden, H query heads,
+G KV heads, d head dim, T tokens (B·S), E experts, F expert FFN size, k experts per token.
+Experts are stored fused: `experts.gate_up_proj` [E, 2F, D] ([gate; up] per expert) and
+`experts.down_proj` [E, D, F], as transformers 5.x's MoE families hold them in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:                                    # transformers 5: initialisers that skip loaded tensors
+    from transformers import initialization as init
+except ImportError:                     # pragma: no cover - transformers 4
+    from torch.nn import init
+
+from .configuration_megamoe import MegamoeConfig
+
+
+class MegamoeRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+def rope_cos_sin(position_ids_BS: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin [B, S, d] of RoPE's rotate-half layout (frequencies repeated for both halves)."""
+    exponent_d2 = torch.arange(0, head_dim, 2, dtype=torch.float32,
+                               device=position_ids_BS.device) / head_dim
+    inv_freq_d2 = 1.0 / (theta ** exponent_d2)
+    freqs_BSd2 = position_ids_BS.float()[..., None] * inv_freq_d2
+    emb_BSd = torch.cat([freqs_BSd2, freqs_BSd2], dim=-1)
+    return emb_BSd.cos(), emb_BSd.sin()
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor):
+    x1, x2 = x_BHSd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos_BSd[:, None].to(x_BHSd.dtype), sin_BSd[:, None].to(x_BHSd.dtype)
+    return x_BHSd * cos + rotated * sin
+
+
+class MegamoeAttention(nn.Module):
+    def __init__(self, config: MegamoeConfig, layer_idx: int):
+        super().__init__()
+        D, d = config.hidden_size, config.head_dim
+        self.H, self.G, self.d = config.num_attention_heads, config.num_key_value_heads, d
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(D, self.H * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, self.G * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, self.G * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.H * d, D, bias=False)
+        if config.qk_norm:
+            self.q_norm = MegamoeRMSNorm(d, config.rms_norm_eps)
+            self.k_norm = MegamoeRMSNorm(d, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None):
+        B, S, _ = x_BSD.shape
+        q_BSHd = self.q_proj(x_BSD).view(B, S, self.H, self.d)
+        k_BSGd = self.k_proj(x_BSD).view(B, S, self.G, self.d)
+        v_BSGd = self.v_proj(x_BSD).view(B, S, self.G, self.d)
+        if self.q_norm is not None:
+            q_BSHd, k_BSGd = self.q_norm(q_BSHd), self.k_norm(k_BSGd)
+        q_BHSd = apply_rope(q_BSHd.transpose(1, 2), cos_BSd, sin_BSd)
+        k_BGKd = apply_rope(k_BSGd.transpose(1, 2), cos_BSd, sin_BSd)
+        v_BGKd = v_BSGd.transpose(1, 2)
+        if cache is not None:
+            k_BGKd, v_BGKd = cache.update(k_BGKd, v_BGKd, self.layer_idx)
+        rep = self.H // self.G                  # query head h reads KV head h // rep
+        k_BHKd = k_BGKd.repeat_interleave(rep, dim=1)
+        v_BHKd = v_BGKd.repeat_interleave(rep, dim=1)
+        out_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHKd, v_BHKd, attn_mask=allowed_B1SK)
+        return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, self.H * self.d))
+
+
+# ---- feed-forward ------------------------------------------------------------------------------
+
+class MegamoeMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MegamoeExperts(nn.Module):
+    """E SwiGLU experts; each token's output is Σ over its k experts of p · E_e(x)."""
+
+    def __init__(self, config: MegamoeConfig):
+        super().__init__()
+        E, D, ffn = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * ffn, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, ffn))
+
+    def forward(self, x_TD, weights_Tk, experts_Tk):
+        y_TD = torch.zeros_like(x_TD)
+        for e in experts_Tk.unique().tolist():
+            token_N, slot_N = (experts_Tk == e).nonzero(as_tuple=True)
+            gate_NF, up_NF = F.linear(x_TD[token_N], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out_ND = F.linear(F.silu(gate_NF) * up_NF, self.down_proj[e])
+            y_TD.index_add_(0, token_N, out_ND * weights_Tk[token_N, slot_N, None])
+        return y_TD
+
+
+class TopKRouter(nn.Module):
+    """Token-choice top-k (megamoe `model.moe.router: topk`): (weights [T, k], experts [T, k])."""
+
+    def __init__(self, config: MegamoeConfig):
+        super().__init__()
+        self.k, self.score_function = config.num_experts_per_tok, config.score_function
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, x_TD):
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.score_function == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+        weights_Tk, experts_Tk = torch.topk(scores_TE, self.k, dim=-1)
+        if self.norm_topk_prob:
+            weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_Tk.to(x_TD.dtype), experts_Tk
+
+
+# config.router → a module built from the config whose forward(x [T, D]) returns (weights [T, k],
+# experts [T, k]); its parameters load from `mlp.gate.*` (megamoe's `mlp.router.*`).
+ROUTERS = {"topk": TopKRouter}
+
+
+class MegamoeMoE(nn.Module):
+    def __init__(self, config: MegamoeConfig):
+        super().__init__()
+        self.gate = ROUTERS[config.router](config)
+        self.experts = MegamoeExperts(config)
+        self.shared_expert = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MegamoeMLP(config.hidden_size,
+                                            config.shared_expert_intermediate_size)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x_BSD):
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        weights_Tk, experts_Tk = self.gate(x_TD)
+        y_TD = self.experts(x_TD, weights_Tk, experts_Tk)
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return y_TD.view_as(x_BSD)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+class MegamoeDecoderLayer(nn.Module):
+    def __init__(self, config: MegamoeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MegamoeAttention(config, layer_idx)
+        self.post_attention_layernorm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (MegamoeMoE(config) if config.moe_layers[layer_idx]
+                    else MegamoeMLP(config.hidden_size, config.intermediate_size))
+
+    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None):
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_BSd, sin_BSd,
+                                       allowed_B1SK, cache)
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+
+
+class MegamoePreTrainedModel(PreTrainedModel):
+    config_class = MegamoeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MegamoeDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MegamoeRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MegamoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, tuple(ROUTERS.values())):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+def allowed_mask(attention_mask_BK, past: int, B: int, S: int, device) -> torch.Tensor:
+    """[B, 1, S, K] bool: key j is visible to query i when j <= past + i and j is not padding.
+    A query always sees itself, so a padding row stays finite."""
+    q_S1 = past + torch.arange(S, device=device)[:, None]
+    k_1K = torch.arange(past + S, device=device)[None, :]
+    allowed_BSK = (k_1K <= q_S1).expand(B, S, past + S)
+    if attention_mask_BK is not None:
+        if attention_mask_BK.dim() != 2 or attention_mask_BK.shape[-1] != past + S:
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask_BK.shape)}; expected "
+                             f"[batch, {past + S}] (1 keep, 0 padding)")
+        allowed_BSK = (allowed_BSK & attention_mask_BK[:, None, :].bool()) | (k_1K == q_S1)
+    return allowed_BSK[:, None]
+
+
+class MegamoeModel(MegamoePreTrainedModel):
+    def __init__(self, config: MegamoeConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MegamoeDecoderLayer(config, i)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: pass exactly one")
+        x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S, _ = x_BSD.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            from transformers.cache_utils import DynamicCache
+
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:      # left padding: count only real tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -S:]
+            else:
+                position_ids = torch.arange(past, past + S, device=x_BSD.device).expand(B, S)
+        cos_BSd, sin_BSd = rope_cos_sin(position_ids, self.config.head_dim,
+                                        self.config.rope_theta)
+        allowed_B1SK = allowed_mask(attention_mask, past, B, S, x_BSD.device)
+        for layer in self.layers:
+            x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD),
+                                       past_key_values=past_key_values if use_cache else None)
+
+
+class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MegamoeConfig):
+        super().__init__(config)
+        self.model = MegamoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+        h_BSD = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h_BSD = h_BSD[:, -logits_to_keep:]
+        logits_BSV = self.lm_head(h_BSD)
+        loss = None
+        if labels is not None:       # next-token loss; -100 is ignored
+            loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(),
+                                   labels[:, 1:].flatten().to(logits_BSV.device),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits_BSV,
+                                      past_key_values=out.past_key_values)
