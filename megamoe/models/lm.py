@@ -131,7 +131,23 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
         )
         model.routing_context_slot = slot
         chunks.append(model)
+    mark_expert_replicas(chunks, tconfig)
     return chunks
+
+
+def mark_expert_replicas(chunks, tconfig) -> None:
+    """Megatron-Core 0.16 marks expert weights as expert-parallel (`allreduce=False`, reduced
+    over the expert-data-parallel group) only when EP > 1. With EP = 1 and expert-TP smaller
+    than TP, the TP ranks hold replicas of each expert that see different tokens, yet the
+    gradients were reduced over the dense DP group only, missing those replicas (expert grads
+    off by ~50% in TP2·ETP1 against one process). Mark them so DDP and the optimizer treat
+    them as expert parameters."""
+    etp = tconfig.expert_tensor_parallel_size or tconfig.tensor_model_parallel_size
+    if tconfig.expert_model_parallel_size > 1 or etp == tconfig.tensor_model_parallel_size:
+        return
+    for layer in moe_layers(chunks):
+        for param in layer.experts.parameters():
+            param.allreduce = False
 
 
 def moe_layers(chunks) -> list:

@@ -21,6 +21,8 @@ PAIRS = [
     ("distopt_dp2_to_dp1", (2, ["parallel.distributed_optimizer=true"]), (1, [])),
     ("dp1_to_distopt_dp2_ep2", (1, []), (2, ["parallel.distributed_optimizer=true",
                                             "parallel.expert=2"])),
+    ("etp2_to_etp1", (2, ["parallel.tensor=2"]), (2, ["parallel.tensor=2",
+                                                      "parallel.expert_tensor=1"])),
     # expert-TP 1 (experts whole, EP2) → expert-TP 2 (each expert split over the TP ranks)
     ("ep2etp1_to_etp2", (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"]),
      (2, ["parallel.tensor=2"])),
