@@ -98,9 +98,7 @@ class SoftMoEOptions:
         return moe.router == "soft"
 
     def validate_with(self, moe) -> None:
-        if moe.topk != 1:
-            fail("model.moe.topk", f"router 'soft' sends each slot to its one expert: set it to "
-                 f"1, got {moe.topk}")
+        # model.moe.topk is not read: each slot goes to its one expert
         _refuse_capacity(moe, "Soft MoE drops nothing; its slots per expert come from "
                          "model.moe.soft.capacity_factor or model.moe.soft.slots_per_expert")
 

@@ -13,6 +13,7 @@ from megamoe.testing.pool import run_distributed
 FAMILIES = [
     ("moee", ["model.moe.router=moee", "model.moe.topk=4"], True),
     ("dit_moe", ["model.moe.router=dit_moe", "model.moe.shared_expert_ffn_hidden_size=64"], True),
+    ("soft", ["model.moe.router=soft"], False),
 ]
 
 

@@ -29,7 +29,12 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megamoe.models.norm import QKRMSNorm, RMSNorm
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
+from megamoe.moe.routers.soft import SoftRouter
 from megamoe.moe.routing_context import RoutingContextSlot
+from megamoe.moe.soft_layer import SoftMoELayer
+
+# families whose experts do not see the tokens themselves need their own MoE layer
+MOE_LAYERS = {SoftRouter: SoftMoELayer}
 
 
 def _mlp_submodules() -> MLPSubmodules:
@@ -55,8 +60,9 @@ def moe_spec(router, shared_expert: bool, slot: RoutingContextSlot, pg_collectio
     """`router`: a family key of `ROUTERS` or a factory from `router_builder`. The MoE layer
     receives its process groups explicitly (Megatron's TransformerLayer only forwards them to
     the MoE classes it knows by name)."""
+    router_cls = ROUTERS[router] if isinstance(router, str) else getattr(router, "func", router)
     return ModuleSpec(
-        module=MegamoeMoELayer,
+        module=MOE_LAYERS.get(router_cls, MegamoeMoELayer),
         params={"context_slot": slot, "pg_collection": pg_collection},
         submodules=MoESubmodules(
             experts=ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules()),

@@ -5,10 +5,11 @@ import functools
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
 from megamoe.moe.routers.dit_moe import DiTMoERouter
 from megamoe.moe.routers.moee import MoEERouter
+from megamoe.moe.routers.soft import SoftRouter
 from megamoe.moe.routers.topk import TopKSoftmaxRouter
 
 ROUTERS = {"topk": TopKSoftmaxRouter}
-ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter})
+ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter, "soft": SoftRouter})
 
 
 def router_builder(moe_cfg):
