@@ -12,7 +12,7 @@ from megamoe.checkpoint.hf_layout import DecoderShape
 def renormalize(moe) -> bool:
     """`model.moe.renormalize` (the k selected weights sum to 1); True where the schema has no
     such field (Megatron's top-k router renormalised)."""
-    return bool(getattr(moe, "renormalize", True))
+    return bool(getattr(moe, "renormalize", True)) and moe.topk > 1   # top-1 keeps p
 
 
 def renormalize_overrides(norm_topk_prob: bool, where: str) -> list[str]:

@@ -65,7 +65,7 @@ class MoEConfig:
     ffn_hidden_size: int = 128       # per expert
     router: str = "topk"
     score_function: str = "softmax"
-    renormalize: bool = True         # the k weights sum to 1 (softmax: = top-k before softmax)
+    renormalize: bool = True         # the k > 1 weights sum to 1 (softmax: = top-k before softmax)
     aux_loss_coeff: float = 0.01
     aux_loss_type: str = "switch"    # Switch loss per micro-batch | per sequence | global batch
     loss_free_bias_rate: float = 0.0  # DeepSeek loss-free balancing: bias step u (0: off)

@@ -64,6 +64,7 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
         moe_router_topk=moe.topk,
         moe_ffn_hidden_size=moe.ffn_hidden_size if num_experts else None,
         moe_router_score_function=moe.score_function,
+        moe_router_pre_softmax=moe.topk == 1,   # Megatron's check; megamoe's router selects
         moe_router_load_balancing_type=AUX_LOSS_TYPES[moe.aux_loss_type] if aux > 0 else "none",
         moe_aux_loss_coeff=aux,
         moe_z_loss_coeff=moe.z_loss_coeff or None,

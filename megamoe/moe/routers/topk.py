@@ -51,11 +51,12 @@ def scores_for(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
 def select_topk(scores_TE: torch.Tensor, k: int, renormalize: bool,
                 bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(combine weights [T, E], routing map [T, E]): the k experts of largest s (+ b) per token,
-    weighted by their unbiased scores, renormalised to sum 1 if asked."""
+    weighted by their unbiased scores, renormalised to sum 1 if asked and k > 1 (a single weight
+    of 1 would give the router no gradient; Switch top-1 keeps p)."""
     chooser_TE = scores_TE if bias_E is None else scores_TE.detach() + bias_E
     top_Tk = torch.topk(chooser_TE, k, dim=-1).indices
     weights_Tk = scores_TE.gather(1, top_Tk)
-    if renormalize:
+    if renormalize and k > 1:
         weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
     probs_TE = torch.zeros_like(scores_TE).scatter(1, top_Tk, weights_Tk)
     routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_Tk, True)

@@ -66,3 +66,9 @@ def test_bias_changes_selection_not_weights():
     probs, chosen = select_topk(scores, 1, renormalize=False, bias_E=torch.tensor([0, 0.3, 0]))
     assert chosen.tolist() == [[False, True, False]]          # 2/7 + 0.3 > 4/7
     assert probs[0, 1].item() == pytest.approx(2 / 7)         # weight: the unbiased score
+
+
+def test_top1_keeps_the_score_so_the_router_learns():
+    scores = scores_for(torch.tensor([[math.log(4), math.log(2), 0.0]]), "softmax")
+    probs, _ = select_topk(scores, 1, renormalize=True)
+    assert probs[0, 0].item() == pytest.approx(4 / 7)       # Switch: p, not 1
