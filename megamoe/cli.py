@@ -71,6 +71,8 @@ def cmd_specs() -> int:
         print(f"{key:32} {causal:8} {cls.paper}")
     print("\ntopk is causal unless model.moe.capacity_factor is set (capacity dropping "
           "competes across the micro-batch).")
+    print("vmoe and limoe are causal when model.moe.vmoe.capacity_ratio and "
+          "eval_capacity_ratio are null (no capacity, no batch priority).")
     return 0
 
 

@@ -317,5 +317,9 @@ class ModalityOptions:
             fail("model.moe.modality.pool_sizes", f"unset splits model.moe.num_experts ({E}) "
                  f"evenly over {M} modalities: not divisible; give the sizes")
         smallest = min(sizes) if sizes else E // M
+        if moe.topk == 1:
+            fail("model.moe.topk", "router 'modality' (pools) weights the k selected experts "
+                 "by a softmax over their logits: with k = 1 the weight is always 1 and the "
+                 "router gets no gradient; use k >= 2 (Uni-MoE: 2)")
         if moe.topk > smallest:
             fail("model.moe.topk", f"{moe.topk} > the smallest modality pool ({smallest})")

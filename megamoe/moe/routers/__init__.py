@@ -4,12 +4,16 @@ import functools
 
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
 from megamoe.moe.routers.dit_moe import DiTMoERouter
+from megamoe.moe.routers.limoe import LIMoERouter
+from megamoe.moe.routers.modality import ModalityRouter
 from megamoe.moe.routers.moee import MoEERouter
 from megamoe.moe.routers.soft import SoftRouter
 from megamoe.moe.routers.topk import TopKSoftmaxRouter
+from megamoe.moe.routers.vmoe import VMoERouter
 
 ROUTERS = {"topk": TopKSoftmaxRouter}
 ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter, "soft": SoftRouter})
+ROUTERS.update({"vmoe": VMoERouter, "limoe": LIMoERouter, "modality": ModalityRouter})
 
 
 def router_builder(moe_cfg):
