@@ -17,6 +17,7 @@ LIMOE = ["model.moe.router=limoe", "model.moe.z_loss_coeff=0", "data.synthetic_m
          "model.moe.limoe.local_coeff=[0.5,0.0,0.3]", "model.moe.limoe.global_coeff=[0.5,0.4,0.2]",
          "model.moe.limoe.global_threshold=[null,1.0,0.1]"]
 CASES = [("dropless", LIMOE, EP2), ("dropless", LIMOE, EP2_TP2),
+         ("top1", LIMOE + ["model.moe.topk=1"], EP2_TP2),
          ("capacity_bpr", LIMOE + ["model.moe.vmoe.capacity_ratio=1.0",
                                    "model.moe.vmoe.priority=sum",
                                    "model.moe.allow_non_causal=true"], EP2_TP2)]
