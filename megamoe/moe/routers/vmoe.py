@@ -217,7 +217,8 @@ class VMoERouter(TopKRouter, MegamoeRouter):
             aux = self.losses(logits_TE, noisy_TE, context)
             if aux:
                 # per-token loss: Megatron divides every gradient by the token count, so the
-                # micro-batch loss is weighted by its N tokens (each rank: its share of them)
+                # micro-batch loss is weighted by its N tokens; every TP rank attaches the
+                # whole loss, whose gradient reaches only its own tokens (sum_over_ranks)
                 n = S * B * self.shards.size if self.calculate_per_token_loss else 1
                 probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, sum(aux.values()) * n)
             self.microbatch += 1
