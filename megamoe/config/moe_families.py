@@ -137,6 +137,7 @@ class DiffMoEOptions:
 
     def validate_with(self, moe) -> None:
         DiTMoEOptions(require_shared_expert=False).validate_with(moe)
+        _refuse_capacity(moe, "the calibration runs on every (token, expert) pair (dropless)")
         if moe.token_dispatcher != "alltoall":
             fail("model.moe.token_dispatcher", "router 'diff_moe' modulates each (token, "
                  "expert) copy before the all-to-all: use 'alltoall'")

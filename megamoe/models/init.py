@@ -19,6 +19,8 @@ from megamoe.models.global_view import parameter_shards
 def _std_for(key: str, std: float, num_layers: int) -> float | None:
     """None means 'ones' (norm weights); 0 means zeros (biases)."""
     name = key.rsplit(".", 1)[-1]
+    if "adaln_zero" in key:        # adaLN-Zero: a modulation's last layer starts at 0 (DiT)
+        return 0.0
     if "norm" in key and name == "weight":
         return None
     if name == "bias" or name.startswith("bias"):

@@ -14,6 +14,8 @@ FAMILIES = [
     ("moee", ["model.moe.router=moee", "model.moe.topk=4"], True),
     ("dit_moe", ["model.moe.router=dit_moe", "model.moe.shared_expert_ffn_hidden_size=64"], True),
     ("soft", ["model.moe.router=soft"], False),
+    ("diff_moe", ["model.moe.router=diff_moe", "model.moe.diff_moe.calibration_rank=8",
+                  "data.synthetic_timesteps=true"], True),
 ]
 
 

@@ -29,12 +29,13 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megamoe.models.norm import QKRMSNorm, RMSNorm
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
+from megamoe.moe.routers.diff_moe import DiffMoELayer, DiffMoERouter
 from megamoe.moe.routers.soft import SoftRouter
 from megamoe.moe.routing_context import RoutingContextSlot
 from megamoe.moe.soft_layer import SoftMoELayer
 
 # families whose experts do not see the tokens themselves need their own MoE layer
-MOE_LAYERS = {SoftRouter: SoftMoELayer}
+MOE_LAYERS = {SoftRouter: SoftMoELayer, DiffMoERouter: DiffMoELayer}
 
 
 def _mlp_submodules() -> MLPSubmodules:

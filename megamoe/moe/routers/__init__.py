@@ -3,6 +3,7 @@
 import functools
 
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
+from megamoe.moe.routers.diff_moe import DiffMoERouter
 from megamoe.moe.routers.dit_moe import DiTMoERouter
 from megamoe.moe.routers.limoe import LIMoERouter
 from megamoe.moe.routers.modality import ModalityRouter
@@ -12,7 +13,8 @@ from megamoe.moe.routers.topk import TopKSoftmaxRouter
 from megamoe.moe.routers.vmoe import VMoERouter
 
 ROUTERS = {"topk": TopKSoftmaxRouter}
-ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter, "soft": SoftRouter})
+ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter, "soft": SoftRouter,
+                "diff_moe": DiffMoERouter})
 ROUTERS.update({"vmoe": VMoERouter, "limoe": LIMoERouter, "modality": ModalityRouter})
 
 

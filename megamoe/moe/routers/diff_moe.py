@@ -1,0 +1,136 @@
+"""Diff-MoE (Cheng et al., "Diffusion Transformer with Time-Aware and Space-Adaptive Experts",
+ICML 2025; code `kunncheng/Diff-MoE` `models.py`; papers.md §8a): a DiT-MoE gate made aware of
+the diffusion timestep, and experts with their own timestep calibration.
+
+- Gate: DiT-MoE's (softmax, top-2, raw weights, expert-level balance loss α Σ f_i P_i), with
+  logits from the token and the timestep embedding c of its sample:
+  logits = x Wᵀ + c W_cᵀ (`timestep_weight`, routing context `timestep_emb_BD`).
+- Expert-specific timestep calibration (`MoeMLP_Temporal_Calibration`): expert e has its own
+  low-rank adaLN (shift, scale, gate)_e = W2_e ReLU(W1_e c + b1_e) + b2_e, rank r, W2/b2
+  zero-initialised (adaLN-Zero), and computes
+  x'_e = x + gate_e ⊙ FFN_e(LN(x)(1 + scale_e) + shift_e); the MoE output is Σ_topk s_e x'_e.
+
+Where the calibration runs: the per-token modulation depends on the (token, expert) pair and on
+the token's sample, which the experts' ranks do not know. `DiffMoELayer` computes it on the
+source rank, on the rows of Megatron's permutation (one row per (token, expert) pair, before
+the all-to-all): each row is modulated before dispatch, the rows coming back from the combine
+all-to-all are multiplied by their gate, and the residual Σ_topk s_e x is added after the
+unpermute. The calibration parameters (E·r·(D_c + 3D) + E·(r + 3D)) sit with the router,
+replicated on every rank, and receive the gradients of all their tokens there. The experts stay
+Megatron's SequentialMLP (FFN_e), sharded by EP.
+
+Not covered (papers.md §8a): the SE-style global recalibration w_global, the time-conditioned
+shared expert (`MoeMLP_Temporal`; a shared expert here is Megatron's plain one) and the 5×5
+depth-wise conv of the block. Dropless only (no capacity). With the synthetic timesteps of the
+LM (from the first token of each sample) the family is causal.
+
+Shapes: T tokens of this rank (S·B, Megatron order), B samples, E experts, D hidden, C timestep
+embedding width, r calibration rank, R permuted rows (one per routed (token, expert) pair).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megamoe.moe.layer import MegamoeMoELayer
+from megamoe.moe.routers.base import RouterOutput, routing_stats
+from megamoe.moe.routers.dit_moe import DiTMoERouter
+from megamoe.moe.routing_context import RoutingContext
+
+
+class ExpertCalibration(torch.nn.Module):
+    """Each expert's low-rank adaLN: c [B, C] → (shift, scale, gate) [B, E, D] each."""
+
+    def __init__(self, num_experts: int, context_dim: int, rank: int, hidden: int):
+        super().__init__()
+        E = num_experts
+        self.weight_in = torch.nn.Parameter(torch.empty(E, rank, context_dim))   # W1
+        self.bias_in = torch.nn.Parameter(torch.zeros(E, rank))                   # b1
+        self.adaln_zero_weight = torch.nn.Parameter(torch.zeros(E, 3 * hidden, rank))  # W2
+        self.adaln_zero_bias = torch.nn.Parameter(torch.zeros(E, 3 * hidden))          # b2
+        torch.nn.init.normal_(self.weight_in, std=0.02)
+
+    def forward(self, c_BC: torch.Tensor):
+        h_BEr = F.relu(torch.einsum("bc,erc->ber", c_BC, self.weight_in) + self.bias_in)
+        mod_BE3D = torch.einsum("ber,edr->bed", h_BEr, self.adaln_zero_weight)
+        return (mod_BE3D + self.adaln_zero_bias).chunk(3, dim=-1)
+
+
+def calibrated_expert_input(x_RD, shift_RD, scale_RD):
+    """x̂ = LN(x)(1 + scale) + shift (LayerNorm without affine parameters, as adaLN)."""
+    return F.layer_norm(x_RD, x_RD.shape[-1:]) * (1 + scale_RD) + shift_RD
+
+
+class DiffMoERouter(DiTMoERouter):
+    paper = ("Diff-MoE (Cheng et al., ICML 2025) §3: timestep-conditioned DiT-MoE gate, "
+             "expert-specific low-rank adaLN timestep calibration")
+    needs_context = ("timestep_emb_BD",)
+
+    def __init__(self, config, pg_collection=None, *, calibration_rank: int = 64,
+                 loss_free_bias_rate: float = 0.0):
+        super().__init__(config=config, pg_collection=pg_collection,
+                         loss_free_bias_rate=loss_free_bias_rate)
+        E, D = config.num_moe_experts, config.hidden_size
+        self.timestep_weight = torch.nn.Parameter(torch.empty(E, D, dtype=torch.float32))  # W_c
+        torch.nn.init.normal_(self.timestep_weight, std=config.init_method_std)
+        self.calibration = ExpertCalibration(E, D, calibration_rank, D)
+        # TP ranks hold different tokens of the same samples: partial gradients, summed by
+        # Megatron's finalize step like the gate's own weight
+        for p in [self.timestep_weight, *self.calibration.parameters()]:
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+        self._timestep_BC: Optional[torch.Tensor] = None
+
+    @classmethod
+    def options_from(cls, moe_cfg) -> dict:
+        return {"calibration_rank": moe_cfg.diff_moe.calibration_rank,
+                "loss_free_bias_rate": moe_cfg.loss_free_bias_rate}
+
+    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
+        c_BC = context.require("timestep_emb_BD", "router 'diff_moe'").to(hidden_SBD.device)
+        S, B = hidden_SBD.shape[:2]
+        assert c_BC.shape[0] == B, (c_BC.shape, hidden_SBD.shape)
+        self._timestep_BC = c_BC.float()
+        logits_SBE = self.gating(hidden_SBD) + (self._timestep_BC @ self.timestep_weight.T)[None]
+        probs_TE, routing_map_TE = self.routing(logits_SBE)
+        stats = routing_stats(self._last_scores_TE, routing_map_TE, self.topk)
+        return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
+                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
+
+    def modulation(self, token_R: torch.Tensor, expert_R: torch.Tensor, batch: int):
+        """(shift, scale, gate) [R, D] of each permuted row (token t of sample t % B)."""
+        shift_BED, scale_BED, gate_BED = self.calibration(self._timestep_BC)
+        sample_R = token_R % batch
+        return (shift_BED[sample_R, expert_R], scale_BED[sample_R, expert_R],
+                gate_BED[sample_R, expert_R])
+
+
+class DiffMoELayer(MegamoeMoELayer):
+    """Megatron's MoE forward with Diff-MoE's per-(token, expert) calibration around the
+    experts (see the module docstring): modulate the permuted rows before dispatch, gate them
+    after the combine all-to-all, add the experts' residual after the unpermute."""
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        S, B, D = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, D)
+        rows_RD, permuted_probs = super().preprocess(hidden_states, probs, routing_map)
+        # Megatron's permutation is expert-major: expert 0's tokens in order, then expert 1's…
+        E, T = routing_map.shape[1], routing_map.shape[0]
+        token_R = torch.arange(T, device=x_TD.device).expand(E, T).masked_select(routing_map.T)
+        expert_R = torch.arange(E, device=x_TD.device).repeat_interleave(routing_map.sum(dim=0))
+        assert token_R.shape[0] == rows_RD.shape[0], "dropless routing expected"
+        shift_RD, scale_RD, self._gate_RD = self.router.modulation(token_R, expert_R, B)
+        self._residual_SBD = (x_TD * probs.sum(dim=-1, keepdim=True)).view(S, B, D)
+        rows_RD = calibrated_expert_input(rows_RD.float(), shift_RD, scale_RD)
+        return rows_RD.to(hidden_states.dtype), permuted_probs
+
+    def combine(self, output):
+        rows_RD = self.token_dispatcher.token_combine(output)
+        return (rows_RD.float() * self._gate_RD).to(rows_RD.dtype)
+
+    def postprocess(self, output, shared_expert_output):
+        out_SBD = super().postprocess(output, shared_expert_output)
+        residual_SBD, self._residual_SBD, self._gate_RD = self._residual_SBD, None, None
+        return out_SBD + residual_SBD.to(out_SBD.dtype)
