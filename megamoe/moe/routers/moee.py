@@ -57,7 +57,6 @@ class MoEERouter(TopKSoftmaxRouter):
     def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
         probs_TE, routing_map_TE = TopKRouter.forward(self, hidden_SBD)
         stats = routing_stats(self._last_scores_TE, routing_map_TE, self.num_experts)
-        stats["max_expert_weight"] = self._last_scores_TE.max(dim=-1).values.mean().item()
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
 

@@ -109,7 +109,6 @@ class SoftRouter(MegatronModule, MegamoeRouter):
         with torch.no_grad():
             self._stats = {"dropped_fraction": 0.0,
                            "router_entropy": _mean_entropy(combine_MN, dim=1),
-                           "dispatch_entropy": _mean_entropy(dispatch_MN, dim=0),
                            "experts_per_token": float(self.num_experts)}
         return slots_ND.to(x_MD.dtype), combine_MN[rows]
 
