@@ -28,3 +28,30 @@ def test_matches_single_process(layout):
     assert not problems, "\n".join(problems[:20])
     bad = run_distributed(parity_task, world, FAMILY + parallel, perturb=True)[0]
     assert compare(reference(), bad), "perturbed expert went unnoticed"
+
+
+def parity_without_slot_grad_reduction(*args, **kwargs):
+    """`parity_task` with the slot parameters' TP reduction switched off (not marked
+    `sequence_parallel`): each TP rank keeps only its partial gradient."""
+    from megamoe.moe.routers.soft import SoftRouter
+
+    init = SoftRouter.__init__
+
+    def unmarked(self, *a, **kw):
+        init(self, *a, **kw)
+        for p in self.parameters():
+            p.sequence_parallel = False
+
+    SoftRouter.__init__ = unmarked
+    try:
+        return parity_task(*args, **kwargs)
+    finally:
+        SoftRouter.__init__ = init
+
+
+@pytest.mark.timeout(600)
+def test_partial_slot_gradients_are_caught_under_tp():
+    world, parallel = LAYOUTS["ep2tp2"]
+    got = run_distributed(parity_without_slot_grad_reduction, world, FAMILY + parallel)[0]
+    problems = compare(reference(), got)
+    assert any("grad decoder.layers.mlp.router.weight" in p for p in problems), problems
