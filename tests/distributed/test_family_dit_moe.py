@@ -1,6 +1,6 @@
-"""DiT-MoE (raw top-2, shared expert, expert-level balance loss) under EP2 and EP2×TP2 with sequence parallelism: the same loss, step-1 gradients and
-parameters after 3 steps as the single-process reference; perturbing one expert on one rank
-must break it."""
+"""DiT-MoE (raw top-2, shared expert, expert-level balance loss) under EP2 and EP2×TP2 with
+sequence parallelism: the same loss, step-1 gradients and parameters after 3 steps as the
+single-process reference; perturbing one expert on one rank must break it."""
 
 import pytest
 

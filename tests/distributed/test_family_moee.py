@@ -1,6 +1,6 @@
-"""MoEE soft mixing (every token to every expert) under EP2 and EP2×TP2 with sequence parallelism: the same loss, step-1 gradients and
-parameters after 3 steps as the single-process reference; perturbing one expert on one rank
-must break it."""
+"""MoEE soft mixing (every token to every expert) under EP2 and EP2×TP2 with sequence parallelism:
+the same loss, step-1 gradients and parameters after 3 steps as the single-process reference;
+perturbing one expert on one rank must break it."""
 
 import pytest
 
