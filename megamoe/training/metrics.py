@@ -34,17 +34,23 @@ def expert_load(chunks, num_layers: int, num_experts: int, reset: bool = True) -
     return load
 
 
-def routing_stats(chunks, names=("dropped_fraction", "router_entropy", "experts_per_token",
-                                  "threshold")) -> dict:
-    """Router statistics since the last read (RouterOutput.stats), averaged over MoE layers,
-    micro-batches and ranks; every rank reduces the same names."""
-    sums = torch.zeros(len(names), 2, dtype=torch.float64)
+def routing_stats(chunks) -> dict:
+    """Router statistics since the last read (`RouterOutput.stats`: dropped fraction, entropy,
+    thresholds, family losses), averaged over MoE layers, micro-batches and ranks. Ranks first
+    agree on the names (pipeline stages may hold different families' layers, or none)."""
+    local = {}
     for layer in moe_layers(chunks):
-        for i, name in enumerate(names):
-            total, count = layer.stats_acc.get(name, (0.0, 0))
-            sums[i] += torch.tensor([total, count], dtype=torch.float64)
+        for name, (total, count) in layer.stats_acc.items():
+            acc = local.setdefault(name, [0.0, 0])
+            acc[0], acc[1] = acc[0] + total, acc[1] + count
         layer.stats_acc.clear()
+    names = sorted(local)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, names)
+        names = sorted({n for part in every for n in part})
+    sums = torch.tensor([local.get(n, [0.0, 0]) for n in names], dtype=torch.float64)
+    if names and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
     return {f"router/{n}": (sums[i, 0] / sums[i, 1]).item()
             for i, n in enumerate(names) if sums[i, 1] > 0}

@@ -5,9 +5,11 @@ import functools
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
 from megamoe.moe.routers.diff_moe import DiffMoERouter
 from megamoe.moe.routers.dit_moe import DiTMoERouter
+from megamoe.moe.routers.expert_choice import ExpertChoiceRouter
 from megamoe.moe.routers.limoe import LIMoERouter
 from megamoe.moe.routers.modality import ModalityRouter
 from megamoe.moe.routers.moee import MoEERouter
+from megamoe.moe.routers.race import RaceRouter
 from megamoe.moe.routers.soft import SoftRouter
 from megamoe.moe.routers.topk import TopKSoftmaxRouter
 from megamoe.moe.routers.vmoe import VMoERouter
@@ -15,6 +17,7 @@ from megamoe.moe.routers.vmoe import VMoERouter
 ROUTERS = {"topk": TopKSoftmaxRouter}
 ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter, "soft": SoftRouter,
                 "diff_moe": DiffMoERouter})
+ROUTERS.update({"expert_choice": ExpertChoiceRouter, "race": RaceRouter})
 ROUTERS.update({"vmoe": VMoERouter, "limoe": LIMoERouter, "modality": ModalityRouter})
 
 

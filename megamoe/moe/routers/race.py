@@ -1,0 +1,204 @@
+"""Expert Race (Yuan et al. 2025, "Expert Race: A Flexible Routing Strategy for Scaling
+Diffusion Transformer with Mixture of Experts", arXiv 2503.16057, Eq. 9-11; papers.md §7):
+tokens and experts race together for one global budget.
+
+    S = X·W_g                       identity gating: raw logits, comparable across tokens
+    τ = 𝒦-th largest of S over the group's tokens × experts,   𝒦 = N·k
+    M = 1[S ≥ τ],   y_t = Σ_e M_te·S_te·FFN_e(x_t)     (a token gets 0..E experts)
+
+N is the number of tokens of the selection group and k = `model.moe.topk`. The group is the
+data-parallel group's micro-batch: micro-batch m of every DP rank (and, under sequence
+parallelism, every TP rank's sequence shard of it), i.e. Megatron's `tp_dp_cp` group (`dp_cp`
+without SP). τ is found by `token_groups.kth_largest` without gathering the scores. The
+single-process reference that a parallel run must match is therefore the run whose one
+micro-batch holds all DP ranks' micro-batch m (micro_batch_size · DP samples: the global batch
+order puts exactly those samples together), see tests/distributed/test_family_race.py.
+
+Training uses the batch threshold τ; it also keeps τ_ema (model state, checkpointed):
+    τ_ema ← m·τ_ema + (1−m)·τ̄      once per optimizer step, τ̄ = mean τ of the step's
+                                    micro-batches (a mean: activation recomputation, which
+                                    runs a forward twice, leaves it as is); the first update
+                                    sets τ_ema = τ̄
+and evaluation routes with M = 1[S ≥ τ_ema], which is batch-independent (the "learnable
+threshold" ablation, papers.md §7). m = `model.moe.race.ema_momentum`, 0.95 by default
+[unverified: one reimplementation uses 0.95, the other 0.99]. Before the first update
+τ_ema = 0.
+
+Router-similarity loss (papers.md §7, §14 T11), with P = softmax(S) over experts (N×E) and
+M' = MᵀM, P' = PᵀP summed over the group:
+    W_ii = E·M'_ii / Σ_j M'_jj,   W_ij = (E²−E)·M'_ij / Σ_{k≠l} M'_kl  (i ≠ j; 0 if the sum is 0)
+    L_sim = Σ_ij W_ij·P'_ij / N
+The normalisation is uncertain (papers.md §16.6): `similarity_divisor` tokens (÷N, T11) or
+tokens_experts (÷N·E), `similarity_off_diagonal` off_diagonal (as above) or all (Σ over all of
+M'); the second reimplementation papers.md cites is tokens_experts + all. Weight
+`similarity_loss_coeff` [unverified; 1e-5 in one reimplementation]. Each rank adds W ⊙ its
+own PᵀP, so the group's ranks sum to L_sim; under Megatron's per-token loss it is attached with
+the group's token count N, which makes the gradient that of one process adding coeff·L_sim
+once per group micro-batch.
+
+The score function may be switched to sigmoid or softmax (`race.gating`, the paper's
+ablation); identity is the paper's choice.
+
+Not implemented: the per-layer regularisation head (PLR: a 2-layer MLP router whose second head
+regresses the diffusion target; on an LM it would predict the next token, which needs the labels
+in the routing context). Token-choice options: `model.moe.aux_loss_coeff` is not used;
+`capacity_factor` and `z_loss_coeff` are refused when the config is validated
+(`megamoe.config.moe_families.RaceOptions`).
+
+Not causal in training (later tokens, and other samples, move τ), so it is refused in the causal
+decoder without `model.moe.allow_non_causal`; evaluation with τ_ema is causal.
+
+Shapes: T tokens of this rank (S·B, Megatron order), E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.router import Router
+
+from megamoe.config.moe_families import (
+    RACE_GATINGS,
+    RACE_SIMILARITY_DIVISORS,
+    RACE_SIMILARITY_OFF_DIAGONALS,
+)
+from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
+from megamoe.moe.routers.expert_choice import expert_choice_stats
+from megamoe.moe.routers.token_groups import (
+    all_reduce_sum,
+    group_size,
+    kth_largest,
+    selection_group,
+)
+from megamoe.moe.routing_context import RoutingContext
+
+
+def race_scores(logits_TE: torch.Tensor, gating: str) -> torch.Tensor:
+    if gating == "identity":
+        return logits_TE.float()
+    if gating == "sigmoid":
+        return torch.sigmoid(logits_TE.float())
+    return torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+
+
+def race_threshold(scores_TE: torch.Tensor, k: int, group=None) -> torch.Tensor:
+    """τ: the 𝒦-th largest score over the group's tokens × experts, 𝒦 = N·k (0-dim)."""
+    budget = scores_TE.shape[0] * group_size(group) * k
+    return kth_largest(scores_TE.detach().reshape(-1, 1), budget, group)[0]
+
+
+def similarity_weights(coactive_EE: torch.Tensor, off_diagonal: str) -> torch.Tensor:
+    """W from the co-activation counts M' = MᵀM (papers.md §7)."""
+    E = coactive_EE.shape[0]
+    diag_E = coactive_EE.diagonal()
+    eye = torch.eye(E, dtype=torch.bool, device=coactive_EE.device)
+    off_sum = coactive_EE.sum() - (diag_E.sum() if off_diagonal == "off_diagonal" else 0)
+    w_diag = E * diag_E / diag_E.sum().clamp_min(1e-20)
+    w_off = (E * E - E) * coactive_EE / off_sum.clamp_min(1e-20)
+    return torch.where(eye, torch.diag(w_diag), w_off)
+
+
+def router_similarity_loss(logits_TE: torch.Tensor, mask_TE: torch.Tensor, group=None,
+                           divisor: str = "tokens", off_diagonal: str = "off_diagonal"
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of L_sim, with gradient; L_sim of the whole group, detached). The
+    shares of the group's ranks sum to L_sim."""
+    E = logits_TE.shape[-1]
+    P_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    M_TE = mask_TE.float()
+    local_PP_EE = P_TE.t() @ P_TE
+    sums_2EE = torch.stack([M_TE.t() @ M_TE, local_PP_EE.detach()])
+    all_reduce_sum(sums_2EE, group)
+    W_EE = similarity_weights(sums_2EE[0], off_diagonal)
+    N = logits_TE.shape[0] * group_size(group)
+    norm = N * (E if divisor == "tokens_experts" else 1)
+    return (W_EE * local_PP_EE).sum() / norm, (W_EE * sums_2EE[1]).sum() / norm
+
+
+class RaceRouter(Router, MegamoeRouter):
+    paper = ("Expert Race (Yuan et al. 2025, Race-DiT) Eq. 9-11: global top-N·k over tokens x "
+             "experts, EMA threshold at inference, router-similarity loss")
+    causal = False
+    token_group = "data-parallel"
+
+    def __init__(self, config, pg_collection=None, *, gating: str = "identity",
+                 ema_momentum: float = 0.95, similarity_loss_coeff: float = 1e-5,
+                 similarity_divisor: str = "tokens", similarity_off_diagonal: str = "off_diagonal"):
+        super().__init__(config=config, pg_collection=pg_collection)
+        assert gating in RACE_GATINGS and similarity_divisor in RACE_SIMILARITY_DIVISORS
+        assert similarity_off_diagonal in RACE_SIMILARITY_OFF_DIAGONALS
+        assert config.calculate_per_token_loss, "the similarity loss scale assumes per-token loss"
+        self.topk = config.moe_router_topk
+        self.gating_function = gating
+        self.ema_momentum = ema_momentum
+        self.similarity_loss_coeff = similarity_loss_coeff
+        self.similarity_divisor = similarity_divisor
+        self.similarity_off_diagonal = similarity_off_diagonal
+        self.group = selection_group(pg_collection, config.sequence_parallel,
+                                     across_data_parallel=True)
+        # model state: τ_ema and how many times it was updated (0: not yet)
+        self.register_buffer("threshold_ema", torch.zeros(1, dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.zeros(1, dtype=torch.float32))
+        # Σ τ and the micro-batch count of the current step
+        self.register_buffer("step_thresholds", torch.zeros(2, dtype=torch.float32),
+                             persistent=False)
+        self._last_stats: dict = {}
+
+    @classmethod
+    def options_from(cls, moe_cfg) -> dict:
+        o = moe_cfg.race
+        return {"gating": o.gating, "ema_momentum": o.ema_momentum,
+                "similarity_loss_coeff": o.similarity_loss_coeff,
+                "similarity_divisor": o.similarity_divisor,
+                "similarity_off_diagonal": o.similarity_off_diagonal}
+
+    def routing(self, logits: torch.Tensor):
+        logits_TE = logits.view(-1, self.num_experts).float()
+        scores_TE = race_scores(logits_TE, self.gating_function)
+        learning = self.training and torch.is_grad_enabled()
+        if self.training:
+            tau = race_threshold(scores_TE, self.topk, self.group)
+            if learning:
+                self.step_thresholds += torch.stack([tau, torch.ones_like(tau)])
+        else:
+            tau = self.threshold_ema[0]
+        routing_map_TE = scores_TE.detach() >= tau
+        probs_TE = scores_TE * routing_map_TE
+        stats = {}
+        if learning and self.similarity_loss_coeff > 0:
+            share, sim_loss = router_similarity_loss(
+                logits_TE, routing_map_TE, self.group, self.similarity_divisor,
+                self.similarity_off_diagonal)
+            N = logits_TE.shape[0] * group_size(self.group)
+            probs_TE = MoEAuxLossAutoScaler.apply(probs_TE,
+                                                  self.similarity_loss_coeff * share * N)
+            stats["similarity_loss"] = sim_loss.item()
+        stats.update(expert_choice_stats(logits_TE.detach().softmax(dim=-1), routing_map_TE,
+                                         self.topk))
+        stats["threshold"] = float(tau)
+        stats["threshold_ema"] = self.threshold_ema.item()
+        self._last_stats = stats
+        return probs_TE, routing_map_TE
+
+    def forward(self, input: torch.Tensor, padding_mask=None):
+        return self.routing(self.gating(input))
+
+    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
+        probs_TE, routing_map_TE = self.forward(hidden_SBD)
+        return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
+                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(),
+                            stats=self._last_stats)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """τ_ema ← m·τ_ema + (1−m)·τ̄ with τ̄ the step's mean threshold. τ is the same on every
+        rank of the group, which holds every rank that has this layer: no reduction needed."""
+        total, count = self.step_thresholds.tolist()
+        if count == 0:
+            return
+        mean_tau = total / count
+        m = self.ema_momentum if self.threshold_updates.item() > 0 else 0.0
+        self.threshold_ema.mul_(m).add_((1 - m) * mean_tau)
+        self.threshold_updates += 1
+        self.step_thresholds.zero_()

@@ -1,0 +1,103 @@
+"""Selection over a token group that spans ranks: the exact k-th largest value of detached
+scores held in pieces by the ranks of a process group, without gathering the scores.
+
+Routers that choose tokens by rank order (expert-choice: each expert's top-c tokens; Expert
+Race: the top-𝒦 of tokens × experts) need the threshold of the whole group's scores while each
+rank holds only its share (a sequence shard under sequence parallelism, a DP rank's samples).
+`kth_largest` finds it by radix selection on the float32 bit pattern: four rounds, each one
+all-reduce of a [C, 256] histogram of the next byte among the candidates still tied with the
+answer's prefix. The result is the exact value one process would get from `torch.topk` over the
+concatenated scores, whatever the layout, for 4·256·C integers on the wire instead of the
+scores themselves.
+
+Shapes: N local items (tokens, or tokens × experts flattened), C independent columns
+(experts, or 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_RADIX_BITS = 8
+_BINS = 1 << _RADIX_BITS
+_SIGN = 1 << 31
+_LOW32 = (1 << 32) - 1
+RADIX_SHIFTS = tuple(range(32 - _RADIX_BITS, -1, -_RADIX_BITS))   # 24, 16, 8, 0
+
+
+def selection_group(pg_collection, sequence_parallel: bool, across_data_parallel: bool):
+    """The process group whose ranks hold the rest of the token group, or None for one rank.
+
+    micro-batch: under sequence parallelism the TP (and CP) ranks hold its sequence shards;
+    without it every TP rank holds the whole micro-batch. data-parallel: the DP (and CP) ranks'
+    micro-batches too, and under sequence parallelism their TP shards."""
+    if pg_collection is None:
+        return None
+    if across_data_parallel:
+        group = pg_collection.tp_dp_cp if sequence_parallel else pg_collection.dp_cp
+    else:
+        group = pg_collection.tp_cp if sequence_parallel else pg_collection.cp
+    return group if group is not None and dist.is_initialized() and group.size() > 1 else None
+
+
+def group_size(group) -> int:
+    return 1 if group is None else group.size()
+
+
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In-place sum over `group` (nothing for one rank); returns the tensor."""
+    if group is not None:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def ordered_keys(values: torch.Tensor) -> torch.Tensor:
+    """float32 → int64 keys in [0, 2³²) with the same order (IEEE-754 sign-magnitude → offset)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & _LOW32
+    negative = (bits & _SIGN) != 0
+    return torch.where(negative, bits ^ _LOW32, bits | _SIGN)
+
+
+def values_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    bits = torch.where((keys & _SIGN) != 0, keys ^ _SIGN, keys ^ _LOW32)
+    bits = torch.where(bits >= _SIGN, bits - (1 << 32), bits)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def byte_histogram(keys_NC: torch.Tensor, prefix_C: torch.Tensor, shift: int) -> torch.Tensor:
+    """[C, 256] counts of the byte at `shift` among the items whose higher bytes equal the
+    prefix found so far (all items in the first round)."""
+    C = keys_NC.shape[1]
+    candidate_NC = (keys_NC >> (shift + _RADIX_BITS)) == prefix_C
+    byte_NC = (keys_NC >> shift) & (_BINS - 1)
+    column_base_1C = torch.arange(C, device=keys_NC.device).unsqueeze(0) * _BINS
+    return torch.bincount((column_base_1C + byte_NC)[candidate_NC],
+                          minlength=C * _BINS).view(C, _BINS)
+
+
+def descend(hist_CB: torch.Tensor, prefix_C: torch.Tensor, remaining_C: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The byte that holds the remaining-th largest candidate: (prefix extended by it, rank of
+    the answer among the candidates that share it)."""
+    at_or_above_CB = hist_CB.flip(-1).cumsum(-1)          # [:, j]: candidates with byte ≥ 255-j
+    j_C = (at_or_above_CB < remaining_C.unsqueeze(1)).sum(-1)
+    above_C = at_or_above_CB.gather(1, (j_C - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    remaining_C = remaining_C - torch.where(j_C > 0, above_C, torch.zeros_like(above_C))
+    return prefix_C * _BINS + (_BINS - 1 - j_C), remaining_C
+
+
+@torch.no_grad()
+def kth_largest(values_NC: torch.Tensor, k_C: torch.Tensor | int, group=None) -> torch.Tensor:
+    """[C] float32: for each column, the k-th largest of that column's values over every rank of
+    `group`; 1 ≤ k ≤ the group's item count per column (the callers guarantee it; checking it
+    here would synchronise the device). NaN orders above +inf."""
+    assert values_NC.dim() == 2, values_NC.shape
+    keys_NC = ordered_keys(values_NC)
+    C = values_NC.shape[1]
+    remaining_C = torch.as_tensor(k_C, dtype=torch.int64, device=keys_NC.device).expand(C).clone()
+    prefix_C = torch.zeros(C, dtype=torch.int64, device=keys_NC.device)
+    for shift in RADIX_SHIFTS:
+        hist_CB = all_reduce_sum(byte_histogram(keys_NC, prefix_C, shift), group)
+        prefix_C, remaining_C = descend(hist_CB, prefix_C, remaining_C)
+    return values_from_keys(prefix_C)

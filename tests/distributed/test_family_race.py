@@ -1,0 +1,75 @@
+"""Expert Race under EP2 (world 2 = DP2) and EP2×TP2 with sequence parallelism (world 4, DP2):
+the same loss, step-1 gradients, parameters after 3 steps and EMA threshold buffers as the
+single-process reference.
+
+Race's selection group is the data-parallel group's micro-batch: micro-batch m of every DP rank
+(and every TP rank's sequence shard of it) races for one budget 𝒦 = N·k. The reference mirrors
+it with one process whose micro-batch holds micro_batch_size·DP samples: the global batch order
+(micro-batch m of DP rank r = samples [m·mbs·dp + r·mbs, …)) puts exactly the DP ranks'
+micro-batch m together. The router-similarity loss weight is large here (0.1) so that its
+gradient scale is tested: a reference with twice the weight must not match.
+
+Negative controls: a perturbed expert on one rank; the standard per-rank-micro-batch reference
+(the race run per DP rank instead of across the group); the similarity weight doubled."""
+
+import pytest
+
+from megamoe.testing.checkpointing import save_then_load
+from megamoe.testing.parity import compare, parity_task
+from megamoe.testing.pool import run_distributed
+
+DP, MBS = 2, 2                       # TINY's micro_batch_size; both layouts have DP 2
+FAMILY = ["model.moe.router=race", "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0",
+          "model.moe.race.similarity_loss_coeff=0.1", "model.moe.allow_non_causal=true"]
+LAYOUTS = {"ep2": (2, ["parallel.expert=2"]),
+           "ep2tp2": (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"])}
+_REFERENCES = {}
+
+
+def reference(extra=(), group_micro_batch=True):
+    """The single process: one micro-batch per DP group micro-batch (or, for the negative
+    control, the standard reference that runs each DP rank's micro-batch on its own)."""
+    key = (tuple(extra), group_micro_batch)
+    if key not in _REFERENCES:
+        if group_micro_batch:
+            run = run_distributed(parity_task, 1,
+                                  FAMILY + list(extra) + [f"train.micro_batch_size={MBS * DP}"])
+        else:
+            run = run_distributed(parity_task, 1, FAMILY + list(extra), reference_dp=DP)
+        _REFERENCES[key] = run[0]
+    return _REFERENCES[key]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_matches_single_process_over_the_dp_group(layout):
+    world, parallel = LAYOUTS[layout]
+    got = run_distributed(parity_task, world, FAMILY + parallel)[0]
+    problems = compare(reference(), got)
+    assert not problems, "\n".join(problems[:20])
+    bad = run_distributed(parity_task, world, FAMILY + parallel, perturb=True)[0]
+    assert compare(reference(), bad), "perturbed expert went unnoticed"
+    assert compare(reference(group_micro_batch=False), got), "the race did not span DP ranks"
+    doubled = reference(["model.moe.race.similarity_loss_coeff=0.2"])
+    assert any(p.startswith("grad") for p in compare(doubled, got)), \
+        "the similarity loss's scale went unnoticed"
+
+
+@pytest.mark.timeout(300)
+def test_ema_threshold_is_model_state_that_moved():
+    state = reference().router_state
+    ema = {k: v for k, v in state.items() if k.endswith("threshold_ema")}
+    updates = {k: v for k, v in state.items() if k.endswith("threshold_updates")}
+    assert len(ema) == 4 and len(updates) == 4                # every MoE layer
+    assert all(v.item() == 3 for v in updates.values())       # once per optimizer step
+    assert all(v.abs().item() > 0 for v in ema.values())
+
+
+@pytest.mark.timeout(300)
+def test_ema_threshold_round_trips_through_a_checkpoint(tmp_path):
+    layout = LAYOUTS["ep2"][1]
+    out = run_distributed(save_then_load, 2, FAMILY + layout, str(tmp_path), FAMILY + layout)[0]
+    assert out["differ"] == [], out["differ"]
+    assert {k for k in out["keys"] if "threshold" in k} == {
+        f"decoder.layers.{i}.mlp.router.{name}" for i in range(4)
+        for name in ("threshold_ema", "threshold_updates")}
