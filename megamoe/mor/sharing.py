@@ -3,9 +3,9 @@
 Mixture-of-Recursions (Bae et al., arXiv 2507.10524, §2.1 and Table 6; papers.md §1.2). L unrolled
 layers, N_r recursions, pool Φ'. With base depth K (the layers of one recursion step):
 
-- Cycle           ℓ ↦ ℓ mod K,                    K = L / N_r        (L=9, N_r=3: 012 012 012)
-- Sequence        ℓ ↦ ⌊ℓ / N_r⌋,                  K = L / N_r        (L=9, N_r=3: 000 111 222)
-- Middle-Cycle    0 ↦ 0, L−1 ↦ K+1, else 1 + (ℓ−1) mod K,  K = (L−2)/N_r   (the paper's default)
+- Cycle           ℓ ↦ ℓ mod K,       K = L / N_r    (L=9, N_r=3: 012 012 012)
+- Sequence        ℓ ↦ ⌊ℓ / N_r⌋,     K = L / N_r    (L=9, N_r=3: 000 111 222)
+- Middle-Cycle    0 ↦ 0, L−1 ↦ K+1, else 1 + (ℓ−1) mod K, K = (L−2)/N_r  (the default)
 - Middle-Sequence 0 ↦ 0, L−1 ↦ K+1, else 1 + ⌊(ℓ−1)/N_r⌋
 
 Middle-* keep the first and last layers unique (pool slots 0 and K+1). The official code drops
@@ -57,10 +57,11 @@ def base_depth(strategy: str, num_layers: int, num_recursions: int) -> int:
     shared = num_layers - 2 if middle else num_layers
     if shared < num_recursions or shared % num_recursions:
         need = "L − 2" if middle else "L"
+        suggestion = num_recursions * max(1, shared // num_recursions) + (2 if middle else 0)
         raise ValueError(
             f"model.num_layers={num_layers} with model.mor.num_recursions={num_recursions} and "
             f"model.mor.sharing={strategy}: {need} = {shared} must be a positive multiple of "
-            f"N_r (e.g. num_layers={num_recursions * max(1, shared // num_recursions) + (2 if middle else 0)})")
+            f"N_r (e.g. num_layers={suggestion})")
     return shared // num_recursions
 
 

@@ -8,10 +8,10 @@ One router θ (Linear D→N_r, no bias) on H^1, the input of the first recursion
     token t runs recursions 0..i_t (0-based depth), its gate is the unbiased g_t^{i_t}
 
     L_bal = Σ_i f_i P_i,  f_i = N_r·(1/T)Σ_t 1[i_t = i],  P_i = (1/T)Σ_t g_t^i   (coeff 0.1)
-    L_z   = mean_t (logsumexp_j z_t^j)²   (coeff: 1e-5 in the official config, 1e-3 in the
-                                           paper's appendix caption: papers.md §16.2)
+    L_z   = mean_t (logsumexp_j z_t^j)²   (coeff: 1e-5 in the official config, 1e-3 in
+                                           the paper's appendix caption, papers.md §16.2)
     loss-free: after each optimiser step, with ratio_i the assignment fraction averaged over the
-    step's micro-batches, ε_i = mean(ratio) − ratio_i and b_i ← b_i + u·sign(ε_i)  (u = 0.001)
+    step's micro-batches, ε_i = mean(ratio) − ratio_i and b_i ← b_i + u·sign(ε_i), u = 0.001
 
 Each token decides its depth from its own hidden state: token-choice routing is causal.
 Shapes: B batch, S sequence, R = N_r depths, D hidden.
@@ -55,7 +55,8 @@ class TokenChoiceDepthRouter(nn.Module):
         self.alpha = alpha if alpha is not None else (1.0 if score == "softmax" else 0.1)
         self.temperature = temperature
         self.balancing = balancing
-        self.balance_coeff, self.z_loss_coeff, self.bias_rate = balance_coeff, z_loss_coeff, bias_rate
+        self.balance_coeff, self.z_loss_coeff = balance_coeff, z_loss_coeff
+        self.bias_rate = bias_rate
         self.router = nn.Linear(hidden_size, num_recursions, bias=False)
         nn.init.normal_(self.router.weight, mean=0.0, std=init_std)
         # b: selection-only bias (persistent: it is model state); ratio sums since the last update
@@ -77,7 +78,8 @@ class TokenChoiceDepthRouter(nn.Module):
         depth_BS = biased_BSR.argmax(-1)
         gate_BS = torch.gather(g_BSR, -1, depth_BS[..., None]).squeeze(-1)
         R = self.num_recursions
-        ratio_R = torch.bincount(depth_BS.reshape(-1), minlength=R).to(g_BSR.dtype) / depth_BS.numel()
+        counts_R = torch.bincount(depth_BS.reshape(-1), minlength=R).to(g_BSR.dtype)
+        ratio_R = counts_R / depth_BS.numel()
         zero = g_BSR.new_zeros(())
         balance = zero
         if self.balancing == "loss":

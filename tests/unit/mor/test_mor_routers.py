@@ -131,7 +131,7 @@ def test_token_choice_by_hand_bias_changes_selection_not_gate():
     assert a.z_loss.item() == pytest.approx(math.log(4) ** 2)
     assert token_router([[l3, 0], [0, l3]])(torch.eye(2, dtype=torch.float64)[None]) \
         .balance_loss.item() == pytest.approx(1.0)
-    # two micro-batches with ratios [1, 0] and [.5, .5] → mean ratio [.75, .25], ε = [−.25, .25]
+    # two micro-batches with ratios [1, 0] and [.5, .5] → mean ratio [.75, .25], ε = ±.25
     router.ratio_sum.zero_()
     router.ratio_count.zero_()
     router(torch.tensor([[[1.0, 0], [1.0, 0]]], dtype=torch.float64))
