@@ -7,7 +7,8 @@ setup(
     packages=find_packages(include=["megamoe", "megamoe.*"]),
     # copied into exported Hugging Face folders as remote code (megamoe.checkpoint.hf_megamoe)
     package_data={"megamoe.checkpoint.hf_remote": ["configuration_megamoe.py",
-                                                   "modeling_megamoe.py"]},
+                                                   "modeling_megamoe.py",
+                                                   "routers_megamoe.py"]},
     python_requires=">=3.10",
     install_requires=[
         # GPU users bring their own CUDA build; 2.13.0 (CPU) satisfies this range.

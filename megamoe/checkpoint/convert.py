@@ -42,6 +42,7 @@ def checkpoint_config(step_dir: str, overrides=()):
 def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str:
     from megamoe.checkpoint.hf import export_hf, family_for
     from megamoe.checkpoint.load import load_checkpoint
+    from megamoe.checkpoint.router_state import gather_router_buffers
     from megamoe.models.global_view import gather_global
     from megamoe.training.engine import build_engine
 
@@ -54,7 +55,7 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str
     engine = build_engine(cfg, int(meta["vocab_size"]), torch.device("cpu"),
                           with_optimizer=False, ddp=False)
     load_checkpoint(engine, step_dir, load_optimizer=False)
-    tensors = gather_global(engine.modules)
+    tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
     out = export_hf(tensors, cfg, out, tokenizer=cfg.data.tokenizer,
                     max_shard_bytes=max_shard_bytes)
     model_type = family_for(cfg).MODEL_TYPE
@@ -67,6 +68,7 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str
 def from_hf(src: str, out: str, overrides=(), log=print) -> str:
     from megamoe.checkpoint.global_load import load_global_into
     from megamoe.checkpoint.hf import import_hf
+    from megamoe.checkpoint.router_state import load_router_buffers
     from megamoe.checkpoint.save import save_checkpoint
     from megamoe.config import dump_config, load_config
     from megamoe.training.engine import build_engine
@@ -77,6 +79,7 @@ def from_hf(src: str, out: str, overrides=(), log=print) -> str:
     _one_rank()
     engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
     load_global_into(engine.modules, tensors)
+    load_router_buffers(engine.modules, tensors)
     cfg.run.dir = out
     os.makedirs(out, exist_ok=True)
     dump_config(cfg, os.path.join(out, "config.yaml"))

@@ -35,16 +35,9 @@ def export_problems(cfg) -> list[str]:
     if not moe.num_experts:
         return []
     bad = []
-    if moe.router != "topk":
-        bad.append(f"model.moe.router: {moe.router!r}; the exported modeling code implements "
-                   "only 'topk' (add the family to ROUTERS in "
-                   "megamoe/checkpoint/hf_remote/modeling_megamoe.py)")
     if moe.capacity_factor is not None:
         bad.append("model.moe.capacity_factor: token dropping depends on the whole micro-batch; "
                    "exports are dropless")
-    if getattr(moe, "loss_free_bias_rate", 0.0) > 0:
-        bad.append("model.moe.loss_free_bias_rate: the selection bias is a router buffer, which "
-                   "the exported global tensors (parameters only) do not carry")
     return bad
 
 
@@ -54,9 +47,15 @@ def transformers_problems(cfg) -> list[str]:
     bad = export_problems(cfg)
     if not moe.num_experts:
         bad.append("model.moe.num_experts: 0 (a dense model) is not an MoE family")
-    elif moe.score_function != "softmax":
+        return bad
+    if moe.router != "topk":
+        bad.append(f"model.moe.router: {moe.router!r}; transformers' MoE families route top k")
+    if moe.score_function != "softmax":
         bad.append(f"model.moe.score_function: {moe.score_function!r}; transformers' MoE "
                    "families weight experts by softmax")
+    if getattr(moe, "loss_free_bias_rate", 0.0) > 0:
+        bad.append("model.moe.loss_free_bias_rate: transformers' MoE families have no "
+                   "selection bias")
     return bad
 
 

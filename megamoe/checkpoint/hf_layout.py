@@ -11,8 +11,10 @@ tests in tests/unit/test_hf_convert.py and test_hf_families.py):
   [gate_proj; up_proj] (Mixtral: [w1; w3]); `linear_fc2` [D, F] is down_proj (w2).
 - Experts: Megatron's `experts.experts.linear_fc1.weight` [E, 2F, D] is transformers 5.x's fused
   `experts.gate_up_proj`; on disk (what `save_pretrained` writes) each expert is separate.
-- The router weight [E, D] is HF's `gate.weight`; the gated shared expert's `gate_weight` [1, D]
-  is Qwen2-MoE's `shared_expert_gate.weight` (both: σ(x·w)·shared(x)).
+- The router weight [E, D] is HF's `gate.weight` (megamoe's remote code: every router tensor
+  `mlp.router.<name>`, parameters and exported buffers alike, is `mlp.gate.<name>`); the gated
+  shared expert's `gate_weight` [1, D] is Qwen2-MoE's `shared_expert_gate.weight` (both:
+  σ(x·w)·shared(x)).
 - QK-norm: Megatron's `q_layernorm`/`k_layernorm` [d] (RMSNorm over each head's d channels,
   before RoPE) are Qwen3-MoE's `q_norm`/`k_norm`.
 - RMSNorm, RoPE (rotate-half, θ = rotary_base) and the 1/√d attention scale match as they are.
@@ -35,6 +37,7 @@ class Names:
     moe_block: str                     # the MoE FFN inside a layer ("block_sparse_moe", "mlp")
     expert: tuple[str, str, str]       # gate, up and down linear of one expert
     fused_experts: bool = False        # on disk as experts.gate_up_proj [E, 2F, D], down_proj
+    router_state: bool = False         # other router tensors: mlp.router.<n> ⇄ <block>.gate.<n>
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,10 @@ class TensorPool:
         if key not in self._t:
             raise ValueError(f"{self.where}: missing tensor {key!r}")
         return self._t.pop(key)
+
+    def names_under(self, prefix: str) -> list[str]:
+        """The remaining names that start with `prefix`, without it."""
+        return sorted(k[len(prefix):] for k in self._t if k.startswith(prefix))
 
     def discard(self, key: str) -> None:
         self._t.pop(key, None)
@@ -147,6 +154,9 @@ def to_hf(tensors: dict, s: DecoderShape, names: Names) -> dict:
             continue
         b = f"{q}{names.moe_block}."
         out[b + "gate.weight"] = mm.take(p + "mlp.router.weight")
+        if names.router_state:
+            for name in mm.names_under(p + "mlp.router."):
+                out[b + "gate." + name] = mm.take(p + "mlp.router." + name)
         fc1_EFD = mm.take(p + "mlp.experts.experts.linear_fc1.weight")
         fc2_EDF = mm.take(p + "mlp.experts.experts.linear_fc2.weight")
         if names.fused_experts:
@@ -204,6 +214,9 @@ def from_hf(hf_tensors: dict, s: DecoderShape, names: Names, where: str) -> dict
         block = names.moe_block if hf.has(f"{q}{names.moe_block}.gate.weight") else "mlp"
         b = f"{q}{block}."
         out[p + "mlp.router.weight"] = hf.take(b + "gate.weight")
+        if names.router_state:
+            for name in hf.names_under(b + "gate."):
+                out[p + "mlp.router." + name] = hf.take(b + "gate." + name)
         fc1_EFD, fc2_EDF = _experts_from_hf(hf, b, s, names)
         out[p + "mlp.experts.experts.linear_fc1.weight"] = fc1_EFD
         out[p + "mlp.experts.experts.linear_fc2.weight"] = fc2_EDF

@@ -1,15 +1,20 @@
 """megamoe's own Hugging Face family (model_type "megamoe"): the folder carries its modeling
 code (`hf_remote/`, copied in and named by `auto_map`), so transformers runs any megamoe decoder
 with `trust_remote_code=True` — sigmoid scores, QK-norm with a shared expert, an ungated shared
-expert, qkv bias with QK-norm, unrenormalised top k, dense models.
+expert, qkv bias with QK-norm, unrenormalised top k, dense models, and every router family of
+megamoe.moe.routers with its eval-mode routing (`hf_remote/routers_megamoe.py`).
 
 Tensors are named as in Qwen2/3-MoE (`mlp.gate`, `self_attn.q_norm`, `mlp.shared_expert…`),
 experts fused ([E, 2F, D] `experts.gate_up_proj`, [E, D, F] `experts.down_proj`): the code has
-no per-expert modules to load them into.
+no per-expert modules to load them into. Every other router tensor, parameter or persistent
+buffer (`mlp.router.<name>`: Diff-MoE's `timestep_weight` and `calibration.*`, Soft MoE's
+`l2_norm.weight`, the loss-free `selection_bias`, Expert Race's `threshold_ema`, …) is
+`mlp.gate.<name>`; the family's option sections travel in config.json (`router_options`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,9 +25,15 @@ from megamoe.checkpoint.hf_fields import (
 from megamoe.checkpoint.hf_layout import DENSE, DecoderShape, Names
 
 MODEL_TYPE = "megamoe"
-NAMES = Names(moe_block="mlp", expert=DENSE, fused_experts=True)
+NAMES = Names(moe_block="mlp", expert=DENSE, fused_experts=True, router_state=True)
 CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
-CODE_FILES = ("configuration_megamoe.py", "modeling_megamoe.py")
+CODE_FILES = ("configuration_megamoe.py", "modeling_megamoe.py", "routers_megamoe.py")
+# model.moe.<section>s a router family reads (config.json `router_options`)
+SECTIONS = {"dit_moe": ("dit_moe",), "diff_moe": ("diff_moe",), "vmoe": ("vmoe",),
+            "limoe": ("vmoe", "limoe"), "race": ("race",), "modality": ("modality",),
+            "soft": ("soft",)}
+RAW_WEIGHTS = ("dit_moe", "diff_moe")       # top-k weights not renormalised
+GROUP_ROUTING = ("expert_choice", "race", "soft")   # choose across the micro-batch in training
 AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
             "AutoModelForCausalLM": "modeling_megamoe.MegamoeForCausalLM"}
 
@@ -51,8 +62,41 @@ def hf_config(cfg, vocab_size: int) -> dict:
         "shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size,
         "shared_expert_gate": moe.shared_expert_gate,
         "router_aux_loss_coef": moe.aux_loss_coeff, "tie_word_embeddings": m.tie_embeddings,
-        "use_cache": True, "dtype": "float32",
+        "use_cache": True, "dtype": "float32", **router_fields(cfg),
     }
+
+
+def router_fields(cfg) -> dict:
+    """The router family's config.json fields: options, loss-free bias, routing context."""
+    moe, data = cfg.model.moe, cfg.data
+    fields = {"router_options": {s: dataclasses.asdict(getattr(moe, s))
+                                 for s in SECTIONS.get(moe.router, ())},
+              "loss_free_bias_rate": float(getattr(moe, "loss_free_bias_rate", 0.0)),
+              "router_z_loss_coef": float(moe.z_loss_coeff),   # some families refuse one
+              "routing_context": {"synthetic_modalities": int(data.synthetic_modalities),
+                                  "synthetic_timesteps": bool(data.synthetic_timesteps)}}
+    if moe.router in RAW_WEIGHTS:
+        fields["norm_topk_prob"] = False
+    return fields
+
+
+def router_overrides(c) -> list[str]:
+    """megamoe overrides for the router fields of a MegamoeConfig."""
+    out = [f"model.moe.{section}.{key}={json.dumps(value)}"
+           for section, options in c.router_options.items() for key, value in options.items()]
+    out.append(f"model.moe.z_loss_coeff={float(c.router_z_loss_coef)!r}")
+    if c.loss_free_bias_rate:
+        out.append(f"model.moe.loss_free_bias_rate={float(c.loss_free_bias_rate)!r}")
+    vmoe = c.router_options.get("vmoe", {})
+    if c.router in GROUP_ROUTING or vmoe.get("capacity_ratio") is not None \
+            or vmoe.get("eval_capacity_ratio") is not None:
+        out.append("model.moe.allow_non_causal=true")     # it was trained so
+    rc = c.routing_context
+    if rc.get("synthetic_modalities"):
+        out.append(f"data.synthetic_modalities={int(rc['synthetic_modalities'])}")
+    if rc.get("synthetic_timesteps"):
+        out.append("data.synthetic_timesteps=true")
+    return out
 
 
 def write_code(out_dir: str) -> None:
@@ -105,7 +149,8 @@ def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
         layer_freq_override(moe_layers),
         f"model.moe.shared_expert_ffn_hidden_size={shared}",
         f"model.moe.shared_expert_gate={str(bool(c.shared_expert_gate)).lower()}",
-        *renormalize_overrides(c.norm_topk_prob, where),
+        *renormalize_overrides(c.norm_topk_prob or c.router in RAW_WEIGHTS, where),
+        *router_overrides(c),
     ]
     shape = DecoderShape(moe_layers=moe_layers, num_experts=c.num_experts, heads=heads,
                          groups=groups, head_dim=head_dim, qkv_bias=bool(c.qkv_bias),

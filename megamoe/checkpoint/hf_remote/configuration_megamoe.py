@@ -10,9 +10,16 @@ parentheses:
 - qk_norm (model.qk_layernorm): RMSNorm over the head dim of every query and key head.
 - moe_layers (model.moe.layer_freq): 0/1 per layer; 1 is an MoE FFN, 0 a dense SwiGLU FFN of
   `intermediate_size`.
-- router (model.moe.router): the routing family; only "topk" so far, see ROUTERS in
-  modeling_megamoe.py. score_function: "softmax" | "sigmoid"; norm_topk_prob
-  (model.moe.renormalize): divide the k selected scores by their sum.
+- router (model.moe.router): the routing family, see ROUTERS in routers_megamoe.py.
+  score_function: "softmax" | "sigmoid"; norm_topk_prob (model.moe.renormalize; false for
+  dit_moe/diff_moe): divide the k selected scores by their sum.
+- router_options (model.moe.<section>): the family's option sections as saved by megamoe,
+  {section: {option: value}} (e.g. {"vmoe": {"eval_capacity_ratio": 0.5, …}}).
+- router_z_loss_coef (model.moe.z_loss_coeff): training only, kept for imports.
+- loss_free_bias_rate (model.moe.loss_free_bias_rate): > 0 when the model has the loss-free
+  `selection_bias` buffer (topk, dit_moe, diff_moe).
+- routing_context (data.synthetic_modalities, data.synthetic_timesteps): the synthetic rules
+  that derive modality ids / timesteps from the tokens when forward is not given them.
 - shared_expert_intermediate_size (model.moe.shared_expert_ffn_hidden_size, 0: none) and
   shared_expert_gate: σ(x·w_g) times the shared expert's output.
 """
@@ -21,7 +28,11 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-ROUTER_KINDS = ("topk",)
+ROUTER_KINDS = ("topk", "dit_moe", "diff_moe", "moee", "vmoe", "limoe", "expert_choice",
+                "race", "modality", "soft")
+# the option sections each family reads (router_options)
+ROUTER_SECTIONS = {"diff_moe": ("diff_moe",), "vmoe": ("vmoe",), "limoe": ("vmoe",),
+                   "race": ("race",), "modality": ("modality",), "soft": ("soft",)}
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
@@ -37,7 +48,8 @@ class MegamoeConfig(PretrainedConfig):
                  router="topk", num_experts_per_tok=2, score_function="softmax",
                  norm_topk_prob=True, shared_expert_intermediate_size=0,
                  shared_expert_gate=False, router_aux_loss_coef=0.0, tie_word_embeddings=False,
-                 use_cache=True, **kwargs):
+                 use_cache=True, router_options=None, loss_free_bias_rate=0.0,
+                 routing_context=None, router_z_loss_coef=0.0, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -66,6 +78,10 @@ class MegamoeConfig(PretrainedConfig):
         self.router_aux_loss_coef = router_aux_loss_coef
         self.tie_word_embeddings = tie_word_embeddings
         self.use_cache = use_cache
+        self.router_options = dict(router_options or {})
+        self.loss_free_bias_rate = float(loss_free_bias_rate)
+        self.routing_context = dict(routing_context or {})
+        self.router_z_loss_coef = router_z_loss_coef
         self._validate()
         super().__init__(**kwargs)
 
@@ -86,6 +102,10 @@ class MegamoeConfig(PretrainedConfig):
             if self.score_function not in SCORE_FUNCTIONS:
                 raise ValueError(f"score_function: {self.score_function!r}; one of "
                                  f"{', '.join(SCORE_FUNCTIONS)}")
+            for section in ROUTER_SECTIONS.get(self.router, ()):
+                if not isinstance(self.router_options.get(section), dict):
+                    raise ValueError(f"router_options: router {self.router!r} needs the "
+                                     f"{section!r} section")
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok}; needs 1 to "
                                  f"num_experts ({self.num_experts})")

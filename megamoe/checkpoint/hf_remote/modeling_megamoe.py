@@ -12,9 +12,14 @@ The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x +
   RMSNorm over the head dim of each q and k head; then RoPE (rotate-half, θ = rope_theta, fp32
   frequencies); causal softmax(q·kᵀ/√d)·v with query head h reading KV head h // (H/G).
 - FFN: SwiGLU down(silu(gate(x)) · up(x)) in dense layers (`moe_layers[i] == 0`) and experts;
-  MoE layers: y = Σ_{i∈topk} p_i·E_i(x) [+ σ(x·w_g)·S(x) with the shared expert S].
-- Router "topk": logits l = x·Wᵀ in fp32; s = softmax(l) or σ(l); the k largest s; p_i = s_i,
-  divided by Σ_{j∈topk} s_j (+1e-20) with `norm_topk_prob`. New router families go in ROUTERS.
+  MoE layers: y = Σ_{e routed} p_e·E_e(x) [+ σ(x·w_g)·S(x) with the shared expert S].
+- Routers (`config.router`, every megamoe family, in megamoe's eval-mode semantics): see
+  routers_megamoe.py (ROUTERS), shipped alongside. Routing context: forward takes
+  `modality_ids` [B, S] (router "modality") and `timesteps` [B] (router "diff_moe"); without
+  them the synthetic rules recorded in `config.routing_context` apply (megamoe's
+  `data.synthetic_modalities` / `data.synthetic_timesteps`), else the router raises.
+  expert_choice, soft and vmoe/limoe with an eval capacity choose over all B·S tokens of a
+  call: outputs depend on the batch's composition, as megamoe's do on its micro-batch.
 
 Legend: B batch, S query positions, K key positions (cache + S), D hidden, H query heads,
 G KV heads, d head dim, T tokens (B·S), E experts, F expert FFN size, k experts per token.
@@ -36,6 +41,9 @@ except ImportError:                     # pragma: no cover - transformers 4
     from torch.nn import init
 
 from .configuration_megamoe import MegamoeConfig
+from .routers_megamoe import (
+    RoutingInputs, build_router, synthetic_modality_ids, synthetic_timesteps, timestep_embedding,
+)
 
 
 class MegamoeRMSNorm(nn.Module):
@@ -120,7 +128,8 @@ class MegamoeMLP(nn.Module):
 
 
 class MegamoeExperts(nn.Module):
-    """E SwiGLU experts; each token's output is Σ over its k experts of p · E_e(x)."""
+    """E SwiGLU experts; token t's output is Σ_e probs[t, e] · E_e(x_t) over its routed experts
+    (Diff-MoE: gate ⊙ E_e(LN(x)(1 + scale) + shift) with the calibration's rows)."""
 
     def __init__(self, config: MegamoeConfig):
         super().__init__()
@@ -128,46 +137,34 @@ class MegamoeExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * ffn, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, ffn))
 
-    def forward(self, x_TD, weights_Tk, experts_Tk):
+    def expert_ffn(self, e: int, x_ND):
+        gate_NF, up_NF = F.linear(x_ND, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate_NF) * up_NF, self.down_proj[e])
+
+    def forward(self, x_TD, probs_TE, map_TE, modulation=None):
         y_TD = torch.zeros_like(x_TD)
-        for e in experts_Tk.unique().tolist():
-            token_N, slot_N = (experts_Tk == e).nonzero(as_tuple=True)
-            gate_NF, up_NF = F.linear(x_TD[token_N], self.gate_up_proj[e]).chunk(2, dim=-1)
-            out_ND = F.linear(F.silu(gate_NF) * up_NF, self.down_proj[e])
-            y_TD.index_add_(0, token_N, out_ND * weights_Tk[token_N, slot_N, None])
+        for e in map_TE.any(dim=0).nonzero().flatten().tolist():
+            token_N = map_TE[:, e].nonzero().flatten()
+            x_ND = x_TD[token_N]
+            if modulation is not None:          # Diff-MoE expert calibration
+                shift_ND, scale_ND, gate_ND = modulation(token_N, e)
+                x_ND = (F.layer_norm(x_ND.float(), x_ND.shape[-1:]) * (1 + scale_ND)
+                        + shift_ND).to(x_TD.dtype)
+                out_ND = (self.expert_ffn(e, x_ND).float() * gate_ND).to(x_TD.dtype)
+            else:
+                out_ND = self.expert_ffn(e, x_ND)
+            y_TD.index_add_(0, token_N, out_ND * probs_TE[token_N, e, None].to(x_TD.dtype))
         return y_TD
 
 
-class TopKRouter(nn.Module):
-    """Token-choice top-k (megamoe `model.moe.router: topk`): (weights [T, k], experts [T, k])."""
-
-    def __init__(self, config: MegamoeConfig):
-        super().__init__()
-        self.k, self.score_function = config.num_experts_per_tok, config.score_function
-        self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-
-    def forward(self, x_TD):
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        if self.score_function == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1)
-        else:
-            scores_TE = torch.sigmoid(logits_TE)
-        weights_Tk, experts_Tk = torch.topk(scores_TE, self.k, dim=-1)
-        if self.norm_topk_prob:
-            weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights_Tk.to(x_TD.dtype), experts_Tk
-
-
-# config.router → a module built from the config whose forward(x [T, D]) returns (weights [T, k],
-# experts [T, k]); its parameters load from `mlp.gate.*` (megamoe's `mlp.router.*`).
-ROUTERS = {"topk": TopKRouter}
-
-
 class MegamoeMoE(nn.Module):
-    def __init__(self, config: MegamoeConfig):
+    """Routed experts (+ shared expert). Tokens are routed in Megatron's [S, B] order, so that
+    routers choosing over the call's tokens see them as megamoe's micro-batch."""
+
+    def __init__(self, config: MegamoeConfig, layer_idx: int):
         super().__init__()
-        self.gate = ROUTERS[config.router](config)
+        self.router_kind = config.router
+        self.gate = build_router(config, layer_idx)
         self.experts = MegamoeExperts(config)
         self.shared_expert = self.shared_expert_gate = None
         if config.shared_expert_intermediate_size:
@@ -176,16 +173,24 @@ class MegamoeMoE(nn.Module):
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x_BSD):
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        weights_Tk, experts_Tk = self.gate(x_TD)
-        y_TD = self.experts(x_TD, weights_Tk, experts_Tk)
+    def forward(self, x_BSD, ctx: RoutingInputs):
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.transpose(0, 1).reshape(S * B, D)
+        if self.router_kind == "soft":
+            y_TD = self.gate.mix(x_TD, self.experts.expert_ffn)
+        else:
+            probs_TE, map_TE = self.gate(x_TD, ctx)
+            if self.router_kind == "diff_moe":     # calibrated experts + Σ_topk s_e·x
+                y_TD = self.experts(x_TD, probs_TE, map_TE, self.gate.modulation(ctx))
+                y_TD = y_TD + x_TD * probs_TE.sum(dim=-1, keepdim=True).to(x_TD.dtype)
+            else:
+                y_TD = self.experts(x_TD, probs_TE, map_TE)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        return y_TD.view_as(x_BSD)
+        return y_TD.view(S, B, D).transpose(0, 1)
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -196,13 +201,15 @@ class MegamoeDecoderLayer(nn.Module):
         self.input_layernorm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MegamoeAttention(config, layer_idx)
         self.post_attention_layernorm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = (MegamoeMoE(config) if config.moe_layers[layer_idx]
+        self.is_moe = bool(config.moe_layers[layer_idx])
+        self.mlp = (MegamoeMoE(config, layer_idx) if self.is_moe
                     else MegamoeMLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None):
+    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None, ctx=None):
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_BSd, sin_BSd,
                                        allowed_B1SK, cache)
-        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+        h_BSD = self.post_attention_layernorm(x_BSD)
+        return x_BSD + (self.mlp(h_BSD, ctx) if self.is_moe else self.mlp(h_BSD))
 
 
 class MegamoePreTrainedModel(PreTrainedModel):
@@ -222,8 +229,8 @@ class MegamoePreTrainedModel(PreTrainedModel):
         elif isinstance(module, MegamoeExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, tuple(ROUTERS.values())):
-            init.normal_(module.weight, mean=0.0, std=std)
+        elif hasattr(module, "init_weights"):      # routers (routers_megamoe.py)
+            module.init_weights(init, std)
 
 
 def allowed_mask(attention_mask_BK, past: int, B: int, S: int, device) -> torch.Tensor:
@@ -255,8 +262,29 @@ class MegamoeModel(MegamoePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def routing_inputs(self, input_ids, B: int, S: int, modality_ids=None, timesteps=None):
+        """The routing context of this call: explicit `modality_ids` [B, S] / `timesteps` [B],
+        else the synthetic rules the model was trained with (config `routing_context`)."""
+        rc = self.config.routing_context
+        if modality_ids is None and rc.get("synthetic_modalities") and input_ids is not None:
+            modality_ids = synthetic_modality_ids(input_ids, rc["synthetic_modalities"])
+        if timesteps is None and rc.get("synthetic_timesteps") and input_ids is not None:
+            timesteps = synthetic_timesteps(input_ids)
+        modality_T = timestep_BC = None
+        if modality_ids is not None:
+            if tuple(modality_ids.shape) != (B, S):
+                raise ValueError(f"modality_ids: shape {tuple(modality_ids.shape)}, expected "
+                                 f"[{B}, {S}] like input_ids")
+            modality_T = modality_ids.transpose(0, 1).reshape(-1)     # Megatron's [S, B] order
+        if timesteps is not None:
+            timesteps = torch.as_tensor(timesteps, device=self.embed_tokens.weight.device)
+            timestep_BC = timestep_embedding(timesteps.reshape(-1).expand(B),
+                                             self.config.hidden_size)
+        return RoutingInputs(batch=B, modality_T=modality_T, timestep_BC=timestep_BC)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+                past_key_values=None, inputs_embeds=None, use_cache=None, modality_ids=None,
+                timesteps=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one")
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -275,8 +303,9 @@ class MegamoeModel(MegamoePreTrainedModel):
         cos_BSd, sin_BSd = rope_cos_sin(position_ids, self.config.head_dim,
                                         self.config.rope_theta)
         allowed_B1SK = allowed_mask(attention_mask, past, B, S, x_BSD.device)
+        ctx = self.routing_inputs(input_ids, B, S, modality_ids, timesteps)
         for layer in self.layers:
-            x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, past_key_values)
+            x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, past_key_values, ctx)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD),
                                        past_key_values=past_key_values if use_cache else None)
 
@@ -304,10 +333,11 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, modality_ids=None, timesteps=None, **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         modality_ids=modality_ids, timesteps=timesteps)
         h_BSD = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h_BSD = h_BSD[:, -logits_to_keep:]
@@ -319,3 +349,12 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits_BSV,
                                       past_key_values=out.past_key_values)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """With the KV cache only new tokens are fed: the synthetic timestep (a function of the
+        first token) is computed here from the whole sequence."""
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if (self.config.routing_context.get("synthetic_timesteps")
+                and inputs.get("timesteps") is None):
+            inputs["timesteps"] = synthetic_timesteps(input_ids)
+        return inputs

@@ -1,0 +1,261 @@
+"""Every router family through the remote-code Hugging Face export (model_type "megamoe").
+
+For each family a tiny megamoe model with that router (synthetic routing context where the
+family reads one) gets random values in every parameter and router buffer (adaLN-zero layers,
+a non-zero loss-free selection bias, an Expert Race threshold inside the score range), is
+exported, loaded by transformers with trust_remote_code, and its logits equal megamoe's
+eval-mode logits on the same batch within 1e-4. Controls: zeroing the selection bias, the
+race threshold (in the folder), the Diff-MoE calibration, shifting the timesteps, or dropping
+V-MoE's eval capacity, or moving the experts of one layer moves the logits by far more; the
+families that choose over the batch (eval capacity, expert choice, Soft MoE) route one sample
+alone differently, as megamoe does. Export → import → export is the identity
+for Diff-MoE, Expert Race and Soft MoE, and the imported tensors (router buffers included)
+give megamoe the same logits. The modality ids and timesteps can be passed explicitly; without
+them and without a synthetic rule the model raises.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from megamoe.testing.parity import TINY_VOCAB, tiny_config
+from megamoe.testing.pool import run_distributed
+from test_hf_convert import TOL, _tokens_BS
+
+NO_AUX = ["model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"]
+NON_CAUSAL = ["model.moe.allow_non_causal=true"]
+FAMILIES = {
+    "topk_bias": ["model.moe.loss_free_bias_rate=0.001"],
+    "dit_moe": ["model.moe.router=dit_moe", "model.moe.shared_expert_ffn_hidden_size=48"],
+    "diff_moe": ["model.moe.router=diff_moe", "model.moe.diff_moe.calibration_rank=8",
+                 "data.synthetic_timesteps=true", "model.moe.loss_free_bias_rate=0.001"],
+    "moee": ["model.moe.router=moee", "model.moe.topk=4"],
+    "vmoe": ["model.moe.router=vmoe", *NO_AUX, *NON_CAUSAL, "model.moe.vmoe.capacity_ratio=null",
+             "model.moe.vmoe.eval_capacity_ratio=0.5", "model.moe.vmoe.priority=max"],
+    "limoe": ["model.moe.router=limoe", *NO_AUX, "data.synthetic_modalities=2",
+              "model.moe.vmoe.capacity_ratio=null"],
+    "expert_choice": ["model.moe.router=expert_choice", *NO_AUX, *NON_CAUSAL],
+    "race": ["model.moe.router=race", *NO_AUX, *NON_CAUSAL, "model.moe.layer_freq=[1,0,1,1]"],
+    "modality_vlmo": ["model.moe.router=modality", *NO_AUX, "data.synthetic_modalities=3",
+                      "model.moe.modality.num_modalities=3", "model.moe.modality.vl_ffn_layers=1"],
+    "modality_pools": ["model.moe.router=modality", *NO_AUX, "data.synthetic_modalities=2",
+                       "model.moe.modality.mode=pools"],
+    "soft": ["model.moe.router=soft", *NON_CAUSAL, "model.moe.soft.slots_per_expert=4"],
+}
+ROUND_TRIP = ("diff_moe", "race", "soft")
+BATCH_DEPENDENT = ("vmoe", "expert_choice", "soft")   # choose over the call's B·S tokens
+RACE_THRESHOLD = 0.3         # inside the identity scores' range (std ≈ 0.6)
+
+
+@torch.no_grad()
+def _randomize(engine):
+    """Every parameter and persistent router buffer random; norms and scales around 1."""
+    from megamoe.models.lm import moe_layers
+
+    g = torch.Generator().manual_seed(1)
+    for name, p in engine.modules[0].named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        one = "norm" in name or name.endswith("l2_norm.weight")
+        p.copy_(1.0 + 0.2 * noise if one else 0.1 * noise)
+    for layer in moe_layers(engine.modules):
+        router = layer.router
+        if getattr(router, "selection_bias", None) is not None:
+            router.selection_bias.copy_(0.3 * torch.randn(router.selection_bias.shape, generator=g))
+        if hasattr(router, "threshold_ema"):
+            router.threshold_ema.fill_(RACE_THRESHOLD)
+            router.threshold_updates.fill_(7.0)
+
+
+def _context_forward(engine, cfg, tokens_BS):
+    """megamoe's eval-mode logits with the config's synthetic routing context."""
+    from megamoe.data.synthetic_context import context_fields
+    from megamoe.moe.routing_context import RoutingContext
+
+    model = engine.modules[0]
+    model.eval()
+    fields = context_fields(tokens_BS, cfg.data, cfg.model.hidden_size)
+    model.routing_context_slot.set(RoutingContext(**fields))
+    with torch.no_grad():
+        return model(tokens_BS, torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS), None)
+
+
+def _build(overrides):
+    from megamoe.training.engine import build_engine
+
+    cfg = tiny_config([*overrides, "parallel.world_size=1"])
+    return cfg, build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False,
+                             ddp=False)
+
+
+def _load_hf(out):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, trust_remote_code=True, local_files_only=True,
+        output_loading_info=True)
+    return model.eval(), {k: v for k, v in info.items() if v}
+
+
+@torch.no_grad()
+def _err(hf, ours, tokens_BS, **kwargs):
+    return (hf(input_ids=tokens_BS, use_cache=False, **kwargs).logits - ours).abs().max().item()
+
+
+def _gates(hf):
+    return [layer.mlp.gate for layer in hf.model.layers if layer.is_moe]
+
+
+@torch.no_grad()
+def _controls(name, hf, ours, tokens_BS, out):
+    """Edits that must move the logits: name → max |Δ logits| (negated: must stay equal)."""
+    gates = _gates(hf)
+    if name in BATCH_DEPENDENT:              # sample 0 alone is routed in another group
+        alone = hf(input_ids=tokens_BS[:1], use_cache=False).logits
+        yield "sample_alone", (alone - ours[:1]).abs().max().item()
+    experts = next(layer.mlp.experts for layer in hf.model.layers if layer.is_moe)
+    saved = experts.down_proj.clone()
+    experts.down_proj.copy_(saved.roll(1, dims=0))       # experts away from their routes
+    yield "experts_rolled", _err(hf, ours, tokens_BS)
+    experts.down_proj.copy_(saved)
+    if name in ("topk_bias", "diff_moe"):
+        saved = [g.selection_bias.clone() for g in gates]
+        for g in gates:
+            g.selection_bias.zero_()
+        yield "no_selection_bias", _err(hf, ours, tokens_BS)
+        for g, s in zip(gates, saved):
+            g.selection_bias.copy_(s)
+    if name == "diff_moe":
+        from megamoe.data.synthetic_context import timesteps
+
+        t_B = timesteps(tokens_BS)
+        yield "explicit_timesteps", -_err(hf, ours, tokens_BS, timesteps=t_B)   # must match
+        yield "shifted_timesteps", _err(hf, ours, tokens_BS, timesteps=t_B + 100)
+        for g in gates:
+            g.calibration.adaln_zero_bias.zero_()
+            g.calibration.adaln_zero_weight.zero_()
+        yield "no_calibration", _err(hf, ours, tokens_BS)
+    if name == "vmoe":
+        for g in gates:
+            g.ratio = None
+        yield "no_eval_capacity", _err(hf, ours, tokens_BS)
+    if name == "race":                       # the threshold zeroed in the folder itself
+        from safetensors.torch import load_file, save_file
+
+        copy = out + "-nothreshold"
+        shutil.copytree(out, copy)
+        path = os.path.join(copy, "model.safetensors")
+        tensors = load_file(path)
+        for key in [k for k in tensors if k.endswith("gate.threshold_ema")]:
+            tensors[key].zero_()
+        save_file(tensors, path, metadata={"format": "pt"})
+        yield "no_threshold", _err(_load_hf(copy)[0], ours, tokens_BS)
+        shutil.rmtree(copy)
+    if name == "modality_pools":
+        ids_BS = tokens_BS % 2
+        yield "explicit_modality_ids", -_err(hf, ours, tokens_BS, modality_ids=ids_BS)
+        yield "other_modality_ids", _err(hf, ours, tokens_BS, modality_ids=1 - ids_BS)
+
+
+def family_task(root):
+    """Every family: export, load with transformers, compare; controls and round trips."""
+    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
+    from megamoe.checkpoint.hf import export_hf, family_for, import_hf, read_safetensors
+    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
+    from megamoe.models.global_view import gather_global
+
+    tokens_BS = _tokens_BS(TINY_VOCAB)
+    results = {}
+    for name, overrides in FAMILIES.items():
+        cfg, engine = _build(overrides)
+        _randomize(engine)
+        tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
+        out = os.path.join(root, name)
+        export_hf(tensors, cfg, out)
+        ours = _context_forward(engine, cfg, tokens_BS)
+        hf, not_loaded = _load_hf(out)
+        r = {"family": family_for(cfg).MODEL_TYPE, "err": _err(hf, ours, tokens_BS),
+             "scale": ours.abs().max().item(), "not_loaded": not_loaded,
+             "controls": dict(_controls(name, hf, ours, tokens_BS, out))}
+        if name in ROUND_TRIP:
+            hf_overrides, back = import_hf(out)
+            want, got = unstack_layers(tensors), unstack_layers(back)
+            r["import_same"] = sorted(want) == sorted(got) and all(
+                torch.equal(want[k], got[k]) for k in want)
+            again = out + "-again"
+            export_hf(back, tiny_config(hf_overrides), again)
+            first, second = read_safetensors(out), read_safetensors(again)
+            r["reexport_same"] = sorted(first) == sorted(second) and all(
+                torch.equal(first[k], second[k]) for k in first)
+            with open(os.path.join(out, "config.json")) as a, \
+                    open(os.path.join(again, "config.json")) as b:
+                r["config_same"] = json.load(a) == json.load(b)
+            cfg2, engine2 = _build(hf_overrides)          # megamoe from the imported folder
+            load_global_into(engine2.modules, back)
+            r["buffers_loaded"] = load_router_buffers(engine2.modules, back)
+            r["import_err"] = (_context_forward(engine2, cfg2, tokens_BS) - ours).abs().max().item()
+        results[name] = r
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("router_families"))
+    return root, run_distributed(family_task, 1, root)[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_transformers_logits_equal_megamoe_eval_logits(name, results):
+    r = results[1][name]
+    assert r["family"] == "megamoe" and r["not_loaded"] == {}
+    assert r["scale"] > 0.1
+    assert r["err"] < TOL, r["err"]
+    for control, err in r["controls"].items():
+        if err <= 0:                          # explicit context: must match like the synthetic one
+            assert -err < TOL, (control, -err)
+        else:
+            assert err > 100 * TOL, (control, err)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_export_import_export_is_the_identity(name, results):
+    r = results[1][name]
+    assert r["import_same"] and r["reexport_same"] and r["config_same"]
+    assert r["import_err"] < 1e-6, r["import_err"]
+    if name == "race":
+        assert r["buffers_loaded"] == 3 * 2      # threshold_ema, threshold_updates × 3 layers
+
+
+@pytest.mark.timeout(300)
+def test_folder_records_router_state_and_context(results):
+    root = results[0]
+    from safetensors.torch import load_file
+
+    race = load_file(os.path.join(root, "race", "model.safetensors"))
+    assert race["model.layers.0.mlp.gate.threshold_ema"].item() == pytest.approx(RACE_THRESHOLD)
+    assert "model.layers.1.mlp.gate.threshold_ema" not in race      # a dense layer
+    bias = load_file(os.path.join(root, "topk_bias", "model.safetensors"))
+    assert bias["model.layers.0.mlp.gate.selection_bias"].abs().max() > 0
+    with open(os.path.join(root, "diff_moe", "config.json")) as f:
+        config = json.load(f)
+    assert config["router"] == "diff_moe" and config["norm_topk_prob"] is False
+    assert config["routing_context"] == {"synthetic_modalities": 0, "synthetic_timesteps": True}
+    assert config["router_options"] == {"diff_moe": {"calibration_rank": 8}}
+    assert "routers_megamoe.py" in os.listdir(os.path.join(root, "diff_moe"))
+
+
+@pytest.mark.timeout(300)
+def test_missing_context_without_a_synthetic_rule_raises(results, tmp_path):
+    for name, kwarg in (("modality_pools", "modality_ids"), ("diff_moe", "timesteps")):
+        copy = tmp_path / name
+        shutil.copytree(os.path.join(results[0], name), copy)
+        config = json.loads((copy / "config.json").read_text())
+        config["routing_context"] = {"synthetic_modalities": 0, "synthetic_timesteps": False}
+        (copy / "config.json").write_text(json.dumps(config))
+        hf, _ = _load_hf(str(copy))
+        with pytest.raises(ValueError, match=kwarg):
+            hf(input_ids=_tokens_BS(TINY_VOCAB))
