@@ -1,17 +1,17 @@
 """Hugging Face export and import. `family_for` picks the first family that expresses the model
 exactly: transformers' Mixtral (the foundation block), Qwen2-MoE (a gated shared expert, qkv
 bias, dense layers), Qwen3-MoE (per-head QK-norm, dense layers); otherwise megamoe's own modeling
-code travels in the folder (model_type "megamoe", `trust_remote_code=True`, `hf_megamoe`). Only
-what that code cannot express either (other router families, capacity dropping, the loss-free
-selection bias) is refused, naming the field.
+code travels in the folder (model_type "megamoe", `trust_remote_code=True`, `hf_megamoe`), which
+runs every router family in its eval-mode routing. Only what that code cannot express either
+(Megatron's capacity dropping, `model.moe.capacity_factor`) is refused, naming the field.
 
 Not a family: OLMoE. Its q_norm/k_norm are one RMSNorm over the whole q (H·d) and k (G·d)
 projection, mixing all heads' statistics; megamoe's QK-norm normalises each head's d channels
 on its own (Megatron's q_layernorm), which no choice of weights turns into the other.
 
-    export_hf(gather_global(chunks), cfg, "out/hf", tokenizer="tok.model")
+    export_hf({**gather_global(chunks), **gather_router_buffers(chunks)}, cfg, "out/hf")
     overrides, tensors = import_hf("out/hf")
-    cfg = load_config(None, overrides)          # then build the model, load_global_into(…)
+    cfg = load_config(None, overrides)   # build the model, load_global_into, load_router_buffers
 
 The folder holds `config.json`, `generation_config.json`, fp32 safetensors (shards of at most
 `max_shard_bytes` with `model.safetensors.index.json`, or one `model.safetensors` when it fits)
@@ -64,6 +64,8 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
     if "embedding.word_embeddings.weight" not in tensors:
         raise ValueError("tensors: no 'embedding.word_embeddings.weight'")
     vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
+    if family is hf_megamoe:
+        hf_megamoe.check_router_buffers(tensors, cfg)
     hf_tensors = to_hf(tensors, DecoderShape.from_config(cfg), family.NAMES)
     config = family.hf_config(cfg, vocab_size)
     tmp = _temp_sibling(out_dir)

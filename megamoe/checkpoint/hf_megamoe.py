@@ -43,6 +43,34 @@ def problems(cfg) -> list[str]:
     return export_problems(cfg)
 
 
+def router_buffers(cfg) -> tuple[str, ...]:
+    """The persistent buffers each MoE layer's router holds (megamoe.checkpoint.router_state),
+    which the export must carry."""
+    moe = cfg.model.moe
+    names = {"race": ("threshold_ema", "threshold_updates"), "vmoe": ("noise_step",),
+             "limoe": ("noise_step",)}.get(moe.router, ())
+    if moe.router in ("topk", "dit_moe", "diff_moe") and moe.loss_free_bias_rate > 0:
+        names += ("selection_bias",)
+    return names
+
+
+def check_router_buffers(tensors: dict, cfg) -> None:
+    """ValueError naming the first router buffer that `tensors` lacks."""
+    from megamoe.checkpoint.global_load import unstack_layers
+
+    names = router_buffers(cfg)
+    if not names:
+        return
+    keys = set(unstack_layers(tensors))
+    for i, is_moe in enumerate(DecoderShape.from_config(cfg).moe_layers):
+        for name in names if is_moe else ():
+            key = f"decoder.layers.{i}.mlp.router.{name}"
+            if key not in keys:
+                raise ValueError(f"tensors: no {key!r}; router {cfg.model.moe.router!r} keeps "
+                                 "state in buffers: add megamoe.checkpoint.router_state."
+                                 "gather_router_buffers(chunks) to the exported tensors")
+
+
 def hf_config(cfg, vocab_size: int) -> dict:
     m, moe = cfg.model, cfg.model.moe
     s = DecoderShape.from_config(cfg)

@@ -10,7 +10,9 @@ V-MoE's eval capacity, or moving the experts of one layer moves the logits by fa
 families that choose over the batch (eval capacity, expert choice, Soft MoE) route one sample
 alone differently, as megamoe does. Export → import → export is the identity
 for Diff-MoE, Expert Race and Soft MoE, and the imported tensors (router buffers included)
-give megamoe the same logits. The modality ids and timesteps can be passed explicitly; without
+give megamoe the same logits; `megamoe convert` carries the race threshold both ways. Greedy
+decoding with the KV cache equals recomputation for the context-routed families (the synthetic
+timestep comes from the whole sequence). The modality ids and timesteps can be passed explicitly; without
 them and without a synthetic rule the model raises.
 """
 
@@ -110,37 +112,38 @@ def _gates(hf):
 
 @torch.no_grad()
 def _controls(name, hf, ours, tokens_BS, out):
-    """Edits that must move the logits: name → max |Δ logits| (negated: must stay equal)."""
+    """(name, max |Δ logits|, whether it must differ): edits that must move the logits, and
+    explicit routing context that must give the synthetic context's logits."""
     gates = _gates(hf)
     if name in BATCH_DEPENDENT:              # sample 0 alone is routed in another group
         alone = hf(input_ids=tokens_BS[:1], use_cache=False).logits
-        yield "sample_alone", (alone - ours[:1]).abs().max().item()
+        yield "sample_alone", (alone - ours[:1]).abs().max().item(), True
     experts = next(layer.mlp.experts for layer in hf.model.layers if layer.is_moe)
     saved = experts.down_proj.clone()
     experts.down_proj.copy_(saved.roll(1, dims=0))       # experts away from their routes
-    yield "experts_rolled", _err(hf, ours, tokens_BS)
+    yield "experts_rolled", _err(hf, ours, tokens_BS), True
     experts.down_proj.copy_(saved)
     if name in ("topk_bias", "diff_moe"):
         saved = [g.selection_bias.clone() for g in gates]
         for g in gates:
             g.selection_bias.zero_()
-        yield "no_selection_bias", _err(hf, ours, tokens_BS)
+        yield "no_selection_bias", _err(hf, ours, tokens_BS), True
         for g, s in zip(gates, saved):
             g.selection_bias.copy_(s)
     if name == "diff_moe":
         from megamoe.data.synthetic_context import timesteps
 
         t_B = timesteps(tokens_BS)
-        yield "explicit_timesteps", -_err(hf, ours, tokens_BS, timesteps=t_B)   # must match
-        yield "shifted_timesteps", _err(hf, ours, tokens_BS, timesteps=t_B + 100)
+        yield "explicit_timesteps", _err(hf, ours, tokens_BS, timesteps=t_B), False
+        yield "shifted_timesteps", _err(hf, ours, tokens_BS, timesteps=t_B + 100), True
         for g in gates:
             g.calibration.adaln_zero_bias.zero_()
             g.calibration.adaln_zero_weight.zero_()
-        yield "no_calibration", _err(hf, ours, tokens_BS)
+        yield "no_calibration", _err(hf, ours, tokens_BS), True
     if name == "vmoe":
         for g in gates:
             g.ratio = None
-        yield "no_eval_capacity", _err(hf, ours, tokens_BS)
+        yield "no_eval_capacity", _err(hf, ours, tokens_BS), True
     if name == "race":                       # the threshold zeroed in the folder itself
         from safetensors.torch import load_file, save_file
 
@@ -151,12 +154,12 @@ def _controls(name, hf, ours, tokens_BS, out):
         for key in [k for k in tensors if k.endswith("gate.threshold_ema")]:
             tensors[key].zero_()
         save_file(tensors, path, metadata={"format": "pt"})
-        yield "no_threshold", _err(_load_hf(copy)[0], ours, tokens_BS)
+        yield "no_threshold", _err(_load_hf(copy)[0], ours, tokens_BS), True
         shutil.rmtree(copy)
     if name == "modality_pools":
         ids_BS = tokens_BS % 2
-        yield "explicit_modality_ids", -_err(hf, ours, tokens_BS, modality_ids=ids_BS)
-        yield "other_modality_ids", _err(hf, ours, tokens_BS, modality_ids=1 - ids_BS)
+        yield "explicit_modality_ids", _err(hf, ours, tokens_BS, modality_ids=ids_BS), False
+        yield "other_modality_ids", _err(hf, ours, tokens_BS, modality_ids=1 - ids_BS), True
 
 
 def family_task(root):
@@ -178,7 +181,12 @@ def family_task(root):
         hf, not_loaded = _load_hf(out)
         r = {"family": family_for(cfg).MODEL_TYPE, "err": _err(hf, ours, tokens_BS),
              "scale": ours.abs().max().item(), "not_loaded": not_loaded,
-             "controls": dict(_controls(name, hf, ours, tokens_BS, out))}
+             "controls": {c: (err, differ) for c, err, differ
+                          in _controls(name, hf, ours, tokens_BS, out)}}
+        if name in ("diff_moe", "modality_pools", "race"):   # synthetic context, buffers
+            from test_hf_families import _greedy_matches_recompute
+
+            r["greedy"] = _greedy_matches_recompute(hf, tokens_BS[:, :6])
         if name in ROUND_TRIP:
             hf_overrides, back = import_hf(out)
             want, got = unstack_layers(tensors), unstack_layers(back)
@@ -200,6 +208,24 @@ def family_task(root):
     return results
 
 
+def convert_task(root):
+    """`megamoe convert` both ways on a checkpoint of an Expert Race model: τ_ema (a router
+    buffer) reaches the folder and comes back into the imported step-0 checkpoint."""
+    from megamoe.checkpoint import convert
+    from megamoe.checkpoint.load import load_checkpoint
+    from megamoe.checkpoint.save import save_checkpoint
+    from megamoe.models.lm import moe_layers
+
+    cfg, engine = _build(FAMILIES["race"])
+    _randomize(engine)
+    step_dir = save_checkpoint(os.path.join(root, "ckpt"), engine, {}, config=cfg)
+    out = convert.to_hf(step_dir, os.path.join(root, "hf"), log=lambda *_: None)
+    imported = convert.from_hf(out, os.path.join(root, "imported"), log=lambda *_: None)
+    _, engine2 = _build(FAMILIES["race"])
+    load_checkpoint(engine2, imported, load_optimizer=False)
+    return [layer.router.threshold_ema.item() for layer in moe_layers(engine2.modules)]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("router_families"))
@@ -213,11 +239,8 @@ def test_transformers_logits_equal_megamoe_eval_logits(name, results):
     assert r["family"] == "megamoe" and r["not_loaded"] == {}
     assert r["scale"] > 0.1
     assert r["err"] < TOL, r["err"]
-    for control, err in r["controls"].items():
-        if err <= 0:                          # explicit context: must match like the synthetic one
-            assert -err < TOL, (control, -err)
-        else:
-            assert err > 100 * TOL, (control, err)
+    for control, (err, differ) in r["controls"].items():
+        assert err > 100 * TOL if differ else err < TOL, (control, err)
 
 
 @pytest.mark.timeout(300)
@@ -228,6 +251,18 @@ def test_export_import_export_is_the_identity(name, results):
     assert r["import_err"] < 1e-6, r["import_err"]
     if name == "race":
         assert r["buffers_loaded"] == 3 * 2      # threshold_ema, threshold_updates × 3 layers
+
+
+@pytest.mark.timeout(300)
+def test_convert_carries_router_buffers_both_ways(tmp_path):
+    thresholds = run_distributed(convert_task, 1, str(tmp_path))[0]
+    assert thresholds == pytest.approx([RACE_THRESHOLD] * 3)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["diff_moe", "modality_pools", "race"])
+def test_kv_cache_decoding_equals_recompute_with_synthetic_context(name, results):
+    assert results[1][name]["greedy"]
 
 
 @pytest.mark.timeout(300)
@@ -246,6 +281,17 @@ def test_folder_records_router_state_and_context(results):
     assert config["routing_context"] == {"synthetic_modalities": 0, "synthetic_timesteps": True}
     assert config["router_options"] == {"diff_moe": {"calibration_rank": 8}}
     assert "routers_megamoe.py" in os.listdir(os.path.join(root, "diff_moe"))
+
+
+def test_export_refuses_tensors_without_the_router_buffers(results, tmp_path):
+    """A folder without them would load zeros silently: the export names the missing buffer."""
+    from megamoe.checkpoint.hf import export_hf, import_hf
+
+    _, tensors = import_hf(os.path.join(results[0], "race"))
+    tensors = {k: v for k, v in tensors.items() if "threshold" not in k}
+    cfg = tiny_config(FAMILIES["race"])
+    with pytest.raises(ValueError, match=r"decoder\.layers\.0\.mlp\.router\.threshold_ema"):
+        export_hf(tensors, cfg, str(tmp_path / "out"))
 
 
 @pytest.mark.timeout(300)

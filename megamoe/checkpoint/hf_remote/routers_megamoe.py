@@ -367,7 +367,6 @@ ROUTERS = {"topk": TopKRouter, "dit_moe": TopKRouter, "diff_moe": DiffMoERouter,
            "moee": MoEERouter, "vmoe": VMoERouter, "limoe": VMoERouter,
            "expert_choice": ExpertChoiceRouter, "race": RaceRouter,
            "modality": ModalityRouter, "soft": SoftRouter}
-GROUP_ROUTERS = ("expert_choice", "soft")   # and vmoe/limoe with a capacity
 
 
 def build_router(config, layer_idx: int) -> nn.Module:
