@@ -69,8 +69,8 @@ def cmd_specs() -> int:
     for key, cls in ROUTERS.items():
         causal = "yes" if cls.causal else "no"
         print(f"{key:32} {causal:8} {cls.paper}")
-    print("\ntopk is causal unless model.moe.capacity_factor is set (capacity dropping "
-          "competes across the micro-batch).")
+    print("\ntopk and dit_moe are causal unless model.moe.capacity_factor is set (capacity "
+          "dropping competes across the micro-batch).")
     print("vmoe and limoe are causal when model.moe.vmoe.capacity_ratio and "
           "eval_capacity_ratio are null (no capacity, no batch priority).")
     return 0
