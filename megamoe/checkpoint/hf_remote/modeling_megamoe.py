@@ -229,8 +229,8 @@ class MegamoePreTrainedModel(PreTrainedModel):
         elif isinstance(module, MegamoeExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
-        elif hasattr(module, "init_weights"):      # routers (routers_megamoe.py)
-            module.init_weights(init, std)
+        elif hasattr(module, "init_router_weights"):      # routers_megamoe.py
+            module.init_router_weights(init, std)
 
 
 def allowed_mask(attention_mask_BK, past: int, B: int, S: int, device) -> torch.Tensor:

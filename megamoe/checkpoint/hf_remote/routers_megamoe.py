@@ -106,7 +106,7 @@ class GateLinear(nn.Module):
     def logits(self, x_TD):
         return F.linear(x_TD.float(), self.weight.float())
 
-    def init_weights(self, init, std):
+    def init_router_weights(self, init, std):
         init.normal_(self.weight, mean=0.0, std=std)
 
 
@@ -190,8 +190,8 @@ class DiffMoERouter(TopKRouter):
             return shift_BED[sample_R, e], scale_BED[sample_R, e], gate_BED[sample_R, e]
         return rows
 
-    def init_weights(self, init, std):
-        super().init_weights(init, std)
+    def init_router_weights(self, init, std):
+        super().init_router_weights(init, std)
         init.normal_(self.timestep_weight, mean=0.0, std=std)
         init.normal_(self.calibration.weight_in, mean=0.0, std=0.02)
         for p in (self.calibration.bias_in, self.calibration.adaln_zero_weight,
@@ -357,7 +357,7 @@ class SoftRouter(nn.Module):
                             for e in range(slots_ND.shape[0] // self.p)])
         return (combine_MN @ out_ND.float()).to(x_MD.dtype)
 
-    def init_weights(self, init, std):
+    def init_router_weights(self, init, std):
         init.normal_(self.weight, mean=0.0, std=std)
         if self.l2_norm is not None:
             init.ones_(self.l2_norm.weight)
