@@ -40,7 +40,12 @@ AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
 
 def problems(cfg) -> list[str]:
     """What even the remote code cannot express (field: reason)."""
-    return export_problems(cfg)
+    bad = export_problems(cfg)
+    moe = cfg.model.moe
+    if moe.router == "race" and moe.race.plr_coeff > 0:
+        bad.append("model.moe.race.plr_coeff: the PLR router's hidden layer (h = GELU(W_h·x)) "
+                   "is not in the exported modeling code yet")
+    return bad
 
 
 def router_buffers(cfg) -> tuple[str, ...]:

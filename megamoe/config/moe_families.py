@@ -184,9 +184,12 @@ class RaceOptions:
     similarity_loss_coeff: float = 1e-5  # weight of L_sim [unverified: reimplementation default]
     similarity_divisor: str = "tokens"   # L_sim ÷ N (T11) | ÷ N·E; uncertain (papers.md §16.6)
     similarity_off_diagonal: str = "off_diagonal"  # W_ij normaliser: Σ_{k≠l} M'_kl | Σ_all M'
+    plr_coeff: float = 0.0               # per-layer regularisation head weight (0: off; the
+    #                                      paper's weight was not retrieved [unverified])
 
     def validate(self) -> None:
         one_of(self, "gating", RACE_GATINGS)
+        at_least(self, "plr_coeff", 0)
         in_range(self, "ema_momentum", 0, 1, high_open=True)
         at_least(self, "similarity_loss_coeff", 0)
         one_of(self, "similarity_divisor", RACE_SIMILARITY_DIVISORS)

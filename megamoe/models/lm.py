@@ -113,7 +113,7 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
         first = pp_rank == 0 and (vp_stage in (None, 0))
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
         spec = decoder_block_spec(tconfig, pattern, qk_layernorm=m.qk_layernorm,
-                                  router=router_builder(moe),
+                                  router=router_builder(moe, vocab_size),
                                   shared_expert=bool(moe.shared_expert_ffn_hidden_size),
                                   slot=slot, pg_collection=pg_collection,
                                   vp_stage=vp_stage, pp_rank=pp_rank)

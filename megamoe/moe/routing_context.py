@@ -21,6 +21,7 @@ class RoutingContext:
     modality_ids_BS: Optional[torch.Tensor] = None   # int, [B, S]
     timestep_emb_BD: Optional[torch.Tensor] = None   # float, [B, D]
     sequence_ids_BS: Optional[torch.Tensor] = None   # int, [B, S]: document index inside a sample
+    labels_BS: Optional[torch.Tensor] = None         # int, [B, S]: the training target (next token)
     extras: dict = field(default_factory=dict)
 
     def require(self, name: str, who: str) -> torch.Tensor:

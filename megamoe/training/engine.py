@@ -138,7 +138,7 @@ def make_forward_step(engine: Engine):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device)
         fields = {"modality_ids_BS": batch.get("modality_ids"),
-                  "sequence_ids_BS": batch.get("sequence_ids")}
+                  "sequence_ids_BS": batch.get("sequence_ids"), "labels_BS": batch["labels"]}
         fields.update(context_fields(batch["tokens"], engine.cfg.data, engine.cfg.model.hidden_size))
         slot.set(RoutingContext(**fields))
         output = model(tokens, batch["position_ids"].to(device), None,

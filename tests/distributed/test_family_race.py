@@ -73,3 +73,21 @@ def test_ema_threshold_round_trips_through_a_checkpoint(tmp_path):
     assert {k for k in out["keys"] if "threshold" in k} == {
         f"decoder.layers.{i}.mlp.router.{name}" for i in range(4)
         for name in ("threshold_ema", "threshold_updates")}
+
+
+PLR = ["model.moe.race.plr_coeff=0.5"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_plr_head_matches_single_process(layout):
+    """The per-layer regularisation head (next-token prediction from the router's hidden layer)
+    under EP2 and EP2×TP2+SP; a reference with twice its weight must differ."""
+    world, parallel = LAYOUTS[layout]
+    got = run_distributed(parity_task, world, FAMILY + PLR + parallel)[0]
+    ref = reference(PLR)
+    problems = compare(ref, got)
+    assert not problems, "\n".join(problems[:20])
+    assert any(k.endswith("router.plr_target") for k in got.params)
+    doubled = reference(["model.moe.race.plr_coeff=1.0"])
+    assert any("plr" in p for p in compare(doubled, got)), "the PLR loss's scale went unnoticed"

@@ -21,11 +21,15 @@ ROUTERS.update({"expert_choice": ExpertChoiceRouter, "race": RaceRouter})
 ROUTERS.update({"vmoe": VMoERouter, "limoe": LIMoERouter, "modality": ModalityRouter})
 
 
-def router_builder(moe_cfg):
+def router_builder(moe_cfg, vocab_size: int | None = None):
     """What Megatron's `MoELayer` calls as `router(config=..., pg_collection=...)`: the family's
-    class with its options from `model.moe` bound."""
+    class with its options from `model.moe` bound (and the vocabulary size for families whose
+    router predicts tokens, `needs_vocab_size`)."""
     cls = ROUTERS[moe_cfg.router]
-    return functools.partial(cls, **cls.options_from(moe_cfg))
+    options = cls.options_from(moe_cfg)
+    if getattr(cls, "needs_vocab_size", False):
+        options["vocab_size"] = vocab_size
+    return functools.partial(cls, **options)
 
 
 def check_router_causality(cfg) -> None:

@@ -39,9 +39,16 @@ once per group micro-batch.
 The score function may be switched to sigmoid or softmax (`race.gating`, the paper's
 ablation); identity is the paper's choice.
 
-Not implemented: the per-layer regularisation head (PLR: a 2-layer MLP router whose second head
-regresses the diffusion target; on an LM it would predict the next token, which needs the labels
-in the routing context). Token-choice options: `model.moe.aux_loss_coeff` is not used;
+Per-layer regularisation (PLR, papers.md §7), with `race.plr_coeff` > 0: the router becomes a
+2-layer MLP, h = GELU(W_h·x), S = W_g·h, and a second head predicts the training target from h.
+On a diffusion model the target is the noise/velocity (MSE); on this LM it is the model's own
+training target, the next token, so the head is a Linear_{D→V} with cross-entropy against the
+labels of the routing context. The loss is a per-token sum like the LM loss (each rank adds its
+tokens' CE; Megatron divides every gradient by the global token count), weighted by
+`plr_coeff` [unverified: the paper's weight was not retrieved]. The head exists only for
+training; routing (and so inference) uses W_h and W_g.
+
+Token-choice options: `model.moe.aux_loss_coeff` is not used;
 `capacity_factor` and `z_loss_coeff` are refused when the config is validated
 (`megamoe.config.moe_families.RaceOptions`).
 
@@ -54,6 +61,7 @@ Shapes: T tokens of this rank (S·B, Megatron order), E experts.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
@@ -121,11 +129,26 @@ class RaceRouter(Router, MegamoeRouter):
              "experts, EMA threshold at inference, router-similarity loss")
     causal = False
     token_group = "data-parallel"
+    needs_vocab_size = True
 
     def __init__(self, config, pg_collection=None, *, gating: str = "identity",
                  ema_momentum: float = 0.95, similarity_loss_coeff: float = 1e-5,
-                 similarity_divisor: str = "tokens", similarity_off_diagonal: str = "off_diagonal"):
+                 similarity_divisor: str = "tokens", similarity_off_diagonal: str = "off_diagonal",
+                 plr_coeff: float = 0.0, vocab_size: int | None = None):
         super().__init__(config=config, pg_collection=pg_collection)
+        self.plr_coeff = plr_coeff
+        if plr_coeff > 0:
+            assert vocab_size, "PLR predicts tokens: the router needs the vocabulary size"
+            D = config.hidden_size
+            self.plr_hidden = torch.nn.Parameter(torch.empty(D, D, dtype=torch.float32))
+            self.plr_target = torch.nn.Parameter(torch.empty(vocab_size, D, dtype=torch.float32))
+            for w in (self.plr_hidden, self.plr_target):
+                if config.perform_initialization:
+                    config.init_method(w)
+                setattr(w, "sequence_parallel", config.sequence_parallel)  # replicated over TP
+        self.sp_rank, self.sp_size = ((self.tp_group.rank(), self.tp_group.size())
+                                      if config.sequence_parallel else (0, 1))
+        self._plr_h_TD = None
         assert gating in RACE_GATINGS and similarity_divisor in RACE_SIMILARITY_DIVISORS
         assert similarity_off_diagonal in RACE_SIMILARITY_OFF_DIAGONALS
         assert config.calculate_per_token_loss, "the similarity loss scale assumes per-token loss"
@@ -151,7 +174,7 @@ class RaceRouter(Router, MegamoeRouter):
         return {"gating": o.gating, "ema_momentum": o.ema_momentum,
                 "similarity_loss_coeff": o.similarity_loss_coeff,
                 "similarity_divisor": o.similarity_divisor,
-                "similarity_off_diagonal": o.similarity_off_diagonal}
+                "similarity_off_diagonal": o.similarity_off_diagonal, "plr_coeff": o.plr_coeff}
 
     def routing(self, logits: torch.Tensor):
         logits_TE = logits.view(-1, self.num_experts).float()
@@ -181,11 +204,30 @@ class RaceRouter(Router, MegamoeRouter):
         self._last_stats = stats
         return probs_TE, routing_map_TE
 
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        if self.plr_coeff <= 0:
+            return super().gating(input)
+        h_TD = F.gelu(F.linear(input.reshape(-1, input.shape[-1]).float(), self.plr_hidden))
+        self._plr_h_TD = h_TD
+        return F.linear(h_TD, self.weight)
+
     def forward(self, input: torch.Tensor, padding_mask=None):
         return self.routing(self.gating(input))
 
+    def plr_loss_sum(self, context: RoutingContext) -> torch.Tensor:
+        """Σ over this rank's tokens of CE(target head(h_t), next token_t)."""
+        labels_BS = context.require("labels_BS", "model.moe.race.plr_coeff (PLR head)")
+        labels_T = context.tokens("labels_BS", self.sp_rank, self.sp_size).to(
+            self._plr_h_TD.device)
+        logits_TV = F.linear(self._plr_h_TD, self.plr_target)
+        return F.cross_entropy(logits_TV, labels_T.long(), reduction="sum")
+
     def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
         probs_TE, routing_map_TE = self.forward(hidden_SBD)
+        if self.plr_coeff > 0 and self.training and torch.is_grad_enabled():
+            ce_sum = self.plr_loss_sum(context)
+            probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, self.plr_coeff * ce_sum)
+            self._last_stats["plr_loss"] = ce_sum.item() / max(1, self._plr_h_TD.shape[0])
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(),
                             stats=self._last_stats)
