@@ -23,6 +23,7 @@ from megamoe.config.moe_families import (
     VMoEOptions,
     validate_families,
 )
+from megamoe.config.mor import MoRConfig
 
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
@@ -140,6 +141,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_method_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -156,6 +158,8 @@ class ModelConfig:
             fail("model.hidden_size", f"{self.hidden_size} is not divisible by "
                  f"model.num_attention_heads ({self.num_attention_heads}); set model.kv_channels")
         self.moe.validate()
+        self.mor.validate()
+        self.mor.validate_with(self)
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from megamoe.config.coerce import check_types
 from megamoe.config.errors import fail
 from megamoe.config.moe_families import resolve_soft_slots
+from megamoe.config.mor import check_mor
 from megamoe.config.schema import Config
 
 
@@ -81,7 +82,7 @@ def _check_sequence_parallel(cfg: Config) -> None:
 
 
 CROSS_CHECKS = (_check_experts, _check_tensor_split, _check_batch, _check_pipeline,
-                _check_sequence_parallel, resolve_soft_slots)
+                _check_sequence_parallel, resolve_soft_slots, check_mor)
 
 
 def validate(cfg: Config) -> None:

@@ -112,11 +112,15 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
     for vp_stage in (range(vp) if vp else [None]):
         first = pp_rank == 0 and (vp_stage in (None, 0))
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
-        spec = decoder_block_spec(tconfig, pattern, qk_layernorm=m.qk_layernorm,
-                                  router=router_builder(moe, vocab_size),
-                                  shared_expert=bool(moe.shared_expert_ffn_hidden_size),
-                                  slot=slot, pg_collection=pg_collection,
-                                  vp_stage=vp_stage, pp_rank=pp_rank)
+        layer_kwargs = dict(qk_layernorm=m.qk_layernorm, router=router_builder(moe, vocab_size),
+                            shared_expert=bool(moe.shared_expert_ffn_hidden_size), slot=slot)
+        if m.mor.enabled:     # GPTModel gets a placeholder; the MoR decoder replaces it below
+            from megamoe.mor.decoder import build_mor_decoder, placeholder_spec
+            spec = placeholder_spec()
+        else:
+            spec = decoder_block_spec(tconfig, pattern, **layer_kwargs,
+                                      pg_collection=pg_collection, vp_stage=vp_stage,
+                                      pp_rank=pp_rank)
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=spec,
@@ -130,6 +134,8 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
+        if m.mor.enabled:
+            model.decoder = build_mor_decoder(cfg, tconfig, pg_collection, layer_kwargs)
         model.routing_context_slot = slot
         chunks.append(model)
     mark_expert_replicas(chunks, tconfig)

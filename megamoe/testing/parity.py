@@ -96,8 +96,8 @@ def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
     from megamoe.training.engine import build_engine, run_forward_backward, optimizer_step
 
     engine = build_engine(cfg, vocab, torch.device("cpu"))
-    if perturb:
-        perturb_one_expert(engine)   # fp32 optimizers update the model's own tensors
+    if perturb:   # fp32 optimizers update the model's own tensors; a callable: own control
+        (perturb if callable(perturb) else perturb_one_expert)(engine)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     t, S = cfg.train, cfg.model.seq_length
     result = ParityResult()
@@ -122,11 +122,18 @@ def router_buffers(engine) -> dict:
     the ranks (pipeline stages hold different layers; other ranks hold copies)."""
     from megamoe.models.lm import moe_layers
 
+    from megamoe.mor.decoder import mor_decoders
+
     local = {}
     for layer in moe_layers(engine.modules):
         for name, buf in layer.router.state_dict().items():
             if name in dict(layer.router.named_buffers()):
                 local[f"layer {layer.layer_number}.{name}"] = buf.detach().clone()
+    for decoder in mor_decoders(engine.modules):     # MoR depth router (loss-free bias)
+        router = decoder.recursion.router
+        for name, buf in router.state_dict().items():
+            if name in dict(router.named_buffers()):
+                local[f"mor.{name}"] = buf.detach().clone()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
     parts = [None] * dist.get_world_size()

@@ -62,8 +62,13 @@ def _worker_main(rank: int, world_size: int, port: int, inbox, outbox) -> None:
         except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
             outbox.put((rank, "error", traceback.format_exc()))
         finally:
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
             from megamoe.parallel import destroy_groups
 
+            # process-global: a backward without the schedule (unit tests) creates it with
+            # shape [], which the schedule's later copy of a [1] scale refuses
+            MoEAuxLossAutoScaler.main_loss_backward_scale = None
             try:
                 destroy_groups()
             except Exception:  # noqa: BLE001

@@ -25,6 +25,7 @@ from megamoe.models.init import init_global
 from megamoe.models.lm import build_lm, transformer_config
 from megamoe.data.synthetic_context import context_fields
 from megamoe.moe.routing_context import RoutingContext
+from megamoe.mor.decoder import mor_after_step
 from megamoe.parallel import ParallelDims, init_groups, seed_rng
 
 
@@ -186,6 +187,7 @@ def optimizer_step(engine: Engine) -> dict:
 
     for layer in moe_layers(engine.modules):
         layer.router.after_step()
+    mor_after_step(engine.modules, engine.pg.dp)     # MoR token-choice loss-free bias
     engine.scheduler.step(increment=1)
     engine.step += 1
     return {"grad_norm": float(grad_norm) if grad_norm is not None else 0.0, "lr": lr,

@@ -66,6 +66,26 @@ def imbalance(load_LE: torch.Tensor) -> float:
 
 def parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
     """(total, active per token) parameters of the model described by `cfg`."""
+    if cfg.model.mor.enabled:    # shared pool, tokens at each recursion depth
+        from megamoe.mor.accounting import mor_parameter_counts
+        return mor_parameter_counts(cfg, vocab_size)
+    total = active = embedding_parameters(cfg, vocab_size)
+    for is_moe in moe_layer_pattern(cfg.model.num_layers, cfg.model.moe.layer_freq,
+                                    cfg.model.moe.num_experts):
+        layer_total, layer_active = layer_parameters(cfg, is_moe)
+        total += layer_total
+        active += layer_active
+    return total, active
+
+
+def embedding_parameters(cfg, vocab_size: int) -> int:
+    """Input embedding, output layer (unless tied) and the final norm."""
+    m = cfg.model
+    return vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) + m.hidden_size
+
+
+def layer_parameters(cfg, is_moe: bool) -> tuple[int, int]:
+    """(total, active per token) parameters of one decoder layer."""
     m, moe = cfg.model, cfg.model.moe
     h = m.hidden_size
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
@@ -78,21 +98,17 @@ def parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
     dense = 3 * h * m.ffn_hidden_size
     expert = 3 * h * moe.ffn_hidden_size
     shared = 3 * h * moe.shared_expert_ffn_hidden_size + (h if moe.shared_expert_gate else 0)
-    total = active = vocab_size * h * (1 if m.tie_embeddings else 2) + h
-    for is_moe in moe_layer_pattern(m.num_layers, moe.layer_freq, moe.num_experts):
-        total += attn
-        active += attn
-        if is_moe:
-            total += moe.num_experts * h + moe.num_experts * expert + shared
-            active += moe.num_experts * h + moe.topk * expert + shared
-        else:
-            total += dense
-            active += dense
-    return total, active
+    if is_moe:
+        return (attn + moe.num_experts * h + moe.num_experts * expert + shared,
+                attn + moe.num_experts * h + moe.topk * expert + shared)
+    return attn + dense, attn + dense
 
 
 def flops_per_token(cfg, vocab_size: int) -> float:
     """Training FLOPs per token: 6 × active matmul parameters + causal attention scores."""
+    if cfg.model.mor.enabled:    # capacities shrink both terms per recursion step
+        from megamoe.mor.accounting import mor_flops_per_token
+        return mor_flops_per_token(cfg, vocab_size)
     _, active = parameter_counts(cfg, vocab_size)
     m = cfg.model
     d = m.kv_channels or m.hidden_size // m.num_attention_heads

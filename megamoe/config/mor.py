@@ -1,0 +1,152 @@
+"""`model.mor`: Mixture-of-Recursions (Bae et al., arXiv 2507.10524; papers.md §1), off by default.
+
+With `enabled`, `model.num_layers` is the *unrolled* depth L: Middle-Cycle (the paper's default)
+keeps the first and last layers unique and applies a pool of K = (L−2)/N_r shared layers N_r
+times, each recursion step to the tokens its depth router keeps (megamoe.mor).
+
+Defaults are the official code's (`util/config.py`, `conf/pretrain/250720_*`): expert-choice
+α = 0.1 (σ gate), BCE aux loss 0.001, C_r = (N_r − r + 1)/N_r; token-choice α = 1 (softmax),
+balancing loss 0.1, z-loss 1e-5 (the appendix caption says 1e-3). `None` means "the router's
+default" for `alpha` and `z_loss_coeff`.
+
+Causality: expert-choice takes a top-k over the sequence in training, so future tokens decide
+whether a token recurses; it is refused in the causal decoder unless `model.mor.allow_non_causal`
+is set. This is MoR's own opt-in (not `model.moe.allow_non_causal`), so that opting in for an MoE
+router family never silently admits a non-causal depth router too. At inference the σ > 0.5
+rule (`inference_rule: threshold`) is causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from megamoe.config.errors import at_least, fail, greater_than, one_of
+
+SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+DEPTH_ROUTERS = ("expert", "token")
+
+
+@dataclass
+class MoRTokenOptions:
+    """Token-choice depth routing (papers.md §1.5)."""
+    SECTION: ClassVar[str] = "model.mor.token"
+
+    score: str = "softmax"           # softmax·α (α = 1) | sigmoid·α (α = 0.1)
+    balancing: str = "loss"          # loss: Σ f_i P_i | loss_free: selection bias b, sign rule
+    balance_coeff: float = 0.1
+    bias_rate: float = 0.001         # u of the loss-free update
+
+    def validate(self) -> None:
+        one_of(self, "score", ("softmax", "sigmoid"))
+        one_of(self, "balancing", ("loss", "loss_free"))
+        at_least(self, "balance_coeff", 0)
+        at_least(self, "bias_rate", 0)
+
+
+@dataclass
+class MoRConfig:
+    SECTION: ClassVar[str] = "model.mor"
+
+    enabled: bool = False
+    num_recursions: int = 3                  # N_r
+    sharing: str = "middle_cycle"
+    router: str = "expert"                   # expert-choice (the paper's choice) | token-choice
+    capacities: list[float] | None = None    # expert: C_r per step; None: (N_r − r + 1)/N_r
+    alpha: float | None = None               # gate scale; None: 0.1 expert/sigmoid, 1.0 softmax
+    temperature: float = 1.0                 # router input is H / temperature
+    aux_loss_coeff: float = 0.001            # expert: BCE on top-k membership (§1.4.7)
+    z_loss_coeff: float | None = None        # None: 0 (expert), 1e-5 (token)
+    inference_rule: str = "threshold"        # expert at eval: σ(z) > 0.5 (causal) | topk
+    gating: str = "weighted"                 # H + g·f(H) | additive H + f(H)
+    kv_sharing: bool = False                 # recursive KV sharing (§1.6): needs C_1 = 1
+    allow_non_causal: bool = False           # opt in to expert-choice training in a decoder
+    token: MoRTokenOptions = field(default_factory=MoRTokenOptions)
+
+    def validate(self) -> None:
+        at_least(self, "num_recursions", 1)
+        one_of(self, "sharing", SHARING)
+        one_of(self, "router", DEPTH_ROUTERS)
+        greater_than(self, "alpha", 0)
+        greater_than(self, "temperature", 0)
+        at_least(self, "aux_loss_coeff", 0)
+        at_least(self, "z_loss_coeff", 0)
+        one_of(self, "inference_rule", ("threshold", "topk"))
+        one_of(self, "gating", ("weighted", "additive"))
+        self.token.validate()
+        self._validate_capacities()
+
+    def _validate_capacities(self) -> None:
+        caps = self.capacities
+        if caps is None:
+            return
+        if self.router != "expert":
+            fail("model.mor.capacities", "only expert-choice routing has per-step capacities "
+                 "(token-choice depths come from the router); leave it unset")
+        if len(caps) != self.num_recursions:
+            fail("model.mor.capacities", f"{len(caps)} values for model.mor.num_recursions="
+                 f"{self.num_recursions}")
+        if any(not 0 < c <= 1 for c in caps) or any(a < b for a, b in zip(caps, caps[1:])):
+            fail("model.mor.capacities", f"{caps}: each in (0, 1] and non-increasing "
+                 "(hierarchical filtering keeps a subset of the previous step)")
+        if self.kv_sharing and caps[0] < 1:
+            fail("model.mor.kv_sharing", f"needs capacity 1 at the first recursion (its K/V "
+                 f"cover the whole sequence), got model.mor.capacities={caps}")
+
+    def validate_with(self, model) -> None:
+        """Checks against `model`'s keys: L splits into unique layers + N_r · K shared ones."""
+        if not self.enabled:
+            return
+        from megamoe.mor.sharing import base_depth
+
+        try:
+            base_depth(self.sharing, model.num_layers, self.num_recursions)
+        except ValueError as exc:
+            fail("model.num_layers", str(exc).removeprefix("model.num_layers="))
+
+
+def mor_moe_slots(cfg) -> set[int]:
+    """Pool slots whose layer is MoE: `model.moe.layer_freq` read over the unrolled layers;
+    ConfigError when two unrolled layers sharing a slot disagree."""
+    from megamoe.mor.sharing import sharing_plan
+
+    m, mor = cfg.model, cfg.model.mor
+    plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
+    freq = m.moe.layer_freq      # as models.specs.gpt_moe.moe_layer_pattern (no Megatron here)
+    pattern = ([bool(m.moe.num_experts) and i % freq == 0 for i in range(m.num_layers)]
+               if isinstance(freq, int) else [bool(m.moe.num_experts and x) for x in freq])
+    is_moe: dict[int, bool] = {}
+    for layer, slot in enumerate(plan.pool_index):
+        if is_moe.setdefault(slot, pattern[layer]) != pattern[layer]:
+            fail("model.moe.layer_freq", f"unrolled layers sharing pool slot {slot} "
+                 f"(model.mor.sharing={mor.sharing}) must all be MoE or all dense; layer {layer} "
+                 "differs")
+    return {slot for slot, moe in is_moe.items() if moe}
+
+
+def check_mor(cfg) -> None:
+    """Cross-section checks of an enabled `model.mor`: the layouts and options not supported
+    yet are refused here, before any process group exists."""
+    mor, p = cfg.model.mor, cfg.parallel
+    if not mor.enabled:
+        return
+    if p.pipeline > 1:
+        fail("parallel.pipeline", f"{p.pipeline}: model.mor runs the recursion block on one "
+             "stage; pipeline parallelism with MoR is not implemented yet (set it to 1)")
+    if p.tensor > 1:
+        fail("parallel.tensor", f"{p.tensor}: tensor/sequence parallelism inside the recursion "
+             "block is not implemented yet (set it to 1; data and expert parallelism work)")
+    if mor.router == "expert" and not mor.allow_non_causal:
+        fail("model.mor.router", "expert-choice depth routing takes a top-k over the sequence in "
+             "training, so future tokens decide a token's depth (not causal in a decoder); set "
+             "model.mor.allow_non_causal=true to train it anyway (σ > 0.5 at inference is "
+             "causal), or use router=token")
+    moe = cfg.model.moe
+    if moe.num_experts and moe.router != "topk":
+        fail("model.moe.router", f"{moe.router!r} inside the recursion block: only 'topk' MoE "
+             "layers are supported with model.mor so far (routing context is not compacted)")
+    if cfg.data.synthetic_modalities or cfg.data.synthetic_timesteps:
+        fail("data.synthetic_modalities" if cfg.data.synthetic_modalities
+             else "data.synthetic_timesteps",
+             "per-token routing context is not compacted by the recursion block yet")
+    mor_moe_slots(cfg)

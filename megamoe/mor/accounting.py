@@ -1,0 +1,84 @@
+"""Parameters and training FLOPs of a Mixture-of-Recursions model (papers.md §1.8: forward =
+2·params for linear ops plus causal attention, backward = 2× forward; the per-recursion sequence
+length comes from the capacity; token-choice assumes perfect balance).
+
+Per token, unrolled layer ℓ of recursion step r runs for a fraction f_r of the tokens:
+- expert-choice: f_r = k_r / S with k_r = max(1, int(C_r·S)) (the tokens really kept);
+- token-choice:  f_r = (N_r − r)/N_r for r = 0..N_r−1 (depths uniform over 0..N_r−1);
+unique layers run for every token (f = 1).
+
+Attention per layer in megamoe's convention (training.metrics): 6·S·h·d per token for the full
+causal sequence. With recursion-wise caching step r attends among its k_r = f_r·S tokens:
+6·h·d·k_r²/S per token of the sequence; with recursive KV sharing queries of step r > 0 see
+all S first-recursion keys: 6·h·d·k_r.
+
+Total parameters count the pool once; "active" is the expected number a token passes through.
+"""
+
+from __future__ import annotations
+
+from megamoe.mor.expert_choice import capacity_schedule, tokens_kept
+from megamoe.mor.sharing import sharing_plan
+
+
+def step_fractions(cfg) -> list[float]:
+    """f_r: the share of a sequence's tokens that run recursion step r."""
+    mor, S = cfg.model.mor, cfg.model.seq_length
+    R = mor.num_recursions
+    if mor.router == "token":
+        return [(R - r) / R for r in range(R)]
+    caps = mor.capacities or capacity_schedule(R)
+    return [tokens_kept(c, S) / S for c in caps]
+
+
+def _unrolled(cfg):
+    """(pool slot, fraction of tokens, step or None) of every unrolled layer."""
+    from megamoe.config.mor import mor_moe_slots
+
+    m, mor = cfg.model, cfg.model.mor
+    plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
+    moe_slots = mor_moe_slots(cfg) if m.moe.num_experts else set()
+    f = step_fractions(cfg)
+    rows = [(plan.first_unique, 1.0, None)] if plan.first_unique is not None else []
+    rows += [(slot, f[r], r) for r, step in enumerate(plan.recursion_steps()) for slot in step]
+    if plan.last_unique is not None:
+        rows.append((plan.last_unique, 1.0, None))
+    return plan, moe_slots, rows
+
+
+def router_parameters(cfg) -> tuple[int, float]:
+    """(total, active per token) of the depth router: expert θ_r on step r's candidates
+    (the tokens of step r − 1), token-choice one D→N_r linear on every token."""
+    mor, h = cfg.model.mor, cfg.model.hidden_size
+    R = mor.num_recursions
+    if mor.router == "token":
+        return h * R, float(h * R)
+    f = step_fractions(cfg)
+    return h * R, float(h * sum([1.0] + f[:-1]))
+
+
+def mor_parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
+    from megamoe.training.metrics import embedding_parameters, layer_parameters
+
+    plan, moe_slots, rows = _unrolled(cfg)
+    total = active = embedding_parameters(cfg, vocab_size)
+    for slot in range(plan.pool_size):
+        total += layer_parameters(cfg, slot in moe_slots)[0]
+    active_f = float(active)
+    for slot, frac, _ in rows:
+        active_f += frac * layer_parameters(cfg, slot in moe_slots)[1]
+    r_total, r_active = router_parameters(cfg)
+    return total + r_total, round(active_f + r_active)
+
+
+def mor_flops_per_token(cfg, vocab_size: int) -> float:
+    m, mor = cfg.model, cfg.model.mor
+    _, active = mor_parameter_counts(cfg, vocab_size)
+    S, heads = m.seq_length, m.num_attention_heads
+    d = m.kv_channels or m.hidden_size // heads
+    attention = 0.0
+    for _, frac, step in _unrolled(cfg)[2]:
+        k = frac * S
+        shared_kv = mor.kv_sharing and step is not None and step > 0
+        attention += 6 * heads * d * (k if shared_kv else k * k / S)
+    return 6.0 * active + attention

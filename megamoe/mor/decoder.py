@@ -1,0 +1,172 @@
+"""The Mixture-of-Recursions decoder inside Megatron's `GPTModel` (Bae et al., arXiv 2507.10524,
+§2.1–§2.2; papers.md §1.2–§1.5).
+
+`MoRDecoder` is a `TransformerBlock` whose layers are, for Middle-Cycle / Middle-Sequence,
+unique first layer → `RecursionBlock` (the shared pool applied N_r times) → unique last layer →
+final norm; for Cycle / Sequence only the recursion block and the norm. GPTModel's rotary table
+of the full sequence ([S, 1, 1, d]) is passed through to the block, which gathers it at the
+original positions of each step's tokens.
+
+Depth-router loss: the block's term (coeff · Σ_r BCE, or the token-choice balance / z-loss) is a
+mean over the micro-batch's tokens. It joins the LM loss through Megatron's
+`MoEAuxLossAutoScaler` exactly like Megatron's MoE aux losses under `calculate_per_token_loss`:
+multiplied by the micro-batch's token count S·B, since `finalize_model_grads` divides every
+gradient by the global token count (megamoe.moe.routers.topk, docstring).
+
+Checkpoint keys (non-homogeneous, layout-independent): `decoder.layers.{0,1}` (the unique
+layers), `decoder.recursion.layers.{j}` (pool), `decoder.recursion.router.*` (router weights and
+the loss-free `router_bias` buffer), `decoder.final_layernorm`. Every layer's `layer_number` is
+its pool slot + 1 (Megatron's MoE loss tracker indexes by it).
+
+Shapes: S sequence, B batch, D hidden, d rotary dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+)
+from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.utils import WrappedTensor, make_viewless_tensor
+
+from megamoe.models.norm import RMSNorm
+from megamoe.mor.block import RecursionBlock, build_shared_layers
+from megamoe.mor.expert_choice import ALPHA, ExpertChoiceDepthRouter
+from megamoe.mor.sharing import SharingPlan, sharing_plan
+from megamoe.mor.token_choice import Z_LOSS_COEFF, TokenChoiceDepthRouter
+
+
+def placeholder_spec() -> TransformerBlockSubmodules:
+    """What GPTModel builds as its decoder before `build_lm` swaps in the MoR decoder."""
+    return TransformerBlockSubmodules(layer_specs=[], layer_norm=RMSNorm)
+
+
+def depth_router(mor, hidden_size: int, init_std: float) -> nn.Module:
+    """The `model.mor` section's depth router (papers.md §1.4 / §1.5 defaults)."""
+    if mor.router == "expert":
+        return ExpertChoiceDepthRouter(
+            hidden_size, mor.num_recursions, capacities=mor.capacities,
+            alpha=mor.alpha if mor.alpha is not None else ALPHA,
+            temperature=mor.temperature, aux_loss_coeff=mor.aux_loss_coeff,
+            z_loss_coeff=mor.z_loss_coeff or 0.0, init_std=init_std,
+            inference_rule=mor.inference_rule)
+    t = mor.token
+    return TokenChoiceDepthRouter(
+        hidden_size, mor.num_recursions, score=t.score, alpha=mor.alpha,
+        temperature=mor.temperature, balancing=t.balancing, balance_coeff=t.balance_coeff,
+        z_loss_coeff=Z_LOSS_COEFF if mor.z_loss_coeff is None else mor.z_loss_coeff,
+        bias_rate=t.bias_rate, init_std=init_std)
+
+
+class MoRDecoder(TransformerBlock):
+    """Unique layers + recursion block + final norm, in one pipeline stage (see module doc)."""
+
+    def __init__(self, config, plan: SharingPlan, router: nn.Module, moe_slots: set,
+                 layer_spec_kwargs: dict, pg_collection, *, kv_sharing: bool = False,
+                 gating: str = "weighted"):
+        self._mor_args = (plan, router, moe_slots, layer_spec_kwargs, kv_sharing, gating)
+        super().__init__(config=config, spec=placeholder_spec(), pre_process=True,
+                         post_process=True, pg_collection=pg_collection)
+        del self._mor_args
+
+    def _build_layers(self):
+        super()._build_layers()            # the final norm (no layers in the placeholder spec)
+        plan, router, moe_slots, kwargs, kv_sharing, gating = self._mor_args
+        pg = self.pg_collection
+        unique = [s for s in (plan.first_unique, plan.last_unique) if s is not None]
+        self.layers = build_shared_layers(self.config, unique, moe_slots, pg, **kwargs)
+        steps = plan.recursion_steps()
+        pool_slots = sorted({s for step in steps for s in step})
+        index = {slot: i for i, slot in enumerate(pool_slots)}
+        pool = build_shared_layers(self.config, pool_slots, moe_slots, pg, **kwargs)
+        self.recursion = RecursionBlock(pool, [tuple(index[s] for s in st) for st in steps],
+                                        router, kv_sharing=kv_sharing, gating=gating)
+        self.has_unique_layers = bool(unique)
+
+    def forward(self, hidden_states, attention_mask, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
+                packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **_):
+        if inference_context is not None or packed_seq_params is not None:
+            raise NotImplementedError("model.mor: inference contexts and packed sequences are "
+                                      "not supported by the recursion block yet")
+        if isinstance(hidden_states, WrappedTensor):
+            hidden_states = hidden_states.unwrap()
+        h_SBD = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        if self.has_unique_layers:
+            h_SBD, _ = self.layers[0](hidden_states=h_SBD, **kwargs)
+        h_SBD = self._with_aux_loss(self.recursion(h_SBD, rotary_pos_emb))
+        if self.has_unique_layers:
+            h_SBD, _ = self.layers[-1](hidden_states=h_SBD, **kwargs)
+        if self.final_layernorm is not None:
+            h_SBD = make_viewless_tensor(inp=self.final_layernorm(h_SBD), requires_grad=True,
+                                         keep_graph=True)
+        return h_SBD
+
+    def _with_aux_loss(self, h_SBD: torch.Tensor) -> torch.Tensor:
+        """Attach the depth router's loss (a mean over the micro-batch) scaled per token."""
+        aux = self.recursion.last_aux_loss
+        if aux is None or not (self.training and torch.is_grad_enabled()) or not aux.requires_grad:
+            return h_SBD
+        if self.config.calculate_per_token_loss:
+            aux = aux * (h_SBD.shape[0] * h_SBD.shape[1])
+        if MoEAuxLossAutoScaler.main_loss_backward_scale is None:
+            # Megatron's schedule sets the scale only for MoE models; set it as it would (its
+            # [1] shape: a later MoE model in this process copies into it), loss scale 1
+            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=h_SBD.device))
+        return MoEAuxLossAutoScaler.apply(h_SBD, aux)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None):
+        assert not sharded_offsets, "the MoR decoder lives on one pipeline stage"
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", (), metadata))
+        for j, layer in enumerate(self.recursion.layers):
+            out.update(layer.sharded_state_dict(f"{prefix}recursion.layers.{j}.", (), metadata))
+        out.update(sharded_state_dict_default(self.recursion.router, f"{prefix}recursion.router.",
+                                              (), metadata, tp_group=self.tp_group))
+        if self.final_layernorm is not None:
+            out.update(sharded_state_dict_default(self.final_layernorm,
+                                                  f"{prefix}final_layernorm.", (), metadata,
+                                                  tp_group=self.tp_group))
+        return out
+
+
+def build_mor_decoder(cfg, tconfig, pg_collection, layer_spec_kwargs: dict) -> MoRDecoder:
+    """The decoder `build_lm` puts into GPTModel when `model.mor.enabled`."""
+    from megamoe.config.mor import mor_moe_slots
+
+    m, mor = cfg.model, cfg.model.mor
+    plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
+    router = depth_router(mor, m.hidden_size, m.init_method_std).to(tconfig.params_dtype)
+    return MoRDecoder(tconfig, plan, router, mor_moe_slots(cfg) if tconfig.num_moe_experts
+                      else set(), layer_spec_kwargs, pg_collection, kv_sharing=mor.kv_sharing,
+                      gating=mor.gating)
+
+
+def mor_decoders(chunks) -> list[MoRDecoder]:
+    return [mod for c in chunks for mod in c.modules() if isinstance(mod, MoRDecoder)]
+
+
+@torch.no_grad()
+def mor_after_step(chunks, dp_group=None) -> None:
+    """End of an optimizer step: the token-choice loss-free bias update, with the assignment
+    ratios of the step's micro-batches averaged over every data-parallel rank first."""
+    for decoder in mor_decoders(chunks):
+        router = decoder.recursion.router
+        if not isinstance(router, TokenChoiceDepthRouter):
+            continue
+        if router.balancing == "loss_free" and dist.is_initialized() and \
+                dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(router.ratio_sum, group=dp_group)
+            dist.all_reduce(router.ratio_count, group=dp_group)
+        router.update_bias()

@@ -1,0 +1,86 @@
+"""Mixture-of-Recursions under data and expert parallelism gives the loss, step-1 gradients and
+parameters after 3 SGD steps of the single-process reference (DESIGN.md tolerances), for both
+depth routers; perturbing one shared-pool weight on one rank must break it.
+
+Model: Middle-Cycle, L = 8 unrolled layers, N_r = 3 → first + 2 shared layers × 3 + last;
+expert-choice capacities [1, 2/3, 1/3] (k = 16, 10, 5 of S = 16). EP2 puts 4-expert MoE FFNs in
+every layer, shared ones included (the dispatcher sees a different token count per step).
+Token-choice under DP2 uses the loss-free bias, whose update averages the depth ratios over the
+DP ranks (compared as a router buffer).
+"""
+
+import pytest
+import torch
+
+from megamoe.testing.parity import compare, parity_task
+from megamoe.testing.pool import run_distributed
+
+MOR = ["model.num_layers=8", "model.mor.enabled=true", "model.mor.num_recursions=3"]
+ROUTERS = {
+    "expert": ["model.mor.router=expert", "model.mor.allow_non_causal=true",
+               "model.mor.aux_loss_coeff=0.01"],
+    "token": ["model.mor.router=token"],
+}
+LOSS_FREE = ["model.mor.token.balancing=loss_free", "model.mor.token.bias_rate=0.01"]
+DENSE = ["model.moe.num_experts=0"]
+
+# (id, router, layout overrides, model overrides (the reference's too))
+CASES = [
+    ("dp2_expert", "expert", [], DENSE),
+    ("dp2_token_loss_free", "token", [], DENSE + LOSS_FREE),
+    ("ep2_expert", "expert", ["parallel.expert=2"], []),
+    ("ep2_token", "token", ["parallel.expert=2"], []),
+]
+_REFERENCES = {}
+
+
+@torch.no_grad()
+def perturb_shared_pool(engine, scale: float = 1e-2) -> bool:
+    """Negative control: change a shared-pool attention weight on the last rank only."""
+    import torch.distributed as dist
+
+    from megamoe.mor.decoder import mor_decoders
+
+    if dist.get_rank() != dist.get_world_size() - 1:
+        return False
+    w = mor_decoders(engine.modules)[0].recursion.layers[0].self_attention.linear_qkv.weight
+    w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(99)) * scale)
+    return True
+
+
+def reference(model_overrides: tuple):
+    if model_overrides not in _REFERENCES:
+        _REFERENCES[model_overrides] = run_distributed(parity_task, 1, list(model_overrides),
+                                                       reference_dp=2)[0]
+    return _REFERENCES[model_overrides]
+
+
+def _case(router, layout, model):
+    model = tuple(MOR + ROUTERS[router] + model)
+    return reference(model), list(model) + layout
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,router,layout,model", CASES, ids=[c[0] for c in CASES])
+def test_mor_layout_matches_single_process(name, router, layout, model):
+    ref, overrides = _case(router, layout, model)
+    got = run_distributed(parity_task, 2, overrides)[0]
+    problems = compare(ref, got)
+    assert not problems, "\n".join(problems[:20])
+    # the comparison covered the depth router and the shared pool
+    assert any(".recursion.router." in k for k in got.params)
+    assert any(".recursion.layers.1." in k for k in got.grads)
+    if "loss_free" in name:
+        bias = got.router_state["mor.router_bias"]
+        assert bias.abs().max() > 0 and torch.equal(bias, ref.router_state["mor.router_bias"])
+    if layout:
+        assert any("recursion.layers.0.mlp.experts" in k for k in got.params)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,router,layout,model", CASES, ids=[c[0] for c in CASES])
+def test_mor_negative_control(name, router, layout, model):
+    ref, overrides = _case(router, layout, model)
+    got = run_distributed(parity_task, 2, overrides, perturb=perturb_shared_pool)[0]
+    problems = compare(ref, got)
+    assert any("recursion.layers.0" in p for p in problems), problems[:5]

@@ -1,0 +1,56 @@
+"""`model.mor`: off by default; each mistake and each layout not supported yet is one
+ConfigError naming the field to fix."""
+
+import pytest
+
+from megamoe.config import ConfigError, load_config
+
+ON = ["model.mor.enabled=true", "model.num_layers=8"]
+EXPERT = ON + ["model.mor.allow_non_causal=true"]
+TOKEN = ON + ["model.mor.router=token"]
+
+
+def test_default_is_disabled_and_any_num_layers_is_fine():
+    cfg = load_config(None, ["model.num_layers=7"])
+    assert cfg.model.mor.enabled is False
+
+
+@pytest.mark.parametrize("overrides", [
+    EXPERT, TOKEN, EXPERT + ["model.mor.capacities=[1.0, 0.5, 0.5]"],
+    EXPERT + ["model.mor.kv_sharing=true"], TOKEN + ["model.mor.token.balancing=loss_free"],
+    ON + ["model.mor.router=token", "model.mor.sharing=cycle", "model.num_layers=6"],
+    TOKEN + ["parallel.world_size=2", "parallel.expert=2"],
+    TOKEN + ["model.moe.layer_freq=2", "model.num_layers=8", "model.mor.num_recursions=3"],
+])
+def test_valid_mor_configs_load(overrides):
+    assert load_config(None, overrides).model.mor.enabled
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (EXPERT + ["model.num_layers=7"], "model.num_layers"),                 # L − 2 = 5, N_r = 3
+    (EXPERT + ["model.mor.sharing=cycle"], "model.num_layers"),            # L = 8, N_r = 3
+    (EXPERT + ["model.mor.capacities=[1.0, 0.5, 0.7]"], "model.mor.capacities"),
+    (EXPERT + ["model.mor.capacities=[1.0, 1.5, 0.5]"], "model.mor.capacities"),
+    (EXPERT + ["model.mor.capacities=[1.0, 0.5]"], "model.mor.capacities"),
+    (EXPERT + ["model.mor.capacities=[0.5, 0.5, 0.0]"], "model.mor.capacities"),
+    (TOKEN + ["model.mor.capacities=[1.0, 0.5, 0.5]"], "model.mor.capacities"),
+    (EXPERT + ["model.mor.capacities=[0.9, 0.5, 0.5]", "model.mor.kv_sharing=true"],
+     "model.mor.kv_sharing"),
+    (ON, "model.mor.router"),                                              # expert, no opt-in
+    (EXPERT + ["model.mor.router=depth"], "model.mor.router"),
+    (EXPERT + ["model.mor.sharing=ring"], "model.mor.sharing"),
+    (EXPERT + ["model.mor.num_recursions=0"], "model.mor.num_recursions"),
+    (EXPERT + ["model.mor.alpha=0"], "model.mor.alpha"),
+    (EXPERT + ["model.mor.gating=sum"], "model.mor.gating"),
+    (TOKEN + ["model.mor.token.balancing=none"], "model.mor.token.balancing"),
+    (TOKEN + ["parallel.world_size=2", "parallel.pipeline=2"], "parallel.pipeline"),
+    (TOKEN + ["parallel.world_size=2", "parallel.tensor=2"], "parallel.tensor"),
+    (TOKEN + ["model.moe.router=soft"], "model.moe.router"),
+    (TOKEN + ["data.synthetic_modalities=2"], "data.synthetic_modalities"),
+    # L = 8, N_r = 2: K = 3, unrolled layers 1 and 4 share pool slot 1 but differ
+    (TOKEN + ["model.mor.num_recursions=2", "model.moe.layer_freq=2"], "model.moe.layer_freq"),
+])
+def test_mistakes_and_unsupported_layouts_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(f"{field}:"), str(err.value)
