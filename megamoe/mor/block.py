@@ -90,8 +90,7 @@ class RecursionBlock(nn.Module):
         for r in range(len(self.steps)):
             step = self.router.step(r, h_SBD.transpose(0, 1), prev)
             comp = Compaction(step.selected_BK, step.valid_BK)
-            if not bool(comp.valid_BK.any()):
-                break
+            # no early exit when nothing is kept: other ranks' MoE layers wait for this one
             f_KBD = self.run_step(r, h_SBD, comp, rope_S11d, kv_cache)
             if self.gating == "weighted":
                 f_KBD = f_KBD * step.gate_BK.T[..., None].to(f_KBD.dtype)
@@ -109,9 +108,7 @@ class RecursionBlock(nn.Module):
         depth_SB, gate_SB = a.depth_BS.T, a.gate_BS.T
         out_SBD, x_SBD = h_SBD, h_SBD
         for r in range(len(self.steps)):
-            active_BS = a.depth_BS >= r
-            if not bool(active_BS.any()):
-                break
+            active_BS = a.depth_BS >= r      # may be empty: the step still runs (pads only)
             comp = Compaction.from_mask(active_BS)
             f_SBD = comp.expand(self.run_step(r, x_SBD, comp, rope_S11d, kv_cache), S)
             exit_SB = (depth_SB == r).to(f_SBD.dtype)

@@ -23,9 +23,11 @@ import torch
 
 def compact_rows(keep_BN: torch.Tensor, cand_BN: torch.Tensor, *values_BN: torch.Tensor):
     """The kept candidates of every row in their (ascending) order, padded to the longest row:
-    (index_BK, valid_BK, *values_BK); pads hold index 0 and value 0."""
+    (index_BK, valid_BK, *values_BK); pads hold index 0 and value 0. K ≥ 1 even when nothing
+    is kept: a step then runs one pad per sequence, so that every rank runs every recursion
+    step and the collectives inside shared layers (expert-parallel MoE) stay matched."""
     counts_B = keep_BN.sum(1)
-    K = int(counts_B.max().item()) if keep_BN.numel() else 0
+    K = max(1, int(counts_B.max().item()) if keep_BN.numel() else 0)
     # a stable sort moves kept entries first and keeps their order
     order_BK = torch.sort((~keep_BN).to(torch.int8), dim=1, stable=True).indices[:, :K]
     valid_BK = torch.arange(K, device=keep_BN.device)[None, :] < counts_B[:, None]

@@ -2,8 +2,8 @@
 §2.1–§2.2; papers.md §1.2–§1.5).
 
 `MoRDecoder` is a `TransformerBlock` whose layers are, for Middle-Cycle / Middle-Sequence,
-unique first layer → `RecursionBlock` (the shared pool applied N_r times) → unique last layer →
-final norm; for Cycle / Sequence only the recursion block and the norm. GPTModel's rotary table
+the unique first layer → `RecursionBlock` (the shared pool applied N_r times) → the unique
+last layer → final norm; for Cycle / Sequence only the recursion block and the norm. GPTModel's rotary table
 of the full sequence ([S, 1, 1, d]) is passed through to the block, which gathers it at the
 original positions of each step's tokens.
 
