@@ -31,10 +31,13 @@ def renormalize_overrides(norm_topk_prob: bool, where: str) -> list[str]:
 
 def export_problems(cfg) -> list[str]:
     """What no export expresses, megamoe's remote code included."""
-    moe = cfg.model.moe
+    moe, bad = cfg.model.moe, []
+    mor = getattr(cfg.model, "mor", None)
+    if mor is not None and mor.enabled:
+        bad.append("model.mor.enabled: Mixture-of-Recursions models do not export to Hugging "
+                   "Face yet (the recursion block is not in the remote code)")
     if not moe.num_experts:
-        return []
-    bad = []
+        return bad
     if moe.capacity_factor is not None:
         bad.append("model.moe.capacity_factor: token dropping depends on the whole micro-batch; "
                    "exports are dropless")

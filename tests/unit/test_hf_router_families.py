@@ -325,3 +325,13 @@ def test_missing_context_without_a_synthetic_rule_raises(results, tmp_path):
         hf, _ = _load_hf(str(copy))
         with pytest.raises(ValueError, match=kwarg):
             hf(input_ids=_tokens_BS(TINY_VOCAB))
+
+
+def test_mixture_of_recursions_is_refused_not_exported_wrong():
+    from megamoe.checkpoint.hf import family_for
+    from megamoe.config import load_config
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mor_token.yaml")
+    cfg = load_config(recipe, ["parallel.world_size=1", "parallel.expert=1"])
+    with pytest.raises(ValueError, match="model.mor.enabled"):
+        family_for(cfg)
