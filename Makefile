@@ -1,5 +1,5 @@
 # Frequent commands. `make setup` once; the others assume .venv exists.
-.PHONY: setup quickstart test test-unit test-dist bench clean
+.PHONY: setup quickstart test test-unit test-dist bench bench-mor clean
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,9 @@ test-dist:
 
 bench:
 	OMP_NUM_THREADS=1 .venv/bin/python tools/bench_moe.py
+
+bench-mor:
+	OMP_NUM_THREADS=1 .venv/bin/python tools/bench_mor.py
 
 clean:
 	rm -rf runs .pytest_cache
