@@ -82,3 +82,44 @@ def mor_flops_per_token(cfg, vocab_size: int) -> float:
         shared_kv = mor.kv_sharing and step is not None and step > 0
         attention += 6 * heads * d * (k if shared_kv else k * k / S)
     return 6.0 * active + attention
+
+
+def layer_flops(matmul_params: int, attn_width: int, k: float, seq_len: int,
+                shared_kv: bool = False) -> float:
+    """Training FLOPs of one unrolled layer on one sequence of which k tokens run it: 6·P·k for
+    the matmuls (∝ k_r) plus 6·(h·d)·k² for attention among the k tokens (∝ k_r²;
+    6·(h·d)·k·S with recursive KV sharing). `attn_width` = h·d (heads × head dim)."""
+    return 6.0 * matmul_params * k + 6.0 * attn_width * (k * seq_len if shared_kv else k * k)
+
+
+def predicted_block_ratio(matmul_params: int, attn_width: int, seq_len: int,
+                          kept: list[float]) -> float:
+    """FLOPs of a recursion block whose step r runs kept[r] tokens of each sequence, over the
+    same block running all S tokens at every step (the shared layers per step cancel)."""
+    block = sum(layer_flops(matmul_params, attn_width, k, seq_len) for k in kept)
+    return block / (len(kept) * layer_flops(matmul_params, attn_width, seq_len, seq_len))
+
+
+def step_kept(cfg) -> list[float]:
+    """k_r: tokens of a sequence that run recursion step r (expected count for token-choice)."""
+    return [f * cfg.model.seq_length for f in step_fractions(cfg)]
+
+
+def mor_flops_by_step(cfg, vocab_size: int) -> dict[str, float]:
+    """Training FLOPs per token of the sequence split into the recursion steps' shared layers
+    ("step r", r = 1..N_r) and everything else ("outside", embedding, unique layers, depth
+    routers); the values sum to `mor_flops_per_token`."""
+    from megamoe.training.metrics import layer_parameters
+
+    m, mor = cfg.model, cfg.model.mor
+    S, heads = m.seq_length, m.num_attention_heads
+    width = heads * (m.kv_channels or m.hidden_size // heads)
+    _, moe_slots, rows = _unrolled(cfg)
+    steps = [0.0] * mor.num_recursions
+    for slot, frac, step in rows:
+        if step is not None:
+            shared_kv = mor.kv_sharing and step > 0
+            steps[step] += layer_flops(layer_parameters(cfg, slot in moe_slots)[1], width,
+                                       frac * S, S, shared_kv) / S
+    total = mor_flops_per_token(cfg, vocab_size)
+    return {"outside": total - sum(steps), **{f"step {r + 1}": f for r, f in enumerate(steps)}}
