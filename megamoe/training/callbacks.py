@@ -22,6 +22,9 @@ def _line(step: int, total: int, m: dict) -> str:
         parts.append(f"dropped {100 * m['router/dropped_fraction']:.1f}%")
     if m.get("router/threshold") is not None:
         parts.append(f"τ {m['router/threshold']:.3f}")
+    if m.get("mor/depth") is not None:
+        kept = [v for k, v in m.items() if k.startswith("mor/kept_step_")]
+        parts.append("kept " + "/".join(f"{100 * v:.0f}" for v in kept) + "%")
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     return " | ".join(parts)
@@ -73,8 +76,25 @@ class TensorBoardCallback(Callback):
         for key, value in m.items():
             if key.startswith("router/") or key.endswith("load_balancing_loss"):
                 self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+            elif key.startswith("mor/") and key != "mor/depth":
+                self.writer.add_scalar(key, value, step)
+        if m.get("mor/depth") is not None:
+            self._depth_histogram(m["mor/depth"], step)
         for layer, load in m.get("expert_load", {}).items():
             self.writer.add_histogram(f"experts/load_layer{layer}", load, step)
+
+    def _depth_histogram(self, counts: list[int], step: int) -> None:
+        """`mor/depth`: tokens per recursion depth d = 0..N_r, one bucket per depth."""
+        depths = [d for d, c in enumerate(counts) if c]
+        if not depths:
+            return
+        num = sum(counts)
+        self.writer.add_histogram_raw(
+            "mor/depth", min=depths[0], max=depths[-1], num=num,
+            sum=sum(d * c for d, c in enumerate(counts)),
+            sum_squares=sum(d * d * c for d, c in enumerate(counts)),
+            bucket_limits=[d + 0.5 for d in range(len(counts))], bucket_counts=counts,
+            global_step=step)
 
     def on_eval(self, step: int, val_loss: float) -> None:
         self.writer.add_scalar("valid/loss", val_loss, step)

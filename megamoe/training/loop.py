@@ -72,6 +72,7 @@ def train(cfg, device: torch.device) -> dict:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     total_params, active_params = M.parameter_counts(cfg, vocab)
     flops_tok, peak = M.flops_per_token(cfg, vocab), _peak_flops(device)
+    mor_stats = M.MoRDepthStats(engine.modules) if cfg.model.mor.enabled else None
     callbacks = []
     if rank0:
         callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress))
@@ -80,6 +81,8 @@ def train(cfg, device: torch.device) -> dict:
             callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard")))
     info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "
             f"{active_params:,} active per token", "run dir": cfg.run.dir, "vocab": vocab}
+    if cfg.model.mor.enabled:
+        info["MoR FLOPs/token by recursion step"] = _mor_flops_line(cfg, vocab)
     if hasattr(train_ds, "entropy_rate"):
         info["corpus entropy rate"] = f"{train_ds.entropy_rate:.4f} nats/token"
     if resumed:
@@ -103,6 +106,8 @@ def train(cfg, device: torch.device) -> dict:
         load = M.expert_load(engine.modules, cfg.model.num_layers, cfg.model.moe.num_experts)
         router = M.router_losses(cfg, engine.pg, len(mbs))
         router.update(M.routing_stats(engine.modules))
+        if mor_stats is not None:
+            router.update(mor_stats.read(tokens_per_step))
         dt = time.perf_counter() - t0
         m = {"loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
              "tokens_per_s": tokens_per_step / dt, "imbalance": M.imbalance(load),
@@ -155,6 +160,17 @@ def train(cfg, device: torch.device) -> dict:
         for cb in callbacks:
             cb.on_end(summary)
     return summary
+
+
+def _mor_flops_line(cfg, vocab: int) -> str:
+    """Training FLOPs per token outside the recursion block and in each step r (k_r tokens of
+    the sequence run it), e.g. "outside 8.4e+05, step 1 (k=64) 7.9e+05, …; total 2.4e+06"."""
+    from megamoe.mor.accounting import mor_flops_by_step, step_kept
+
+    parts, kept = mor_flops_by_step(cfg, vocab), step_kept(cfg)
+    text = [f"outside {parts['outside']:.3g}"]
+    text += [f"step {r + 1} (k={k:.4g}) {parts[f'step {r + 1}']:.3g}" for r, k in enumerate(kept)]
+    return ", ".join(text) + f"; total {sum(parts.values()):.3g}"
 
 
 def _save(cfg, engine, async_queue=None) -> str:
