@@ -169,7 +169,8 @@ def _mor_flops_line(cfg, vocab: int) -> str:
 
     parts, kept = mor_flops_by_step(cfg, vocab), step_kept(cfg)
     text = [f"outside {parts['outside']:.3g}"]
-    text += [f"step {r + 1} (k={k:.4g}) {parts[f'step {r + 1}']:.3g}" for r, k in enumerate(kept)]
+    text += [f"step {r} (k={k:.4g}) {parts[f'step {r}']:.3g}"
+             for r, k in enumerate(kept, start=1)]
     return ", ".join(text) + f"; total {sum(parts.values()):.3g}"
 
 
