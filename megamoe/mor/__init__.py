@@ -1,6 +1,7 @@
 """Mixture-of-Recursions (Bae et al., arXiv 2507.10524; papers.md §1) on Megatron-Core.
 
-What exists (increment 1: the block, one process; increment 2: in the LM, DP and EP):
+What exists (increment 1: the block, one process; increment 2: in the LM, DP and EP;
+increment 3: TP + SP):
 - `sharing.py`      Cycle / Sequence / Middle-Cycle (default) / Middle-Sequence maps, §1.2;
                     `SharingPlan.recursion_steps()` gives the pool slots of each recursion step.
 - `expert_choice.py` one linear router per step, α·σ(z), C_r = (N_r−r+1)/N_r, hierarchical
@@ -14,11 +15,20 @@ What exists (increment 1: the block, one process; increment 2: in the LM, DP and
                     stores / reuses first-recursion K/V; `RecursionKVCache` measures KV memory.
 - `block.py`        `RecursionBlock`: shared `TransformerLayer`s built from megamoe's decoder
                     layer spec (MoE FFNs allowed) applied N_r times on compacted batches.
+                    TP + SP (`sp_group`): input/output are SP shards [S/TP, B, D]; the block
+                    all-gathers the sequence, routes and compacts it identically on every TP
+                    rank, pads K to a multiple of TP (`Compaction.padded`: index 0, masked as
+                    keys, dropped from the output), scatters the compact batch into SP shards
+                    for the shared layers, gathers their output, scatters the result back.
+                    Gathers use `tensor_parallel_output_grad=False` (backward keeps this rank's
+                    slice, since what follows is replicated over TP); router weights are not
+                    `sequence_parallel` (each TP rank holds the full, identical gradient).
 - `decoder.py`      `MoRDecoder`, the `TransformerBlock` that `models.lm.build_lm` puts into
                     GPTModel when `model.mor.enabled`: unique first layer → RecursionBlock →
                     unique last layer → final norm (Cycle/Sequence: block + norm), GPTModel's
                     rotary table passed through; the depth-router loss attached with Megatron's
-                    `MoEAuxLossAutoScaler`, × S·B per micro-batch as MoE aux losses under
+                    `MoEAuxLossAutoScaler`, × S·B per micro-batch (S the full sequence, also
+                    under SP) as MoE aux losses under
                     `calculate_per_token_loss`; non-homogeneous checkpoint keys
                     (`decoder.layers.{0,1}`, `decoder.recursion.layers.{j}`,
                     `decoder.recursion.router.*`), initialised by global key (models.init);
@@ -27,31 +37,32 @@ What exists (increment 1: the block, one process; increment 2: in the LM, DP and
 - `accounting.py`   parameters (pool counted once) and FLOPs per token with the capacities
                     (token-choice: perfect balance), used by `training.metrics`.
 - Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
-  TP > 1, non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
+  non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
   pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
+  TP > 1 with MoE layers in the shared pool only when no TP pad can appear: expert-choice with
+  every k_r divisible by TP (else `model.mor.capacities`), token-choice refused
+  (`parallel.tensor`) — shared MoE routers do not take pads as padding yet (next, 3).
   Recipes `configs/mor_expert.yaml`, `configs/mor_token.yaml` (EP2, MoE in every layer).
 - Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting),
-  tests/distributed/test_mor_parity.py (DP2, EP2 × expert/token, negative controls on a shared
-  pool weight), test_mor_checkpoint.py (save/load of every parameter and buffer),
+  tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense, k = 16, 10, 5) × expert/
+  token, EP2×TP2 expert-choice (k = 16, 8, 4), negative controls on a shared pool weight), test_mor_checkpoint.py (save/load of every parameter and buffer),
   test_mor_train.py (30 steps of both recipes: loss falls, stays above the entropy rate).
 
 Next increments:
-1. TP + SP: under sequence parallelism the hidden states are S/TP per rank; route and compact
-   on the gathered sequence (all-gather over TP, as `moe.routers.sp_gather` does), pad every
-   compacted length K to a multiple of TP (extra pads, masked like the others) and scatter
-   back to the SP shard. Expert-choice top-k is per sequence, so all TP ranks agree. Router
-   weights are TP-replicated: their gradients must come out identical on TP ranks (they do if
-   computed on the gathered sequence; otherwise mark them `sequence_parallel` for the TP
-   all-reduce). Parity TP2+SP with a k_r that TP does not divide. Then lift the refusal in
-   `config/mor.py::check_mor`.
-2. PP: the recursion block on one stage at first (shared weights across stages would need
+1. PP: the recursion block on one stage at first (shared weights across stages would need
    tied-gradient reduction like shared embeddings); stage balancing counts FLOPs, not layers
    (`accounting.py`: step r costs ∝ k_r (linear) + k_r² (attention)). `MoRDecoder` then needs
    pre/post-process flags and offsets; today it asserts one stage.
-3. Routing context inside the block: gather per-token fields (modality ids) with the same
+2. Routing context inside the block: gather per-token fields (modality ids) with the same
    `Compaction` before shared MoE layers see the compacted batch, and hand pads to the MoE
-   router as `padding_mask` (pads of token-choice, and the one-pad steps, currently count in
-   the MoE aux loss of shared MoE layers). Then admit the other MoE router families.
+   router as `padding_mask` (Megatron 0.16's `TopKRouter.routing` accepts one, megamoe's
+   `MegamoeMoELayer.route` / `TopKRouter.routing` drop it today; pads of token-choice, the
+   one-pad steps and TP pads count in the shared MoE layers' aux/z losses, capacity and
+   loss-free counts). Then lift `config/mor.py::_check_tp_pads` (token-choice + MoE + TP,
+   k_r that TP does not divide) and admit the other MoE router families.
+3. TP without the recompute: the block replicates routing, compaction and the residual update
+   over TP ranks (O(S·B·D) per rank, small next to the layers); a sharded residual update
+   would need the compact positions per SP shard.
 4. Logging: MoR statistics (kept fraction per step, depth histogram, sampling accuracy, dead
    tokens) into the trainer's metrics like `training.metrics.routing_stats` (today only
    `RecursionBlock.last_stats` holds them); the causality log line for expert-choice.

@@ -15,6 +15,15 @@ result is scattered back:
 KV strategies (§1.6): recursion-wise caching is what compaction computes; `kv_sharing=True`
 makes steps r > 0 attend to the first recursion's K/V of the full sequence (attention.py).
 
+Tensor + sequence parallelism (`sp_group`, the TP group when SP is on): the block's input and
+output are this rank's SP shard [S/TP, B, D]. The block all-gathers the sequence, so that every
+TP rank routes the same full sequence (identical selections, router forward and backward
+replicated: router weights need no TP reduction), pads each compact batch to a multiple of TP
+with masked pads, hands the shared layers SP shards of it and all-gathers their output. Every
+gather is followed by computation replicated over TP, so its backward keeps this rank's slice of
+the (identical) gradient instead of Megatron's default reduce-scatter (which would count it TP
+times); scatters' backward all-gathers.
+
 Shapes: S sequence, B batch, K gathered tokens, D hidden, d rotary dim. Hidden states are in
 Megatron's [S, B, D] layout.
 """
@@ -25,6 +34,11 @@ import dataclasses
 
 import torch
 from torch import nn
+
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 
 from megamoe.mor.attention import KVContext, MoRSelfAttention, RecursionKVCache
 from megamoe.mor.compaction import Compaction
@@ -60,7 +74,7 @@ class RecursionBlock(nn.Module):
     recursion step r (`SharingPlan.recursion_steps()`, mapped to this list)."""
 
     def __init__(self, layers: nn.ModuleList, steps, router, *, kv_sharing: bool = False,
-                 gating: str = "weighted"):
+                 gating: str = "weighted", sp_group=None):
         super().__init__()
         if gating not in ("weighted", "additive"):
             raise ValueError(f"model.mor.gating={gating!r}: weighted or additive")
@@ -72,6 +86,8 @@ class RecursionBlock(nn.Module):
                              f"(its K/V cover the whole sequence), got {router.capacities}")
         self.layers, self.steps, self.router = layers, [tuple(s) for s in steps], router
         self.kv_sharing, self.gating = kv_sharing, gating
+        # the TP group under sequence parallelism (None: inputs hold the whole sequence)
+        self.sp_group = sp_group if sp_group is not None and sp_group.size() > 1 else None
         self.last_aux_loss = None          # the router's loss term of the last forward
         self.last_stats: dict = {}
 
@@ -80,9 +96,16 @@ class RecursionBlock(nn.Module):
         """`rotary_pos_emb`: Megatron's rotary table of the full sequence, [S, 1, 1, d]."""
         if kv_cache is None and self.kv_sharing:
             kv_cache = RecursionKVCache()
+        if self.sp_group is not None:       # [S/TP, B, D] → [S, B, D], replicated below
+            hidden_SBD = gather_from_sequence_parallel_region(
+                hidden_SBD, tensor_parallel_output_grad=False, group=self.sp_group)
         if isinstance(self.router, TokenChoiceDepthRouter):
-            return self._token_choice(hidden_SBD, rotary_pos_emb, kv_cache)
-        return self._expert_choice(hidden_SBD, rotary_pos_emb, kv_cache)
+            out_SBD = self._token_choice(hidden_SBD, rotary_pos_emb, kv_cache)
+        else:
+            out_SBD = self._expert_choice(hidden_SBD, rotary_pos_emb, kv_cache)
+        if self.sp_group is not None:
+            out_SBD = scatter_to_sequence_parallel_region(out_SBD, group=self.sp_group)
+        return out_SBD
 
     def _expert_choice(self, h_SBD, rope_S11d, kv_cache):
         S = h_SBD.shape[0]
@@ -120,7 +143,11 @@ class RecursionBlock(nn.Module):
         return out_SBD
 
     def run_step(self, r: int, h_SBD, comp: Compaction, rope_S11d, kv_cache) -> torch.Tensor:
-        """The shared layers of step r on the gathered tokens: f(H) of those tokens, [K, B, D]."""
+        """The shared layers of step r on the gathered tokens: f(H) of those tokens, [K, B, D].
+        Under SP the compact batch is padded to K_p, a multiple of TP, and sharded."""
+        K = comp.size
+        if self.sp_group is not None:
+            comp = comp.padded(self.sp_group.size())
         x_KBD = comp.gather(h_SBD)
         S = h_SBD.shape[0]
         rope_q = comp.rotary(rope_S11d)
@@ -131,6 +158,8 @@ class RecursionBlock(nn.Module):
             mask, rope = comp.self_mask(), rope_q
         if self.kv_sharing and r == 0:
             assert bool(comp.valid_BK.all()) and comp.size == S, "step 0 must keep every token"
+        if self.sp_group is not None:       # [K_p, B, D] → this rank's [K_p/TP, B, D]
+            x_KBD = scatter_to_sequence_parallel_region(x_KBD, group=self.sp_group)
         for j, idx in enumerate(self.steps[r]):
             layer = self.layers[idx]
             attn = layer.self_attention
@@ -140,4 +169,7 @@ class RecursionBlock(nn.Module):
                 x_KBD, _ = layer(x_KBD, attention_mask=mask, rotary_pos_emb=rope)
             finally:
                 attn.kv_context = None
-        return x_KBD
+        if self.sp_group is not None:
+            x_KBD = gather_from_sequence_parallel_region(
+                x_KBD, tensor_parallel_output_grad=False, group=self.sp_group)
+        return x_KBD[:K]

@@ -53,6 +53,16 @@ class Compaction:
     def size(self) -> int:
         return self.index_BK.shape[1]
 
+    def padded(self, multiple: int) -> "Compaction":
+        """K rounded up to a multiple of `multiple` with extra pads (index 0, invalid): the
+        compact batch of a step must split into equal sequence-parallel shards."""
+        extra = -self.size % multiple
+        if not extra:
+            return self
+        B = self.index_BK.shape[0]
+        return Compaction(torch.cat([self.index_BK, self.index_BK.new_zeros(B, extra)], 1),
+                          torch.cat([self.valid_BK, self.valid_BK.new_zeros(B, extra)], 1))
+
     def active_mask(self, S: int) -> torch.Tensor:
         """bool [B, S]: the tokens this compaction holds."""
         counts_BS = torch.zeros(self.index_BK.shape[0], S, dtype=torch.int32,

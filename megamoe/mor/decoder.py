@@ -7,6 +7,11 @@ last layer → final norm; for Cycle / Sequence only the recursion block and the
 of the full sequence ([S, 1, 1, d]) is passed through to the block, which gathers it at the
 original positions of each step's tokens.
 
+Under tensor + sequence parallelism the decoder's hidden states are SP shards [S/TP, B, D];
+the recursion block gathers the sequence itself (block.py), so every TP rank routes the same
+tokens; the depth-router loss is attached on every TP rank (its gradient is replicated, like
+the router's computation, and the router weights get no TP reduction).
+
 Depth-router loss: the block's term (coeff · Σ_r BCE, or the token-choice balance / z-loss) is a
 mean over the micro-batch's tokens. It joins the LM loss through Megatron's
 `MoEAuxLossAutoScaler` exactly like Megatron's MoE aux losses under `calculate_per_token_loss`:
@@ -86,8 +91,10 @@ class MoRDecoder(TransformerBlock):
         pool_slots = sorted({s for step in steps for s in step})
         index = {slot: i for i, slot in enumerate(pool_slots)}
         pool = build_shared_layers(self.config, pool_slots, moe_slots, pg, **kwargs)
+        sp_group = pg.tp if self.config.sequence_parallel else None
         self.recursion = RecursionBlock(pool, [tuple(index[s] for s in st) for st in steps],
-                                        router, kv_sharing=kv_sharing, gating=gating)
+                                        router, kv_sharing=kv_sharing, gating=gating,
+                                        sp_group=sp_group)
         self.has_unique_layers = bool(unique)
 
     def forward(self, hidden_states, attention_mask, context=None, context_mask=None,
@@ -116,8 +123,9 @@ class MoRDecoder(TransformerBlock):
         aux = self.recursion.last_aux_loss
         if aux is None or not (self.training and torch.is_grad_enabled()) or not aux.requires_grad:
             return h_SBD
-        if self.config.calculate_per_token_loss:
-            aux = aux * (h_SBD.shape[0] * h_SBD.shape[1])
+        if self.config.calculate_per_token_loss:     # the micro-batch's S·B (all SP shards)
+            sp = self.recursion.sp_group
+            aux = aux * (h_SBD.shape[0] * h_SBD.shape[1] * (sp.size() if sp is not None else 1))
         if MoEAuxLossAutoScaler.main_loss_backward_scale is None:
             # Megatron's schedule sets the scale only for MoE models; set it as it would (its
             # [1] shape: a later MoE model in this process copies into it), loss scale 1

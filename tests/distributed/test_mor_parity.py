@@ -7,6 +7,11 @@ expert-choice capacities [1, 2/3, 1/3] (k = 16, 10, 5 of S = 16). EP2 puts 4-exp
 every layer, shared ones included (the dispatcher sees a different token count per step).
 Token-choice under DP2 uses the loss-free bias, whose update averages the depth ratios over the
 DP ranks (compared as a router buffer).
+
+TP2 + SP (dense): the recursion block routes the TP-gathered sequence and pads each compact
+batch to a multiple of TP; k = 5 at the last expert-choice step is not divisible by 2 (one pad
+per sequence), token-choice lengths vary. EP2 × TP2 (world 4, MoE everywhere): capacities
+[1, 1/2, 1/4] (k = 16, 8, 4) — with MoE in the pool, config refuses k_r that TP does not divide.
 """
 
 import pytest
@@ -23,6 +28,8 @@ ROUTERS = {
 }
 LOSS_FREE = ["model.mor.token.balancing=loss_free", "model.mor.token.bias_rate=0.01"]
 DENSE = ["model.moe.num_experts=0"]
+# gloo's all-gather needs equal sizes: experts unsharded (as in test_parity.py's ep2_tp2)
+EP2_TP2 = ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"]
 
 # (id, router, layout overrides, model overrides (the reference's too))
 CASES = [
@@ -30,6 +37,9 @@ CASES = [
     ("dp2_token_loss_free", "token", [], DENSE + LOSS_FREE),
     ("ep2_expert", "expert", ["parallel.expert=2"], []),
     ("ep2_token", "token", ["parallel.expert=2"], []),
+    ("tp2_expert", "expert", ["parallel.tensor=2"], DENSE),
+    ("tp2_token", "token", ["parallel.tensor=2"], DENSE),
+    ("ep2_tp2_expert", "expert", EP2_TP2, ["model.mor.capacities=[1.0,0.5,0.25]"]),
 ]
 _REFERENCES = {}
 
@@ -55,6 +65,11 @@ def reference(model_overrides: tuple):
     return _REFERENCES[model_overrides]
 
 
+def world(layout) -> int:
+    """2 ranks, 4 for EP2 × TP2 (DP2 for the experts' data-parallel replicas)."""
+    return 4 if {"parallel.tensor=2", "parallel.expert=2"} <= set(layout) else 2
+
+
 def _case(router, layout, model):
     model = tuple(MOR + ROUTERS[router] + model)
     return reference(model), list(model) + layout
@@ -64,7 +79,7 @@ def _case(router, layout, model):
 @pytest.mark.parametrize("name,router,layout,model", CASES, ids=[c[0] for c in CASES])
 def test_mor_layout_matches_single_process(name, router, layout, model):
     ref, overrides = _case(router, layout, model)
-    got = run_distributed(parity_task, 2, overrides)[0]
+    got = run_distributed(parity_task, world(layout), overrides)[0]
     problems = compare(ref, got)
     assert not problems, "\n".join(problems[:20])
     # the comparison covered the depth router and the shared pool
@@ -73,7 +88,7 @@ def test_mor_layout_matches_single_process(name, router, layout, model):
     if "loss_free" in name:
         bias = got.router_state["mor.router_bias"]
         assert bias.abs().max() > 0 and torch.equal(bias, ref.router_state["mor.router_bias"])
-    if layout:
+    if "parallel.expert=2" in layout:
         assert any("recursion.layers.0.mlp.experts" in k for k in got.params)
 
 
@@ -81,6 +96,6 @@ def test_mor_layout_matches_single_process(name, router, layout, model):
 @pytest.mark.parametrize("name,router,layout,model", CASES, ids=[c[0] for c in CASES])
 def test_mor_negative_control(name, router, layout, model):
     ref, overrides = _case(router, layout, model)
-    got = run_distributed(parity_task, 2, overrides, perturb=perturb_shared_pool)[0]
+    got = run_distributed(parity_task, world(layout), overrides, perturb=perturb_shared_pool)[0]
     problems = compare(ref, got)
     assert any("recursion.layers.0" in p for p in problems), problems[:5]
