@@ -225,3 +225,20 @@ def test_kv_memory_ratios():
     # capacities [1, 2/3, 1/3] at S = 12: (12 + 8 + 4) / 36 = 2/3 = (N_r+1)/(2N_r); sharing 1/N_r
     assert run_distributed(kv_memory_task, 1, False)[0] == pytest.approx(2 / 3)
     assert run_distributed(kv_memory_task, 1, True)[0] == pytest.approx(1 / 3)
+
+
+def test_padded_compaction_adds_hidden_pads_and_changes_nothing_else():
+    """Under SP a compact batch of K = 3 is padded to 4 for TP2: the pad is hidden as a key,
+    the real rows' mask and the scattered output are those of the unpadded compaction."""
+    from megamoe.mor.compaction import Compaction
+
+    comp = Compaction.from_mask(torch.tensor([[True, False, True, True, False],
+                                              [False, True, False, False, False]]))
+    padded = comp.padded(2)
+    assert comp.size == 3 and padded.size == 4 and comp.padded(3) is comp
+    assert padded.valid_BK.tolist() == [[True, True, True, False], [True, False, False, False]]
+    mask = padded.self_mask()
+    assert torch.equal(mask[..., :3, :3], comp.self_mask())
+    assert bool(mask[..., :3, 3].all())                      # the pad is no real token's key
+    y = torch.randn(4, 2, 3)
+    assert torch.equal(padded.expand(y, 5), comp.expand(y[:3], 5))
