@@ -10,6 +10,7 @@ from megamoe.testing.pool import run_distributed
 
 EP2 = (2, ["parallel.expert=2"], 2)
 EP2_TP2 = (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"], 2)
+TP2 = (2, ["parallel.tensor=2"], 1)
 
 # (id, model overrides, layouts)
 FAMILIES = [
@@ -18,6 +19,11 @@ FAMILIES = [
                                    "model.moe.loss_free_bias_rate=0.01"], [EP2, EP2_TP2]),
     ("topk_softmax_lossfree_seq_aux", ["model.moe.loss_free_bias_rate=0.01",
                                        "model.moe.aux_loss_type=sequence"], [EP2, EP2_TP2]),
+    # the global-batch loss averages expert counts over the micro-batches seen so far, summed
+    # over DP ranks: under DP that running average depends on the DP size by construction, so
+    # the layout that can match one process is TP+SP (which caught a TP-scale bug here too)
+    ("topk_global_aux", ["model.moe.aux_loss_type=global", "model.moe.aux_loss_coeff=0.1"],
+     [TP2]),
     # Megatron sizes capacity from the rank's tokens: under SP that is the sequence shard, which
     # the reference cannot mirror, so capacity variants are checked under EP (and DP) only
     ("topk_capacity_position", ["model.moe.capacity_factor=1.0", "model.moe.drop_policy=position",
@@ -36,7 +42,7 @@ def reference(dp: int, model_overrides: list):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name,overrides,layout", CASES,
-                         ids=[f"{c[0]}-w{c[2][0]}{'tp2' if c[2] is EP2_TP2 else ''}" for c in CASES])
+                         ids=[f"{c[0]}-w{c[2][0]}{'tp2' if c[2] in (EP2_TP2, TP2) else ''}" for c in CASES])
 def test_family_matches_single_process(name, overrides, layout):
     world, parallel, dp = layout
     ref = reference(dp, overrides)

@@ -104,8 +104,8 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
                                            aux_loss_name, reduce_group,
                                            reduce_group_has_dp=False, valid_token_count=None):
-        if (self.calculate_per_token_loss and reduce_group is self.tp_cp_group
-                and valid_token_count is not None):
+        if (self.calculate_per_token_loss and valid_token_count is not None
+                and reduce_group in (self.tp_cp_group, self.tp_dp_cp_group)):
             valid_token_count = valid_token_count * self.tp_cp_group.size()
         return super().attach_and_log_load_balancing_loss(
             activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
