@@ -12,6 +12,11 @@ probability or position. `loss_free_bias_rate` > 0 adds DeepSeek's selection bia
 combine weights use s, and after each optimizer step b_e ← b_e + u·sign(mean(c) − c_e) with c the
 tokens per expert counted over the step (all micro-batches and ranks). The bias is model state.
 
+The global-batch variant (Megatron's `global_aux_loss`) weights each micro-batch's scores by the
+expert counts of the global batch seen so far (summed over DP ranks, averaged over the step's
+micro-batches until then), so its value depends on how the batch is split over DP ranks; it
+matches one process under TP+SP, and under DP it is Megatron's definition.
+
 Megatron supplies the gating linear, the aux-loss functions, capacity dropping and the loss
 attachment; megamoe scores and selects (for the renormalisation switch and the softmax bias).
 
