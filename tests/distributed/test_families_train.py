@@ -59,5 +59,7 @@ def test_family_trains_above_the_entropy_rate(family, tmp_path):
     assert len(losses) == STEPS
     # routing statistics reach the logs (TensorBoard gets the same keys)
     assert any(k.startswith("router/") for k in records[-1]), sorted(records[-1])
+    if family in ("vmoe", "race"):       # BPR (the vmoe recipe) and Expert Race report τ
+        assert "router/threshold" in records[-1], sorted(records[-1])
     assert sum(losses[-5:]) / 5 < 0.85 * losses[0], losses
     assert min(losses) > summary["entropy_rate"], (min(losses), summary["entropy_rate"])

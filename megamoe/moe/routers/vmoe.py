@@ -179,6 +179,12 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         capacity = vmoe_capacity(gates_NE.shape[0], self.topk, ratio, gates_NE.shape[1],
                                  self.capacity_multiple_of)
         experts_Nk, kept_Nk = assign_buffers(gates_NE, self.topk, capacity, self.priority)
+        self._selection_stats = {"capacity": float(capacity)}
+        if self.priority != "none" and bool(kept_Nk[:, 0].any()):
+            top_Nk = torch.topk(gates_NE.detach(), self.topk, dim=-1).values
+            priority_N = top_Nk[:, 0] if self.priority == "max" else top_Nk.sum(-1)
+            # BPR's effective threshold: the lowest priority whose top-1 choice still got a slot
+            self._selection_stats["threshold"] = priority_N[kept_Nk[:, 0]].min().item()
         return self.shards.local(experts_Nk), self.shards.local(kept_Nk)
 
     def extra_losses(self, logits_TE: torch.Tensor, context: RoutingContext) -> dict:
@@ -206,12 +212,14 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         if self.training and self.sigma > 0:
             noisy_TE = logits_TE + self.noise(S, B, E, logits_TE)
         gates_TE = torch.softmax(noisy_TE, dim=-1)
+        self._selection_stats = {}
         experts_Tk, kept_Tk = self.select(gates_TE)
         weights_Tk = gates_TE.gather(1, experts_Tk) * kept_Tk      # not renormalised
         probs_TE = torch.zeros_like(gates_TE).scatter(1, experts_Tk, weights_Tk)
         routing_map_TE = torch.zeros_like(gates_TE, dtype=torch.bool).scatter(1, experts_Tk,
                                                                               kept_Tk)
         stats = routing_stats(gates_TE.detach(), routing_map_TE, self.topk)
+        stats.update(self._selection_stats)
         aux = {}
         if self.training and torch.is_grad_enabled():
             aux = self.losses(logits_TE, noisy_TE, context)
