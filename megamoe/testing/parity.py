@@ -200,3 +200,42 @@ def parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bool =
     cfg = tiny_config([f"parallel.world_size={world}", *overrides])
     result = parity_run(cfg, TINY_VOCAB, steps=steps, reference_dp=reference_dp, perturb=perturb)
     return result if (not dist.is_initialized() or dist.get_rank() == 0) else None
+
+
+# ---- driving a parity check from a test (runs in the test process) ---------------------------
+
+# (world size, parallel overrides, data-parallel size) of the layouts most families are checked in
+EP2 = (2, ["parallel.expert=2"], 2)
+EP2_TP2 = (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"], 2)
+
+_REFERENCES: dict = {}
+
+
+def reference(overrides, dp: int | None = None, task=None) -> ParityResult:
+    """The single-process reference run of `overrides` (computed once per test session): one
+    rank that sees every micro-batch of a run with data-parallel size `dp` (None: the config's
+    own micro-batches). `task`: a module-level variant of `parity_task`."""
+    from megamoe.testing.pool import run_distributed
+
+    task = task or parity_task
+    key = (task.__module__, task.__qualname__, tuple(overrides), dp)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = run_distributed(task, 1, list(overrides), reference_dp=dp)[0]
+    return _REFERENCES[key]
+
+
+def check_layout(overrides, layout, ref: ParityResult, task=None, perturb=True,
+                 **compare_kw) -> ParityResult:
+    """Assert that `overrides` under `layout` (world, parallel overrides[, dp]) matches `ref`
+    and that the negative control (`perturb`: one expert, or a function of the engine,
+    perturbed on one rank) breaks the match; returns the parallel run's result."""
+    from megamoe.testing.pool import run_distributed
+
+    task = task or parity_task
+    world, parallel = layout[0], list(overrides) + list(layout[1])
+    got = run_distributed(task, world, parallel)[0]
+    problems = compare(ref, got, **compare_kw)
+    assert not problems, "\n".join(problems[:20])
+    bad = run_distributed(task, world, parallel, perturb=perturb)[0]
+    assert compare(ref, bad, **compare_kw), "the perturbed model went unnoticed"
+    return got

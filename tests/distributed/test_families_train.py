@@ -3,12 +3,12 @@ else the quickstart with the family selected) on 2 gloo ranks with EP2; the loss
 never go below the built-in corpus's entropy rate (a lower loss would mean a leak of the future,
 e.g. through a router that looks across tokens); routing statistics are logged."""
 
-import json
 import os
 
 import pytest
 
 from megamoe.testing.pool import run_distributed
+from megamoe.testing.recipes import train_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 30
@@ -28,33 +28,20 @@ def _recipe(family: str) -> tuple[str, list[str]]:
 
 
 def train_family(family: str, run_dir: str):
-    import torch
-    import torch.distributed as dist
-
-    from megamoe.config import load_config
-    from megamoe.training.loop import train
-
     path, extra = _recipe(family)
-    cfg = load_config(path, extra + [
+    return run_distributed(train_recipe, 2, path, extra + [
         "parallel.world_size=2", "parallel.tensor=1", "parallel.pipeline=1",
         "parallel.expert=2", "parallel.expert_tensor=1", "parallel.virtual_pipeline=null",
         "model.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=8",
         f"train.steps={STEPS}", "train.warmup_steps=3", "train.lr=3e-3", "train.eval_iters=0",
-        "train.save_interval=0", "train.resume=none", f"run.dir={run_dir}",
-        "run.tensorboard=false", "run.progress=false", "run.log_interval=1000",
-    ])
-    summary = train(cfg, torch.device("cpu"))
-    if dist.get_rank() != 0:
-        return None
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if '"loss"' in line]
-    return summary, records
+        "train.save_interval=0", "train.resume=none", "run.tensorboard=false",
+        "run.log_interval=1000"], run_dir)[0]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", _families())
 def test_family_trains_above_the_entropy_rate(family, tmp_path):
-    summary, records = run_distributed(train_family, 2, family, str(tmp_path))[0]
+    summary, records = train_family(family, str(tmp_path))
     losses = [r["loss"] for r in records]
     assert len(losses) == STEPS
     # routing statistics reach the logs (TensorBoard gets the same keys)

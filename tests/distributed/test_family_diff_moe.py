@@ -8,15 +8,12 @@ with a non-zero global value instead (the zero initialisation has its own unit t
 
 import pytest
 
-from megamoe.testing.parity import GRAD_ATOL, compare, parity_task
-from megamoe.testing.pool import run_distributed
+from megamoe.testing.parity import EP2, EP2_TP2, GRAD_ATOL, check_layout, parity_task, reference
 
 FAMILY = ["model.moe.router=diff_moe", "model.moe.diff_moe.calibration_rank=8",
           "model.moe.shared_expert_ffn_hidden_size=64", "data.synthetic_timesteps=true",
           "model.init_method_std=0.1"]   # expert outputs large enough to train the gates
-LAYOUTS = {"ep2": (2, ["parallel.expert=2"]),
-           "ep2tp2": (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"])}
-_REFERENCE = {}
+LAYOUTS = {"ep2": EP2, "ep2tp2": EP2_TP2}
 
 
 def calibrated_parity_task(*args, **kwargs):
@@ -32,15 +29,13 @@ def calibrated_parity_task(*args, **kwargs):
         init._std_for = zero_rule
 
 
-def reference():
-    if not _REFERENCE:
-        _REFERENCE["ref"] = run_distributed(calibrated_parity_task, 1, FAMILY, reference_dp=2)[0]
-    return _REFERENCE["ref"]
+def calibrated_reference():
+    return reference(FAMILY, dp=2, task=calibrated_parity_task)
 
 
 @pytest.mark.timeout(600)
 def test_calibration_gets_gradients():
-    grads = reference().grads
+    grads = calibrated_reference().grads
     for name in ("timestep_weight", "calibration.weight_in", "calibration.adaln_zero_weight"):
         g = grads[f"decoder.layers.mlp.router.{name}"]
         assert g.abs().max() > 100 * GRAD_ATOL, name    # well above the parity tolerance
@@ -49,9 +44,4 @@ def test_calibration_gets_gradients():
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_matches_single_process(layout):
-    world, parallel = LAYOUTS[layout]
-    got = run_distributed(calibrated_parity_task, world, FAMILY + parallel)[0]
-    problems = compare(reference(), got)
-    assert not problems, "\n".join(problems[:20])
-    bad = run_distributed(calibrated_parity_task, world, FAMILY + parallel, perturb=True)[0]
-    assert compare(reference(), bad), "perturbed expert went unnoticed"
+    check_layout(FAMILY, LAYOUTS[layout], calibrated_reference(), task=calibrated_parity_task)

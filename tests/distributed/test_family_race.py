@@ -15,49 +15,37 @@ Negative controls: a perturbed expert on one rank; the standard per-rank-micro-b
 import pytest
 
 from megamoe.testing.checkpointing import save_then_load
-from megamoe.testing.parity import compare, parity_task
+from megamoe.testing.parity import EP2, EP2_TP2, check_layout, compare, reference
 from megamoe.testing.pool import run_distributed
 
 DP, MBS = 2, 2                       # TINY's micro_batch_size; both layouts have DP 2
 FAMILY = ["model.moe.router=race", "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0",
           "model.moe.race.similarity_loss_coeff=0.1", "model.moe.allow_non_causal=true"]
-LAYOUTS = {"ep2": (2, ["parallel.expert=2"]),
-           "ep2tp2": (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"])}
-_REFERENCES = {}
+LAYOUTS = {"ep2": EP2, "ep2tp2": EP2_TP2}
 
 
-def reference(extra=(), group_micro_batch=True):
+def race_reference(extra=(), group_micro_batch=True):
     """The single process: one micro-batch per DP group micro-batch (or, for the negative
     control, the standard reference that runs each DP rank's micro-batch on its own)."""
-    key = (tuple(extra), group_micro_batch)
-    if key not in _REFERENCES:
-        if group_micro_batch:
-            run = run_distributed(parity_task, 1,
-                                  FAMILY + list(extra) + [f"train.micro_batch_size={MBS * DP}"])
-        else:
-            run = run_distributed(parity_task, 1, FAMILY + list(extra), reference_dp=DP)
-        _REFERENCES[key] = run[0]
-    return _REFERENCES[key]
+    if group_micro_batch:
+        return reference(FAMILY + list(extra) + [f"train.micro_batch_size={MBS * DP}"])
+    return reference(FAMILY + list(extra), dp=DP)
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_matches_single_process_over_the_dp_group(layout):
-    world, parallel = LAYOUTS[layout]
-    got = run_distributed(parity_task, world, FAMILY + parallel)[0]
-    problems = compare(reference(), got)
-    assert not problems, "\n".join(problems[:20])
-    bad = run_distributed(parity_task, world, FAMILY + parallel, perturb=True)[0]
-    assert compare(reference(), bad), "perturbed expert went unnoticed"
-    assert compare(reference(group_micro_batch=False), got), "the race did not span DP ranks"
-    doubled = reference(["model.moe.race.similarity_loss_coeff=0.2"])
+    got = check_layout(FAMILY, LAYOUTS[layout], race_reference())
+    assert compare(race_reference(group_micro_batch=False), got), \
+        "the race did not span DP ranks"
+    doubled = race_reference(["model.moe.race.similarity_loss_coeff=0.2"])
     assert any(p.startswith("grad") for p in compare(doubled, got)), \
         "the similarity loss's scale went unnoticed"
 
 
 @pytest.mark.timeout(300)
 def test_ema_threshold_is_model_state_that_moved():
-    state = reference().router_state
+    state = race_reference().router_state
     ema = {k: v for k, v in state.items() if k.endswith("threshold_ema")}
     updates = {k: v for k, v in state.items() if k.endswith("threshold_updates")}
     assert len(ema) == 4 and len(updates) == 4                # every MoE layer
@@ -83,11 +71,7 @@ PLR = ["model.moe.race.plr_coeff=0.5"]
 def test_plr_head_matches_single_process(layout):
     """The per-layer regularisation head (next-token prediction from the router's hidden layer)
     under EP2 and EP2×TP2+SP; a reference with twice its weight must differ."""
-    world, parallel = LAYOUTS[layout]
-    got = run_distributed(parity_task, world, FAMILY + PLR + parallel)[0]
-    ref = reference(PLR)
-    problems = compare(ref, got)
-    assert not problems, "\n".join(problems[:20])
+    got = check_layout(FAMILY + PLR, LAYOUTS[layout], race_reference(PLR))
     assert any(k.endswith("router.plr_target") for k in got.params)
-    doubled = reference(["model.moe.race.plr_coeff=1.0"])
+    doubled = race_reference(["model.moe.race.plr_coeff=1.0"])
     assert any("plr" in p for p in compare(doubled, got)), "the PLR loss's scale went unnoticed"

@@ -6,11 +6,8 @@ load losses use all-reduced partial sums; perturbing one expert on one rank must
 
 import pytest
 
-from megamoe.testing.parity import compare, parity_task
-from megamoe.testing.pool import run_distributed
+from megamoe.testing.parity import EP2, EP2_TP2, check_layout, reference
 
-EP2 = (2, ["parallel.expert=2"], 2)
-EP2_TP2 = (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"], 1)
 
 VMOE = ["model.moe.router=vmoe", "model.moe.z_loss_coeff=0", "model.moe.allow_non_causal=true",
         "model.moe.vmoe.capacity_ratio=0.75", "model.moe.vmoe.priority=max",
@@ -19,25 +16,10 @@ VMOE = ["model.moe.router=vmoe", "model.moe.z_loss_coeff=0", "model.moe.allow_no
 CASES = [("bpr_max", VMOE, EP2), ("bpr_max", VMOE, EP2_TP2),
          ("dropless", VMOE + ["model.moe.vmoe.capacity_ratio=null",
                                   "model.moe.vmoe.priority=none"], EP2_TP2)]
-_REFERENCES = {}
-
-
-def reference(dp: int, overrides: list):
-    key = (dp, tuple(overrides))
-    if key not in _REFERENCES:
-        _REFERENCES[key] = run_distributed(parity_task, 1, overrides, reference_dp=dp)[0]
-    return _REFERENCES[key]
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name,overrides,layout", CASES,
                          ids=[f"{c[0]}-w{c[2][0]}" for c in CASES])
 def test_vmoe_matches_single_process(name, overrides, layout):
-    world, parallel, dp = layout
-    ref = reference(dp, overrides)
+    ref = reference(overrides, dp=layout[2])
     assert any(k.endswith("noise_step") for k in ref.router_state)
-    got = run_distributed(parity_task, world, overrides + parallel)[0]
-    problems = compare(ref, got)
-    assert not problems, "\n".join(problems[:20])
-    bad = run_distributed(parity_task, world, overrides + parallel, perturb=True)[0]
-    assert compare(ref, bad), "perturbed expert went unnoticed"
+    check_layout(overrides, layout, ref)

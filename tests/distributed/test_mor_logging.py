@@ -5,39 +5,28 @@ tokens per depth that sums to the global batch's tokens; TensorBoard gets `mor/d
 the FLOPs split by recursion step sums to the model's FLOPs per token."""
 
 import glob
-import json
 import os
 
 import pytest
 
 from megamoe.testing.pool import run_distributed
+from megamoe.testing.recipes import train_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, S, GLOBAL_BATCH = 3, 32, 8
 TOKENS = S * GLOBAL_BATCH
 
 
-def overrides(run_dir: str) -> list[str]:
-    return [f"model.seq_length={S}", "train.micro_batch_size=4",
-            f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={STEPS}",
-            "train.warmup_steps=1", "train.eval_iters=0", "train.resume=none",
-            f"run.dir={run_dir}", "run.tensorboard=true", "run.progress=false",
-            "run.log_interval=1000"]
+OVERRIDES = [f"model.seq_length={S}", "train.micro_batch_size=4",
+             f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={STEPS}",
+             "train.warmup_steps=1", "train.eval_iters=0", "train.resume=none",
+             "run.tensorboard=true", "run.log_interval=1000"]
 
 
-def train_recipe(router: str, run_dir: str):
-    import torch
-    import torch.distributed as dist
-
-    from megamoe.config import load_config
-    from megamoe.training.loop import train
-
-    cfg = load_config(os.path.join(ROOT, "configs", f"mor_{router}.yaml"), overrides(run_dir))
-    train(cfg, torch.device("cpu"))
-    if dist.get_rank() != 0:
-        return None
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if '"loss"' in line]
+def train_mor(router: str, run_dir: str) -> list[dict]:
+    """metrics.jsonl step records of a short run of the router's recipe."""
+    path = os.path.join(ROOT, "configs", f"mor_{router}.yaml")
+    return run_distributed(train_recipe, 2, path, OVERRIDES, run_dir)[0][1]
 
 
 def tensorboard_tags(run_dir: str) -> tuple[set, set]:
@@ -53,7 +42,7 @@ def tensorboard_tags(run_dir: str) -> tuple[set, set]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("router", ["expert", "token"])
 def test_mor_depth_statistics_are_logged(router, tmp_path):
-    records = run_distributed(train_recipe, 2, router, str(tmp_path))[0]
+    records = train_mor(router, str(tmp_path))
     assert len(records) == STEPS
     for rec in records:
         depth = rec["mor/depth"]                          # tokens of depth 0..N_r

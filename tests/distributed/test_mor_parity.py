@@ -17,7 +17,7 @@ per sequence), token-choice lengths vary. EP2 × TP2 (world 4, MoE everywhere): 
 import pytest
 import torch
 
-from megamoe.testing.parity import compare, parity_task
+from megamoe.testing.parity import compare, parity_task, reference
 from megamoe.testing.pool import run_distributed
 
 MOR = ["model.num_layers=8", "model.mor.enabled=true", "model.mor.num_recursions=3"]
@@ -41,9 +41,6 @@ CASES = [
     ("tp2_token", "token", ["parallel.tensor=2"], DENSE),
     ("ep2_tp2_expert", "expert", EP2_TP2, ["model.mor.capacities=[1.0,0.5,0.25]"]),
 ]
-_REFERENCES = {}
-
-
 @torch.no_grad()
 def perturb_shared_pool(engine, scale: float = 1e-2) -> bool:
     """Negative control: change a shared-pool attention weight on the last rank only."""
@@ -58,13 +55,6 @@ def perturb_shared_pool(engine, scale: float = 1e-2) -> bool:
     return True
 
 
-def reference(model_overrides: tuple):
-    if model_overrides not in _REFERENCES:
-        _REFERENCES[model_overrides] = run_distributed(parity_task, 1, list(model_overrides),
-                                                       reference_dp=2)[0]
-    return _REFERENCES[model_overrides]
-
-
 def world(layout) -> int:
     """2 ranks, 4 for EP2 × TP2 (DP2 for the experts' data-parallel replicas)."""
     return 4 if {"parallel.tensor=2", "parallel.expert=2"} <= set(layout) else 2
@@ -72,7 +62,7 @@ def world(layout) -> int:
 
 def _case(router, layout, model):
     model = tuple(MOR + ROUTERS[router] + model)
-    return reference(model), list(model) + layout
+    return reference(model, dp=2), list(model) + layout
 
 
 @pytest.mark.timeout(600)

@@ -5,11 +5,9 @@ perturbing one expert on one rank must break it."""
 
 import pytest
 
-from megamoe.testing.parity import compare, parity_task
+from megamoe.testing.parity import EP2, EP2_TP2, check_layout, compare, parity_task, reference
 from megamoe.testing.pool import run_distributed
 
-EP2 = (2, ["parallel.expert=2"], 2)
-EP2_TP2 = (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"], 2)
 TP2 = (2, ["parallel.tensor=2"], 1)
 
 # (id, model overrides, layouts)
@@ -30,35 +28,21 @@ FAMILIES = [
                                 "model.moe.allow_non_causal=true"], [EP2]),
 ]
 CASES = [(name, overrides, layout) for name, overrides, layouts in FAMILIES for layout in layouts]
-_REFERENCES = {}
-
-
-def reference(dp: int, model_overrides: list):
-    key = (dp, tuple(model_overrides))
-    if key not in _REFERENCES:
-        _REFERENCES[key] = run_distributed(parity_task, 1, model_overrides, reference_dp=dp)[0]
-    return _REFERENCES[key]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name,overrides,layout", CASES,
-                         ids=[f"{c[0]}-w{c[2][0]}{'tp2' if c[2] in (EP2_TP2, TP2) else ''}" for c in CASES])
+                         ids=[f"{c[0]}-w{c[2][0]}{'tp2' if c[2] in (EP2_TP2, TP2) else ''}"
+                              for c in CASES])
 def test_family_matches_single_process(name, overrides, layout):
-    world, parallel, dp = layout
-    ref = reference(dp, overrides)
-    got = run_distributed(parity_task, world, overrides + parallel)[0]
-    problems = compare(ref, got)
-    assert not problems, "\n".join(problems[:20])
-    bad = run_distributed(parity_task, world, overrides + parallel, perturb=True)[0]
-    assert compare(ref, bad), "perturbed expert went unnoticed"
-
+    check_layout(overrides, layout, reference(overrides, dp=layout[2]))
 
 
 @pytest.mark.timeout(300)
 def test_loss_free_bias_moves_and_matches_the_reference():
     """The bias is compared by `compare` (router buffers); here it must also have moved."""
     opts = ["model.moe.loss_free_bias_rate=0.01", "model.moe.aux_loss_coeff=0"]
-    ref = reference(2, opts)
+    ref = reference(opts, dp=2)
     biases = {k: v for k, v in ref.router_state.items() if k.endswith("selection_bias")}
     assert len(biases) == 4 and all(b.abs().max() > 0 for b in biases.values())
     got = run_distributed(parity_task, 2, opts + ["parallel.expert=2"])[0]
