@@ -4,16 +4,11 @@ The attention grid is TP × CP × DP × PP; the MoE grid ("parallel folding") is
 expert-TP × EP × expert-DP × PP over the same ranks. Megatron's `parallel_state` builds both;
 megamoe reads them once into a `ProcessGroupCollection` that modules receive explicitly.
 
-Megatron's `destroy_model_parallel` forgets its groups without destroying them, so every
-re-initialisation in a long-lived process (the test pool runs hundreds of layouts) used to leak
-each group's sockets and threads (thousands per worker). megamoe creates each distinct group
-once per default process group and reuses it: `init_groups` routes Megatron's `create_group`
-through a cache keyed by ranks, backend, timeout and description.
+Re-initialisation reuses the groups Megatron created before (`megamoe.platform.group_reuse`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +16,8 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megamoe.platform.group_reuse import reused_groups
 
 
 @dataclass(frozen=True)
@@ -56,41 +53,13 @@ class ParallelDims:
                    expert=parallel_cfg.expert, expert_tensor=parallel_cfg.expert_tensor)
 
 
-_GROUPS: dict = {}
-
-
-def _cached_create_group(create_group):
-    def create(ranks=None, timeout=None, backend=None, pg_options=None,
-               use_local_synchronization=False, group_desc=None):
-        kwargs = dict(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options,
-                      use_local_synchronization=use_local_synchronization, group_desc=group_desc)
-        if pg_options is not None or use_local_synchronization:
-            return create_group(**kwargs)         # options objects compare by identity
-        key = (id(dist.group.WORLD), tuple(ranks), backend, timeout, group_desc)
-        if key not in _GROUPS:
-            _GROUPS[key] = create_group(**kwargs)
-        return _GROUPS[key]
-
-    return create
-
-
-@contextlib.contextmanager
-def _reused_groups():
-    original = parallel_state.create_group
-    parallel_state.create_group = _cached_create_group(original)
-    try:
-        yield
-    finally:
-        parallel_state.create_group = original
-
-
 def init_groups(dims: ParallelDims, timeout_minutes: int = 1) -> ProcessGroupCollection:
     """Build every group for `dims` (the default process group must exist) and return them."""
     assert dist.is_initialized(), "init the default process group first (megamoe.launch)"
     assert dist.get_world_size() == dims.world_size, (dist.get_world_size(), dims)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    with _reused_groups():
+    with reused_groups():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=dims.tensor,
             pipeline_model_parallel_size=dims.pipeline,

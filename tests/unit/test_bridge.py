@@ -87,3 +87,22 @@ def test_language_module_still_moves_the_tied_embedding_to_cuda():
 
     src = inspect.getsource(language_module.LanguageModule.setup_embeddings_and_output_layer)
     assert "weight.data.cuda()" in src and "torch.distributed.is_initialized()" in src
+
+
+def test_group_reuse_patch_target_still_creates_groups():
+    """megamoe.platform.group_reuse wraps the one function through which Megatron makes groups,
+    with its keyword signature; Megatron's teardown destroys only the explicit-gloo side groups
+    (which are not reused)."""
+    import re
+
+    from megamoe.platform import group_reuse
+
+    module = importlib.import_module(group_reuse.PATCHED[0])
+    create_group = getattr(module, group_reuse.PATCHED[1])
+    params = set(inspect.signature(create_group).parameters)
+    assert {"ranks", "timeout", "backend", "pg_options", "use_local_synchronization",
+            "group_desc"} <= params
+    assert "create_group(" in inspect.getsource(module.initialize_model_parallel)
+    destroyed = re.findall(r"destroy_process_group\((\w+)\)",
+                           inspect.getsource(module.destroy_model_parallel))
+    assert destroyed and all(name.endswith("_GLOO") for name in destroyed), destroyed
