@@ -111,8 +111,9 @@ def _dp_groups(engine) -> dict:
     return groups
 
 
-def _full_states(engine, names, pairs, ranges) -> dict:
-    """{name: {model param: full-size state}} assembled from the distributed optimizer's slices."""
+def _full_states(engine, names, pairs, ranges, assemble: bool = True) -> dict:
+    """{name: {model param: full-size state}} assembled from the distributed optimizer's slices
+    (zeros to load into when not `assemble`)."""
     import torch.distributed as dist
 
     groups = _dp_groups(engine)
@@ -121,6 +122,9 @@ def _full_states(engine, names, pairs, ranges) -> dict:
         for p in chunk.parameters():
             for name in names:
                 t = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                full[name][p] = t.view(p.shape)
+                if not assemble:
+                    continue
                 if p in ranges:
                     start, end = ranges[p]
                     main = pairs[p]
@@ -128,13 +132,14 @@ def _full_states(engine, names, pairs, ranges) -> dict:
                                                                               main)[name]
                     t[start:end] = src.detach().reshape(-1).float()
                 dist.all_reduce(t, group=groups[p])
-                full[name][p] = t.view(p.shape)
     return full
 
 
-def sharded_optimizer_state(engine, step: int) -> dict:
+def sharded_optimizer_state(engine, step: int, is_loading: bool = False) -> dict:
     """{unique id: ShardedTensor} of every state tensor, keyed `optimizer.<name>.<param key>`;
-    empty for optimizers without per-parameter state (plain SGD)."""
+    empty for optimizers without per-parameter state (plain SGD). Under the distributed
+    optimizer the tensors are full-size buffers: assembled over DP for saving; for loading, zero
+    buffers that `copy_loaded` then slices into this rank's shards."""
     opt = engine.optimizer
     if engine.cfg.train.optimizer != "adamw":
         return {}
@@ -144,8 +149,9 @@ def sharded_optimizer_state(engine, step: int) -> dict:
     if any(m is not p for p, m in pairs.items()) and not (ranges and all(
             p.dtype == torch.float32 for p in pairs)):
         names.append("main_param")
-    full = _full_states(engine, names, pairs, ranges) if ranges else None
-    engine._optimizer_full_state = full          # kept for copy_loaded on the loading side
+    full = _full_states(engine, names, pairs, ranges, assemble=not is_loading) if ranges else None
+    if is_loading:
+        engine._optimizer_full_state = full      # the buffers copy_loaded slices from
     out = {}
     for name in names:
         def tensor_of(p, name=name):

@@ -63,18 +63,13 @@ def full_sharded_state_dict(engine, *, is_loading: bool = False) -> dict:
     from megamoe.checkpoint.optimizer_state import sharded_optimizer_state
 
     sd = model_sharded_state_dict(engine.modules)
-    if engine.optimizer is not None and optimizer_checkpointable(engine):
-        sd["optimizer_state"] = sharded_optimizer_state(engine, engine.step)
+    if engine.optimizer is not None:
+        sd["optimizer_state"] = sharded_optimizer_state(engine, engine.step, is_loading)
     if engine.scheduler is not None:
         sd["scheduler"] = engine.scheduler.state_dict()
     sd["progress"] = {"step": engine.step, "consumed_samples": engine.consumed_samples}
     sd["rng"] = ShardedObject("rng_state", rng_state(), (_world(),), (_rank(),), replica_id=0)
     return sd
-
-
-def optimizer_checkpointable(engine) -> bool:
-    """megamoe saves optimizer state itself (optimizer_state.py), distributed or not."""
-    return True
 
 
 def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=None,
@@ -99,7 +94,7 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
     meta = {"format": FORMAT_VERSION, "step": step,
             "consumed_samples": engine.consumed_samples, "world_size": _world(),
             "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
-            "optimizer_saved": engine.optimizer is not None and optimizer_checkpointable(engine),
+            "optimizer_saved": engine.optimizer is not None,
             **meta}
     commit = functools.partial(_commit, root, tmp, final, meta, config or engine.cfg, keep_last)
     if async_queue is None:
