@@ -14,6 +14,7 @@ from megamoe.data.batches import build_datasets, rank_microbatches
 from megamoe.checkpoint.load import load_checkpoint, resolve
 from megamoe.checkpoint.save import save_checkpoint
 from megamoe.models.lm import non_causal_routers
+from megamoe.moe.routers import check_router_causality
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import JsonlCallback, ProgressCallback, TensorBoardCallback
 from megamoe.training.engine import build_engine, run_forward_backward, train_step
@@ -30,14 +31,10 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def check_causality(cfg, chunks) -> list[str]:
-    """Non-causal routers in this causal decoder: refused unless the config opts in."""
-    bad = non_causal_routers(chunks)
-    if bad and not cfg.model.moe.allow_non_causal:
-        raise ValueError(
-            f"model.moe.router: {', '.join(bad)} select tokens across the sequence/batch and are "
-            "not causal in a decoder; set model.moe.allow_non_causal=true to train it anyway"
-        )
-    return bad
+    """The non-causal routers of the built model (for the start-of-run warning); refused by the
+    config's own check unless it opts in."""
+    check_router_causality(cfg)
+    return non_causal_routers(chunks)
 
 
 def evaluate(engine, dataset, iters: int) -> float:

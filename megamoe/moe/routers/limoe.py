@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megamoe.moe.routers.sp_gather import SequenceShards
+from megamoe.moe.routers.token_groups import SequenceShards
 from megamoe.moe.routers.vmoe import VMoERouter
 from megamoe.moe.routing_context import RoutingContext
 

@@ -26,7 +26,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
 from megamoe.moe.routers.limoe import checked_modalities
-from megamoe.moe.routers.sp_gather import SequenceShards
+from megamoe.moe.routers.token_groups import SequenceShards, selection_group
 from megamoe.moe.routing_context import RoutingContext
 
 MODES = ("vlmo", "pools")
@@ -75,7 +75,8 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
             sizes = pool_sizes or [E // num_modalities] * num_modalities
             assert sum(sizes) == E and min(sizes) >= self.topk, (sizes, E, self.topk)
             self.register_buffer("pool_mask_ME", pool_mask(sizes, E), persistent=False)
-        self.shards = SequenceShards(self.tp_group, config.sequence_parallel)
+        self.shards = SequenceShards(selection_group(pg_collection, config.sequence_parallel,
+                                                     across_data_parallel=False))
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:

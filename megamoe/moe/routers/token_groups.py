@@ -1,5 +1,7 @@
-"""Selection over a token group that spans ranks: the exact k-th largest value of detached
-scores held in pieces by the ranks of a process group, without gathering the scores.
+"""Token groups that span ranks: which ranks hold the rest of a router's selection group
+(`selection_group`), the micro-batch's sequence shards (`SequenceShards`: gather detached scores,
+sum partial losses), and the exact k-th largest value of detached scores held in pieces by the
+ranks of a group, without gathering the scores (`kth_largest`).
 
 Routers that choose tokens by rank order (expert-choice: each expert's top-c tokens; Expert
 Race: the top-𝒦 of tokens × experts) need the threshold of the whole group's scores while each
@@ -50,6 +52,45 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(tensor, group=group)
     return tensor
+
+
+class SequenceShards:
+    """Where this rank's tokens sit in the micro-batch, whose sequence shards the ranks of
+    `group` hold (`selection_group(..., across_data_parallel=False)`; None: all here).
+
+    A router whose selection group is the micro-batch (capacity, batch priority) `gather`s the
+    *detached* scores, decides on the whole micro-batch and keeps its own rows (`local`). A loss
+    that is a function of micro-batch sums (importance, load, entropies) all-reduces the partial
+    sums with `sum_over_ranks`: the value is the micro-batch's, the gradient reaches this rank's
+    tokens only, so every rank's backward yields exactly its share of the reference's gradient.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.size = group_size(group)
+        self.rank = 0 if group is None else dist.get_rank(group)
+
+    def gather(self, x_T: torch.Tensor) -> torch.Tensor:
+        """[N, ...] detached: every rank's rows, in sequence order."""
+        x_T = x_T.detach()
+        if self.group is None:
+            return x_T
+        parts = [torch.empty_like(x_T) for _ in range(self.size)]
+        dist.all_gather(parts, x_T.contiguous(), group=self.group)
+        return torch.cat(parts, dim=0)
+
+    def local(self, x_N: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a micro-batch-wide tensor."""
+        T = x_N.shape[0] // self.size
+        return x_N[self.rank * T:(self.rank + 1) * T]
+
+    def sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """Σ over the TP ranks of `partial`; gradients flow to the local term only."""
+        if self.group is None:
+            return partial
+        total = partial.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return partial + (total - partial.detach())
 
 
 def ordered_keys(values: torch.Tensor) -> torch.Tensor:

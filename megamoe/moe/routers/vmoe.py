@@ -25,7 +25,7 @@ continue the sequence); m counts training forwards since the last optimizer step
 recomputation, which repeats forwards, is not supported with noise).
 
 Capacity and BPR choose across the micro-batch: non-causal in a decoder unless dropless. Under
-TP + SP the selection runs on the gathered (detached) gates (`sp_gather`); the losses use
+TP + SP the selection runs on the gathered (detached) gates (`token_groups.SequenceShards`); the losses use
 all-reduced partial sums, so they equal the reference's.
 
 Shapes: S sequence (this rank's shard), B micro-batch, T = S·B tokens of this rank, N tokens of
@@ -43,7 +43,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
-from megamoe.moe.routers.sp_gather import SequenceShards
+from megamoe.moe.routers.token_groups import SequenceShards, selection_group
 from megamoe.moe.routing_context import RoutingContext
 
 PRIORITIES = ("none", "max", "sum")
@@ -134,7 +134,8 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         self.importance_loss_coeff = importance_loss_coeff
         self.load_loss_coeff = load_loss_coeff
         self.seed = seed
-        self.shards = SequenceShards(self.tp_group, config.sequence_parallel)
+        self.shards = SequenceShards(selection_group(pg_collection, config.sequence_parallel,
+                                                     across_data_parallel=False))
         dp_group = getattr(pg_collection, "dp", None)
         self.dp_size = dp_group.size() if dp_group is not None else 1
         self.dp_rank = dp_group.rank() if dp_group is not None else 0

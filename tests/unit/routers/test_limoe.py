@@ -7,7 +7,7 @@ import torch
 
 from megamoe.moe.routers.limoe import checked_modalities, limoe_loss, modality_entropies
 from megamoe.moe.routing_context import RoutingContext
-from megamoe.moe.routers.sp_gather import SequenceShards
+from megamoe.moe.routers.token_groups import SequenceShards
 
 T9_IMAGE = torch.tensor([[.7, .2, .1], [.6, .3, .1], [.8, .1, .1]])
 
@@ -53,7 +53,7 @@ def test_gradient_reaches_the_probabilities():
 
 
 def test_modality_ids_are_checked():
-    shards = SequenceShards(None, False)
+    shards = SequenceShards(None)
     with pytest.raises(ValueError, match="routing context 'modality_ids_BS'"):
         RoutingContext().require("modality_ids_BS", "model.moe.router 'limoe'")
     ctx = RoutingContext(modality_ids_BS=torch.tensor([[0, 1, 2]]))
