@@ -15,9 +15,10 @@ STEPS = 30
 
 
 def _families() -> list[str]:
+    """Every router family, plus the top-k recipe with DeepSeek's loss-free balancing."""
     from megamoe.moe.routers import ROUTERS
 
-    return sorted(ROUTERS)
+    return sorted(ROUTERS) + ["loss_free"]
 
 
 def _recipe(family: str) -> tuple[str, list[str]]:
