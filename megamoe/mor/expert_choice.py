@@ -12,7 +12,9 @@ at step r−1 (hierarchical filtering; all tokens at r = 1):
 
 Top-k over a sequence looks at future tokens, so training-time routing is not causal. At causal
 inference a candidate continues iff σ(z_t^r) > 0.5 (the BCE trains σ towards 1 for kept tokens
-and 0 for the others); `inference_rule="topk"` instead reproduces the official eval path.
+and 0 for the others), except at a step of capacity C_r = 1, which keeps every candidate as in
+training (so recursive KV sharing still sees the whole sequence at the first recursion);
+`inference_rule="topk"` instead reproduces the official eval path.
 
 Shapes: B batch, S sequence, N candidates of a step, K kept tokens, D hidden.
 """
@@ -106,6 +108,8 @@ class ExpertChoiceDepthRouter(nn.Module):
             k = min(tokens_kept(self.capacities[r], S), cand_BN.shape[1])
             top_BK = torch.topk(g_BN, k, dim=1).indices
             keep_BN = torch.zeros_like(cand_valid_BN).scatter_(1, top_BK, True)
+        elif self.capacities[r] >= 1:     # C_r = 1 keeps every candidate: no decision to make
+            keep_BN = cand_valid_BN.clone()
         else:
             keep_BN = (torch.sigmoid(z_BN) > 0.5) & cand_valid_BN
         selected_BK, valid_BK, gate_BK = compact_rows(keep_BN, cand_BN, g_BN)

@@ -75,15 +75,21 @@ def test_expert_choice_by_hand_two_sequences_and_threshold_rule():
     assert steps[1].selected_BK.tolist() == [[0, 3], [1, 2]]
     assert steps[1].aux_loss.item() == pytest.approx(want, abs=1e-9)
     assert steps[0].aux_loss.item() == pytest.approx(math.log(2), abs=1e-9)  # z = 0, all kept
-    # inference: σ(z) > 0.5 ⇔ z > 0 — step 1 (z = 0) keeps nobody, so nothing goes deeper
+    # inference: σ(z) > 0.5 ⇔ z > 0, except that a step of capacity 1 keeps every candidate:
+    # step 1 (C = 1, z = 0) keeps all; step 2 keeps z > 0: w = [2, -1, 0, 1 | -1, 3, 1, -2]
     router.eval()
-    assert route_all(router, h)[0].valid_BK.sum().item() == 0
-    with torch.no_grad():
-        router.routers[0].weight.fill_(1.0)
     steps = route_all(router, h)
+    assert steps[0].valid_BK.sum().item() == 2 * S
     assert steps[1].selected_BK.tolist() == [[0, 3], [1, 2]]
     assert steps[1].valid_BK.tolist() == [[True, True], [True, True]]
     assert router.is_causal()
+    # with C_1 < 1 the threshold applies at step 1 too: z = 0 keeps nobody, nothing goes deeper
+    router.capacities = [0.5, 0.5]
+    steps = route_all(router, h)
+    assert steps[0].valid_BK.sum().item() == 0 and steps[1].valid_BK.sum().item() == 0
+    with torch.no_grad():
+        router.routers[0].weight.fill_(1.0)
+    assert route_all(router, h)[1].selected_BK.tolist() == [[0, 3], [1, 2]]
 
 
 def token_router(logits_TR, **kw):
