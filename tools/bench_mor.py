@@ -14,6 +14,13 @@ The last output line is JSON: {"bench": "mor_block", "ratio": block ms / all-dep
 "predicted_ratio": …, …}. The issue's target is a ratio in [0.5, 0.8]; the tool measures it,
 it does not assert it.
 
+Generation (§1.7): a whole MoR language model (Middle-Cycle, the same shared-layer shapes, an
+untrained router in inference mode) generates `--gen-requests` sequences of lengths drawn around
+`--gen-len` from a one-token prompt, with continuous depth-wise batching and with sequence-wise
+batching (megamoe.mor.generate), `--gen-batch` tokens per block call, runs interleaved; it
+prints tokens/s of both, their ratio and the mean batch of the shared block's calls, and checks
+that both produced the same tokens. `--gen-requests 0` skips it.
+
 examples:
   OMP_NUM_THREADS=1 python tools/bench_mor.py
   python tools/bench_mor.py --router token --iters 30
@@ -51,6 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed iterations per block; the median is reported (default 20)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed iterations per block before timing (default 3)")
+    p.add_argument("--gen-requests", type=int, default=32,
+                   help="sequences generated per policy; 0 skips generation (default 32)")
+    p.add_argument("--gen-len", type=int, default=64,
+                   help="mean generated length, ~Normal(mean, mean/4), ≥ 2 (default 64)")
+    p.add_argument("--gen-batch", type=int, default=8,
+                   help="tokens per batched call of the shared block (default 8)")
+    p.add_argument("--gen-repeats", type=int, default=3,
+                   help="timed generation runs per policy; the median is reported (default 3)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when visible, else CPU (default auto)")
     args = p.parse_args(argv)
@@ -59,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "iters"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
+    if args.gen_requests < 0 or args.gen_len < 2 or args.gen_batch < 1 or args.gen_repeats < 1:
+        p.error("--gen-requests ≥ 0, --gen-len ≥ 2, --gen-batch ≥ 1 and --gen-repeats ≥ 1")
     if args.warmup < 0:
         p.error("--warmup must be ≥ 0")
     if args.hidden % args.heads:
@@ -168,6 +185,67 @@ def bench(args, pg, device) -> dict:
             "kept_all_depths": [round(f * S, 2) for f in kept_per_step(full)]}
 
 
+GEN_VOCAB = 256
+
+
+def build_lm_for_generation(args, device):
+    """A Middle-Cycle MoR GPTModel with the block's shapes (dense), in eval mode."""
+    import torch
+
+    from megamoe.config import load_config
+    from megamoe.training.engine import build_engine
+
+    max_len = 1 + 2 * args.gen_len + 1
+    cfg = load_config(None, [
+        "parallel.world_size=1", f"model.hidden_size={args.hidden}",
+        f"model.ffn_hidden_size={args.ffn}", f"model.num_attention_heads={args.heads}",
+        f"model.num_query_groups={args.heads}", f"model.seq_length={max_len}",
+        f"model.num_layers={2 + args.layers_per_step * args.recursions}",
+        "model.moe.num_experts=0", "model.mor.enabled=true",
+        f"model.mor.num_recursions={args.recursions}", f"model.mor.router={args.router}",
+        "model.mor.allow_non_causal=true",
+        "train.precision=" + ("bf16" if device.type == "cuda" else "fp32")])
+    model = build_engine(cfg, GEN_VOCAB, device, with_optimizer=False, ddp=False).modules[0]
+    return model.eval(), max_len
+
+
+def bench_generation(args, device) -> dict | None:
+    """Tokens/s of continuous depth-wise vs sequence-wise batching, same model and requests."""
+    import torch
+
+    from megamoe.mor.generate import MoRGenerator, Request
+
+    if not args.gen_requests:
+        return None
+    model, max_len = build_lm_for_generation(args, device)
+    g = torch.Generator().manual_seed(4321)
+    lengths = (torch.randn(args.gen_requests, generator=g) * args.gen_len / 4 + args.gen_len)
+    lengths = lengths.round().clamp(2, 2 * args.gen_len).long().tolist()
+    reqs = [Request([int(torch.randint(GEN_VOCAB, (1,), generator=g))], n) for n in lengths]
+    gen = MoRGenerator(model, max_len=max_len, slots=len(reqs))
+    gen.generate(reqs[:2], max_batch=args.gen_batch)                      # warm-up
+    runs = {"depth": [], "sequence": []}
+    outs = {}
+    for _ in range(args.gen_repeats):
+        for policy in runs:                                               # A, B, A, B, …
+            out, st = gen.generate(reqs, max_batch=args.gen_batch, policy=policy)
+            runs[policy].append(st)
+            outs[policy] = [r.tokens for r in out]
+    med = {p: statistics.median(s.tokens_per_s for s in st) for p, st in runs.items()}
+    last = {p: st[-1] for p, st in runs.items()}
+    depths = [d for r in out for d in r.depths]
+    return {"depth_tokens_per_s": med["depth"], "sequence_tokens_per_s": med["sequence"],
+            "ratio": med["depth"] / med["sequence"],
+            "depth_mean_block_batch": last["depth"].mean_block_batch,
+            "sequence_mean_block_batch": last["sequence"].mean_block_batch,
+            "depth_block_calls": last["depth"].block_calls,
+            "sequence_block_calls": last["sequence"].block_calls,
+            "generated_tokens": last["depth"].generated_tokens,
+            "mean_steps_per_token": sum(depths) / len(depths),
+            "same_tokens": outs["depth"] == outs["sequence"],
+            "requests": len(reqs), "max_batch": args.gen_batch, "repeats": args.gen_repeats}
+
+
 def report(args, res: dict, device, threads: int) -> None:
     R = args.recursions
     print(f"MoR recursion block forward+backward: {args.router}-choice, N_r={R}, "
@@ -182,8 +260,19 @@ def report(args, res: dict, device, threads: int) -> None:
     print(f"ratio block / all depths: measured {res['ratio']:.3f}, predicted "
           f"{res['predicted_ratio']:.3f} (FLOP model, k_r = {kept(res['kept_nominal'])}: "
           f"linear ∝ k_r, attention ∝ k_r²)")
-    print("generation tokens/s (depth-wise vs sequence-wise batching, §1.7): not measured, "
-          "there is no MoR inference path yet")
+    gen = res.get("generation")
+    if gen is None:
+        print("generation: skipped (--gen-requests 0)")
+    else:
+        print(f"generation, {gen['requests']} sequences ({gen['generated_tokens']} tokens, "
+              f"{gen['mean_steps_per_token']:.2f} recursion steps per token), ≤ "
+              f"{gen['max_batch']} tokens per block call, median of {gen['repeats']}:")
+        print(f"{'batching':12} {'tokens/s':>10} {'block calls':>12} {'mean batch':>11}")
+        for p in ("depth", "sequence"):
+            print(f"{p + '-wise':12} {gen[p + '_tokens_per_s']:10.1f} "
+                  f"{gen[p + '_block_calls']:12d} {gen[p + '_mean_block_batch']:11.2f}")
+        print(f"ratio depth-wise / sequence-wise tokens/s: {gen['ratio']:.3f}; same tokens: "
+              f"{'yes' if gen['same_tokens'] else 'NO'}")
     print(json.dumps({
         "bench": "mor_block", "ratio": res["ratio"], "predicted_ratio": res["predicted_ratio"],
         "block_ms": res["block_ms"], "all_depths_ms": res["all_depths_ms"],
@@ -192,7 +281,11 @@ def report(args, res: dict, device, threads: int) -> None:
         "kept_all_depths": res["kept_all_depths"],
         "seq": args.seq, "batch": args.batch, "hidden": args.hidden, "ffn": args.ffn,
         "heads": args.heads, "matmul_params": res["matmul_params"], "iters": args.iters,
-        "device": device.type, "threads": threads, "generation_tokens_per_s": None,
+        "device": device.type, "threads": threads,
+        "generation_tokens_per_s": None if gen is None else {
+            "depth": gen["depth_tokens_per_s"], "sequence": gen["sequence_tokens_per_s"]},
+        "generation_ratio": None if gen is None else gen["ratio"],
+        "generation": gen,
     }), flush=True)
 
 
@@ -214,7 +307,9 @@ def main(argv=None) -> int:
     device = init_distributed(RankInfo(0, 1, 0, "bench"), "127.0.0.1", free_port())
     pg = init_groups(ParallelDims(world_size=1))
     seed_rng(1234)
-    report(args, bench(args, pg, device), device, torch.get_num_threads())
+    res = bench(args, pg, device)
+    res["generation"] = bench_generation(args, device)
+    report(args, res, device, torch.get_num_threads())
     destroy_groups()
     torch.distributed.destroy_process_group()
     return 0

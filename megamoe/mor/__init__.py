@@ -34,6 +34,14 @@ increment 3: TP + SP):
                     `decoder.recursion.router.*`), initialised by global key (models.init);
                     `mor_after_step` (called by `training.engine.optimizer_step`): token-choice
                     loss-free bias from depth ratios all-reduced over DP.
+- `generate.py`     `MoRGenerator`: cached generation (one process, eval mode): per-position
+                    work items (embed + first layer → recursion steps until the token exits →
+                    last layer + head), one KV cache per layer application (recursion-wise:
+                    (r, j) holds the tokens active at step r; KV sharing: (0, j) read at r > 0),
+                    continuous depth-wise batching (`policy="depth"`: exits free their slot for
+                    queued tokens; "sequence" is the baseline). Reproduces the eval forward's
+                    logits (tests/unit/mor/test_mor_generate.py); `tools/bench_mor.py` prints
+                    tokens/s of both policies.
 - `accounting.py`   parameters (pool counted once) and FLOPs per token with the capacities
                     (token-choice: perfect balance), used by `training.metrics`.
 - Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
@@ -67,7 +75,8 @@ Next increments:
    tokens) into the trainer's metrics like `training.metrics.routing_stats` (today only
    `RecursionBlock.last_stats` holds them); the causality log line for expert-choice.
 5. DP distributed optimizer: routers and the pool are ordinary parameters; add a parity case.
-6. Inference: continuous depth-wise batching (§1.7) on top of `RecursionKVCache`; HF export.
+6. Inference: generation under TP/EP (the batch of a step differs per rank: collectives in
+   shared MoE layers need matched calls), static-shape caches for CUDA graphs; HF export.
 """
 
 # block.py / attention.py import Megatron: import them from their modules

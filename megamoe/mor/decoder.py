@@ -102,8 +102,9 @@ class MoRDecoder(TransformerBlock):
                 rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
                 packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **_):
         if inference_context is not None or packed_seq_params is not None:
-            raise NotImplementedError("model.mor: inference contexts and packed sequences are "
-                                      "not supported by the recursion block yet")
+            raise NotImplementedError("model.mor: Megatron inference contexts and packed "
+                                      "sequences are not supported by the recursion block; "
+                                      "generate with megamoe.mor.generate.MoRGenerator")
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         h_SBD = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)

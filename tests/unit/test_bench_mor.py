@@ -11,7 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H, FFN, S = 32, 128, 24
 TINY = ["--hidden", str(H), "--ffn", str(FFN), "--heads", "2", "--seq", str(S), "--batch", "2",
-        "--iters", "2", "--warmup", "1"]
+        "--iters", "2", "--warmup", "1", "--gen-requests", "4", "--gen-len", "6",
+        "--gen-batch", "2", "--gen-repeats", "1"]
 KEYS = {"bench", "ratio", "predicted_ratio", "block_ms", "all_depths_ms", "router",
         "num_recursions", "kept_nominal", "kept_measured", "seq", "batch", "hidden", "device",
         "threads", "generation_tokens_per_s"}
@@ -48,13 +49,23 @@ def test_expert_choice_bench_prints_measured_and_predicted_ratios():
     assert fig["predicted_ratio"] == pytest.approx(by_hand([24, 16, 8]), rel=1e-12)
     # control: a linear-only model (Σ k_r / N_r·S = 2/3) would not pass the check above
     assert abs(fig["predicted_ratio"] - 2 / 3) > 1e-3
-    assert fig["generation_tokens_per_s"] is None and "not measured" in text
+    gen = fig["generation"]
+    assert gen["requests"] == 4 and gen["max_batch"] == 2
+    assert gen["same_tokens"] is True and "same tokens: yes" in text
+    assert gen["depth_tokens_per_s"] > 0 and gen["sequence_tokens_per_s"] > 0
+    assert fig["generation_ratio"] == pytest.approx(
+        gen["depth_tokens_per_s"] / gen["sequence_tokens_per_s"])
+    assert fig["generation_tokens_per_s"] == {"depth": gen["depth_tokens_per_s"],
+                                              "sequence": gen["sequence_tokens_per_s"]}
+    # the untrained router exits tokens at different depths: between 1 and N_r steps
+    assert 1 <= gen["mean_steps_per_token"] <= 3
 
 
 @pytest.mark.timeout(120)
 def test_token_choice_baseline_runs_every_token_at_every_depth():
-    _, fig = _bench("--router", "token")
+    text, fig = _bench("--router", "token", "--gen-requests", "0")
     assert fig["router"] == "token"
+    assert fig["generation"] is None and "generation: skipped" in text
     assert fig["kept_all_depths"] == [S, S, S]
     # the block's router spreads depths: fewer tokens at the last step than at the first
     assert fig["kept_measured"][0] == S and fig["kept_measured"][-1] < S
