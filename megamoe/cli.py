@@ -1,4 +1,4 @@
-"""`megamoe` command line: train, specs."""
+"""`megamoe` command line: train, convert, generate, specs."""
 
 from __future__ import annotations
 
@@ -52,6 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest safetensors shard when exporting (default 1 GiB)")
     conv.add_argument("--set", "-s", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="config overrides for the imported model")
+    gen = sub.add_parser(
+        "generate", help="generate text with a Mixture-of-Recursions checkpoint",
+        description="Cached generation with continuous depth-wise batching (model.mor models; "
+                    "export other models with `megamoe convert --to hf` and use transformers). "
+                    "SRC is a run directory, its checkpoints/ root or one step directory. "
+                    "Runs on one CPU process; prints each completion and a tokens/s line.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  megamoe generate runs/mor-expert --prompt 'Once upon' "
+               "--max-new-tokens 32\n  megamoe generate runs/mor-token --prompt-ids '5 9 2' "
+               "--prompt-ids '7' --policy sequence")
+    gen.add_argument("src", help="checkpoint (see above)")
+    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                     help="a prompt, encoded with the run's data.tokenizer (repeatable)")
+    gen.add_argument("--prompt-ids", action="append", default=[], metavar="'ID ID …'",
+                     help="a prompt as space-separated token ids (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=32,
+                     help="tokens generated per prompt (default 32)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default 0)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--batch", type=int, default=8,
+                     help="tokens per batched call of the shared block (default 8)")
+    gen.add_argument("--policy", choices=("depth", "sequence"), default="depth",
+                     help="depth: continuous depth-wise batching; sequence: the baseline")
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
     return parser
@@ -85,6 +109,21 @@ def cmd_convert(args) -> int:
             convert.to_hf(args.src, args.out, max_shard_bytes=args.max_shard_size)
         else:
             convert.from_hf(args.src, args.out, args.overrides)
+    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
+        return _error(str(exc))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from megamoe.config import ConfigError
+
+    try:
+        from megamoe.mor.generate import generate_from_checkpoint
+
+        generate_from_checkpoint(args.src, texts=args.prompt, id_prompts=args.prompt_ids,
+                                 max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, seed=args.seed,
+                                 max_batch=args.batch, policy=args.policy)
     except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
         return _error(str(exc))
     return 0
@@ -173,5 +212,7 @@ def main(argv=None) -> int:
         return cmd_specs()
     if args.command == "convert":
         return cmd_convert(args)
+    if args.command == "generate":
+        return cmd_generate(args)
     parser.print_help()
     return 0

@@ -39,11 +39,10 @@ def checkpoint_config(step_dir: str, overrides=()):
     return load_config(path, [*_single_rank_overrides(), *overrides])
 
 
-def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str:
-    from megamoe.checkpoint.hf import export_hf, family_for
+def load_one_rank(src: str, log=print):
+    """(engine, cfg, step_dir, meta): the checkpoint `src` (a run directory, its checkpoints/
+    root or one step directory, saved under any layout) loaded into a one-rank CPU model."""
     from megamoe.checkpoint.load import load_checkpoint
-    from megamoe.checkpoint.router_state import gather_router_buffers
-    from megamoe.models.global_view import gather_global
     from megamoe.training.engine import build_engine
 
     step_dir = resolve(src, log=log)
@@ -55,6 +54,15 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str
     engine = build_engine(cfg, int(meta["vocab_size"]), torch.device("cpu"),
                           with_optimizer=False, ddp=False)
     load_checkpoint(engine, step_dir, load_optimizer=False)
+    return engine, cfg, step_dir, meta
+
+
+def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str:
+    from megamoe.checkpoint.hf import export_hf, family_for
+    from megamoe.checkpoint.router_state import gather_router_buffers
+    from megamoe.models.global_view import gather_global
+
+    engine, cfg, step_dir, meta = load_one_rank(src, log=log)
     tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
     out = export_hf(tensors, cfg, out, tokenizer=cfg.data.tokenizer,
                     max_shard_bytes=max_shard_bytes)
