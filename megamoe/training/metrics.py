@@ -72,7 +72,7 @@ def parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
     total = active = embedding_parameters(cfg, vocab_size)
     for is_moe in moe_layer_pattern(cfg.model.num_layers, cfg.model.moe.layer_freq,
                                     cfg.model.moe.num_experts):
-        layer_total, layer_active = layer_parameters(cfg, is_moe)
+        layer_total, layer_active = layer_parameters(cfg, is_moe, vocab_size)
         total += layer_total
         active += layer_active
     return total, active
@@ -84,8 +84,9 @@ def embedding_parameters(cfg, vocab_size: int) -> int:
     return vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) + m.hidden_size
 
 
-def layer_parameters(cfg, is_moe: bool) -> tuple[int, int]:
-    """(total, active per token) parameters of one decoder layer."""
+def layer_parameters(cfg, is_moe: bool, vocab_size: int = 0) -> tuple[int, int]:
+    """(total, active per token) parameters of one decoder layer (MoE: with the router
+    family's own parameters, `MegamoeRouter.extra_parameters`)."""
     m, moe = cfg.model, cfg.model.moe
     h = m.hidden_size
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
@@ -99,8 +100,11 @@ def layer_parameters(cfg, is_moe: bool) -> tuple[int, int]:
     expert = 3 * h * moe.ffn_hidden_size
     shared = 3 * h * moe.shared_expert_ffn_hidden_size + (h if moe.shared_expert_gate else 0)
     if is_moe:
-        return (attn + moe.num_experts * h + moe.num_experts * expert + shared,
-                attn + moe.num_experts * h + moe.topk * expert + shared)
+        from megamoe.moe.routers import ROUTERS
+
+        extra_total, extra_active = ROUTERS[moe.router].extra_parameters(moe, h, vocab_size)
+        return (attn + moe.num_experts * h + moe.num_experts * expert + shared + extra_total,
+                attn + moe.num_experts * h + moe.topk * expert + shared + extra_active)
     return attn + dense, attn + dense
 
 

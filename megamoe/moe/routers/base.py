@@ -52,6 +52,12 @@ class MegamoeRouter:
         return {}
 
     @classmethod
+    def extra_parameters(cls, moe_cfg, hidden: int, vocab_size: int) -> tuple[int, int]:
+        """(total, active per token) parameters of one MoE layer's router beyond Megatron's
+        [E, D] gate, which `training.metrics.layer_parameters` counts (may be negative)."""
+        return 0, 0
+
+    @classmethod
     def causal_for(cls, moe_cfg) -> bool:
         """Whether this family is causal under `moe_cfg` (checked before any rank starts)."""
         return cls.causal

@@ -88,6 +88,14 @@ class DiffMoERouter(DiTMoERouter):
         return {"calibration_rank": moe_cfg.diff_moe.calibration_rank,
                 "loss_free_bias_rate": moe_cfg.loss_free_bias_rate}
 
+    @classmethod
+    def extra_parameters(cls, moe_cfg, hidden: int, vocab_size: int) -> tuple[int, int]:
+        """W_c [E, D] (every token) and each expert's calibration (W1, b1, W2, b2; a token
+        uses those of its k experts)."""
+        E, D, r = moe_cfg.num_experts, hidden, moe_cfg.diff_moe.calibration_rank
+        per_expert = r * D + r + 3 * D * r + 3 * D
+        return E * D + E * per_expert, E * D + moe_cfg.topk * per_expert
+
     def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
         c_BC = context.require("timestep_emb_BD", "router 'diff_moe'").to(hidden_SBD.device)
         S, B = hidden_SBD.shape[:2]

@@ -131,6 +131,12 @@ class RaceRouter(Router, MegamoeRouter):
     token_group = "data-parallel"
     needs_vocab_size = True
 
+    @classmethod
+    def extra_parameters(cls, moe_cfg, hidden: int, vocab_size: int) -> tuple[int, int]:
+        """The PLR head (hidden [D, D], target [V, D]) when `race.plr_coeff` > 0."""
+        n = hidden * hidden + vocab_size * hidden if moe_cfg.race.plr_coeff > 0 else 0
+        return n, n
+
     def __init__(self, config, pg_collection=None, *, gating: str = "identity",
                  ema_momentum: float = 0.95, similarity_loss_coeff: float = 1e-5,
                  similarity_divisor: str = "tokens", similarity_off_diagonal: str = "off_diagonal",

@@ -90,6 +90,13 @@ class SoftRouter(MegatronModule, MegamoeRouter):
         return {"slots_per_expert": moe_cfg.soft.slots_per_expert,
                 "normalize": moe_cfg.soft.normalize}
 
+    @classmethod
+    def extra_parameters(cls, moe_cfg, hidden: int, vocab_size: int) -> tuple[int, int]:
+        """Φ [E·p, D] (+ the l2 scale) instead of an [E, D] gate; every token meets all slots."""
+        n = moe_cfg.num_experts * moe_cfg.soft.slots_per_expert * hidden
+        n += 1 if moe_cfg.soft.normalize else 0
+        return n - moe_cfg.num_experts * hidden, n - moe_cfg.num_experts * hidden
+
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
