@@ -411,7 +411,11 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """With the KV cache only new tokens are fed: the synthetic timestep (a function of the
-        first token) is computed here from the whole sequence."""
+        first token) is computed here from the whole sequence. A Mixture-of-Recursions model
+        has no KV cache: every step feeds the whole sequence."""
+        if self.config.mor:
+            kwargs.update(past_key_values=None, next_sequence_length=None, position_ids=None,
+                          use_cache=False)
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if (self.config.routing_context.get("synthetic_timesteps")
                 and inputs.get("timesteps") is None):
