@@ -67,7 +67,11 @@ Next increments:
    tokens) into the trainer's metrics like `training.metrics.routing_stats` (today only
    `RecursionBlock.last_stats` holds them); the causality log line for expert-choice.
 5. DP distributed optimizer: routers and the pool are ordinary parameters; add a parity case.
-6. Inference: continuous depth-wise batching (§1.7) on top of `RecursionKVCache`; HF export.
+6. Inference: continuous depth-wise batching (§1.7) on top of `RecursionKVCache`.
+   HF export is done: `megamoe convert --to hf` writes the remote code's recursion block
+   (megamoe/checkpoint/hf_remote/mor_megamoe.py, masks instead of compaction; hf_mor.py maps
+   `model.mor`), `--from hf` imports it back (tests/unit/test_hf_mor.py). The HF model has no
+   KV cache yet (generation recomputes the prefix).
 """
 
 # block.py / attention.py import Megatron: import them from their modules

@@ -64,8 +64,8 @@ def _build(overrides):
 
 @torch.no_grad()
 def _randomize(engine, name):
-    """Every parameter random (norms around 1), MoE selection biases and the depth bias
-    non-zero. Cycle + σ > 0.5 + KV sharing: the embeddings share a direction u and θ_1 = 2u,
+    """Every parameter random (norms around 1), MoE selection biases and the token-choice
+    depth bias non-zero (under `balancing: loss` both sides must ignore it). Cycle + σ > 0.5 + KV sharing: the embeddings share a direction u and θ_1 = 2u,
     so that step 0 keeps every token (KV sharing needs it) while later steps drop some."""
     from megamoe.models.lm import moe_layers
     from megamoe.mor.decoder import mor_decoders

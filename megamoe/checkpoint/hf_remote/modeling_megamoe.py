@@ -2,8 +2,8 @@
 Megatron model computes, for the models no transformers architecture expresses (sigmoid router
 scores, QK-norm with a shared expert, an ungated shared expert, …).
 
-Shipped as remote code into exported folders, next to configuration_megamoe.py, so it imports
-only torch and transformers. Load with
+Shipped as remote code into exported folders, next to configuration_megamoe.py,
+routers_megamoe.py and mor_megamoe.py, so it imports only torch and transformers. Load with
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)).
@@ -20,6 +20,9 @@ The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x +
   `data.synthetic_modalities` / `data.synthetic_timesteps`), else the router raises.
   expert_choice, soft and vmoe/limoe with an eval capacity choose over all B·S tokens of a
   call: outputs depend on the batch's composition, as megamoe's do on its micro-batch.
+- Mixture-of-Recursions (`config.mor`): unique first/last layers around a shared pool applied
+  N_r times to the tokens a depth router keeps, see mor_megamoe.py (shipped alongside). Such a
+  model runs whole sequences: no KV cache (generation recomputes the prefix), no padding.
 
 Legend: B batch, S query positions, K key positions (cache + S), D hidden, H query heads,
 G KV heads, d head dim, T tokens (B·S), E experts, F expert FFN size, k experts per token.
@@ -341,7 +344,6 @@ class MegamoeModel(MegamoePreTrainedModel):
                 x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, past_key_values, ctx)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD),
                                        past_key_values=past_key_values if use_cache else None)
-
 
     def _check_mor_call(self, past_key_values, attention_mask, position_ids) -> bool:
         """MoR runs whole sequences: no KV cache (generation recomputes the prefix), no
