@@ -2,8 +2,10 @@
 exactly: transformers' Mixtral (the foundation block), Qwen2-MoE (a gated shared expert, qkv
 bias, dense layers), Qwen3-MoE (per-head QK-norm, dense layers); otherwise megamoe's own modeling
 code travels in the folder (model_type "megamoe", `trust_remote_code=True`, `hf_megamoe`), which
-runs every router family in its eval-mode routing. Only what that code cannot express either
-(Megatron's capacity dropping, `model.moe.capacity_factor`) is refused, naming the field.
+runs every router family in its eval-mode routing, and Mixture-of-Recursions decoders
+(`model.mor`, hf_mor). Only what that code cannot express either (Megatron's capacity dropping,
+`model.moe.capacity_factor`; `model.mor` options it does not know) is refused, naming the
+field.
 
 Not a family: OLMoE. Its q_norm/k_norm are one RMSNorm over the whole q (H·d) and k (G·d)
 projection, mixing all heads' statistics; megamoe's QK-norm normalises each head's d channels
@@ -103,7 +105,7 @@ def import_hf(hf_dir: str) -> tuple[list[str], dict]:
               else _auto_config(hf_dir))
     overrides, shape = family.from_hf_config(config, config_path)
     tensors = from_hf(read_safetensors(hf_dir), shape, family.NAMES, hf_dir)
-    if len(set(shape.moe_layers)) == 1:
+    if len(set(shape.moe_layers)) == 1 and shape.mor_unique is None:
         tensors = stack_layers(tensors)     # Megatron stacks layers when all have one kind
     return overrides, tensors
 

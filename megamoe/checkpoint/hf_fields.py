@@ -32,10 +32,6 @@ def renormalize_overrides(norm_topk_prob: bool, where: str) -> list[str]:
 def export_problems(cfg) -> list[str]:
     """What no export expresses, megamoe's remote code included."""
     moe, bad = cfg.model.moe, []
-    mor = getattr(cfg.model, "mor", None)
-    if mor is not None and mor.enabled:
-        bad.append("model.mor.enabled: Mixture-of-Recursions models do not export to Hugging "
-                   "Face yet (the recursion block is not in the remote code)")
     if not moe.num_experts:
         return bad
     if moe.capacity_factor is not None:
@@ -48,6 +44,10 @@ def transformers_problems(cfg) -> list[str]:
     """What none of transformers' MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE) expresses."""
     moe = cfg.model.moe
     bad = export_problems(cfg)
+    mor = getattr(cfg.model, "mor", None)
+    if mor is not None and mor.enabled:
+        bad.append("model.mor.enabled: transformers' MoE families have no recursion block "
+                   "(megamoe's remote code has)")
     if not moe.num_experts:
         bad.append("model.moe.num_experts: 0 (a dense model) is not an MoE family")
         return bad

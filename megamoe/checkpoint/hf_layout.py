@@ -18,6 +18,11 @@ tests in tests/unit/test_hf_convert.py and test_hf_families.py):
 - QK-norm: Megatron's `q_layernorm`/`k_layernorm` [d] (RMSNorm over each head's d channels,
   before RoPE) are Qwen3-MoE's `q_norm`/`k_norm`.
 - RMSNorm, RoPE (rotate-half, θ = rotary_base) and the 1/√d attention scale match as they are.
+- Mixture-of-Recursions (megamoe's remote code only): the unique first/last layers
+  `decoder.layers.{0,1}` are `model.layers.{0,1}`, the shared pool `decoder.recursion.layers.{j}`
+  is `model.recursion.layers.{j}` (same per-layer names), and every depth-router tensor
+  `decoder.recursion.router.<name>` (expert-choice `routers.<r>.weight`, token-choice
+  `router.weight` and the loss-free `router_bias` buffer) is `model.recursion.router.<name>`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from megamoe.checkpoint.global_load import num_layers, unstack_layers
 
 DENSE = ("gate_proj", "up_proj", "down_proj")   # HF names of a SwiGLU MLP's linears
+MOR_ROUTER = ("decoder.recursion.router.", "model.recursion.router.")   # megamoe, HF prefixes
 
 
 @dataclass(frozen=True)
@@ -53,20 +59,56 @@ class DecoderShape:
     shared_expert: bool
     shared_gate: bool
     tied: bool
+    # Mixture-of-Recursions: the stored layers (`moe_layers` order) are `mor_unique` unique
+    # layers, then the shared pool (see `layer_prefixes`); None: a plain decoder
+    mor_unique: int | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "DecoderShape":
         from megamoe.models.specs.gpt_moe import moe_layer_pattern
 
         m, moe = cfg.model, cfg.model.moe
-        return cls(moe_layers=tuple(moe_layer_pattern(m.num_layers, moe.layer_freq,
-                                                      moe.num_experts)),
+        moe_layers, mor_unique = tuple(moe_layer_pattern(m.num_layers, moe.layer_freq,
+                                                         moe.num_experts)), None
+        mor = getattr(m, "mor", None)
+        if mor is not None and mor.enabled:
+            mor_unique, moe_layers = mor_stored_layers(mor.sharing, mor.num_recursions,
+                                                       moe_layers)
+        return cls(moe_layers=moe_layers,
                    num_experts=moe.num_experts, heads=m.num_attention_heads,
                    groups=m.num_query_groups or m.num_attention_heads,
                    head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
                    qkv_bias=m.add_qkv_bias, qk_norm=m.qk_layernorm,
                    shared_expert=bool(moe.shared_expert_ffn_hidden_size),
-                   shared_gate=moe.shared_expert_gate, tied=m.tie_embeddings)
+                   shared_gate=moe.shared_expert_gate, tied=m.tie_embeddings,
+                   mor_unique=mor_unique)
+
+    def layer_prefixes(self) -> list[tuple[str, str]]:
+        """(megamoe prefix, HF prefix) of every stored layer, in `moe_layers` order."""
+        if self.mor_unique is None:
+            return [(f"decoder.layers.{i}.", f"model.layers.{i}.")
+                    for i in range(len(self.moe_layers))]
+        pool = range(len(self.moe_layers) - self.mor_unique)
+        return ([(f"decoder.layers.{i}.", f"model.layers.{i}.") for i in range(self.mor_unique)]
+                + [(f"decoder.recursion.layers.{j}.", f"model.recursion.layers.{j}.")
+                   for j in pool])
+
+
+def mor_stored_layers(sharing: str, num_recursions: int, unrolled_moe) -> tuple[int, tuple]:
+    """(unique layers, MoE flag of every stored layer) of a Mixture-of-Recursions decoder of
+    len(unrolled_moe) unrolled layers: the unique first/last layers (Middle-*), then the pool
+    slots in order (as megamoe.mor.decoder.MoRDecoder stores them)."""
+    from megamoe.mor.sharing import sharing_plan
+
+    plan = sharing_plan(sharing, len(unrolled_moe), num_recursions)
+    slot_moe: dict = {}
+    for ell, slot in enumerate(plan.pool_index):
+        if slot_moe.setdefault(slot, bool(unrolled_moe[ell])) != bool(unrolled_moe[ell]):
+            raise ValueError(f"MoE layer pattern {[int(x) for x in unrolled_moe]}: unrolled "
+                             f"layers sharing pool slot {slot} (sharing {sharing!r}) differ")
+    unique = [s for s in (plan.first_unique, plan.last_unique) if s is not None]
+    pool = sorted({s for step in plan.recursion_steps() for s in step})
+    return len(unique), tuple(slot_moe[s] for s in unique + pool)
 
 
 class TensorPool:
@@ -131,13 +173,13 @@ def _swiglu_to_hf(out: dict, prefix: str, names, fc1: torch.Tensor, fc2: torch.T
 
 def to_hf(tensors: dict, s: DecoderShape, names: Names) -> dict:
     """megamoe's global tensors (either layer layout) → HF tensors in the on-disk naming."""
-    if num_layers(tensors) != len(s.moe_layers):
-        raise ValueError(f"tensors hold {num_layers(tensors)} decoder layers, "
-                         f"model.num_layers is {len(s.moe_layers)}")
+    want = len(s.moe_layers) if s.mor_unique is None else s.mor_unique
+    if num_layers(tensors) != want:
+        raise ValueError(f"tensors hold {num_layers(tensors)} decoder layers (decoder.layers.*), "
+                         f"the config implies {want}")
     mm = TensorPool(unstack_layers(tensors), "megamoe tensors")
     out = {"model.embed_tokens.weight": mm.take("embedding.word_embeddings.weight")}
-    for i, is_moe in enumerate(s.moe_layers):
-        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
+    for (p, q), is_moe in zip(s.layer_prefixes(), s.moe_layers):
         out[q + "input_layernorm.weight"] = mm.take(p + "input_layernorm.weight")
         for kind in ("weight", "bias") if s.qkv_bias else ("weight",):
             qkv = split_qkv(mm.take(f"{p}self_attention.linear_qkv.{kind}"), s)
@@ -170,6 +212,9 @@ def to_hf(tensors: dict, s: DecoderShape, names: Names) -> dict:
                           mm.take(p + "mlp.shared_experts.linear_fc2.weight"))
         if s.shared_gate:
             out[b + "shared_expert_gate.weight"] = mm.take(p + "mlp.shared_experts.gate_weight")
+    if s.mor_unique is not None:
+        for name in mm.names_under(MOR_ROUTER[0]):
+            out[MOR_ROUTER[1] + name] = mm.take(MOR_ROUTER[0] + name)
     out["model.norm.weight"] = mm.take("decoder.final_layernorm.weight")
     if not s.tied:
         out["lm_head.weight"] = mm.take("output_layer.weight")
@@ -196,8 +241,7 @@ def from_hf(hf_tensors: dict, s: DecoderShape, names: Names, where: str) -> dict
     """HF tensors (on-disk or transformers 5.x naming) → megamoe's per-layer global keys."""
     hf = TensorPool(hf_tensors, where)
     out = {"embedding.word_embeddings.weight": hf.take("model.embed_tokens.weight")}
-    for i, is_moe in enumerate(s.moe_layers):
-        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
+    for (p, q), is_moe in zip(s.layer_prefixes(), s.moe_layers):
         out[p + "input_layernorm.weight"] = hf.take(q + "input_layernorm.weight")
         for kind in ("weight", "bias") if s.qkv_bias else ("weight",):
             qkv = [hf.take(f"{q}self_attn.{proj}_proj.{kind}") for proj in "qkv"]
@@ -226,6 +270,9 @@ def from_hf(hf_tensors: dict, s: DecoderShape, names: Names, where: str) -> dict
             out[p + "mlp.shared_experts.linear_fc2.weight"] = fc2
         if s.shared_gate:
             out[p + "mlp.shared_experts.gate_weight"] = hf.take(b + "shared_expert_gate.weight")
+    if s.mor_unique is not None:
+        for name in hf.names_under(MOR_ROUTER[1]):
+            out[MOR_ROUTER[0] + name] = hf.take(MOR_ROUTER[1] + name)
     out["decoder.final_layernorm.weight"] = hf.take("model.norm.weight")
     if s.tied:
         hf.discard("lm_head.weight")

@@ -10,6 +10,11 @@ no per-expert modules to load them into. Every other router tensor, parameter or
 buffer (`mlp.router.<name>`: Diff-MoE's `timestep_weight` and `calibration.*`, Soft MoE's
 `l2_norm.weight`, the loss-free `selection_bias`, Expert Race's `threshold_ema`, …) is
 `mlp.gate.<name>`; the family's option sections travel in config.json (`router_options`).
+
+Mixture-of-Recursions decoders (`model.mor.enabled`) export too: config.json's `mor` object
+(hf_mor), the unique layers as `model.layers.{0,1}`, the shared pool as
+`model.recursion.layers.{j}` and the depth router as `model.recursion.router.*` (hf_layout);
+`hf_remote/mor_megamoe.py` runs the recursion block in megamoe's eval mode.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ import json
 import os
 import shutil
 
+from megamoe.checkpoint import hf_mor
 from megamoe.checkpoint.hf_fields import (
     export_problems, layer_freq_override, renormalize, renormalize_overrides, rope_theta,
 )
-from megamoe.checkpoint.hf_layout import DENSE, DecoderShape, Names
+from megamoe.checkpoint.hf_layout import DENSE, DecoderShape, Names, mor_stored_layers
 
 MODEL_TYPE = "megamoe"
 NAMES = Names(moe_block="mlp", expert=DENSE, fused_experts=True, router_state=True)
 CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
-CODE_FILES = ("configuration_megamoe.py", "modeling_megamoe.py", "routers_megamoe.py")
+CODE_FILES = ("configuration_megamoe.py", "modeling_megamoe.py", "routers_megamoe.py",
+              "mor_megamoe.py")
 # model.moe.<section>s a router family reads (config.json `router_options`)
 SECTIONS = {"dit_moe": ("dit_moe",), "diff_moe": ("diff_moe",), "vmoe": ("vmoe",),
             "limoe": ("vmoe", "limoe"), "race": ("race",), "modality": ("modality",),
@@ -40,7 +47,7 @@ AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
 
 def problems(cfg) -> list[str]:
     """What even the remote code cannot express (field: reason)."""
-    bad = export_problems(cfg)
+    bad = export_problems(cfg) + hf_mor.problems(cfg)
     moe = cfg.model.moe
     if moe.router == "race" and moe.race.plr_coeff > 0:
         bad.append("model.moe.race.plr_coeff: the PLR router's hidden layer (h = GELU(W_h·x)) "
@@ -60,25 +67,28 @@ def router_buffers(cfg) -> tuple[str, ...]:
 
 
 def check_router_buffers(tensors: dict, cfg) -> None:
-    """ValueError naming the first router buffer that `tensors` lacks."""
+    """ValueError naming the first router buffer (of an MoE layer or the MoR depth router)
+    that `tensors` lacks."""
     from megamoe.checkpoint.global_load import unstack_layers
 
     names = router_buffers(cfg)
-    if not names:
-        return
+    s = DecoderShape.from_config(cfg)
+    need = [f"{p}mlp.router.{name}" for (p, _), is_moe in zip(s.layer_prefixes(), s.moe_layers)
+            if is_moe for name in names]
     keys = set(unstack_layers(tensors))
-    for i, is_moe in enumerate(DecoderShape.from_config(cfg).moe_layers):
-        for name in names if is_moe else ():
-            key = f"decoder.layers.{i}.mlp.router.{name}"
-            if key not in keys:
-                raise ValueError(f"tensors: no {key!r}; router {cfg.model.moe.router!r} keeps "
-                                 "state in buffers: add megamoe.checkpoint.router_state."
-                                 "gather_router_buffers(chunks) to the exported tensors")
+    for key in [*need, *hf_mor.router_buffers(cfg)]:
+        if key not in keys:
+            raise ValueError(f"tensors: no {key!r}; this router keeps state in buffers: add "
+                             "megamoe.checkpoint.router_state.gather_router_buffers(chunks) to "
+                             "the exported tensors")
 
 
 def hf_config(cfg, vocab_size: int) -> dict:
+    from megamoe.models.specs.gpt_moe import moe_layer_pattern
+
     m, moe = cfg.model, cfg.model.moe
     s = DecoderShape.from_config(cfg)
+    unrolled = moe_layer_pattern(m.num_layers, moe.layer_freq, moe.num_experts)
     return {
         "architectures": ["MegamoeForCausalLM"], "model_type": MODEL_TYPE, "auto_map": AUTO_MAP,
         "vocab_size": vocab_size, "hidden_size": m.hidden_size,
@@ -88,14 +98,15 @@ def hf_config(cfg, vocab_size: int) -> dict:
         "rope_theta": float(int(m.rotary_base)),       # megamoe.models.lm: int(rotary_base)
         "max_position_embeddings": m.seq_length, "initializer_range": m.init_method_std,
         "qkv_bias": m.add_qkv_bias, "qk_norm": m.qk_layernorm,
-        "moe_layers": [int(x) for x in s.moe_layers], "num_experts": moe.num_experts,
+        "moe_layers": [int(x) for x in unrolled], "num_experts": moe.num_experts,
         "moe_intermediate_size": moe.ffn_hidden_size, "router": moe.router,
         "num_experts_per_tok": moe.topk, "score_function": moe.score_function,
         "norm_topk_prob": renormalize(moe),
         "shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size,
         "shared_expert_gate": moe.shared_expert_gate,
         "router_aux_loss_coef": moe.aux_loss_coeff, "tie_word_embeddings": m.tie_embeddings,
-        "use_cache": True, "dtype": "float32", **router_fields(cfg),
+        "use_cache": not hf_mor.enabled(cfg),      # MoR recomputes the prefix
+        "dtype": "float32", **router_fields(cfg), **hf_mor.hf_fields(cfg),
     }
 
 
@@ -185,9 +196,14 @@ def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
         *renormalize_overrides(c.norm_topk_prob or c.router in RAW_WEIGHTS, where),
         *router_overrides(c),
     ]
+    mor_unique = None
+    if c.mor:
+        overrides += hf_mor.overrides(c.mor)
+        mor_unique, moe_layers = mor_stored_layers(c.mor["sharing"], c.mor["num_recursions"],
+                                                   moe_layers)
     shape = DecoderShape(moe_layers=moe_layers, num_experts=c.num_experts, heads=heads,
                          groups=groups, head_dim=head_dim, qkv_bias=bool(c.qkv_bias),
                          qk_norm=bool(c.qk_norm), shared_expert=bool(shared),
                          shared_gate=bool(c.shared_expert_gate),
-                         tied=bool(c.tie_word_embeddings))
+                         tied=bool(c.tie_word_embeddings), mor_unique=mor_unique)
     return overrides, shape

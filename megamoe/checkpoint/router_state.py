@@ -2,9 +2,13 @@
 
 Some routers hold model state in persistent buffers rather than parameters: the loss-free
 `selection_bias` (topk, dit_moe, diff_moe), Expert Race's `threshold_ema` / `threshold_updates`,
-V-MoE's `noise_step`. `gather_global` describes parameters only, so exports add these under
-`decoder.layers.<i>.mlp.router.<name>` (fp32), and imports copy them back. Non-persistent
-buffers (per-step counters, masks computed from the config) are not model state and stay out.
+V-MoE's `noise_step`, and the Mixture-of-Recursions token-choice depth router's loss-free
+`router_bias`. `gather_global` describes parameters only, so exports add these under their
+checkpoint keys (fp32): `decoder.layers.<i>.mlp.router.<name>`; in a MoR decoder
+`decoder.layers.{0,1}.mlp.router.<name>` (unique layers), `decoder.recursion.layers.<j>.mlp.
+router.<name>` (the shared pool) and `decoder.recursion.router.<name>`; imports copy them back.
+Non-persistent buffers (per-step counters, masks computed from the config) are not model state
+and stay out.
 """
 
 from __future__ import annotations
@@ -15,15 +19,28 @@ import torch.distributed as dist
 from megamoe.checkpoint.global_load import LAYER_PREFIX, unstack_layers
 
 
+def _persistent(module, prefix: str):
+    buffers = dict(module.named_buffers())
+    for name in module.state_dict():
+        if name in buffers:
+            yield prefix + name, buffers[name]
+
+
 def _router_buffers(chunks):
     """(global key, buffer) of every persistent router buffer this rank holds."""
     from megamoe.models.lm import moe_layers
+    from megamoe.mor.decoder import mor_decoders
 
+    mor_prefix = {}          # a MoR layer's number is its pool slot + 1: key it by position
+    for decoder in mor_decoders(chunks):
+        for i, layer in enumerate(decoder.layers):
+            mor_prefix[id(layer.mlp)] = f"{LAYER_PREFIX}{i}.mlp.router."
+        for j, layer in enumerate(decoder.recursion.layers):
+            mor_prefix[id(layer.mlp)] = f"decoder.recursion.layers.{j}.mlp.router."
+        yield from _persistent(decoder.recursion.router, "decoder.recursion.router.")
     for layer in moe_layers(chunks):
-        buffers = dict(layer.router.named_buffers())
-        for name in layer.router.state_dict():
-            if name in buffers:
-                yield f"{LAYER_PREFIX}{layer.layer_number - 1}.mlp.router.{name}", buffers[name]
+        prefix = mor_prefix.get(id(layer), f"{LAYER_PREFIX}{layer.layer_number - 1}.mlp.router.")
+        yield from _persistent(layer.router, prefix)
 
 
 def gather_router_buffers(chunks, group=None) -> dict:

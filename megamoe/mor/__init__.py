@@ -76,7 +76,11 @@ Next increments:
    `RecursionBlock.last_stats` holds them); the causality log line for expert-choice.
 5. DP distributed optimizer: routers and the pool are ordinary parameters; add a parity case.
 6. Inference: generation under TP/EP (the batch of a step differs per rank: collectives in
-   shared MoE layers need matched calls), static-shape caches for CUDA graphs; HF export.
+   shared MoE layers need matched calls), static-shape caches for CUDA graphs.
+   HF export is done: `megamoe convert --to hf` writes the remote code's recursion block
+   (megamoe/checkpoint/hf_remote/mor_megamoe.py, masks instead of compaction; hf_mor.py maps
+   `model.mor`), `--from hf` imports it back (tests/unit/test_hf_mor.py). The HF model has no
+   KV cache yet (generation recomputes the prefix).
 """
 
 # block.py / attention.py import Megatron: import them from their modules

@@ -86,18 +86,29 @@ def export_task(overrides, out_dir, tokenizer=None):
             "architecture": type(hf).__name__, "tensors": tensors}
 
 
+def _expert_axis(key: str) -> int:
+    """The expert axis of an `experts.experts.*` tensor: 1 when layers are stacked [L, E, ...]."""
+    from megamoe.checkpoint.global_load import LAYER_PREFIX
+
+    stacked = key.startswith(LAYER_PREFIX) and not key[len(LAYER_PREFIX):].split(".")[0].isdigit()
+    return 1 if stacked else 0
+
+
 def imported_task(hf_dir, overrides=(), roll_experts=False):
-    """Import an HF folder into a megamoe model of this pool's layout; logits on rank 0.
-    `roll_experts` (control) moves every expert to the next index, away from its router row."""
+    """Import an HF folder (router buffers included) into a megamoe model of this pool's
+    layout; logits on rank 0. `roll_experts` (control) moves every expert to the next index,
+    away from its router row."""
     from megamoe.checkpoint.global_load import load_global_into
     from megamoe.checkpoint.hf import import_hf
+    from megamoe.checkpoint.router_state import load_router_buffers
 
     hf_overrides, tensors = import_hf(hf_dir)
-    if roll_experts:             # stacked layers (all MoE): [L, E, ...]
-        tensors = {k: v.roll(1, dims=1) if ".experts.experts." in k else v
+    if roll_experts:
+        tensors = {k: v.roll(1, dims=_expert_axis(k)) if ".experts.experts." in k else v
                    for k, v in tensors.items()}
     _, engine = _engine([*hf_overrides, *overrides])
     load_global_into(engine.modules, tensors)
+    load_router_buffers(engine.modules, tensors)
     logits = _megamoe_logits(engine, _tokens_BS(engine.modules[0].vocab_size))
     return logits if dist.get_rank() == 0 else None
 

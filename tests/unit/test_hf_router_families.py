@@ -327,11 +327,13 @@ def test_missing_context_without_a_synthetic_rule_raises(results, tmp_path):
             hf(input_ids=_tokens_BS(TINY_VOCAB))
 
 
-def test_mixture_of_recursions_is_refused_not_exported_wrong():
+def test_mixture_of_recursions_recipe_exports_as_remote_code():
+    """MoR models export with the remote code (logits: test_hf_mor.py), never as Mixtral."""
+    from megamoe.checkpoint import hf_mixtral
     from megamoe.checkpoint.hf import family_for
     from megamoe.config import load_config
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mor_token.yaml")
     cfg = load_config(recipe, ["parallel.world_size=1", "parallel.expert=1"])
-    with pytest.raises(ValueError, match="model.mor.enabled"):
-        family_for(cfg)
+    assert family_for(cfg).MODEL_TYPE == "megamoe"
+    assert any(p.startswith("model.mor.enabled:") for p in hf_mixtral.problems(cfg))

@@ -2,7 +2,7 @@
 
 Shipped into every Hugging Face folder that `megamoe convert --to hf` writes for a model no
 transformers architecture expresses (`auto_map` in its config.json), so this file must stay
-self-contained: it imports only transformers.
+self-contained: it imports only transformers and mor_megamoe.py (shipped alongside).
 
 Fields follow transformers' names where a family has one (Qwen2/3-MoE); megamoe's names in
 parentheses:
@@ -22,11 +22,19 @@ parentheses:
   that derive modality ids / timesteps from the tokens when forward is not given them.
 - shared_expert_intermediate_size (model.moe.shared_expert_ffn_hidden_size, 0: none) and
   shared_expert_gate: σ(x·w_g) times the shared expert's output.
+- mor (model.mor, Mixture-of-Recursions; null: a plain decoder): {num_recursions, sharing,
+  router ("expert" | "token"), capacities (C_r per step, expert), alpha, temperature,
+  inference_rule ("threshold" | "topk", expert), gating ("weighted" | "additive"), kv_sharing,
+  token_score ("softmax" | "sigmoid"), token_balancing ("loss" | "loss_free": the
+  `router_bias` selects depths)} and megamoe's training-only options (`training`, kept for
+  imports). num_hidden_layers and moe_layers count the unrolled layers; see mor_megamoe.py.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
+
+from .mor_megamoe import slot_is_moe
 
 ROUTER_KINDS = ("topk", "dit_moe", "diff_moe", "moee", "vmoe", "limoe", "expert_choice",
                 "race", "modality", "soft")
@@ -34,6 +42,13 @@ ROUTER_KINDS = ("topk", "dit_moe", "diff_moe", "moee", "vmoe", "limoe", "expert_
 ROUTER_SECTIONS = {"diff_moe": ("diff_moe",), "vmoe": ("vmoe",), "limoe": ("vmoe",),
                    "race": ("race",), "modality": ("modality",), "soft": ("soft",)}
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOR_FIELDS = ("num_recursions", "sharing", "router", "capacities", "alpha", "temperature",
+              "inference_rule", "gating", "kv_sharing", "token_score", "token_balancing")
+MOR_CHOICES = {"sharing": ("cycle", "sequence", "middle_cycle", "middle_sequence"),
+               "router": ("expert", "token"), "inference_rule": ("threshold", "topk"),
+               "gating": ("weighted", "additive"), "token_score": ("softmax", "sigmoid"),
+               "token_balancing": ("loss", "loss_free")}
+MOR_MOE_ROUTERS = ("topk",)      # per-token routers: inactive tokens cannot change the others
 
 
 class MegamoeConfig(PretrainedConfig):
@@ -49,7 +64,7 @@ class MegamoeConfig(PretrainedConfig):
                  norm_topk_prob=True, shared_expert_intermediate_size=0,
                  shared_expert_gate=False, router_aux_loss_coef=0.0, tie_word_embeddings=False,
                  use_cache=True, router_options=None, loss_free_bias_rate=0.0,
-                 routing_context=None, router_z_loss_coef=0.0, **kwargs):
+                 routing_context=None, router_z_loss_coef=0.0, mor=None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -82,7 +97,10 @@ class MegamoeConfig(PretrainedConfig):
         self.loss_free_bias_rate = float(loss_free_bias_rate)
         self.routing_context = dict(routing_context or {})
         self.router_z_loss_coef = router_z_loss_coef
+        self.mor = dict(mor) if mor else None
         self._validate()
+        if self.mor:
+            self._validate_mor()
         super().__init__(**kwargs)
 
     def _validate(self) -> None:
@@ -111,3 +129,24 @@ class MegamoeConfig(PretrainedConfig):
                                  f"num_experts ({self.num_experts})")
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ValueError("shared_expert_gate: true needs shared_expert_intermediate_size > 0")
+
+    def _validate_mor(self) -> None:
+        mor = self.mor
+        missing = [f for f in MOR_FIELDS if f not in mor]
+        if missing:
+            raise ValueError(f"mor: missing {', '.join(missing)}")
+        for field, choices in MOR_CHOICES.items():
+            if mor[field] not in choices:
+                raise ValueError(f"mor.{field}: {mor[field]!r}; one of {', '.join(choices)}")
+        R = mor["num_recursions"]
+        if mor["router"] == "expert":
+            caps = mor["capacities"]
+            if not isinstance(caps, list) or len(caps) != R or any(
+                    not 0 < c <= 1 for c in caps):
+                raise ValueError(f"mor.capacities: {caps!r}; {R} values in (0, 1]")
+            if mor["kv_sharing"] and caps[0] < 1:
+                raise ValueError("mor.kv_sharing: needs capacity 1 at the first recursion")
+        if any(self.moe_layers) and self.router not in MOR_MOE_ROUTERS:
+            raise ValueError(f"router: {self.router!r} inside the recursion block; MoR models "
+                             f"have {', '.join(MOR_MOE_ROUTERS)} MoE layers")
+        slot_is_moe(mor["sharing"], self.moe_layers, R)       # also checks L splits

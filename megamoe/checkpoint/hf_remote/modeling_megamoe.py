@@ -2,8 +2,8 @@
 Megatron model computes, for the models no transformers architecture expresses (sigmoid router
 scores, QK-norm with a shared expert, an ungated shared expert, …).
 
-Shipped as remote code into exported folders, next to configuration_megamoe.py, so it imports
-only torch and transformers. Load with
+Shipped as remote code into exported folders, next to configuration_megamoe.py,
+routers_megamoe.py and mor_megamoe.py, so it imports only torch and transformers. Load with
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)).
@@ -20,6 +20,9 @@ The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x +
   `data.synthetic_modalities` / `data.synthetic_timesteps`), else the router raises.
   expert_choice, soft and vmoe/limoe with an eval capacity choose over all B·S tokens of a
   call: outputs depend on the batch's composition, as megamoe's do on its micro-batch.
+- Mixture-of-Recursions (`config.mor`): unique first/last layers around a shared pool applied
+  N_r times to the tokens a depth router keeps, see mor_megamoe.py (shipped alongside). Such a
+  model runs whole sequences: no KV cache (generation recomputes the prefix), no padding.
 
 Legend: B batch, S query positions, K key positions (cache + S), D hidden, H query heads,
 G KV heads, d head dim, T tokens (B·S), E experts, F expert FFN size, k experts per token.
@@ -41,6 +44,7 @@ except ImportError:                     # pragma: no cover - transformers 4
     from torch.nn import init
 
 from .configuration_megamoe import MegamoeConfig
+from .mor_megamoe import MegamoeRecursion, mor_layout, slot_is_moe
 from .routers_megamoe import (
     RoutingInputs, build_router, synthetic_modality_ids, synthetic_timesteps, timestep_embedding,
 )
@@ -93,7 +97,9 @@ class MegamoeAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None):
+    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None, kv_hook=None):
+        """`kv_hook(k, v) → (k, v)`: replaces the (RoPE'd) keys and values, for MoR's
+        recursive KV sharing (mor_megamoe.py)."""
         B, S, _ = x_BSD.shape
         q_BSHd = self.q_proj(x_BSD).view(B, S, self.H, self.d)
         k_BSGd = self.k_proj(x_BSD).view(B, S, self.G, self.d)
@@ -105,6 +111,8 @@ class MegamoeAttention(nn.Module):
         v_BGKd = v_BSGd.transpose(1, 2)
         if cache is not None:
             k_BGKd, v_BGKd = cache.update(k_BGKd, v_BGKd, self.layer_idx)
+        if kv_hook is not None:
+            k_BGKd, v_BGKd = kv_hook(k_BGKd, v_BGKd)
         rep = self.H // self.G                  # query head h reads KV head h // rep
         k_BHKd = k_BGKd.repeat_interleave(rep, dim=1)
         v_BHKd = v_BGKd.repeat_interleave(rep, dim=1)
@@ -196,18 +204,22 @@ class MegamoeMoE(nn.Module):
 # ---- the model ---------------------------------------------------------------------------------
 
 class MegamoeDecoderLayer(nn.Module):
-    def __init__(self, config: MegamoeConfig, layer_idx: int):
+    """`is_moe`: the FFN kind (default: `config.moe_layers[layer_idx]`; MoR layers pass their
+    pool slot's kind)."""
+
+    def __init__(self, config: MegamoeConfig, layer_idx: int, is_moe: bool | None = None):
         super().__init__()
         self.input_layernorm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MegamoeAttention(config, layer_idx)
         self.post_attention_layernorm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_moe = bool(config.moe_layers[layer_idx])
+        self.is_moe = bool(config.moe_layers[layer_idx] if is_moe is None else is_moe)
         self.mlp = (MegamoeMoE(config, layer_idx) if self.is_moe
                     else MegamoeMLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None, ctx=None):
+    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None, ctx=None,
+                kv_hook=None):
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_BSd, sin_BSd,
-                                       allowed_B1SK, cache)
+                                       allowed_B1SK, cache, kv_hook)
         h_BSD = self.post_attention_layernorm(x_BSD)
         return x_BSD + (self.mlp(h_BSD, ctx) if self.is_moe else self.mlp(h_BSD))
 
@@ -248,13 +260,32 @@ def allowed_mask(attention_mask_BK, past: int, B: int, S: int, device) -> torch.
 
 
 class MegamoeModel(MegamoePreTrainedModel):
+    """`layers` then the final norm; with `config.mor` (Mixture-of-Recursions) `layers` are
+    the unique first and last layers (none for Cycle / Sequence sharing) around `recursion`,
+    the shared pool `recursion.layers` and its depth router `recursion.router`."""
+
     def __init__(self, config: MegamoeConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MegamoeDecoderLayer(config, i)
-                                    for i in range(config.num_hidden_layers))
+        if config.mor:
+            self._build_mor(config)
+        else:
+            self.layers = nn.ModuleList(MegamoeDecoderLayer(config, i)
+                                        for i in range(config.num_hidden_layers))
+            self.recursion = None
         self.norm = MegamoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
+
+    def _build_mor(self, config: MegamoeConfig) -> None:
+        mor = config.mor
+        unique, pool, steps = mor_layout(mor["sharing"], config.num_hidden_layers,
+                                         mor["num_recursions"])
+        moe = slot_is_moe(mor["sharing"], config.moe_layers, mor["num_recursions"])
+        self.layers = nn.ModuleList(MegamoeDecoderLayer(config, i, moe[slot])
+                                    for i, slot in enumerate(unique))
+        shared = nn.ModuleList(MegamoeDecoderLayer(config, j, moe[slot])
+                               for j, slot in enumerate(pool))
+        self.recursion = MegamoeRecursion(config, shared, steps)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -290,6 +321,8 @@ class MegamoeModel(MegamoePreTrainedModel):
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S, _ = x_BSD.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.recursion is not None:
+            use_cache = self._check_mor_call(past_key_values, attention_mask, position_ids)
         if use_cache and past_key_values is None:
             from transformers.cache_utils import DynamicCache
 
@@ -304,10 +337,38 @@ class MegamoeModel(MegamoePreTrainedModel):
                                         self.config.rope_theta)
         allowed_B1SK = allowed_mask(attention_mask, past, B, S, x_BSD.device)
         ctx = self.routing_inputs(input_ids, B, S, modality_ids, timesteps)
-        for layer in self.layers:
-            x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, past_key_values, ctx)
+        if self.recursion is not None:
+            x_BSD = self._mor_layers(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, ctx)
+        else:
+            for layer in self.layers:
+                x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, past_key_values, ctx)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD),
                                        past_key_values=past_key_values if use_cache else None)
+
+    def _check_mor_call(self, past_key_values, attention_mask, position_ids) -> bool:
+        """MoR runs whole sequences: no KV cache (generation recomputes the prefix), no
+        padding, positions 0..S−1 (returns use_cache: False)."""
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("past_key_values: a Mixture-of-Recursions model has no KV cache "
+                             "yet; call it with use_cache=False on the whole sequence")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("attention_mask: padding is not supported by Mixture-of-"
+                             "Recursions models yet (depth routing would count the pads)")
+        if position_ids is not None:
+            S = position_ids.shape[-1]
+            if not torch.equal(position_ids.reshape(-1, S)[0].cpu(), torch.arange(S)):
+                raise ValueError("position_ids: a Mixture-of-Recursions model runs whole "
+                                 "sequences at positions 0..S-1")
+        return False
+
+    def _mor_layers(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, ctx):
+        """Unique first layer → recursion block → unique last layer (mor_megamoe.py)."""
+        if len(self.layers):
+            x_BSD = self.layers[0](x_BSD, cos_BSd, sin_BSd, allowed_B1SK, None, ctx)
+        x_BSD = self.recursion(x_BSD, cos_BSd, sin_BSd, ctx)
+        if len(self.layers):
+            x_BSD = self.layers[-1](x_BSD, cos_BSd, sin_BSd, allowed_B1SK, None, ctx)
+        return x_BSD
 
 
 class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
@@ -352,7 +413,11 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """With the KV cache only new tokens are fed: the synthetic timestep (a function of the
-        first token) is computed here from the whole sequence."""
+        first token) is computed here from the whole sequence. A Mixture-of-Recursions model
+        has no KV cache: every step feeds the whole sequence."""
+        if self.config.mor:
+            kwargs.update(past_key_values=None, next_sequence_length=None, position_ids=None,
+                          use_cache=False)
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if (self.config.routing_context.get("synthetic_timesteps")
                 and inputs.get("timesteps") is None):
