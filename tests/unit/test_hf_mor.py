@@ -401,7 +401,11 @@ def test_remote_code_refuses_what_it_cannot_run(results, tmp_path):
     padded_BS[:, 0] = 0
     with pytest.raises(ValueError, match="attention_mask: padding"):
         hf(input_ids=tokens_BS, attention_mask=padded_BS)
-    with torch.no_grad():                   # step 0 now drops tokens: KV sharing cannot run
-        hf.model.recursion.router.routers[0].weight.neg_()
-    with pytest.raises(ValueError, match="kv_sharing: the first recursion must run every"):
+    # step 0 (capacity 1) keeps every token whatever its σ, so KV sharing always has the
+    # whole sequence's K/V: flipping the step-0 router changes nothing at step 0
+    with torch.no_grad():
         hf(input_ids=tokens_BS)
+        kept = hf.model.recursion.last_kept[0].tolist()
+        hf.model.recursion.router.routers[0].weight.neg_()
+        hf(input_ids=tokens_BS)
+    assert kept == hf.model.recursion.last_kept[0].tolist() == [tokens_BS.shape[1]] * len(kept)
