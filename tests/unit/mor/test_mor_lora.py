@@ -1,0 +1,178 @@
+"""Per-recursion LoRA on the shared layers (Relaxed Recursive Transformers, papers.md §2), on one
+gloo rank of the test pool:
+
+- a hooked linear computes W x + (α/R)·B A x (column- and row-parallel, hand computation);
+  no adapter is selected outside the block's layer calls;
+- at initialisation (B = 0) the relaxed model's loss equals the unrelaxed model's exactly
+  (every other parameter is initialised identically, by checkpoint key); negative control: B ≠ 0;
+- adapters are per unrolled position: perturbing adapter (r, 0) changes exactly the block
+  outputs of the tokens that reach step r (expert-choice, k = 16, 8, 4 of S = 16);
+- the parameter count of `megamoe.mor.accounting` is the built model's;
+- config errors name their field.
+"""
+
+import pytest
+import torch
+
+from megamoe.testing.pool import run_distributed
+
+MOR = ["parallel.world_size=1", "model.num_layers=8", "model.mor.enabled=true",
+       "model.mor.num_recursions=3", "model.mor.allow_non_causal=true",
+       "model.moe.num_experts=0", "model.mor.capacities=[1.0,0.5,0.25]",
+       "train.global_batch_size=2"]
+LORA = ["model.mor.lora_rank=4", "model.mor.lora_targets=[qkv,proj,fc1,fc2]"]
+
+
+def _engine(overrides):
+    from megamoe.testing.parity import TINY_VOCAB, tiny_config
+    from megamoe.training.engine import build_engine
+
+    return build_engine(tiny_config(overrides), TINY_VOCAB, torch.device("cpu"),
+                        with_optimizer=False, ddp=False)
+
+
+def _recursion(engine):
+    from megamoe.mor.decoder import mor_decoders
+
+    return mor_decoders(engine.modules)[0].recursion
+
+
+def _loss(engine) -> torch.Tensor:
+    from megamoe.testing.parity import TINY_VOCAB, microbatch
+
+    mb = microbatch(0, 0, 0, 1, 2, engine.cfg.model.seq_length, TINY_VOCAB)
+    with torch.no_grad():
+        return engine.modules[0](mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+
+
+def adapter_math_task():
+    """max |hooked linear − (W x + (α/R) B A x)| for qkv (column) and proj (row), the size of
+    the LoRA term, and the error of a linear called outside any (r, j) (must be the plain W x)."""
+    engine = _engine(MOR + ["model.mor.lora_rank=2", "model.mor.lora_alpha=3.0",
+                            "model.mor.lora_targets=[qkv,proj]"])
+    lora = _recursion(engine).lora
+    layers = _recursion(engine).layers
+    g = torch.Generator().manual_seed(0)
+    errs, terms = [], []
+    with torch.no_grad():
+        for target, linear in (("qkv", layers[1].self_attention.linear_qkv),
+                               ("proj", layers[1].self_attention.linear_proj)):
+            adapter = lora[2][1][target]           # step 2, layer 1 of the step: pool slot 1
+            adapter.B.copy_(torch.randn(adapter.B.shape, generator=g))
+            x = torch.randn(5, 3, linear.weight.shape[1], generator=g)
+            want = x @ linear.weight.T + 1.5 * (x @ adapter.A.T @ adapter.B.T)   # α/R = 3/2
+            lora.select(2, 1)
+            got = linear(x)[0]
+            lora.select(None)
+            plain = linear(x)[0]
+            errs.append((got - want).abs().max().item())
+            terms.append((want - x @ linear.weight.T).abs().max().item())
+            errs.append((plain - x @ linear.weight.T).abs().max().item())
+    return errs, terms
+
+
+def init_equals_unrelaxed_task():
+    """(loss with LoRA at init, loss without, loss with one B ≠ 0, non-LoRA state equal)."""
+    relaxed, plain = _engine(MOR + LORA), _engine(MOR)
+    theirs = plain.modules[0].state_dict()
+    same = all(torch.equal(v, theirs[k]) for k, v in relaxed.modules[0].state_dict().items()
+               if isinstance(v, torch.Tensor) and ".lora." not in k)
+    a, b = _loss(relaxed), _loss(plain)
+    with torch.no_grad():
+        _recursion(relaxed).lora[2][0]["fc2"].B.normal_(0, 0.1,
+                                                        generator=torch.Generator().manual_seed(1))
+    return a.sum().item(), b.sum().item(), _loss(relaxed).sum().item(), same
+
+
+def per_position_task():
+    """Tokens (of S·B = 32) whose block output changes when adapter (r, 0) is perturbed,
+    r = 0, 1, 2."""
+    engine = _engine(MOR + LORA)
+    decoder = engine.modules[0].decoder
+    block = decoder.recursion
+    S, B = engine.cfg.model.seq_length, 2
+    rope = engine.modules[0].rotary_pos_emb(S)
+    x = torch.randn(S, B, engine.cfg.model.hidden_size, generator=torch.Generator().manual_seed(2))
+    block.train()                            # expert-choice top-k: k = 16, 8, 4 per sequence
+    changed = []
+    with torch.no_grad():
+        base = block(x, rope)
+        for r in range(3):
+            B_param = block.lora[r][0]["qkv"].B
+            B_param.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+            out = block(x, rope)
+            B_param.zero_()
+            changed.append(int(((out - base).abs().amax(-1) > 0).sum()))
+        again = block(x, rope)
+    return changed, torch.equal(again, base)
+
+
+def count_task(overrides):
+    from megamoe.testing.parity import TINY_VOCAB
+    from megamoe.training.metrics import parameter_counts
+
+    engine = _engine(overrides)
+    lora = sum(p.numel() for n, p in engine.modules[0].named_parameters() if ".lora." in n)
+    return (sum(p.numel() for p in engine.modules[0].parameters()),
+            parameter_counts(engine.cfg, TINY_VOCAB)[0], lora)
+
+
+@pytest.mark.timeout(300)
+def test_hooked_linear_adds_the_scaled_low_rank_term():
+    errs, terms = run_distributed(adapter_math_task, 1)[0]
+    assert min(terms) > 0.1                      # the LoRA term is not negligible
+    assert max(errs) < 1e-5, errs                # W x + (α/R) B A x, and W x when unselected
+
+
+@pytest.mark.timeout(300)
+def test_relaxed_model_at_init_is_the_unrelaxed_model():
+    relaxed, plain, perturbed, same = run_distributed(init_equals_unrelaxed_task, 1)[0]
+    assert same
+    assert relaxed == plain
+    assert abs(perturbed - plain) > 1e-4          # negative control: B ≠ 0 is visible
+
+
+@pytest.mark.timeout(300)
+def test_each_recursion_step_has_its_own_adapter():
+    changed, restored = run_distributed(per_position_task, 1)[0]
+    assert changed == [32, 16, 8]                # B · k_r tokens run step r
+    assert restored
+
+
+@pytest.mark.timeout(300)
+def test_parameter_count_includes_the_adapters():
+    built, counted, lora = run_distributed(count_task, 1, MOR + LORA)[0]
+    # per (r, j): R·(d_in + d_out), hidden 32, 4 heads × 8, 2 groups, ffn 64 (SwiGLU: fc1 → 128)
+    per_position = 4 * ((32 + 64) + (32 + 32) + (32 + 128) + (64 + 32))
+    assert lora == 3 * 2 * per_position          # N_r = 3 steps × 2 shared layers
+    assert built == counted
+
+
+def _config(overrides):
+    from megamoe.testing.parity import tiny_config
+
+    return tiny_config(overrides)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.mor.lora_rank=-1", "model.mor.lora_rank"),
+    ("model.mor.lora_alpha=0", "model.mor.lora_alpha"),
+    ("model.mor.lora_dropout=1.0", "model.mor.lora_dropout"),
+    ("model.mor.lora_targets=[q]", "model.mor.lora_targets"),
+    ("model.mor.lora_targets=[qkv,qkv]", "model.mor.lora_targets"),
+    ("model.mor.lora_targets=[]", "model.mor.lora_targets"),
+])
+def test_bad_lora_options_name_their_field(override, field):
+    from megamoe.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        _config(MOR + [override])
+
+
+def test_lora_on_moe_ffns_is_refused():
+    from megamoe.config.errors import ConfigError
+
+    moe = [o for o in MOR if "num_experts" not in o]            # MoE FFNs in every layer
+    _config(moe + ["model.mor.lora_rank=4", "model.mor.lora_targets=[qkv,proj]"])
+    with pytest.raises(ConfigError, match="^model.mor.lora_targets:.*MoE"):
+        _config(moe + ["model.mor.lora_rank=4", "model.mor.lora_targets=[qkv,fc1]"])
