@@ -36,6 +36,9 @@ def export_problems(cfg) -> list[str]:
     if mor is not None and mor.enabled:
         bad.append("model.mor.enabled: Mixture-of-Recursions models do not export to Hugging "
                    "Face yet (the recursion block is not in the remote code)")
+    if mor is not None and mor.enabled and mor.lora_rank:
+        bad.append("model.mor.lora_rank: per-recursion LoRA adapters (Relaxed Recursive "
+                   "Transformers) do not export to Hugging Face (no adapters in the remote code)")
     if not moe.num_experts:
         return bad
     if moe.capacity_factor is not None:

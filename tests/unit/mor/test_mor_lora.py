@@ -176,3 +176,11 @@ def test_lora_on_moe_ffns_is_refused():
     _config(moe + ["model.mor.lora_rank=4", "model.mor.lora_targets=[qkv,proj]"])
     with pytest.raises(ConfigError, match="^model.mor.lora_targets:.*MoE"):
         _config(moe + ["model.mor.lora_rank=4", "model.mor.lora_targets=[qkv,fc1]"])
+
+
+def test_hugging_face_export_refuses_lora():
+    from megamoe.checkpoint.hf_megamoe import problems
+
+    with_lora = problems(_config(MOR + ["model.mor.lora_rank=4"]))
+    assert any(p.startswith("model.mor.lora_rank:") for p in with_lora), with_lora
+    assert not any(p.startswith("model.mor.lora_rank:") for p in problems(_config(MOR)))
