@@ -10,6 +10,8 @@ step 1, not only after B has moved.
 - TP2 + SP, dense pool, LoRA on qkv, proj, fc1 (SwiGLU halves) and fc2: column-parallel
   adapters (A replicated, `sequence_parallel` gradient sum; B sharded) and row-parallel ones
   (A sharded, partial A x reduce-scattered; B replicated, `sequence_parallel`).
+- TP2 without SP (same model): the rank-R activation is copied into / all-reduced over the TP
+  region instead; no adapter gradient needs a TP sum.
 - EP2, MoE FFNs in every layer, LoRA on qkv and proj.
 Negative controls: one adapter's A perturbed on one rank (EP2); under TP2 + SP the
 `sequence_parallel` marks taken off the adapters, so Megatron no longer sums their gradients
@@ -31,8 +33,9 @@ MOR = ["model.num_layers=8", "model.mor.enabled=true", "model.mor.num_recursions
        "model.mor.lora_rank=4"]
 TP2 = (["model.moe.num_experts=0", "model.mor.lora_targets=[qkv,proj,fc1,fc2]"],
        ["parallel.tensor=2"])
+TP2_NO_SP = (TP2[0], ["parallel.tensor=2", "parallel.sequence_parallel=false"])
 EP2 = (["model.mor.lora_targets=[qkv,proj]"], ["parallel.expert=2"])
-CASES = {"tp2_sp_dense": TP2, "ep2_moe": EP2}
+CASES = {"tp2_sp_dense": TP2, "tp2_dense_no_sp": TP2_NO_SP, "ep2_moe": EP2}
 
 
 @torch.no_grad()
