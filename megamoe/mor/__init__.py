@@ -66,8 +66,9 @@ increment 3: TP + SP):
 - Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting),
   tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense, k = 16, 10, 5) × expert/
   token, EP2×TP2 expert-choice (k = 16, 8, 4), negative controls on a shared pool weight), test_mor_checkpoint.py (save/load of every parameter and buffer),
-  tests/unit/mor/test_mor_lora.py + tests/distributed/test_mor_lora.py (adapter math, init =
-  unrelaxed model, one adapter per step, TP2+SP / EP2 parity with B ≠ 0, checkpoint, training),
+  LoRA: tests/unit/mor/test_mor_lora_adapters.py (adapter math, init = unrelaxed model, one
+  adapter per step, accounting), tests/distributed/test_mor_lora.py (TP2 ± SP / EP2 parity
+  with B ≠ 0, negative controls, checkpoint, training),
   test_mor_train.py (30 steps of both recipes: loss falls, stays above the entropy rate).
 
 Next increments:
