@@ -132,17 +132,24 @@ def _adapter(layer, target: str, rank: int, alpha: float, dropout: float) -> LoR
 
 
 class _Slot:
-    """The adapter a hooked linear adds on its next call (None: the plain linear)."""
+    """What a hooked linear adds on its next call: nothing (None), one adapter, or per batch
+    row (dim 1 of [S, B, ·]) a list of (adapter, row indices) — cached generation batches
+    tokens of different recursion steps through one shared layer."""
 
     def __init__(self):
-        self.adapter: LoRAAdapter | None = None
+        self.adapter: LoRAAdapter | list | None = None
 
     def __call__(self, module, args, kwargs, output):
         if self.adapter is None:
             return None
         x = args[0] if args else kwargs["input_"]
         out, bias = output
-        return out + self.adapter(x).to(out.dtype), bias
+        if isinstance(self.adapter, LoRAAdapter):
+            return out + self.adapter(x).to(out.dtype), bias
+        delta = torch.zeros_like(out)
+        for adapter, rows in self.adapter:
+            delta = delta.index_copy(1, rows, adapter(x.index_select(1, rows)).to(out.dtype))
+        return out + delta, bias
 
 
 class RecursionLoRA(nn.ModuleList):
@@ -172,6 +179,21 @@ class RecursionLoRA(nn.ModuleList):
         if r is not None:
             for t in self.targets:
                 self._slots[(self.steps[r][j], t)].adapter = self[r][j][t]
+
+    def select_rows(self, r_B, j: int) -> None:
+        """Batch row b uses the adapters of (r_B[b], j); every r_B[b]'s step must apply the
+        same pool layer at j (tokens a generator batches together). Not under TP (the rows of
+        an SP shard are not the batch)."""
+        self.select(None)
+        layers = {self.steps[r][j] for r in r_B}
+        assert len(layers) == 1, f"rows of one call run pool layers {layers}"
+        idx = layers.pop()
+        rows: dict = {}
+        for b, r in enumerate(r_B):
+            rows.setdefault(r, []).append(b)
+        for t in self.targets:
+            self._slots[(idx, t)].adapter = [(self[r][j][t], torch.tensor(bs))
+                                             for r, bs in rows.items()]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
