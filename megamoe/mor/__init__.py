@@ -56,6 +56,7 @@ increment 3: TP + SP):
                     (fc1's B split into SwiGLU halves like the weight); `models.init`: B = 0,
                     A ~ N(0, 1/d_in), so the model at init is the unrelaxed one. Unique
                     layers get none; MoE expert FFNs are refused (`model.mor.lora_targets`).
+                    Cached generation selects adapters per batch row (`select_rows`).
 - Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
   non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
   pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
