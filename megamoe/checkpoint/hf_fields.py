@@ -32,6 +32,10 @@ def renormalize_overrides(norm_topk_prob: bool, where: str) -> list[str]:
 def export_problems(cfg) -> list[str]:
     """What no export expresses, megamoe's remote code included."""
     moe, bad = cfg.model.moe, []
+    mor = getattr(cfg.model, "mor", None)
+    if mor is not None and mor.enabled and mor.lora_rank:
+        bad.append("model.mor.lora_rank: per-recursion LoRA adapters (Relaxed Recursive "
+                   "Transformers) do not export to Hugging Face (no adapters in the remote code)")
     if not moe.num_experts:
         return bad
     if moe.capacity_factor is not None:

@@ -14,6 +14,16 @@ whether a token recurses; it is refused in the causal decoder unless `model.mor.
 is set. This is MoR's own opt-in (not `model.moe.allow_non_causal`), so that opting in for an MoE
 router family never silently admits a non-causal depth router too. At inference the σ > 0.5
 rule (`inference_rule: threshold`) is causal.
+
+Relaxed recursion (Relaxed Recursive Transformers, Bae et al. 2024; papers.md §2): with
+`lora_rank` > 0 every application of a shared layer — recursion step r, layer j of the step —
+adds its own LoRA to the targeted linears, W x + (α/rank)·B^{r,j} A^{r,j} x (B = 0 at
+initialisation, so the model starts as the unrelaxed one; the unique first/last layers get
+none). `lora_alpha` None means 2·rank (the RRT code's default). `lora_targets` names Megatron's
+linears: `qkv` (default) is the *fused* query/key/value projection, so it adapts q, k and v
+where the reference code adapts q and v only; `proj` the attention output, `fc1`/`fc2` a dense
+FFN (refused on MoE pool slots). `lora_dropout` (RRT: 0.1) drops adapter inputs; the default 0
+keeps runs layout-independent (dropout masks depend on the TP/SP layout).
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from megamoe.config.errors import at_least, fail, greater_than, one_of
+from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
 
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 DEPTH_ROUTERS = ("expert", "token")
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 @dataclass
@@ -61,6 +72,10 @@ class MoRConfig:
     gating: str = "weighted"                 # H + g·f(H) | additive H + f(H)
     kv_sharing: bool = False                 # recursive KV sharing (§1.6): needs C_1 = 1
     allow_non_causal: bool = False           # opt in to expert-choice training in a decoder
+    lora_rank: int = 0                       # RRT per-recursion LoRA rank; 0: off
+    lora_alpha: float | None = None          # None: 2·lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv"])   # ⊆ LORA_TARGETS
+    lora_dropout: float = 0.0                # on the adapter input (RRT code: 0.1)
     token: MoRTokenOptions = field(default_factory=MoRTokenOptions)
 
     def validate(self) -> None:
@@ -75,6 +90,17 @@ class MoRConfig:
         one_of(self, "gating", ("weighted", "additive"))
         self.token.validate()
         self._validate_capacities()
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        at_least(self, "lora_rank", 0)
+        greater_than(self, "lora_alpha", 0)
+        in_range(self, "lora_dropout", 0, 1, high_open=True)
+        targets = self.lora_targets
+        if not targets or len(set(targets)) != len(targets) or \
+                any(t not in LORA_TARGETS for t in targets):
+            fail("model.mor.lora_targets", f"{targets}: a non-empty list of distinct names from "
+                 f"{' | '.join(LORA_TARGETS)}")
 
     def _validate_capacities(self) -> None:
         caps = self.capacities
@@ -148,6 +174,26 @@ def check_mor(cfg) -> None:
              "per-token routing context is not compacted by the recursion block yet")
     if mor_moe_slots(cfg) and p.tensor > 1:
         _check_tp_pads(cfg)
+    _check_lora_targets(cfg)
+
+
+def _check_lora_targets(cfg) -> None:
+    """LoRA on `fc1`/`fc2` adapts a dense FFN; a MoE pool slot has expert FFNs (one LoRA per
+    expert and application is not implemented)."""
+    mor = cfg.model.mor
+    ffn = [t for t in mor.lora_targets if t in ("fc1", "fc2")]
+    if mor.lora_rank and ffn and mor_moe_slots(cfg) & _shared_slots(cfg):
+        fail("model.mor.lora_targets", f"{ffn} on MoE layers of the shared pool: LoRA adapts "
+             "dense linears only (attention qkv/proj, dense FFNs); drop them or make the pool "
+             "dense (model.moe.layer_freq)")
+
+
+def _shared_slots(cfg) -> set[int]:
+    from megamoe.mor.sharing import sharing_plan
+
+    m, mor = cfg.model, cfg.model.mor
+    plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
+    return {s for step in plan.recursion_steps() for s in step}
 
 
 def _check_tp_pads(cfg) -> None:

@@ -16,9 +16,11 @@ import torch
 from megamoe.models.global_view import parameter_shards
 
 
-def _std_for(key: str, std: float, num_layers: int) -> float | None:
-    """None means 'ones' (norm weights); 0 means zeros (biases)."""
+def _std_for(key: str, std: float, num_layers: int, shape=()) -> float | None:
+    """None means 'ones' (norm weights); 0 means zeros (biases). `shape`: the global shape."""
     name = key.rsplit(".", 1)[-1]
+    if ".recursion.lora." in key:  # RRT adapters (mor/lora.py): B = 0, A ~ N(0, 1/d_in)
+        return 0.0 if name.startswith("B") else 1.0 / math.sqrt(shape[-1])
     if "adaln_zero" in key:        # adaLN-Zero: a modulation's last layer starts at 0 (DiT)
         return 0.0
     if "norm" in key and name == "weight":
@@ -48,7 +50,7 @@ def init_global(chunks, seed: int, std: float, num_layers: int) -> int:
         p = sh.prepend_axis_num
         prepend_index = tuple(sh.global_offset[:p])
         values = _global_values(sh.key, prepend_index, sh.global_shape[p:],
-                                _std_for(sh.key, std, num_layers), seed)
+                                _std_for(sh.key, std, num_layers, sh.global_shape[p:]), seed)
         index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[p:], sh.local_shape))
         sh.data.copy_(values[index].reshape(sh.data.shape).to(sh.data.dtype))
         written += sh.data.numel()

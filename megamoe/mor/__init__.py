@@ -44,6 +44,19 @@ increment 3: TP + SP):
                     tokens/s of both policies.
 - `accounting.py`   parameters (pool counted once) and FLOPs per token with the capacities
                     (token-choice: perfect balance), used by `training.metrics`.
+- `lora.py`         Relaxed Recursive Transformers (papers.md §2; `model.mor.lora_rank` > 0):
+                    one LoRA per unrolled position (step r, layer j of the step) and target
+                    linear (`qkv` fused q/k/v — the reference adapts q and v only — `proj`,
+                    dense `fc1`/`fc2`), W x + (α/R)·B A x. Forward hooks on Megatron's column /
+                    row-parallel linears add the adapter that `RecursionBlock.run_step` selects
+                    before each layer call. TP + SP: the rank-R activation A x is gathered
+                    (column) or reduce-scattered (row) over the sequence; the replicated factor
+                    is marked `sequence_parallel` so that `finalize_model_grads` sums its
+                    gradient over TP. Keys `decoder.recursion.lora.{r}.{j}.{target}.{A,B}`
+                    (fc1's B split into SwiGLU halves like the weight); `models.init`: B = 0,
+                    A ~ N(0, 1/d_in), so the model at init is the unrelaxed one. Unique
+                    layers get none; MoE expert FFNs are refused (`model.mor.lora_targets`).
+                    Cached generation selects adapters per batch row (`select_rows`).
 - Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
   non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
   pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
@@ -54,6 +67,9 @@ increment 3: TP + SP):
 - Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting),
   tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense, k = 16, 10, 5) × expert/
   token, EP2×TP2 expert-choice (k = 16, 8, 4), negative controls on a shared pool weight), test_mor_checkpoint.py (save/load of every parameter and buffer),
+  LoRA: tests/unit/mor/test_mor_lora_adapters.py (adapter math, init = unrelaxed model, one
+  adapter per step, accounting), tests/distributed/test_mor_lora.py (TP2 ± SP / EP2 parity
+  with B ≠ 0, negative controls, checkpoint, training),
   test_mor_train.py (30 steps of both recipes: loss falls, stays above the entropy rate).
 
 Next increments:
@@ -81,6 +97,11 @@ Next increments:
    (megamoe/checkpoint/hf_remote/mor_megamoe.py, masks instead of compaction; hf_mor.py maps
    `model.mor`), `--from hf` imports it back (tests/unit/test_hf_mor.py). The HF model has no
    KV cache yet (generation recomputes the prefix).
+7. LoRA relaxation (lora.py): the RRT SVD initialisation from a pretrained model's residuals
+   (uptraining; needs an import path for unshared weights), LoRA on MoE experts, and the
+   per-module rank pattern (`rank_pattern`) of the reference code. Dropout on the adapter input
+   exists (`lora_dropout`) but its masks depend on the TP/SP layout (parity only at 0); LoRA
+   models do not export to Hugging Face yet (refused: model.mor.lora_rank).
 """
 
 # block.py / attention.py import Megatron: import them from their modules

@@ -13,6 +13,8 @@ causal sequence. With recursion-wise caching step r attends among its k_r = f_r�
 all S first-recursion keys: 6·h·d·k_r.
 
 Total parameters count the pool once; "active" is the expected number a token passes through.
+Per-recursion LoRA adapters (`model.mor.lora_rank`, lora.py) are counted per unrolled position
+(r, j): R·(d_in + d_out) each, active for the f_r of the tokens that run step r.
 """
 
 from __future__ import annotations
@@ -57,6 +59,29 @@ def router_parameters(cfg) -> tuple[int, float]:
     return h * R, float(h * sum([1.0] + f[:-1]))
 
 
+def lora_adapter_size(cfg, target: str) -> int:
+    """R·(d_in + d_out) of one adapter on `target` (fc1: SwiGLU's gate and up halves)."""
+    m = cfg.model
+    h, heads = m.hidden_size, m.num_attention_heads
+    d = m.kv_channels or h // heads
+    groups = m.num_query_groups or heads
+    d_in, d_out = {"qkv": (h, (heads + 2 * groups) * d), "proj": (heads * d, h),
+                   "fc1": (h, 2 * m.ffn_hidden_size), "fc2": (m.ffn_hidden_size, h)}[target]
+    return m.mor.lora_rank * (d_in + d_out)
+
+
+def lora_parameters(cfg) -> tuple[int, float]:
+    """(total, active per token) of the per-recursion LoRA adapters."""
+    mor = cfg.model.mor
+    if not mor.lora_rank:
+        return 0, 0.0
+    per_position = sum(lora_adapter_size(cfg, t) for t in mor.lora_targets)
+    steps = sharing_plan(mor.sharing, cfg.model.num_layers, mor.num_recursions).recursion_steps()
+    f = step_fractions(cfg)
+    return (per_position * sum(len(s) for s in steps),
+            per_position * sum(f[r] * len(s) for r, s in enumerate(steps)))
+
+
 def mor_parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
     from megamoe.training.metrics import embedding_parameters, layer_parameters
 
@@ -68,7 +93,8 @@ def mor_parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
     for slot, frac, _ in rows:
         active_f += frac * layer_parameters(cfg, slot in moe_slots)[1]
     r_total, r_active = router_parameters(cfg)
-    return total + r_total, round(active_f + r_active)
+    l_total, l_active = lora_parameters(cfg)
+    return total + r_total + l_total, round(active_f + r_active + l_active)
 
 
 def mor_flops_per_token(cfg, vocab_size: int) -> float:
@@ -115,11 +141,12 @@ def mor_flops_by_step(cfg, vocab_size: int) -> dict[str, float]:
     S, heads = m.seq_length, m.num_attention_heads
     width = heads * (m.kv_channels or m.hidden_size // heads)
     _, moe_slots, rows = _unrolled(cfg)
+    lora = sum(lora_adapter_size(cfg, t) for t in mor.lora_targets)   # 0 when lora_rank = 0
     steps = [0.0] * mor.num_recursions
     for slot, frac, step in rows:
         if step is not None:
             shared_kv = mor.kv_sharing and step > 0
-            steps[step] += layer_flops(layer_parameters(cfg, slot in moe_slots)[1], width,
+            steps[step] += layer_flops(layer_parameters(cfg, slot in moe_slots)[1] + lora, width,
                                        frac * S, S, shared_kv) / S
     total = mor_flops_per_token(cfg, vocab_size)
     return {"outside": total - sum(steps), **{f"step {r + 1}": f for r, f in enumerate(steps)}}

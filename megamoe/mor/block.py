@@ -88,6 +88,7 @@ class RecursionBlock(nn.Module):
         self.kv_sharing, self.gating = kv_sharing, gating
         # the TP group under sequence parallelism (None: inputs hold the whole sequence)
         self.sp_group = sp_group if sp_group is not None and sp_group.size() > 1 else None
+        self.lora = None                   # RecursionLoRA (lora.py): per-(r, j) adapters
         self.last_aux_loss = None          # the router's loss term of the last forward
         self.last_stats: dict = {}
 
@@ -165,10 +166,14 @@ class RecursionBlock(nn.Module):
             attn = layer.self_attention
             attn.kv_context = KVContext(cache=kv_cache, key=(r, j), valid_NB=comp.valid_BK.T,
                                         read_from=(0, j) if sharing else None)
+            if self.lora is not None:       # RRT: the adapters of unrolled position (r, j)
+                self.lora.select(r, j)
             try:
                 x_KBD, _ = layer(x_KBD, attention_mask=mask, rotary_pos_emb=rope)
             finally:
                 attn.kv_context = None
+                if self.lora is not None:
+                    self.lora.select(None)
         if self.sp_group is not None:
             x_KBD = gather_from_sequence_parallel_region(
                 x_KBD, tensor_parallel_output_grad=False, group=self.sp_group)

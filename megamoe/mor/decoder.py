@@ -44,6 +44,7 @@ from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from megamoe.models.norm import RMSNorm
 from megamoe.mor.block import RecursionBlock, build_shared_layers
 from megamoe.mor.expert_choice import ALPHA, ExpertChoiceDepthRouter
+from megamoe.mor.lora import attach_lora
 from megamoe.mor.sharing import SharingPlan, sharing_plan
 from megamoe.mor.token_choice import Z_LOSS_COEFF, TokenChoiceDepthRouter
 
@@ -143,6 +144,9 @@ class MoRDecoder(TransformerBlock):
             out.update(layer.sharded_state_dict(f"{prefix}recursion.layers.{j}.", (), metadata))
         out.update(sharded_state_dict_default(self.recursion.router, f"{prefix}recursion.router.",
                                               (), metadata, tp_group=self.tp_group))
+        if self.recursion.lora is not None:      # RRT adapters: recursion.lora.{r}.{j}.{target}
+            out.update(self.recursion.lora.sharded_state_dict(f"{prefix}recursion.lora.", (),
+                                                              metadata))
         if self.final_layernorm is not None:
             out.update(sharded_state_dict_default(self.final_layernorm,
                                                   f"{prefix}final_layernorm.", (), metadata,
@@ -157,9 +161,11 @@ def build_mor_decoder(cfg, tconfig, pg_collection, layer_spec_kwargs: dict) -> M
     m, mor = cfg.model, cfg.model.mor
     plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
     router = depth_router(mor, m.hidden_size, m.init_method_std).to(tconfig.params_dtype)
-    return MoRDecoder(tconfig, plan, router, mor_moe_slots(cfg) if tconfig.num_moe_experts
-                      else set(), layer_spec_kwargs, pg_collection, kv_sharing=mor.kv_sharing,
-                      gating=mor.gating)
+    decoder = MoRDecoder(tconfig, plan, router, mor_moe_slots(cfg) if tconfig.num_moe_experts
+                         else set(), layer_spec_kwargs, pg_collection, kv_sharing=mor.kv_sharing,
+                         gating=mor.gating)
+    attach_lora(decoder.recursion, mor)
+    return decoder
 
 
 def mor_decoders(chunks) -> list[MoRDecoder]:

@@ -263,15 +263,27 @@ class MoRGenerator:
         """A shared layer on tokens that may be at different steps: under KV sharing the
         step-0 tokens write (0, j) and the others only read it (two calls)."""
         if not self.kv_sharing:
-            return self._layer(layer, x_1BD, group, keys, True)
+            return self._lora_layer(layer, x_1BD, group, keys, True)
         first = [b for b, t in enumerate(group) if t.r == 0]
         later = [b for b, t in enumerate(group) if t.r > 0]
         out = torch.empty_like(x_1BD)
         for idx, append in ((first, True), (later, False)):
             if idx:
-                out[:, idx] = self._layer(layer, x_1BD[:, idx], [group[b] for b in idx],
-                                          [keys[b] for b in idx], append)
+                out[:, idx] = self._lora_layer(layer, x_1BD[:, idx], [group[b] for b in idx],
+                                               [keys[b] for b in idx], append)
         return out
+
+    def _lora_layer(self, layer, x_1BD, toks: list, keys: list, append: bool):
+        """`_layer` on shared layer j (from `keys`) with each token's LoRA adapter of (its
+        step r, j) (model.mor.lora_rank, lora.py)."""
+        lora = self.block.lora
+        if lora is not None:
+            lora.select_rows([t.r for t in toks], keys[0][1])
+        try:
+            return self._layer(layer, x_1BD, toks, keys, append)
+        finally:
+            if lora is not None:
+                lora.select(None)
 
     def _after_step(self, toks: list, f_BD: torch.Tensor) -> None:
         if self.block.gating == "weighted":
