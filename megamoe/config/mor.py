@@ -138,33 +138,14 @@ def check_mor(cfg) -> None:
              "training, so future tokens decide a token's depth (not causal in a decoder); set "
              "model.mor.allow_non_causal=true to train it anyway (σ > 0.5 at inference is "
              "causal), or use router=token")
+    mor_moe_slots(cfg)       # the unrolled layers of a pool slot agree on MoE / dense
     moe = cfg.model.moe
     if moe.num_experts and moe.router != "topk":
         fail("model.moe.router", f"{moe.router!r} inside the recursion block: only 'topk' MoE "
-             "layers are supported with model.mor so far (routing context is not compacted)")
+             "layers are supported with model.mor so far (they take the compact batches' pads "
+             "as padding; routing context is not compacted)")
     if cfg.data.synthetic_modalities or cfg.data.synthetic_timesteps:
         fail("data.synthetic_modalities" if cfg.data.synthetic_modalities
              else "data.synthetic_timesteps",
              "per-token routing context is not compacted by the recursion block yet")
-    if mor_moe_slots(cfg) and p.tensor > 1:
-        _check_tp_pads(cfg)
 
-
-def _check_tp_pads(cfg) -> None:
-    """Under TP + SP the recursion block pads each step's compact batch to a multiple of TP.
-    Pads are masked in attention and dropped from the output, but shared MoE layers would
-    still route them (aux losses, capacity, loss-free counts: pads are not handed to the MoE
-    router as padding yet), so the result would depend on TP. Refuse those layouts."""
-    from megamoe.mor.expert_choice import capacity_schedule, tokens_kept
-
-    mor, tp, S = cfg.model.mor, cfg.parallel.tensor, cfg.model.seq_length
-    if mor.router == "token":
-        fail("parallel.tensor", f"{tp}: token-choice compact batches have data-dependent "
-             "lengths, padded to a multiple of TP, and the pads would count in the shared "
-             "pool's MoE routing; use a dense pool (model.moe.layer_freq) or parallel.tensor=1")
-    caps = mor.capacities or capacity_schedule(mor.num_recursions)
-    ks = [tokens_kept(c, S) for c in caps]
-    if any(k % tp for k in ks):
-        fail("model.mor.capacities", f"{caps} keep k_r = {ks} of model.seq_length={S} tokens; "
-             f"with MoE layers in the shared pool every k_r must divide by parallel.tensor={tp} "
-             "(TP pads would count in MoE routing), or use a dense pool")

@@ -144,7 +144,10 @@ class RecursionBlock(nn.Module):
 
     def run_step(self, r: int, h_SBD, comp: Compaction, rope_S11d, kv_cache) -> torch.Tensor:
         """The shared layers of step r on the gathered tokens: f(H) of those tokens, [K, B, D].
-        Under SP the compact batch is padded to K_p, a multiple of TP, and sharded."""
+        Under SP the compact batch is padded to K_p, a multiple of TP, and sharded. Every pad
+        (ragged token-choice rows, the one pad of an empty step, TP pads) is handed to the
+        layers as `padding_mask` [B, K(/TP)]: shared MoE layers route it nowhere and leave it
+        out of their losses and counts, so pads change no loss or gradient."""
         K = comp.size
         if self.sp_group is not None:
             comp = comp.padded(self.sp_group.size())
@@ -158,15 +161,18 @@ class RecursionBlock(nn.Module):
             mask, rope = comp.self_mask(), rope_q
         if self.kv_sharing and r == 0:
             assert bool(comp.valid_BK.all()) and comp.size == S, "step 0 must keep every token"
+        pad_BK = ~comp.valid_BK             # MoE routers leave pads out (Megatron's padding_mask)
         if self.sp_group is not None:       # [K_p, B, D] → this rank's [K_p/TP, B, D]
             x_KBD = scatter_to_sequence_parallel_region(x_KBD, group=self.sp_group)
+            pad_BK = pad_BK.chunk(self.sp_group.size(), dim=1)[self.sp_group.rank()]
         for j, idx in enumerate(self.steps[r]):
             layer = self.layers[idx]
             attn = layer.self_attention
             attn.kv_context = KVContext(cache=kv_cache, key=(r, j), valid_NB=comp.valid_BK.T,
                                         read_from=(0, j) if sharing else None)
             try:
-                x_KBD, _ = layer(x_KBD, attention_mask=mask, rotary_pos_emb=rope)
+                x_KBD, _ = layer(x_KBD, attention_mask=mask, rotary_pos_emb=rope,
+                                 padding_mask=pad_BK)
             finally:
                 attn.kv_context = None
         if self.sp_group is not None:
