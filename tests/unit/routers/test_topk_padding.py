@@ -17,7 +17,7 @@ LOSS_NAME = {"switch": "load_balancing_loss", "sequence": "seq_load_balancing_lo
              "global": "global_load_balancing_loss"}
 
 
-def moe_layer(overrides):
+def moe_layer(overrides, world: int = 1):
     from megatron.core.transformer.spec_utils import build_module
 
     from megamoe.models.lm import transformer_config
@@ -27,7 +27,7 @@ def moe_layer(overrides):
     from megamoe.parallel import ParallelDims, init_groups, seed_rng
     from megamoe.testing.parity import tiny_config
 
-    cfg = tiny_config(["parallel.world_size=1", "model.init_method_std=0.2", *overrides])
+    cfg = tiny_config([f"parallel.world_size={world}", "model.init_method_std=0.2", *overrides])
     dims = ParallelDims.from_config(cfg.parallel)
     pg = init_groups(dims)
     seed_rng(0)
@@ -158,3 +158,25 @@ def test_all_pads_route_nothing_and_lose_nothing():
     assert out == 0.0 and grad == 0.0 and finite
     assert "seq_load_balancing_loss" in logged and "z_loss" in logged
     assert all(v == 0.0 for v in logged.values()), logged
+
+
+def ep2_all_pads_task():
+    """EP2: rank 1 holds only pads (sends no token in the all-to-all, receives rank 0's)."""
+    import torch.distributed as dist
+
+    layer, D = moe_layer(Z + ["parallel.expert=2"], world=2)
+    rank = dist.get_rank()
+    x = torch.randn(4, 2, D, generator=torch.Generator().manual_seed(5))
+    w = torch.randn(4, 2, D, generator=torch.Generator().manual_seed(6))
+    both = run_layer(layer, x, w)
+    pad_BS = torch.full((2, 4), rank == 1)
+    alone = run_layer(layer, x, w * (rank == 0), padding_mask=pad_BS)
+    finite = all(bool(torch.isfinite(g).all()) for g in alone[2].values())
+    return (alone[0] - both[0]).abs().max().item(), alone[0].abs().max().item(), finite
+
+
+@pytest.mark.timeout(120)
+def test_ep2_rank_of_pads_dispatches_nothing():
+    (err0, _, finite0), (_, out1, finite1) = run_distributed(ep2_all_pads_task, 2)
+    assert err0 < 1e-6 and finite0        # rank 0's tokens: as when rank 1 held real tokens
+    assert out1 == 0.0 and finite1
