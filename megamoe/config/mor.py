@@ -14,6 +14,10 @@ whether a token recurses; it is refused in the causal decoder unless `model.mor.
 is set. This is MoR's own opt-in (not `model.moe.allow_non_causal`), so that opting in for an MoE
 router family never silently admits a non-causal depth router too. At inference the σ > 0.5
 rule (`inference_rule: threshold`) is causal.
+
+MoE layers in the shared pool must be `model.moe.router: topk`: the recursion block hands them
+its compact batches' pads as padding (left out of routing, losses and counts), under any
+parallel layout, TP included; other families do not take pads nor compacted routing context.
 """
 
 from __future__ import annotations

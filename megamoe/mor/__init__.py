@@ -20,6 +20,11 @@ increment 3: TP + SP):
                     rank, pads K to a multiple of TP (`Compaction.padded`: index 0, masked as
                     keys, dropped from the output), scatters the compact batch into SP shards
                     for the shared layers, gathers their output, scatters the result back.
+                    Every pad of a compact batch (ragged token-choice rows, the one pad of an
+                    empty step, TP pads) goes to the shared layers as Megatron's `padding_mask`
+                    (this rank's SP slice): their top-k MoE routers route pads to no expert
+                    and leave them out of aux/z losses, capacity and loss-free counts
+                    (megamoe.moe.routers.topk), so pads change no loss or gradient.
                     Gathers use `tensor_parallel_output_grad=False` (backward keeps this rank's
                     slice, since what follows is replicated over TP); router weights are not
                     `sequence_parallel` (each TP rank holds the full, identical gradient).
@@ -39,13 +44,15 @@ increment 3: TP + SP):
 - Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
   non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
   pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
-  TP > 1 with MoE layers in the shared pool only when no TP pad can appear: expert-choice with
-  every k_r divisible by TP (else `model.mor.capacities`), token-choice refused
-  (`parallel.tensor`) — shared MoE routers do not take pads as padding yet (next, 3).
+  TP > 1 with MoE layers in the shared pool is allowed for both depth routers and any k_r
+  (the pads are masked in the MoE routers).
   Recipes `configs/mor_expert.yaml`, `configs/mor_token.yaml` (EP2, MoE in every layer).
 - Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting),
+  tests/unit/routers/test_topk_padding.py (an MoE layer with pads = without them),
   tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense, k = 16, 10, 5) × expert/
-  token, EP2×TP2 expert-choice (k = 16, 8, 4), negative controls on a shared pool weight), test_mor_checkpoint.py (save/load of every parameter and buffer),
+  token, EP2×TP2 with MoE in the pool: expert-choice k = 16, 8, 4 and 16, 10, 5, token-choice;
+  DP2 distributed optimizer; negative controls on a shared pool weight, and unmasked pads
+  breaking EP2×TP2), test_mor_checkpoint.py (save/load of every parameter and buffer),
   test_mor_train.py (30 steps of both recipes: loss falls, stays above the entropy rate).
 
 Next increments:
@@ -54,19 +61,17 @@ Next increments:
    (`accounting.py`: step r costs ∝ k_r (linear) + k_r² (attention)). `MoRDecoder` then needs
    pre/post-process flags and offsets; today it asserts one stage.
 2. Routing context inside the block: gather per-token fields (modality ids) with the same
-   `Compaction` before shared MoE layers see the compacted batch, and hand pads to the MoE
-   router as `padding_mask` (Megatron 0.16's `TopKRouter.routing` accepts one, megamoe's
-   `MegamoeMoELayer.route` / `TopKRouter.routing` drop it today; pads of token-choice, the
-   one-pad steps and TP pads count in the shared MoE layers' aux/z losses, capacity and
-   loss-free counts). Then lift `config/mor.py::_check_tp_pads` (token-choice + MoE + TP,
-   k_r that TP does not divide) and admit the other MoE router families.
+   `Compaction` (and SP slice) before shared MoE layers see the compacted batch
+   (`RoutingContextSlot` holds the full micro-batch's context today), then admit the other
+   MoE router families in the pool; each needs `takes_padding_mask` (only `topk` and its
+   subclass `dit_moe` have it; the MoE layer refuses a mask for the others). Pads are done.
 3. TP without the recompute: the block replicates routing, compaction and the residual update
    over TP ranks (O(S·B·D) per rank, small next to the layers); a sharded residual update
    would need the compact positions per SP shard.
 4. Logging: MoR statistics (kept fraction per step, depth histogram, sampling accuracy, dead
    tokens) into the trainer's metrics like `training.metrics.routing_stats` (today only
    `RecursionBlock.last_stats` holds them); the causality log line for expert-choice.
-5. DP distributed optimizer: routers and the pool are ordinary parameters; add a parity case.
+5. (done: DP2 distributed-optimizer parity case; routers and the pool are ordinary parameters.)
 6. Inference: continuous depth-wise batching (§1.7) on top of `RecursionKVCache`; HF export.
 """
 

@@ -19,7 +19,8 @@ Tensor + sequence parallelism (`sp_group`, the TP group when SP is on): the bloc
 output are this rank's SP shard [S/TP, B, D]. The block all-gathers the sequence, so that every
 TP rank routes the same full sequence (identical selections, router forward and backward
 replicated: router weights need no TP reduction), pads each compact batch to a multiple of TP
-with masked pads, hands the shared layers SP shards of it and all-gathers their output. Every
+with masked pads, hands the shared layers SP shards of it and all-gathers their output. All pads
+reach the shared layers as `padding_mask`, which their MoE routers honour (`run_step`). Every
 gather is followed by computation replicated over TP, so its backward keeps this rank's slice of
 the (identical) gradient instead of Megatron's default reduce-scatter (which would count it TP
 times); scatters' backward all-gathers.

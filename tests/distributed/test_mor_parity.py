@@ -10,8 +10,11 @@ DP ranks (compared as a router buffer).
 
 TP2 + SP (dense): the recursion block routes the TP-gathered sequence and pads each compact
 batch to a multiple of TP; k = 5 at the last expert-choice step is not divisible by 2 (one pad
-per sequence), token-choice lengths vary. EP2 × TP2 (world 4, MoE everywhere): capacities
-[1, 1/2, 1/4] (k = 16, 8, 4) — with MoE in the pool, config refuses k_r that TP does not divide.
+per sequence), token-choice lengths vary. EP2 × TP2 (world 4, MoE everywhere, TINY's Switch aux
+loss and z-loss on): expert-choice with k = 16, 8, 4 (no TP pad) and k = 16, 10, 5 (TP pads),
+token-choice; every pad is masked in the shared MoE routers, and without the mask (reference and
+TP run alike) the TP pads alone break parity. DP2 with the distributed optimizer (AdamW):
+losses and parameters within 0.05·lr·steps.
 """
 
 import pytest
