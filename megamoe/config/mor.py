@@ -15,9 +15,10 @@ is set. This is MoR's own opt-in (not `model.moe.allow_non_causal`), so that opt
 router family never silently admits a non-causal depth router too. At inference the σ > 0.5
 rule (`inference_rule: threshold`) is causal.
 
-MoE layers in the shared pool must be `model.moe.router: topk`: the recursion block hands them
-its compact batches' pads as padding (left out of routing, losses and counts), under any
-parallel layout, TP included; other families do not take pads nor compacted routing context.
+MoE layers with MoR must be `model.moe.router: topk` or `modality` (VLMo without VL layers, or
+Uni-MoE pools): the recursion block hands them its compact batches' pads as padding (left out of
+routing, losses and counts) and the per-token routing context (modality ids) gathered like the
+hidden states, under any parallel layout, TP included; other families take no padding mask.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from megamoe.config.errors import at_least, fail, greater_than, one_of
 
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 DEPTH_ROUTERS = ("expert", "token")
+POOL_ROUTERS = ("topk", "modality")     # MoE families allowed with model.mor (pads, context)
 
 
 @dataclass
@@ -143,13 +145,25 @@ def check_mor(cfg) -> None:
              "model.mor.allow_non_causal=true to train it anyway (σ > 0.5 at inference is "
              "causal), or use router=token")
     mor_moe_slots(cfg)       # the unrolled layers of a pool slot agree on MoE / dense
+    _check_pool_routers(cfg)
+    if cfg.data.synthetic_timesteps:
+        fail("data.synthetic_timesteps", "no MoE router family admitted with model.mor reads "
+             "timesteps (the timestep-conditioned families do not take pads as padding)")
+
+
+def _check_pool_routers(cfg) -> None:
+    """MoE families admitted with MoR: those whose routers take the compact batches' pads as
+    padding (`takes_padding_mask`) and read only per-token routing context, which the block
+    compacts like the hidden states."""
     moe = cfg.model.moe
-    if moe.num_experts and moe.router != "topk":
-        fail("model.moe.router", f"{moe.router!r} inside the recursion block: only 'topk' MoE "
-             "layers are supported with model.mor so far (they take the compact batches' pads "
-             "as padding; routing context is not compacted)")
-    if cfg.data.synthetic_modalities or cfg.data.synthetic_timesteps:
-        fail("data.synthetic_modalities" if cfg.data.synthetic_modalities
-             else "data.synthetic_timesteps",
-             "per-token routing context is not compacted by the recursion block yet")
+    if not moe.num_experts:
+        return
+    if moe.router not in POOL_ROUTERS:
+        fail("model.moe.router", f"{moe.router!r} with model.mor: only {POOL_ROUTERS} MoE "
+             "layers are supported so far (the others do not take the recursion block's pads "
+             "as padding)")
+    if moe.router == "modality" and moe.modality.mode == "vlmo" and moe.modality.vl_ffn_layers:
+        fail("model.moe.modality.vl_ffn_layers", f"{moe.modality.vl_ffn_layers}: VLMo's VL "
+             "layers are the top layers of the model, which a shared pool slot applied at "
+             "several depths is not; set it to 0 with model.mor")
 

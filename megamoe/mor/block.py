@@ -41,6 +41,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
+from megamoe.moe.routing_context import compacted
 from megamoe.mor.attention import KVContext, MoRSelfAttention, RecursionKVCache
 from megamoe.mor.compaction import Compaction
 from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
@@ -91,6 +92,9 @@ class RecursionBlock(nn.Module):
         self.sp_group = sp_group if sp_group is not None and sp_group.size() > 1 else None
         self.last_aux_loss = None          # the router's loss term of the last forward
         self.last_stats: dict = {}
+        # the model's routing-context slot (shared by its MoE layers), None in a dense pool
+        self.context_slot = next((l.mlp.context_slot for l in layers
+                                  if hasattr(l.mlp, "context_slot")), None)
 
     def forward(self, hidden_SBD: torch.Tensor, rotary_pos_emb: torch.Tensor,
                 kv_cache: RecursionKVCache | None = None) -> torch.Tensor:
@@ -143,6 +147,16 @@ class RecursionBlock(nn.Module):
         self.last_stats = a.stats
         return out_SBD
 
+    def _compact_context(self, comp: Compaction):
+        """Point the shared MoE layers' routing context at the compact batch (per-token fields
+        gathered like the hidden states; routers slice it per SP rank); returns the full one
+        to restore, None without MoE layers."""
+        if self.context_slot is None:
+            return None
+        full = self.context_slot.get()
+        self.context_slot.set(compacted(full, comp.index_BK))
+        return full
+
     def run_step(self, r: int, h_SBD, comp: Compaction, rope_S11d, kv_cache) -> torch.Tensor:
         """The shared layers of step r on the gathered tokens: f(H) of those tokens, [K, B, D].
         Under SP the compact batch is padded to K_p, a multiple of TP, and sharded. Every pad
@@ -166,6 +180,7 @@ class RecursionBlock(nn.Module):
         if self.sp_group is not None:       # [K_p, B, D] → this rank's [K_p/TP, B, D]
             x_KBD = scatter_to_sequence_parallel_region(x_KBD, group=self.sp_group)
             pad_BK = pad_BK.chunk(self.sp_group.size(), dim=1)[self.sp_group.rank()]
+        full_context = self._compact_context(comp)
         for j, idx in enumerate(self.steps[r]):
             layer = self.layers[idx]
             attn = layer.self_attention
@@ -176,6 +191,8 @@ class RecursionBlock(nn.Module):
                                  padding_mask=pad_BK)
             finally:
                 attn.kv_context = None
+        if full_context is not None:
+            self.context_slot.set(full_context)
         if self.sp_group is not None:
             x_KBD = gather_from_sequence_parallel_region(
                 x_KBD, tensor_parallel_output_grad=False, group=self.sp_group)

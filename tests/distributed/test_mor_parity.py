@@ -33,6 +33,8 @@ LOSS_FREE = ["model.mor.token.balancing=loss_free", "model.mor.token.bias_rate=0
 DENSE = ["model.moe.num_experts=0"]
 # gloo's all-gather needs equal sizes: experts unsharded (as in test_parity.py's ep2_tp2)
 EP2_TP2 = ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"]
+MODALITY = ["model.moe.router=modality", "model.moe.z_loss_coeff=0", "data.synthetic_modalities=2",
+            "model.moe.modality.mode=pools", "model.moe.modality.pool_sizes=[2,2]"]
 DISTOPT = ["parallel.distributed_optimizer=true"]
 ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01"]
 
@@ -49,6 +51,8 @@ CASES = [
     # 0.01 and z-loss 0.001 of TINY on, so pads would count); k = 16, 10, 5: TP pads at step 3
     ("ep2_tp2_token", "token", EP2_TP2, []),
     ("ep2_tp2_expert_k5", "expert", EP2_TP2, []),
+    # Uni-MoE modality pools in the pool: the block compacts the (synthetic) modality ids
+    ("ep2_tp2_token_modality", "token", EP2_TP2, MODALITY),
     # DP2 with the distributed optimizer (AdamW): losses and parameters (no full gradients)
     ("dp2_distopt_token", "token", DISTOPT, ADAM),
 ]
