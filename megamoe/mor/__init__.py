@@ -24,7 +24,9 @@ increment 3: TP + SP):
                     empty step, TP pads) goes to the shared layers as Megatron's `padding_mask`
                     (this rank's SP slice): their top-k MoE routers route pads to no expert
                     and leave them out of aux/z losses, capacity and loss-free counts
-                    (megamoe.moe.routers.topk), so pads change no loss or gradient.
+                    (megamoe.moe.routers.topk), so pads change no loss or gradient. The
+                    per-token routing context (modality ids) is gathered with the same
+                    compaction for the step's layers (`routing_context.compacted`).
                     Gathers use `tensor_parallel_output_grad=False` (backward keeps this rank's
                     slice, since what follows is replicated over TP); router weights are not
                     `sequence_parallel` (each TP rank holds the full, identical gradient).
@@ -42,17 +44,18 @@ increment 3: TP + SP):
 - `accounting.py`   parameters (pool counted once) and FLOPs per token with the capacities
                     (token-choice: perfect balance), used by `training.metrics`.
 - Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
-  non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
-  pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
-  TP > 1 with MoE layers in the shared pool is allowed for both depth routers and any k_r
-  (the pads are masked in the MoE routers).
+  MoE routers other than `topk` and `modality` (VLMo without VL layers, Uni-MoE pools),
+  synthetic timesteps, MoE/dense disagreement within a pool slot, and expert-choice without
+  `model.mor.allow_non_causal`, MoR's own opt-in). TP > 1 with MoE layers in the shared pool
+  is allowed for both depth routers and any k_r (the pads are masked in the MoE routers).
   Recipes `configs/mor_expert.yaml`, `configs/mor_token.yaml` (EP2, MoE in every layer).
-- Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting),
-  tests/unit/routers/test_topk_padding.py (an MoE layer with pads = without them),
-  tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense, k = 16, 10, 5) × expert/
-  token, EP2×TP2 with MoE in the pool: expert-choice k = 16, 8, 4 and 16, 10, 5, token-choice;
-  DP2 distributed optimizer; negative controls on a shared pool weight, and unmasked pads
-  breaking EP2×TP2), test_mor_checkpoint.py (save/load of every parameter and buffer),
+- Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting, modality
+  ids following the compaction), tests/unit/routers/test_topk_padding.py (an MoE layer with
+  pads = without them), tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense,
+  k = 16, 10, 5) × expert/token, EP2×TP2 with MoE in the pool: expert-choice k = 16, 8, 4 and
+  16, 10, 5, token-choice with top-k and with Uni-MoE modality pools; DP2 distributed
+  optimizer; negative controls on a shared pool weight, and unmasked pads breaking EP2×TP2),
+  test_mor_checkpoint.py (save/load of every parameter and buffer),
   test_mor_train.py (30 steps of both recipes: loss falls, stays above the entropy rate).
 
 Next increments:
@@ -60,11 +63,11 @@ Next increments:
    tied-gradient reduction like shared embeddings); stage balancing counts FLOPs, not layers
    (`accounting.py`: step r costs ∝ k_r (linear) + k_r² (attention)). `MoRDecoder` then needs
    pre/post-process flags and offsets; today it asserts one stage.
-2. Routing context inside the block: gather per-token fields (modality ids) with the same
-   `Compaction` (and SP slice) before shared MoE layers see the compacted batch
-   (`RoutingContextSlot` holds the full micro-batch's context today), then admit the other
-   MoE router families in the pool; each needs `takes_padding_mask` (only `topk` and its
-   subclass `dit_moe` have it; the MoE layer refuses a mask for the others). Pads are done.
+2. More MoE families in the pool: each needs `takes_padding_mask` (pads routed nowhere, out of
+   its losses; today `topk`, its subclass `dit_moe` (not admitted by config), and `modality`)
+   and, for context beyond per-token fields, a rule to compact it (per-sample timesteps pass
+   through unchanged, but the timestep families do not take pads yet); VLMo's VL layers ("the
+   top layers") have no meaning for a pool slot applied at several depths.
 3. TP without the recompute: the block replicates routing, compaction and the residual update
    over TP ranks (O(S·B·D) per rank, small next to the layers); a sharded residual update
    would need the compact positions per SP shard.
