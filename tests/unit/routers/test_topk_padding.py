@@ -68,6 +68,7 @@ def run_layer(layer, x_SBD, w_SBD, padding_mask=None):
     )
 
     clear_aux_losses_tracker()
+    layer.router.reset_global_aux_loss_tracker()     # global loss: this batch's counts only
     layer.zero_grad()
     counts = getattr(layer.router, "step_tokens_per_expert", None)
     if counts is not None:
@@ -94,8 +95,6 @@ def padding_task(overrides):
     ref = run_layer(layer, x, w)
     got = run_layer(layer, x_pad, w_pad, padding_mask=pad_BS)
     unmasked = run_layer(layer, x_pad, w_pad)
-    if getattr(layer.router, "global_tokens_per_expert", None) is not None:
-        layer.router.reset_global_aux_loss_tracker()
     out_err = (got[0][real_SB] - _real_rows(ref[0], pad_BS)).abs().max().item()
     pad_out = got[0][~real_SB].abs().max().item()
     loss_err = {k: abs(got[1][k] - ref[1][k]) for k in ref[1]}
