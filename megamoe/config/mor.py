@@ -24,6 +24,11 @@ linears: `qkv` (default) is the *fused* query/key/value projection, so it adapts
 where the reference code adapts q and v only; `proj` the attention output, `fc1`/`fc2` a dense
 FFN (refused on MoE pool slots). `lora_dropout` (RRT: 0.1) drops adapter inputs; the default 0
 keeps runs layout-independent (dropout masks depend on the TP/SP layout).
+
+MoE layers with MoR must be `model.moe.router: topk` or `modality` (VLMo without VL layers, or
+Uni-MoE pools): the recursion block hands them its compact batches' pads as padding (left out of
+routing, losses and counts) and the per-token routing context (modality ids) gathered like the
+hidden states, under any parallel layout, TP included; other families take no padding mask.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 DEPTH_ROUTERS = ("expert", "token")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+POOL_ROUTERS = ("topk", "modality")     # MoE families allowed with model.mor (pads, context)
 
 
 @dataclass
@@ -164,17 +170,29 @@ def check_mor(cfg) -> None:
              "training, so future tokens decide a token's depth (not causal in a decoder); set "
              "model.mor.allow_non_causal=true to train it anyway (σ > 0.5 at inference is "
              "causal), or use router=token")
-    moe = cfg.model.moe
-    if moe.num_experts and moe.router != "topk":
-        fail("model.moe.router", f"{moe.router!r} inside the recursion block: only 'topk' MoE "
-             "layers are supported with model.mor so far (routing context is not compacted)")
-    if cfg.data.synthetic_modalities or cfg.data.synthetic_timesteps:
-        fail("data.synthetic_modalities" if cfg.data.synthetic_modalities
-             else "data.synthetic_timesteps",
-             "per-token routing context is not compacted by the recursion block yet")
-    if mor_moe_slots(cfg) and p.tensor > 1:
-        _check_tp_pads(cfg)
+    mor_moe_slots(cfg)       # the unrolled layers of a pool slot agree on MoE / dense
+    _check_pool_routers(cfg)
     _check_lora_targets(cfg)
+    if cfg.data.synthetic_timesteps:
+        fail("data.synthetic_timesteps", "no MoE router family admitted with model.mor reads "
+             "timesteps (the timestep-conditioned families do not take pads as padding)")
+
+
+def _check_pool_routers(cfg) -> None:
+    """MoE families admitted with MoR: those whose routers take the compact batches' pads as
+    padding (`takes_padding_mask`) and read only per-token routing context, which the block
+    compacts like the hidden states."""
+    moe = cfg.model.moe
+    if not moe.num_experts:
+        return
+    if moe.router not in POOL_ROUTERS:
+        fail("model.moe.router", f"{moe.router!r} with model.mor: only {POOL_ROUTERS} MoE "
+             "layers are supported so far (the others do not take the recursion block's pads "
+             "as padding)")
+    if moe.router == "modality" and moe.modality.mode == "vlmo" and moe.modality.vl_ffn_layers:
+        fail("model.moe.modality.vl_ffn_layers", f"{moe.modality.vl_ffn_layers}: VLMo's VL "
+             "layers are the top layers of the model, which a shared pool slot applied at "
+             "several depths is not; set it to 0 with model.mor")
 
 
 def _check_lora_targets(cfg) -> None:
@@ -195,22 +213,3 @@ def _shared_slots(cfg) -> set[int]:
     plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
     return {s for step in plan.recursion_steps() for s in step}
 
-
-def _check_tp_pads(cfg) -> None:
-    """Under TP + SP the recursion block pads each step's compact batch to a multiple of TP.
-    Pads are masked in attention and dropped from the output, but shared MoE layers would
-    still route them (aux losses, capacity, loss-free counts: pads are not handed to the MoE
-    router as padding yet), so the result would depend on TP. Refuse those layouts."""
-    from megamoe.mor.expert_choice import capacity_schedule, tokens_kept
-
-    mor, tp, S = cfg.model.mor, cfg.parallel.tensor, cfg.model.seq_length
-    if mor.router == "token":
-        fail("parallel.tensor", f"{tp}: token-choice compact batches have data-dependent "
-             "lengths, padded to a multiple of TP, and the pads would count in the shared "
-             "pool's MoE routing; use a dense pool (model.moe.layer_freq) or parallel.tensor=1")
-    caps = mor.capacities or capacity_schedule(mor.num_recursions)
-    ks = [tokens_kept(c, S) for c in caps]
-    if any(k % tp for k in ks):
-        fail("model.mor.capacities", f"{caps} keep k_r = {ks} of model.seq_length={S} tokens; "
-             f"with MoE layers in the shared pool every k_r must divide by parallel.tensor={tp} "
-             "(TP pads would count in MoE routing), or use a dense pool")

@@ -27,7 +27,16 @@ class MegamoeMoELayer(MoELayer):
         self.stats_acc: dict = {}            # name -> [sum, count] since the last read
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        out = self.router.route(hidden_states, self.context_slot.get())
+        """`padding_mask`: bool [S, B] (Megatron's `MoELayer.forward` transposes the layer's
+        [B, S]), True = pad; only families with `takes_padding_mask` accept one."""
+        context = self.context_slot.get()
+        if padding_mask is None:
+            out = self.router.route(hidden_states, context)
+        elif self.router.takes_padding_mask:
+            out = self.router.route(hidden_states, context, padding_mask=padding_mask)
+        else:
+            raise ValueError(f"model.moe.router: {type(self.router).__name__} does not take a "
+                             "padding mask (pads would count in its routing and losses)")
         if out.tokens_per_expert_E is not None:
             self.last_tokens_per_expert = out.tokens_per_expert_E
             self.tokens_per_expert_acc += out.tokens_per_expert_E.to(self.tokens_per_expert_acc)

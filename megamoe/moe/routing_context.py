@@ -10,6 +10,7 @@ Shapes: B batch, S sequence, T = S·B tokens in Megatron's [S, B] order, D times
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,6 +40,22 @@ class RoutingContext:
         value_SB = value_BS.transpose(0, 1)
         s_local = value_SB.shape[0] // sp_size
         return value_SB[sp_rank * s_local:(sp_rank + 1) * s_local].reshape(-1)
+
+
+PER_TOKEN_FIELDS = ("modality_ids_BS", "sequence_ids_BS", "labels_BS")
+
+
+def compacted(context: RoutingContext, index_BK: torch.Tensor) -> RoutingContext:
+    """The context of a compacted batch (Mixture-of-Recursions: the tokens a recursion step
+    keeps, megamoe.mor.compaction): per-token fields gathered at the positions `index_BK`
+    [B, K] (pads hold position 0: their value is a real token's, and routers that take the
+    padding mask ignore it); per-sample fields and `extras` unchanged."""
+    per_token = {}
+    for name in PER_TOKEN_FIELDS:
+        value_BS = getattr(context, name)
+        if value_BS is not None:
+            per_token[name] = torch.gather(value_BS, 1, index_BK.to(value_BS.device))
+    return dataclasses.replace(context, **per_token)
 
 
 class RoutingContextSlot:

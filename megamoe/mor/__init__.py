@@ -20,6 +20,13 @@ increment 3: TP + SP):
                     rank, pads K to a multiple of TP (`Compaction.padded`: index 0, masked as
                     keys, dropped from the output), scatters the compact batch into SP shards
                     for the shared layers, gathers their output, scatters the result back.
+                    Every pad of a compact batch (ragged token-choice rows, the one pad of an
+                    empty step, TP pads) goes to the shared layers as Megatron's `padding_mask`
+                    (this rank's SP slice): their top-k MoE routers route pads to no expert
+                    and leave them out of aux/z losses, capacity and loss-free counts
+                    (megamoe.moe.routers.topk), so pads change no loss or gradient. The
+                    per-token routing context (modality ids) is gathered with the same
+                    compaction for the step's layers (`routing_context.compacted`).
                     Gathers use `tensor_parallel_output_grad=False` (backward keeps this rank's
                     slice, since what follows is replicated over TP); router weights are not
                     `sequence_parallel` (each TP rank holds the full, identical gradient).
@@ -58,15 +65,18 @@ increment 3: TP + SP):
                     layers get none; MoE expert FFNs are refused (`model.mor.lora_targets`).
                     Cached generation selects adapters per batch row (`select_rows`).
 - Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
-  non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
-  pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
-  TP > 1 with MoE layers in the shared pool only when no TP pad can appear: expert-choice with
-  every k_r divisible by TP (else `model.mor.capacities`), token-choice refused
-  (`parallel.tensor`) — shared MoE routers do not take pads as padding yet (next, 3).
+  MoE routers other than `topk` and `modality` (VLMo without VL layers, Uni-MoE pools),
+  synthetic timesteps, MoE/dense disagreement within a pool slot, and expert-choice without
+  `model.mor.allow_non_causal`, MoR's own opt-in). TP > 1 with MoE layers in the shared pool
+  is allowed for both depth routers and any k_r (the pads are masked in the MoE routers).
   Recipes `configs/mor_expert.yaml`, `configs/mor_token.yaml` (EP2, MoE in every layer).
-- Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting),
-  tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense, k = 16, 10, 5) × expert/
-  token, EP2×TP2 expert-choice (k = 16, 8, 4), negative controls on a shared pool weight), test_mor_checkpoint.py (save/load of every parameter and buffer),
+- Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting, modality
+  ids following the compaction), tests/unit/routers/test_topk_padding.py (an MoE layer with
+  pads = without them), tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense,
+  k = 16, 10, 5) × expert/token, EP2×TP2 with MoE in the pool: expert-choice k = 16, 8, 4 and
+  16, 10, 5, token-choice with top-k and with Uni-MoE modality pools; DP2 distributed
+  optimizer; negative controls on a shared pool weight, and unmasked pads breaking EP2×TP2),
+  test_mor_checkpoint.py (save/load of every parameter and buffer),
   LoRA: tests/unit/mor/test_mor_lora_adapters.py (adapter math, init = unrelaxed model, one
   adapter per step, accounting), tests/distributed/test_mor_lora.py (TP2 ± SP / EP2 parity
   with B ≠ 0, negative controls, checkpoint, training),
@@ -77,20 +87,18 @@ Next increments:
    tied-gradient reduction like shared embeddings); stage balancing counts FLOPs, not layers
    (`accounting.py`: step r costs ∝ k_r (linear) + k_r² (attention)). `MoRDecoder` then needs
    pre/post-process flags and offsets; today it asserts one stage.
-2. Routing context inside the block: gather per-token fields (modality ids) with the same
-   `Compaction` before shared MoE layers see the compacted batch, and hand pads to the MoE
-   router as `padding_mask` (Megatron 0.16's `TopKRouter.routing` accepts one, megamoe's
-   `MegamoeMoELayer.route` / `TopKRouter.routing` drop it today; pads of token-choice, the
-   one-pad steps and TP pads count in the shared MoE layers' aux/z losses, capacity and
-   loss-free counts). Then lift `config/mor.py::_check_tp_pads` (token-choice + MoE + TP,
-   k_r that TP does not divide) and admit the other MoE router families.
+2. More MoE families in the pool: each needs `takes_padding_mask` (pads routed nowhere, out of
+   its losses; today `topk`, its subclass `dit_moe` (not admitted by config), and `modality`)
+   and, for context beyond per-token fields, a rule to compact it (per-sample timesteps pass
+   through unchanged, but the timestep families do not take pads yet); VLMo's VL layers ("the
+   top layers") have no meaning for a pool slot applied at several depths.
 3. TP without the recompute: the block replicates routing, compaction and the residual update
    over TP ranks (O(S·B·D) per rank, small next to the layers); a sharded residual update
    would need the compact positions per SP shard.
 4. Logging: MoR statistics (kept fraction per step, depth histogram, sampling accuracy, dead
    tokens) into the trainer's metrics like `training.metrics.routing_stats` (today only
    `RecursionBlock.last_stats` holds them); the causality log line for expert-choice.
-5. DP distributed optimizer: routers and the pool are ordinary parameters; add a parity case.
+5. (done: DP2 distributed-optimizer parity case; routers and the pool are ordinary parameters.)
 6. Inference: generation under TP/EP (the batch of a step differs per rank: collectives in
    shared MoE layers need matched calls), static-shape caches for CUDA graphs.
    HF export is done: `megamoe convert --to hf` writes the remote code's recursion block

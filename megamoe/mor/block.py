@@ -19,7 +19,8 @@ Tensor + sequence parallelism (`sp_group`, the TP group when SP is on): the bloc
 output are this rank's SP shard [S/TP, B, D]. The block all-gathers the sequence, so that every
 TP rank routes the same full sequence (identical selections, router forward and backward
 replicated: router weights need no TP reduction), pads each compact batch to a multiple of TP
-with masked pads, hands the shared layers SP shards of it and all-gathers their output. Every
+with masked pads, hands the shared layers SP shards of it and all-gathers their output. All pads
+reach the shared layers as `padding_mask`, which their MoE routers honour (`run_step`). Every
 gather is followed by computation replicated over TP, so its backward keeps this rank's slice of
 the (identical) gradient instead of Megatron's default reduce-scatter (which would count it TP
 times); scatters' backward all-gathers.
@@ -40,6 +41,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
+from megamoe.moe.routing_context import compacted
 from megamoe.mor.attention import KVContext, MoRSelfAttention, RecursionKVCache
 from megamoe.mor.compaction import Compaction
 from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
@@ -91,6 +93,9 @@ class RecursionBlock(nn.Module):
         self.lora = None                   # RecursionLoRA (lora.py): per-(r, j) adapters
         self.last_aux_loss = None          # the router's loss term of the last forward
         self.last_stats: dict = {}
+        # the model's routing-context slot (shared by its MoE layers), None in a dense pool
+        self.context_slot = next((l.mlp.context_slot for l in layers
+                                  if hasattr(l.mlp, "context_slot")), None)
 
     def forward(self, hidden_SBD: torch.Tensor, rotary_pos_emb: torch.Tensor,
                 kv_cache: RecursionKVCache | None = None) -> torch.Tensor:
@@ -143,9 +148,22 @@ class RecursionBlock(nn.Module):
         self.last_stats = a.stats
         return out_SBD
 
+    def _compact_context(self, comp: Compaction):
+        """Point the shared MoE layers' routing context at the compact batch (per-token fields
+        gathered like the hidden states; routers slice it per SP rank); returns the full one
+        to restore, None without MoE layers."""
+        if self.context_slot is None:
+            return None
+        full = self.context_slot.get()
+        self.context_slot.set(compacted(full, comp.index_BK))
+        return full
+
     def run_step(self, r: int, h_SBD, comp: Compaction, rope_S11d, kv_cache) -> torch.Tensor:
         """The shared layers of step r on the gathered tokens: f(H) of those tokens, [K, B, D].
-        Under SP the compact batch is padded to K_p, a multiple of TP, and sharded."""
+        Under SP the compact batch is padded to K_p, a multiple of TP, and sharded. Every pad
+        (ragged token-choice rows, the one pad of an empty step, TP pads) is handed to the
+        layers as `padding_mask` [B, K(/TP)]: shared MoE layers route it nowhere and leave it
+        out of their losses and counts, so pads change no loss or gradient."""
         K = comp.size
         if self.sp_group is not None:
             comp = comp.padded(self.sp_group.size())
@@ -159,8 +177,11 @@ class RecursionBlock(nn.Module):
             mask, rope = comp.self_mask(), rope_q
         if self.kv_sharing and r == 0:
             assert bool(comp.valid_BK.all()) and comp.size == S, "step 0 must keep every token"
+        pad_BK = ~comp.valid_BK             # MoE routers leave pads out (Megatron's padding_mask)
         if self.sp_group is not None:       # [K_p, B, D] → this rank's [K_p/TP, B, D]
             x_KBD = scatter_to_sequence_parallel_region(x_KBD, group=self.sp_group)
+            pad_BK = pad_BK.chunk(self.sp_group.size(), dim=1)[self.sp_group.rank()]
+        full_context = self._compact_context(comp)
         for j, idx in enumerate(self.steps[r]):
             layer = self.layers[idx]
             attn = layer.self_attention
@@ -169,11 +190,14 @@ class RecursionBlock(nn.Module):
             if self.lora is not None:       # RRT: the adapters of unrolled position (r, j)
                 self.lora.select(r, j)
             try:
-                x_KBD, _ = layer(x_KBD, attention_mask=mask, rotary_pos_emb=rope)
+                x_KBD, _ = layer(x_KBD, attention_mask=mask, rotary_pos_emb=rope,
+                                 padding_mask=pad_BK)
             finally:
                 attn.kv_context = None
                 if self.lora is not None:
                     self.lora.select(None)
+        if full_context is not None:
+            self.context_slot.set(full_context)
         if self.sp_group is not None:
             x_KBD = gather_from_sequence_parallel_region(
                 x_KBD, tensor_parallel_output_grad=False, group=self.sp_group)

@@ -10,8 +10,11 @@ DP ranks (compared as a router buffer).
 
 TP2 + SP (dense): the recursion block routes the TP-gathered sequence and pads each compact
 batch to a multiple of TP; k = 5 at the last expert-choice step is not divisible by 2 (one pad
-per sequence), token-choice lengths vary. EP2 × TP2 (world 4, MoE everywhere): capacities
-[1, 1/2, 1/4] (k = 16, 8, 4) — with MoE in the pool, config refuses k_r that TP does not divide.
+per sequence), token-choice lengths vary. EP2 × TP2 (world 4, MoE everywhere, TINY's Switch aux
+loss and z-loss on): expert-choice with k = 16, 8, 4 (no TP pad) and k = 16, 10, 5 (TP pads),
+token-choice; every pad is masked in the shared MoE routers, and without the mask (reference and
+TP run alike) the TP pads alone break parity. DP2 with the distributed optimizer (AdamW):
+losses and parameters within 0.05·lr·steps.
 """
 
 import pytest
@@ -30,6 +33,10 @@ LOSS_FREE = ["model.mor.token.balancing=loss_free", "model.mor.token.bias_rate=0
 DENSE = ["model.moe.num_experts=0"]
 # gloo's all-gather needs equal sizes: experts unsharded (as in test_parity.py's ep2_tp2)
 EP2_TP2 = ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"]
+MODALITY = ["model.moe.router=modality", "model.moe.z_loss_coeff=0", "data.synthetic_modalities=2",
+            "model.moe.modality.mode=pools", "model.moe.modality.pool_sizes=[2,2]"]
+DISTOPT = ["parallel.distributed_optimizer=true"]
+ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01"]
 
 # (id, router, layout overrides, model overrides (the reference's too))
 CASES = [
@@ -40,7 +47,16 @@ CASES = [
     ("tp2_expert", "expert", ["parallel.tensor=2"], DENSE),
     ("tp2_token", "token", ["parallel.tensor=2"], DENSE),
     ("ep2_tp2_expert", "expert", EP2_TP2, ["model.mor.capacities=[1.0,0.5,0.25]"]),
+    # MoE in the pool under TP: shared MoE routers take every pad as padding (Switch aux loss
+    # 0.01 and z-loss 0.001 of TINY on, so pads would count); k = 16, 10, 5: TP pads at step 3
+    ("ep2_tp2_token", "token", EP2_TP2, []),
+    ("ep2_tp2_expert_k5", "expert", EP2_TP2, []),
+    # Uni-MoE modality pools in the pool: the block compacts the (synthetic) modality ids
+    ("ep2_tp2_token_modality", "token", EP2_TP2, MODALITY),
+    # DP2 with the distributed optimizer (AdamW): losses and parameters (no full gradients)
+    ("dp2_distopt_token", "token", DISTOPT, ADAM),
 ]
+PADDED = ["ep2_tp2_token", "ep2_tp2_expert_k5"]
 @torch.no_grad()
 def perturb_shared_pool(engine, scale: float = 1e-2) -> bool:
     """Negative control: change a shared-pool attention weight on the last rank only."""
@@ -53,6 +69,26 @@ def perturb_shared_pool(engine, scale: float = 1e-2) -> bool:
     w = mor_decoders(engine.modules)[0].recursion.layers[0].self_attention.linear_qkv.weight
     w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(99)) * scale)
     return True
+
+
+def unmask_pads(engine) -> bool:
+    """Negative control for the padded cases: the shared layers drop the recursion block's
+    `padding_mask`, so MoE routers count the pads (in the reference too)."""
+    from megamoe.mor.decoder import mor_decoders
+
+    for layer in mor_decoders(engine.modules)[0].recursion.layers:
+        forward = layer.forward
+        layer.forward = lambda *args, padding_mask=None, _f=forward, **kw: _f(*args, **kw)
+    return True
+
+
+def compare_kw(layout, model) -> dict:
+    """The distributed optimizer leaves each rank a shard of the reduced gradient: compare
+    losses and parameters, AdamW's within 0.05·lr·steps (DESIGN.md)."""
+    kw = {"grads": False} if DISTOPT[0] in layout else {}
+    if ADAM[0] in model:
+        kw["param_atol"] = 0.05 * 0.01 * 3
+    return kw
 
 
 def world(layout) -> int:
@@ -70,7 +106,7 @@ def _case(router, layout, model):
 def test_mor_layout_matches_single_process(name, router, layout, model):
     ref, overrides = _case(router, layout, model)
     got = run_distributed(parity_task, world(layout), overrides)[0]
-    problems = compare(ref, got)
+    problems = compare(ref, got, **compare_kw(layout, model))
     assert not problems, "\n".join(problems[:20])
     # the comparison covered the depth router and the shared pool
     assert any(".recursion.router." in k for k in got.params)
@@ -87,5 +123,18 @@ def test_mor_layout_matches_single_process(name, router, layout, model):
 def test_mor_negative_control(name, router, layout, model):
     ref, overrides = _case(router, layout, model)
     got = run_distributed(parity_task, world(layout), overrides, perturb=perturb_shared_pool)[0]
-    problems = compare(ref, got)
+    problems = compare(ref, got, **compare_kw(layout, model))
     assert any("recursion.layers.0" in p for p in problems), problems[:5]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,router,layout,model", [c for c in CASES if c[0] in PADDED],
+                         ids=PADDED)
+def test_mor_unmasked_pads_break_tp_parity(name, router, layout, model):
+    """Without the padding mask (reference and TP run alike), the TP pads alone count in the
+    shared MoE routers' losses: the TP run no longer matches (what config refused before)."""
+    model = list(MOR + ROUTERS[router] + model)
+    ref = run_distributed(parity_task, 1, model, reference_dp=2, perturb=unmask_pads)[0]
+    got = run_distributed(parity_task, world(layout), model + layout, perturb=unmask_pads)[0]
+    problems = compare(ref, got)
+    assert any(".recursion.layers." in p and "router" in p for p in problems), problems[:5]

@@ -36,6 +36,9 @@ class MegamoeRouter:
     token_group: ClassVar[str] = "token"
     needs_context: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
+    # whether `route` takes `padding_mask` (bool [S, B], True = pad) and leaves pads out of
+    # routing and every loss and statistic; the MoE layer refuses a mask for other families
+    takes_padding_mask: ClassVar[bool] = False
 
     def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
         raise NotImplementedError

@@ -63,6 +63,7 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
     causal = True
     token_group = "token"
     needs_context = ("modality_ids_BS",)
+    takes_padding_mask = True
 
     def __init__(self, config, pg_collection=None, *, mode: str = "vlmo",
                  num_modalities: int = 2, vl_ffn_layers: int = 0,
@@ -89,7 +90,10 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
         assert self.layer_number is not None, "set_layer_number was not called"
         return self.layer_number > self.config.num_layers - self.vl_ffn_layers
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
+    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext,
+              padding_mask: torch.Tensor | None = None) -> RouterOutput:
+        """`padding_mask` (bool [S, B], True = pad): pads go to no expert and count in no
+        statistic (no loss here to keep them out of)."""
         context.require("modality_ids_BS", f"model.moe.router 'modality' ({self.mode})")
         modality_T = checked_modalities(context, self.shards, self.num_modalities,
                                         "model.moe.modality.num_modalities")
@@ -108,5 +112,11 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
             scores_TE = torch.softmax(logits_TE.detach().masked_fill(~allowed_TE, float("-inf")),
                                       dim=-1)
             stats = routing_stats(scores_TE, routing_map_TE, self.topk)
+        if padding_mask is not None:
+            real_T = ~padding_mask.reshape(-1)
+            probs_TE, routing_map_TE = probs_TE * real_T[:, None], routing_map_TE & real_T[:, None]
+            scores_TE = probs_TE if self.mode == "vlmo" else scores_TE
+            stats = routing_stats(scores_TE[real_T], routing_map_TE[real_T],
+                                  1 if self.mode == "vlmo" else self.topk)
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)

@@ -19,7 +19,8 @@ S, B = 12, 3
 OVERRIDES = ["parallel.world_size=1", "model.init_method_std=0.2"]
 
 
-def setup(num_recursions=3, layers_per_step=2, router="expert", moe=True, **router_kw):
+def setup(num_recursions=3, layers_per_step=2, router="expert", moe=True, overrides=(),
+          **router_kw):
     """(block, rope [S,1,1,d], hidden [S,B,D]) with pool slots 1..layers_per_step (slot 1 MoE)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -32,7 +33,7 @@ def setup(num_recursions=3, layers_per_step=2, router="expert", moe=True, **rout
     from megamoe.parallel import ParallelDims, init_groups, seed_rng
     from megamoe.testing.parity import tiny_config
 
-    cfg = tiny_config(OVERRIDES)
+    cfg = tiny_config(OVERRIDES + list(overrides))
     dims = ParallelDims.from_config(cfg.parallel)
     pg = init_groups(dims)
     seed_rng(0)
@@ -126,6 +127,41 @@ def compaction_task():
     return err, bad_rope.item(), bad_mask.item(), want.abs().max().item()
 
 
+POOLS = ["model.moe.router=modality", "model.moe.z_loss_coeff=0",
+         "model.moe.modality.mode=pools", "model.moe.modality.pool_sizes=[2,2]"]
+
+
+def modality_context_task():
+    """Uni-MoE modality pools in the shared MoE layer: a step on the compact batch (modality
+    ids gathered by the block, ragged rows padded) = the full sequence under the mask with the
+    full context; negative control: ids not gathered (those of positions 0..K−1)."""
+    import megamoe.mor.block as block_module
+    from megamoe.moe.routing_context import RoutingContext
+    from megamoe.mor.compaction import Compaction
+
+    block, rope, x = setup(overrides=POOLS)
+    block.eval()
+    g = torch.Generator().manual_seed(5)
+    full = RoutingContext(modality_ids_BS=torch.randint(0, 2, (B, S), generator=g))
+    block.context_slot.set(full)
+    active = torch.rand(B, S, generator=g) < 0.5
+    active[0, :] = torch.arange(S) % 3 == 1
+    with torch.no_grad():
+        comp = Compaction.from_mask(active)
+        got = comp.expand(block.run_step(0, x, comp, rope, None), S)
+        restored = block.context_slot.get() is full
+        want = _masked_reference(block, 0, x, rope, active) * active.T[..., None]
+        gather = block_module.compacted
+        block_module.compacted = lambda ctx, idx: RoutingContext(
+            modality_ids_BS=ctx.modality_ids_BS[:, :idx.shape[1]])
+        try:
+            bad = comp.expand(block.run_step(0, x, comp, rope, None), S)
+        finally:
+            block_module.compacted = gather
+    return ((got - want).abs().max().item(), (bad - want).abs().max().item(),
+            want.abs().max().item(), restored)
+
+
 def kv_sharing_task():
     """Step 1 under KV sharing reads step 0's K/V: with one layer per step and the same input,
     its outputs are the full sequence's causal outputs at the gathered queries."""
@@ -188,6 +224,13 @@ def test_capacity_one_equals_shared_layers_applied_n_r_times():
     assert scale > 0.1 and err < 1e-5 * scale and tc_err < 1e-5 * scale
     assert no_gate > 1e-3                         # negative control: the gate matters
     assert grads_ok
+
+
+@pytest.mark.timeout(300)
+def test_modality_ids_follow_the_compaction():
+    err, bad, scale, restored = run_distributed(modality_context_task, 1)[0]
+    assert scale > 0.1 and err < 1e-5 * scale and restored
+    assert bad > 1e-3                             # the wrong tokens' ids change the routing
 
 
 @pytest.mark.timeout(300)

@@ -24,7 +24,12 @@ def test_default_is_disabled_and_any_num_layers_is_fine():
     EXPERT + ["parallel.world_size=2", "parallel.tensor=2", "model.moe.num_experts=0"],
     EXPERT + ["parallel.world_size=4", "parallel.tensor=2", "parallel.expert=2",
               "model.seq_length=16", "model.mor.capacities=[1.0, 0.5, 0.25]"],
+    # MoE in the pool under TP: shared MoE routers take the compact batches' pads as padding
+    TOKEN + ["parallel.world_size=2", "parallel.tensor=2"],
+    EXPERT + ["parallel.world_size=2", "parallel.tensor=2", "model.seq_length=16"],  # k = 16, 10, 5
     TOKEN + ["model.moe.layer_freq=2", "model.num_layers=8", "model.mor.num_recursions=3"],
+    TOKEN + ["model.moe.router=modality", "data.synthetic_modalities=2"],   # VLMo, no VL layers
+    TOKEN + ["data.synthetic_modalities=2"],
 ])
 def test_valid_mor_configs_load(overrides):
     assert load_config(None, overrides).model.mor.enabled
@@ -48,12 +53,10 @@ def test_valid_mor_configs_load(overrides):
     (EXPERT + ["model.mor.gating=sum"], "model.mor.gating"),
     (TOKEN + ["model.mor.token.balancing=none"], "model.mor.token.balancing"),
     (TOKEN + ["parallel.world_size=2", "parallel.pipeline=2"], "parallel.pipeline"),
-    # TP pads of the compact batches would count in shared MoE layers' routing
-    (TOKEN + ["parallel.world_size=2", "parallel.tensor=2"], "parallel.tensor"),
-    (EXPERT + ["parallel.world_size=2", "parallel.tensor=2", "model.seq_length=16"],
-     "model.mor.capacities"),                                              # k = 16, 10, 5
     (TOKEN + ["model.moe.router=soft"], "model.moe.router"),
-    (TOKEN + ["data.synthetic_modalities=2"], "data.synthetic_modalities"),
+    (TOKEN + ["data.synthetic_timesteps=true"], "data.synthetic_timesteps"),
+    (TOKEN + ["model.moe.router=modality", "model.moe.modality.vl_ffn_layers=2"],
+     "model.moe.modality.vl_ffn_layers"),
     # L = 8, N_r = 2: K = 3, unrolled layers 1 and 4 share pool slot 1 but differ
     (TOKEN + ["model.mor.num_recursions=2", "model.moe.layer_freq=2"], "model.moe.layer_freq"),
 ])
