@@ -141,6 +141,11 @@ class MoRGenerator:
         if c.moe_expert_capacity_factor is not None:
             raise ValueError("model.moe.capacity_factor: token dropping depends on which tokens "
                              "share a batch, so batched generation would not match the forward")
+        contextual = {type(m.router).__name__ for m in dec.modules()
+                      if getattr(getattr(m, "router", None), "needs_context", ())}
+        if contextual:
+            raise ValueError(f"model.moe.router: {sorted(contextual)} read per-token routing "
+                             "context (modality ids), which generation does not supply yet")
         router = dec.recursion.router
         if isinstance(router, ExpertChoiceDepthRouter) and router.inference_rule != "threshold":
             raise ValueError("model.mor.inference_rule=topk: top-k over the whole sequence is "

@@ -120,7 +120,9 @@ def refusal_task(overrides, kwargs):
     (ROUTERS["expert"] + ["model.mor.inference_rule=topk"], {}, "model.mor.inference_rule"),
     (ROUTERS["token"], {}, "requests[0]"),
     (ROUTERS["token"], {"policy": "fifo"}, "policy"),
-], ids=["topk_rule", "too_long", "policy"])
+    (ROUTERS["token"] + ["model.moe.router=modality", "model.moe.modality.mode=pools",
+                         "model.moe.z_loss_coeff=0"], {}, "model.moe.router"),
+], ids=["topk_rule", "too_long", "policy", "modality_router"])
 def test_generation_refuses_what_it_cannot_reproduce(overrides, kwargs, field):
     msg = run_distributed(refusal_task, 1, overrides, kwargs)[0]
     assert msg is not None and field in msg, msg
