@@ -131,8 +131,7 @@ def check_mor(cfg) -> None:
     if not mor.enabled:
         return
     if p.pipeline > 1:
-        fail("parallel.pipeline", f"{p.pipeline}: model.mor runs the recursion block on one "
-             "stage; pipeline parallelism with MoR is not implemented yet (set it to 1)")
+        _check_pipeline(cfg)
     if mor.router == "expert" and not mor.allow_non_causal:
         fail("model.mor.router", "expert-choice depth routing takes a top-k over the sequence in "
              "training, so future tokens decide a token's depth (not causal in a decoder); set "
@@ -148,6 +147,24 @@ def check_mor(cfg) -> None:
              "per-token routing context is not compacted by the recursion block yet")
     if mor_moe_slots(cfg) and p.tensor > 1:
         _check_tp_pads(cfg)
+
+
+def _check_pipeline(cfg) -> None:
+    """Pipeline stages hold whole units (the unique first layer, the recursion block, the
+    unique last layer; megamoe.mor.stages), FLOP-balanced: each stage needs one, and the
+    recursion block is never split. `model.num_layers` need not divide by the stages."""
+    from megamoe.mor.stages import decoder_units
+
+    mor, p = cfg.model.mor, cfg.parallel
+    if p.virtual_pipeline is not None:
+        fail("parallel.virtual_pipeline", "model.mor places whole units (first layer, recursion "
+             "block, last layer) on pipeline stages; the interleaved schedule is not supported "
+             "(leave it unset)")
+    units = decoder_units(mor.sharing)
+    if p.pipeline > len(units):
+        fail("parallel.pipeline", f"{p.pipeline} stages for the {len(units)} pipeline units of "
+             f"model.mor.sharing={mor.sharing} ({', '.join(units)}): each stage needs one and the "
+             f"recursion block is never split; use at most {len(units)}")
 
 
 def _check_tp_pads(cfg) -> None:

@@ -28,6 +28,7 @@ ROUTERS = {
 }
 LOSS_FREE = ["model.mor.token.balancing=loss_free", "model.mor.token.bias_rate=0.01"]
 DENSE = ["model.moe.num_experts=0"]
+MOE_FIRST = "model.moe.layer_freq=[1,0,0,0,0,0,0,0]"
 # gloo's all-gather needs equal sizes: experts unsharded (as in test_parity.py's ep2_tp2)
 EP2_TP2 = ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"]
 
@@ -40,24 +41,38 @@ CASES = [
     ("tp2_expert", "expert", ["parallel.tensor=2"], DENSE),
     ("tp2_token", "token", ["parallel.tensor=2"], DENSE),
     ("ep2_tp2_expert", "expert", EP2_TP2, ["model.mor.capacities=[1.0,0.5,0.25]"]),
+    # stages [first, block] | [last, norm, head] (FLOP-balanced, megamoe.mor.stages)
+    ("pp2_expert", "expert", ["parallel.pipeline=2"], []),
+    ("pp2_token", "token", ["parallel.pipeline=2"], []),
+    ("pp2_ep2_token", "token", ["parallel.pipeline=2", "parallel.expert=2"], []),
+    # an MoE first layer outweighs last + head: [first] | [block, last, norm, head]
+    ("pp2_block_last_expert", "expert", ["parallel.pipeline=2"], [MOE_FIRST]),
+    # one unit per stage: the block on a middle stage (neither embedding nor head)
+    ("pp3_token", "token", ["parallel.pipeline=3"], []),
 ]
 @torch.no_grad()
 def perturb_shared_pool(engine, scale: float = 1e-2) -> bool:
-    """Negative control: change a shared-pool attention weight on the last rank only."""
+    """Negative control: change a shared-pool attention weight on one rank only, the last one
+    holding the recursion block (under PP only the block's stage does)."""
     import torch.distributed as dist
 
     from megamoe.mor.decoder import mor_decoders
 
-    if dist.get_rank() != dist.get_world_size() - 1:
+    decoders = mor_decoders(engine.modules)
+    holds = [None] * dist.get_world_size()
+    dist.all_gather_object(holds, bool(decoders))
+    if dist.get_rank() != max(r for r, h in enumerate(holds) if h):
         return False
-    w = mor_decoders(engine.modules)[0].recursion.layers[0].self_attention.linear_qkv.weight
+    w = decoders[0].recursion.layers[0].self_attention.linear_qkv.weight
     w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(99)) * scale)
     return True
 
 
 def world(layout) -> int:
-    """2 ranks, 4 for EP2 × TP2 (DP2 for the experts' data-parallel replicas)."""
-    return 4 if {"parallel.tensor=2", "parallel.expert=2"} <= set(layout) else 2
+    """TP × PP ranks, twice that for DP2 (EP2 splits the experts over data-parallel ranks)."""
+    degrees = dict(o.split("=") for o in layout)
+    mp = int(degrees.get("parallel.tensor", 1)) * int(degrees.get("parallel.pipeline", 1))
+    return 2 * mp if mp == 1 or "parallel.expert" in degrees else mp
 
 
 def _case(router, layout, model):
