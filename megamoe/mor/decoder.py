@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import (
@@ -158,8 +159,11 @@ class MoRDecoder(TransformerBlock):
                            metadata: dict | None = None):
         assert not sharded_offsets, "MoR checkpoint keys carry no pipeline offsets"
         out = {}
-        for key, layer in zip(self.layer_keys, self.layers):
-            out.update(layer.sharded_state_dict(f"{prefix}layers.{key}.", (), metadata))
+        for i, (key, layer) in enumerate(zip(self.layer_keys, self.layers)):
+            # the module's own (local) name in the dict, the global one in the checkpoint
+            layer_sd = layer.sharded_state_dict(f"{prefix}layers.{i}.", (), metadata)
+            replace_prefix_for_sharding(layer_sd, f"{prefix}layers.{i}.", f"{prefix}layers.{key}.")
+            out.update(layer_sd)
         if self.recursion is not None:
             for j, layer in enumerate(self.recursion.layers):
                 out.update(layer.sharded_state_dict(f"{prefix}recursion.layers.{j}.", (),

@@ -25,6 +25,9 @@ def test_default_is_disabled_and_any_num_layers_is_fine():
     EXPERT + ["parallel.world_size=4", "parallel.tensor=2", "parallel.expert=2",
               "model.seq_length=16", "model.mor.capacities=[1.0, 0.5, 0.25]"],
     TOKEN + ["model.moe.layer_freq=2", "model.num_layers=8", "model.mor.num_recursions=3"],
+    TOKEN + ["parallel.world_size=2", "parallel.pipeline=2"],
+    # L = 11 does not divide by 3 stages: MoR stages hold units, not layers
+    TOKEN + ["model.num_layers=11", "parallel.world_size=3", "parallel.pipeline=3"],
 ])
 def test_valid_mor_configs_load(overrides):
     assert load_config(None, overrides).model.mor.enabled
@@ -47,7 +50,12 @@ def test_valid_mor_configs_load(overrides):
     (EXPERT + ["model.mor.alpha=0"], "model.mor.alpha"),
     (EXPERT + ["model.mor.gating=sum"], "model.mor.gating"),
     (TOKEN + ["model.mor.token.balancing=none"], "model.mor.token.balancing"),
-    (TOKEN + ["parallel.world_size=2", "parallel.pipeline=2"], "parallel.pipeline"),
+    # pipeline stages hold whole units: first layer, recursion block, last layer
+    (TOKEN + ["parallel.world_size=4", "parallel.pipeline=4"], "parallel.pipeline"),
+    (TOKEN + ["model.mor.sharing=cycle", "model.num_layers=6", "parallel.world_size=2",
+              "parallel.pipeline=2"], "parallel.pipeline"),                 # the block only
+    (TOKEN + ["parallel.world_size=2", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+              "train.global_batch_size=8"], "parallel.virtual_pipeline"),
     # TP pads of the compact batches would count in shared MoE layers' routing
     (TOKEN + ["parallel.world_size=2", "parallel.tensor=2"], "parallel.tensor"),
     (EXPERT + ["parallel.world_size=2", "parallel.tensor=2", "model.seq_length=16"],
