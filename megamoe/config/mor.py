@@ -9,6 +9,11 @@ Defaults are the official code's (`util/config.py`, `conf/pretrain/250720_*`): e
 balancing loss 0.1, z-loss 1e-5 (the appendix caption says 1e-3). `None` means "the router's
 default" for `alpha` and `z_loss_coeff`.
 
+Pipeline parallelism: stages hold whole units — the unique first layer, the recursion block
+(never split), the unique last layer — split to balance training FLOPs (megamoe.mor.stages), so
+`parallel.pipeline` ≤ 3 (Middle-*) or 1 (Cycle / Sequence: the block only), `model.num_layers`
+need not divide by it, and `parallel.virtual_pipeline` is refused.
+
 Causality: expert-choice takes a top-k over the sequence in training, so future tokens decide
 whether a token recurses; it is refused in the causal decoder unless `model.mor.allow_non_causal`
 is set. This is MoR's own opt-in (not `model.moe.allow_non_causal`), so that opting in for an MoE

@@ -1,7 +1,7 @@
 """Mixture-of-Recursions (Bae et al., arXiv 2507.10524; papers.md §1) on Megatron-Core.
 
 What exists (increment 1: the block, one process; increment 2: in the LM, DP and EP;
-increment 3: TP + SP):
+increment 3: TP + SP; increment 4: PP):
 - `sharing.py`      Cycle / Sequence / Middle-Cycle (default) / Middle-Sequence maps, §1.2;
                     `SharingPlan.recursion_steps()` gives the pool slots of each recursion step.
 - `expert_choice.py` one linear router per step, α·σ(z), C_r = (N_r−r+1)/N_r, hierarchical
@@ -34,25 +34,38 @@ increment 3: TP + SP):
                     `decoder.recursion.router.*`), initialised by global key (models.init);
                     `mor_after_step` (called by `training.engine.optimizer_step`): token-choice
                     loss-free bias from depth ratios all-reduced over DP.
+                    PP: each stage's decoder holds its stage's units (`units`; `recursion`
+                    None off the block's stage, where `mor_decoders` skips it), reads the
+                    previous stage's [S(/TP), B, D] from `input_tensor`; pool layer numbers
+                    stay slot + 1 on every stage (Megatron's stage offset subtracted).
+- `stages.py`       pipeline stages: units [first unique layer, recursion block, last unique
+                    layer] (Cycle/Sequence: the block), contiguous, ≥ 1 per stage, the block
+                    never split (its steps share weights); the split minimises the largest
+                    stage's training FLOPs per token (`accounting.mor_flops_by_unit`: step r
+                    ∝ k_r + k_r²; output layer on the last stage, the embedding lookup free).
 - `accounting.py`   parameters (pool counted once) and FLOPs per token with the capacities
-                    (token-choice: perfect balance), used by `training.metrics`.
-- Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
-  non-`topk` MoE routers, synthetic routing context, MoE/dense disagreement within a
-  pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
+                    (token-choice: perfect balance), used by `training.metrics`; per
+                    pipeline unit for `stages.py`.
+- Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses
+  PP > units (`parallel.pipeline` ≤ 3, Cycle/Sequence 1), virtual PP, non-`topk` MoE
+  routers, synthetic routing context, MoE/dense disagreement within a pool slot, and expert-choice without `model.mor.allow_non_causal`, MoR's own opt-in).
   TP > 1 with MoE layers in the shared pool only when no TP pad can appear: expert-choice with
   every k_r divisible by TP (else `model.mor.capacities`), token-choice refused
   (`parallel.tensor`) — shared MoE routers do not take pads as padding yet (next, 3).
   Recipes `configs/mor_expert.yaml`, `configs/mor_token.yaml` (EP2, MoE in every layer).
 - Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting),
   tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense, k = 16, 10, 5) × expert/
-  token, EP2×TP2 expert-choice (k = 16, 8, 4), negative controls on a shared pool weight), test_mor_checkpoint.py (save/load of every parameter and buffer),
+  token, EP2×TP2 expert-choice (k = 16, 8, 4), PP2 × expert/token, PP2 with the block on
+  the last stage, PP3, PP2×EP2, PP2×TP2+SP, negative controls on a shared pool weight on the
+  block's stage), test_mor_pp.py (stage contents, keys, layer numbers, PP2 initialisation),
+  tests/unit/mor/test_mor_stages.py (hand-computed stage FLOPs), test_checkpoint_reshard.py
+  (MoR PP2 ↔ PP1), test_mor_checkpoint.py (save/load of every parameter and buffer),
   test_mor_train.py (30 steps of both recipes: loss falls, stays above the entropy rate).
 
 Next increments:
-1. PP: the recursion block on one stage at first (shared weights across stages would need
-   tied-gradient reduction like shared embeddings); stage balancing counts FLOPs, not layers
-   (`accounting.py`: step r costs ∝ k_r (linear) + k_r² (attention)). `MoRDecoder` then needs
-   pre/post-process flags and offsets; today it asserts one stage.
+1. PP beyond three stages: several recursion blocks per model (more units), or a block's
+   steps over stages with the pool's gradients reduced across them like tied embeddings
+   (and the step's token selection sent along); the interleaved schedule (virtual stages).
 2. Routing context inside the block: gather per-token fields (modality ids) with the same
    `Compaction` before shared MoE layers see the compacted batch, and hand pads to the MoE
    router as `padding_mask` (Megatron 0.16's `TopKRouter.routing` accepts one, megamoe's

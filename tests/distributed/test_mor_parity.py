@@ -45,6 +45,8 @@ CASES = [
     ("pp2_expert", "expert", ["parallel.pipeline=2"], []),
     ("pp2_token", "token", ["parallel.pipeline=2"], []),
     ("pp2_ep2_token", "token", ["parallel.pipeline=2", "parallel.expert=2"], []),
+    # SP shards [S/TP, B, D] between the stages; k = 5 at the last step: one TP pad
+    ("pp2_tp2_expert", "expert", ["parallel.pipeline=2", "parallel.tensor=2"], DENSE),
     # an MoE first layer outweighs last + head: [first] | [block, last, norm, head]
     ("pp2_block_last_expert", "expert", ["parallel.pipeline=2"], [MOE_FIRST]),
     # one unit per stage: the block on a middle stage (neither embedding nor head)
