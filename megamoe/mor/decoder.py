@@ -26,8 +26,9 @@ gradient by the global token count (megamoe.moe.routers.topk, docstring).
 
 Checkpoint keys (non-homogeneous, layout-independent, also over pipeline stages):
 `decoder.layers.{0,1}` (the unique first and last layer, whichever stage holds them; the
-local `layers` list holds this stage's only), `decoder.recursion.layers.{j}` (pool), `decoder.recursion.router.*` (router weights and
-the loss-free `router_bias` buffer), `decoder.final_layernorm`. Every layer's `layer_number` is
+local `layers` list and the module's own state_dict hold this stage's only),
+`decoder.recursion.layers.{j}` (pool), `decoder.recursion.router.*` (router weights and the
+loss-free `router_bias` buffer), `decoder.final_layernorm`. Every layer's `layer_number` is
 its pool slot + 1 (Megatron's MoE loss tracker indexes by it).
 
 Shapes: S sequence, B batch, D hidden, d rotary dim.
