@@ -9,6 +9,11 @@ Defaults are the official code's (`util/config.py`, `conf/pretrain/250720_*`): e
 balancing loss 0.1, z-loss 1e-5 (the appendix caption says 1e-3). `None` means "the router's
 default" for `alpha` and `z_loss_coeff`.
 
+Pipeline parallelism: stages hold whole units — the unique first layer, the recursion block
+(never split), the unique last layer — split to balance training FLOPs (megamoe.mor.stages), so
+`parallel.pipeline` ≤ 3 (Middle-*) or 1 (Cycle / Sequence: the block only), `model.num_layers`
+need not divide by it, and `parallel.virtual_pipeline` is refused.
+
 Causality: expert-choice takes a top-k over the sequence in training, so future tokens decide
 whether a token recurses; it is refused in the causal decoder unless `model.mor.allow_non_causal`
 is set. This is MoR's own opt-in (not `model.moe.allow_non_causal`), so that opting in for an MoE
@@ -163,8 +168,7 @@ def check_mor(cfg) -> None:
     if not mor.enabled:
         return
     if p.pipeline > 1:
-        fail("parallel.pipeline", f"{p.pipeline}: model.mor runs the recursion block on one "
-             "stage; pipeline parallelism with MoR is not implemented yet (set it to 1)")
+        _check_pipeline(cfg)
     if mor.router == "expert" and not mor.allow_non_causal:
         fail("model.mor.router", "expert-choice depth routing takes a top-k over the sequence in "
              "training, so future tokens decide a token's depth (not causal in a decoder); set "
@@ -212,4 +216,22 @@ def _shared_slots(cfg) -> set[int]:
     m, mor = cfg.model, cfg.model.mor
     plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
     return {s for step in plan.recursion_steps() for s in step}
+
+
+def _check_pipeline(cfg) -> None:
+    """Pipeline stages hold whole units (the unique first layer, the recursion block, the
+    unique last layer; megamoe.mor.stages), FLOP-balanced: each stage needs one, and the
+    recursion block is never split. `model.num_layers` need not divide by the stages."""
+    from megamoe.mor.stages import decoder_units
+
+    mor, p = cfg.model.mor, cfg.parallel
+    if p.virtual_pipeline is not None:
+        fail("parallel.virtual_pipeline", "model.mor places whole units (first layer, recursion "
+             "block, last layer) on pipeline stages; the interleaved schedule is not supported "
+             "(leave it unset)")
+    units = decoder_units(mor.sharing)
+    if p.pipeline > len(units):
+        fail("parallel.pipeline", f"{p.pipeline} stages for the {len(units)} pipeline units of "
+             f"model.mor.sharing={mor.sharing} ({', '.join(units)}): each stage needs one and the "
+             f"recursion block is never split; use at most {len(units)}")
 

@@ -59,6 +59,8 @@ def _check_batch(cfg: Config) -> None:
 
 
 def _check_pipeline(cfg: Config) -> None:
+    if cfg.model.mor.enabled:      # stages hold MoR units, not layers: config.mor.check_mor
+        return
     layers, pp, vp = cfg.model.num_layers, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline
     stages = pp * (vp or 1)
     if layers % stages:

@@ -135,7 +135,9 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
             vp_stage=vp_stage,
         )
         if m.mor.enabled:
-            model.decoder = build_mor_decoder(cfg, tconfig, pg_collection, layer_kwargs)
+            model.decoder = build_mor_decoder(cfg, tconfig, pg_collection, layer_kwargs,
+                                              vocab_size=vocab_size, pre_process=first,
+                                              post_process=last)
         model.routing_context_slot = slot
         chunks.append(model)
     mark_expert_replicas(chunks, tconfig)

@@ -1,7 +1,7 @@
 """Mixture-of-Recursions (Bae et al., arXiv 2507.10524; papers.md §1) on Megatron-Core.
 
 What exists (increment 1: the block, one process; increment 2: in the LM, DP and EP;
-increment 3: TP + SP):
+increment 3: TP + SP; increment 4: PP):
 - `sharing.py`      Cycle / Sequence / Middle-Cycle (default) / Middle-Sequence maps, §1.2;
                     `SharingPlan.recursion_steps()` gives the pool slots of each recursion step.
 - `expert_choice.py` one linear router per step, α·σ(z), C_r = (N_r−r+1)/N_r, hierarchical
@@ -41,6 +41,10 @@ increment 3: TP + SP):
                     `decoder.recursion.router.*`), initialised by global key (models.init);
                     `mor_after_step` (called by `training.engine.optimizer_step`): token-choice
                     loss-free bias from depth ratios all-reduced over DP.
+                    PP: each stage's decoder holds its stage's units (`units`; `recursion`
+                    None off the block's stage, where `mor_decoders` skips it), reads the
+                    previous stage's [S(/TP), B, D] from `input_tensor`; pool layer numbers
+                    stay slot + 1 on every stage (Megatron's stage offset subtracted).
 - `generate.py`     `MoRGenerator`: cached generation (one process, eval mode): per-position
                     work items (embed + first layer → recursion steps until the token exits →
                     last layer + head), one KV cache per layer application (recursion-wise:
@@ -49,8 +53,14 @@ increment 3: TP + SP):
                     queued tokens; "sequence" is the baseline). Reproduces the eval forward's
                     logits (tests/unit/mor/test_mor_generate.py); `tools/bench_mor.py` prints
                     tokens/s of both policies.
+- `stages.py`       pipeline stages: units [first unique layer, recursion block, last unique
+                    layer] (Cycle/Sequence: the block), contiguous, ≥ 1 per stage, the block
+                    never split (its steps share weights); the split minimises the largest
+                    stage's training FLOPs per token (`accounting.mor_flops_by_unit`: step r
+                    ∝ k_r + k_r²; output layer on the last stage, the embedding lookup free).
 - `accounting.py`   parameters (pool counted once) and FLOPs per token with the capacities
-                    (token-choice: perfect balance), used by `training.metrics`.
+                    (token-choice: perfect balance), used by `training.metrics`; per
+                    pipeline unit for `stages.py`.
 - `lora.py`         Relaxed Recursive Transformers (papers.md §2; `model.mor.lora_rank` > 0):
                     one LoRA per unrolled position (step r, layer j of the step) and target
                     linear (`qkv` fused q/k/v — the reference adapts q and v only — `proj`,
@@ -64,8 +74,8 @@ increment 3: TP + SP):
                     A ~ N(0, 1/d_in), so the model at init is the unrelaxed one. Unique
                     layers get none; MoE expert FFNs are refused (`model.mor.lora_targets`).
                     Cached generation selects adapters per batch row (`select_rows`).
-- Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses PP > 1,
-  MoE routers other than `topk` and `modality` (VLMo without VL layers, Uni-MoE pools),
+- Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses
+  PP > units (`parallel.pipeline` ≤ 3, Cycle/Sequence 1), virtual PP, MoE routers other than `topk` and `modality` (VLMo without VL layers, Uni-MoE pools),
   synthetic timesteps, MoE/dense disagreement within a pool slot, and expert-choice without
   `model.mor.allow_non_causal`, MoR's own opt-in). TP > 1 with MoE layers in the shared pool
   is allowed for both depth routers and any k_r (the pads are masked in the MoE routers).
@@ -75,18 +85,20 @@ increment 3: TP + SP):
   pads = without them), tests/distributed/test_mor_parity.py (DP2, EP2, TP2+SP (dense,
   k = 16, 10, 5) × expert/token, EP2×TP2 with MoE in the pool: expert-choice k = 16, 8, 4 and
   16, 10, 5, token-choice with top-k and with Uni-MoE modality pools; DP2 distributed
-  optimizer; negative controls on a shared pool weight, and unmasked pads breaking EP2×TP2),
-  test_mor_checkpoint.py (save/load of every parameter and buffer),
-  LoRA: tests/unit/mor/test_mor_lora_adapters.py (adapter math, init = unrelaxed model, one
+  optimizer; negative controls on a shared pool weight, and unmasked pads breaking EP2×TP2;
+  PP2 × expert/token, PP2 with the block on the last stage, PP3, PP2×EP2, PP2×TP2+SP,
+  with the negative control on the block's stage), test_mor_pp.py (stage contents, keys, layer
+  numbers, PP2 initialisation), tests/unit/mor/test_mor_stages.py (hand-computed stage FLOPs),
+  test_checkpoint_reshard.py (MoR PP2 ↔ PP1), test_mor_checkpoint.py (save/load of every
+  parameter and buffer), LoRA: tests/unit/mor/test_mor_lora_adapters.py (adapter math, init = unrelaxed model, one
   adapter per step, accounting), tests/distributed/test_mor_lora.py (TP2 ± SP / EP2 parity
   with B ≠ 0, negative controls, checkpoint, training),
   test_mor_train.py (30 steps of both recipes: loss falls, stays above the entropy rate).
 
 Next increments:
-1. PP: the recursion block on one stage at first (shared weights across stages would need
-   tied-gradient reduction like shared embeddings); stage balancing counts FLOPs, not layers
-   (`accounting.py`: step r costs ∝ k_r (linear) + k_r² (attention)). `MoRDecoder` then needs
-   pre/post-process flags and offsets; today it asserts one stage.
+1. PP beyond three stages: several recursion blocks per model (more units), or a block's
+   steps over stages with the pool's gradients reduced across them like tied embeddings
+   (and the step's token selection sent along); the interleaved schedule (virtual stages).
 2. More MoE families in the pool: each needs `takes_padding_mask` (pads routed nowhere, out of
    its losses; today `topk`, its subclass `dit_moe` (not admitted by config), and `modality`)
    and, for context beyond per-token fields, a rule to compact it (per-sample timesteps pass
@@ -95,9 +107,8 @@ Next increments:
 3. TP without the recompute: the block replicates routing, compaction and the residual update
    over TP ranks (O(S·B·D) per rank, small next to the layers); a sharded residual update
    would need the compact positions per SP shard.
-4. Logging: MoR statistics (kept fraction per step, depth histogram, sampling accuracy, dead
-   tokens) into the trainer's metrics like `training.metrics.routing_stats` (today only
-   `RecursionBlock.last_stats` holds them); the causality log line for expert-choice.
+4. (done: kept share per step, depth histogram and sampling accuracy in metrics.jsonl and
+   TensorBoard, `training.metrics.MoRDepthStats`.)
 5. (done: DP2 distributed-optimizer parity case; routers and the pool are ordinary parameters.)
 6. Inference: generation under TP/EP (the batch of a step differs per rank: collectives in
    shared MoE layers need matched calls), static-shape caches for CUDA graphs.

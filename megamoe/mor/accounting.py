@@ -150,3 +150,26 @@ def mor_flops_by_step(cfg, vocab_size: int) -> dict[str, float]:
                                        frac * S, S, shared_kv) / S
     total = mor_flops_per_token(cfg, vocab_size)
     return {"outside": total - sum(steps), **{f"step {r + 1}": f for r, f in enumerate(steps)}}
+
+
+def mor_flops_by_unit(cfg, vocab_size: int) -> dict[str, float]:
+    """Training FLOPs per token of the sequence of each pipeline unit (stages.py): "first" and
+    "last" (the unique layers, Middle-* only), "block" (every recursion step's shared layers with
+    k_r tokens, and the depth router) and "head" (final norm and output layer, 6·(D·V + D); the
+    loss is not counted). With the input embedding, which `mor_flops_per_token` counts as a
+    matmul (6·D·V unless tied to the head) but is a lookup, they sum to `mor_flops_per_token`."""
+    from megamoe.training.metrics import layer_parameters
+
+    m = cfg.model
+    S, heads = m.seq_length, m.num_attention_heads
+    width = heads * (m.kv_channels or m.hidden_size // heads)
+    plan, moe_slots, _ = _unrolled(cfg)
+    steps = mor_flops_by_step(cfg, vocab_size)
+    units = {"block": sum(v for k, v in steps.items() if k != "outside")
+             + 6.0 * router_parameters(cfg)[1]}
+    for name, slot in (("first", plan.first_unique), ("last", plan.last_unique)):
+        if slot is not None:
+            units[name] = layer_flops(layer_parameters(cfg, slot in moe_slots)[1], width,
+                                      S, S) / S
+    units["head"] = 6.0 * (vocab_size * m.hidden_size + m.hidden_size)
+    return units

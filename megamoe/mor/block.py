@@ -61,13 +61,17 @@ def mor_layer_spec(is_moe: bool, **layer_spec_kwargs):
 
 def build_shared_layers(tconfig, pool_slots, moe_slots, pg_collection, **layer_spec_kwargs):
     """One `TransformerLayer` per shared pool slot; layer_number = slot + 1 (the pool's own
-    numbering, which Megatron's MoE loss tracker indexes)."""
+    numbering, which Megatron's MoE loss tracker indexes) on every pipeline stage: Megatron
+    adds its stage offset (layers per stage × PP rank) to the number it is given."""
     from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    from megatron.core.utils import get_pg_rank
 
+    offset = get_transformer_layer_offset(tconfig, None, get_pg_rank(pg_collection.pp))
     return nn.ModuleList(
         build_module(mor_layer_spec(slot in moe_slots, pg_collection=pg_collection,
                                     **layer_spec_kwargs),
-                     config=tconfig, layer_number=slot + 1, pg_collection=pg_collection)
+                     config=tconfig, layer_number=slot + 1 - offset, pg_collection=pg_collection)
         for slot in pool_slots)
 
 

@@ -7,6 +7,12 @@ last layer → final norm; for Cycle / Sequence only the recursion block and the
 of the full sequence ([S, 1, 1, d]) is passed through to the block, which gathers it at the
 original positions of each step's tokens.
 
+Pipeline parallelism: each stage's `MoRDecoder` holds its stage's units (stages.py: the unique
+first layer, the recursion block, the unique last layer, split to balance FLOPs; the block never
+split). A stage after the first reads its input from `input_tensor` (Megatron's schedules set
+it); the hidden states between stages have the usual [S(/TP), B, D] shape. Only the stage
+holding the block has `recursion` (else None) and attaches the depth-router loss.
+
 Under tensor + sequence parallelism the decoder's hidden states are SP shards [S/TP, B, D];
 the recursion block gathers the sequence itself (block.py), so every TP rank routes the same
 tokens; the depth-router loss is attached on every TP rank (its gradient is replicated, like
@@ -18,9 +24,11 @@ mean over the micro-batch's tokens. It joins the LM loss through Megatron's
 multiplied by the micro-batch's token count S·B, since `finalize_model_grads` divides every
 gradient by the global token count (megamoe.moe.routers.topk, docstring).
 
-Checkpoint keys (non-homogeneous, layout-independent): `decoder.layers.{0,1}` (the unique
-layers), `decoder.recursion.layers.{j}` (pool), `decoder.recursion.router.*` (router weights and
-the loss-free `router_bias` buffer), `decoder.final_layernorm`. Every layer's `layer_number` is
+Checkpoint keys (non-homogeneous, layout-independent, also over pipeline stages):
+`decoder.layers.{0,1}` (the unique first and last layer, whichever stage holds them; the
+local `layers` list and the module's own state_dict hold this stage's only),
+`decoder.recursion.layers.{j}` (pool), `decoder.recursion.router.*` (router weights and the
+loss-free `router_bias` buffer), `decoder.final_layernorm`. Every layer's `layer_number` is
 its pool slot + 1 (Megatron's MoE loss tracker indexes by it).
 
 Shapes: S sequence, B batch, D hidden, d rotary dim.
@@ -32,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import (
@@ -46,6 +55,7 @@ from megamoe.mor.block import RecursionBlock, build_shared_layers
 from megamoe.mor.expert_choice import ALPHA, ExpertChoiceDepthRouter
 from megamoe.mor.lora import attach_lora
 from megamoe.mor.sharing import SharingPlan, sharing_plan
+from megamoe.mor.stages import decoder_units, stage_units
 from megamoe.mor.token_choice import Z_LOSS_COEFF, TokenChoiceDepthRouter
 
 
@@ -72,31 +82,42 @@ def depth_router(mor, hidden_size: int, init_std: float) -> nn.Module:
 
 
 class MoRDecoder(TransformerBlock):
-    """Unique layers + recursion block + final norm, in one pipeline stage (see module doc)."""
+    """This pipeline stage's units of the MoR decoder (see module doc); `units` ⊆ ("first",
+    "block", "last") in order, `router` None when the block is elsewhere."""
 
-    def __init__(self, config, plan: SharingPlan, router: nn.Module, moe_slots: set,
+    UNIQUE_KEYS = {"first": 0, "last": 1}       # checkpoint index of the unique layers
+
+    def __init__(self, config, plan: SharingPlan, router: nn.Module | None, moe_slots: set,
                  layer_spec_kwargs: dict, pg_collection, *, kv_sharing: bool = False,
-                 gating: str = "weighted"):
+                 gating: str = "weighted", units: tuple | None = None,
+                 pre_process: bool = True, post_process: bool = True):
+        units = decoder_units(plan.strategy) if units is None else tuple(units)
+        assert units and ("block" in units) == (router is not None), (units, router)
+        self.units = units
         self._mor_args = (plan, router, moe_slots, layer_spec_kwargs, kv_sharing, gating)
-        super().__init__(config=config, spec=placeholder_spec(), pre_process=True,
-                         post_process=True, pg_collection=pg_collection)
+        super().__init__(config=config, spec=placeholder_spec(), pre_process=pre_process,
+                         post_process=post_process, pg_collection=pg_collection)
         del self._mor_args
 
     def _build_layers(self):
         super()._build_layers()            # the final norm (no layers in the placeholder spec)
         plan, router, moe_slots, kwargs, kv_sharing, gating = self._mor_args
         pg = self.pg_collection
-        unique = [s for s in (plan.first_unique, plan.last_unique) if s is not None]
-        self.layers = build_shared_layers(self.config, unique, moe_slots, pg, **kwargs)
-        steps = plan.recursion_steps()
-        pool_slots = sorted({s for step in steps for s in step})
-        index = {slot: i for i, slot in enumerate(pool_slots)}
-        pool = build_shared_layers(self.config, pool_slots, moe_slots, pg, **kwargs)
-        sp_group = pg.tp if self.config.sequence_parallel else None
-        self.recursion = RecursionBlock(pool, [tuple(index[s] for s in st) for st in steps],
-                                        router, kv_sharing=kv_sharing, gating=gating,
-                                        sp_group=sp_group)
-        self.has_unique_layers = bool(unique)
+        slots = {"first": plan.first_unique, "last": plan.last_unique}
+        unique = [u for u in self.units if u != "block"]
+        self.layers = build_shared_layers(self.config, [slots[u] for u in unique], moe_slots,
+                                          pg, **kwargs)
+        self.layer_keys = [self.UNIQUE_KEYS[u] for u in unique]
+        self.recursion = None
+        if "block" in self.units:
+            steps = plan.recursion_steps()
+            pool_slots = sorted({s for step in steps for s in step})
+            index = {slot: i for i, slot in enumerate(pool_slots)}
+            pool = build_shared_layers(self.config, pool_slots, moe_slots, pg, **kwargs)
+            sp_group = pg.tp if self.config.sequence_parallel else None
+            self.recursion = RecursionBlock(pool, [tuple(index[s] for s in st) for st in steps],
+                                            router, kv_sharing=kv_sharing, gating=gating,
+                                            sp_group=sp_group)
 
     def forward(self, hidden_states, attention_mask, context=None, context_mask=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
@@ -106,15 +127,18 @@ class MoRDecoder(TransformerBlock):
             raise NotImplementedError("model.mor: Megatron inference contexts and packed "
                                       "sequences are not supported by the recursion block; "
                                       "generate with megamoe.mor.generate.MoRGenerator")
+        if not self.pre_process:            # the previous stage's output (set_input_tensor)
+            hidden_states = self.input_tensor
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         h_SBD = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
-        if self.has_unique_layers:
-            h_SBD, _ = self.layers[0](hidden_states=h_SBD, **kwargs)
-        h_SBD = self._with_aux_loss(self.recursion(h_SBD, rotary_pos_emb))
-        if self.has_unique_layers:
-            h_SBD, _ = self.layers[-1](hidden_states=h_SBD, **kwargs)
+        unique = iter(self.layers)
+        for unit in self.units:
+            if unit == "block":
+                h_SBD = self._with_aux_loss(self.recursion(h_SBD, rotary_pos_emb))
+            else:
+                h_SBD, _ = next(unique)(hidden_states=h_SBD, **kwargs)
         if self.final_layernorm is not None:
             h_SBD = make_viewless_tensor(inp=self.final_layernorm(h_SBD), requires_grad=True,
                                          keep_graph=True)
@@ -136,17 +160,23 @@ class MoRDecoder(TransformerBlock):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None):
-        assert not sharded_offsets, "the MoR decoder lives on one pipeline stage"
+        assert not sharded_offsets, "MoR checkpoint keys carry no pipeline offsets"
         out = {}
-        for i, layer in enumerate(self.layers):
-            out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", (), metadata))
-        for j, layer in enumerate(self.recursion.layers):
-            out.update(layer.sharded_state_dict(f"{prefix}recursion.layers.{j}.", (), metadata))
-        out.update(sharded_state_dict_default(self.recursion.router, f"{prefix}recursion.router.",
-                                              (), metadata, tp_group=self.tp_group))
-        if self.recursion.lora is not None:      # RRT adapters: recursion.lora.{r}.{j}.{target}
-            out.update(self.recursion.lora.sharded_state_dict(f"{prefix}recursion.lora.", (),
-                                                              metadata))
+        for i, (key, layer) in enumerate(zip(self.layer_keys, self.layers)):
+            # the module's own (local) name in the dict, the global one in the checkpoint
+            layer_sd = layer.sharded_state_dict(f"{prefix}layers.{i}.", (), metadata)
+            replace_prefix_for_sharding(layer_sd, f"{prefix}layers.{i}.", f"{prefix}layers.{key}.")
+            out.update(layer_sd)
+        if self.recursion is not None:
+            for j, layer in enumerate(self.recursion.layers):
+                out.update(layer.sharded_state_dict(f"{prefix}recursion.layers.{j}.", (),
+                                                    metadata))
+            out.update(sharded_state_dict_default(self.recursion.router,
+                                                  f"{prefix}recursion.router.", (), metadata,
+                                                  tp_group=self.tp_group))
+            if self.recursion.lora is not None:  # RRT adapters: recursion.lora.{r}.{j}.{target}
+                out.update(self.recursion.lora.sharded_state_dict(f"{prefix}recursion.lora.", (),
+                                                                  metadata))
         if self.final_layernorm is not None:
             out.update(sharded_state_dict_default(self.final_layernorm,
                                                   f"{prefix}final_layernorm.", (), metadata,
@@ -154,22 +184,35 @@ class MoRDecoder(TransformerBlock):
         return out
 
 
-def build_mor_decoder(cfg, tconfig, pg_collection, layer_spec_kwargs: dict) -> MoRDecoder:
-    """The decoder `build_lm` puts into GPTModel when `model.mor.enabled`."""
+def build_mor_decoder(cfg, tconfig, pg_collection, layer_spec_kwargs: dict, *,
+                      vocab_size: int, pre_process: bool = True,
+                      post_process: bool = True) -> MoRDecoder:
+    """The decoder `build_lm` puts into GPTModel when `model.mor.enabled`: this pipeline
+    stage's units (stages.stage_units, FLOP-balanced)."""
     from megamoe.config.mor import mor_moe_slots
+    from megatron.core.utils import get_pg_rank
 
     m, mor = cfg.model, cfg.model.mor
     plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
-    router = depth_router(mor, m.hidden_size, m.init_method_std).to(tconfig.params_dtype)
+    pp = tconfig.pipeline_model_parallel_size
+    units = (stage_units(cfg, vocab_size, pp)[get_pg_rank(pg_collection.pp)] if pp > 1
+             else decoder_units(mor.sharing))
+    router = (depth_router(mor, m.hidden_size, m.init_method_std).to(tconfig.params_dtype)
+              if "block" in units else None)
     decoder = MoRDecoder(tconfig, plan, router, mor_moe_slots(cfg) if tconfig.num_moe_experts
                          else set(), layer_spec_kwargs, pg_collection, kv_sharing=mor.kv_sharing,
-                         gating=mor.gating)
-    attach_lora(decoder.recursion, mor)
+                         gating=mor.gating, units=units, pre_process=pre_process,
+                         post_process=post_process)
+    if decoder.recursion is not None:
+        attach_lora(decoder.recursion, mor)
     return decoder
 
 
 def mor_decoders(chunks) -> list[MoRDecoder]:
-    return [mod for c in chunks for mod in c.modules() if isinstance(mod, MoRDecoder)]
+    """The MoR decoders of `chunks` that hold a recursion block (under pipeline parallelism
+    one stage's; the others' list is empty)."""
+    return [mod for c in chunks for mod in c.modules()
+            if isinstance(mod, MoRDecoder) and mod.recursion is not None]
 
 
 @torch.no_grad()

@@ -69,7 +69,8 @@ def train(cfg, device: torch.device) -> dict:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     total_params, active_params = M.parameter_counts(cfg, vocab)
     flops_tok, peak = M.flops_per_token(cfg, vocab), _peak_flops(device)
-    mor_stats = M.MoRDepthStats(engine.modules) if cfg.model.mor.enabled else None
+    mor_stats = (M.MoRDepthStats(engine.modules, cfg.model.mor.num_recursions)
+                 if cfg.model.mor.enabled else None)
     callbacks = []
     if rank0:
         callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress))

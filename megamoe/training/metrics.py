@@ -156,13 +156,14 @@ class MoRDepthStats:
     tokens that run each recursion step (from the block's `last_stats`: expert-choice
     `step_{r}_kept_fraction`, token-choice `depth_{i}_fraction`) and the expert-choice sampling
     accuracy. `read` averages over forwards and ranks (TP ranks hold equal values) and turns the
-    shares into a histogram of token counts per depth d = recursion steps run (0..N_r)."""
+    shares into a histogram of token counts per depth d = recursion steps run (0..N_r). Under
+    pipeline parallelism only the block's stage records; every rank reduces N_r rows."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks, num_recursions: int):
         from megamoe.mor.block import RecursionBlock
 
         blocks = [m for c in chunks for m in c.modules() if isinstance(m, RecursionBlock)]
-        self.num_recursions = len(blocks[0].steps) if blocks else 0
+        self.num_recursions = num_recursions
         self.sums: dict[str, float] = {}
         self.count = 0
         self.handles = [b.register_forward_hook(self._record) for b in blocks]

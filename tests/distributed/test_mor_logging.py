@@ -23,10 +23,10 @@ OVERRIDES = [f"model.seq_length={S}", "train.micro_batch_size=4",
              "run.tensorboard=true", "run.log_interval=1000"]
 
 
-def train_mor(router: str, run_dir: str) -> list[dict]:
+def train_mor(router: str, run_dir: str, layout=()) -> list[dict]:
     """metrics.jsonl step records of a short run of the router's recipe."""
     path = os.path.join(ROOT, "configs", f"mor_{router}.yaml")
-    return run_distributed(train_recipe, 2, path, OVERRIDES, run_dir)[0][1]
+    return run_distributed(train_recipe, 2, path, OVERRIDES + list(layout), run_dir)[0][1]
 
 
 def tensorboard_tags(run_dir: str) -> tuple[set, set]:
@@ -39,10 +39,15 @@ def tensorboard_tags(run_dir: str) -> tuple[set, set]:
     return set(tags["scalars"]), {t: acc.Histograms(t) for t in tags["histograms"]}
 
 
+# PP2: only stage 0 holds the recursion block (stages [first, block] | [last])
+LAYOUTS = {"ep2": [], "pp2": ["parallel.expert=1", "parallel.pipeline=2"]}
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("router", ["expert", "token"])
-def test_mor_depth_statistics_are_logged(router, tmp_path):
-    records = train_mor(router, str(tmp_path))
+@pytest.mark.parametrize("router,layout", [("expert", "ep2"), ("token", "ep2"),
+                                           ("expert", "pp2")])
+def test_mor_depth_statistics_are_logged(router, layout, tmp_path):
+    records = train_mor(router, str(tmp_path), LAYOUTS[layout])
     assert len(records) == STEPS
     for rec in records:
         depth = rec["mor/depth"]                          # tokens of depth 0..N_r

@@ -31,6 +31,7 @@ ROUTERS = {
 }
 LOSS_FREE = ["model.mor.token.balancing=loss_free", "model.mor.token.bias_rate=0.01"]
 DENSE = ["model.moe.num_experts=0"]
+MOE_FIRST = "model.moe.layer_freq=[1,0,0,0,0,0,0,0]"
 # gloo's all-gather needs equal sizes: experts unsharded (as in test_parity.py's ep2_tp2)
 EP2_TP2 = ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"]
 MODALITY = ["model.moe.router=modality", "model.moe.z_loss_coeff=0", "data.synthetic_modalities=2",
@@ -55,18 +56,32 @@ CASES = [
     ("ep2_tp2_token_modality", "token", EP2_TP2, MODALITY),
     # DP2 with the distributed optimizer (AdamW): losses and parameters (no full gradients)
     ("dp2_distopt_token", "token", DISTOPT, ADAM),
+    # stages [first, block] | [last, norm, head] (FLOP-balanced, megamoe.mor.stages)
+    ("pp2_expert", "expert", ["parallel.pipeline=2"], []),
+    ("pp2_token", "token", ["parallel.pipeline=2"], []),
+    ("pp2_ep2_token", "token", ["parallel.pipeline=2", "parallel.expert=2"], []),
+    # SP shards [S/TP, B, D] between the stages; k = 5 at the last step: one TP pad
+    ("pp2_tp2_expert", "expert", ["parallel.pipeline=2", "parallel.tensor=2"], DENSE),
+    # an MoE first layer outweighs last + head: [first] | [block, last, norm, head]
+    ("pp2_block_last_expert", "expert", ["parallel.pipeline=2"], [MOE_FIRST]),
+    # one unit per stage: the block on a middle stage (neither embedding nor head)
+    ("pp3_token", "token", ["parallel.pipeline=3"], []),
 ]
 PADDED = ["ep2_tp2_token", "ep2_tp2_expert_k5"]
 @torch.no_grad()
 def perturb_shared_pool(engine, scale: float = 1e-2) -> bool:
-    """Negative control: change a shared-pool attention weight on the last rank only."""
+    """Negative control: change a shared-pool attention weight on one rank only, the last one
+    holding the recursion block (under PP only the block's stage does)."""
     import torch.distributed as dist
 
     from megamoe.mor.decoder import mor_decoders
 
-    if dist.get_rank() != dist.get_world_size() - 1:
+    decoders = mor_decoders(engine.modules)
+    holds = [None] * dist.get_world_size()
+    dist.all_gather_object(holds, bool(decoders))
+    if dist.get_rank() != max(r for r, h in enumerate(holds) if h):
         return False
-    w = mor_decoders(engine.modules)[0].recursion.layers[0].self_attention.linear_qkv.weight
+    w = decoders[0].recursion.layers[0].self_attention.linear_qkv.weight
     w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(99)) * scale)
     return True
 
@@ -92,8 +107,10 @@ def compare_kw(layout, model) -> dict:
 
 
 def world(layout) -> int:
-    """2 ranks, 4 for EP2 × TP2 (DP2 for the experts' data-parallel replicas)."""
-    return 4 if {"parallel.tensor=2", "parallel.expert=2"} <= set(layout) else 2
+    """TP × PP ranks, twice that for DP2 (EP2 splits the experts over data-parallel ranks)."""
+    degrees = dict(o.split("=") for o in layout)
+    mp = int(degrees.get("parallel.tensor", 1)) * int(degrees.get("parallel.pipeline", 1))
+    return 2 * mp if mp == 1 or "parallel.expert" in degrees else mp
 
 
 def _case(router, layout, model):

@@ -30,6 +30,9 @@ def test_default_is_disabled_and_any_num_layers_is_fine():
     TOKEN + ["model.moe.layer_freq=2", "model.num_layers=8", "model.mor.num_recursions=3"],
     TOKEN + ["model.moe.router=modality", "data.synthetic_modalities=2"],   # VLMo, no VL layers
     TOKEN + ["data.synthetic_modalities=2"],
+    TOKEN + ["parallel.world_size=2", "parallel.pipeline=2"],
+    # L = 11 does not divide by 3 stages: MoR stages hold units, not layers
+    TOKEN + ["model.num_layers=11", "parallel.world_size=3", "parallel.pipeline=3"],
 ])
 def test_valid_mor_configs_load(overrides):
     assert load_config(None, overrides).model.mor.enabled
@@ -52,7 +55,12 @@ def test_valid_mor_configs_load(overrides):
     (EXPERT + ["model.mor.alpha=0"], "model.mor.alpha"),
     (EXPERT + ["model.mor.gating=sum"], "model.mor.gating"),
     (TOKEN + ["model.mor.token.balancing=none"], "model.mor.token.balancing"),
-    (TOKEN + ["parallel.world_size=2", "parallel.pipeline=2"], "parallel.pipeline"),
+    # pipeline stages hold whole units: first layer, recursion block, last layer
+    (TOKEN + ["parallel.world_size=4", "parallel.pipeline=4"], "parallel.pipeline"),
+    (TOKEN + ["model.mor.sharing=cycle", "model.num_layers=6", "parallel.world_size=2",
+              "parallel.pipeline=2"], "parallel.pipeline"),                 # the block only
+    (TOKEN + ["parallel.world_size=2", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+              "train.global_batch_size=8"], "parallel.virtual_pipeline"),
     (TOKEN + ["model.moe.router=soft"], "model.moe.router"),
     (TOKEN + ["data.synthetic_timesteps=true"], "data.synthetic_timesteps"),
     (TOKEN + ["model.moe.router=modality", "model.moe.modality.vl_ffn_layers=2"],
