@@ -163,8 +163,9 @@ class MoRGenerator:
         G, h = attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head
         store = lambda: KVStore(slots, max_len, G, h, p.dtype, p.device)  # noqa: E731
         self.stores = {}
-        if dec.has_unique_layers:
-            self.stores["first"], self.stores["last"] = store(), store()
+        self.unique = dict(zip([u for u in dec.units if u != "block"], dec.layers))
+        for unit in self.unique:                     # "first", "last" (Middle-* sharing)
+            self.stores[unit] = store()
         for r, step in enumerate(self.block.steps):
             for j in range(len(step)):
                 if not (self.kv_sharing and r > 0):
@@ -214,8 +215,8 @@ class MoRGenerator:
         ids_B1 = torch.tensor([[t.token_id] for t in toks], device=self.rope_Ld.device)
         pos_B1 = torch.tensor([[t.pos] for t in toks], device=self.rope_Ld.device)
         h_1BD = self.model.embedding(input_ids=ids_B1, position_ids=pos_B1)
-        if self.dec.has_unique_layers:
-            h_1BD = self._layer(self.dec.layers[0], h_1BD, toks, ["first"] * len(toks), True)
+        if "first" in self.unique:
+            h_1BD = self._layer(self.unique["first"], h_1BD, toks, ["first"] * len(toks), True)
         if not self.expert:
             a = self.router(h_1BD.transpose(0, 1))            # [B, 1] depth and gate
             for b, t in enumerate(toks):
@@ -226,8 +227,8 @@ class MoRGenerator:
     def _head(self, toks: list) -> torch.Tensor:
         """Unique last layer + final norm + LM head: logits [B, V]."""
         h_1BD = torch.stack([t.h for t in toks])[None]
-        if self.dec.has_unique_layers:
-            h_1BD = self._layer(self.dec.layers[-1], h_1BD, toks, ["last"] * len(toks), True)
+        if "last" in self.unique:
+            h_1BD = self._layer(self.unique["last"], h_1BD, toks, ["last"] * len(toks), True)
         if self.dec.final_layernorm is not None:
             h_1BD = self.dec.final_layernorm(h_1BD)
         m = self.model

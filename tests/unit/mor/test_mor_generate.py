@@ -1,7 +1,7 @@
 """Cached MoR generation (megamoe.mor.generate) against the full forward, on one gloo rank:
 
 - for both depth routers (expert-choice σ > 0.5, token-choice argmax) and both KV strategies
-  (recursion-wise caching, recursive KV sharing), the logits of cached generation at every
+  (recursion-wise caching, recursive KV sharing), with Middle-Cycle and Cycle sharing, the logits of cached generation at every
   position equal the eval-mode full forward over the finished sequence (max |Δ| ≤ 1e-4), and
   greedy tokens are the forward's argmax; MoE FFNs sit in every layer, shared ones included;
 - sequences of different prompt and generation lengths, batched (max_batch 2 < 3 sequences, so
@@ -44,11 +44,12 @@ def _forward_logits(model, tokens) -> torch.Tensor:
         return model(ids, pos, None)[0]                       # [T, V]
 
 
-def generate_task(router: str, kv_sharing: bool):
+def generate_task(router: str, kv_sharing: bool, extra=()):
     from megamoe.mor.decoder import mor_decoders
     from megamoe.mor.generate import MoRGenerator, Request
 
-    model = _model(ROUTERS[router] + [f"model.mor.kv_sharing={str(kv_sharing).lower()}"])
+    model = _model(ROUTERS[router] + [f"model.mor.kv_sharing={str(kv_sharing).lower()}",
+                                      *extra])
     block = mor_decoders([model])[0].recursion
     with torch.no_grad():      # larger router logits: depths and exits spread over tokens
         for w in block.router.parameters():
@@ -86,11 +87,16 @@ def generate_task(router: str, kv_sharing: bool):
                 mean_batch={p: s.mean_block_batch for p, s in stats.items()})
 
 
+CYCLE = ("model.mor.sharing=cycle", "model.num_layers=6")     # no unique layers, K = 2
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kv_sharing", [False, True], ids=["recursion_cache", "kv_sharing"])
-@pytest.mark.parametrize("router", ["expert", "token"])
-def test_cached_generation_reproduces_the_full_forward(router, kv_sharing):
-    r = run_distributed(generate_task, 1, router, kv_sharing)[0]
+@pytest.mark.parametrize("router,kv_sharing,extra", [
+    ("expert", False, ()), ("expert", True, ()), ("token", False, ()), ("token", True, ()),
+    ("token", False, CYCLE)], ids=["expert-recursion_cache", "expert-kv_sharing",
+                                   "token-recursion_cache", "token-kv_sharing", "token-cycle"])
+def test_cached_generation_reproduces_the_full_forward(router, kv_sharing, extra):
+    r = run_distributed(generate_task, 1, router, kv_sharing, extra)[0]
     assert r["lengths"] == [len(p) + n for p, n in REQUESTS]
     assert r["err"] <= 1e-4, r
     assert r["argmax_ok"]
