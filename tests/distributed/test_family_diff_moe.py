@@ -22,7 +22,8 @@ def calibrated_parity_task(*args, **kwargs):
     import megamoe.models.init as init
 
     zero_rule = init._std_for
-    init._std_for = lambda key, std, n: 0.5 if "adaln_zero" in key else zero_rule(key, std, n)
+    init._std_for = lambda key, std, n, shape=(): (0.5 if "adaln_zero" in key
+                                                   else zero_rule(key, std, n, shape))
     try:
         return parity_task(*args, **kwargs)
     finally:
