@@ -23,8 +23,11 @@ from megamoe.mor.expert_choice import capacity_schedule, tokens_kept
 from megamoe.mor.sharing import sharing_plan
 
 
-def step_fractions(cfg) -> list[float]:
-    """f_r: the share of a sequence's tokens that run recursion step r."""
+def step_fractions(cfg, fractions=None) -> list[float]:
+    """f_r: the share of a sequence's tokens that run recursion step r (`fractions`: measured
+    shares to use instead of the nominal ones; every function below takes them through)."""
+    if fractions is not None:
+        return list(fractions)
     mor, S = cfg.model.mor, cfg.model.seq_length
     R = mor.num_recursions
     if mor.router == "token":
@@ -33,14 +36,14 @@ def step_fractions(cfg) -> list[float]:
     return [tokens_kept(c, S) / S for c in caps]
 
 
-def _unrolled(cfg):
+def _unrolled(cfg, fractions=None):
     """(pool slot, fraction of tokens, step or None) of every unrolled layer."""
     from megamoe.config.mor import mor_moe_slots
 
     m, mor = cfg.model, cfg.model.mor
     plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
     moe_slots = mor_moe_slots(cfg) if m.moe.num_experts else set()
-    f = step_fractions(cfg)
+    f = step_fractions(cfg, fractions)
     rows = [(plan.first_unique, 1.0, None)] if plan.first_unique is not None else []
     rows += [(slot, f[r], r) for r, step in enumerate(plan.recursion_steps()) for slot in step]
     if plan.last_unique is not None:
@@ -48,14 +51,14 @@ def _unrolled(cfg):
     return plan, moe_slots, rows
 
 
-def router_parameters(cfg) -> tuple[int, float]:
+def router_parameters(cfg, fractions=None) -> tuple[int, float]:
     """(total, active per token) of the depth router: expert θ_r on step r's candidates
     (the tokens of step r − 1), token-choice one D→N_r linear on every token."""
     mor, h = cfg.model.mor, cfg.model.hidden_size
     R = mor.num_recursions
     if mor.router == "token":
         return h * R, float(h * R)
-    f = step_fractions(cfg)
+    f = step_fractions(cfg, fractions)
     return h * R, float(h * sum([1.0] + f[:-1]))
 
 
@@ -70,40 +73,40 @@ def lora_adapter_size(cfg, target: str) -> int:
     return m.mor.lora_rank * (d_in + d_out)
 
 
-def lora_parameters(cfg) -> tuple[int, float]:
+def lora_parameters(cfg, fractions=None) -> tuple[int, float]:
     """(total, active per token) of the per-recursion LoRA adapters."""
     mor = cfg.model.mor
     if not mor.lora_rank:
         return 0, 0.0
     per_position = sum(lora_adapter_size(cfg, t) for t in mor.lora_targets)
     steps = sharing_plan(mor.sharing, cfg.model.num_layers, mor.num_recursions).recursion_steps()
-    f = step_fractions(cfg)
+    f = step_fractions(cfg, fractions)
     return (per_position * sum(len(s) for s in steps),
             per_position * sum(f[r] * len(s) for r, s in enumerate(steps)))
 
 
-def mor_parameter_counts(cfg, vocab_size: int) -> tuple[int, int]:
+def mor_parameter_counts(cfg, vocab_size: int, fractions=None) -> tuple[int, int]:
     from megamoe.training.metrics import embedding_parameters, layer_parameters
 
-    plan, moe_slots, rows = _unrolled(cfg)
+    plan, moe_slots, rows = _unrolled(cfg, fractions)
     total = active = embedding_parameters(cfg, vocab_size)
     for slot in range(plan.pool_size):
         total += layer_parameters(cfg, slot in moe_slots)[0]
     active_f = float(active)
     for slot, frac, _ in rows:
         active_f += frac * layer_parameters(cfg, slot in moe_slots)[1]
-    r_total, r_active = router_parameters(cfg)
-    l_total, l_active = lora_parameters(cfg)
+    r_total, r_active = router_parameters(cfg, fractions)
+    l_total, l_active = lora_parameters(cfg, fractions)
     return total + r_total + l_total, round(active_f + r_active + l_active)
 
 
-def mor_flops_per_token(cfg, vocab_size: int) -> float:
+def mor_flops_per_token(cfg, vocab_size: int, fractions=None) -> float:
     m, mor = cfg.model, cfg.model.mor
-    _, active = mor_parameter_counts(cfg, vocab_size)
+    _, active = mor_parameter_counts(cfg, vocab_size, fractions)
     S, heads = m.seq_length, m.num_attention_heads
     d = m.kv_channels or m.hidden_size // heads
     attention = 0.0
-    for _, frac, step in _unrolled(cfg)[2]:
+    for _, frac, step in _unrolled(cfg, fractions)[2]:
         k = frac * S
         shared_kv = mor.kv_sharing and step is not None and step > 0
         attention += 6 * heads * d * (k if shared_kv else k * k / S)
@@ -131,7 +134,7 @@ def step_kept(cfg) -> list[float]:
     return [f * cfg.model.seq_length for f in step_fractions(cfg)]
 
 
-def mor_flops_by_step(cfg, vocab_size: int) -> dict[str, float]:
+def mor_flops_by_step(cfg, vocab_size: int, fractions=None) -> dict[str, float]:
     """Training FLOPs per token of the sequence split into the recursion steps' shared layers
     ("step r", r = 1..N_r) and everything else ("outside", embedding, unique layers, depth
     routers); the values sum to `mor_flops_per_token`."""
@@ -140,7 +143,7 @@ def mor_flops_by_step(cfg, vocab_size: int) -> dict[str, float]:
     m, mor = cfg.model, cfg.model.mor
     S, heads = m.seq_length, m.num_attention_heads
     width = heads * (m.kv_channels or m.hidden_size // heads)
-    _, moe_slots, rows = _unrolled(cfg)
+    _, moe_slots, rows = _unrolled(cfg, fractions)
     lora = sum(lora_adapter_size(cfg, t) for t in mor.lora_targets)   # 0 when lora_rank = 0
     steps = [0.0] * mor.num_recursions
     for slot, frac, step in rows:
@@ -148,7 +151,7 @@ def mor_flops_by_step(cfg, vocab_size: int) -> dict[str, float]:
             shared_kv = mor.kv_sharing and step > 0
             steps[step] += layer_flops(layer_parameters(cfg, slot in moe_slots)[1] + lora, width,
                                        frac * S, S, shared_kv) / S
-    total = mor_flops_per_token(cfg, vocab_size)
+    total = mor_flops_per_token(cfg, vocab_size, fractions)
     return {"outside": total - sum(steps), **{f"step {r + 1}": f for r, f in enumerate(steps)}}
 
 

@@ -104,12 +104,15 @@ def train(cfg, device: torch.device) -> dict:
         load = M.expert_load(engine.modules, cfg.model.num_layers, cfg.model.moe.num_experts)
         router = M.router_losses(cfg, engine.pg, len(mbs))
         router.update(M.routing_stats(engine.modules))
+        step_flops_tok = flops_tok
         if mor_stats is not None:
             router.update(mor_stats.read(tokens_per_step))
+            router.update(_mor_measured_flops(cfg, vocab, router))
+            step_flops_tok = router["mor/flops_per_token"]
         dt = time.perf_counter() - t0
         m = {"loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
              "tokens_per_s": tokens_per_step / dt, "imbalance": M.imbalance(load),
-             "mfu": (flops_tok * tokens_per_step / dt / (peak * engine.dims.world_size))
+             "mfu": (step_flops_tok * tokens_per_step / dt / (peak * engine.dims.world_size))
              if peak else None,
              "expert_load": {i + 1: row for i, row in enumerate(load) if row.sum() > 0},
              **router}
@@ -170,6 +173,22 @@ def _mor_flops_line(cfg, vocab: int) -> str:
     text += [f"step {r} (k={k:.4g}) {parts[f'step {r}']:.3g}"
              for r, k in enumerate(kept, start=1)]
     return ", ".join(text) + f"; total {sum(parts.values()):.3g}"
+
+
+def _mor_measured_flops(cfg, vocab: int, mor_metrics: dict) -> dict:
+    """Training FLOPs per token of this step from the measured share of tokens that ran each
+    recursion step (`mor/kept_step_r`): in total and per step r (the FLOP model of
+    megamoe.mor.accounting with the measured k_r instead of the nominal ones)."""
+    from megamoe.mor.accounting import mor_flops_by_step
+
+    R = cfg.model.mor.num_recursions
+    kept = [mor_metrics.get(f"mor/kept_step_{r}") for r in range(1, R + 1)]
+    if any(k is None for k in kept):
+        return {}
+    parts = mor_flops_by_step(cfg, vocab, fractions=kept)
+    out = {"mor/flops_per_token": sum(parts.values())}
+    out.update({f"mor/flops_per_token_step_{r}": parts[f"step {r}"] for r in range(1, R + 1)})
+    return out
 
 
 def _save(cfg, engine, async_queue=None) -> str:

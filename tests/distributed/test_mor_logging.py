@@ -2,7 +2,8 @@
 every step's metrics.jsonl record holds the kept share per recursion step and a histogram of
 tokens per depth that sums to the global batch's tokens; TensorBoard gets `mor/depth` and
 `mor/kept_step_r`. Expert-choice counts are checked by hand (k_r = int(C_r·S) per sequence);
-the FLOPs split by recursion step sums to the model's FLOPs per token."""
+the FLOPs split by recursion step sums to the model's FLOPs per token, and every step logs the
+FLOPs per token (in total and per recursion step) of the depths it really ran."""
 
 import glob
 import os
@@ -61,8 +62,27 @@ def test_mor_depth_statistics_are_logged(router, layout, tmp_path):
             assert 0 <= rec["mor/sampling_acc_step_1"] <= 1
         else:
             assert depth[0] == 0 and rec["mor/kept_step_1"] == 1.0
+    # measured FLOPs per token: the FLOP model with the measured shares per step
+    from megamoe.config import load_config
+    from megamoe.mor.accounting import mor_flops_by_step
+    from megamoe.training.metrics import flops_per_token
+
+    cfg = load_config(os.path.join(ROOT, "configs", f"mor_{router}.yaml"),
+                      OVERRIDES + list(LAYOUTS[layout]))
+    nominal = flops_per_token(cfg, 64)
+    for rec in records:
+        kept = [rec[f"mor/kept_step_{r}"] for r in (1, 2, 3)]
+        parts = mor_flops_by_step(cfg, 64, fractions=kept)
+        assert rec["mor/flops_per_token"] == pytest.approx(sum(parts.values()), rel=1e-12)
+        assert [rec[f"mor/flops_per_token_step_{r}"] for r in (1, 2, 3)] == pytest.approx(
+            [parts[f"step {r}"] for r in (1, 2, 3)], rel=1e-12)
+        if router == "expert":          # top-k keeps exactly the nominal k_r
+            assert rec["mor/flops_per_token"] == pytest.approx(nominal, rel=1e-12)
+    if router == "token":               # control: real depths are not the perfect balance
+        assert any(abs(r["mor/flops_per_token"] / nominal - 1) > 1e-3 for r in records)
     scalars, histograms = tensorboard_tags(str(tmp_path))
-    assert {"mor/kept_step_1", "mor/kept_step_2", "mor/kept_step_3"} <= scalars
+    assert {"mor/kept_step_1", "mor/kept_step_2", "mor/kept_step_3",
+            "mor/flops_per_token", "mor/flops_per_token_step_3"} <= scalars
     (last,) = [h for h in histograms["mor/depth"] if h.step == STEPS]
     assert last.histogram_value.num == TOKENS
     assert list(last.histogram_value.bucket) == records[-1]["mor/depth"]
