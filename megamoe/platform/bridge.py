@@ -163,6 +163,7 @@ def quiet_megatron_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")
+    warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*_all_gather_base.*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated.*")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
