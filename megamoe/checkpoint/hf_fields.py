@@ -31,17 +31,13 @@ def renormalize_overrides(norm_topk_prob: bool, where: str) -> list[str]:
 
 def export_problems(cfg) -> list[str]:
     """What no export expresses, megamoe's remote code included."""
-    moe, bad = cfg.model.moe, []
+    moe = cfg.model.moe
     mor = getattr(cfg.model, "mor", None)
-    if mor is not None and mor.enabled and mor.lora_rank:
-        bad.append("model.mor.lora_rank: per-recursion LoRA adapters (Relaxed Recursive "
-                   "Transformers) do not export to Hugging Face (no adapters in the remote code)")
-    if not moe.num_experts:
-        return bad
-    if moe.capacity_factor is not None:
-        bad.append("model.moe.capacity_factor: token dropping depends on the whole micro-batch; "
-                   "exports are dropless")
-    return bad
+    if moe.num_experts and moe.capacity_factor is not None and mor is not None and mor.enabled:
+        return ["model.moe.capacity_factor: with model.mor the MoE layers of the recursion "
+                "block drop over its compacted batches of active tokens, which the remote code "
+                "(masks over the whole sequence) does not form"]
+    return []
 
 
 def transformers_problems(cfg) -> list[str]:
@@ -57,6 +53,9 @@ def transformers_problems(cfg) -> list[str]:
         return bad
     if moe.router != "topk":
         bad.append(f"model.moe.router: {moe.router!r}; transformers' MoE families route top k")
+    if moe.capacity_factor is not None:
+        bad.append("model.moe.capacity_factor: transformers' MoE families are dropless "
+                   "(megamoe's remote code drops)")
     if moe.score_function != "softmax":
         bad.append(f"model.moe.score_function: {moe.score_function!r}; transformers' MoE "
                    "families weight experts by softmax")

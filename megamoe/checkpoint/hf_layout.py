@@ -23,6 +23,10 @@ tests in tests/unit/test_hf_convert.py and test_hf_families.py):
   is `model.recursion.layers.{j}` (same per-layer names), and every depth-router tensor
   `decoder.recursion.router.<name>` (expert-choice `routers.<r>.weight`, token-choice
   `router.weight` and the loss-free `router_bias` buffer) is `model.recursion.router.<name>`.
+  Per-recursion LoRA `decoder.recursion.lora.{r}.{j}.{target}.{A,B}` is
+  `model.recursion.lora.{r}.{j}.{target}.{A,B}`, unchanged except qkv's B [(H + 2G)·d, rank]:
+  Megatron's per-group rows (as linear_qkv's) become the remote code's [q; k; v] rows (q_proj's
+  H·d, k_proj's G·d, v_proj's G·d). fc1's B is [gate; up] in both (as linear_fc1).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from megamoe.checkpoint.global_load import num_layers, unstack_layers
 
 DENSE = ("gate_proj", "up_proj", "down_proj")   # HF names of a SwiGLU MLP's linears
 MOR_ROUTER = ("decoder.recursion.router.", "model.recursion.router.")   # megamoe, HF prefixes
+MOR_LORA = ("decoder.recursion.lora.", "model.recursion.lora.")
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,26 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: DecoderShape,
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
+def lora_qkv_to_hf(B_OR: torch.Tensor, s: DecoderShape) -> torch.Tensor:
+    """qkv adapter's B: Megatron's per-group rows → [q; k; v] rows."""
+    return torch.cat(split_qkv(B_OR, s), dim=0)
+
+
+def lora_qkv_from_hf(B_OR: torch.Tensor, s: DecoderShape, where: str) -> torch.Tensor:
+    q_rows, kv_rows = s.heads * s.head_dim, s.groups * s.head_dim
+    if B_OR.shape[0] != q_rows + 2 * kv_rows:
+        raise ValueError(f"{where}: qkv LoRA B has {B_OR.shape[0]} rows, the config implies "
+                         f"{q_rows + 2 * kv_rows} ((heads + 2·kv heads) × head_dim)")
+    return fuse_qkv(*B_OR.split([q_rows, kv_rows, kv_rows]), s, where)
+
+
+def _lora(pool: TensorPool, src: str, convert_qkv) -> dict:
+    """Every LoRA tensor under prefix `src`, by its name below it; qkv's B converted."""
+    return {name: (convert_qkv(pool.take(src + name)) if name.endswith("qkv.B")
+                   else pool.take(src + name))
+            for name in pool.names_under(src)}
+
+
 # ---- megamoe → HF ------------------------------------------------------------------------------
 
 def _swiglu_to_hf(out: dict, prefix: str, names, fc1: torch.Tensor, fc2: torch.Tensor) -> None:
@@ -215,6 +240,8 @@ def to_hf(tensors: dict, s: DecoderShape, names: Names) -> dict:
     if s.mor_unique is not None:
         for name in mm.names_under(MOR_ROUTER[0]):
             out[MOR_ROUTER[1] + name] = mm.take(MOR_ROUTER[0] + name)
+        for name, t in _lora(mm, MOR_LORA[0], lambda B: lora_qkv_to_hf(B, s)).items():
+            out[MOR_LORA[1] + name] = t
     out["model.norm.weight"] = mm.take("decoder.final_layernorm.weight")
     if not s.tied:
         out["lm_head.weight"] = mm.take("output_layer.weight")
@@ -273,6 +300,9 @@ def from_hf(hf_tensors: dict, s: DecoderShape, names: Names, where: str) -> dict
     if s.mor_unique is not None:
         for name in hf.names_under(MOR_ROUTER[1]):
             out[MOR_ROUTER[0] + name] = hf.take(MOR_ROUTER[1] + name)
+        qkv = lambda B: lora_qkv_from_hf(B, s, f"{where}: {MOR_LORA[1]}")   # noqa: E731
+        for name, t in _lora(hf, MOR_LORA[1], qkv).items():
+            out[MOR_LORA[0] + name] = t
     out["decoder.final_layernorm.weight"] = hf.take("model.norm.weight")
     if s.tied:
         hf.discard("lm_head.weight")

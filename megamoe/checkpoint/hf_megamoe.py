@@ -8,13 +8,17 @@ Tensors are named as in Qwen2/3-MoE (`mlp.gate`, `self_attn.q_norm`, `mlp.shared
 experts fused ([E, 2F, D] `experts.gate_up_proj`, [E, D, F] `experts.down_proj`): the code has
 no per-expert modules to load them into. Every other router tensor, parameter or persistent
 buffer (`mlp.router.<name>`: Diff-MoE's `timestep_weight` and `calibration.*`, Soft MoE's
-`l2_norm.weight`, the loss-free `selection_bias`, Expert Race's `threshold_ema`, …) is
-`mlp.gate.<name>`; the family's option sections travel in config.json (`router_options`).
+`l2_norm.weight`, the loss-free `selection_bias`, Expert Race's `threshold_ema` and PLR's
+`plr_hidden`/`plr_target`, …) is `mlp.gate.<name>`; the family's option sections travel in
+config.json (`router_options`). Megatron's token dropping (`model.moe.capacity_factor`,
+`drop_policy`, `pad_to_capacity`) travels as `capacity_factor`, `token_drop_policy` and
+`pad_to_capacity` (absent when dropless); the remote code drops over the tokens of a call.
 
 Mixture-of-Recursions decoders (`model.mor.enabled`) export too: config.json's `mor` object
 (hf_mor), the unique layers as `model.layers.{0,1}`, the shared pool as
 `model.recursion.layers.{j}` and the depth router as `model.recursion.router.*` (hf_layout);
-`hf_remote/mor_megamoe.py` runs the recursion block in megamoe's eval mode.
+`hf_remote/mor_megamoe.py` runs the recursion block in megamoe's eval mode, with the
+per-recursion LoRA adapters as `model.recursion.lora.*` (hf_layout, hf_mor).
 """
 
 from __future__ import annotations
@@ -47,12 +51,7 @@ AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
 
 def problems(cfg) -> list[str]:
     """What even the remote code cannot express (field: reason)."""
-    bad = export_problems(cfg) + hf_mor.problems(cfg)
-    moe = cfg.model.moe
-    if moe.router == "race" and moe.race.plr_coeff > 0:
-        bad.append("model.moe.race.plr_coeff: the PLR router's hidden layer (h = GELU(W_h·x)) "
-                   "is not in the exported modeling code yet")
-    return bad
+    return export_problems(cfg) + hf_mor.problems(cfg)
 
 
 def router_buffers(cfg) -> tuple[str, ...]:
@@ -106,8 +105,26 @@ def hf_config(cfg, vocab_size: int) -> dict:
         "shared_expert_gate": moe.shared_expert_gate,
         "router_aux_loss_coef": moe.aux_loss_coeff, "tie_word_embeddings": m.tie_embeddings,
         "use_cache": not hf_mor.enabled(cfg),      # MoR recomputes the prefix
-        "dtype": "float32", **router_fields(cfg), **hf_mor.hf_fields(cfg),
+        "dtype": "float32", **router_fields(cfg), **capacity_fields(moe),
+        **hf_mor.hf_fields(cfg),
     }
+
+
+def capacity_fields(moe) -> dict:
+    """Megatron's token dropping (absent from config.json when dropless)."""
+    if not moe.num_experts or moe.capacity_factor is None:
+        return {}
+    return {"capacity_factor": float(moe.capacity_factor), "token_drop_policy": moe.drop_policy,
+            "pad_to_capacity": bool(moe.pad_to_capacity)}
+
+
+def capacity_overrides(c) -> list[str]:
+    if c.capacity_factor is None:
+        return ["model.moe.capacity_factor=null"]
+    return [f"model.moe.capacity_factor={float(c.capacity_factor)!r}",
+            f"model.moe.drop_policy={c.token_drop_policy}",
+            f"model.moe.pad_to_capacity={str(bool(c.pad_to_capacity)).lower()}",
+            "model.moe.allow_non_causal=true"]      # dropping is not causal: it was trained so
 
 
 def router_fields(cfg) -> dict:
@@ -188,7 +205,7 @@ def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
         f"model.moe.num_experts={c.num_experts}",
         f"model.moe.ffn_hidden_size={c.moe_intermediate_size}",
         f"model.moe.topk={c.num_experts_per_tok}", f"model.moe.router={c.router}",
-        f"model.moe.score_function={c.score_function}", "model.moe.capacity_factor=null",
+        f"model.moe.score_function={c.score_function}", *capacity_overrides(c),
         f"model.moe.aux_loss_coeff={float(c.router_aux_loss_coef)!r}",
         layer_freq_override(moe_layers),
         f"model.moe.shared_expert_ffn_hidden_size={shared}",

@@ -6,7 +6,10 @@ the capacities C_r), so that the folder does not depend on this megamoe's defaul
 training-only fields travel under `mor.training` so that an import trains as the run did. A
 field of `model.mor` (or `model.mor.token`) listed in neither set is refused when it is not at
 its default: it may change inference, and the remote code would silently ignore it.
-Tensor names: hf_layout (MOR_ROUTER, `DecoderShape.layer_prefixes`).
+Per-recursion LoRA (`lora_rank` > 0) travels as `lora_rank`, `lora_alpha` (resolved: null
+means 2·rank) and `lora_targets`; `lora_dropout` only trains (`mor.training`). A folder without
+these keys (written before LoRA exported) has no adapters.
+Tensor names: hf_layout (MOR_ROUTER, MOR_LORA, `DecoderShape.layer_prefixes`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import json
 INFERENCE = ("num_recursions", "sharing", "router", "capacities", "alpha", "temperature",
              "inference_rule", "gating", "kv_sharing")
 TOKEN_INFERENCE = ("score", "balancing")                 # model.mor.token → token_<name>
-TRAINING = ("aux_loss_coeff", "z_loss_coeff", "allow_non_causal")
+LORA = ("lora_rank", "lora_alpha", "lora_targets")     # change inference; optional keys
+TRAINING = ("aux_loss_coeff", "z_loss_coeff", "allow_non_causal", "lora_dropout")
 TOKEN_TRAINING = ("balance_coeff", "bias_rate")
 
 
@@ -33,7 +37,7 @@ def problems(cfg) -> list[str]:
         return []
     mor = cfg.model.mor
     bad = []
-    for section, known, prefix in ((mor, {"enabled", "token", *INFERENCE, *TRAINING},
+    for section, known, prefix in ((mor, {"enabled", "token", *INFERENCE, *LORA, *TRAINING},
                                     "model.mor"),
                                    (mor.token, {*TOKEN_INFERENCE, *TOKEN_TRAINING},
                                     "model.mor.token")):
@@ -70,10 +74,21 @@ def hf_fields(cfg) -> dict:
                             if mor.router == "expert" else None)
     fields["temperature"] = float(mor.temperature)
     fields.update({f"token_{name}": getattr(mor.token, name) for name in TOKEN_INFERENCE})
+    fields.update(lora_fields(mor))
     fields["training"] = {**{name: getattr(mor, name) for name in TRAINING},
                           **{f"token_{name}": getattr(mor.token, name)
                              for name in TOKEN_TRAINING}}
     return {"mor": fields}
+
+
+def lora_fields(mor) -> dict:
+    """`lora_rank`, `lora_alpha` (α, resolved as megamoe.mor.lora.attach_lora does; null
+    without adapters) and `lora_targets`."""
+    rank = int(mor.lora_rank)
+    alpha = None
+    if rank:
+        alpha = float(mor.lora_alpha if mor.lora_alpha is not None else 2.0 * rank)
+    return {"lora_rank": rank, "lora_alpha": alpha, "lora_targets": list(mor.lora_targets)}
 
 
 def overrides(mor: dict) -> list[str]:
@@ -85,6 +100,7 @@ def overrides(mor: dict) -> list[str]:
         out.append(f"model.mor.{name}={json.dumps(mor[name])}")
     out += [f"model.mor.token.{name}={json.dumps(mor['token_' + name])}"
             for name in TOKEN_INFERENCE]
+    out += [f"model.mor.{name}={json.dumps(mor[name])}" for name in LORA if name in mor]
     training = dict(mor.get("training") or {})
     if mor["router"] == "expert":
         training.setdefault("allow_non_causal", True)     # it was trained so

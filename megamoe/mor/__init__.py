@@ -119,8 +119,7 @@ Next increments:
 7. LoRA relaxation (lora.py): the RRT SVD initialisation from a pretrained model's residuals
    (uptraining; needs an import path for unshared weights), LoRA on MoE experts, and the
    per-module rank pattern (`rank_pattern`) of the reference code. Dropout on the adapter input
-   exists (`lora_dropout`) but its masks depend on the TP/SP layout (parity only at 0); LoRA
-   models do not export to Hugging Face yet (refused: model.mor.lora_rank).
+   exists (`lora_dropout`) but its masks depend on the TP/SP layout (parity only at 0).
 """
 
 # block.py / attention.py import Megatron: import them from their modules

@@ -6,8 +6,9 @@ embeddings; MoE/dense layers [1,0,1,0] + qkv bias + ungated shared expert + unre
 transformers' logits equal megamoe's within 1e-4, and fail that bound when one expert weight in
 the folder or one config field (router scores, renormalisation) is changed; the export writes
 several shards; export → import → export is the identity; greedy generation with the KV cache
-equals recomputing the whole prefix; `family_for` picks the first exact family and refuses only
-what the remote code cannot express.
+equals recomputing the whole prefix; `family_for` picks the first exact family (capacity
+dropping, Expert Race's PLR router and MoR's per-recursion LoRA go to the remote code) and
+refuses only what the remote code cannot express (capacity dropping inside a MoR model).
 """
 
 import ast
@@ -264,6 +265,11 @@ def test_import_refuses_a_remote_config_the_code_cannot_run(exports, tmp_path):
     (["model.moe.loss_free_bias_rate=0.001"], "megamoe"),              # selection bias buffer
     (["model.moe.router=race", "model.moe.z_loss_coeff=0", "model.moe.aux_loss_coeff=0",
       "model.moe.allow_non_causal=true"], "megamoe"),                  # other router families
+    (["model.moe.capacity_factor=1.5", "model.moe.allow_non_causal=true"], "megamoe"),  # drops
+    (["model.moe.router=race", "model.moe.z_loss_coeff=0", "model.moe.aux_loss_coeff=0",
+      "model.moe.allow_non_causal=true", "model.moe.race.plr_coeff=0.1"], "megamoe"),
+    (["model.num_layers=8", "model.mor.enabled=true", "model.mor.router=token",
+      "model.mor.lora_rank=4"], "megamoe"),                            # per-recursion LoRA
     *([(RENORM_OFF, "megamoe"), ([*RENORM_OFF, "model.qk_layernorm=true"], "qwen3_moe")]
       if HAS_RENORMALIZE else []),
 ])
@@ -274,7 +280,10 @@ def test_family_for_picks_the_first_exact_family_else_remote_code(overrides, mod
 
 
 @pytest.mark.parametrize("overrides,field", [
-    (["model.moe.capacity_factor=1.5"], "model.moe.capacity_factor"),
+    # dropping over the recursion block's compacted batches (not formed by the remote code)
+    (["model.num_layers=8", "model.mor.enabled=true", "model.mor.router=token",
+      "model.moe.capacity_factor=1.5", "model.moe.allow_non_causal=true"],
+     "model.moe.capacity_factor"),
 ])
 def test_export_refuses_only_what_remote_code_cannot_express(overrides, field, tmp_path):
     from megamoe.checkpoint.hf import export_hf

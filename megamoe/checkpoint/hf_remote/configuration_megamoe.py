@@ -20,21 +20,27 @@ parentheses:
   `selection_bias` buffer (topk, dit_moe, diff_moe).
 - routing_context (data.synthetic_modalities, data.synthetic_timesteps): the synthetic rules
   that derive modality ids / timesteps from the tokens when forward is not given them.
+- capacity_factor (model.moe.capacity_factor, null: dropless), token_drop_policy
+  (model.moe.drop_policy, "probs" | "position") and pad_to_capacity (model.moe.pad_to_capacity):
+  Megatron's token dropping for the top-k routers (topk, dit_moe), over the B·S tokens of a
+  call (routers_megamoe.py `drop_over_capacity`); outputs then depend on the batch.
 - shared_expert_intermediate_size (model.moe.shared_expert_ffn_hidden_size, 0: none) and
   shared_expert_gate: σ(x·w_g) times the shared expert's output.
 - mor (model.mor, Mixture-of-Recursions; null: a plain decoder): {num_recursions, sharing,
   router ("expert" | "token"), capacities (C_r per step, expert), alpha, temperature,
   inference_rule ("threshold" | "topk", expert), gating ("weighted" | "additive"), kv_sharing,
   token_score ("softmax" | "sigmoid"), token_balancing ("loss" | "loss_free": the
-  `router_bias` selects depths)} and megamoe's training-only options (`training`, kept for
-  imports). num_hidden_layers and moe_layers count the unrolled layers; see mor_megamoe.py.
+  `router_bias` selects depths), lora_rank (0: none), lora_alpha, lora_targets (per-recursion
+  LoRA adapters, optional keys: absent means none)} and megamoe's training-only options
+  (`training`, kept for imports). num_hidden_layers and moe_layers count the unrolled layers;
+  see mor_megamoe.py.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .mor_megamoe import slot_is_moe
+from .mor_megamoe import LORA_TARGETS, mor_layout, slot_is_moe
 
 ROUTER_KINDS = ("topk", "dit_moe", "diff_moe", "moee", "vmoe", "limoe", "expert_choice",
                 "race", "modality", "soft")
@@ -49,6 +55,8 @@ MOR_CHOICES = {"sharing": ("cycle", "sequence", "middle_cycle", "middle_sequence
                "gating": ("weighted", "additive"), "token_score": ("softmax", "sigmoid"),
                "token_balancing": ("loss", "loss_free")}
 MOR_MOE_ROUTERS = ("topk",)      # per-token routers: inactive tokens cannot change the others
+CAPACITY_ROUTERS = ("topk", "dit_moe")      # Megatron's token dropping (capacity_factor)
+DROP_POLICIES = ("probs", "position")
 
 
 class MegamoeConfig(PretrainedConfig):
@@ -64,7 +72,9 @@ class MegamoeConfig(PretrainedConfig):
                  norm_topk_prob=True, shared_expert_intermediate_size=0,
                  shared_expert_gate=False, router_aux_loss_coef=0.0, tie_word_embeddings=False,
                  use_cache=True, router_options=None, loss_free_bias_rate=0.0,
-                 routing_context=None, router_z_loss_coef=0.0, mor=None, **kwargs):
+                 routing_context=None, router_z_loss_coef=0.0, mor=None,
+                 capacity_factor=None, token_drop_policy="probs", pad_to_capacity=False,
+                 **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -98,7 +108,11 @@ class MegamoeConfig(PretrainedConfig):
         self.routing_context = dict(routing_context or {})
         self.router_z_loss_coef = router_z_loss_coef
         self.mor = dict(mor) if mor else None
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.token_drop_policy = token_drop_policy
+        self.pad_to_capacity = bool(pad_to_capacity)
         self._validate()
+        self._validate_capacity()
         if self.mor:
             self._validate_mor()
         super().__init__(**kwargs)
@@ -130,6 +144,22 @@ class MegamoeConfig(PretrainedConfig):
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ValueError("shared_expert_gate: true needs shared_expert_intermediate_size > 0")
 
+    def _validate_capacity(self) -> None:
+        if self.capacity_factor is None:
+            return
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor: {self.capacity_factor}; must be > 0 (null: "
+                             "dropless)")
+        if self.router not in CAPACITY_ROUTERS or not any(self.moe_layers):
+            raise ValueError(f"capacity_factor: set, but router {self.router!r} has no token "
+                             f"dropping (only {', '.join(CAPACITY_ROUTERS)} MoE layers)")
+        if self.token_drop_policy not in DROP_POLICIES:
+            raise ValueError(f"token_drop_policy: {self.token_drop_policy!r}; one of "
+                             f"{', '.join(DROP_POLICIES)}")
+        if self.mor:
+            raise ValueError("capacity_factor: not with mor (megamoe drops over the recursion "
+                             "block's compacted batches, which this code does not form)")
+
     def _validate_mor(self) -> None:
         mor = self.mor
         missing = [f for f in MOR_FIELDS if f not in mor]
@@ -149,4 +179,25 @@ class MegamoeConfig(PretrainedConfig):
         if any(self.moe_layers) and self.router not in MOR_MOE_ROUTERS:
             raise ValueError(f"router: {self.router!r} inside the recursion block; MoR models "
                              f"have {', '.join(MOR_MOE_ROUTERS)} MoE layers")
-        slot_is_moe(mor["sharing"], self.moe_layers, R)       # also checks L splits
+        slot_moe = slot_is_moe(mor["sharing"], self.moe_layers, R)   # also checks L splits
+        self._validate_lora(slot_moe)
+
+    def _validate_lora(self, slot_moe: dict) -> None:
+        mor = self.mor
+        rank = mor.get("lora_rank", 0)
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"mor.lora_rank: {rank!r}; an integer >= 0 (0: no adapters)")
+        if not rank:
+            return
+        alpha, targets = mor.get("lora_alpha"), mor.get("lora_targets")
+        if not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"mor.lora_alpha: {alpha!r}; a number > 0")
+        if (not isinstance(targets, list) or not targets or len(set(targets)) != len(targets)
+                or set(targets) - set(LORA_TARGETS)):
+            raise ValueError(f"mor.lora_targets: {targets!r}; distinct names from "
+                             f"{', '.join(LORA_TARGETS)}")
+        _, pool, _ = mor_layout(mor["sharing"], self.num_hidden_layers, mor["num_recursions"])
+        ffn = [t for t in targets if t in ("fc1", "fc2")]
+        if ffn and any(slot_moe[slot] for slot in pool):
+            raise ValueError(f"mor.lora_targets: {ffn} adapt dense FFNs, but the shared pool "
+                             "has MoE layers")

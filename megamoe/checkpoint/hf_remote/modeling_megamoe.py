@@ -18,11 +18,13 @@ The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x +
   `modality_ids` [B, S] (router "modality") and `timesteps` [B] (router "diff_moe"); without
   them the synthetic rules recorded in `config.routing_context` apply (megamoe's
   `data.synthetic_modalities` / `data.synthetic_timesteps`), else the router raises.
-  expert_choice, soft and vmoe/limoe with an eval capacity choose over all B·S tokens of a
-  call: outputs depend on the batch's composition, as megamoe's do on its micro-batch.
+  expert_choice, soft, vmoe/limoe with an eval capacity and topk/dit_moe with Megatron's
+  `capacity_factor` choose over all B·S tokens of a call: outputs depend on the batch's
+  composition, as megamoe's do on its micro-batch.
 - Mixture-of-Recursions (`config.mor`): unique first/last layers around a shared pool applied
-  N_r times to the tokens a depth router keeps, see mor_megamoe.py (shipped alongside). Such a
-  model runs whole sequences: no KV cache (generation recomputes the prefix), no padding.
+  N_r times to the tokens a depth router keeps, with per-recursion LoRA adapters when
+  `mor.lora_rank` > 0, see mor_megamoe.py (shipped alongside). Such a model runs whole
+  sequences: no KV cache (generation recomputes the prefix), no padding.
 
 Legend: B batch, S query positions, K key positions (cache + S), D hidden, H query heads,
 G KV heads, d head dim, T tokens (B·S), E experts, F expert FFN size, k experts per token.
@@ -44,7 +46,7 @@ except ImportError:                     # pragma: no cover - transformers 4
     from torch.nn import init
 
 from .configuration_megamoe import MegamoeConfig
-from .mor_megamoe import MegamoeRecursion, mor_layout, slot_is_moe
+from .mor_megamoe import LoRALinear, MegamoeRecursion, mor_layout, slot_is_moe
 from .routers_megamoe import (
     RoutingInputs, build_router, synthetic_modality_ids, synthetic_timesteps, timestep_embedding,
 )
@@ -97,13 +99,20 @@ class MegamoeAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None, kv_hook=None):
+    def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None, kv_hook=None,
+                lora=None):
         """`kv_hook(k, v) → (k, v)`: replaces the (RoPE'd) keys and values, for MoR's
-        recursive KV sharing (mor_megamoe.py)."""
+        recursive KV sharing; `lora`: MoR's per-recursion adapters of this application
+        ({"qkv", "proj"} → LoRALinear, mor_megamoe.py), added to the projections' outputs."""
         B, S, _ = x_BSD.shape
-        q_BSHd = self.q_proj(x_BSD).view(B, S, self.H, self.d)
-        k_BSGd = self.k_proj(x_BSD).view(B, S, self.G, self.d)
-        v_BSGd = self.v_proj(x_BSD).view(B, S, self.G, self.d)
+        q_BSo, k_BSo, v_BSo = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if lora is not None and "qkv" in lora:      # one A, B rows = [q; k; v]
+            dq, dk, dv = lora["qkv"](x_BSD).split([self.H * self.d, self.G * self.d,
+                                                   self.G * self.d], dim=-1)
+            q_BSo, k_BSo, v_BSo = q_BSo + dq, k_BSo + dk, v_BSo + dv
+        q_BSHd = q_BSo.view(B, S, self.H, self.d)
+        k_BSGd = k_BSo.view(B, S, self.G, self.d)
+        v_BSGd = v_BSo.view(B, S, self.G, self.d)
         if self.q_norm is not None:
             q_BSHd, k_BSGd = self.q_norm(q_BSHd), self.k_norm(k_BSGd)
         q_BHSd = apply_rope(q_BSHd.transpose(1, 2), cos_BSd, sin_BSd)
@@ -117,13 +126,17 @@ class MegamoeAttention(nn.Module):
         k_BHKd = k_BGKd.repeat_interleave(rep, dim=1)
         v_BHKd = v_BGKd.repeat_interleave(rep, dim=1)
         out_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHKd, v_BHKd, attn_mask=allowed_B1SK)
-        return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, self.H * self.d))
+        out_BSo = out_BHSd.transpose(1, 2).reshape(B, S, self.H * self.d)
+        if lora is not None and "proj" in lora:
+            return self.o_proj(out_BSo) + lora["proj"](out_BSo)
+        return self.o_proj(out_BSo)
 
 
 # ---- feed-forward ------------------------------------------------------------------------------
 
 class MegamoeMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x))."""
+    """SwiGLU: down(silu(gate(x)) · up(x)). `lora` (MoR's per-recursion adapters, dense FFNs of
+    the shared pool): "fc1" adds to [gate; up] (its B rows: gate's, then up's), "fc2" to down."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -131,8 +144,15 @@ class MegamoeMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, lora=None):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if lora is not None and "fc1" in lora:
+            d_gate, d_up = lora["fc1"](x).chunk(2, dim=-1)
+            gate, up = gate + d_gate, up + d_up
+        h = F.silu(gate) * up
+        if lora is not None and "fc2" in lora:
+            return self.down_proj(h) + lora["fc2"](h)
+        return self.down_proj(h)
 
 
 class MegamoeExperts(nn.Module):
@@ -217,11 +237,12 @@ class MegamoeDecoderLayer(nn.Module):
                     else MegamoeMLP(config.hidden_size, config.intermediate_size))
 
     def forward(self, x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache=None, ctx=None,
-                kv_hook=None):
+                kv_hook=None, lora=None):
+        """`lora`: MoR's adapters of this application of a shared layer (mor_megamoe.py)."""
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_BSd, sin_BSd,
-                                       allowed_B1SK, cache, kv_hook)
+                                       allowed_B1SK, cache, kv_hook, lora)
         h_BSD = self.post_attention_layernorm(x_BSD)
-        return x_BSD + (self.mlp(h_BSD, ctx) if self.is_moe else self.mlp(h_BSD))
+        return x_BSD + (self.mlp(h_BSD, ctx) if self.is_moe else self.mlp(h_BSD, lora))
 
 
 class MegamoePreTrainedModel(PreTrainedModel):
@@ -243,6 +264,9 @@ class MegamoePreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif hasattr(module, "init_router_weights"):      # routers_megamoe.py
             module.init_router_weights(init, std)
+        elif isinstance(module, LoRALinear):              # mor_megamoe.py: B = 0
+            init.normal_(module.A, mean=0.0, std=module.A.shape[1] ** -0.5)
+            init.zeros_(module.B)
 
 
 def allowed_mask(attention_mask_BK, past: int, B: int, S: int, device) -> torch.Tensor:

@@ -29,6 +29,14 @@ position (recursion-wise caching), RoPE at original positions; a token not activ
 left unchanged. `kv_sharing`: steps r > 0 attend to the K/V that step 0's j-th layer computed
 for the whole sequence (causal), so step 0 must keep every token.
 
+Per-recursion LoRA (Relaxed Recursive Transformers, Bae et al., arXiv 2410.20672; `mor`'s
+`lora_rank` > 0): every application of a shared layer — step r, layer j of the step — adds its
+own low-rank update to the target linears, W x + (α/rank)·B A x, α = `lora_alpha`. Adapters
+`recursion.lora.{r}.{j}.{target}.{A,B}`, A [rank, d_in], B [d_out, rank]; `lora_targets` ⊆
+qkv (q, k and v projections: one A, B's rows q_proj's, then k_proj's, then v_proj's), proj
+(o_proj), fc1 (the dense FFN's gate and up projections: one A, B's rows gate's, then up's), fc2
+(down_proj). fc1/fc2 need dense FFNs in the shared pool. The unique layers have no adapters.
+
 Legend: B batch, S sequence, D hidden, R = N_r depths.
 """
 
@@ -39,6 +47,7 @@ from torch import nn
 
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 DEPTH_ROUTERS = ("expert", "token")
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 # ---- parameter sharing -------------------------------------------------------------------------
@@ -136,6 +145,42 @@ class TokenChoiceDepthRouter(nn.Module):
         return depth_BS, torch.gather(g_BSR, -1, depth_BS[..., None]).squeeze(-1)
 
 
+# ---- per-recursion LoRA ------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """ΔW x = (α/rank)·B A x: the term one adapter adds to its linear's output."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float):
+        super().__init__()
+        self.scale = alpha / rank
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.empty(d_out, rank))
+
+    def forward(self, x):
+        return nn.functional.linear(nn.functional.linear(x, self.A), self.B) * self.scale
+
+
+def lora_widths(config) -> dict:
+    """target → (d_in, d_out) of the linear(s) it adapts."""
+    D, d = config.hidden_size, config.head_dim
+    H, G, F = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    return {"qkv": (D, (H + 2 * G) * d), "proj": (H * d, D), "fc1": (D, 2 * F), "fc2": (F, D)}
+
+
+def build_lora(config, steps) -> nn.ModuleList | None:
+    """`lora[r][j][target]` for every (step r, layer j of the step); None without LoRA."""
+    mor = config.mor
+    rank = mor.get("lora_rank", 0)
+    if not rank:
+        return None
+    widths = lora_widths(config)
+    return nn.ModuleList(
+        nn.ModuleList(nn.ModuleDict({t: LoRALinear(*widths[t], rank, mor["lora_alpha"])
+                                     for t in mor["lora_targets"]})
+                      for _ in step)
+        for step in steps)
+
+
 # ---- the recursion block -----------------------------------------------------------------------
 
 def active_key_mask(active_BS: torch.Tensor) -> torch.Tensor:
@@ -159,6 +204,7 @@ class MegamoeRecursion(nn.Module):
         self.token_choice = mor["router"] == "token"
         cls = TokenChoiceDepthRouter if self.token_choice else ExpertChoiceDepthRouter
         self.router = cls(config.hidden_size, mor)
+        self.lora = build_lora(config, self.steps)     # per-(r, j) adapters, or None
         self.last_kept: list = []          # tokens run at each step, [B] per step
 
     def forward(self, h_BSD, cos_BSd, sin_BSd, ctx):
@@ -211,6 +257,7 @@ class MegamoeRecursion(nn.Module):
             if shared_kv is not None:
                 hook = (lambda k, v, j=j: shared_kv[j]) if reading else \
                     (lambda k, v, j=j: shared_kv.setdefault(j, (k, v)))
+            lora = self.lora[r][j] if self.lora is not None else None
             x_BSD = self.layers[idx](x_BSD, cos_BSd, sin_BSd, allowed_B1SS, None, ctx,
-                                     kv_hook=hook)
+                                     kv_hook=hook, lora=lora)
         return x_BSD

@@ -12,7 +12,10 @@ holds loads from `mlp.gate.<name>` (megamoe's `mlp.router.<name>`).
 Families (model.moe.router), eval semantics:
 - topk: s = softmax(l) or σ(l), l = x·Wᵀ; the k largest s (+ the loss-free `selection_bias` b
   when the model was trained with it: selection by s + b, weights s); ÷ Σ_topk s with
-  `norm_topk_prob`.
+  `norm_topk_prob`. With `capacity_factor` (Megatron's token dropping, topk and dit_moe) each
+  expert keeps c = ⌈(T·k/E)·capacity_factor⌉ of its routed tokens, chosen over the T tokens of
+  the call (see `drop_over_capacity`); the others lose that expert (weight 0, no
+  renormalisation).
 - dit_moe: topk with softmax and raw weights (norm_topk_prob false).
 - diff_moe: dit_moe with l = x·Wᵀ + c·W_cᵀ (c the sample's timestep embedding) and each
   expert's low-rank adaLN calibration (`DiffMoECalibration`), applied by the experts.
@@ -24,13 +27,17 @@ Families (model.moe.router), eval semantics:
 - expert_choice: s = softmax(l); expert e takes the tokens whose s[:, e] is at least the c-th
   largest of its column, c = ⌈k·T/E⌉ (at most T).
 - race: s = l (or σ(l), softmax(l) by `gating`); in eval every (token, expert) with
-  s ≥ τ_ema (the `threshold_ema` buffer) is routed with weight s.
+  s ≥ τ_ema (the `threshold_ema` buffer) is routed with weight s. With PLR (`plr_coeff` > 0)
+  the router is a 2-layer MLP, l = W·GELU(W_h·x) (`plr_hidden` W_h [D, D]); PLR's target head
+  `plr_target` [V, D] only trains (it predicts the next token from GELU(W_h·x)): it is loaded
+  and kept, never used here.
 - modality: vlmo: modality m → expert m, weight 1 (in the top `vl_ffn_layers` layers every
   token → expert M); pools: top-k logits inside the modality's pool of experts, weights the
   softmax over the k selected logits.
 - soft: Soft MoE slots (see `SoftRouter`).
 
-vmoe/limoe with a capacity, expert_choice and soft choose over *all tokens of the call*
+topk/dit_moe with a capacity, vmoe/limoe with a capacity, expert_choice and soft choose over
+*all tokens of the call*
 (S × B), as megamoe's eval forward chooses over its micro-batch: the outputs of a batch then
 depend on the batch's composition (other samples, later positions, padding), exactly as
 megamoe's do; they are not causal, and decoding with the KV cache (which routes only the new
@@ -110,13 +117,37 @@ class GateLinear(nn.Module):
         init.normal_(self.weight, mean=0.0, std=std)
 
 
+def drop_over_capacity(probs_TE, map_TE, k: int, capacity_factor: float, policy: str,
+                       pad: bool):
+    """Megatron-Core 0.16's `apply_router_token_dropping` on the call's T tokens: expert e keeps
+    c = ⌈(T·k/E)·capacity_factor⌉ tokens, those of largest weight (policy "probs") or, for
+    "position", those `torch.topk` of the 0/1 routing column returns (Megatron's own call:
+    which of the tied routed tokens it keeps is torch's choice, not the earliest ones). With
+    `pad` (pad_to_capacity) every expert gets its c slots: the map is the capacity mask, whose
+    extra tokens have weight 0 (same outputs)."""
+    T, E = probs_TE.shape
+    capacity = math.ceil((T * k / E) * capacity_factor)
+    if capacity > T:
+        return probs_TE, (torch.ones_like(map_TE) if pad else map_TE)
+    ranked_TE = probs_TE if policy == "probs" else map_TE.int()
+    idx_cE = torch.topk(ranked_TE, k=capacity, dim=0, sorted=False).indices
+    keep_TE = torch.zeros_like(map_TE).scatter(0, idx_cE, True)
+    final_TE = keep_TE if pad else map_TE & keep_TE
+    return probs_TE * final_TE, final_TE
+
+
 class TopKRouter(GateLinear):
-    """topk and dit_moe (raw weights come from norm_topk_prob false); diff_moe's base."""
+    """topk and dit_moe (raw weights come from norm_topk_prob false); diff_moe's base.
+    `last_dropped`: the (token, expert) choices the capacity dropped in the last call."""
 
     def __init__(self, config):
         super().__init__(config)
         self.k, self.score_function = config.num_experts_per_tok, config.score_function
         self.norm_topk_prob = config.norm_topk_prob
+        self.capacity_factor = getattr(config, "capacity_factor", None)
+        self.drop_policy = getattr(config, "token_drop_policy", "probs")
+        self.pad_to_capacity = getattr(config, "pad_to_capacity", False)
+        self.last_dropped = 0
         if config.loss_free_bias_rate > 0:     # DeepSeek loss-free balancing: b [E]
             self.register_buffer("selection_bias", torch.zeros(config.num_experts))
         else:
@@ -132,7 +163,14 @@ class TopKRouter(GateLinear):
         weights_Tk = scores_TE.gather(1, idx_Tk)
         if self.norm_topk_prob:
             weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
-        return dense_from_topk(scores_TE, idx_Tk, weights_Tk)
+        probs_TE, map_TE = dense_from_topk(scores_TE, idx_Tk, weights_Tk)
+        if self.capacity_factor is None:
+            return probs_TE, map_TE
+        kept_probs_TE, final_TE = drop_over_capacity(probs_TE, map_TE, self.k,
+                                                     self.capacity_factor, self.drop_policy,
+                                                     self.pad_to_capacity)
+        self.last_dropped = int((map_TE & ~final_TE).sum())
+        return kept_probs_TE, final_TE
 
     def forward(self, x_TD, ctx):
         return self.select(self.logits(x_TD))
@@ -275,13 +313,32 @@ class ExpertChoiceRouter(GateLinear):
 
 
 class RaceRouter(GateLinear):
-    """race in eval: route (t, e) when s_te ≥ τ_ema."""
+    """race in eval: route (t, e) when s_te ≥ τ_ema; with PLR the logits come from the hidden
+    layer, l = W·GELU(W_h·x)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.gating = config.router_options["race"]["gating"]
+        o = config.router_options["race"]
+        self.gating = o["gating"]
         self.register_buffer("threshold_ema", torch.zeros(1))
         self.register_buffer("threshold_updates", torch.zeros(1))   # training state, unused
+        self.plr_hidden = self.plr_target = None
+        if o.get("plr_coeff", 0.0) > 0:
+            D = config.hidden_size
+            self.plr_hidden = nn.Parameter(torch.empty(D, D))                   # W_h
+            self.plr_target = nn.Parameter(torch.empty(config.vocab_size, D))   # training only
+
+    def logits(self, x_TD):
+        if self.plr_hidden is None:
+            return super().logits(x_TD)
+        h_TD = F.gelu(F.linear(x_TD.float(), self.plr_hidden.float()))
+        return F.linear(h_TD, self.weight.float())
+
+    def init_router_weights(self, init, std):
+        super().init_router_weights(init, std)
+        if self.plr_hidden is not None:
+            init.normal_(self.plr_hidden, mean=0.0, std=std)
+            init.normal_(self.plr_target, mean=0.0, std=std)
 
     def forward(self, x_TD, ctx):
         logits_TE = self.logits(x_TD)

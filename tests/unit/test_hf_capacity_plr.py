@@ -1,0 +1,233 @@
+"""Megatron's token dropping (`model.moe.capacity_factor`) and Expert Race's PLR router
+(`model.moe.race.plr_coeff` > 0) through the remote-code Hugging Face export.
+
+Capacity: tiny top-k / DiT-MoE models whose capacity really drops tokens (T = 32 tokens of a
+2×16 batch, k = 2, E = 4, capacity factor 0.75 or 0.5: each expert keeps 12 or 8 of its routed
+tokens). transformers' logits (trust_remote_code) equal megamoe's eval-mode logits within 1e-4
+and every MoE layer keeps exactly megamoe's (token, expert) pairs (routing maps compared
+exactly; some pairs are dropped). Controls: the HF model without dropping moves the logits;
+sample 0 alone is dropped over its own 16 tokens, in both models alike, which moves its logits
+away from those it gets inside the batch (the result depends on the batch, as in megamoe).
+
+PLR: the router's hidden layer W_h (`plr_hidden`) changes the routing logits (the HF router
+without it moves the logits); the target head (`plr_target`) only trains — perturbing it changes
+neither megamoe's nor the HF model's logits — and is exported, loaded without a missing or
+unexpected key, and round-trips.
+
+For every case: ≥ 2 safetensors shards, export → import → export identical (tensors and
+config.json), the imported megamoe model gives the same logits.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megamoe.testing.parity import TINY_VOCAB, tiny_config
+from megamoe.testing.pool import run_distributed
+from test_hf_convert import SHARD_BYTES, TOL, _tokens_BS
+from test_hf_router_families import (
+    NO_AUX, NON_CAUSAL, _build, _context_forward, _err, _load_hf, _randomize,
+)
+
+CAPACITY = {
+    "topk_probs": ["model.moe.capacity_factor=0.75", *NON_CAUSAL],
+    "topk_position_padded": ["model.moe.capacity_factor=0.75", "model.moe.drop_policy=position",
+                             "model.moe.pad_to_capacity=true", *NON_CAUSAL],
+    "dit_moe_probs": ["model.moe.router=dit_moe", "model.moe.shared_expert_ffn_hidden_size=48",
+                      "model.moe.capacity_factor=0.5", *NON_CAUSAL],
+}
+PLR = {"race_plr": ["model.moe.router=race", *NO_AUX, *NON_CAUSAL,
+                    "model.moe.layer_freq=[1,0,1,1]", "model.moe.race.plr_coeff=0.1"]}
+CASES = {**CAPACITY, **PLR}
+PLR_THRESHOLD = 0.1          # τ_ema inside the range of the PLR router's scores W·GELU(W_h·x)
+
+
+class MapRecorder:
+    """The routing maps [T, E] of every MoE layer in the last forward, megamoe's (the router's
+    `routing`, after dropping) or the HF model's (its gates' outputs)."""
+
+    def __init__(self):
+        self.maps: list = []
+
+    def wrap_megamoe(self, router):
+        routing = router.routing
+
+        def recorded(*args, **kwargs):
+            probs_TE, map_TE = routing(*args, **kwargs)
+            self.maps.append(map_TE.detach().clone())
+            return probs_TE, map_TE
+        router.routing = recorded
+
+    def hook_hf(self, gate):
+        gate.register_forward_hook(lambda m, args, out: self.maps.append(out[1].clone()))
+
+    def take(self) -> list:
+        maps, self.maps = self.maps, []
+        return maps
+
+
+@torch.no_grad()
+def _controls(name, hf, ours, tokens_BS, engine, cfg):
+    """(control, max |Δ logits|, must differ)."""
+    gates = [layer.mlp.gate for layer in hf.model.layers if layer.is_moe]
+    if name in CAPACITY:
+        alone_hf = hf(input_ids=tokens_BS[:1], use_cache=False).logits
+        alone_ours = _context_forward(engine, cfg, tokens_BS[:1])
+        yield "sample_alone_vs_megamoe_alone", (alone_hf - alone_ours).abs().max().item(), False
+        yield "sample_alone_vs_in_batch", (alone_hf - ours[:1]).abs().max().item(), True
+        for g in gates:
+            g.capacity_factor = None
+        yield "no_dropping", _err(hf, ours, tokens_BS), True
+    else:
+        target = gates[0].plr_target
+        saved = target.clone()
+        target.add_(1.0)
+        yield "hf_plr_target_perturbed", _err(hf, ours, tokens_BS), False
+        target.copy_(saved)
+        hidden = [g.plr_hidden for g in gates]
+        for g in gates:
+            g.plr_hidden = None
+        yield "no_plr_hidden", _err(hf, ours, tokens_BS), True
+        for g, h in zip(gates, hidden):
+            g.plr_hidden = h
+
+
+@torch.no_grad()
+def _megamoe_ignores_plr_target(engine, cfg, ours, tokens_BS) -> bool:
+    from megamoe.models.lm import moe_layers
+
+    for layer in moe_layers(engine.modules):
+        layer.router.plr_target.add_(1.0)
+    again = _context_forward(engine, cfg, tokens_BS)
+    for layer in moe_layers(engine.modules):
+        layer.router.plr_target.sub_(1.0)
+    return torch.equal(again, ours)
+
+
+def capacity_plr_task(root):
+    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
+    from megamoe.checkpoint.hf import export_hf, family_for, import_hf, read_safetensors
+    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
+    from megamoe.models.global_view import gather_global
+    from megamoe.models.lm import moe_layers
+
+    tokens_BS = _tokens_BS(TINY_VOCAB)
+    results = {}
+    for name, overrides in CASES.items():
+        cfg, engine = _build(overrides)
+        _randomize(engine)
+        if name in PLR:
+            for layer in moe_layers(engine.modules):
+                layer.router.threshold_ema.fill_(PLR_THRESHOLD)
+        tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
+        out = os.path.join(root, name)
+        export_hf(tensors, cfg, out, max_shard_bytes=SHARD_BYTES)
+        ours_maps, hf_maps = MapRecorder(), MapRecorder()
+        for layer in moe_layers(engine.modules):
+            ours_maps.wrap_megamoe(layer.router)
+        ours = _context_forward(engine, cfg, tokens_BS)
+        hf, not_loaded = _load_hf(out)
+        for layer in hf.model.layers:
+            if layer.is_moe:
+                hf_maps.hook_hf(layer.mlp.gate)
+        r = {"family": family_for(cfg).MODEL_TYPE, "not_loaded": not_loaded,
+             "err": _err(hf, ours, tokens_BS), "scale": ours.abs().max().item()}
+        mine, theirs = ours_maps.take(), hf_maps.take()
+        r["same_maps"] = len(mine) == len(theirs) > 0 and all(
+            torch.equal(a, b) for a, b in zip(mine, theirs))
+        r["routed_per_layer"] = [int(m.sum()) for m in theirs]
+        r["tokens"] = tokens_BS.numel()
+        r["hf_dropped"] = [layer.mlp.gate.last_dropped for layer in hf.model.layers
+                           if layer.is_moe and hasattr(layer.mlp.gate, "last_dropped")]
+        if name in PLR:
+            r["megamoe_ignores_plr_target"] = _megamoe_ignores_plr_target(engine, cfg, ours,
+                                                                          tokens_BS)
+        r["controls"] = {c: (e, differ) for c, e, differ
+                         in _controls(name, hf, ours, tokens_BS, engine, cfg)}
+        hf_overrides, back = import_hf(out)
+        want, got = unstack_layers(tensors), unstack_layers(back)
+        r["import_same"] = sorted(want) == sorted(got) and all(
+            torch.equal(want[k], got[k]) for k in want)
+        again = out + "-again"
+        export_hf(back, tiny_config(hf_overrides), again, max_shard_bytes=SHARD_BYTES)
+        first, second = read_safetensors(out), read_safetensors(again)
+        r["reexport_same"] = sorted(first) == sorted(second) and all(
+            torch.equal(first[k], second[k]) for k in first)
+        with open(os.path.join(out, "config.json")) as a, \
+                open(os.path.join(again, "config.json")) as b:
+            r["config_same"] = json.load(a) == json.load(b)
+        cfg2, engine2 = _build(hf_overrides)
+        load_global_into(engine2.modules, back)
+        load_router_buffers(engine2.modules, back)
+        r["import_err"] = (_context_forward(engine2, cfg2, tokens_BS) - ours).abs().max().item()
+        results[name] = r
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("capacity_plr"))
+    return root, run_distributed(capacity_plr_task, 1, root, timeout_s=600)[0]
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("name", list(CASES))
+def test_transformers_logits_equal_megamoe_eval_logits(name, results):
+    r = results[1][name]
+    assert r["family"] == "megamoe" and r["not_loaded"] == {}, r["not_loaded"]
+    assert r["scale"] > 0.1
+    assert r["err"] < TOL, r["err"]
+    assert r["same_maps"]                      # the same (token, expert) pairs in every layer
+    for control, (err, differ) in r["controls"].items():
+        assert (err > 100 * TOL) if differ else (err < TOL), (control, err)
+    print(f"{name}: max |Δ| {r['err']:.2e}, routed {r['routed_per_layer']}, dropped "
+          f"{r['hf_dropped']}, controls "
+          + ", ".join(f"{c} {e:.2e}" for c, (e, _) in r["controls"].items()))
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("name", list(CAPACITY))
+def test_capacity_really_drops_tokens(name, results):
+    r = results[1][name]
+    k = 2
+    assert all(n < k * r["tokens"] for n in r["routed_per_layer"]), r["routed_per_layer"]
+    assert all(d > 0 for d in r["hf_dropped"]) and r["hf_dropped"], r["hf_dropped"]
+
+
+@pytest.mark.timeout(700)
+def test_plr_target_head_does_not_change_inference_but_travels(results):
+    from megamoe.checkpoint.hf import read_safetensors
+
+    r = results[1]["race_plr"]
+    assert r["megamoe_ignores_plr_target"]
+    routed = r["routed_per_layer"]             # the threshold routes some pairs, not all
+    assert all(0 < n < 4 * r["tokens"] for n in routed), routed
+    tensors = read_safetensors(os.path.join(results[0], "race_plr"))
+    assert tensors["model.layers.0.mlp.gate.plr_hidden"].shape == (32, 32)
+    assert tensors["model.layers.0.mlp.gate.plr_target"].shape == (TINY_VOCAB, 32)
+    assert "model.layers.1.mlp.gate.plr_hidden" not in tensors          # a dense layer
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_import_export_is_the_identity(name, results):
+    r = results[1][name]
+    assert r["import_same"] and r["reexport_same"] and r["config_same"]
+    assert r["import_err"] < 1e-6, r["import_err"]
+    shards = [f for f in os.listdir(os.path.join(results[0], name))
+              if f.endswith(".safetensors")]
+    assert len(shards) >= 2, shards
+
+
+@pytest.mark.timeout(700)
+def test_folder_records_the_capacity(results):
+    with open(os.path.join(results[0], "topk_position_padded", "config.json")) as f:
+        config = json.load(f)
+    assert (config["capacity_factor"], config["token_drop_policy"], config["pad_to_capacity"]
+            ) == (0.75, "position", True)
+    with open(os.path.join(results[0], "race_plr", "config.json")) as f:
+        config = json.load(f)
+    assert "capacity_factor" not in config
+    assert config["router_options"]["race"]["plr_coeff"] == 0.1

@@ -1,0 +1,189 @@
+"""Mixture-of-Recursions with per-recursion LoRA (Relaxed Recursive Transformers,
+`model.mor.lora_rank` > 0) through the remote-code Hugging Face export.
+
+Each case is a tiny MoR model (hidden 32, S = 16, H = 4 query heads in G = 2 groups, so
+Megatron's per-group qkv rows and the remote code's [q; k; v] rows differ) whose every
+parameter is drawn from a seeded generator — the adapters' B too (B = 0 at initialisation
+would make the adapters invisible). transformers' logits (trust_remote_code) equal megamoe's
+eval-mode logits within 1e-4; controls on the loaded HF model must move them by > 100× the
+tolerance: every adapter's B zeroed, the qkv adapters' B in Megatron's row order (the
+conversion skipped), the adapters of steps 0 and 1 swapped. The folder has ≥ 2 shards and
+from_pretrained reports no missing or unexpected tensor; export → import → export is the
+identity (tensors and config.json); the imported model gives megamoe's logits on one rank and
+under TP2 + SP (where B is sharded on its rows, fc1's per SwiGLU half), and zeroing the
+imported adapters fails that check.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megamoe.testing.parity import TINY_VOCAB, tiny_config
+from megamoe.testing.pool import run_distributed
+from test_hf_convert import SHARD_BYTES, TOL, _engine, _megamoe_logits, _tokens_BS
+from test_hf_mor import _build, _err, _load_hf, _megamoe_eval, _randomize, _same_tensors
+
+LORA = ["model.mor.lora_rank=4"]
+CASES = {
+    # token-choice, Middle-Cycle L = 8, MoE unique layers around a dense pool, every target,
+    # α = 2·rank (null)
+    "token_all_targets": ["model.num_layers=8", "model.mor.router=token", *LORA,
+                          "model.mor.lora_targets=[qkv,proj,fc1,fc2]",
+                          "model.moe.layer_freq=[1,0,0,0,0,0,0,1]"],
+    # expert-choice top-k with KV sharing over an MoE pool: steps > 0 read step 0's K/V, which
+    # step 0's qkv adapters made; α = 3
+    "expert_kv_moe_pool": ["model.num_layers=8", "model.mor.router=expert",
+                           "model.mor.allow_non_causal=true", "model.mor.inference_rule=topk",
+                           "model.mor.kv_sharing=true", "model.mor.capacities=[1.0,0.5,0.25]",
+                           *LORA, "model.mor.lora_targets=[qkv,proj]",
+                           "model.mor.lora_alpha=3.0"],
+}
+
+
+def _adapters(hf):
+    return hf.model.recursion.lora
+
+
+@torch.no_grad()
+def _controls(hf, ours, tokens_BS, s):
+    """(control, max |Δ logits|) of edits to the loaded HF model's adapters."""
+    from megamoe.checkpoint.hf_layout import fuse_qkv
+
+    lora = _adapters(hf)
+    saved = {k: v.clone() for k, v in lora.state_dict().items()}
+    for name, p in lora.named_parameters():
+        if name.endswith(".B"):
+            p.zero_()
+    yield "adapters_zeroed", _err(hf, ours, tokens_BS)
+    lora.load_state_dict(saved)
+    q, kv = s.heads * s.head_dim, s.groups * s.head_dim
+    for step in lora:
+        for adapters in step:
+            B = adapters["qkv"].B
+            B.copy_(fuse_qkv(*B.split([q, kv, kv]), s, "control"))   # Megatron's row order
+    yield "qkv_B_in_megatron_rows", _err(hf, ours, tokens_BS)
+    lora.load_state_dict(saved)
+    lora[0], lora[1] = lora[1], lora[0]
+    yield "steps_0_1_swapped", _err(hf, ours, tokens_BS)
+    lora[0], lora[1] = lora[1], lora[0]
+
+
+def lora_task(root):
+    """Every case: export, load with transformers, compare, controls, round trip."""
+    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
+    from megamoe.checkpoint.hf import export_hf, import_hf, read_safetensors
+    from megamoe.checkpoint.hf_layout import DecoderShape
+    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
+    from megamoe.models.global_view import gather_global
+
+    tokens_BS = _tokens_BS(TINY_VOCAB)
+    results = {}
+    for name, overrides in CASES.items():
+        cfg, engine = _build(overrides)
+        _randomize(engine, name)
+        tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
+        out = os.path.join(root, name)
+        export_hf(tensors, cfg, out, max_shard_bytes=SHARD_BYTES)
+        ours, _ = _megamoe_eval(engine, tokens_BS)
+        hf, not_loaded = _load_hf(out)
+        r = {"not_loaded": not_loaded, "err": _err(hf, ours, tokens_BS),
+             "min_abs_B": min(v.abs().max().item() for k, v in tensors.items()
+                              if ".lora." in k and k.endswith(".B")),
+             "controls": dict(_controls(hf, ours, tokens_BS, DecoderShape.from_config(cfg)))}
+        hf_overrides, back = import_hf(out)
+        r["import_same"] = _same_tensors(unstack_layers(tensors), unstack_layers(back))
+        again = out + "-again"
+        export_hf(back, tiny_config(hf_overrides), again, max_shard_bytes=SHARD_BYTES)
+        r["reexport_same"] = _same_tensors(read_safetensors(out), read_safetensors(again))
+        with open(os.path.join(out, "config.json")) as a, \
+                open(os.path.join(again, "config.json")) as b:
+            r["same_config"] = json.load(a) == json.load(b)
+        _, engine2 = _build(hf_overrides)
+        load_global_into(engine2.modules, back)
+        load_router_buffers(engine2.modules, back)
+        r["import_err"] = (_megamoe_eval(engine2, tokens_BS)[0] - ours).abs().max().item()
+        r["ours"] = ours
+        results[name] = r
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mor_lora_export"))
+    return root, run_distributed(lora_task, 1, root, timeout_s=600)[0]
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("name", list(CASES))
+def test_transformers_logits_equal_megamoe_eval_logits_with_adapters(name, results):
+    r = results[1][name]
+    assert r["not_loaded"] == {}, r["not_loaded"]      # no missing / unexpected tensor
+    assert r["min_abs_B"] > 0.01                        # every adapter really adds something
+    assert r["err"] < TOL, r["err"]
+    for control, err in r["controls"].items():
+        assert err > 100 * TOL, (control, err)
+    print(f"{name}: max |Δ| {r['err']:.2e}, controls "
+          + ", ".join(f"{c} {e:.2e}" for c, e in r["controls"].items()))
+
+
+@pytest.mark.timeout(700)
+def test_folder_has_shards_lora_config_and_adapter_tensors(results):
+    from megamoe.checkpoint.hf import read_safetensors
+
+    root = results[0]
+    for name in CASES:
+        shards = [f for f in os.listdir(os.path.join(root, name)) if f.endswith(".safetensors")]
+        assert len(shards) >= 2, (name, shards)
+    with open(os.path.join(root, "token_all_targets", "config.json")) as f:
+        mor = json.load(f)["mor"]
+    assert (mor["lora_rank"], mor["lora_alpha"], mor["lora_targets"]) == (
+        4, 8.0, ["qkv", "proj", "fc1", "fc2"])
+    assert mor["training"]["lora_dropout"] == 0.0
+    tensors = read_safetensors(os.path.join(root, "token_all_targets"))
+    lora = {k: tuple(v.shape) for k, v in tensors.items() if ".lora." in k}
+    assert len(lora) == 3 * 2 * 4 * 2            # (r, j) × targets × {A, B}
+    assert lora["model.recursion.lora.2.1.qkv.B"] == (64, 4)          # (H + 2G)·d rows
+    assert lora["model.recursion.lora.0.0.fc1.B"] == (128, 4)         # [gate; up]
+    assert lora["model.recursion.lora.0.0.fc2.A"] == (4, 64)
+    with open(os.path.join(root, "expert_kv_moe_pool", "config.json")) as f:
+        assert json.load(f)["mor"]["lora_alpha"] == 3.0
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_import_export_is_the_identity_with_adapters(name, results):
+    r = results[1][name]
+    assert r["import_same"] and r["reexport_same"] and r["same_config"]
+    assert r["import_err"] < 1e-6, r["import_err"]
+
+
+def imported_lora_task(hf_dir, overrides=(), zero_adapters=False):
+    """Import a LoRA folder into this pool's layout; logits on rank 0. `zero_adapters`
+    (control): every adapter's B set to 0 before loading."""
+    from megamoe.checkpoint.global_load import load_global_into
+    from megamoe.checkpoint.hf import import_hf
+    from megamoe.checkpoint.router_state import load_router_buffers
+
+    hf_overrides, tensors = import_hf(hf_dir)
+    if zero_adapters:
+        tensors = {k: torch.zeros_like(v) if ".lora." in k and k.endswith(".B") else v
+                   for k, v in tensors.items()}
+    _, engine = _engine([*hf_overrides, *overrides])
+    load_global_into(engine.modules, tensors)
+    load_router_buffers(engine.modules, tensors)
+    logits = _megamoe_logits(engine, _tokens_BS(engine.modules[0].vocab_size))
+    return logits if torch.distributed.get_rank() == 0 else None
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_lora_model_under_tp2_gives_the_same_logits(name, results):
+    out, ours = os.path.join(results[0], name), results[1][name]["ours"]
+    got = run_distributed(imported_lora_task, 2, out, ["parallel.tensor=2"])[0]
+    control = run_distributed(imported_lora_task, 2, out, ["parallel.tensor=2"],
+                              zero_adapters=True)[0]
+    err, moved = (got - ours).abs().max().item(), (control - ours).abs().max().item()
+    print(f"{name} TP2: max |Δ| {err:.2e}, adapters zeroed {moved:.2e}")
+    assert err < TOL and moved > 100 * TOL
