@@ -4,8 +4,8 @@ bias, dense layers), Qwen3-MoE (per-head QK-norm, dense layers); otherwise megam
 code travels in the folder (model_type "megamoe", `trust_remote_code=True`, `hf_megamoe`), which
 runs every router family in its eval-mode routing (Megatron's capacity dropping and Expert
 Race's PLR router included), and Mixture-of-Recursions decoders (`model.mor`, hf_mor; their
-per-recursion LoRA adapters too). Only what that code cannot express either (capacity dropping
-inside a MoR model; `model.mor` options it does not know) is refused, naming the field.
+per-recursion LoRA adapters too). Only what that code cannot express either (`model.mor`
+options it does not know) is refused, naming the field.
 
 Not a family: OLMoE. Its q_norm/k_norm are one RMSNorm over the whole q (H·d) and k (G·d)
 projection, mixing all heads' statistics; megamoe's QK-norm normalises each head's d channels

@@ -27,23 +27,11 @@ def renormalize_overrides(norm_topk_prob: bool, where: str) -> list[str]:
     return []
 
 
-# ---- what can be exported ----------------------------------------------------------------------
-
-def export_problems(cfg) -> list[str]:
-    """What no export expresses, megamoe's remote code included."""
-    moe = cfg.model.moe
-    mor = getattr(cfg.model, "mor", None)
-    if moe.num_experts and moe.capacity_factor is not None and mor is not None and mor.enabled:
-        return ["model.moe.capacity_factor: with model.mor the MoE layers of the recursion "
-                "block drop over its compacted batches of active tokens, which the remote code "
-                "(masks over the whole sequence) does not form"]
-    return []
-
+# ---- what can be exported (megamoe's remote code: hf_megamoe.problems) -------------------------
 
 def transformers_problems(cfg) -> list[str]:
     """What none of transformers' MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE) expresses."""
-    moe = cfg.model.moe
-    bad = export_problems(cfg)
+    moe, bad = cfg.model.moe, []
     mor = getattr(cfg.model, "mor", None)
     if mor is not None and mor.enabled:
         bad.append("model.mor.enabled: transformers' MoE families have no recursion block "

@@ -12,7 +12,8 @@ buffer (`mlp.router.<name>`: Diff-MoE's `timestep_weight` and `calibration.*`, S
 `plr_hidden`/`plr_target`, …) is `mlp.gate.<name>`; the family's option sections travel in
 config.json (`router_options`). Megatron's token dropping (`model.moe.capacity_factor`,
 `drop_policy`, `pad_to_capacity`) travels as `capacity_factor`, `token_drop_policy` and
-`pad_to_capacity` (absent when dropless); the remote code drops over the tokens of a call.
+`pad_to_capacity` (absent when dropless); the remote code drops over the tokens of a call
+(in a MoR step over its active tokens, in the order of megamoe's compacted batch).
 
 Mixture-of-Recursions decoders (`model.mor.enabled`) export too: config.json's `mor` object
 (hf_mor), the unique layers as `model.layers.{0,1}`, the shared pool as
@@ -30,7 +31,7 @@ import shutil
 
 from megamoe.checkpoint import hf_mor
 from megamoe.checkpoint.hf_fields import (
-    export_problems, layer_freq_override, renormalize, renormalize_overrides, rope_theta,
+    layer_freq_override, renormalize, renormalize_overrides, rope_theta,
 )
 from megamoe.checkpoint.hf_layout import DENSE, DecoderShape, Names, mor_stored_layers
 
@@ -50,8 +51,9 @@ AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
 
 
 def problems(cfg) -> list[str]:
-    """What even the remote code cannot express (field: reason)."""
-    return export_problems(cfg) + hf_mor.problems(cfg)
+    """What even the remote code cannot express (field: reason): `model.mor` options it does
+    not know (every router family, capacity dropping, PLR and MoR's LoRA it runs)."""
+    return hf_mor.problems(cfg)
 
 
 def router_buffers(cfg) -> tuple[str, ...]:

@@ -3,7 +3,9 @@
 
 Capacity: tiny top-k / DiT-MoE models whose capacity really drops tokens (T = 32 tokens of a
 2×16 batch, k = 2, E = 4, capacity factor 0.75 or 0.5: each expert keeps 12 or 8 of its routed
-tokens). transformers' logits (trust_remote_code) equal megamoe's eval-mode logits within 1e-4
+tokens), and two Mixture-of-Recursions models whose pool MoE layers drop over each step's
+compacted batch of active tokens (token-choice with the "position" policy, whose choice among
+tied tokens depends on the order of that batch; σ > 0.5 expert choice with "probs"). transformers' logits (trust_remote_code) equal megamoe's eval-mode logits within 1e-4
 and every MoE layer keeps exactly megamoe's (token, expert) pairs (routing maps compared
 exactly; some pairs are dropped). Controls: the HF model without dropping moves the logits;
 sample 0 alone is dropped over its own 16 tokens, in both models alike, which moves its logits
@@ -31,12 +33,20 @@ from test_hf_router_families import (
     NO_AUX, NON_CAUSAL, _build, _context_forward, _err, _load_hf, _randomize,
 )
 
+MOR = ["model.num_layers=8", "model.mor.enabled=true", "model.mor.num_recursions=3"]
 CAPACITY = {
     "topk_probs": ["model.moe.capacity_factor=0.75", *NON_CAUSAL],
     "topk_position_padded": ["model.moe.capacity_factor=0.75", "model.moe.drop_policy=position",
                              "model.moe.pad_to_capacity=true", *NON_CAUSAL],
     "dit_moe_probs": ["model.moe.router=dit_moe", "model.moe.shared_expert_ffn_hidden_size=48",
                       "model.moe.capacity_factor=0.5", *NON_CAUSAL],
+    # Mixture-of-Recursions (Middle-Cycle L = 8, 3 recursions, MoE in every layer): the pool's
+    # MoE layers drop over each step's compacted batch of active tokens (ragged token-choice
+    # depths; σ > 0.5 expert choice), the unique layers over all B·S tokens
+    "mor_token_position": [*MOR, "model.mor.router=token", "model.moe.capacity_factor=0.75",
+                           "model.moe.drop_policy=position", *NON_CAUSAL],
+    "mor_expert_probs": [*MOR, "model.mor.router=expert", "model.mor.allow_non_causal=true",
+                         "model.moe.capacity_factor=0.75", *NON_CAUSAL],
 }
 PLR = {"race_plr": ["model.moe.router=race", *NO_AUX, *NON_CAUSAL,
                     "model.moe.layer_freq=[1,0,1,1]", "model.moe.race.plr_coeff=0.1"]}
@@ -50,33 +60,54 @@ class MapRecorder:
 
     def __init__(self):
         self.maps: list = []
+        self.dropped: list = []      # HF gates: (token, expert) pairs dropped, per call
 
     def wrap_megamoe(self, router):
+        """Records the real tokens' rows (a MoR step's compacted batch also holds pads)."""
         routing = router.routing
 
-        def recorded(*args, **kwargs):
-            probs_TE, map_TE = routing(*args, **kwargs)
-            self.maps.append(map_TE.detach().clone())
+        def recorded(logits, padding_mask=None):
+            probs_TE, map_TE = (routing(logits) if padding_mask is None
+                                else routing(logits, padding_mask))
+            real_T = (torch.ones(map_TE.shape[0], dtype=torch.bool) if padding_mask is None
+                      else ~padding_mask.reshape(-1))
+            self.maps.append(map_TE.detach()[real_T].clone())
             return probs_TE, map_TE
         router.routing = recorded
 
     def hook_hf(self, gate):
-        gate.register_forward_hook(lambda m, args, out: self.maps.append(out[1].clone()))
+        def record(module, args, out):
+            self.maps.append(out[1].clone())
+            self.dropped.append(getattr(module, "last_dropped", 0))
+        gate.register_forward_hook(record)
 
     def take(self) -> list:
         maps, self.maps = self.maps, []
         return maps
 
 
+def _hf_moe_layers(hf):
+    """The MoE layers of the HF model, the MoR pool's included, in call order (the unique
+    first layer, the pool, the unique last layer)."""
+    layers = list(hf.model.layers)
+    if hf.model.recursion is not None and layers:
+        layers = [layers[0], *hf.model.recursion.layers, layers[-1]]
+    elif hf.model.recursion is not None:
+        layers = list(hf.model.recursion.layers)
+    return [layer for layer in layers if layer.is_moe]
+
+
 @torch.no_grad()
 def _controls(name, hf, ours, tokens_BS, engine, cfg):
     """(control, max |Δ logits|, must differ)."""
-    gates = [layer.mlp.gate for layer in hf.model.layers if layer.is_moe]
+    gates = [layer.mlp.gate for layer in _hf_moe_layers(hf)]
     if name in CAPACITY:
         alone_hf = hf(input_ids=tokens_BS[:1], use_cache=False).logits
         alone_ours = _context_forward(engine, cfg, tokens_BS[:1])
         yield "sample_alone_vs_megamoe_alone", (alone_hf - alone_ours).abs().max().item(), False
         yield "sample_alone_vs_in_batch", (alone_hf - ours[:1]).abs().max().item(), True
+        if name == "mor_token_position":
+            yield from _order_controls(hf, ours, tokens_BS)
         for g in gates:
             g.capacity_factor = None
         yield "no_dropping", _err(hf, ours, tokens_BS), True
@@ -92,6 +123,22 @@ def _controls(name, hf, ours, tokens_BS, engine, cfg):
         yield "no_plr_hidden", _err(hf, ours, tokens_BS), True
         for g, h in zip(gates, hidden):
             g.plr_hidden = h
+
+
+def _order_controls(hf, ours, tokens_BS):
+    """MoR steps' MoE tokens listed in Megatron's order instead of the compacted batch's (the
+    "position" policy keeps other tied tokens), or every token of the call routed (inactive
+    tokens compete for capacity)."""
+    import sys
+
+    remote = sys.modules[type(hf.model.recursion).__module__]     # the folder's mor_megamoe
+    compact_order = remote.compact_order
+    B, S = tokens_BS.shape
+    remote.compact_order = lambda active_BS: compact_order(active_BS).sort().values
+    yield "mor_tokens_in_megatron_order", _err(hf, ours, tokens_BS), True
+    remote.compact_order = lambda active_BS: torch.arange(B * S)
+    yield "mor_all_tokens_routed", _err(hf, ours, tokens_BS), True
+    remote.compact_order = compact_order
 
 
 @torch.no_grad()
@@ -129,18 +176,17 @@ def capacity_plr_task(root):
             ours_maps.wrap_megamoe(layer.router)
         ours = _context_forward(engine, cfg, tokens_BS)
         hf, not_loaded = _load_hf(out)
-        for layer in hf.model.layers:
-            if layer.is_moe:
-                hf_maps.hook_hf(layer.mlp.gate)
+        for layer in _hf_moe_layers(hf):
+            hf_maps.hook_hf(layer.mlp.gate)
         r = {"family": family_for(cfg).MODEL_TYPE, "not_loaded": not_loaded,
              "err": _err(hf, ours, tokens_BS), "scale": ours.abs().max().item()}
+        hf_dropped = list(hf_maps.dropped)          # the compared forward's calls only
         mine, theirs = ours_maps.take(), hf_maps.take()
         r["same_maps"] = len(mine) == len(theirs) > 0 and all(
             torch.equal(a, b) for a, b in zip(mine, theirs))
         r["routed_per_layer"] = [int(m.sum()) for m in theirs]
         r["tokens"] = tokens_BS.numel()
-        r["hf_dropped"] = [layer.mlp.gate.last_dropped for layer in hf.model.layers
-                           if layer.is_moe and hasattr(layer.mlp.gate, "last_dropped")]
+        r["hf_dropped"] = hf_dropped if name in CAPACITY else []
         if name in PLR:
             r["megamoe_ignores_plr_target"] = _megamoe_ignores_plr_target(engine, cfg, ours,
                                                                           tokens_BS)
@@ -190,10 +236,13 @@ def test_transformers_logits_equal_megamoe_eval_logits(name, results):
 @pytest.mark.timeout(700)
 @pytest.mark.parametrize("name", list(CAPACITY))
 def test_capacity_really_drops_tokens(name, results):
-    r = results[1][name]
-    k = 2
-    assert all(n < k * r["tokens"] for n in r["routed_per_layer"]), r["routed_per_layer"]
-    assert all(d > 0 for d in r["hf_dropped"]) and r["hf_dropped"], r["hf_dropped"]
+    """Every layer over the whole batch drops pairs (both models alike: maps compared above);
+    with MoR the unique layers and some recursion step of the pool."""
+    dropped = results[1][name]["hf_dropped"]      # per MoE call, in call order
+    if name.startswith("mor"):
+        assert dropped[0] > 0 and dropped[-1] > 0 and any(d > 0 for d in dropped[1:-1]), dropped
+    else:
+        assert dropped and all(d > 0 for d in dropped), dropped
 
 
 @pytest.mark.timeout(700)

@@ -8,7 +8,7 @@ the folder or one config field (router scores, renormalisation) is changed; the 
 several shards; export → import → export is the identity; greedy generation with the KV cache
 equals recomputing the whole prefix; `family_for` picks the first exact family (capacity
 dropping, Expert Race's PLR router and MoR's per-recursion LoRA go to the remote code) and
-refuses only what the remote code cannot express (capacity dropping inside a MoR model).
+refuses only what the remote code cannot express (`model.mor` options it does not know).
 """
 
 import ast
@@ -270,6 +270,8 @@ def test_import_refuses_a_remote_config_the_code_cannot_run(exports, tmp_path):
       "model.moe.allow_non_causal=true", "model.moe.race.plr_coeff=0.1"], "megamoe"),
     (["model.num_layers=8", "model.mor.enabled=true", "model.mor.router=token",
       "model.mor.lora_rank=4"], "megamoe"),                            # per-recursion LoRA
+    (["model.num_layers=8", "model.mor.enabled=true", "model.mor.router=token",
+      "model.moe.capacity_factor=1.5", "model.moe.allow_non_causal=true"], "megamoe"),
     *([(RENORM_OFF, "megamoe"), ([*RENORM_OFF, "model.qk_layernorm=true"], "qwen3_moe")]
       if HAS_RENORMALIZE else []),
 ])
@@ -279,17 +281,17 @@ def test_family_for_picks_the_first_exact_family_else_remote_code(overrides, mod
     assert family_for(tiny_config(overrides)).MODEL_TYPE == model_type
 
 
-@pytest.mark.parametrize("overrides,field", [
-    # dropping over the recursion block's compacted batches (not formed by the remote code)
-    (["model.num_layers=8", "model.mor.enabled=true", "model.mor.router=token",
-      "model.moe.capacity_factor=1.5", "model.moe.allow_non_causal=true"],
-     "model.moe.capacity_factor"),
-])
-def test_export_refuses_only_what_remote_code_cannot_express(overrides, field, tmp_path):
+def test_export_refuses_only_what_remote_code_cannot_express(monkeypatch, tmp_path):
+    """What is left to refuse: a `model.mor` option the export does not know (here
+    `temperature`, pretended unknown) when it is not at its default; nothing is written."""
+    from megamoe.checkpoint import hf_mor
     from megamoe.checkpoint.hf import export_hf
 
-    cfg = tiny_config(overrides)
+    monkeypatch.setattr(hf_mor, "INFERENCE", tuple(f for f in hf_mor.INFERENCE
+                                                   if f != "temperature"))
+    cfg = tiny_config(["model.num_layers=8", "model.mor.enabled=true", "model.mor.router=token",
+                       "model.mor.temperature=2.0"])
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=r"model\.mor\.temperature"):
         export_hf({}, cfg, str(out))
     assert not out.exists() and os.listdir(tmp_path) == []

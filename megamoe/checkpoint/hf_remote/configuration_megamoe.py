@@ -23,7 +23,8 @@ parentheses:
 - capacity_factor (model.moe.capacity_factor, null: dropless), token_drop_policy
   (model.moe.drop_policy, "probs" | "position") and pad_to_capacity (model.moe.pad_to_capacity):
   Megatron's token dropping for the top-k routers (topk, dit_moe), over the B·S tokens of a
-  call (routers_megamoe.py `drop_over_capacity`); outputs then depend on the batch.
+  call (routers_megamoe.py `drop_over_capacity`; in a MoR step over its active tokens);
+  outputs then depend on the batch.
 - shared_expert_intermediate_size (model.moe.shared_expert_ffn_hidden_size, 0: none) and
   shared_expert_gate: σ(x·w_g) times the shared expert's output.
 - mor (model.mor, Mixture-of-Recursions; null: a plain decoder): {num_recursions, sharing,
@@ -156,9 +157,6 @@ class MegamoeConfig(PretrainedConfig):
         if self.token_drop_policy not in DROP_POLICIES:
             raise ValueError(f"token_drop_policy: {self.token_drop_policy!r}; one of "
                              f"{', '.join(DROP_POLICIES)}")
-        if self.mor:
-            raise ValueError("capacity_factor: not with mor (megamoe drops over the recursion "
-                             "block's compacted batches, which this code does not form)")
 
     def _validate_mor(self) -> None:
         mor = self.mor

@@ -187,7 +187,11 @@ class MegamoeExperts(nn.Module):
 
 class MegamoeMoE(nn.Module):
     """Routed experts (+ shared expert). Tokens are routed in Megatron's [S, B] order, so that
-    routers choosing over the call's tokens see them as megamoe's micro-batch."""
+    routers choosing over the call's tokens see them as megamoe's micro-batch; inside a
+    Mixture-of-Recursions step only the step's tokens, in the order of megamoe's compacted
+    batch (`ctx.token_order`; the others get 0, their outputs are discarded), so that capacity
+    dropping chooses among the same tokens. MoR admits per-token routers only (topk), which
+    read no other routing context."""
 
     def __init__(self, config: MegamoeConfig, layer_idx: int):
         super().__init__()
@@ -204,6 +208,14 @@ class MegamoeMoE(nn.Module):
     def forward(self, x_BSD, ctx: RoutingInputs):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.transpose(0, 1).reshape(S * B, D)
+        order_N = ctx.token_order
+        if order_N is None:
+            y_TD = self._mix(x_TD, ctx)
+        else:
+            y_TD = torch.zeros_like(x_TD).index_copy(0, order_N, self._mix(x_TD[order_N], ctx))
+        return y_TD.view(S, B, D).transpose(0, 1)
+
+    def _mix(self, x_TD, ctx: RoutingInputs):
         if self.router_kind == "soft":
             y_TD = self.gate.mix(x_TD, self.experts.expert_ffn)
         else:
@@ -218,7 +230,7 @@ class MegamoeMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        return y_TD.view(S, B, D).transpose(0, 1)
+        return y_TD
 
 
 # ---- the model ---------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ Depth routing (eval mode, as megamoe's `model.eval()`):
 Attention at step r (computed with masks over the whole sequence instead of megamoe's compacted
 batches, same result): a query sees the keys of the tokens active at step r at or before its
 position (recursion-wise caching), RoPE at original positions; a token not active at step r is
-left unchanged. `kv_sharing`: steps r > 0 attend to the K/V that step 0's j-th layer computed
+left unchanged. MoE layers of the pool route only the step's active tokens, listed as megamoe's
+compacted batch [K, B] lists them (`compact_order`), so that Megatron's capacity dropping
+(`capacity_factor`) chooses among the same tokens in the same order. `kv_sharing`: steps r > 0 attend to the K/V that step 0's j-th layer computed
 for the whole sequence (causal), so step 0 must keep every token.
 
 Per-recursion LoRA (Relaxed Recursive Transformers, Bae et al., arXiv 2410.20672; `mor`'s
@@ -41,6 +43,8 @@ Legend: B batch, S sequence, D hidden, R = N_r depths.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -183,6 +187,19 @@ def build_lora(config, steps) -> nn.ModuleList | None:
 
 # ---- the recursion block -----------------------------------------------------------------------
 
+def compact_order(active_BS: torch.Tensor) -> torch.Tensor:
+    """long [N]: the active tokens as indices t = s·B + b into the call's tokens (Megatron's
+    order), listed as megamoe's compacted batch [K, B] holds them: the k-th active token (by
+    position) of every sample for k = 0, 1, …, samples in order (its pads left out)."""
+    B, S = active_BS.shape
+    device = active_BS.device
+    b_B1 = torch.arange(B, device=device)[:, None]
+    rank_BS = active_BS.long().cumsum(1) - 1            # k: the token's rank in its sample
+    t_BS = torch.arange(S, device=device)[None, :] * B + b_B1
+    key_N = (rank_BS * B + b_B1)[active_BS]
+    return t_BS[active_BS][key_N.argsort()]
+
+
 def active_key_mask(active_BS: torch.Tensor) -> torch.Tensor:
     """[B, 1, S, S] bool, True = visible: causal among the active tokens; an inactive query
     sees itself only (its output is discarded), so no row is empty."""
@@ -252,6 +269,7 @@ class MegamoeRecursion(nn.Module):
                                                                                          None]
         else:
             allowed_B1SS = active_key_mask(active_BS)
+        ctx = dataclasses.replace(ctx, token_order=compact_order(active_BS))
         for j, idx in enumerate(self.steps[r]):
             hook = None
             if shared_kv is not None:

@@ -64,10 +64,14 @@ NUM_TIMESTEPS = 1000
 
 @dataclass
 class RoutingInputs:
-    """What routers may read besides the hidden states, for the tokens of one call."""
+    """What routers may read besides the hidden states, for the tokens of one call.
+    `token_order` (Mixture-of-Recursions steps): the tokens the MoE layers route, as indices
+    into the call's T tokens in the order of megamoe's compacted batch (mor_megamoe.py
+    `compact_order`); None: all T in Megatron order."""
     batch: int                                   # B; token t belongs to sample t % B
     modality_T: Optional[torch.Tensor] = None    # int [T], Megatron order
     timestep_BC: Optional[torch.Tensor] = None   # float [B, C]
+    token_order: Optional[torch.Tensor] = None   # long [N] ⊆ [0, T)
 
 
 def synthetic_modality_ids(input_ids_BS: torch.Tensor, num_modalities: int) -> torch.Tensor:
