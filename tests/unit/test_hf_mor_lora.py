@@ -11,7 +11,8 @@ conversion skipped), the adapters of steps 0 and 1 swapped. The folder has ≥ 2
 from_pretrained reports no missing or unexpected tensor; export → import → export is the
 identity (tensors and config.json); the imported model gives megamoe's logits on one rank and
 under TP2 + SP (where B is sharded on its rows, fc1's per SwiGLU half), and zeroing the
-imported adapters fails that check.
+imported adapters fails that check; `megamoe convert` carries the adapters from a checkpoint
+to the folder and back.
 """
 
 import json
@@ -187,3 +188,33 @@ def test_imported_lora_model_under_tp2_gives_the_same_logits(name, results):
     err, moved = (got - ours).abs().max().item(), (control - ours).abs().max().item()
     print(f"{name} TP2: max |Δ| {err:.2e}, adapters zeroed {moved:.2e}")
     assert err < TOL and moved > 100 * TOL
+
+
+def convert_task(root):
+    """`megamoe convert` both ways from a checkpoint of the token-choice LoRA model."""
+    from megamoe.checkpoint import convert
+    from megamoe.checkpoint.load import load_checkpoint
+    from megamoe.checkpoint.save import save_checkpoint
+    from megamoe.models.global_view import gather_global
+
+    cfg, engine = _build(CASES["token_all_targets"])
+    _randomize(engine, "token_all_targets")
+    ours, _ = _megamoe_eval(engine, _tokens_BS(TINY_VOCAB))
+    step_dir = save_checkpoint(os.path.join(root, "ckpt"), engine, {"vocab_size": TINY_VOCAB},
+                               config=cfg)
+    out = convert.to_hf(step_dir, os.path.join(root, "hf"), log=lambda *_: None)
+    imported = convert.from_hf(out, os.path.join(root, "imported"), log=lambda *_: None)
+    _, engine2 = _build(CASES["token_all_targets"])
+    load_checkpoint(engine2, imported, load_optimizer=False)
+    got, _ = _megamoe_eval(engine2, _tokens_BS(TINY_VOCAB))
+    a, b = gather_global(engine.modules), gather_global(engine2.modules)
+    lora = [k for k in a if ".lora." in k]
+    return {"err": (got - ours).abs().max().item(), "lora_keys": len(lora),
+            "lora_same": all(torch.equal(a[k], b[k]) for k in lora)}
+
+
+@pytest.mark.timeout(300)
+def test_convert_carries_the_adapters_both_ways(tmp_path):
+    r = run_distributed(convert_task, 1, str(tmp_path))[0]
+    assert r["lora_keys"] == 3 * 2 * 4 * 2 and r["lora_same"]
+    assert r["err"] < 1e-6, r["err"]
