@@ -27,7 +27,7 @@ def renormalize_overrides(norm_topk_prob: bool, where: str) -> list[str]:
     return []
 
 
-# ---- what can be exported (megamoe's remote code: hf_megamoe.problems) -------------------------
+# ---- what transformers' families cannot express (the remote code's: hf_megamoe.problems) ------
 
 def transformers_problems(cfg) -> list[str]:
     """What none of transformers' MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE) expresses."""

@@ -51,8 +51,9 @@ AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
 
 
 def problems(cfg) -> list[str]:
-    """What even the remote code cannot express (field: reason): `model.mor` options it does
-    not know (every router family, capacity dropping, PLR and MoR's LoRA it runs)."""
+    """What even the remote code cannot express (field: reason). It runs every router family
+    (capacity dropping and PLR included) and MoR with its LoRA adapters: what is left are
+    `model.mor` options the export does not know."""
     return hf_mor.problems(cfg)
 
 

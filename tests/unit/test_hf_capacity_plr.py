@@ -5,11 +5,14 @@ Capacity: tiny top-k / DiT-MoE models whose capacity really drops tokens (T = 32
 2×16 batch, k = 2, E = 4, capacity factor 0.75 or 0.5: each expert keeps 12 or 8 of its routed
 tokens), and two Mixture-of-Recursions models whose pool MoE layers drop over each step's
 compacted batch of active tokens (token-choice with the "position" policy, whose choice among
-tied tokens depends on the order of that batch; σ > 0.5 expert choice with "probs"). transformers' logits (trust_remote_code) equal megamoe's eval-mode logits within 1e-4
-and every MoE layer keeps exactly megamoe's (token, expert) pairs (routing maps compared
-exactly; some pairs are dropped). Controls: the HF model without dropping moves the logits;
-sample 0 alone is dropped over its own 16 tokens, in both models alike, which moves its logits
-away from those it gets inside the batch (the result depends on the batch, as in megamoe).
+tied tokens depends on the order of that batch; σ > 0.5 expert choice with "probs").
+transformers' logits (trust_remote_code) equal megamoe's eval-mode logits within 1e-4 and every
+MoE call keeps exactly megamoe's (token, expert) pairs (routing maps compared exactly; pairs
+are dropped). Controls: the HF model without dropping moves the logits; MoR steps routing their
+tokens in Megatron's order, or every token of the call, move them; sample 0 alone is dropped
+over its own 16 tokens, in both models alike, which moves its logits away from those it gets
+inside the batch (the result depends on the batch, as in megamoe). Folders the remote config
+cannot run (unknown drop policy, capacity 0) are refused naming the field.
 
 PLR: the router's hidden layer W_h (`plr_hidden`) changes the routing logits (the HF router
 without it moves the logits); the target head (`plr_target`) only trains — perturbing it changes
@@ -280,3 +283,21 @@ def test_folder_records_the_capacity(results):
         config = json.load(f)
     assert "capacity_factor" not in config
     assert config["router_options"]["race"]["plr_coeff"] == 0.1
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("field,value,match", [
+    ("token_drop_policy", "random", r"token_drop_policy: 'random'"),
+    ("capacity_factor", 0.0, r"capacity_factor: 0\.0; must be > 0"),
+])
+def test_remote_config_refuses_a_capacity_it_cannot_run(field, value, match, results, tmp_path):
+    import shutil
+
+    from megamoe.checkpoint.hf import import_hf
+
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(results[0], "topk_probs"), bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=match):
+        import_hf(str(bad))

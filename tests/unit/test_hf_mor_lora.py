@@ -218,3 +218,23 @@ def test_convert_carries_the_adapters_both_ways(tmp_path):
     r = run_distributed(convert_task, 1, str(tmp_path))[0]
     assert r["lora_keys"] == 3 * 2 * 4 * 2 and r["lora_same"]
     assert r["err"] < 1e-6, r["err"]
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.parametrize("field,value,match", [
+    ("lora_targets", ["qkv", "fc1"], r"mor\.lora_targets: \['fc1'\] adapt dense FFNs"),
+    ("lora_alpha", 0, r"mor\.lora_alpha: 0"),
+])
+def test_remote_config_refuses_adapters_it_cannot_run(field, value, match, results, tmp_path):
+    """fc1 on the MoE pool of `expert_kv_moe_pool`, α = 0: refused naming the field."""
+    import shutil
+
+    from megamoe.checkpoint.hf import import_hf
+
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(results[0], "expert_kv_moe_pool"), bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["mor"] = {**config["mor"], field: value}
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        import_hf(str(bad))

@@ -28,8 +28,9 @@ batches, same result): a query sees the keys of the tokens active at step r at o
 position (recursion-wise caching), RoPE at original positions; a token not active at step r is
 left unchanged. MoE layers of the pool route only the step's active tokens, listed as megamoe's
 compacted batch [K, B] lists them (`compact_order`), so that Megatron's capacity dropping
-(`capacity_factor`) chooses among the same tokens in the same order. `kv_sharing`: steps r > 0 attend to the K/V that step 0's j-th layer computed
-for the whole sequence (causal), so step 0 must keep every token.
+(`capacity_factor`) chooses among the same tokens in the same order. `kv_sharing`: steps
+r > 0 attend to the K/V that step 0's j-th layer computed for the whole sequence (causal), so
+step 0 must keep every token.
 
 Per-recursion LoRA (Relaxed Recursive Transformers, Bae et al., arXiv 2410.20672; `mor`'s
 `lora_rank` > 0): every application of a shared layer — step r, layer j of the step — adds its
