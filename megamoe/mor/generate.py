@@ -419,6 +419,10 @@ def generate_from_checkpoint(src: str, *, texts=(), id_prompts=(), max_new_token
         raise ValueError("--prompt / --prompt-ids: give at least one prompt")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={max_new_tokens}: must be ≥ 1")
+    if max_batch < 1:
+        raise ValueError(f"--batch={max_batch}: must be ≥ 1")
+    if temperature < 0:
+        raise ValueError(f"--temperature={temperature}: must be ≥ 0 (0 is greedy)")
     engine, cfg, step_dir, meta = load_one_rank(src, log=log)
     if not cfg.model.mor.enabled:
         raise ValueError(f"{step_dir}: model.mor.enabled is false; megamoe generates with "

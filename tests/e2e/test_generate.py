@@ -67,6 +67,8 @@ def test_generate_bad_input_is_one_clear_error(cli, mor_run, tmp_path):
     out = cli("generate", str(mor_run), "--prompt-ids", "3 999")
     assert out.returncode == 2 and "prompt 0: token ids [999] outside 0..63" in out.stderr
     assert "Traceback" not in out.stderr
+    out = cli("generate", str(mor_run), "--prompt", "hello", "--batch", "0")
+    assert out.returncode == 2 and "--batch=0: must be ≥ 1" in out.stderr
     out = cli("generate", str(mor_run), "--prompt", "hello")
     assert out.returncode == 2 and "no data.tokenizer" in out.stderr
     out = cli("generate", str(tmp_path / "none"), "--prompt-ids", "1")
