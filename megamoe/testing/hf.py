@@ -52,9 +52,10 @@ def build_tiny(overrides):
 
 
 @torch.no_grad()
-def randomize(engine, seed: int = 1) -> torch.Generator:
+def randomize(engine, race_threshold: float | None = None, seed: int = 1) -> torch.Generator:
     """Every parameter random (norm weights 1 + 0.2·N(0, 1), the rest 0.1·N(0, 1)) and every
-    MoE selection bias 0.3·N(0, 1), so that a misplaced tensor shows in the logits. Returns the
+    MoE selection bias 0.3·N(0, 1), so that a misplaced tensor shows in the logits; Expert
+    Race routers' τ_ema set to `race_threshold` (with 7 updates behind it). Returns the
     generator, for the caller's further draws."""
     from megamoe.models.lm import moe_layers
 
@@ -63,9 +64,13 @@ def randomize(engine, seed: int = 1) -> torch.Generator:
         noise = torch.randn(p.shape, generator=g)
         p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
     for layer in moe_layers(engine.modules):
-        bias = getattr(layer.router, "selection_bias", None)
-        if bias is not None:
-            bias.copy_(0.3 * torch.randn(bias.shape, generator=g))
+        router = layer.router
+        if getattr(router, "selection_bias", None) is not None:
+            router.selection_bias.copy_(0.3 * torch.randn(router.selection_bias.shape,
+                                                          generator=g))
+        if race_threshold is not None and hasattr(router, "threshold_ema"):
+            router.threshold_ema.fill_(race_threshold)
+            router.threshold_updates.fill_(7.0)
     return g
 
 
