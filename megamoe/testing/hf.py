@@ -4,7 +4,8 @@ A test builds a tiny megamoe model (`build_tiny`, `randomize`), exports it (`exp
 loads the folder with transformers (`load_hf`) and compares logits on one batch
 (`hf_logits_err`, TOL); `reexport` and `load_imported` check export → import → export and the
 imported model; `imported_task` (a pool task) imports a folder under a parallel layout, and
-`imported_errors` compares that with a reference, as is and with a control edit.
+`imported_errors` compares that with a reference, as is and with a control edit;
+`copy_with_config` makes a folder with edited config.json fields (refusal tests).
 
 Shapes: B batch, S sequence, V vocabulary, E experts.
 """
@@ -170,6 +171,26 @@ def reexport(out: str, tensors: dict, files=("config.json",), **export_kwargs):
         with open(os.path.join(out, fname)) as a, open(os.path.join(again, fname)) as b:
             checks[f"same_{fname}"] = json.load(a) == json.load(b)
     return checks, hf_overrides, back
+
+
+def copy_with_config(src: str, dst, changes: dict) -> str:
+    """A copy of the folder `src` at `dst` whose config.json has `changes` applied: {"a.b": v}
+    sets field b of the nested dict a (its other fields kept). Returns the copy's path."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for dotted, value in changes.items():
+        *parents, field = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[field] = value
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(dst)
 
 
 def load_imported(hf_overrides, tensors: dict, build=build_tiny):

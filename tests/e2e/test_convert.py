@@ -3,7 +3,6 @@ loads it and gives megamoe's logits; `--from hf` brings it back and training res
 TP2·EP2 from it."""
 
 import json
-import os
 
 import pytest
 

@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from megamoe.testing.hf import (
-    SHARD_BYTES, TOL, build_tiny, context_logits_BSV, export_engine, hf_logits_err, load_hf,
-    load_imported, max_abs_diff, randomize, reexport, sample_tokens_BS,
+    SHARD_BYTES, TOL, build_tiny, context_logits_BSV, copy_with_config, export_engine,
+    hf_logits_err, load_hf, load_imported, max_abs_diff, randomize, reexport, sample_tokens_BS,
 )
 from megamoe.testing.parity import TINY_VOCAB
 from megamoe.testing.pool import run_distributed
@@ -273,13 +273,9 @@ def test_folder_records_the_capacity(results):
     ("capacity_factor", 0.0, r"capacity_factor: 0\.0; must be > 0"),
 ])
 def test_remote_config_refuses_a_capacity_it_cannot_run(field, value, match, results, tmp_path):
-    import shutil
-
     from megamoe.checkpoint.hf import import_hf
 
-    bad = tmp_path / "bad"
-    shutil.copytree(os.path.join(results[0], "topk_probs"), bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, field: value}))
+    bad = copy_with_config(os.path.join(results[0], "topk_probs"), tmp_path / "bad",
+                           {field: value})
     with pytest.raises(ValueError, match=match):
-        import_hf(str(bad))
+        import_hf(bad)

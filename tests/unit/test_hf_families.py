@@ -22,8 +22,9 @@ import torch
 
 from megamoe.config.schema import MoEConfig
 from megamoe.testing.hf import (
-    SHARD_BYTES, TOL, build_tiny, greedy_matches_recompute, hf_logits_BSV, imported_task,
-    load_and_gather_task, load_hf, max_abs_diff, megamoe_logits_BSV, sample_tokens_BS,
+    SHARD_BYTES, TOL, build_tiny, copy_with_config, greedy_matches_recompute, hf_logits_BSV,
+    imported_task, load_and_gather_task, load_hf, max_abs_diff, megamoe_logits_BSV,
+    sample_tokens_BS,
 )
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
@@ -217,12 +218,10 @@ def test_remote_export_loads_into_tp2_and_gathers_back_the_same_tensors(exports)
 def test_import_refuses_a_remote_config_the_code_cannot_run(exports, tmp_path):
     from megamoe.checkpoint.hf import import_hf
 
-    bad = tmp_path / "bad"
-    shutil.copytree(exports["remote_sigmoid"][0], bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, "router": "no_such_router"}))
+    bad = copy_with_config(exports["remote_sigmoid"][0], tmp_path / "bad",
+                           {"router": "no_such_router"})
     with pytest.raises(ValueError, match=r"config\.json: router: 'no_such_router'"):
-        import_hf(str(bad))
+        import_hf(bad)
 
 
 # ---- which family ------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from megamoe.testing.hf import (
-    SHARD_BYTES, TOL, build_tiny, convert_both_ways, export_engine, greedy_matches_recompute,
-    hf_logits_err, imported_errors, load_hf, load_imported, max_abs_diff, megamoe_logits_BSV,
-    randomize, reexport, sample_tokens_BS,
+    SHARD_BYTES, TOL, build_tiny, convert_both_ways, copy_with_config, export_engine,
+    greedy_matches_recompute, hf_logits_err, imported_errors, load_hf, load_imported, max_abs_diff,
+    megamoe_logits_BSV, randomize, reexport, sample_tokens_BS,
 )
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
@@ -325,18 +325,12 @@ def test_an_unknown_mor_option_is_refused_naming_it(monkeypatch, tmp_path):
 
 @pytest.mark.timeout(700)
 def test_remote_code_refuses_what_it_cannot_run(results, tmp_path):
-    import shutil
-
     from megamoe.checkpoint.hf import import_hf
 
     src = os.path.join(results[0], "expert_threshold_kv_cycle")
-    bad = tmp_path / "bad"
-    shutil.copytree(src, bad)
-    config = json.loads((bad / "config.json").read_text())
-    config["mor"] = {**config["mor"], "inference_rule": "argmax"}
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = copy_with_config(src, tmp_path / "bad", {"mor.inference_rule": "argmax"})
     with pytest.raises(ValueError, match=r"config\.json: mor\.inference_rule: 'argmax'"):
-        import_hf(str(bad))
+        import_hf(bad)
     hf, _ = load_hf(src)
     tokens_BS = sample_tokens_BS(TINY_VOCAB)
     padded_BS = torch.ones_like(tokens_BS)

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from megamoe.testing.hf import (
-    SHARD_BYTES, TOL, convert_both_ways, export_engine, hf_logits_err, imported_errors, load_hf,
-    load_imported, max_abs_diff, megamoe_logits_BSV, reexport, sample_tokens_BS,
+    SHARD_BYTES, TOL, convert_both_ways, copy_with_config, export_engine, hf_logits_err,
+    imported_errors, load_hf, load_imported, max_abs_diff, megamoe_logits_BSV, reexport,
+    sample_tokens_BS,
 )
 from megamoe.testing.parity import TINY_VOCAB
 from megamoe.testing.pool import run_distributed
@@ -189,14 +190,9 @@ def test_convert_carries_the_adapters_both_ways(tmp_path):
 ])
 def test_remote_config_refuses_adapters_it_cannot_run(field, value, match, results, tmp_path):
     """fc1 on the MoE pool of `expert_kv_moe_pool`, α = 0: refused naming the field."""
-    import shutil
-
     from megamoe.checkpoint.hf import import_hf
 
-    bad = tmp_path / "bad"
-    shutil.copytree(os.path.join(results[0], "expert_kv_moe_pool"), bad)
-    config = json.loads((bad / "config.json").read_text())
-    config["mor"] = {**config["mor"], field: value}
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = copy_with_config(os.path.join(results[0], "expert_kv_moe_pool"), tmp_path / "bad",
+                           {f"mor.{field}": value})
     with pytest.raises(ValueError, match=match):
-        import_hf(str(bad))
+        import_hf(bad)

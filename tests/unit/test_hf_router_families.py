@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from megamoe.testing.hf import (
-    TOL, build_tiny, context_logits_BSV, convert_both_ways, export_engine, hf_logits_err,
-    load_hf, load_imported, max_abs_diff, randomize, reexport, sample_tokens_BS,
+    TOL, build_tiny, context_logits_BSV, convert_both_ways, copy_with_config, export_engine,
+    hf_logits_err, load_hf, load_imported, max_abs_diff, randomize, reexport, sample_tokens_BS,
 )
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
@@ -115,8 +115,10 @@ def _controls(name, hf, ours, tokens_BS, out):
         shutil.rmtree(copy)
     if name == "modality_pools":
         ids_BS = tokens_BS % 2
-        yield "explicit_modality_ids", hf_logits_err(hf, ours, tokens_BS, modality_ids=ids_BS), False
-        yield "other_modality_ids", hf_logits_err(hf, ours, tokens_BS, modality_ids=1 - ids_BS), True
+        yield ("explicit_modality_ids", hf_logits_err(hf, ours, tokens_BS, modality_ids=ids_BS),
+               False)
+        yield ("other_modality_ids",
+               hf_logits_err(hf, ours, tokens_BS, modality_ids=1 - ids_BS), True)
 
 
 @torch.no_grad()
@@ -243,12 +245,10 @@ def test_export_refuses_tensors_without_the_router_buffers(results, tmp_path):
 @pytest.mark.timeout(300)
 def test_missing_context_without_a_synthetic_rule_raises(results, tmp_path):
     for name, kwarg in (("modality_pools", "modality_ids"), ("diff_moe", "timesteps")):
-        copy = tmp_path / name
-        shutil.copytree(os.path.join(results[0], name), copy)
-        config = json.loads((copy / "config.json").read_text())
-        config["routing_context"] = {"synthetic_modalities": 0, "synthetic_timesteps": False}
-        (copy / "config.json").write_text(json.dumps(config))
-        hf, _ = load_hf(str(copy))
+        copy = copy_with_config(
+            os.path.join(results[0], name), tmp_path / name,
+            {"routing_context": {"synthetic_modalities": 0, "synthetic_timesteps": False}})
+        hf, _ = load_hf(copy)
         with pytest.raises(ValueError, match=kwarg):
             hf(input_ids=sample_tokens_BS(TINY_VOCAB))
 
