@@ -3,12 +3,11 @@ loads it and gives megamoe's logits; `--from hf` brings it back and training res
 TP2·EP2 from it."""
 
 import json
-import os
 
 import pytest
-import torch
 
 from megamoe.testing.checkpointing import checkpoint_logits
+from megamoe.testing.hf import hf_logits_BSV, load_hf, sample_tokens_BS
 from megamoe.testing.pool import run_distributed
 
 TRAIN = ["--config", "configs/quickstart.yaml", "--set", "train.steps=3",
@@ -18,7 +17,7 @@ TRAIN = ["--config", "configs/quickstart.yaml", "--set", "train.steps=3",
 
 @pytest.mark.timeout(900)
 def test_export_loads_in_transformers_and_imports_back(cli, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     run = tmp_path / "run"
     out = cli("train", *TRAIN, "--set", "parallel.world_size=2", "--set", "parallel.tensor=1",
               "--set", "parallel.expert=2", "--set", f"run.dir={run}")
@@ -29,13 +28,11 @@ def test_export_loads_in_transformers_and_imports_back(cli, tmp_path):
     index = json.loads((hf / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
 
-    tokens = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    tokens = sample_tokens_BS(64, S=32)
     step_dir = str(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
     ours = run_distributed(checkpoint_logits, 1, step_dir, tokens)[0]
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        theirs = model(tokens).logits
+    model, _ = load_hf(str(hf))
+    theirs = hf_logits_BSV(model, tokens)
     assert (ours - theirs).abs().max().item() < 1e-4
 
     imported = tmp_path / "imported"

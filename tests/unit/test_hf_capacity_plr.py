@@ -29,12 +29,13 @@ import os
 import pytest
 import torch
 
-from megamoe.testing.parity import TINY_VOCAB, tiny_config
-from megamoe.testing.pool import run_distributed
-from test_hf_convert import SHARD_BYTES, TOL, _tokens_BS
-from test_hf_router_families import (
-    NO_AUX, NON_CAUSAL, _build, _context_forward, _err, _load_hf, _randomize,
+from megamoe.testing.hf import (
+    SHARD_BYTES, TOL, build_tiny, context_logits_BSV, copy_with_config, export_engine,
+    hf_logits_err, load_hf, load_imported, max_abs_diff, randomize, reexport, sample_tokens_BS,
 )
+from megamoe.testing.parity import TINY_VOCAB
+from megamoe.testing.pool import run_distributed
+from test_hf_router_families import NO_AUX, NON_CAUSAL
 
 MOR = ["model.num_layers=8", "model.mor.enabled=true", "model.mor.num_recursions=3"]
 CAPACITY = {
@@ -106,24 +107,24 @@ def _controls(name, hf, ours, tokens_BS, engine, cfg):
     gates = [layer.mlp.gate for layer in _hf_moe_layers(hf)]
     if name in CAPACITY:
         alone_hf = hf(input_ids=tokens_BS[:1], use_cache=False).logits
-        alone_ours = _context_forward(engine, cfg, tokens_BS[:1])
+        alone_ours = context_logits_BSV(engine, cfg, tokens_BS[:1])
         yield "sample_alone_vs_megamoe_alone", (alone_hf - alone_ours).abs().max().item(), False
         yield "sample_alone_vs_in_batch", (alone_hf - ours[:1]).abs().max().item(), True
         if name == "mor_token_position":
             yield from _order_controls(hf, ours, tokens_BS)
         for g in gates:
             g.capacity_factor = None
-        yield "no_dropping", _err(hf, ours, tokens_BS), True
+        yield "no_dropping", hf_logits_err(hf, ours, tokens_BS), True
     else:
         target = gates[0].plr_target
         saved = target.clone()
         target.add_(1.0)
-        yield "hf_plr_target_perturbed", _err(hf, ours, tokens_BS), False
+        yield "hf_plr_target_perturbed", hf_logits_err(hf, ours, tokens_BS), False
         target.copy_(saved)
         hidden = [g.plr_hidden for g in gates]
         for g in gates:
             g.plr_hidden = None
-        yield "no_plr_hidden", _err(hf, ours, tokens_BS), True
+        yield "no_plr_hidden", hf_logits_err(hf, ours, tokens_BS), True
         for g, h in zip(gates, hidden):
             g.plr_hidden = h
 
@@ -138,9 +139,9 @@ def _order_controls(hf, ours, tokens_BS):
     compact_order = remote.compact_order
     B, S = tokens_BS.shape
     remote.compact_order = lambda active_BS: compact_order(active_BS).sort().values
-    yield "mor_tokens_in_megatron_order", _err(hf, ours, tokens_BS), True
+    yield "mor_tokens_in_megatron_order", hf_logits_err(hf, ours, tokens_BS), True
     remote.compact_order = lambda active_BS: torch.arange(B * S)
-    yield "mor_all_tokens_routed", _err(hf, ours, tokens_BS), True
+    yield "mor_all_tokens_routed", hf_logits_err(hf, ours, tokens_BS), True
     remote.compact_order = compact_order
 
 
@@ -150,39 +151,32 @@ def _megamoe_ignores_plr_target(engine, cfg, ours, tokens_BS) -> bool:
 
     for layer in moe_layers(engine.modules):
         layer.router.plr_target.add_(1.0)
-    again = _context_forward(engine, cfg, tokens_BS)
+    again = context_logits_BSV(engine, cfg, tokens_BS)
     for layer in moe_layers(engine.modules):
         layer.router.plr_target.sub_(1.0)
     return torch.equal(again, ours)
 
 
 def capacity_plr_task(root):
-    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
-    from megamoe.checkpoint.hf import export_hf, family_for, import_hf, read_safetensors
-    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
-    from megamoe.models.global_view import gather_global
+    from megamoe.checkpoint.hf import family_for
     from megamoe.models.lm import moe_layers
 
-    tokens_BS = _tokens_BS(TINY_VOCAB)
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
     results = {}
     for name, overrides in CASES.items():
-        cfg, engine = _build(overrides)
-        _randomize(engine)
-        if name in PLR:
-            for layer in moe_layers(engine.modules):
-                layer.router.threshold_ema.fill_(PLR_THRESHOLD)
-        tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
+        cfg, engine = build_tiny(overrides)
+        randomize(engine, race_threshold=PLR_THRESHOLD)     # only race_plr has a threshold
         out = os.path.join(root, name)
-        export_hf(tensors, cfg, out, max_shard_bytes=SHARD_BYTES)
+        tensors = export_engine(engine, cfg, out, max_shard_bytes=SHARD_BYTES)
         ours_maps, hf_maps = MapRecorder(), MapRecorder()
         for layer in moe_layers(engine.modules):
             ours_maps.wrap_megamoe(layer.router)
-        ours = _context_forward(engine, cfg, tokens_BS)
-        hf, not_loaded = _load_hf(out)
+        ours = context_logits_BSV(engine, cfg, tokens_BS)
+        hf, not_loaded = load_hf(out)
         for layer in _hf_moe_layers(hf):
             hf_maps.hook_hf(layer.mlp.gate)
         r = {"family": family_for(cfg).MODEL_TYPE, "not_loaded": not_loaded,
-             "err": _err(hf, ours, tokens_BS), "scale": ours.abs().max().item()}
+             "err": hf_logits_err(hf, ours, tokens_BS), "scale": ours.abs().max().item()}
         hf_dropped = list(hf_maps.dropped)          # the compared forward's calls only
         mine, theirs = ours_maps.take(), hf_maps.take()
         r["same_maps"] = len(mine) == len(theirs) > 0 and all(
@@ -195,22 +189,10 @@ def capacity_plr_task(root):
                                                                           tokens_BS)
         r["controls"] = {c: (e, differ) for c, e, differ
                          in _controls(name, hf, ours, tokens_BS, engine, cfg)}
-        hf_overrides, back = import_hf(out)
-        want, got = unstack_layers(tensors), unstack_layers(back)
-        r["import_same"] = sorted(want) == sorted(got) and all(
-            torch.equal(want[k], got[k]) for k in want)
-        again = out + "-again"
-        export_hf(back, tiny_config(hf_overrides), again, max_shard_bytes=SHARD_BYTES)
-        first, second = read_safetensors(out), read_safetensors(again)
-        r["reexport_same"] = sorted(first) == sorted(second) and all(
-            torch.equal(first[k], second[k]) for k in first)
-        with open(os.path.join(out, "config.json")) as a, \
-                open(os.path.join(again, "config.json")) as b:
-            r["config_same"] = json.load(a) == json.load(b)
-        cfg2, engine2 = _build(hf_overrides)
-        load_global_into(engine2.modules, back)
-        load_router_buffers(engine2.modules, back)
-        r["import_err"] = (_context_forward(engine2, cfg2, tokens_BS) - ours).abs().max().item()
+        checks, hf_overrides, back = reexport(out, tensors, max_shard_bytes=SHARD_BYTES)
+        r.update(checks)
+        cfg2, engine2, _ = load_imported(hf_overrides, back)
+        r["import_err"] = max_abs_diff(context_logits_BSV(engine2, cfg2, tokens_BS), ours)
         results[name] = r
     return results
 
@@ -266,7 +248,7 @@ def test_plr_target_head_does_not_change_inference_but_travels(results):
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_import_export_is_the_identity(name, results):
     r = results[1][name]
-    assert r["import_same"] and r["reexport_same"] and r["config_same"]
+    assert r["import_same"] and r["reexport_same"] and r["same_config.json"]
     assert r["import_err"] < 1e-6, r["import_err"]
     shards = [f for f in os.listdir(os.path.join(results[0], name))
               if f.endswith(".safetensors")]
@@ -291,13 +273,9 @@ def test_folder_records_the_capacity(results):
     ("capacity_factor", 0.0, r"capacity_factor: 0\.0; must be > 0"),
 ])
 def test_remote_config_refuses_a_capacity_it_cannot_run(field, value, match, results, tmp_path):
-    import shutil
-
     from megamoe.checkpoint.hf import import_hf
 
-    bad = tmp_path / "bad"
-    shutil.copytree(os.path.join(results[0], "topk_probs"), bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, field: value}))
+    bad = copy_with_config(os.path.join(results[0], "topk_probs"), tmp_path / "bad",
+                           {field: value})
     with pytest.raises(ValueError, match=match):
-        import_hf(str(bad))
+        import_hf(bad)

@@ -13,56 +13,18 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from megamoe.testing.hf import (
+    SHARD_BYTES, TOL, build_tiny, hf_logits_BSV, imported_task, load_and_gather_task, load_hf,
+    max_abs_diff, megamoe_logits_BSV, sample_tokens_BS,
+)
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
 
-TOL = 1e-4
-SHARD_BYTES = 64 * 1024          # the tiny models are ~0.2-0.5 MB: several shards
 MIXTRAL = ["model.num_layers=2", "model.init_method_std=0.1"]
 QWEN2MOE = ["model.add_qkv_bias=true", "model.moe.shared_expert_ffn_hidden_size=32",
             "model.moe.shared_expert_gate=true", "model.moe.layer_freq=2",
             "model.tie_embeddings=true", "model.init_method_std=0.1"]
-
-
-def _tokens_BS(vocab: int, B: int = 2, S: int = 16) -> torch.Tensor:
-    return torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(0))
-
-
-def _engine(overrides):
-    from megamoe.training.engine import build_engine
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    cfg = tiny_config([*overrides, f"parallel.world_size={world}"])
-    vocab = cfg.model.vocab_size or TINY_VOCAB
-    return cfg, build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
-
-
-@torch.no_grad()
-def _megamoe_logits(engine, tokens_BS):
-    """[B, S, V] on every rank; under TP the output layer is vocab-parallel: gather the shards."""
-    model = engine.modules[0]
-    model.eval()
-    S = tokens_BS.shape[1]
-    logits_BSV = model(tokens_BS, torch.arange(S).expand_as(tokens_BS), None)
-    tp = engine.pg.tp
-    if tp.size() > 1:
-        parts = [torch.empty_like(logits_BSV) for _ in range(tp.size())]
-        dist.all_gather(parts, logits_BSV.contiguous(), group=tp)
-        logits_BSV = torch.cat(parts, dim=-1)
-    return logits_BSV
-
-
-@torch.no_grad()
-def _hf_logits(model, tokens_BS):
-    return model(input_ids=tokens_BS).logits.float()
-
-
-def _load_hf(hf_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
 
 def export_task(overrides, out_dir, tokenizer=None):
@@ -71,60 +33,19 @@ def export_task(overrides, out_dir, tokenizer=None):
     from megamoe.checkpoint.hf import export_hf
     from megamoe.models.global_view import gather_global
 
-    cfg, engine = _engine(overrides)
+    cfg, engine = build_tiny(overrides)
     tensors = gather_global(engine.modules)
     export_hf(tensors, cfg, out_dir, tokenizer=tokenizer, max_shard_bytes=SHARD_BYTES)
-    tokens_BS = _tokens_BS(TINY_VOCAB)
-    ours = _megamoe_logits(engine, tokens_BS)
-    hf = _load_hf(out_dir)
-    err = (_hf_logits(hf, tokens_BS) - ours).abs().max().item()
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
+    ours = megamoe_logits_BSV(engine, tokens_BS)
+    hf, _ = load_hf(out_dir)
+    err = max_abs_diff(hf_logits_BSV(hf, tokens_BS), ours)
     with torch.no_grad():
         k = hf.model.layers[0].self_attn.k_proj.weight
         k.copy_(torch.cat(k.chunk(2, dim=0)[::-1]))
-    control = (_hf_logits(hf, tokens_BS) - ours).abs().max().item()
+    control = max_abs_diff(hf_logits_BSV(hf, tokens_BS), ours)
     return {"err": err, "control": control, "scale": ours.abs().max().item(),
             "architecture": type(hf).__name__, "tensors": tensors}
-
-
-def _expert_axis(key: str) -> int:
-    """The expert axis of an `experts.experts.*` tensor: 1 when layers are stacked [L, E, ...]."""
-    from megamoe.checkpoint.global_load import LAYER_PREFIX
-
-    stacked = key.startswith(LAYER_PREFIX) and not key[len(LAYER_PREFIX):].split(".")[0].isdigit()
-    return 1 if stacked else 0
-
-
-def imported_task(hf_dir, overrides=(), roll_experts=False):
-    """Import an HF folder (router buffers included) into a megamoe model of this pool's
-    layout; logits on rank 0. `roll_experts` (control) moves every expert to the next index,
-    away from its router row."""
-    from megamoe.checkpoint.global_load import load_global_into
-    from megamoe.checkpoint.hf import import_hf
-    from megamoe.checkpoint.router_state import load_router_buffers
-
-    hf_overrides, tensors = import_hf(hf_dir)
-    if roll_experts:
-        tensors = {k: v.roll(1, dims=_expert_axis(k)) if ".experts.experts." in k else v
-                   for k, v in tensors.items()}
-    _, engine = _engine([*hf_overrides, *overrides])
-    load_global_into(engine.modules, tensors)
-    load_router_buffers(engine.modules, tensors)
-    logits = _megamoe_logits(engine, _tokens_BS(engine.modules[0].vocab_size))
-    return logits if dist.get_rank() == 0 else None
-
-
-def load_and_gather_task(hf_dir, overrides=()):
-    """Load an imported folder into this pool's layout and gather it back: max |difference|."""
-    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
-    from megamoe.checkpoint.hf import import_hf
-    from megamoe.models.global_view import gather_global
-
-    hf_overrides, tensors = import_hf(hf_dir)
-    _, engine = _engine([*hf_overrides, *overrides])
-    load_global_into(engine.modules, tensors)
-    want, got = unstack_layers(tensors), unstack_layers(gather_global(engine.modules))
-    assert sorted(want) == sorted(got), sorted(set(want) ^ set(got))
-    return max((want[k] - got[k]).abs().max().item() for k in want)
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -231,7 +152,7 @@ def hf_mixtral(tmp_path_factory):
     model = MixtralForCausalLM(config).eval()
     out = str(tmp_path_factory.mktemp("hf") / "mixtral")
     model.save_pretrained(out)
-    return out, _hf_logits(model, _tokens_BS(96))
+    return out, hf_logits_BSV(model, sample_tokens_BS(96))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +175,8 @@ def test_imported_model_under_parallel_layouts_matches_one_rank(layout, hf_mixtr
     got = run_distributed(imported_task, 2, hf_mixtral[0], layout)[0]
     assert got.shape == imported_one_rank.shape
     assert (got - imported_one_rank).abs().max().item() < TOL
-    control = run_distributed(imported_task, 2, hf_mixtral[0], layout, roll_experts=True)[0]
+    control = run_distributed(imported_task, 2, hf_mixtral[0], layout,
+                              control="roll_experts")[0]
     assert (control - imported_one_rank).abs().max().item() > 100 * TOL
 
 
@@ -267,7 +189,7 @@ def test_import_reads_transformers_fused_expert_tensors(hf_mixtral, tmp_path):
 
     from megamoe.checkpoint.hf import import_hf
 
-    state = {k: v.detach().clone() for k, v in _load_hf(hf_mixtral[0]).state_dict().items()}
+    state = {k: v.detach().clone() for k, v in load_hf(hf_mixtral[0])[0].state_dict().items()}
     assert state["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 32)
     save_file(state, str(tmp_path / "model.safetensors"))
     shutil.copy(os.path.join(hf_mixtral[0], "config.json"), tmp_path)

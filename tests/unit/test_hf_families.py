@@ -21,9 +21,13 @@ import pytest
 import torch
 
 from megamoe.config.schema import MoEConfig
+from megamoe.testing.hf import (
+    SHARD_BYTES, TOL, build_tiny, copy_with_config, greedy_matches_recompute, hf_logits_BSV,
+    imported_task, load_and_gather_task, load_hf, max_abs_diff, megamoe_logits_BSV,
+    sample_tokens_BS,
+)
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
-from test_hf_convert import SHARD_BYTES, TOL, _engine, _hf_logits, _megamoe_logits, _tokens_BS
 
 # `model.moe.renormalize` comes with the router variants; without it megamoe always renormalises
 HAS_RENORMALIZE = "renormalize" in MoEConfig.__dataclass_fields__
@@ -39,16 +43,6 @@ REMOTE_MIXED = ["model.moe.layer_freq=[1,0,1,0]", "model.add_qkv_bias=true",
                 "model.init_method_std=0.1"]
 FLIPS = {"qwen3_moe": "norm_topk_prob", "megamoe": "score_function"}   # control: flip it
 FLIPPED = {True: False, False: True, "softmax": "sigmoid", "sigmoid": "softmax"}
-
-
-def _load(hf_dir):
-    """transformers' model of the folder, and what it could not load (must be nothing)."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32, trust_remote_code=True, local_files_only=True,
-        output_loading_info=True)
-    return model.eval(), {k: v for k, v in info.items() if v}
 
 
 def _edited_copy(src, dst, *, tensor=None, field=None):
@@ -73,30 +67,20 @@ def _edited_copy(src, dst, *, tensor=None, field=None):
         save_file(tensors, shard, metadata={"format": "pt"})
 
 
-@torch.no_grad()
-def _greedy_matches_recompute(model, tokens_BS, steps: int = 4) -> bool:
-    out = model.generate(tokens_BS, max_new_tokens=steps, do_sample=False)
-    ref = tokens_BS
-    for _ in range(steps):
-        next_B1 = model(ref, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        ref = torch.cat([ref, next_B1], dim=1)
-    return torch.equal(out, ref)
-
-
 def export_task(overrides, out_dir):
     """Export a megamoe model and compare transformers' logits with megamoe's: as exported,
     with one expert weight doubled and with one config field flipped."""
     from megamoe.checkpoint.hf import export_hf, family_for
     from megamoe.models.global_view import gather_global
 
-    cfg, engine = _engine(overrides)
+    cfg, engine = build_tiny(overrides)
     tensors = gather_global(engine.modules)
     export_hf(tensors, cfg, out_dir, max_shard_bytes=SHARD_BYTES)
     family = family_for(cfg)
-    tokens_BS = _tokens_BS(TINY_VOCAB)
-    ours = _megamoe_logits(engine, tokens_BS)
-    hf, not_loaded = _load(out_dir)
-    err = (_hf_logits(hf, tokens_BS) - ours).abs().max().item()
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
+    ours = megamoe_logits_BSV(engine, tokens_BS)
+    hf, not_loaded = load_hf(out_dir)
+    err = max_abs_diff(hf_logits_BSV(hf, tokens_BS), ours)
     expert = ("model.layers.0.mlp.experts.down_proj" if family.NAMES.fused_experts
               else "model.layers.0.mlp.experts.1.down_proj.weight")
     controls = {}
@@ -104,11 +88,11 @@ def export_task(overrides, out_dir):
                        ("field", {"field": FLIPS[family.MODEL_TYPE]})):
         copy = f"{out_dir}-{name}"
         _edited_copy(out_dir, copy, **edit)
-        controls[name] = (_hf_logits(_load(copy)[0], tokens_BS) - ours).abs().max().item()
+        controls[name] = max_abs_diff(hf_logits_BSV(load_hf(copy)[0], tokens_BS), ours)
         shutil.rmtree(copy)
     return {"err": err, "controls": controls, "scale": ours.abs().max().item(),
             "architecture": type(hf).__name__, "not_loaded": not_loaded, "tensors": tensors,
-            "greedy": _greedy_matches_recompute(hf, tokens_BS[:, :6])}
+            "greedy": greedy_matches_recompute(hf, tokens_BS[:, :6], steps=4)}
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +197,11 @@ def hf_qwen3moe(tmp_path_factory):
             layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     out = str(tmp_path_factory.mktemp("hf") / "qwen3moe")
     model.save_pretrained(out)
-    return out, _hf_logits(model, _tokens_BS(96))
+    return out, hf_logits_BSV(model, sample_tokens_BS(96))
 
 
 @pytest.mark.timeout(300)
 def test_imported_qwen3moe_matches_transformers(hf_qwen3moe):
-    from test_hf_convert import imported_task
-
     out, reference = hf_qwen3moe
     assert reference.abs().max() > 0.1
     assert (run_distributed(imported_task, 1, out)[0] - reference).abs().max().item() < TOL
@@ -229,8 +211,6 @@ def test_imported_qwen3moe_matches_transformers(hf_qwen3moe):
 
 @pytest.mark.timeout(300)
 def test_remote_export_loads_into_tp2_and_gathers_back_the_same_tensors(exports):
-    from test_hf_convert import load_and_gather_task
-
     out = exports["remote_sigmoid"][0]       # QK-norm, gated shared expert, tied, under TP
     assert run_distributed(load_and_gather_task, 2, out, ["parallel.tensor=2"])[0] == 0.0
 
@@ -238,12 +218,10 @@ def test_remote_export_loads_into_tp2_and_gathers_back_the_same_tensors(exports)
 def test_import_refuses_a_remote_config_the_code_cannot_run(exports, tmp_path):
     from megamoe.checkpoint.hf import import_hf
 
-    bad = tmp_path / "bad"
-    shutil.copytree(exports["remote_sigmoid"][0], bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, "router": "no_such_router"}))
+    bad = copy_with_config(exports["remote_sigmoid"][0], tmp_path / "bad",
+                           {"router": "no_such_router"})
     with pytest.raises(ValueError, match=r"config\.json: router: 'no_such_router'"):
-        import_hf(str(bad))
+        import_hf(bad)
 
 
 # ---- which family ------------------------------------------------------------------------------

@@ -20,9 +20,13 @@ import os
 import pytest
 import torch
 
+from megamoe.testing.hf import (
+    SHARD_BYTES, TOL, build_tiny, convert_both_ways, copy_with_config, export_engine,
+    greedy_matches_recompute, hf_logits_err, imported_errors, load_hf, load_imported, max_abs_diff,
+    megamoe_logits_BSV, randomize, reexport, sample_tokens_BS,
+)
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
-from test_hf_convert import SHARD_BYTES, TOL, _tokens_BS, imported_task
 
 EXPERT = ["model.mor.router=expert", "model.mor.allow_non_causal=true"]
 TOKEN = ["model.mor.router=token"]
@@ -54,31 +58,20 @@ DEPTH_BIAS = torch.tensor([0.02, -0.01, 0.0])       # loss-free b: moves some de
 
 
 def _build(overrides):
-    from megamoe.training.engine import build_engine
-
-    cfg = tiny_config(["parallel.world_size=1", "model.mor.enabled=true",
-                       "model.mor.num_recursions=3", *overrides])
-    return cfg, build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False,
-                             ddp=False)
+    """A tiny MoR model (3 recursions) on one rank."""
+    return build_tiny(["model.mor.enabled=true", "model.mor.num_recursions=3", *overrides])
 
 
 @torch.no_grad()
 def _randomize(engine, name):
-    """Every parameter random (norms around 1), MoE selection biases and the token-choice
-    depth bias non-zero (under `balancing: loss` both sides must ignore it). Cycle + σ > 0.5 + KV sharing: the embeddings share a direction u and θ_1 = 2u,
-    so that step 0 keeps every token (KV sharing needs it) while later steps drop some."""
-    from megamoe.models.lm import moe_layers
+    """`randomize`, and the token-choice depth bias non-zero (under `balancing: loss` both
+    sides must ignore it). Cycle + σ > 0.5 + KV sharing: the embeddings share a direction u
+    and θ_1 = 2u, so that step 0 keeps every token (KV sharing needs it) while later steps
+    drop some."""
     from megamoe.mor.decoder import mor_decoders
 
-    g = torch.Generator().manual_seed(1)
+    g = randomize(engine)
     model = engine.modules[0]
-    for pname, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        p.copy_(1.0 + 0.2 * noise if "norm" in pname else 0.1 * noise)
-    for layer in moe_layers(engine.modules):
-        if getattr(layer.router, "selection_bias", None) is not None:
-            bias = layer.router.selection_bias
-            bias.copy_(0.3 * torch.randn(bias.shape, generator=g))
     router = mor_decoders(engine.modules)[0].recursion.router
     if hasattr(router, "router_bias"):
         router.router_bias.copy_(DEPTH_BIAS)
@@ -94,24 +87,8 @@ def _megamoe_eval(engine, tokens_BS):
     """megamoe's eval-mode logits and the recursion block's kept fractions per step."""
     from megamoe.mor.decoder import mor_decoders
 
-    model = engine.modules[0]
-    model.eval()
-    logits = model(tokens_BS, torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS), None)
+    logits = megamoe_logits_BSV(engine, tokens_BS)
     return logits, dict(mor_decoders(engine.modules)[0].recursion.last_stats)
-
-
-def _load_hf(out):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, trust_remote_code=True, local_files_only=True,
-        output_loading_info=True)
-    return model.eval(), {k: v for k, v in info.items() if v}
-
-
-@torch.no_grad()
-def _err(hf, ours, tokens_BS) -> float:
-    return (hf(input_ids=tokens_BS, use_cache=False).logits - ours).abs().max().item()
 
 
 def _hf_stats(hf, token_choice: bool, total: int) -> dict:
@@ -131,87 +108,63 @@ def _controls(name, hf, ours, tokens_BS):
     w = rec.layers[0].self_attn.o_proj.weight
     saved = w.clone()
     w.add_(0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(9)))
-    yield "pool_weight", _err(hf, ours, tokens_BS)
+    yield "pool_weight", hf_logits_err(hf, ours, tokens_BS)
     w.copy_(saved)
     if name.startswith("expert"):
         rule = rec.router.rule
         if not (rec.kv_sharing and rule == "topk"):       # threshold may drop step-0 tokens
             rec.router.rule = "topk" if rule == "threshold" else "threshold"
-            yield "other_inference_rule", _err(hf, ours, tokens_BS)
+            yield "other_inference_rule", hf_logits_err(hf, ours, tokens_BS)
             rec.router.rule = rule
         else:
             rec.kv_sharing = False
-            yield "no_kv_sharing", _err(hf, ours, tokens_BS)
+            yield "no_kv_sharing", hf_logits_err(hf, ours, tokens_BS)
             rec.kv_sharing = True
     if name == "expert_topk":
         rec.kv_sharing = True
-        yield "kv_sharing", _err(hf, ours, tokens_BS)
+        yield "kv_sharing", hf_logits_err(hf, ours, tokens_BS)
         rec.kv_sharing = False
     if name == "token_sequence_kv":
         rec.kv_sharing = False
-        yield "no_kv_sharing", _err(hf, ours, tokens_BS)
+        yield "no_kv_sharing", hf_logits_err(hf, ours, tokens_BS)
         rec.kv_sharing = True
     gating = rec.gating
     rec.gating = "additive" if gating == "weighted" else "weighted"
-    yield "other_gating", _err(hf, ours, tokens_BS)
+    yield "other_gating", hf_logits_err(hf, ours, tokens_BS)
     rec.gating = gating
     if name == "token_loss_free":
         rec.router.router_bias.zero_()
-        yield "no_depth_bias", _err(hf, ours, tokens_BS)
+        yield "no_depth_bias", hf_logits_err(hf, ours, tokens_BS)
         rec.router.router_bias.copy_(DEPTH_BIAS)
-
-
-def _same_tensors(a: dict, b: dict) -> bool:
-    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@torch.no_grad()
-def _greedy_matches_recompute(model, tokens_BS, steps: int = 3) -> bool:
-    out = model.generate(tokens_BS, max_new_tokens=steps, do_sample=False)
-    ref = tokens_BS
-    for _ in range(steps):
-        next_B1 = model(ref, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        ref = torch.cat([ref, next_B1], dim=1)
-    return torch.equal(out, ref)
 
 
 def mor_task(root):
     """Every case: export, load with transformers, compare, controls, round trip."""
-    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
-    from megamoe.checkpoint.hf import export_hf, family_for, import_hf, read_safetensors
-    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
-    from megamoe.models.global_view import gather_global
+    from megamoe.checkpoint.hf import family_for
 
-    tokens_BS = _tokens_BS(TINY_VOCAB)
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
     results = {}
     for name, overrides in CASES.items():
         cfg, engine = _build(overrides)
         _randomize(engine, name)
-        tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
         out = os.path.join(root, name)
-        export_hf(tensors, cfg, out, max_shard_bytes=SHARD_BYTES)
+        tensors = export_engine(engine, cfg, out, max_shard_bytes=SHARD_BYTES)
         ours, stats = _megamoe_eval(engine, tokens_BS)
-        hf, not_loaded = _load_hf(out)
+        hf, not_loaded = load_hf(out)
         token = name.startswith("token")
         r = {"family": family_for(cfg).MODEL_TYPE, "not_loaded": not_loaded,
-             "err": _err(hf, ours, tokens_BS), "scale": ours.abs().max().item(),
+             "err": hf_logits_err(hf, ours, tokens_BS), "scale": ours.abs().max().item(),
              "stats": stats, "hf_stats": _hf_stats(hf, token, tokens_BS.numel()),
              "kept": [k.tolist() for k in hf.model.recursion.last_kept]}
         if name == "token_loss_free":
-            r["greedy"] = _greedy_matches_recompute(hf, tokens_BS[:, :6])
+            r["greedy"] = greedy_matches_recompute(hf, tokens_BS[:, :6], steps=3)
         r["controls"] = dict(_controls(name, hf, ours, tokens_BS))
-        hf_overrides, back = import_hf(out)
-        r["import_same"] = _same_tensors(unstack_layers(tensors), unstack_layers(back))
-        again = out + "-again"
-        export_hf(back, tiny_config(hf_overrides), again, max_shard_bytes=SHARD_BYTES)
-        r["reexport_same"] = _same_tensors(read_safetensors(out), read_safetensors(again))
-        for fname in ("config.json", "model.safetensors.index.json"):
-            with open(os.path.join(out, fname)) as a, open(os.path.join(again, fname)) as b:
-                r[f"same_{fname}"] = json.load(a) == json.load(b)
-        cfg2, engine2 = _build(hf_overrides)
-        load_global_into(engine2.modules, back)
-        r["buffers_loaded"] = load_router_buffers(engine2.modules, back)
-        r["import_err"] = (_megamoe_eval(engine2, tokens_BS)[0] - ours).abs().max().item()
+        checks, hf_overrides, back = reexport(
+            out, tensors, files=("config.json", "model.safetensors.index.json"),
+            max_shard_bytes=SHARD_BYTES)
+        r.update(checks)
+        _, engine2, r["buffers_loaded"] = load_imported(hf_overrides, back, build=_build)
+        r["import_err"] = max_abs_diff(_megamoe_eval(engine2, tokens_BS)[0], ours)
         r["ours"] = ours
         results[name] = r
     return results
@@ -306,9 +259,7 @@ def test_export_import_export_is_the_identity(name, results):
 @pytest.mark.parametrize("name", EP2_CASES)
 def test_imported_mor_model_under_ep2_gives_the_same_logits(name, results):
     out, ours = os.path.join(results[0], name), results[1][name]["ours"]
-    got = run_distributed(imported_task, 2, out, ["parallel.expert=2"])[0]
-    control = run_distributed(imported_task, 2, out, ["parallel.expert=2"], roll_experts=True)[0]
-    err, moved = (got - ours).abs().max().item(), (control - ours).abs().max().item()
+    err, moved = imported_errors(out, ["parallel.expert=2"], ours, "roll_experts")
     print(f"{name} EP2: max |Δ| {err:.2e}, rolled experts {moved:.2e}")
     assert err < TOL and moved > 100 * TOL
 
@@ -317,34 +268,25 @@ def test_imported_mor_model_under_ep2_gives_the_same_logits(name, results):
 def test_imported_mor_model_under_tp2_gives_the_same_logits(results):
     """TP2 + SP with MoE in the pool: k_r = 16, 8, 4 divide by TP (config/mor.py)."""
     out, ours = os.path.join(results[0], "expert_topk_kv"), results[1]["expert_topk_kv"]["ours"]
-    got = run_distributed(imported_task, 2, out, ["parallel.tensor=2"])[0]
-    control = run_distributed(imported_task, 2, out, ["parallel.tensor=2"], roll_experts=True)[0]
-    err, moved = (got - ours).abs().max().item(), (control - ours).abs().max().item()
+    err, moved = imported_errors(out, ["parallel.tensor=2"], ours, "roll_experts")
     print(f"expert_topk_kv TP2: max |Δ| {err:.2e}, rolled experts {moved:.2e}")
     assert err < TOL and moved > 100 * TOL
 
 
 def convert_task(root):
     """`megamoe convert` both ways from a checkpoint of the token-choice loss-free model."""
-    from megamoe.checkpoint import convert
-    from megamoe.checkpoint.load import load_checkpoint
-    from megamoe.checkpoint.save import save_checkpoint
     from megamoe.models.lm import moe_layers
     from megamoe.mor.decoder import mor_decoders
 
     cfg, engine = _build(CASES["token_loss_free"])
     _randomize(engine, "token_loss_free")
-    ours, _ = _megamoe_eval(engine, _tokens_BS(TINY_VOCAB))
-    step_dir = save_checkpoint(os.path.join(root, "ckpt"), engine, {"vocab_size": TINY_VOCAB},
-                               config=cfg)
-    out = convert.to_hf(step_dir, os.path.join(root, "hf"), log=lambda *_: None)
-    imported = convert.from_hf(out, os.path.join(root, "imported"), log=lambda *_: None)
-    _, engine2 = _build(CASES["token_loss_free"])
-    load_checkpoint(engine2, imported, load_optimizer=False)
-    got, _ = _megamoe_eval(engine2, _tokens_BS(TINY_VOCAB))
+    ours, _ = _megamoe_eval(engine, sample_tokens_BS(TINY_VOCAB))
+    engine2 = convert_both_ways(engine, cfg, root, lambda: _build(CASES["token_loss_free"]),
+                                meta={"vocab_size": TINY_VOCAB})
+    got, _ = _megamoe_eval(engine2, sample_tokens_BS(TINY_VOCAB))
     biases = [layer.router.selection_bias.clone() for layer in moe_layers(engine.modules)]
     biases2 = [layer.router.selection_bias.clone() for layer in moe_layers(engine2.modules)]
-    return {"err": (got - ours).abs().max().item(),
+    return {"err": max_abs_diff(got, ours),
             "depth_bias": mor_decoders(engine2.modules)[0].recursion.router.router_bias.clone(),
             "selection_same": all(torch.equal(a, b) for a, b in zip(biases, biases2))}
 
@@ -383,20 +325,14 @@ def test_an_unknown_mor_option_is_refused_naming_it(monkeypatch, tmp_path):
 
 @pytest.mark.timeout(700)
 def test_remote_code_refuses_what_it_cannot_run(results, tmp_path):
-    import shutil
-
     from megamoe.checkpoint.hf import import_hf
 
     src = os.path.join(results[0], "expert_threshold_kv_cycle")
-    bad = tmp_path / "bad"
-    shutil.copytree(src, bad)
-    config = json.loads((bad / "config.json").read_text())
-    config["mor"] = {**config["mor"], "inference_rule": "argmax"}
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = copy_with_config(src, tmp_path / "bad", {"mor.inference_rule": "argmax"})
     with pytest.raises(ValueError, match=r"config\.json: mor\.inference_rule: 'argmax'"):
-        import_hf(str(bad))
-    hf, _ = _load_hf(src)
-    tokens_BS = _tokens_BS(TINY_VOCAB)
+        import_hf(bad)
+    hf, _ = load_hf(src)
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
     padded_BS = torch.ones_like(tokens_BS)
     padded_BS[:, 0] = 0
     with pytest.raises(ValueError, match="attention_mask: padding"):

@@ -21,10 +21,14 @@ import os
 import pytest
 import torch
 
-from megamoe.testing.parity import TINY_VOCAB, tiny_config
+from megamoe.testing.hf import (
+    SHARD_BYTES, TOL, convert_both_ways, copy_with_config, export_engine, hf_logits_err,
+    imported_errors, load_hf, load_imported, max_abs_diff, megamoe_logits_BSV, reexport,
+    sample_tokens_BS,
+)
+from megamoe.testing.parity import TINY_VOCAB
 from megamoe.testing.pool import run_distributed
-from test_hf_convert import SHARD_BYTES, TOL, _engine, _megamoe_logits, _tokens_BS
-from test_hf_mor import _build, _err, _load_hf, _megamoe_eval, _randomize, _same_tensors
+from test_hf_mor import _build, _randomize
 
 LORA = ["model.mor.lora_rank=4"]
 CASES = {
@@ -57,54 +61,41 @@ def _controls(hf, ours, tokens_BS, s):
     for name, p in lora.named_parameters():
         if name.endswith(".B"):
             p.zero_()
-    yield "adapters_zeroed", _err(hf, ours, tokens_BS)
+    yield "adapters_zeroed", hf_logits_err(hf, ours, tokens_BS)
     lora.load_state_dict(saved)
     q, kv = s.heads * s.head_dim, s.groups * s.head_dim
     for step in lora:
         for adapters in step:
             B = adapters["qkv"].B
             B.copy_(fuse_qkv(*B.split([q, kv, kv]), s, "control"))   # Megatron's row order
-    yield "qkv_B_in_megatron_rows", _err(hf, ours, tokens_BS)
+    yield "qkv_B_in_megatron_rows", hf_logits_err(hf, ours, tokens_BS)
     lora.load_state_dict(saved)
     lora[0], lora[1] = lora[1], lora[0]
-    yield "steps_0_1_swapped", _err(hf, ours, tokens_BS)
+    yield "steps_0_1_swapped", hf_logits_err(hf, ours, tokens_BS)
     lora[0], lora[1] = lora[1], lora[0]
 
 
 def lora_task(root):
     """Every case: export, load with transformers, compare, controls, round trip."""
-    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
-    from megamoe.checkpoint.hf import export_hf, import_hf, read_safetensors
     from megamoe.checkpoint.hf_layout import DecoderShape
-    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
-    from megamoe.models.global_view import gather_global
 
-    tokens_BS = _tokens_BS(TINY_VOCAB)
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
     results = {}
     for name, overrides in CASES.items():
         cfg, engine = _build(overrides)
         _randomize(engine, name)
-        tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
         out = os.path.join(root, name)
-        export_hf(tensors, cfg, out, max_shard_bytes=SHARD_BYTES)
-        ours, _ = _megamoe_eval(engine, tokens_BS)
-        hf, not_loaded = _load_hf(out)
-        r = {"not_loaded": not_loaded, "err": _err(hf, ours, tokens_BS),
+        tensors = export_engine(engine, cfg, out, max_shard_bytes=SHARD_BYTES)
+        ours = megamoe_logits_BSV(engine, tokens_BS)
+        hf, not_loaded = load_hf(out)
+        r = {"not_loaded": not_loaded, "err": hf_logits_err(hf, ours, tokens_BS),
              "min_abs_B": min(v.abs().max().item() for k, v in tensors.items()
                               if ".lora." in k and k.endswith(".B")),
              "controls": dict(_controls(hf, ours, tokens_BS, DecoderShape.from_config(cfg)))}
-        hf_overrides, back = import_hf(out)
-        r["import_same"] = _same_tensors(unstack_layers(tensors), unstack_layers(back))
-        again = out + "-again"
-        export_hf(back, tiny_config(hf_overrides), again, max_shard_bytes=SHARD_BYTES)
-        r["reexport_same"] = _same_tensors(read_safetensors(out), read_safetensors(again))
-        with open(os.path.join(out, "config.json")) as a, \
-                open(os.path.join(again, "config.json")) as b:
-            r["same_config"] = json.load(a) == json.load(b)
-        _, engine2 = _build(hf_overrides)
-        load_global_into(engine2.modules, back)
-        load_router_buffers(engine2.modules, back)
-        r["import_err"] = (_megamoe_eval(engine2, tokens_BS)[0] - ours).abs().max().item()
+        checks, hf_overrides, back = reexport(out, tensors, max_shard_bytes=SHARD_BYTES)
+        r.update(checks)
+        _, engine2, _ = load_imported(hf_overrides, back, build=_build)
+        r["import_err"] = max_abs_diff(megamoe_logits_BSV(engine2, tokens_BS), ours)
         r["ours"] = ours
         results[name] = r
     return results
@@ -156,60 +147,32 @@ def test_folder_has_shards_lora_config_and_adapter_tensors(results):
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_import_export_is_the_identity_with_adapters(name, results):
     r = results[1][name]
-    assert r["import_same"] and r["reexport_same"] and r["same_config"]
+    assert r["import_same"] and r["reexport_same"] and r["same_config.json"]
     assert r["import_err"] < 1e-6, r["import_err"]
-
-
-def imported_lora_task(hf_dir, overrides=(), zero_adapters=False):
-    """Import a LoRA folder into this pool's layout; logits on rank 0. `zero_adapters`
-    (control): every adapter's B set to 0 before loading."""
-    from megamoe.checkpoint.global_load import load_global_into
-    from megamoe.checkpoint.hf import import_hf
-    from megamoe.checkpoint.router_state import load_router_buffers
-
-    hf_overrides, tensors = import_hf(hf_dir)
-    if zero_adapters:
-        tensors = {k: torch.zeros_like(v) if ".lora." in k and k.endswith(".B") else v
-                   for k, v in tensors.items()}
-    _, engine = _engine([*hf_overrides, *overrides])
-    load_global_into(engine.modules, tensors)
-    load_router_buffers(engine.modules, tensors)
-    logits = _megamoe_logits(engine, _tokens_BS(engine.modules[0].vocab_size))
-    return logits if torch.distributed.get_rank() == 0 else None
 
 
 @pytest.mark.timeout(700)
 @pytest.mark.parametrize("name", list(CASES))
 def test_imported_lora_model_under_tp2_gives_the_same_logits(name, results):
     out, ours = os.path.join(results[0], name), results[1][name]["ours"]
-    got = run_distributed(imported_lora_task, 2, out, ["parallel.tensor=2"])[0]
-    control = run_distributed(imported_lora_task, 2, out, ["parallel.tensor=2"],
-                              zero_adapters=True)[0]
-    err, moved = (got - ours).abs().max().item(), (control - ours).abs().max().item()
+    err, moved = imported_errors(out, ["parallel.tensor=2"], ours, "zero_adapters")
     print(f"{name} TP2: max |Δ| {err:.2e}, adapters zeroed {moved:.2e}")
     assert err < TOL and moved > 100 * TOL
 
 
 def convert_task(root):
     """`megamoe convert` both ways from a checkpoint of the token-choice LoRA model."""
-    from megamoe.checkpoint import convert
-    from megamoe.checkpoint.load import load_checkpoint
-    from megamoe.checkpoint.save import save_checkpoint
     from megamoe.models.global_view import gather_global
 
     cfg, engine = _build(CASES["token_all_targets"])
     _randomize(engine, "token_all_targets")
-    ours, _ = _megamoe_eval(engine, _tokens_BS(TINY_VOCAB))
-    step_dir = save_checkpoint(os.path.join(root, "ckpt"), engine, {"vocab_size": TINY_VOCAB},
-                               config=cfg)
-    out = convert.to_hf(step_dir, os.path.join(root, "hf"), log=lambda *_: None)
-    imported = convert.from_hf(out, os.path.join(root, "imported"), log=lambda *_: None)
-    _, engine2 = _build(CASES["token_all_targets"])
-    load_checkpoint(engine2, imported, load_optimizer=False)
-    got, _ = _megamoe_eval(engine2, _tokens_BS(TINY_VOCAB))
+    ours = megamoe_logits_BSV(engine, sample_tokens_BS(TINY_VOCAB))
+    engine2 = convert_both_ways(engine, cfg, root, lambda: _build(CASES["token_all_targets"]),
+                                meta={"vocab_size": TINY_VOCAB})
+    got = megamoe_logits_BSV(engine2, sample_tokens_BS(TINY_VOCAB))
     a, b = gather_global(engine.modules), gather_global(engine2.modules)
     lora = [k for k in a if ".lora." in k]
-    return {"err": (got - ours).abs().max().item(), "lora_keys": len(lora),
+    return {"err": max_abs_diff(got, ours), "lora_keys": len(lora),
             "lora_same": all(torch.equal(a[k], b[k]) for k in lora)}
 
 
@@ -227,14 +190,9 @@ def test_convert_carries_the_adapters_both_ways(tmp_path):
 ])
 def test_remote_config_refuses_adapters_it_cannot_run(field, value, match, results, tmp_path):
     """fc1 on the MoE pool of `expert_kv_moe_pool`, α = 0: refused naming the field."""
-    import shutil
-
     from megamoe.checkpoint.hf import import_hf
 
-    bad = tmp_path / "bad"
-    shutil.copytree(os.path.join(results[0], "expert_kv_moe_pool"), bad)
-    config = json.loads((bad / "config.json").read_text())
-    config["mor"] = {**config["mor"], field: value}
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = copy_with_config(os.path.join(results[0], "expert_kv_moe_pool"), tmp_path / "bad",
+                           {f"mor.{field}": value})
     with pytest.raises(ValueError, match=match):
-        import_hf(str(bad))
+        import_hf(bad)

@@ -25,9 +25,12 @@ import shutil
 import pytest
 import torch
 
+from megamoe.testing.hf import (
+    TOL, build_tiny, context_logits_BSV, convert_both_ways, copy_with_config, export_engine,
+    hf_logits_err, load_hf, load_imported, max_abs_diff, randomize, reexport, sample_tokens_BS,
+)
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
-from test_hf_convert import TOL, _tokens_BS
 
 NO_AUX = ["model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"]
 NON_CAUSAL = ["model.moe.allow_non_causal=true"]
@@ -54,60 +57,6 @@ BATCH_DEPENDENT = ("vmoe", "expert_choice", "soft")   # choose over the call's B
 RACE_THRESHOLD = 0.3         # inside the identity scores' range (std ≈ 0.6)
 
 
-@torch.no_grad()
-def _randomize(engine):
-    """Every parameter and persistent router buffer random; norms and scales around 1."""
-    from megamoe.models.lm import moe_layers
-
-    g = torch.Generator().manual_seed(1)
-    for name, p in engine.modules[0].named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        one = "norm" in name or name.endswith("l2_norm.weight")
-        p.copy_(1.0 + 0.2 * noise if one else 0.1 * noise)
-    for layer in moe_layers(engine.modules):
-        router = layer.router
-        if getattr(router, "selection_bias", None) is not None:
-            router.selection_bias.copy_(0.3 * torch.randn(router.selection_bias.shape, generator=g))
-        if hasattr(router, "threshold_ema"):
-            router.threshold_ema.fill_(RACE_THRESHOLD)
-            router.threshold_updates.fill_(7.0)
-
-
-def _context_forward(engine, cfg, tokens_BS):
-    """megamoe's eval-mode logits with the config's synthetic routing context."""
-    from megamoe.data.synthetic_context import context_fields
-    from megamoe.moe.routing_context import RoutingContext
-
-    model = engine.modules[0]
-    model.eval()
-    fields = context_fields(tokens_BS, cfg.data, cfg.model.hidden_size)
-    model.routing_context_slot.set(RoutingContext(**fields))
-    with torch.no_grad():
-        return model(tokens_BS, torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS), None)
-
-
-def _build(overrides):
-    from megamoe.training.engine import build_engine
-
-    cfg = tiny_config([*overrides, "parallel.world_size=1"])
-    return cfg, build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False,
-                             ddp=False)
-
-
-def _load_hf(out):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, trust_remote_code=True, local_files_only=True,
-        output_loading_info=True)
-    return model.eval(), {k: v for k, v in info.items() if v}
-
-
-@torch.no_grad()
-def _err(hf, ours, tokens_BS, **kwargs):
-    return (hf(input_ids=tokens_BS, use_cache=False, **kwargs).logits - ours).abs().max().item()
-
-
 def _gates(hf):
     return [layer.mlp.gate for layer in hf.model.layers if layer.is_moe]
 
@@ -123,25 +72,25 @@ def _controls(name, hf, ours, tokens_BS, out):
     experts = next(layer.mlp.experts for layer in hf.model.layers if layer.is_moe)
     saved = experts.down_proj.clone()
     experts.down_proj.copy_(saved.roll(1, dims=0))       # experts away from their routes
-    yield "experts_rolled", _err(hf, ours, tokens_BS), True
+    yield "experts_rolled", hf_logits_err(hf, ours, tokens_BS), True
     experts.down_proj.copy_(saved)
     if name in ("topk_bias", "diff_moe"):
         saved = [g.selection_bias.clone() for g in gates]
         for g in gates:
             g.selection_bias.zero_()
-        yield "no_selection_bias", _err(hf, ours, tokens_BS), True
+        yield "no_selection_bias", hf_logits_err(hf, ours, tokens_BS), True
         for g, s in zip(gates, saved):
             g.selection_bias.copy_(s)
     if name == "diff_moe":
         from megamoe.data.synthetic_context import timesteps
 
         t_B = timesteps(tokens_BS)
-        yield "explicit_timesteps", _err(hf, ours, tokens_BS, timesteps=t_B), False
-        yield "shifted_timesteps", _err(hf, ours, tokens_BS, timesteps=t_B + 100), True
+        yield "explicit_timesteps", hf_logits_err(hf, ours, tokens_BS, timesteps=t_B), False
+        yield "shifted_timesteps", hf_logits_err(hf, ours, tokens_BS, timesteps=t_B + 100), True
         for g in gates:
             g.calibration.adaln_zero_bias.zero_()
             g.calibration.adaln_zero_weight.zero_()
-        yield "no_calibration", _err(hf, ours, tokens_BS), True
+        yield "no_calibration", hf_logits_err(hf, ours, tokens_BS), True
         from transformers import GenerationMixin
 
         hf.prepare_inputs_for_generation = functools.partial(   # timestep of the new token
@@ -151,7 +100,7 @@ def _controls(name, hf, ours, tokens_BS, out):
     if name == "vmoe":
         for g in gates:
             g.ratio = None
-        yield "no_eval_capacity", _err(hf, ours, tokens_BS), True
+        yield "no_eval_capacity", hf_logits_err(hf, ours, tokens_BS), True
     if name == "race":                       # the threshold zeroed in the folder itself
         from safetensors.torch import load_file, save_file
 
@@ -162,12 +111,14 @@ def _controls(name, hf, ours, tokens_BS, out):
         for key in [k for k in tensors if k.endswith("gate.threshold_ema")]:
             tensors[key].zero_()
         save_file(tensors, path, metadata={"format": "pt"})
-        yield "no_threshold", _err(_load_hf(copy)[0], ours, tokens_BS), True
+        yield "no_threshold", hf_logits_err(load_hf(copy)[0], ours, tokens_BS), True
         shutil.rmtree(copy)
     if name == "modality_pools":
         ids_BS = tokens_BS % 2
-        yield "explicit_modality_ids", _err(hf, ours, tokens_BS, modality_ids=ids_BS), False
-        yield "other_modality_ids", _err(hf, ours, tokens_BS, modality_ids=1 - ids_BS), True
+        yield ("explicit_modality_ids", hf_logits_err(hf, ours, tokens_BS, modality_ids=ids_BS),
+               False)
+        yield ("other_modality_ids",
+               hf_logits_err(hf, ours, tokens_BS, modality_ids=1 - ids_BS), True)
 
 
 @torch.no_grad()
@@ -186,44 +137,28 @@ def _cached_decoding_err(model, prompt_BS, steps: int = 4) -> float:
 
 def family_task(root):
     """Every family: export, load with transformers, compare; controls and round trips."""
-    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
-    from megamoe.checkpoint.hf import export_hf, family_for, import_hf, read_safetensors
-    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
-    from megamoe.models.global_view import gather_global
+    from megamoe.checkpoint.hf import family_for
 
-    tokens_BS = _tokens_BS(TINY_VOCAB)
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
     results = {}
     for name, overrides in FAMILIES.items():
-        cfg, engine = _build(overrides)
-        _randomize(engine)
-        tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
+        cfg, engine = build_tiny(overrides)
+        randomize(engine, race_threshold=RACE_THRESHOLD)
         out = os.path.join(root, name)
-        export_hf(tensors, cfg, out)
-        ours = _context_forward(engine, cfg, tokens_BS)
-        hf, not_loaded = _load_hf(out)
-        r = {"family": family_for(cfg).MODEL_TYPE, "err": _err(hf, ours, tokens_BS),
+        tensors = export_engine(engine, cfg, out)
+        ours = context_logits_BSV(engine, cfg, tokens_BS)
+        hf, not_loaded = load_hf(out)
+        r = {"family": family_for(cfg).MODEL_TYPE, "err": hf_logits_err(hf, ours, tokens_BS),
              "scale": ours.abs().max().item(), "not_loaded": not_loaded}
         if name in ("diff_moe", "modality_pools", "race"):   # synthetic context, buffers
             r["decode_err"] = _cached_decoding_err(hf, tokens_BS[:, :6])
         r["controls"] = {c: (err, differ) for c, err, differ    # edits hf: last
                          in _controls(name, hf, ours, tokens_BS, out)}
         if name in ROUND_TRIP:
-            hf_overrides, back = import_hf(out)
-            want, got = unstack_layers(tensors), unstack_layers(back)
-            r["import_same"] = sorted(want) == sorted(got) and all(
-                torch.equal(want[k], got[k]) for k in want)
-            again = out + "-again"
-            export_hf(back, tiny_config(hf_overrides), again)
-            first, second = read_safetensors(out), read_safetensors(again)
-            r["reexport_same"] = sorted(first) == sorted(second) and all(
-                torch.equal(first[k], second[k]) for k in first)
-            with open(os.path.join(out, "config.json")) as a, \
-                    open(os.path.join(again, "config.json")) as b:
-                r["config_same"] = json.load(a) == json.load(b)
-            cfg2, engine2 = _build(hf_overrides)          # megamoe from the imported folder
-            load_global_into(engine2.modules, back)
-            r["buffers_loaded"] = load_router_buffers(engine2.modules, back)
-            r["import_err"] = (_context_forward(engine2, cfg2, tokens_BS) - ours).abs().max().item()
+            checks, hf_overrides, back = reexport(out, tensors)
+            r.update(checks)
+            cfg2, engine2, r["buffers_loaded"] = load_imported(hf_overrides, back)
+            r["import_err"] = max_abs_diff(context_logits_BSV(engine2, cfg2, tokens_BS), ours)
         results[name] = r
     return results
 
@@ -231,18 +166,11 @@ def family_task(root):
 def convert_task(root):
     """`megamoe convert` both ways on a checkpoint of an Expert Race model: τ_ema (a router
     buffer) reaches the folder and comes back into the imported step-0 checkpoint."""
-    from megamoe.checkpoint import convert
-    from megamoe.checkpoint.load import load_checkpoint
-    from megamoe.checkpoint.save import save_checkpoint
     from megamoe.models.lm import moe_layers
 
-    cfg, engine = _build(FAMILIES["race"])
-    _randomize(engine)
-    step_dir = save_checkpoint(os.path.join(root, "ckpt"), engine, {}, config=cfg)
-    out = convert.to_hf(step_dir, os.path.join(root, "hf"), log=lambda *_: None)
-    imported = convert.from_hf(out, os.path.join(root, "imported"), log=lambda *_: None)
-    _, engine2 = _build(FAMILIES["race"])
-    load_checkpoint(engine2, imported, load_optimizer=False)
+    cfg, engine = build_tiny(FAMILIES["race"])
+    randomize(engine, race_threshold=RACE_THRESHOLD)
+    engine2 = convert_both_ways(engine, cfg, root, lambda: build_tiny(FAMILIES["race"]))
     return [layer.router.threshold_ema.item() for layer in moe_layers(engine2.modules)]
 
 
@@ -267,7 +195,7 @@ def test_transformers_logits_equal_megamoe_eval_logits(name, results):
 @pytest.mark.parametrize("name", ROUND_TRIP)
 def test_export_import_export_is_the_identity(name, results):
     r = results[1][name]
-    assert r["import_same"] and r["reexport_same"] and r["config_same"]
+    assert r["import_same"] and r["reexport_same"] and r["same_config.json"]
     assert r["import_err"] < 1e-6, r["import_err"]
     if name == "race":
         assert r["buffers_loaded"] == 3 * 2      # threshold_ema, threshold_updates × 3 layers
@@ -317,14 +245,12 @@ def test_export_refuses_tensors_without_the_router_buffers(results, tmp_path):
 @pytest.mark.timeout(300)
 def test_missing_context_without_a_synthetic_rule_raises(results, tmp_path):
     for name, kwarg in (("modality_pools", "modality_ids"), ("diff_moe", "timesteps")):
-        copy = tmp_path / name
-        shutil.copytree(os.path.join(results[0], name), copy)
-        config = json.loads((copy / "config.json").read_text())
-        config["routing_context"] = {"synthetic_modalities": 0, "synthetic_timesteps": False}
-        (copy / "config.json").write_text(json.dumps(config))
-        hf, _ = _load_hf(str(copy))
+        copy = copy_with_config(
+            os.path.join(results[0], name), tmp_path / name,
+            {"routing_context": {"synthetic_modalities": 0, "synthetic_timesteps": False}})
+        hf, _ = load_hf(copy)
         with pytest.raises(ValueError, match=kwarg):
-            hf(input_ids=_tokens_BS(TINY_VOCAB))
+            hf(input_ids=sample_tokens_BS(TINY_VOCAB))
 
 
 def test_mixture_of_recursions_recipe_exports_as_remote_code():
