@@ -52,7 +52,7 @@ increment 3: TP + SP; increment 4: PP):
                     continuous depth-wise batching (`policy="depth"`: exits free their slot for
                     queued tokens; "sequence" is the baseline). Reproduces the eval forward's
                     logits (tests/unit/mor/test_mor_generate.py); `tools/bench_mor.py` prints
-                    tokens/s of both policies.
+                    tokens/s of both policies. `generate_cli.py`: `megamoe generate`.
 - `stages.py`       pipeline stages: units [first unique layer, recursion block, last unique
                     layer] (Cycle/Sequence: the block), contiguous, ≥ 1 per stage, the block
                     never split (its steps share weights); the split minimises the largest
