@@ -103,20 +103,20 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
         if self.mode == "vlmo":
             expert_T = vlmo_experts(modality_T, self.num_modalities, self.is_vl_layer())
             routing_map_TE = F.one_hot(expert_T.long(), E).bool()
-            probs_TE = routing_map_TE.float()
-            stats = routing_stats(probs_TE, routing_map_TE, 1)
+            probs_TE = scores_TE = routing_map_TE.float()
+            k = 1
         else:
             logits_TE = self.gating(hidden_SBD).reshape(S * B, E)
             allowed_TE = self.pool_mask_ME[modality_T.long()]
             probs_TE, routing_map_TE = pool_topk(logits_TE, allowed_TE, self.topk)
             scores_TE = torch.softmax(logits_TE.detach().masked_fill(~allowed_TE, float("-inf")),
                                       dim=-1)
-            stats = routing_stats(scores_TE, routing_map_TE, self.topk)
+            k = self.topk
         if padding_mask is not None:
             real_T = ~padding_mask.reshape(-1)
             probs_TE, routing_map_TE = probs_TE * real_T[:, None], routing_map_TE & real_T[:, None]
-            scores_TE = probs_TE if self.mode == "vlmo" else scores_TE
-            stats = routing_stats(scores_TE[real_T], routing_map_TE[real_T],
-                                  1 if self.mode == "vlmo" else self.topk)
+            stats = routing_stats(scores_TE[real_T], routing_map_TE[real_T], k)
+        else:
+            stats = routing_stats(scores_TE, routing_map_TE, k)
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
