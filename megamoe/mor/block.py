@@ -125,9 +125,7 @@ class RecursionBlock(nn.Module):
             comp = Compaction(step.selected_BK, step.valid_BK)
             # no early exit when nothing is kept: other ranks' MoE layers wait for this one
             f_KBD = self.run_step(r, h_SBD, comp, rope_S11d, kv_cache)
-            if self.gating == "weighted":
-                f_KBD = f_KBD * step.gate_BK.T[..., None].to(f_KBD.dtype)
-            h_SBD = h_SBD + comp.expand(f_KBD, S)
+            h_SBD = h_SBD + comp.expand(self.gated(f_KBD, step.gate_BK.T), S)
             prev = step
             routed.append(step)
         self.last_aux_loss = self.router.total_loss(routed) if self.training else None
@@ -144,13 +142,19 @@ class RecursionBlock(nn.Module):
             active_BS = a.depth_BS >= r      # may be empty: the step still runs (pads only)
             comp = Compaction.from_mask(active_BS)
             f_SBD = comp.expand(self.run_step(r, x_SBD, comp, rope_S11d, kv_cache), S)
-            exit_SB = (depth_SB == r).to(f_SBD.dtype)
-            w_SB = exit_SB * gate_SB if self.gating == "weighted" else exit_SB
-            out_SBD = out_SBD + w_SB[..., None] * f_SBD           # H^1 + g·f(H^{i_t})
+            exit_SB1 = (depth_SB == r).to(f_SBD.dtype)[..., None]
+            out_SBD = out_SBD + exit_SB1 * self.gated(f_SBD, gate_SB)   # H^1 + g·f(H^{i_t})
             x_SBD = torch.where(active_BS.T[..., None], f_SBD, x_SBD)
         self.last_aux_loss = self.router.total_loss(a) if self.training else None
         self.last_stats = a.stats
         return out_SBD
+
+    def gated(self, f_XD: torch.Tensor, gate_X: torch.Tensor) -> torch.Tensor:
+        """g·f (`gating` weighted) or f (additive): what a recursion step adds for its tokens
+        (X: any leading shape, e.g. [K, B] here, [B] in cached generation)."""
+        if self.gating == "weighted":
+            return f_XD * gate_X[..., None].to(f_XD.dtype)
+        return f_XD
 
     def _compact_context(self, comp: Compaction):
         """Point the shared MoE layers' routing context at the compact batch (per-token fields

@@ -91,6 +91,13 @@ class ExpertChoiceDepthRouter(nn.Module):
         """z^r for the candidates' hidden states: [B, N]."""
         return self.routers[r](h_BND / self.temperature).squeeze(-1)
 
+    def threshold_keep(self, r: int, z: torch.Tensor) -> torch.Tensor:
+        """The causal inference rule of step r for logits z (any shape): σ(z) > 0.5, except
+        that a step of capacity C_r = 1 keeps every candidate (no decision to make)."""
+        if self.capacities[r] >= 1:
+            return torch.ones_like(z, dtype=torch.bool)
+        return torch.sigmoid(z) > 0.5
+
     def step(self, r: int, h_BSD: torch.Tensor, prev: DepthStep | None) -> DepthStep:
         """Route recursion step r (0-based) given the previous step's kept tokens."""
         B, S, _ = h_BSD.shape
@@ -108,10 +115,8 @@ class ExpertChoiceDepthRouter(nn.Module):
             k = min(tokens_kept(self.capacities[r], S), cand_BN.shape[1])
             top_BK = torch.topk(g_BN, k, dim=1).indices
             keep_BN = torch.zeros_like(cand_valid_BN).scatter_(1, top_BK, True)
-        elif self.capacities[r] >= 1:     # C_r = 1 keeps every candidate: no decision to make
-            keep_BN = cand_valid_BN.clone()
         else:
-            keep_BN = (torch.sigmoid(z_BN) > 0.5) & cand_valid_BN
+            keep_BN = self.threshold_keep(r, z_BN) & cand_valid_BN
         selected_BK, valid_BK, gate_BK = compact_rows(keep_BN, cand_BN, g_BN)
         aux = z_loss = z_BN.new_zeros(())
         stats = {}

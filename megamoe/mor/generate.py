@@ -58,10 +58,8 @@ class Generated:
 @dataclass
 class GenerationStats:
     generated_tokens: int = 0
-    processed_tokens: int = 0        # prompt + generated positions that ran the model
     block_calls: int = 0             # batched recursion steps (one tick of the shared block)
     block_tokens: int = 0            # Σ tokens over those calls
-    head_calls: int = 0              # batched last layer + head (then embedding + first layer)
     seconds: float = 0.0
 
     @property
@@ -106,10 +104,6 @@ class KVStore:
 
     def reset(self, slot: int) -> None:
         self.count[slot] = 0
-
-    def numel(self) -> int:
-        """Elements held: K and V of every cached token."""
-        return int(self.count.sum()) * 2 * self.k.shape[-2] * self.k.shape[-1]
 
 
 def _by_key(keys: list) -> dict:
@@ -217,10 +211,10 @@ class MoRGenerator:
         h_1BD = self.model.embedding(input_ids=ids_B1, position_ids=pos_B1)
         if "first" in self.unique:
             h_1BD = self._layer(self.unique["first"], h_1BD, toks, ["first"] * len(toks), True)
-        if not self.expert:
-            a = self.router(h_1BD.transpose(0, 1))            # [B, 1] depth and gate
+        if not self.expert:                                  # [B, 1] depth and gate
+            _, _, depth_B1, gate_B1 = self.router.assign(h_1BD.transpose(0, 1))
             for b, t in enumerate(toks):
-                t.depth, t.gate = int(a.depth_BS[b, 0]), a.gate_BS[b, 0]
+                t.depth, t.gate = int(depth_B1[b, 0]), gate_B1[b, 0]
         for b, t in enumerate(toks):
             t.h = t.h1 = h_1BD[0, b]
 
@@ -238,18 +232,16 @@ class MoRGenerator:
         return logits_1BV[0]
 
     def _continues(self, toks: list) -> list[bool]:
-        """Expert-choice: does each token run its next step r (σ(z^r) > 0.5, or C_r = 1)?
-        Sets its gate g = α·σ(z). Token-choice: r ≤ its depth."""
+        """Expert-choice: does each token run its next step r (the router's causal inference
+        rule)? Sets its gate g = α·σ(z). Token-choice: r ≤ its depth."""
         if not self.expert:
             return [t.r <= t.depth for t in toks]
         out = [False] * len(toks)
         for r, idx in _by_key([t.r for t in toks]).items():
-            p_N = torch.sigmoid(self.router.logits(r, torch.stack([toks[b].h for b in idx])))
-            gate_N = self.router.alpha * p_N
-            keep = [True] * len(idx) if self.router.capacities[r] >= 1 else \
-                (p_N > 0.5).tolist()
-            for n, b in enumerate(idx):
-                toks[b].gate, out[b] = gate_N[n], keep[n]
+            z_N = self.router.logits(r, torch.stack([toks[b].h for b in idx]))
+            gate_N = self.router.alpha * torch.sigmoid(z_N)
+            for n, (b, keep) in enumerate(zip(idx, self.router.threshold_keep(r, z_N).tolist())):
+                toks[b].gate, out[b] = gate_N[n], keep
         return out
 
     def _recursion_tick(self, toks: list, stats: GenerationStats) -> None:
@@ -292,12 +284,7 @@ class MoRGenerator:
                 lora.select(None)
 
     def _after_step(self, toks: list, f_BD: torch.Tensor) -> None:
-        if self.block.gating == "weighted":
-            gate_B1 = torch.stack([t.gate if t.gate is not None else f_BD.new_ones(())
-                                   for t in toks])[:, None].to(f_BD.dtype)
-            g_f_BD = gate_B1 * f_BD
-        else:
-            g_f_BD = f_BD
+        g_f_BD = self.block.gated(f_BD, torch.stack([t.gate for t in toks]))
         if self.expert:                                 # H^{r+1} = H^r + g·f(H^r)
             new_BD = torch.stack([t.h for t in toks]) + g_f_BD
         else:                                           # at i_t: H^1 + g·f(H^{i_t}); else f
@@ -374,14 +361,12 @@ class MoRGenerator:
     def _finish(self, toks, requests, out, free, keep_logits, temperature, gen, stats):
         """Head pass of exited tokens; their sequences' next positions (or the end)."""
         logits_BV = self._head(toks)
-        stats.head_calls += 1
         nxt = []
         for b, t in enumerate(toks):
             res, req = out[t.req], requests[t.req]
             res.depths.append(t.steps_run)
             if keep_logits:
                 res.logits.append(logits_BV[b].float().cpu())
-            stats.processed_tokens += 1
             pos, total = t.pos + 1, len(req.prompt) + req.max_new_tokens
             if pos < len(req.prompt):                      # still reading the prompt
                 nxt.append(_Token(t.req, t.slot, pos, req.prompt[pos]))
@@ -397,9 +382,6 @@ class MoRGenerator:
                 free.append(t.slot)
         return nxt
 
-    def kv_numel(self) -> int:
-        """Elements the caches hold now (K and V of every cached token and application)."""
-        return sum(s.numel() for s in self.stores.values())
 
 
 def _pick(logits_V: torch.Tensor, temperature: float, gen: torch.Generator) -> int:

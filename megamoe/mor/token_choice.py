@@ -71,12 +71,18 @@ class TokenChoiceDepthRouter(nn.Module):
         probs = torch.softmax(z_BSR, -1) if self.score == "softmax" else torch.sigmoid(z_BSR)
         return self.alpha * probs
 
-    def forward(self, h1_BSD: torch.Tensor) -> DepthAssignment:
+    def assign(self, h1_BSD: torch.Tensor):
+        """(z [B, S, R], g [B, S, R], depth i_t [B, S], gate g_t^{i_t} [B, S]): the routing
+        decision alone (what cached generation needs; `forward` adds losses and counts)."""
         z_BSR = self.router(h1_BSD / self.temperature)
         g_BSR = self.scores(z_BSR)
         biased_BSR = g_BSR + self.router_bias if self.balancing == "loss_free" else g_BSR
         depth_BS = biased_BSR.argmax(-1)
         gate_BS = torch.gather(g_BSR, -1, depth_BS[..., None]).squeeze(-1)
+        return z_BSR, g_BSR, depth_BS, gate_BS
+
+    def forward(self, h1_BSD: torch.Tensor) -> DepthAssignment:
+        z_BSR, g_BSR, depth_BS, gate_BS = self.assign(h1_BSD)
         R = self.num_recursions
         counts_R = torch.bincount(depth_BS.reshape(-1), minlength=R).to(g_BSR.dtype)
         ratio_R = counts_R / depth_BS.numel()
