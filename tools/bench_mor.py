@@ -70,14 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: CUDA when visible, else CPU (default auto)")
     args = p.parse_args(argv)
     args.ffn = args.ffn or 4 * args.hidden
-    for flag in ("hidden", "ffn", "heads", "seq", "batch", "recursions", "layers_per_step",
-                 "iters"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
-    if args.gen_requests < 0 or args.gen_len < 2 or args.gen_batch < 1 or args.gen_repeats < 1:
-        p.error("--gen-requests ≥ 0, --gen-len ≥ 2, --gen-batch ≥ 1 and --gen-repeats ≥ 1")
-    if args.warmup < 0:
-        p.error("--warmup must be ≥ 0")
+    least = dict.fromkeys(("hidden", "ffn", "heads", "seq", "batch", "recursions",
+                           "layers_per_step", "iters", "gen_batch", "gen_repeats"), 1)
+    least.update(warmup=0, gen_requests=0, gen_len=2)
+    for flag, low in least.items():
+        if getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be ≥ {low}")
     if args.hidden % args.heads:
         p.error(f"--heads {args.heads} must divide --hidden {args.hidden}")
     return args
