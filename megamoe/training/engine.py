@@ -9,7 +9,7 @@ global token count, so any DP size / micro-batch split gives the same gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 
@@ -47,6 +47,14 @@ class Engine:
     def modules(self) -> list:
         """The unwrapped GPTModel chunks."""
         return [getattr(c, "module", c) for c in self.chunks]
+
+    @cached_property
+    def moe_layers(self) -> list:
+        """This rank's megamoe MoE layers (found once: the per-step readers and the end-of-step
+        router update walk this list, not the module tree)."""
+        from megamoe.models.lm import moe_layers
+
+        return moe_layers(self.modules)
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -183,9 +191,7 @@ def run_forward_backward(engine: Engine, microbatches: list, forward_only: bool 
 def optimizer_step(engine: Engine) -> dict:
     lr = engine.optimizer.param_groups[0]["lr"]
     ok, grad_norm, _ = engine.optimizer.step()
-    from megamoe.models.lm import moe_layers
-
-    for layer in moe_layers(engine.modules):
+    for layer in engine.moe_layers:
         layer.router.after_step()
     mor_after_step(engine.modules, engine.pg.dp)     # MoR token-choice loss-free bias
     engine.scheduler.step(increment=1)

@@ -101,9 +101,9 @@ def train(cfg, device: torch.device) -> dict:
         stats = train_step(engine, mbs)
         engine.consumed_samples += t.global_batch_size
         loss = M.global_loss(stats)
-        load = M.expert_load(engine.modules, cfg.model.num_layers, cfg.model.moe.num_experts)
+        load = M.expert_load(engine.moe_layers, cfg.model.num_layers, cfg.model.moe.num_experts)
         router = M.router_losses(cfg, engine.pg, len(mbs))
-        router.update(M.routing_stats(engine.modules))
+        router.update(M.routing_stats(engine.moe_layers))
         step_flops_tok = flops_tok
         if mor_stats is not None:
             router.update(mor_stats.read(tokens_per_step))

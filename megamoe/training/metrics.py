@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megamoe.models.lm import moe_layers
 from megamoe.models.specs.gpt_moe import moe_layer_pattern
 
 
@@ -22,10 +21,11 @@ def global_loss(stats: dict) -> float:
     return (t[0] / t[1].clamp(min=1)).item()
 
 
-def expert_load(chunks, num_layers: int, num_experts: int, reset: bool = True) -> torch.Tensor:
-    """[L, E] routed-token counts since the last reset, summed over all ranks."""
+def expert_load(layers, num_layers: int, num_experts: int, reset: bool = True) -> torch.Tensor:
+    """[L, E] routed-token counts of the MoE `layers` since the last reset, summed over all
+    ranks."""
     load = torch.zeros(num_layers, max(num_experts, 1), dtype=torch.float64)
-    for layer in moe_layers(chunks):
+    for layer in layers:
         load[layer.layer_number - 1] += layer.tokens_per_expert_acc.double().cpu()
         if reset:
             layer.tokens_per_expert_acc.zero_()
@@ -34,12 +34,12 @@ def expert_load(chunks, num_layers: int, num_experts: int, reset: bool = True) -
     return load
 
 
-def routing_stats(chunks) -> dict:
+def routing_stats(layers) -> dict:
     """Router statistics since the last read (`RouterOutput.stats`: dropped fraction, entropy,
     thresholds, family losses), averaged over MoE layers, micro-batches and ranks. Ranks first
     agree on the names (pipeline stages may hold different families' layers, or none)."""
     local = {}
-    for layer in moe_layers(chunks):
+    for layer in layers:
         for name, (total, count) in layer.stats_acc.items():
             acc = local.setdefault(name, [0.0, 0])
             acc[0], acc[1] = acc[0] + total, acc[1] + count
