@@ -49,17 +49,6 @@ def problems(cfg) -> list[str]:
     return bad
 
 
-def resolved_alpha(mor) -> float:
-    """α as megamoe's depth routers resolve `alpha: null` (mor.decoder.depth_router)."""
-    from megamoe.mor.expert_choice import ALPHA
-
-    if mor.alpha is not None:
-        return float(mor.alpha)
-    if mor.router == "expert":
-        return ALPHA
-    return 1.0 if mor.token.score == "softmax" else 0.1     # TokenChoiceDepthRouter
-
-
 def hf_fields(cfg) -> dict:
     """config.json's `mor` object (None: not a MoR model)."""
     if not enabled(cfg):
@@ -68,7 +57,7 @@ def hf_fields(cfg) -> dict:
 
     mor = cfg.model.mor
     fields = {name: getattr(mor, name) for name in INFERENCE}
-    fields["alpha"] = resolved_alpha(mor)
+    fields["alpha"] = mor.resolved_alpha()
     fields["capacities"] = ([float(c) for c in mor.capacities or
                              capacity_schedule(mor.num_recursions)]
                             if mor.router == "expert" else None)
@@ -82,13 +71,9 @@ def hf_fields(cfg) -> dict:
 
 
 def lora_fields(mor) -> dict:
-    """`lora_rank`, `lora_alpha` (α, resolved as megamoe.mor.lora.attach_lora does; null
-    without adapters) and `lora_targets`."""
-    rank = int(mor.lora_rank)
-    alpha = None
-    if rank:
-        alpha = float(mor.lora_alpha if mor.lora_alpha is not None else 2.0 * rank)
-    return {"lora_rank": rank, "lora_alpha": alpha, "lora_targets": list(mor.lora_targets)}
+    """`lora_rank`, `lora_alpha` (resolved; null without adapters) and `lora_targets`."""
+    return {"lora_rank": int(mor.lora_rank), "lora_alpha": mor.resolved_lora_alpha(),
+            "lora_targets": list(mor.lora_targets)}
 
 
 def overrides(mor: dict) -> list[str]:

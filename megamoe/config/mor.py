@@ -130,6 +130,21 @@ class MoRConfig:
             fail("model.mor.kv_sharing", f"needs capacity 1 at the first recursion (its K/V "
                  f"cover the whole sequence), got model.mor.capacities={caps}")
 
+    def resolved_alpha(self) -> float:
+        """α of the depth router with `None` resolved to the router's default."""
+        from megamoe.mor.expert_choice import ALPHA
+        from megamoe.mor.token_choice import default_alpha
+
+        if self.alpha is not None:
+            return float(self.alpha)
+        return ALPHA if self.router == "expert" else default_alpha(self.token.score)
+
+    def resolved_lora_alpha(self) -> float | None:
+        """The LoRA scale's α (`None`: 2·rank, the RRT code's default); None without LoRA."""
+        if not self.lora_rank:
+            return None
+        return float(self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank)
+
     def validate_with(self, model) -> None:
         """Checks against `model`'s keys: L splits into unique layers + N_r · K shared ones."""
         if not self.enabled:

@@ -52,7 +52,7 @@ from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from megamoe.models.norm import RMSNorm
 from megamoe.mor.block import RecursionBlock, build_shared_layers
-from megamoe.mor.expert_choice import ALPHA, ExpertChoiceDepthRouter
+from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
 from megamoe.mor.lora import attach_lora
 from megamoe.mor.sharing import SharingPlan, sharing_plan
 from megamoe.mor.stages import decoder_units, stage_units
@@ -69,13 +69,13 @@ def depth_router(mor, hidden_size: int, init_std: float) -> nn.Module:
     if mor.router == "expert":
         return ExpertChoiceDepthRouter(
             hidden_size, mor.num_recursions, capacities=mor.capacities,
-            alpha=mor.alpha if mor.alpha is not None else ALPHA,
+            alpha=mor.resolved_alpha(),
             temperature=mor.temperature, aux_loss_coeff=mor.aux_loss_coeff,
             z_loss_coeff=mor.z_loss_coeff or 0.0, init_std=init_std,
             inference_rule=mor.inference_rule)
     t = mor.token
     return TokenChoiceDepthRouter(
-        hidden_size, mor.num_recursions, score=t.score, alpha=mor.alpha,
+        hidden_size, mor.num_recursions, score=t.score, alpha=mor.resolved_alpha(),
         temperature=mor.temperature, balancing=t.balancing, balance_coeff=t.balance_coeff,
         z_loss_coeff=Z_LOSS_COEFF if mor.z_loss_coeff is None else mor.z_loss_coeff,
         bias_rate=t.bias_rate, init_std=init_std)

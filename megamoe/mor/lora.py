@@ -210,6 +210,5 @@ def attach_lora(block, mor) -> None:
     """Give `block` (a RecursionBlock) the `model.mor` section's adapters, if lora_rank > 0."""
     if not mor.lora_rank:
         return
-    alpha = mor.lora_alpha if mor.lora_alpha is not None else 2.0 * mor.lora_rank
     block.lora = RecursionLoRA(block.layers, block.steps, mor.lora_targets, mor.lora_rank,
-                               alpha, mor.lora_dropout)
+                               mor.resolved_lora_alpha(), mor.lora_dropout)

@@ -29,6 +29,11 @@ Z_LOSS_COEFF = 1e-5      # official config; the appendix caption says 1e-3
 BIAS_RATE = 0.001
 
 
+def default_alpha(score: str) -> float:
+    """α when the config leaves it unset: 1 for softmax scores, 0.1 for sigmoid (§1.5)."""
+    return 1.0 if score == "softmax" else 0.1
+
+
 @dataclass
 class DepthAssignment:
     depth_BS: torch.Tensor          # i_t, 0-based: the token runs recursions 0..i_t
@@ -52,7 +57,7 @@ class TokenChoiceDepthRouter(nn.Module):
             raise ValueError(f"model.mor.token.balancing={balancing!r}: loss or loss_free")
         self.num_recursions = num_recursions
         self.score = score
-        self.alpha = alpha if alpha is not None else (1.0 if score == "softmax" else 0.1)
+        self.alpha = alpha if alpha is not None else default_alpha(score)
         self.temperature = temperature
         self.balancing = balancing
         self.balance_coeff, self.z_loss_coeff = balance_coeff, z_loss_coeff
