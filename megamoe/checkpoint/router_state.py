@@ -29,15 +29,18 @@ def _persistent(module, prefix: str):
 def _router_buffers(chunks):
     """(global key, buffer) of every persistent router buffer this rank holds."""
     from megamoe.models.lm import moe_layers
-    from megamoe.mor.decoder import mor_decoders
+    from megamoe.mor.decoder import MoRDecoder
 
-    mor_prefix = {}          # a MoR layer's number is its pool slot + 1: key it by position
-    for decoder in mor_decoders(chunks):
-        for i, layer in enumerate(decoder.layers):
-            mor_prefix[id(layer.mlp)] = f"{LAYER_PREFIX}{i}.mlp.router."
-        for j, layer in enumerate(decoder.recursion.layers):
-            mor_prefix[id(layer.mlp)] = f"decoder.recursion.layers.{j}.mlp.router."
-        yield from _persistent(decoder.recursion.router, "decoder.recursion.router.")
+    # a MoR layer's number is its pool slot + 1: key it by its checkpoint name (the unique
+    # layers' global keys also on a pipeline stage that holds only the last one)
+    mor_prefix = {}
+    for decoder in (m for c in chunks for m in c.modules() if isinstance(m, MoRDecoder)):
+        for key, layer in zip(decoder.layer_keys, decoder.layers):
+            mor_prefix[id(layer.mlp)] = f"{LAYER_PREFIX}{key}.mlp.router."
+        if decoder.recursion is not None:
+            for j, layer in enumerate(decoder.recursion.layers):
+                mor_prefix[id(layer.mlp)] = f"decoder.recursion.layers.{j}.mlp.router."
+            yield from _persistent(decoder.recursion.router, "decoder.recursion.router.")
     for layer in moe_layers(chunks):
         prefix = mor_prefix.get(id(layer), f"{LAYER_PREFIX}{layer.layer_number - 1}.mlp.router.")
         yield from _persistent(layer.router, prefix)

@@ -85,3 +85,28 @@ def test_pp2_initialisation_is_the_single_process_model():
     # the unique layers differ from each other (initialised by their own keys)
     a = ref.params["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert not torch.equal(a, ref.params["decoder.layers.1.self_attention.linear_qkv.weight"])
+
+
+def router_buffer_keys_task(overrides):
+    """The global keys `gather_router_buffers` gives this layout's router buffers (all ranks)."""
+    import torch.distributed as dist
+
+    from megamoe.checkpoint.router_state import gather_router_buffers
+    from megamoe.testing.parity import TINY_VOCAB, tiny_config
+    from megamoe.training.engine import build_engine
+
+    cfg = tiny_config([f"parallel.world_size={dist.get_world_size()}", *overrides])
+    engine = build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)
+    return sorted(gather_router_buffers(engine.modules))
+
+
+@pytest.mark.timeout(300)
+def test_router_buffers_keep_their_global_keys_on_every_stage():
+    """Loss-free MoE biases of the unique layers are keyed `decoder.layers.{0,1}` also on the
+    stage that holds only the last layer (as exports and parity read them)."""
+    loss_free = MOR + ["model.moe.loss_free_bias_rate=0.01", "model.mor.token.balancing=loss_free"]
+    ref = run_distributed(router_buffer_keys_task, 1, loss_free)[0]
+    got = run_distributed(router_buffer_keys_task, 2, loss_free + PP2)[0]
+    assert "decoder.layers.1.mlp.router.selection_bias" in ref
+    assert "decoder.recursion.router.router_bias" in ref
+    assert got == ref
