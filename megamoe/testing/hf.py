@@ -18,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from megamoe.testing.hf_generate import greedy_matches_recompute  # noqa: F401  (re-exported)
 from megamoe.testing.parity import TINY_VOCAB, tiny_config
 from megamoe.testing.pool import run_distributed
 
@@ -139,17 +140,6 @@ def hf_logits_BSV(model, tokens_BS, **kwargs):
 def hf_logits_err(hf, ours_BSV, tokens_BS, **kwargs) -> float:
     """max |Δ| of transformers' logits (no KV cache) from megamoe's `ours_BSV`."""
     return max_abs_diff(hf_logits_BSV(hf, tokens_BS, use_cache=False, **kwargs), ours_BSV)
-
-
-@torch.no_grad()
-def greedy_matches_recompute(model, prompt_BS, steps: int) -> bool:
-    """Whether `generate` (greedy) gives the tokens of recomputing the whole prefix each step."""
-    out_BS = model.generate(prompt_BS, max_new_tokens=steps, do_sample=False)
-    ref_BS = prompt_BS
-    for _ in range(steps):
-        next_B1 = model(ref_BS, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        ref_BS = torch.cat([ref_BS, next_B1], dim=1)
-    return torch.equal(out_BS, ref_BS)
 
 
 # ---- round trips -------------------------------------------------------------------------------

@@ -40,6 +40,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+# The KV cache's name in `forward`'s arguments and outputs: `cache` from transformers 5.24 on
+# (`generate` passes it under that name), `past_key_values` before.
+CACHE_NAME = ("cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
+              else "past_key_values")
+
 try:                                    # transformers 5: initialisers that skip loaded tensors
     from transformers import initialization as init
 except ImportError:                     # pragma: no cover - transformers 4
@@ -281,6 +286,13 @@ class MegamoePreTrainedModel(PreTrainedModel):
             init.zeros_(module.B)
 
 
+def kv_cache_argument(cache, past_key_values):
+    """The KV cache a forward was given under either name (None: none)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("cache / past_key_values: pass the KV cache under one name")
+    return past_key_values if cache is None else cache
+
+
 def allowed_mask(attention_mask_BK, past: int, B: int, S: int, device) -> torch.Tensor:
     """[B, 1, S, K] bool: key j is visible to query i when j <= past + i and j is not padding.
     A query always sees itself, so a padding row stays finite."""
@@ -351,19 +363,22 @@ class MegamoeModel(MegamoePreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, modality_ids=None,
-                timesteps=None, **kwargs):
+                timesteps=None, cache=None, **kwargs):
+        """The KV cache comes as `cache` (transformers ≥ 5.24) or `past_key_values` (before)
+        and goes out under the installed version's name (CACHE_NAME)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one")
+        cache = kv_cache_argument(cache, past_key_values)
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S, _ = x_BSD.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.recursion is not None:
-            use_cache = self._check_mor_call(past_key_values, attention_mask, position_ids)
-        if use_cache and past_key_values is None:
+            use_cache = self._check_mor_call(cache, attention_mask, position_ids)
+        if use_cache and cache is None:
             from transformers.cache_utils import DynamicCache
 
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:      # left padding: count only real tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -S:]
@@ -377,15 +392,15 @@ class MegamoeModel(MegamoePreTrainedModel):
             x_BSD = self._mor_layers(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, ctx)
         else:
             for layer in self.layers:
-                x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, past_key_values, ctx)
+                x_BSD = layer(x_BSD, cos_BSd, sin_BSd, allowed_B1SK, cache, ctx)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD),
-                                       past_key_values=past_key_values if use_cache else None)
+                                       **{CACHE_NAME: cache if use_cache else None})
 
-    def _check_mor_call(self, past_key_values, attention_mask, position_ids) -> bool:
+    def _check_mor_call(self, cache, attention_mask, position_ids) -> bool:
         """MoR runs whole sequences: no KV cache (generation recomputes the prefix), no
         padding, positions 0..S−1 (returns use_cache: False)."""
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            raise ValueError("past_key_values: a Mixture-of-Recursions model has no KV cache "
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(f"{CACHE_NAME}: a Mixture-of-Recursions model has no KV cache "
                              "yet; call it with use_cache=False on the whole sequence")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask: padding is not supported by Mixture-of-"
@@ -430,9 +445,10 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep=0, modality_ids=None, timesteps=None, **kwargs):
+                logits_to_keep=0, modality_ids=None, timesteps=None, cache=None, **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
+                         position_ids=position_ids,
+                         cache=kv_cache_argument(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          modality_ids=modality_ids, timesteps=timesteps)
         h_BSD = out.last_hidden_state
@@ -445,15 +461,16 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
                                    labels[:, 1:].flatten().to(logits_BSV.device),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits_BSV,
-                                      past_key_values=out.past_key_values)
+                                      **{CACHE_NAME: getattr(out, CACHE_NAME)})
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """With the KV cache only new tokens are fed: the synthetic timestep (a function of the
         first token) is computed here from the whole sequence. A Mixture-of-Recursions model
         has no KV cache: every step feeds the whole sequence."""
-        if self.config.mor:
-            kwargs.update(past_key_values=None, next_sequence_length=None, position_ids=None,
-                          use_cache=False)
+        if self.config.mor:             # no cache under either name: the whole sequence
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
+            kwargs.update(next_sequence_length=None, position_ids=None, use_cache=False)
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if (self.config.routing_context.get("synthetic_timesteps")
                 and inputs.get("timesteps") is None):
