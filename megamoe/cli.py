@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Mixtral; Qwen2-MoE for a gated shared expert; Qwen3-MoE for QK-norm), "
                     "otherwise with megamoe's modeling code copied into OUT "
                     "(model_type megamoe, from_pretrained(OUT, trust_remote_code=True)). "
-                    "--from hf SRC OUT: SRC is such a folder; OUT becomes a run directory with a "
-                    "step-0 checkpoint that any layout can train from (--set train.resume=...).",
+                    "--from hf SRC OUT: SRC is such a folder; OUT (a new or empty directory, "
+                    "see --force) becomes a run directory with a step-0 checkpoint that any "
+                    "layout can train from (--set train.resume=...).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  megamoe convert --to hf runs/quickstart-20261123-084046 hf/quickstart"
                "\n  megamoe convert --from hf hf/quickstart runs/imported")
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest safetensors shard when exporting (default 1 GiB)")
     conv.add_argument("--set", "-s", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="config overrides for the imported model")
+    conv.add_argument("--force", action="store_true",
+                      help="--from: import into an existing run directory, replacing its "
+                           "config.yaml and checkpoints/; --to: export into an existing folder "
+                           "that has no config.json (an export keeps the files of OUT that it "
+                           "does not write, e.g. a README.md model card, and replaces its own)")
     gen = sub.add_parser(
         "generate", help="generate text with a Mixture-of-Recursions checkpoint",
         description="Cached generation with continuous depth-wise batching (model.mor models; "
@@ -106,9 +112,10 @@ def cmd_convert(args) -> int:
 
     try:
         if args.to:
-            convert.to_hf(args.src, args.out, max_shard_bytes=args.max_shard_size)
+            convert.to_hf(args.src, args.out, max_shard_bytes=args.max_shard_size,
+                          force=args.force)
         else:
-            convert.from_hf(args.src, args.out, args.overrides)
+            convert.from_hf(args.src, args.out, args.overrides, force=args.force)
     except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
         return _error(str(exc))
     return 0

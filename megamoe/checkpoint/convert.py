@@ -3,11 +3,17 @@
 A checkpoint saved under any layout loads into a one-rank model (checkpoints reshard), whose
 global tensors are exported; an imported folder initialises a one-rank model that is saved as a
 step-0 checkpoint, which any layout can then resume from (`--set train.resume=<dir>`).
+
+Neither direction overwrites what it was not asked to: an import goes into a new or empty run
+directory (`force`: replace an existing one's config.yaml and checkpoints/, keeping its other
+files); an export keeps an existing folder's files that are not its own (hf.py). Both refuse
+before loading anything.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -57,15 +63,19 @@ def load_one_rank(src: str, log=print):
     return engine, cfg, step_dir, meta
 
 
-def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str:
-    from megamoe.checkpoint.hf import export_hf, family_for
+def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, force: bool = False,
+          log=print) -> str:
+    """Export the checkpoint `src` to the folder `out`; `force`: into an existing folder that
+    is not a Hugging Face one too (its files kept)."""
+    from megamoe.checkpoint.hf import check_export_dir, export_hf, family_for
     from megamoe.checkpoint.router_state import gather_router_buffers
     from megamoe.models.global_view import gather_global
 
+    check_export_dir(out, force)
     engine, cfg, step_dir, meta = load_one_rank(src, log=log)
     tensors = {**gather_global(engine.modules), **gather_router_buffers(engine.modules)}
     out = export_hf(tensors, cfg, out, tokenizer=cfg.data.tokenizer,
-                    max_shard_bytes=max_shard_bytes)
+                    max_shard_bytes=max_shard_bytes, force=force)
     model_type = family_for(cfg).MODEL_TYPE
     how = (" with its modeling code (load with trust_remote_code=True)"
            if model_type == "megamoe" else "")
@@ -73,7 +83,21 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, log=print) -> str
     return out
 
 
-def from_hf(src: str, out: str, overrides=(), log=print) -> str:
+def check_import_dir(out: str, force: bool = False) -> None:
+    """ValueError unless `out` is new, an empty directory or `force`d: importing into a run
+    directory would overwrite its config.yaml and move `latest` back to step 0."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out}: exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise ValueError(f"{out}: exists and is not empty (importing would overwrite its "
+                         "config.yaml and move its latest checkpoint back to step 0); choose a "
+                         "new directory, or pass --force to replace its config.yaml and "
+                         "checkpoints/")
+
+
+def from_hf(src: str, out: str, overrides=(), *, force: bool = False, log=print) -> str:
+    """Import the Hugging Face folder `src` into the run directory `out` as a step-0
+    checkpoint; `force`: replace an existing run's config.yaml and checkpoints/."""
     from megamoe.checkpoint.global_load import load_global_into
     from megamoe.checkpoint.hf import import_hf
     from megamoe.checkpoint.router_state import load_router_buffers
@@ -81,6 +105,7 @@ def from_hf(src: str, out: str, overrides=(), log=print) -> str:
     from megamoe.config import dump_config, load_config
     from megamoe.training.engine import build_engine
 
+    check_import_dir(out, force)
     arch, tensors = import_hf(src)
     vocab = tensors["embedding.word_embeddings.weight"].shape[0]
     cfg = load_config(None, [*arch, *overrides, *_single_rank_overrides()])
@@ -90,6 +115,7 @@ def from_hf(src: str, out: str, overrides=(), log=print) -> str:
     load_router_buffers(engine.modules, tensors)
     cfg.run.dir = out
     os.makedirs(out, exist_ok=True)
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)   # only when forced
     dump_config(cfg, os.path.join(out, "config.yaml"))
     path = save_checkpoint(os.path.join(out, "checkpoints"), engine,
                            {"vocab_size": vocab, "imported_from": os.path.abspath(src)},

@@ -17,14 +17,20 @@ on its own (Megatron's q_layernorm), which no choice of weights turns into the o
 
 The folder holds `config.json`, `generation_config.json`, fp32 safetensors (shards of at most
 `max_shard_bytes` with `model.safetensors.index.json`, or one `model.safetensors` when it fits)
-and optionally the sentencepiece tokenizer (`hf_tokenizer`). It is written into a temporary
-sibling folder and renamed into place, so `out_dir` never holds half an export.
+and optionally the sentencepiece tokenizer (`hf_tokenizer`), every file with the mode `open()`
+gives (0644 under umask 022). It is written whole into a temporary sibling folder first, then
+renamed into place: a new `out_dir` at once; into an existing Hugging Face folder file by file
+(renames only, config.json last), replacing the export's own files, removing the weights and
+modeling code of an earlier export that this one does not write, and keeping every other file
+(a model card, .gitattributes, .git/) — it is the user's. A non-empty folder without config.json
+is refused unless `force` (it may be anything).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -38,6 +44,7 @@ EXACT = (hf_mixtral, hf_qwen2moe, hf_qwen3moe)       # tried in this order
 FAMILIES = {f.MODEL_TYPE: f for f in (*EXACT, hf_megamoe)}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def family_for(cfg):
@@ -54,15 +61,16 @@ def family_for(cfg):
 
 
 def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
-              max_shard_bytes: int = 2**30) -> str:
+              max_shard_bytes: int = 2**30, force: bool = False) -> str:
     """Write `tensors` (global key → full tensor, `gather_global`'s format) of the model `cfg`
-    describes as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    describes as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
+    `force`: export into an existing non-empty folder that is not a Hugging Face folder too."""
     family = family_for(cfg)
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes: must be >= 1, got {max_shard_bytes}")
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise ValueError(f"{tokenizer}: sentencepiece model not found")
-    _check_replaceable(out_dir)
+    check_export_dir(out_dir, force)
     if "embedding.word_embeddings.weight" not in tensors:
         raise ValueError("tensors: no 'embedding.word_embeddings.weight'")
     vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
@@ -166,7 +174,7 @@ def read_safetensors(hf_dir: str) -> dict:
     return tensors
 
 
-# ---- atomic folder -----------------------------------------------------------------------------
+# ---- the folder --------------------------------------------------------------------------------
 
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
@@ -174,14 +182,17 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def _check_replaceable(out_dir: str) -> None:
-    """An existing `out_dir` is replaced only when it is empty or an earlier export."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
-            os.path.join(out_dir, "config.json")):
-        raise ValueError(f"{out_dir}: exists and is not a Hugging Face model folder; refusing "
-                         "to replace it")
+def check_export_dir(out_dir: str, force: bool = False) -> None:
+    """ValueError unless `out_dir` is new, empty, a Hugging Face folder (config.json) or
+    `force`d: an export keeps an existing folder's other files, but should not land in a
+    directory named by mistake."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir}: exists and is not a folder")
+    if (os.path.isdir(out_dir) and os.listdir(out_dir) and not force
+            and not os.path.isfile(os.path.join(out_dir, "config.json"))):
+        raise ValueError(f"{out_dir}: exists and is not a Hugging Face model folder (no "
+                         "config.json); choose another folder, or pass --force to export into "
+                         "it (its files are kept)")
 
 
 def _temp_sibling(out_dir: str) -> str:
@@ -193,11 +204,32 @@ def _temp_sibling(out_dir: str) -> str:
     return tmp
 
 
+def _is_weights_or_code(name: str) -> bool:
+    """A file of an export that must match its config.json: weights, index, modeling code."""
+    return name in (SINGLE, INDEX, *hf_megamoe.CODE_FILES) or bool(SHARD.fullmatch(name))
+
+
+def _default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _commit(tmp: str, out_dir: str) -> None:
+    """Move the export written in `tmp` to `out_dir` (see the module docstring)."""
+    mode = _default_file_mode()
+    written = sorted(os.listdir(tmp))
+    for name in written:              # safetensors writes 0600
+        os.chmod(os.path.join(tmp, name), mode)
     if not os.path.exists(out_dir):
         os.replace(tmp, out_dir)
         return
-    old = tmp + ".old"
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    for name in written:
+        if name != "config.json":
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name not in written and _is_weights_or_code(name) and os.path.isfile(path):
+            os.remove(path)           # an earlier export's
+    os.replace(os.path.join(tmp, "config.json"), os.path.join(out_dir, "config.json"))

@@ -232,3 +232,111 @@ def test_import_refuses_unsupported_folders(tmp_path, hf_mixtral):
     with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe"
                                          r"\.experts\.3\.w2\.weight'"):
         import_hf(str(broken))
+
+
+# ---- existing output folders -------------------------------------------------------------------
+
+FOREIGN = {"README.md": "# my model card\n", ".gitattributes": "*.safetensors filter=lfs\n",
+           ".git/HEAD": "ref: refs/heads/main\n", "notes/eval.txt": "mmlu 0.25\n"}
+
+
+def _write_files(root, files: dict) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def _modes(folder) -> dict:
+    return {f: os.stat(os.path.join(folder, f)).st_mode & 0o777 for f in os.listdir(folder)}
+
+
+def test_export_into_an_existing_folder_keeps_its_files_and_drops_stale_shards(
+        mixtral_export, tmp_path):
+    """Re-export a sharded folder (with a tokenizer) as one file, no tokenizer, into a copy that
+    also holds a model card, a .git and the user's notes."""
+    import shutil
+
+    from megamoe.checkpoint.hf import export_hf, read_safetensors
+
+    src, r = mixtral_export
+    hub = tmp_path / "hub"
+    shutil.copytree(src, hub)
+    _write_files(hub, FOREIGN)
+    tokenizer_files = sorted(f for f in os.listdir(src) if f.startswith("tokenizer"))
+    export_hf(r["tensors"], tiny_config(MIXTRAL), str(hub))      # one file: 1 GiB shards
+    assert all((hub / rel).read_text() == text for rel, text in FOREIGN.items())
+    assert sorted(os.listdir(hub)) == sorted(
+        [".git", ".gitattributes", "README.md", "notes", "config.json", "generation_config.json",
+         "model.safetensors", *tokenizer_files])                 # shards and index removed
+    want, got = read_safetensors(src), read_safetensors(str(hub))
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    _, not_loaded = load_hf(str(hub))
+    assert not_loaded == {}
+
+    other = tmp_path / "other"                   # not a Hugging Face folder: refused …
+    _write_files(other, {"data.bin": "x"})
+    with pytest.raises(ValueError, match=f"{other}: exists and is not a Hugging Face model "
+                                         "folder.*--force"):
+        export_hf(r["tensors"], tiny_config(MIXTRAL), str(other))
+    assert os.listdir(other) == ["data.bin"]
+    export_hf(r["tensors"], tiny_config(MIXTRAL), str(other), force=True)   # … unless forced
+    assert (other / "data.bin").read_text() == "x" and (other / "config.json").is_file()
+
+
+def test_exported_files_have_the_mode_open_gives(mixtral_export, tmp_path):
+    """0644 under umask 022 (safetensors alone writes 0600), 0640 under 027; into a new folder
+    and into an existing one."""
+    from megamoe.checkpoint.hf import export_hf
+
+    tensors = mixtral_export[1]["tensors"]
+    old = os.umask(0o022)
+    try:
+        for umask, want in ((0o022, 0o644), (0o027, 0o640)):
+            os.umask(umask)
+            out = tmp_path / f"umask{umask:o}"
+            for _ in range(2):                   # new, then existing
+                export_hf(tensors, tiny_config(MIXTRAL), str(out), max_shard_bytes=SHARD_BYTES)
+                modes = _modes(out)
+                assert len(modes) >= 4 and set(modes.values()) == {want}, modes
+    finally:
+        os.umask(old)
+
+
+def import_task(src, out, force=False):
+    """Pool task: `convert --from hf` into `out`."""
+    from megamoe.checkpoint import convert
+
+    return convert.from_hf(src, out, force=force, log=lambda *_: None)
+
+
+def test_import_refuses_an_existing_run_directory_unless_forced(hf_mixtral, tmp_path, capsys):
+    """A run that trained to step 5 (config.yaml edited, metrics.jsonl) is left as it is by
+    `convert --from hf` into it; --force replaces its config.yaml and checkpoints/ only."""
+    import shutil
+
+    from megamoe.cli import main
+
+    run = tmp_path / "run"
+    run_distributed(import_task, 1, hf_mixtral[0], str(run))
+    ckpt = run / "checkpoints"
+    shutil.copytree(ckpt / "step_0000000", ckpt / "step_0000005")
+    (ckpt / "latest").write_text("step_0000005\n")
+    with open(run / "config.yaml", "a") as f:
+        f.write("# trained to step 5\n")
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    before = {p: (run / p).read_bytes() for p in ("config.yaml", "checkpoints/latest")}
+
+    capsys.readouterr()
+    assert main(["convert", "--from", "hf", hf_mixtral[0], str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"megamoe: error: {run}: exists and is not empty") and "--force" in err
+    assert err.count("\n") == 1
+    assert {p: (run / p).read_bytes() for p in before} == before
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_0000000", "step_0000005"]
+
+    path = run_distributed(import_task, 1, hf_mixtral[0], str(run), force=True)[0]
+    assert path == str(ckpt / "step_0000000")
+    assert (ckpt / "latest").read_text().strip() == "step_0000000"
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_0000000"]
+    assert "# trained" not in (run / "config.yaml").read_text()
+    assert (run / "metrics.jsonl").read_text() == '{"step": 5}\n'
