@@ -1,5 +1,6 @@
 """`training.metrics.parameter_counts` (printed at start, used for FLOPs and the MoR
-comparison) equals the built model's parameter count for every shipped recipe, on one rank —
+comparison) equals the built model's parameter count (without the vocabulary's padding rows,
+megamoe.models.vocab) for every shipped recipe, on one rank —
 including router families with parameters of their own (Soft MoE slots, Diff-MoE timestep gate
 and calibration, Expert Race's PLR head). Control: those families really add parameters, so a
 count that ignored them would fail."""
@@ -29,6 +30,9 @@ def counts_task(recipe: str, overrides=()):
                       [*_single_rank_overrides(), *overrides])
     engine = build_engine(cfg, VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)
     built = sum(p.numel() for p in engine.modules[0].parameters())
+    built -= sum((p.shape[0] - VOCAB) * p.shape[1] for name, p in
+                 engine.modules[0].named_parameters()       # rows padded for TP: not counted
+                 if name.endswith(("word_embeddings.weight", "output_layer.weight")))
     counted = parameter_counts(cfg, VOCAB)[0]
     cls = ROUTERS[cfg.model.moe.router]
     moe_layers = sum(1 for m in engine.modules[0].modules() if hasattr(m, "router")
