@@ -73,6 +73,19 @@ def unpadded_rows(key: str, global_offset: tuple, local_rows: int,
     return max(0, min(local_rows, vocab - global_offset[0]))
 
 
+def padding_elements(chunks) -> int:
+    """Elements in the padded rows of this rank's vocabulary parameters: not parameters of the
+    model (parameter counts, like the HF export, leave them out)."""
+    vocab, total = unpadded_vocab_size(chunks), 0
+    for chunk in chunks if vocab is not None else []:
+        tp_rank = chunk.pg_collection.tp.rank()
+        for key, p in chunk.named_parameters():
+            if key in VOCAB_KEYS:
+                rows = p.shape[0]
+                total += (rows - unpadded_rows(key, (tp_rank * rows,), rows, vocab)) * p[0].numel()
+    return total
+
+
 def pad_rows(src: torch.Tensor, rows: int) -> torch.Tensor:
     """`src` with zero rows appended up to `rows` (an unpadded vocabulary tensor, e.g. from a
     Hugging Face folder, loaded into a padded model)."""

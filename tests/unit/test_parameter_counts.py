@@ -22,6 +22,7 @@ def counts_task(recipe: str, overrides=()):
     """(built, counted, counted without the family's own router parameters)."""
     from megamoe.checkpoint.convert import _single_rank_overrides
     from megamoe.config import load_config
+    from megamoe.models.vocab import padding_elements
     from megamoe.moe.routers import ROUTERS
     from megamoe.training.engine import build_engine
     from megamoe.training.metrics import parameter_counts
@@ -29,10 +30,8 @@ def counts_task(recipe: str, overrides=()):
     cfg = load_config(os.path.join(ROOT, "configs", recipe),
                       [*_single_rank_overrides(), *overrides])
     engine = build_engine(cfg, VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)
-    built = sum(p.numel() for p in engine.modules[0].parameters())
-    built -= sum((p.shape[0] - VOCAB) * p.shape[1] for name, p in
-                 engine.modules[0].named_parameters()       # rows padded for TP: not counted
-                 if name.endswith(("word_embeddings.weight", "output_layer.weight")))
+    built = (sum(p.numel() for p in engine.modules[0].parameters())
+             - padding_elements(engine.modules))
     counted = parameter_counts(cfg, VOCAB)[0]
     cls = ROUTERS[cfg.model.moe.router]
     moe_layers = sum(1 for m in engine.modules[0].modules() if hasattr(m, "router")
