@@ -53,7 +53,8 @@ def mask_padded_logits(model, vocab: int, tp_rank: int) -> None:
         if start + v <= vocab:
             return None
         padded_V = torch.arange(start, start + v, device=logits_SBV.device) >= vocab
-        return logits_SBV.masked_fill(padded_V, float("-inf")), bias
+        # in place: no second copy of the logits (the linear's backward does not read them)
+        return logits_SBV.masked_fill_(padded_V, float("-inf")), bias
 
     if padded > vocab:
         model.output_layer.register_forward_hook(hook)
