@@ -158,6 +158,14 @@ def _train_rank(config) -> None:
             dist.destroy_process_group()
 
 
+def check_inputs_before_start(cfg) -> None:
+    """The files the run reads exist and fit (megamoe.data.checks), checked before any rank
+    starts or imports Megatron, so a typo costs a second, not a rank's start-up."""
+    from megamoe.data.checks import check_inputs
+
+    check_inputs(cfg)
+
+
 def cmd_train(args) -> int:
     from megamoe.config import ConfigError, dump_config, load_config, resolve_run_dir
     from megamoe.launch.env import discover_rank
@@ -166,6 +174,7 @@ def cmd_train(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        check_inputs_before_start(cfg)
         check_layout_supported(cfg)
         from megamoe.moe.routers import check_router_causality
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from megamoe.models.vocab import VOCAB_KEYS, pad_rows, unpadded_vocab_size
+
 LAYER_PREFIX = "decoder.layers."
 
 
@@ -59,8 +61,9 @@ def num_layers(tensors: dict) -> int:
     return len(found)
 
 
-def _source(flat: dict, sh) -> tuple[torch.Tensor, tuple, tuple, int]:
-    """The global tensor that holds shard `sh`, its offset, shape and prepended axes in it."""
+def _source(flat: dict, sh, vocab: int | None) -> tuple[torch.Tensor, tuple, tuple, int]:
+    """The global tensor that holds shard `sh`, its offset, shape and prepended axes in it
+    (vocabulary tensors of `vocab` rows padded as the model is)."""
     offset, shape, p = tuple(sh.global_offset), tuple(sh.global_shape), sh.prepend_axis_num
     key = sh.key
     if key.startswith(LAYER_PREFIX) and _layer_index(key)[0] is None:
@@ -70,6 +73,8 @@ def _source(flat: dict, sh) -> tuple[torch.Tensor, tuple, tuple, int]:
     if key not in flat:
         raise ValueError(f"global tensors: no {key!r} (the model has this parameter)")
     src = flat[key]
+    if key in VOCAB_KEYS and src.shape[0] == vocab and tuple(src.shape[1:]) == shape[1:]:
+        src = pad_rows(src, shape[0])      # the unpadded vocabulary into the padded rows
     if tuple(src.shape) != shape:
         raise ValueError(f"global tensors: {key!r} has shape {tuple(src.shape)}, the model "
                          f"expects {shape}")
@@ -82,10 +87,10 @@ def load_global_into(chunks, tensors: dict) -> int:
     `chunks` (this rank's model chunks, any parallel layout); returns the local elements written."""
     from megamoe.models.global_view import parameter_shards
 
-    flat = unstack_layers(tensors)
+    flat, vocab = unstack_layers(tensors), unpadded_vocab_size(chunks)
     written = 0
     for sh in parameter_shards(chunks):
-        src, offset, _, p = _source(flat, sh)
+        src, offset, _, p = _source(flat, sh, vocab)
         local = (1,) * p + tuple(sh.local_shape)
         index = tuple(slice(o, o + n) for o, n in zip(offset, local))
         sh.data.copy_(src[index].reshape(sh.data.shape).to(sh.data.dtype))

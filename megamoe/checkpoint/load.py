@@ -80,6 +80,7 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     from megatron.core import dist_checkpointing
 
     meta = read_meta(step_dir)
+    _check_vocab(meta, engine, step_dir)
     engine.step = int(meta["step"])      # the optimizer state is built for the saved step
     sd = full_sharded_state_dict(engine, is_loading=True)
     same_world = meta.get("world_size") == (torch.distributed.get_world_size()
@@ -118,6 +119,15 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     if "rng" in state:
         _set_rng(state["rng"])
     return meta
+
+
+def _check_vocab(meta: dict, engine, step_dir: str) -> None:
+    """The checkpoint's vocabulary is the engine's. Only the padding may differ (it follows TP,
+    megamoe.models.vocab); Megatron would load other sizes too, silently, as padding rows."""
+    saved = int(meta.get("vocab_size", engine.vocab_size))
+    if saved != engine.vocab_size:
+        raise CheckpointError(f"{step_dir}: saved with a {saved}-token vocabulary, this run's "
+                              f"is {engine.vocab_size} (data.tokenizer or model.vocab_size)")
 
 
 def _reason(exc: BaseException) -> str:

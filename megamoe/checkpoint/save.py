@@ -94,6 +94,7 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
     meta = {"format": FORMAT_VERSION, "step": step,
             "consumed_samples": engine.consumed_samples, "world_size": _world(),
             "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
+            "padded_vocab_size": engine.padded_vocab_size,   # this layout's (models.vocab)
             "optimizer_saved": engine.optimizer is not None,
             **meta}
     commit = functools.partial(_commit, root, tmp, final, meta, config or engine.cfg, keep_last)

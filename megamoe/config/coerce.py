@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -117,3 +118,19 @@ def check_types(obj: Any, path: str = "") -> None:
             check_types(value, field)
         else:
             coerce(value, tp, field, parse_strings=False)
+
+
+def check_finite(obj: Any, path: str = "") -> None:
+    """Raise ConfigError naming the first float field (or list item) that is nan or ±inf:
+    `train.lr=inf` parses as a float, passes every range check and turns the weights into NaN
+    a step later."""
+    for name in field_types(type(obj)):
+        value, field = getattr(obj, name), join(path, name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, field)
+            continue
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                where = field if i is None else f"{field}[{i}]"
+                fail(where, f"must be a finite number, got {item!r}")

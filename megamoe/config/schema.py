@@ -132,7 +132,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int | None = None   # None: num_attention_heads (MHA)
     kv_channels: int | None = None        # None: hidden_size // num_attention_heads
-    vocab_size: int | None = None         # None: taken from the data
+    vocab_size: int | None = None         # None: taken from the data (tokenizer)
+    make_vocab_size_divisible_by: int = 128   # embedding rows padded to a multiple of this × TP
     seq_length: int = 64
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
@@ -145,7 +146,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "num_query_groups", "kv_channels", "vocab_size"):
+                     "num_query_groups", "kv_channels", "vocab_size",
+                     "make_vocab_size_divisible_by"):
             at_least(self, name, 1)
         at_least(self, "seq_length", 2)
         for name in ("rotary_base", "norm_epsilon", "init_method_std"):

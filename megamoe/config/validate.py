@@ -5,7 +5,7 @@ exists, so a cluster job fails in seconds instead of after allocation.
 
 from __future__ import annotations
 
-from megamoe.config.coerce import check_types
+from megamoe.config.coerce import check_finite, check_types
 from megamoe.config.errors import fail
 from megamoe.config.moe_families import resolve_soft_slots
 from megamoe.config.mor import check_mor
@@ -90,6 +90,7 @@ CROSS_CHECKS = (_check_experts, _check_tensor_split, _check_batch, _check_pipeli
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first problem found; return None if `cfg` is usable."""
     check_types(cfg)
+    check_finite(cfg)
     for section in (cfg.run, cfg.model, cfg.parallel, cfg.train, cfg.data):
         section.validate()
     for check in CROSS_CHECKS:

@@ -18,6 +18,8 @@ from megatron.core.dist_checkpointing.mapping import (
     is_main_replica,
 )
 
+from megamoe.models.vocab import VOCAB_KEYS, unpadded_rows, unpadded_vocab_size
+
 
 def _leaves(sharded_sd):
     for value in sharded_sd.values():
@@ -65,15 +67,24 @@ def grads_as_data(chunks):
 
 
 def local_pieces(chunks) -> list:
-    """(key, global_shape, global_offset, local tensor) of this rank's main replicas."""
+    """(key, global_shape, global_offset, local tensor) of this rank's main replicas; vocabulary
+    tensors without their padding rows (megamoe.models.vocab)."""
+    vocab = unpadded_vocab_size(chunks)
     pieces = []
     for sh in parameter_shards(chunks):
         if not is_main_replica(sh.replica_id):
             continue
         p = sh.prepend_axis_num
         local_shape = (1,) * p + tuple(sh.local_shape)
-        pieces.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset),
-                       sh.data.detach().float().cpu().clone().reshape(local_shape)))
+        local = sh.data.detach().float().cpu().reshape(local_shape)
+        global_shape = tuple(sh.global_shape)
+        if sh.key in VOCAB_KEYS and vocab is not None:
+            assert p == 0, sh.key
+            rows = unpadded_rows(sh.key, sh.global_offset, local.shape[0], vocab)
+            if rows == 0:
+                continue
+            local, global_shape = local[:rows], (vocab, *global_shape[1:])
+        pieces.append((sh.key, global_shape, tuple(sh.global_offset), local.clone()))
     return pieces
 
 

@@ -14,6 +14,7 @@ import zlib
 import torch
 
 from megamoe.models.global_view import parameter_shards
+from megamoe.models.vocab import VOCAB_KEYS, pad_rows, unpadded_vocab_size
 
 
 def _std_for(key: str, std: float, num_layers: int, shape=()) -> float | None:
@@ -44,13 +45,20 @@ def _global_values(key: str, prepend_index: tuple, shape, std, seed: int) -> tor
 
 @torch.no_grad()
 def init_global(chunks, seed: int, std: float, num_layers: int) -> int:
-    """Fill every parameter of `chunks`; returns how many local elements were written."""
-    written = 0
+    """Fill every parameter of `chunks`; returns how many local elements were written.
+    Vocabulary tensors: the unpadded model's rows, then zeros (megamoe.models.vocab)."""
+    written, vocab = 0, unpadded_vocab_size(chunks)
     for sh in parameter_shards(chunks):
         p = sh.prepend_axis_num
         prepend_index = tuple(sh.global_offset[:p])
-        values = _global_values(sh.key, prepend_index, sh.global_shape[p:],
-                                _std_for(sh.key, std, num_layers, sh.global_shape[p:]), seed)
+        shape = tuple(sh.global_shape[p:])
+        padded = sh.key in VOCAB_KEYS and vocab is not None
+        if padded:
+            shape = (vocab, *shape[1:])
+        values = _global_values(sh.key, prepend_index, shape,
+                                _std_for(sh.key, std, num_layers, shape), seed)
+        if padded:
+            values = pad_rows(values, sh.global_shape[p])
         index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[p:], sh.local_shape))
         sh.data.copy_(values[index].reshape(sh.data.shape).to(sh.data.dtype))
         written += sh.data.numel()

@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megamoe.models.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
+from megamoe.models.vocab import mask_padded_logits, padded_vocab_size
 from megamoe.moe.routers import router_builder
 from megamoe.moe.routing_context import RoutingContextSlot
 
@@ -98,11 +99,14 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
 
 def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
              slot: RoutingContextSlot | None = None) -> list[GPTModel]:
-    """This rank's model chunks (one per virtual pipeline stage). All chunks and layers share
-    one routing-context slot, set per micro-batch by the training step."""
+    """This rank's model chunks (one per virtual pipeline stage) for a `vocab_size`-token
+    vocabulary, padded for TP (megamoe.models.vocab). All chunks and layers share one
+    routing-context slot, set per micro-batch by the training step."""
     from megatron.core import parallel_state
 
     m, moe = cfg.model, cfg.model.moe
+    padded_vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
+                                     tconfig.tensor_model_parallel_size)
     slot = slot or RoutingContextSlot()
     pattern = moe_layer_pattern(m.num_layers, moe.layer_freq, tconfig.num_moe_experts or 0)
     vp = tconfig.virtual_pipeline_model_parallel_size
@@ -124,7 +128,7 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=spec,
-            vocab_size=vocab_size,
+            vocab_size=padded_vocab,
             max_sequence_length=m.seq_length,
             pre_process=first,
             post_process=last,
@@ -139,6 +143,9 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
                                               vocab_size=vocab_size, pre_process=first,
                                               post_process=last)
         model.routing_context_slot = slot
+        model.unpadded_vocab_size = vocab_size
+        if last:
+            mask_padded_logits(model, vocab_size, pg_collection.tp.rank())
         chunks.append(model)
     mark_expert_replicas(chunks, tconfig)
     return chunks

@@ -219,7 +219,8 @@ class MoRGenerator:
             t.h = t.h1 = h_1BD[0, b]
 
     def _head(self, toks: list) -> torch.Tensor:
-        """Unique last layer + final norm + LM head: logits [B, V]."""
+        """Unique last layer + final norm + LM head: logits [B, V] over the unpadded
+        vocabulary (megamoe.models.vocab)."""
         h_1BD = torch.stack([t.h for t in toks])[None]
         if "last" in self.unique:
             h_1BD = self._layer(self.unique["last"], h_1BD, toks, ["last"] * len(toks), True)
@@ -229,7 +230,7 @@ class MoRGenerator:
         weight = m.shared_embedding_or_output_weight() if \
             m.share_embeddings_and_output_weights else None
         logits_1BV, _ = m.output_layer(h_1BD, weight=weight)
-        return logits_1BV[0]
+        return logits_1BV[0, :, :m.unpadded_vocab_size]
 
     def _continues(self, toks: list) -> list[bool]:
         """Expert-choice: does each token run its next step r (the router's causal inference

@@ -30,7 +30,7 @@ def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[floa
     def forward(tokens_BS):
         fields = context_fields(tokens_BS, cfg.data, cfg.model.hidden_size)
         model.routing_context_slot.set(RoutingContext(**fields))
-        return model(tokens_BS, pos, None)
+        return model(tokens_BS, pos, None)[..., :TINY_VOCAB]   # padded ids' logits: -inf
 
     with torch.no_grad():
         a, b = forward(tokens), forward(changed)

@@ -114,7 +114,8 @@ def _corrupt(root: str, how: str) -> None:
 
 
 def checkpoint_logits(step_dir: str, tokens):
-    """Logits of a saved checkpoint's model on `tokens` [B, S], gathered on rank 0."""
+    """Logits of a saved checkpoint's model on `tokens` [B, S] over its (unpadded) vocabulary,
+    gathered on rank 0."""
     from megamoe.checkpoint.convert import checkpoint_config
     from megamoe.checkpoint.load import load_checkpoint, read_meta
     from megamoe.training.engine import build_engine
@@ -127,4 +128,4 @@ def checkpoint_logits(step_dir: str, tokens):
     model.eval()
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
-        return model(tokens, pos, None)
+        return model(tokens, pos, None)[..., :engine.vocab_size]

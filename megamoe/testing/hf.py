@@ -78,8 +78,9 @@ def randomize(engine, race_threshold: float | None = None, seed: int = 1) -> tor
 
 @torch.no_grad()
 def megamoe_logits_BSV(engine, tokens_BS):
-    """Eval-mode logits [B, S, V] on every rank; under TP the output layer is vocab-parallel:
-    the shards are gathered."""
+    """Eval-mode logits [B, S, V] on every rank, V the unpadded vocabulary (the padded ids'
+    logits are -inf: megamoe.models.vocab); under TP the output layer is vocab-parallel: the
+    shards are gathered."""
     model = engine.modules[0]
     model.eval()
     S = tokens_BS.shape[1]
@@ -89,7 +90,7 @@ def megamoe_logits_BSV(engine, tokens_BS):
         parts = [torch.empty_like(logits_BSV) for _ in range(tp.size())]
         dist.all_gather(parts, logits_BSV.contiguous(), group=tp)
         logits_BSV = torch.cat(parts, dim=-1)
-    return logits_BSV
+    return logits_BSV[..., :engine.vocab_size]
 
 
 @torch.no_grad()
@@ -103,7 +104,8 @@ def context_logits_BSV(engine, cfg, tokens_BS):
     model.eval()
     fields = context_fields(tokens_BS, cfg.data, cfg.model.hidden_size)
     model.routing_context_slot.set(RoutingContext(**fields))
-    return model(tokens_BS, torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS), None)
+    logits_BSV = model(tokens_BS, torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS), None)
+    return logits_BSV[..., :engine.vocab_size]
 
 
 def export_engine(engine, cfg, out: str, **export_kwargs) -> dict:
@@ -245,7 +247,7 @@ def imported_task(hf_dir, overrides=(), control=None):
     if control is not None:
         tensors = CONTROLS[control](tensors)
     _, engine, _ = load_imported([*hf_overrides, *overrides], tensors)
-    logits_BSV = megamoe_logits_BSV(engine, sample_tokens_BS(engine.modules[0].vocab_size))
+    logits_BSV = megamoe_logits_BSV(engine, sample_tokens_BS(engine.vocab_size))
     return logits_BSV if dist.get_rank() == 0 else None
 
 

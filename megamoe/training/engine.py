@@ -41,7 +41,12 @@ class Engine:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     step: int = 0
     consumed_samples: int = 0
-    vocab_size: int = 0
+    vocab_size: int = 0     # the tokenizer's; the model's rows are padded_vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer (megamoe.models.vocab)."""
+        return self.modules[0].vocab_size
 
     @property
     def modules(self) -> list:

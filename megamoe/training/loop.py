@@ -11,9 +11,11 @@ import torch
 import torch.distributed as dist
 
 from megamoe.data.batches import build_datasets, rank_microbatches
+from megamoe.data.checks import model_vocab_size
 from megamoe.checkpoint.load import load_checkpoint, resolve
 from megamoe.checkpoint.save import save_checkpoint
 from megamoe.models.lm import non_causal_routers
+from megamoe.models.vocab import describe_vocab
 from megamoe.moe.routers import check_router_causality
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import JsonlCallback, ProgressCallback, TensorBoardCallback
@@ -61,8 +63,8 @@ def train(cfg, device: torch.device) -> dict:
     from megatron.core import parallel_state as ps
 
     t, rank0 = cfg.train, (not dist.is_initialized() or dist.get_rank() == 0)
-    train_ds, valid_ds, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
-    vocab = max(vocab, cfg.model.vocab_size or 0)
+    train_ds, valid_ds, data_vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
+    vocab = model_vocab_size(cfg, data_vocab)
     engine = build_engine(cfg, vocab, device)
     non_causal = check_causality(cfg, engine.modules)
     resumed = resume(cfg, engine, rank0)
@@ -78,7 +80,9 @@ def train(cfg, device: torch.device) -> dict:
         if cfg.run.tensorboard:
             callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard")))
     info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "
-            f"{active_params:,} active per token", "run dir": cfg.run.dir, "vocab": vocab}
+            f"{active_params:,} active per token", "run dir": cfg.run.dir,
+            "vocab": describe_vocab(vocab, engine.padded_vocab_size,
+                                    cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)}
     if cfg.model.mor.enabled:
         info["MoR FLOPs/token by recursion step"] = _mor_flops_line(cfg, vocab)
     if hasattr(train_ds, "entropy_rate"):
@@ -193,7 +197,7 @@ def _mor_measured_flops(cfg, vocab: int, mor_metrics: dict) -> dict:
 
 def _save(cfg, engine, async_queue=None) -> str:
     return save_checkpoint(os.path.join(cfg.run.dir, "checkpoints"), engine,
-                           {"vocab_size": engine.vocab_size}, keep_last=cfg.train.keep_last,
+                           {}, keep_last=cfg.train.keep_last,
                            async_queue=async_queue)
 
 

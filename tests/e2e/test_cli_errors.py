@@ -46,3 +46,27 @@ def test_missing_config_file_names_the_file(cli):
     out = cli("train", "--config", "configs/nope.yaml", timeout=120)
     assert out.returncode == 2 and "configs/nope.yaml" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "data.kind=indexed", "--set", "data.path={tmp}/corpus"],
+     "data.path: {tmp}/corpus.bin: no such file"),
+    (["--set", "data.tokenizer={tmp}/tok.model"], "data.tokenizer: {tmp}/tok.model: no such file"),
+    (["--set", "train.resume={tmp}/old-run"], "train.resume: {tmp}/old-run: no such file"),
+    (["--set", "train.lr=inf"], "train.lr: must be a finite number, got inf"),
+], ids=["data", "tokenizer", "resume", "lr_inf"])
+def test_inputs_are_checked_before_any_rank_starts(cli, tmp_path, args, needle):
+    """Refused in the launching process, within seconds (ranks would take 10-80 s to get
+    there); the run directory is not even created."""
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    start = time.perf_counter()
+    out = cli("train", "--config", "configs/quickstart.yaml", "--set", f"run.dir={run_dir}",
+              *args, timeout=120)
+    elapsed = time.perf_counter() - start
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("megamoe: error: " + needle.replace("{tmp}", str(tmp_path)))
+    assert not run_dir.exists() and elapsed < 15, elapsed

@@ -196,7 +196,15 @@ ERRORS = [
     # out of range
     p("train.lr=0", "train.lr", "must be > 0"),
     p("train.lr=-1e-3", "train.lr", "must be > 0"),
-    p("train.lr=.nan", "train.lr", "must be > 0"),
+    # non-finite floats, refused naming the field (inf passes every range check)
+    p("train.lr=.nan", "train.lr", "must be a finite number, got nan"),
+    p("train.lr=inf", "train.lr", "must be a finite number, got inf"),
+    p("train.clip_grad=.inf", "train.clip_grad", "must be a finite number, got inf"),
+    p("model.moe.capacity_factor=inf", "model.moe.capacity_factor", "finite number"),
+    p("model.rotary_base=-inf", "model.rotary_base", "must be a finite number, got -inf"),
+    p("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by", ">= 1"),
+    p("model.make_vocab_size_divisible_by=1.5", "model.make_vocab_size_divisible_by",
+      "expected int"),
     p("train.min_lr=-1", "train.min_lr", ">= 0"),
     p("train.min_lr=1", "train.min_lr", "> train.lr"),
     p("train.warmup_steps=-1", "train.warmup_steps", ">= 0"),
@@ -267,3 +275,55 @@ def test_error_cases_start_valid():
     load_config(None, ["parallel.world_size=4", "parallel.tensor=4", "model.num_query_groups=4"])
     load_config(None, ["parallel.world_size=2", "parallel.pipeline=2",
                        "parallel.virtual_pipeline=2"])
+
+
+# ---- inputs checked before any rank starts (megamoe.data.checks) ------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_40(tmp_path_factory) -> str:
+    """A sentencepiece model of 40 pieces."""
+    from megamoe.data.tokenizer import train_sentencepiece
+
+    prefix = str(tmp_path_factory.mktemp("sp") / "tok")
+    text = ["a cab fed a bad face", "dead beef ace cafe bead", "fade deface add decade"] * 20
+    tok = train_sentencepiece(text, prefix, 40)
+    assert tok.vocab_size == 40
+    return tok.path
+
+
+def _input_error(overrides) -> str | None:
+    from megamoe.data.checks import check_inputs
+
+    try:
+        check_inputs(load_config(None, overrides))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_missing_inputs_are_refused_naming_field_and_path(tmp_path, tokenizer_40):
+    prefix = tmp_path / "corpus"
+    (tmp_path / "corpus.idx").write_bytes(b"")
+    indexed = ["data.kind=indexed", f"data.path={prefix}"]
+    assert _input_error(indexed).startswith(f"data.path: {prefix}.bin: no such file")
+    (tmp_path / "corpus.bin").write_bytes(b"")
+    assert _input_error(indexed) is None              # both files: the reader checks the rest
+    missing_tok = tmp_path / "nope.model"
+    assert _input_error([*indexed, f"data.tokenizer={missing_tok}"]).startswith(
+        f"data.tokenizer: {missing_tok}: no such file")
+    assert _input_error([f"train.resume={tmp_path / 'gone'}"]).startswith(
+        f"train.resume: {tmp_path / 'gone'}: no such file or directory")
+    assert _input_error([f"train.resume={tmp_path}"]) is None
+    assert _input_error(["train.resume=none"]) is None
+
+
+def test_model_vocab_size_below_the_datas_is_refused(tmp_path, tokenizer_40):
+    (tmp_path / "c.bin").write_bytes(b"")
+    (tmp_path / "c.idx").write_bytes(b"")
+    indexed = ["data.kind=indexed", f"data.path={tmp_path / 'c'}", f"data.tokenizer={tokenizer_40}"]
+    msg = _input_error([*indexed, "model.vocab_size=39"])
+    assert msg.startswith("model.vocab_size: 39 is smaller than the data's vocabulary (40, "
+                          "data.tokenizer)"), msg
+    assert _input_error([*indexed, "model.vocab_size=40"]) is None
+    assert _input_error([*indexed, "model.vocab_size=41"]) is None   # room for more ids: fine
+    assert "(64, data.markov_vocab_size)" in _input_error(["model.vocab_size=63"])

@@ -1,5 +1,6 @@
 """`training.metrics.parameter_counts` (printed at start, used for FLOPs and the MoR
-comparison) equals the built model's parameter count for every shipped recipe, on one rank —
+comparison) equals the built model's parameter count (without the vocabulary's padding rows,
+megamoe.models.vocab) for every shipped recipe, on one rank —
 including router families with parameters of their own (Soft MoE slots, Diff-MoE timestep gate
 and calibration, Expert Race's PLR head). Control: those families really add parameters, so a
 count that ignored them would fail."""
@@ -21,6 +22,7 @@ def counts_task(recipe: str, overrides=()):
     """(built, counted, counted without the family's own router parameters)."""
     from megamoe.checkpoint.convert import _single_rank_overrides
     from megamoe.config import load_config
+    from megamoe.models.vocab import padding_elements
     from megamoe.moe.routers import ROUTERS
     from megamoe.training.engine import build_engine
     from megamoe.training.metrics import parameter_counts
@@ -28,7 +30,8 @@ def counts_task(recipe: str, overrides=()):
     cfg = load_config(os.path.join(ROOT, "configs", recipe),
                       [*_single_rank_overrides(), *overrides])
     engine = build_engine(cfg, VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)
-    built = sum(p.numel() for p in engine.modules[0].parameters())
+    built = (sum(p.numel() for p in engine.modules[0].parameters())
+             - padding_elements(engine.modules))
     counted = parameter_counts(cfg, VOCAB)[0]
     cls = ROUTERS[cfg.model.moe.router]
     moe_layers = sum(1 for m in engine.modules[0].modules() if hasattr(m, "router")

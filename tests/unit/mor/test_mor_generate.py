@@ -41,7 +41,7 @@ def _forward_logits(model, tokens) -> torch.Tensor:
     ids = torch.tensor([tokens])
     pos = torch.arange(len(tokens))[None]
     with torch.no_grad():
-        return model(ids, pos, None)[0]                       # [T, V]
+        return model(ids, pos, None)[0, :, :model.unpadded_vocab_size]   # [T, V]
 
 
 def generate_task(router: str, kv_sharing: bool, extra=()):

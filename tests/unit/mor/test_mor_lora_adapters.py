@@ -144,8 +144,8 @@ def generation_task(kv_sharing: bool):
         err = 0.0
         for res in runs:
             with torch.no_grad():
-                full_TV = model(torch.tensor([res.tokens]),
-                                torch.arange(len(res.tokens))[None], None)[0]
+                full_TV = model(torch.tensor([res.tokens]), torch.arange(len(res.tokens))[None],
+                                None)[0, :, :model.unpadded_vocab_size]
             got_TV = torch.stack(res.logits)
             err = max(err, (got_TV - full_TV[:len(got_TV)]).abs().max().item())
         errs.append(err)
@@ -153,12 +153,14 @@ def generation_task(kv_sharing: bool):
 
 
 def count_task(overrides):
+    from megamoe.models.vocab import padding_elements
     from megamoe.testing.parity import TINY_VOCAB
     from megamoe.training.metrics import parameter_counts
 
     engine = _engine(overrides)
     lora = sum(p.numel() for n, p in engine.modules[0].named_parameters() if ".lora." in n)
-    return (sum(p.numel() for p in engine.modules[0].parameters()),
+    padding = padding_elements(engine.modules)       # vocabulary rows padded for TP
+    return (sum(p.numel() for p in engine.modules[0].parameters()) - padding,
             parameter_counts(engine.cfg, TINY_VOCAB)[0], lora)
 
 
