@@ -3,6 +3,9 @@ the progress callback prints: per step, while the final checkpoint is saved, and
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 
 from megamoe.training.callbacks import ProgressCallback, closing_line
@@ -91,3 +94,18 @@ def test_final_checkpoint_and_closing_lines(capsys):
 def test_closing_line_without_validation():
     line = closing_line({"steps": 3, "last_loss": 1.0, "val_loss": None, "wall_s": 1.0}, 2.0)
     assert "validation" not in line and "final loss 1.0000" in line
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_bar_of_a_resumed_run_starts_at_its_step(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    cb = ProgressCallback(total_steps=100, log_interval=1)
+    cb.on_step(91, metrics())
+    assert (cb.bar.initial, cb.bar.n) == (90, 91)            # rate and ETA count 1 step, not 91
+    assert "tok=1.2M" in sys.stderr.getvalue() and "tok_s=4096" in sys.stderr.getvalue()
+    cb.on_end({"steps": 100, "last_loss": 2.5, "val_loss": None, "wall_s": 1.0})
+    assert capsys.readouterr().out.startswith("[megamoe] finished at step 100 | final loss 2.5000")
