@@ -34,7 +34,7 @@ def find_config(path: str | os.PathLike) -> str:
     name = path[:-len(".yaml")] if path.endswith(".yaml") else path
     if os.sep not in name and name in recipe_names():
         return recipe_path(name)
-    raise ConfigError(f"{path}: no such config file, and not a recipe name (recipes: "
+    raise ConfigError(f"{path}: config file not found, and not a recipe name (recipes: "
                       f"{', '.join(recipe_names()) or 'none installed'}; "
                       f"`megamoe recipes` describes them)")
 

@@ -65,7 +65,7 @@ def test_unknown_recipe_is_one_line_listing_the_recipes(cli, tmp_path):
     out = cli("train", "--config", "rcae", timeout=120, cwd=tmp_path)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("megamoe: error: rcae: no such config file")
+    assert len(lines) == 1 and lines[0].startswith("megamoe: error: rcae: config file not found")
     assert "quickstart, race" in lines[0]
 
 

@@ -85,5 +85,5 @@ def test_a_file_wins_over_a_recipe_of_the_same_name(tmp_path, monkeypatch):
 def test_unknown_name_lists_the_recipes(name):
     with pytest.raises(ConfigError) as e:
         find_config(name)
-    assert str(e.value).startswith(f"{name}: no such config file")
+    assert str(e.value).startswith(f"{name}: config file not found")
     assert "quickstart, race" in str(e.value)
