@@ -8,7 +8,10 @@ setup(
     # copied into exported Hugging Face folders as remote code (megamoe.checkpoint.hf_megamoe)
     package_data={"megamoe.checkpoint.hf_remote": ["configuration_megamoe.py",
                                                    "modeling_megamoe.py",
-                                                   "routers_megamoe.py"]},
+                                                   "routers_megamoe.py"],
+                  # the recipes, `megamoe train --config <name>`: megamoe/recipes is a
+                  # symlink to configs/, whose files the wheel and sdist copy
+                  "megamoe": ["recipes/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # GPU users bring their own CUDA build; 2.13.0 (CPU) satisfies this range.

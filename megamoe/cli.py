@@ -1,4 +1,4 @@
-"""`megamoe` command line: train, convert, generate, specs."""
+"""`megamoe` command line: train, config, recipes, convert, generate, specs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import sys
 EPILOG = """examples:
   megamoe train --config configs/quickstart.yaml
   megamoe train --config configs/quickstart.yaml --set train.steps=20 --set parallel.expert=4
+  megamoe train --config race            # an installed recipe, from any directory
   torchrun --nproc-per-node 8 -m megamoe train --config configs/<recipe>.yaml
+"""
+TRAIN_KEYS = """every config key with its default, type and meaning: megamoe config
+the installed recipes: megamoe recipes
 """
 
 
@@ -17,14 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megamoe", description="Pretrain Mixture-of-Experts models on Megatron-Core.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser(
         "train", help="train a model from a YAML config",
         description="Train a model. Without a launcher (torchrun, srun, mpirun) megamoe starts "
                     "parallel.world_size local ranks itself: gloo ranks on CPU, one per GPU.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=TRAIN_KEYS + "\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", "-c", metavar="YAML",
-                       help="config file (default: built-in defaults; see configs/)")
+                       help="config file or installed recipe name (default: built-in "
+                            "defaults; see `megamoe recipes` and configs/)")
     train.add_argument("--set", "-s", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
@@ -84,7 +90,47 @@ def build_parser() -> argparse.ArgumentParser:
                      help="depth: continuous depth-wise batching; sequence: the baseline")
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
+    _add_config_parsers(sub)
     return parser
+
+
+def _add_config_parsers(sub) -> None:
+    """`megamoe config` (every key, its default, type and help) and `megamoe recipes`."""
+    cfg = sub.add_parser(
+        "config", help="list every config key with its default, type and help",
+        description="Every config key (as --set takes it) with its default, type and help. "
+                    "With --config/--set: the values of that config, '*' marking those that "
+                    "differ from the default.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  megamoe config\n  megamoe config model.moe\n"
+               "  megamoe config --config race --changed")
+    cfg.add_argument("prefix", nargs="?", default="",
+                     help="show only keys starting with this, e.g. train or model.moe.vmoe")
+    cfg.add_argument("--config", "-c", metavar="YAML",
+                     help="config file or recipe name to show resolved")
+    cfg.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a config field (repeatable)")
+    cfg.add_argument("--changed", action="store_true",
+                     help="only the keys whose value differs from the default")
+    sub.add_parser("recipes", help="list the installed recipes (megamoe train --config NAME)",
+                   description="The recipes installed with megamoe, by name; "
+                               "`megamoe train --config NAME` trains one from any directory.")
+
+
+def version_line() -> str:
+    """megamoe's version and those of torch and megatron-core, without importing them."""
+    from importlib import metadata
+
+    from megamoe import __version__
+
+    def installed(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"megamoe {__version__} (torch {installed('torch')}, "
+            f"megatron-core {installed('megatron-core')})")
 
 
 def _error(msg: str) -> int:
@@ -103,6 +149,44 @@ def cmd_specs() -> int:
           "dropping competes across the micro-batch).")
     print("vmoe and limoe are causal when model.moe.vmoe.capacity_ratio and "
           "eval_capacity_ratio are null (no capacity, no batch priority).")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from megamoe.config import ConfigError, load_config
+    from megamoe.config.listing import format_sections, sections
+
+    resolved = bool(args.config or args.overrides)
+    try:
+        secs = sections(load_config(args.config, args.overrides) if resolved else None)
+    except ConfigError as exc:
+        return _error(str(exc))
+    for sec in secs:
+        sec.rows = [r for r in sec.rows if r.key.startswith(args.prefix)]
+    if not any(sec.rows for sec in secs):
+        return _error(f"no config key starts with {args.prefix!r} (sections: "
+                      f"{', '.join(s.path for s in sections())})")
+    for sec in secs:
+        sec.rows = [r for r in sec.rows if not (args.changed and r.value == r.default)]
+    secs = [s for s in secs if s.rows]
+    if not secs:
+        print("every key has its default value")
+        return 0
+    print(format_sections(secs, resolved))
+    if resolved:
+        print("\n(*: the value differs from its default)")
+    return 0
+
+
+def cmd_recipes() -> int:
+    from megamoe.config.recipes import RECIPE_DIR, describe, recipe_names
+
+    names = recipe_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:{width}}  {describe(name)}")
+    print(f"\n{len(names)} recipes in {os.path.realpath(RECIPE_DIR)}; train one with "
+          f"`megamoe train --config NAME`, see its keys with `megamoe config --config NAME`")
     return 0
 
 
@@ -217,18 +301,24 @@ def cmd_train(args) -> int:
 
 
 def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)   # before any heavy import: --help and --version stay fast
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return _error("a command is required (train, config, recipes, specs, convert, "
+                      "generate)")
+    if args.command == "config":
+        return cmd_config(args)
+    if args.command == "recipes":
+        return cmd_recipes()
     from megamoe.platform.bridge import quiet_megatron_warnings
 
     quiet_megatron_warnings()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
     if args.command == "specs":
         return cmd_specs()
     if args.command == "convert":
         return cmd_convert(args)
-    if args.command == "generate":
-        return cmd_generate(args)
-    parser.print_help()
-    return 0
+    assert args.command == "generate", args.command
+    return cmd_generate(args)

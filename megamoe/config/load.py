@@ -11,6 +11,7 @@ import yaml
 
 from megamoe.config.coerce import field_types, from_dict, join, unknown_key
 from megamoe.config.errors import ConfigError
+from megamoe.config.recipes import find_config
 from megamoe.config.schema import Config
 from megamoe.config.validate import validate
 
@@ -94,10 +95,11 @@ def _child_type(cls: type, path: str, name: str) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults ← YAML file (any subset of keys) ← overrides, then `validate`."""
+    """Defaults ← YAML file (any subset of keys; a path or an installed recipe's name) ←
+    overrides, then `validate`."""
     if isinstance(overrides, str):
         raise TypeError("overrides must be a list of 'a.b=c' strings, not one string")
-    raw = read_yaml(path) if path is not None else {}
+    raw = read_yaml(find_config(path)) if path is not None else {}
     for override in overrides:
         apply_override(raw, override)
     cfg = from_dict(Config, raw)

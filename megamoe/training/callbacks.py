@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import sys
+import time
+
+from megamoe.training.speed import format_count, format_duration
 
 
 class Callback:
     def on_start(self, info: dict) -> None: ...
     def on_step(self, step: int, metrics: dict) -> None: ...
     def on_eval(self, step: int, val_loss: float) -> None: ...
+    def on_final_save(self, step: int, root: str) -> None: ...
     def on_end(self, summary: dict) -> None: ...
+
+
+def _tokens_per_s(m: dict) -> float:
+    """Smoothed over the speed window where there is one, else this step's."""
+    avg = m.get("tokens_per_s_avg")
+    return m["tokens_per_s"] if avg is None else avg
+
+
+def _speed(m: dict) -> list[str]:
+    """ms/step, tokens/s, consumed tokens, elapsed and ETA (megamoe.training.speed)."""
+    if m.get("step_time_ms") is None:
+        return [f"tok/s {m['tokens_per_s']:.0f}"]
+    return [f"{m['step_time_ms']:.0f} ms/step", f"tok/s {_tokens_per_s(m):.0f}",
+            f"{format_count(m['consumed_tokens'])} tok",
+            f"elapsed {format_duration(m['elapsed_s'])}", f"ETA {format_duration(m['eta_s'])}"]
 
 
 def _line(step: int, total: int, m: dict) -> str:
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
-             f"grad {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:.0f}",
-             f"imbalance {m['imbalance']:.2f}"]
+             f"grad {m['grad_norm']:.3f}", *_speed(m), f"imbalance {m['imbalance']:.2f}"]
     if m.get("load_balancing_loss") is not None:
         parts.append(f"lbl {m['load_balancing_loss']:.3f}")
     if m.get("router/dropped_fraction"):
@@ -30,37 +48,65 @@ def _line(step: int, total: int, m: dict) -> str:
     return " | ".join(parts)
 
 
+def closing_line(summary: dict, total_s: float) -> str:
+    """The run's last line: final loss, validation loss and wall time (`total_s`: since the
+    model was built, validation and checkpoints included; `wall_s`: the training steps)."""
+    parts = [f"finished at step {summary['steps']}"]
+    if summary.get("last_loss") is not None:
+        parts.append(f"final loss {summary['last_loss']:.4f}")
+    if summary.get("val_loss") is not None:
+        parts.append(f"validation loss {summary['val_loss']:.4f}")
+    wall = f"wall time {format_duration(total_s)} after start-up"
+    if summary.get("wall_s") is not None:
+        wall += f" (training steps {format_duration(summary['wall_s'])})"
+    return " | ".join(parts + [wall])
+
+
 class ProgressCallback(Callback):
     """A tqdm bar with loss and tokens/s when attached to a terminal; plain lines otherwise
     (every `log_interval` steps), so batch jobs get readable logs."""
 
-    def __init__(self, total_steps: int, log_interval: int, enabled: bool = True):
-        self.total, self.interval = total_steps, log_interval
+    def __init__(self, total_steps: int, log_interval: int, enabled: bool = True,
+                 clock=time.perf_counter):
+        self.total, self.interval, self.clock = total_steps, log_interval, clock
+        self.use_bar = enabled and sys.stderr.isatty()
         self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
+        self.started = clock()
 
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+    def _print(self, msg: str) -> None:
+        (self.bar.write if self.bar is not None else print)(msg)
+        sys.stdout.flush()
 
     def on_start(self, info: dict) -> None:
         for key, value in info.items():
             print(f"[megamoe] {key}: {value}", flush=True)
 
     def on_step(self, step: int, m: dict) -> None:
+        if self.use_bar and self.bar is None:   # made at the first step: a resume starts there
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=step - 1, unit="step", dynamic_ncols=True)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}",
-                                 imb=f"{m['imbalance']:.2f}")
+            postfix = {"loss": f"{m['loss']:.4f}", "tok_s": f"{_tokens_per_s(m):.0f}",
+                       "imb": f"{m['imbalance']:.2f}"}
+            if m.get("consumed_tokens") is not None:
+                postfix["tok"] = format_count(m["consumed_tokens"])
+            self.bar.set_postfix(postfix)
         elif step % self.interval == 0 or step == self.total:
             print("[megamoe] " + _line(step, self.total, m), flush=True)
 
     def on_eval(self, step: int, val_loss: float) -> None:
-        msg = f"[megamoe] step {step}: validation loss {val_loss:.4f}"
-        (self.bar.write if self.bar is not None else print)(msg)
+        self._print(f"[megamoe] step {step}: validation loss {val_loss:.4f}")
+
+    def on_final_save(self, step: int, root: str) -> None:
+        self._print(f"[megamoe] saving final checkpoint step {step} to {root}")
 
     def on_end(self, summary: dict) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        print("[megamoe] " + closing_line(summary, self.clock() - self.started), flush=True)
 
 
 class TensorBoardCallback(Callback):
@@ -70,7 +116,8 @@ class TensorBoardCallback(Callback):
         self.writer = SummaryWriter(log_dir=log_dir)
 
     def on_step(self, step: int, m: dict) -> None:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "imbalance", "mfu", "z_loss"):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_avg",
+                    "step_time_ms", "imbalance", "mfu", "z_loss"):
             if m.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", m[key], step)
         for key, value in m.items():

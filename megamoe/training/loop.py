@@ -21,6 +21,7 @@ from megamoe.training import metrics as M
 from megamoe.training.callbacks import JsonlCallback, ProgressCallback, TensorBoardCallback
 from megamoe.training.engine import build_engine, run_forward_backward, train_step
 from megamoe.training.preemption import StopRequest
+from megamoe.training.speed import SpeedMonitor
 
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -98,6 +99,7 @@ def train(cfg, device: torch.device) -> dict:
     losses, tokens_per_step = [], t.global_batch_size * cfg.model.seq_length
     start, first_step, stop = time.perf_counter(), engine.step + 1, StopRequest()
     pending = AsyncSaves(t.async_save)
+    speed = SpeedMonitor(t.steps)
     for step in range(first_step, t.steps + 1):
         t0 = time.perf_counter()
         mbs = rank_microbatches(train_ds, engine.consumed_samples, t.global_batch_size,
@@ -120,6 +122,8 @@ def train(cfg, device: torch.device) -> dict:
              if peak else None,
              "expert_load": {i + 1: row for i, row in enumerate(load) if row.sum() > 0},
              **router}
+        m.update(speed.update(step, tokens_per_step,
+                              engine.consumed_samples * cfg.model.seq_length))
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"loss is {loss} at step {step}; stopping before saving")
         first_loss = loss if first_loss is None else first_loss
@@ -147,6 +151,8 @@ def train(cfg, device: torch.device) -> dict:
         val_loss = evaluate(engine, valid_ds, t.eval_iters)
         for cb in callbacks:
             cb.on_eval(t.steps, val_loss)
+    for cb in callbacks:
+        cb.on_final_save(t.steps, os.path.join(cfg.run.dir, "checkpoints"))
     pending.finish_all()
     checkpoint = _save(cfg, engine)
     losses = losses or [float("nan")]

@@ -31,3 +31,16 @@ def test_quickstart_trains_and_writes_its_run_dir(cli, tmp_path):
     assert os.path.isfile(run_dir / "checkpoints" / latest / "meta.json")
     assert (run_dir / "config.yaml").exists()
     assert "parameters" in out.stdout and "entropy rate" in out.stdout
+    # speed as a Megatron user reads it: ms/step, tokens/s over the last steps, tokens consumed
+    tokens = 100 * 16 * 64                       # steps × global_batch_size × seq_length
+    final = [s for s in steps if "loss" in s][-1]
+    assert final["consumed_tokens"] == tokens and final["tokens_per_s_avg"] > 0
+    lines = out.stdout.splitlines()
+    last = next(ln for ln in lines if ln.startswith("[megamoe] step 100/100 |"))
+    assert " ms/step | tok/s " in last and " | 102k tok | elapsed " in last
+    assert " | ETA 0:00 | " in last
+    # a line while the final checkpoint is saved, then a closing line
+    assert f"[megamoe] saving final checkpoint step 100 to {run_dir}/checkpoints" in lines
+    closing = next(ln for ln in lines if ln.startswith("[megamoe] finished at step 100 |"))
+    assert (f"| final loss {summary['last_loss']:.4f} | validation loss "
+            f"{summary['val_loss']:.4f} | wall time ") in closing
