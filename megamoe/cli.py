@@ -250,6 +250,46 @@ def check_inputs_before_start(cfg) -> None:
     check_inputs(cfg)
 
 
+def _check_resume(cfg) -> int | None:
+    """The step the ranks will resume from (None: a fresh start), checked before they start:
+    an explicit `train.resume` without a complete, undamaged checkpoint is an error here."""
+    from megamoe.checkpoint.load import check_resume
+
+    choice = cfg.train.resume
+    if choice == "none":
+        return None
+    explicit = choice != "auto"
+    return check_resume(choice if explicit else cfg.run.dir, explicit=explicit)
+
+
+def _make_run_dir(run_dir: str) -> bool:
+    """Create `run.dir` (and its parents); True when this call created it."""
+    if os.path.isdir(run_dir):
+        return False
+    os.makedirs(run_dir, exist_ok=True)
+    return True
+
+
+def _remove_unused_run_dir(run_dir: str, created: bool) -> None:
+    """After a failure before training wrote anything (no checkpoint, no metrics), remove the
+    run directory this command created, so failed starts leave no empty run directories."""
+    if not created or not os.path.isdir(run_dir):
+        return
+    ckpt, metrics = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
+    if (os.path.isdir(ckpt) and os.listdir(ckpt)) or (
+            os.path.isfile(metrics) and os.path.getsize(metrics)):
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _os_error(exc: OSError, run_dir: str) -> str:
+    """'PATH: cannot write the run directory: Read-only file system' for a failed write."""
+    return f"{exc.filename or run_dir}: cannot write the run directory: " \
+           f"{exc.strerror or exc}"
+
+
 def cmd_train(args) -> int:
     from megamoe.config import ConfigError, dump_config, load_config, resolve_run_dir
     from megamoe.launch.env import discover_rank
@@ -274,24 +314,39 @@ def cmd_train(args) -> int:
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "job")
         cfg.run.dir = os.path.join("runs", f"{cfg.run.name}-{job}")
     cfg.run.dir = resolve_run_dir(cfg)
-    os.makedirs(cfg.run.dir, exist_ok=True)
     if args.dry_run:
         from megamoe.config import config_to_dict
         import yaml
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    if info is not None:
-        if info.rank == 0:
-            dump_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-        _train_rank(cfg)
+    try:
+        resumed_step = _check_resume(cfg)
+    except ValueError as exc:   # CheckpointError
+        return _error(str(exc))
+    if resumed_step is not None and resumed_step >= cfg.train.steps:
+        if info is None or info.rank == 0:
+            print(f"[megamoe] nothing to do: the run is at step {resumed_step} "
+                  f"(train.steps={cfg.train.steps})")
         return 0
     path = os.path.join(cfg.run.dir, "config.yaml")
-    dump_config(cfg, path)
+    try:
+        created = _make_run_dir(cfg.run.dir)
+        if info is None or info.rank == 0:
+            dump_config(cfg, path)
+    except OSError as exc:
+        return _error(_os_error(exc, cfg.run.dir))
+    if info is not None:
+        try:
+            _train_rank(cfg)
+        finally:
+            _remove_unused_run_dir(cfg.run.dir, created and info.rank == 0)
+        return 0
     from megamoe.launch.spawn import spawn_local
 
     failed = spawn_local(cfg.parallel.world_size, _train_rank, (path,))
     if failed:
+        _remove_unused_run_dir(cfg.run.dir, created)
         rank, msg, tb = failed[0]
         if os.environ.get("MEGAMOE_TRACEBACK"):
             print(tb, file=sys.stderr)

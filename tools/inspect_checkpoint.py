@@ -70,12 +70,15 @@ def loadable_layouts(cfg, max_world: int) -> list[dict]:
 
 
 def inspect(path: str, max_world: int) -> dict:
-    from megamoe.checkpoint.load import read_meta, resolve
+    from megamoe.checkpoint.load import damage, read_meta, resolve
     from megamoe.config import load_config
 
     step_dir = resolve(path, log=lambda msg: print(msg, file=sys.stderr))
     if step_dir is None:
         raise ValueError(f"{path}: no complete checkpoint")
+    wrong = damage(step_dir)
+    if wrong:
+        raise ValueError(f"{step_dir}: damaged, not loadable: {'; '.join(wrong)}")
     meta = read_meta(step_dir)
     cfg_path = os.path.join(step_dir, "config.yaml")
     cfg = load_config(cfg_path) if os.path.isfile(cfg_path) else None

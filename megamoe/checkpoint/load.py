@@ -1,8 +1,15 @@
-"""Find the newest complete checkpoint and load it into an engine of any layout.
+"""Find the newest loadable checkpoint and load it into an engine of any layout.
 
 A checkpoint directory is complete when it has `meta.json` (written last by the saver) and
-Megatron's `metadata.json`. `latest` names the newest; if it is missing, names an incomplete
-folder or a corrupt one, the loader says so and falls back to the newest complete step folder.
+Megatron's `metadata.json`; it is whole when its files have the sizes `meta.json` recorded and
+every tensor the storage index (`.metadata`) lists lies inside its file. `latest` names the
+newest; if it is missing or names an incomplete folder, the loader says so and takes the newest
+complete step folder. A resume from a run directory or checkpoint root that cannot load its
+newest checkpoint (damaged files, a failed read on any rank) warns naming it and loads the
+previous complete one; an explicit step directory must load.
+
+The directory functions here import neither Megatron nor torch.distributed, so the CLI can
+check a resume source before it starts any rank.
 """
 
 from __future__ import annotations
@@ -11,16 +18,16 @@ import json
 import os
 import re
 
-import torch
-
-from megamoe.checkpoint.optimizer_state import copy_loaded
-from megamoe.checkpoint.save import STEP_PREFIX, full_sharded_state_dict, step_dir_name
-
+STEP_PREFIX = "step_"
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 
 
 class CheckpointError(ValueError):
     """A user-facing checkpoint problem; the message names the directory or file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
 
 
 def is_complete(step_dir: str) -> bool:
@@ -44,60 +51,204 @@ def read_meta(step_dir: str) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{step_dir}: incomplete checkpoint (no meta.json)") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: corrupt ({exc.msg} at line {exc.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt ({_json_reason(exc)})") from None
+
+
+def _json_reason(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno}"
+    return "not UTF-8 text"
+
+
+def damage(step_dir: str) -> list[str]:
+    """What is wrong with the files of a complete-looking checkpoint (empty when nothing is):
+    an unreadable `meta.json` or `metadata.json`, a file whose size differs from the one
+    `meta.json` recorded at save time, a tensor the storage index places past its file's end."""
+    try:
+        meta = read_meta(step_dir)
+    except CheckpointError as exc:
+        return [str(exc).removeprefix(step_dir + os.sep)]
+    problems = []
+    for name, size in meta.get("files", {}).items():
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(path) != size:
+            problems.append(f"{name} has {os.path.getsize(path):,} bytes, {size:,} were saved")
+    try:
+        with open(os.path.join(step_dir, "metadata.json")) as f:
+            json.load(f)
+    except (ValueError, OSError) as exc:
+        problems.append(f"metadata.json is unreadable ({type(exc).__name__})")
+    return problems + _storage_damage(step_dir)
+
+
+def _storage_damage(step_dir: str) -> list[str]:
+    """Files shorter than the byte ranges `.metadata` assigns to their tensors (this also
+    catches truncation in checkpoints saved before `meta.json` recorded file sizes)."""
+    if not os.path.isfile(os.path.join(step_dir, ".metadata")):
+        return []
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        index = FileSystemReader(step_dir).read_metadata().storage_data
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged index
+        return [f".metadata is unreadable ({type(exc).__name__})"]
+    ends: dict[str, int] = {}
+    for item in index.values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    problems = []
+    for name, end in sorted(ends.items()):
+        path = os.path.join(step_dir, name)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size is None:
+            problems.append(f"{name} is missing")
+        elif size < end:
+            problems.append(f"{name} is truncated ({size:,} bytes, its tensors end at {end:,})")
+    return problems
+
+
+def _is_step_dir(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, "meta.json"))
+            or bool(_STEP_RE.match(os.path.basename(os.path.normpath(path)))))
+
+
+def _checkpoint_root(path: str) -> str:
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+def candidates(path: str, log=print) -> list[str]:
+    """The complete checkpoints a load from `path` may use, in the order to try them: a step
+    directory itself; for a run directory or checkpoint root the one `latest` names, then the
+    older complete ones, newest first. Empty when `path` holds no complete checkpoint."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if _is_step_dir(path):
+        if not is_complete(path):
+            raise CheckpointError(f"{path}: incomplete checkpoint (meta.json or metadata.json "
+                                  "missing: the save did not finish)")
+        return [path]
+    root = _checkpoint_root(path)
+    steps = complete_steps(root)[::-1]
+    latest_file = os.path.join(root, "latest")
+    if os.path.isfile(latest_file):
+        name = open(latest_file).read().strip()
+        m = _STEP_RE.match(name)
+        if m and int(m.group(1)) in steps:
+            steps = [s for s in steps if s <= int(m.group(1))]   # newer: commit unfinished
+        else:
+            log(f"[megamoe] {latest_file} names '{name}', which is not a complete checkpoint; "
+                "using the newest complete one")
+    return [os.path.join(root, step_dir_name(s)) for s in steps]
 
 
 def resolve(path: str, log=print) -> str | None:
     """A step directory from a run directory, a checkpoint root or a step directory; None when
     `path` holds no checkpoint yet. Incomplete ones are reported and skipped."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if os.path.isfile(os.path.join(path, "meta.json")) or _STEP_RE.match(os.path.basename(
-            os.path.normpath(path))):
-        if not is_complete(path):
-            raise CheckpointError(f"{path}: incomplete checkpoint (meta.json or metadata.json "
-                                  "missing: the save did not finish)")
-        return path
-    root = os.path.join(path, "checkpoints") if os.path.isdir(
-        os.path.join(path, "checkpoints")) else path
-    latest_file = os.path.join(root, "latest")
-    if os.path.isfile(latest_file):
-        name = open(latest_file).read().strip()
-        candidate = os.path.join(root, name)
-        if _STEP_RE.match(name) and is_complete(candidate):
-            return candidate
-        log(f"[megamoe] {latest_file} names '{name}', which is not a complete checkpoint; "
-            "using the newest complete one")
-    steps = complete_steps(root)
-    if not steps:
+    found = candidates(path, log)
+    return found[0] if found else None
+
+
+def no_checkpoint_error(path: str) -> CheckpointError:
+    """The error for an explicit resume source without a complete checkpoint, saying what is
+    missing."""
+    root = _checkpoint_root(path)
+    partial = sorted(n for n in os.listdir(root)
+                     if _STEP_RE.match(n) or n.startswith(".tmp-" + STEP_PREFIX))
+    if not partial:
+        return CheckpointError(f"{path}: no checkpoint to resume from (no {STEP_PREFIX}NNNNNNN "
+                               f"folder in {root})")
+    return CheckpointError(f"{path}: no complete checkpoint to resume from ({', '.join(partial)} "
+                           "lack meta.json or metadata.json: their saves did not finish)")
+
+
+def check_resume(path: str, *, explicit: bool) -> int | None:
+    """Before any rank starts: the step a resume from `path` continues from (its newest
+    checkpoint whose files are whole), or None when a fresh start is allowed (`auto` in a run
+    directory without checkpoints). Raises CheckpointError when an explicit `path` holds no
+    complete checkpoint, or every complete one is damaged."""
+    if not explicit and not os.path.isdir(os.path.join(path, "checkpoints")):
         return None
-    return os.path.join(root, step_dir_name(steps[-1]))
+    found = candidates(path, log=lambda *_: None)
+    if not found:
+        if explicit:
+            raise no_checkpoint_error(path)
+        return None
+    problems = []
+    for step_dir in found:
+        wrong = damage(step_dir)
+        if not wrong:
+            return int(read_meta(step_dir)["step"])
+        problems.append(f"{step_dir}: corrupt: {'; '.join(wrong)}")
+    if len(found) == 1:
+        raise CheckpointError(problems[0])
+    raise CheckpointError(f"{path}: every checkpoint is damaged: {' | '.join(problems)}")
+
+
+def load_newest(engine, path: str, *, explicit: bool, log=print) -> str | None:
+    """Load the newest checkpoint of `path` that every rank can read into `engine`; returns
+    its step directory, or None when `path` holds no complete checkpoint and `explicit` is
+    False (a fresh start). A damaged checkpoint is skipped with a warning naming it, unless
+    `path` is that step directory itself."""
+    found = candidates(path, log)
+    if not found:
+        if explicit:
+            raise no_checkpoint_error(path)
+        return None
+    problems = []
+    for step_dir in found:
+        try:
+            load_checkpoint(engine, step_dir)
+            return step_dir
+        except CheckpointError as exc:
+            if _is_step_dir(path):
+                raise
+            problems.append(str(exc))
+            log(f"[megamoe] WARNING: {exc}; trying the previous complete checkpoint")
+    raise CheckpointError(f"{path}: no checkpoint can be loaded: {' | '.join(problems)}")
 
 
 def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> dict:
-    """Load model (+ optimizer, schedule, progress, RNG) saved under any layout into `engine`."""
+    """Load model (+ optimizer, schedule, progress, RNG) saved under any layout into `engine`.
+    Collective: the ranks agree that the files are whole and that every rank read them before
+    any state is applied, so a failure on one rank fails the load on all of them."""
     from megatron.core import dist_checkpointing
 
+    from megamoe.checkpoint.save import full_sharded_state_dict
+
+    wrong = damage(step_dir)
+    if not all_ranks_ok(not wrong):
+        raise CheckpointError(f"{step_dir}: corrupt: "
+                              f"{'; '.join(wrong) or 'damaged files on another rank'}")
     meta = read_meta(step_dir)
     _check_vocab(meta, engine, step_dir)
     engine.step = int(meta["step"])      # the optimizer state is built for the saved step
     sd = full_sharded_state_dict(engine, is_loading=True)
-    same_world = meta.get("world_size") == (torch.distributed.get_world_size()
-                                            if torch.distributed.is_initialized() else 1)
-    if not same_world:
+    if meta.get("world_size") != _world_size():
         sd.pop("rng")          # per-rank RNG streams only carry over to the same world size
     if not (load_optimizer and meta.get("optimizer_saved")):
         sd.pop("optimizer_state", None)
     targets = sd.get("optimizer_state", {})
+    state, error = None, None
     try:
         state = dist_checkpointing.load(sd, step_dir)
-    except CheckpointError:
-        raise
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        raise CheckpointError(f"{step_dir}: cannot load: {_reason(exc)}") from exc
+        error = exc
+    if not all_ranks_ok(error is None):
+        why = reason(error) if error is not None else "another rank could not read it"
+        raise CheckpointError(f"{step_dir}: cannot load: {why}") from error
+    _apply(engine, state, targets)
+    return meta
+
+
+def _apply(engine, state: dict, targets: dict) -> None:
+    """Put a loaded state into the engine's modules, optimizer, schedule, progress and RNG."""
+    from megamoe.checkpoint.optimizer_state import copy_loaded
+
     chunks = engine.modules
     if len(chunks) == 1:
         chunks[0].load_state_dict(state["model"], strict=True)
@@ -118,7 +269,6 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     engine.consumed_samples = int(state["progress"]["consumed_samples"])
     if "rng" in state:
         _set_rng(state["rng"])
-    return meta
 
 
 def _check_vocab(meta: dict, engine, step_dir: str) -> None:
@@ -130,7 +280,25 @@ def _check_vocab(meta: dict, engine, step_dir: str) -> None:
                               f"is {engine.vocab_size} (data.tokenizer or model.vocab_size)")
 
 
-def _reason(exc: BaseException) -> str:
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True on every rank when `ok` is True on every rank (one all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def reason(exc: BaseException) -> str:
     """The underlying error of a (possibly multi-rank) checkpoint failure, in one line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     errors = [ln for ln in lines if _ERROR_LINE.match(ln) and "CheckpointException ranks" not in ln]
@@ -145,6 +313,7 @@ _ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception)(:|$)")
 
 
 def _set_rng(rng: dict) -> None:
+    import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     torch.set_rng_state(rng["torch"])

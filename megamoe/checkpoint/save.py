@@ -11,9 +11,11 @@ loader ignores `.tmp-*` folders and folders without `meta.json`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -22,12 +24,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megamoe.checkpoint.load import (STEP_PREFIX, CheckpointError, all_ranks_ok, reason,
+                                     step_dir_name)
+
 FORMAT_VERSION = 1
-STEP_PREFIX = "step_"
-
-
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:07d}"
 
 
 def _rank() -> int:
@@ -86,11 +86,7 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
     step = engine.step
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
+    _make_tmp(root, tmp)
     meta = {"format": FORMAT_VERSION, "step": step,
             "consumed_samples": engine.consumed_samples, "world_size": _world(),
             "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
@@ -99,7 +95,15 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
             **meta}
     commit = functools.partial(_commit, root, tmp, final, meta, config or engine.cfg, keep_last)
     if async_queue is None:
-        dist_checkpointing.save(full_sharded_state_dict(engine), tmp)
+        try:
+            dist_checkpointing.save(full_sharded_state_dict(engine), tmp)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is one
+            error = save_error(root, tmp, exc)   # before the space is given back
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error from exc
         _barrier()
         commit()
         return final
@@ -110,21 +114,92 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
     return final
 
 
+def _make_tmp(root: str, tmp: str) -> None:
+    """Rank 0 creates the empty directory every rank writes into; all ranks learn whether it
+    could (a read-only or full file system fails here, with one error on every rank)."""
+    error = None
+    if _rank() == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as exc:
+            error = exc
+    if not all_ranks_ok(error is None):
+        raise save_error(root, tmp, error)
+
+
 def _commit(root: str, tmp: str, final: str, meta: dict, config, keep_last: int) -> None:
-    """Rank 0 makes the written directory a complete checkpoint; all ranks wait for it."""
+    """Rank 0 makes the written directory a complete checkpoint (recording every file's size
+    in `meta.json`, so a later truncation is detected); all ranks learn whether it could."""
+    error = None
     if _rank() == 0:
         from megamoe.config import dump_config
 
-        dump_config(config, os.path.join(tmp, "config.yaml"))
-        _write_durably(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_durably(os.path.join(root, "latest"), os.path.basename(final) + "\n")
-        if keep_last:
+        try:
+            dump_config(config, os.path.join(tmp, "config.yaml"))
+            files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+            _write_durably(os.path.join(tmp, "meta.json"),
+                           json.dumps({**meta, "files": files}, indent=2))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            _write_durably(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+        except OSError as exc:
+            error = save_error(root, tmp, exc)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.exists(os.path.join(root, "latest.tmp")):
+                os.remove(os.path.join(root, "latest.tmp"))
+        if keep_last and error is None:
             prune(root, keep_last)
-    _barrier()
+    if not all_ranks_ok(error is None):
+        raise error or save_error(root, final, None)
+
+
+def save_error(root: str, path: str, exc: BaseException | None) -> CheckpointError:
+    """One line for a failed save: the directory, the cause (the operating system's words when
+    there is an OS error under the multi-rank failure) and the checkpoint that stays `latest`."""
+    cause = os_cause(exc, path) if exc is not None else "another rank could not write it"
+    latest = os.path.join(root, "latest")
+    kept = (f"{open(latest).read().strip()} is intact and stays the latest"
+            if os.path.isfile(latest) else "no earlier checkpoint exists")
+    return CheckpointError(f"{path}: cannot save the checkpoint: {cause}; {kept}")
+
+
+def os_cause(exc: BaseException, path: str) -> str:
+    """The operating system's words for the error under `exc` ("No space left on device",
+    "Read-only file system"), looking through causes and every rank's failure of a
+    CheckpointException, else the state of the file system holding `path`; else the error's
+    own one-line reason."""
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno)
+        stack += [c for c in (e.__cause__, e.__context__) if c is not None]
+        stack += [pair[0] for pair in getattr(e, "failures", {}).values()]
+    found = re.search(r"\[Errno (\d+)\]", str(exc))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return _file_system_state(path) or reason(exc)
+
+
+def _file_system_state(path: str) -> str | None:
+    """"No space left on device" or "Read-only file system" when the file system holding
+    `path` is full or read-only: torch's writer reports a short write without an OS error
+    ("unexpected pos")."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if fs.f_bavail * fs.f_frsize < 1 << 20:
+        return f"{os.strerror(errno.ENOSPC)} ({fs.f_bavail * fs.f_frsize:,} bytes free)"
+    return None
 
 
 def _write_durably(path: str, text: str) -> None:

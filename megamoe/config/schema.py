@@ -238,6 +238,8 @@ class TrainConfig:
     keep_last: int = 3               # complete checkpoints kept (older ones are deleted); 0: all
     resume: str = "auto"             # auto: newest complete checkpoint of run.dir, if any;
                                      # none: start fresh; or a checkpoint root / step directory
+    reset_schedule: bool = False     # on a resume with more train.steps than the checkpoint's
+                                     # schedule: decay again from lr (else: min_lr stays)
     precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU
     deterministic: bool = True
 

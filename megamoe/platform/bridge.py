@@ -170,3 +170,6 @@ def quiet_megatron_warnings() -> None:
     # megamoe's MoE spec passes its process groups itself; Megatron's layer warns it does not
     # know the class by name.
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
+    # a failed checkpoint write is reported once, by megamoe's error naming path and cause
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
+        logging.CRITICAL)

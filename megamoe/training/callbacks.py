@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
 import time
 
@@ -109,11 +112,30 @@ class ProgressCallback(Callback):
         print("[megamoe] " + closing_line(summary, self.clock() - self.started), flush=True)
 
 
+def json_text(record, **kwargs) -> str:
+    """Strict JSON (no bare NaN or Infinity, which JSON readers reject): a non-finite number
+    becomes null."""
+    return json.dumps(_finite(record), allow_nan=False, **kwargs)
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 class TensorBoardCallback(Callback):
-    def __init__(self, log_dir: str):
+    """Scalars and histograms under `log_dir`; with `purge_step` (a resume continues at that
+    step) TensorBoard hides the earlier events of the steps that are re-done."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=log_dir)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def on_step(self, step: int, m: dict) -> None:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_avg",
@@ -152,15 +174,20 @@ class TensorBoardCallback(Callback):
 
 
 class JsonlCallback(Callback):
-    """`metrics.jsonl` in the run directory: one JSON object per step and per validation."""
+    """`metrics.jsonl` in the run directory: one JSON object per step and per validation.
+    Records of steps after `keep_through` (the step a resume continues from) are dropped first,
+    so each step appears once."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, keep_through: int = 0):
+        self.path = path
+        truncate_records(path, keep_through)
         self.file = open(path, "a", buffering=1)
 
     def _write(self, record: dict) -> None:
-        import json
-
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json_text(record) + "\n")
+        except OSError as exc:     # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, self.path) from None
 
     def on_step(self, step: int, m: dict) -> None:
         self._write({"step": step, **{k: v for k, v in m.items() if k != "expert_load"},
@@ -171,3 +198,28 @@ class JsonlCallback(Callback):
 
     def on_end(self, summary: dict) -> None:
         self.file.close()
+
+
+def truncate_records(path: str, keep_through: int) -> None:
+    """Rewrite a JSON-lines file keeping the records of steps <= `keep_through` (and dropping
+    a line torn by a crash); atomic, so a failure leaves the old file."""
+    if not os.path.isfile(path):
+        return
+    kept, changed = [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and record.get("step", 0) <= keep_through \
+                    and line.endswith("\n"):
+                kept.append(line)
+            else:
+                changed = True
+    if not changed:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

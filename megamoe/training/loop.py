@@ -3,7 +3,6 @@ validation, a final checkpoint and `summary.json`."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -12,13 +11,14 @@ import torch.distributed as dist
 
 from megamoe.data.batches import build_datasets, rank_microbatches
 from megamoe.data.checks import model_vocab_size
-from megamoe.checkpoint.load import load_checkpoint, resolve
+from megamoe.checkpoint.load import load_newest
 from megamoe.checkpoint.save import save_checkpoint
 from megamoe.models.lm import non_causal_routers
 from megamoe.models.vocab import describe_vocab
 from megamoe.moe.routers import check_router_causality
 from megamoe.training import metrics as M
-from megamoe.training.callbacks import JsonlCallback, ProgressCallback, TensorBoardCallback
+from megamoe.training.callbacks import (JsonlCallback, ProgressCallback, TensorBoardCallback,
+                                        json_text)
 from megamoe.training.engine import build_engine, run_forward_backward, train_step
 from megamoe.training.preemption import StopRequest
 from megamoe.training.speed import SpeedMonitor
@@ -69,6 +69,11 @@ def train(cfg, device: torch.device) -> dict:
     engine = build_engine(cfg, vocab, device)
     non_causal = check_causality(cfg, engine.modules)
     resumed = resume(cfg, engine, rank0)
+    if engine.step >= t.steps:
+        if rank0:
+            print(f"[megamoe] nothing to do: the run is at step {engine.step} "
+                  f"(train.steps={t.steps})", flush=True)
+        return {"steps": engine.step, "nothing_to_do": True}
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     total_params, active_params = M.parameter_counts(cfg, vocab)
     flops_tok, peak = M.flops_per_token(cfg, vocab), _peak_flops(device)
@@ -77,9 +82,11 @@ def train(cfg, device: torch.device) -> dict:
     callbacks = []
     if rank0:
         callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress))
-        callbacks.append(JsonlCallback(os.path.join(cfg.run.dir, "metrics.jsonl")))
+        # records past the step training continues from are dropped: they are re-done
+        callbacks.append(JsonlCallback(os.path.join(cfg.run.dir, "metrics.jsonl"), engine.step))
         if cfg.run.tensorboard:
-            callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard")))
+            callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard"),
+                                                 purge_step=engine.step + 1 if resumed else None))
     info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "
             f"{active_params:,} active per token", "run dir": cfg.run.dir,
             "vocab": describe_vocab(vocab, engine.padded_vocab_size,
@@ -90,6 +97,9 @@ def train(cfg, device: torch.device) -> dict:
         info["corpus entropy rate"] = f"{train_ds.entropy_rate:.4f} nats/token"
     if resumed:
         info["resumed from"] = f"{resumed} (step {engine.step})"
+        schedule = replan_schedule(cfg, engine.scheduler, engine.step)
+        if schedule:
+            info["LR schedule"] = schedule
     if non_causal:
         info["WARNING"] = f"non-causal routers in a causal decoder (opted in): {non_causal}"
     for cb in callbacks:
@@ -167,7 +177,7 @@ def train(cfg, device: torch.device) -> dict:
     }
     if rank0:
         with open(os.path.join(cfg.run.dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            f.write(json_text(summary, indent=2))
         for cb in callbacks:
             cb.on_end(summary)
     return summary
@@ -227,16 +237,34 @@ class AsyncSaves:
 
 
 def resume(cfg, engine, rank0: bool) -> str | None:
-    """Load the checkpoint `train.resume` names (auto: this run's newest complete one)."""
+    """Load the checkpoint `train.resume` names (auto: this run's newest loadable one; a
+    fresh start when it has none). An explicit path must hold a loadable checkpoint."""
     choice = cfg.train.resume
     if choice == "none":
         return None
-    log = print if rank0 else (lambda *_: None)
+    log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda *_: None)
     path = cfg.run.dir if choice == "auto" else choice
     if choice == "auto" and not os.path.isdir(os.path.join(path, "checkpoints")):
         return None
-    step_dir = resolve(path, log=log)
-    if step_dir is None:
+    return load_newest(engine, path, explicit=choice != "auto", log=log)
+
+
+def replan_schedule(cfg, scheduler, step: int) -> str | None:
+    """After a resume, when the checkpoint's LR schedule ends before `train.steps`: with
+    `train.reset_schedule` a new decay from `train.lr` at `step` to `train.min_lr` at
+    `train.steps` (no warmup); without it, the LR stays at its minimum past the old end, and
+    the returned warning says so. Once re-planned, the saved schedule ends
+    at `train.steps`, so later resumes of the same run leave it alone."""
+    t = cfg.train
+    if scheduler is None or t.lr_schedule == "constant" or t.steps <= scheduler.lr_decay_steps:
         return None
-    load_checkpoint(engine, step_dir)
-    return step_dir
+    old_end = scheduler.lr_decay_steps
+    if t.reset_schedule:
+        scheduler.lr_warmup_steps = step       # get_lr returns max_lr at the warmup's end
+        scheduler.lr_decay_steps = t.steps    # > step: a finished run never gets here
+        scheduler.step(increment=0)            # the next step's LR from the new plan
+        return (f"re-planned (train.reset_schedule): {t.lr:.3g} at step {step} decaying to "
+                f"{t.min_lr:.3g} at step {t.steps} (the checkpoint's ended at step {old_end})")
+    return (f"WARNING: train.steps={t.steps} but the checkpoint's LR schedule ends at step "
+            f"{old_end}: the LR stays at train.min_lr ({t.min_lr:.3g}) after it; set "
+            "train.reset_schedule=true to decay again from train.lr over the new steps")
