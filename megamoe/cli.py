@@ -132,6 +132,9 @@ def cmd_generate(args) -> int:
 def _train_rank(config) -> None:
     """Entry of one rank (spawned locally or started by a launcher); `config` is a resolved
     config file or the Config itself."""
+    from megamoe.training.preemption import StopRequest
+
+    stop = StopRequest()   # first: a stop signal during start-up is kept for the loop
     from megamoe.platform.bridge import quiet_megatron_warnings
 
     quiet_megatron_warnings()   # before Megatron is imported: it warns at import time
@@ -143,7 +146,7 @@ def _train_rank(config) -> None:
     info = discover_rank()
     device = init_distributed(info)
     try:
-        train(cfg, device)
+        train(cfg, device, stop)
     finally:
         import torch.distributed as dist
 
@@ -152,7 +155,7 @@ def _train_rank(config) -> None:
 
 
 def cmd_train(args) -> int:
-    from megamoe.config import ConfigError, dump_config, load_config, resolve_run_dir
+    from megamoe.config import ConfigError, load_config, resolve_run_dir
     from megamoe.launch.env import discover_rank
 
     from megamoe.platform import check_layout_supported
@@ -181,6 +184,23 @@ def cmd_train(args) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
+    from megamoe.launch.lock import RunDirBusy, RunDirLock
+
+    lock = RunDirLock(cfg.run.dir)
+    try:
+        if info is None or info.rank == 0:   # the launching process: one per run
+            lock.acquire()
+        return _run(cfg, info)
+    except RunDirBusy as exc:
+        return _error(str(exc))
+    finally:
+        lock.release()
+
+
+def _run(cfg, info) -> int:
+    """Train on this process (under a launcher) or on locally spawned ranks."""
+    from megamoe.config import dump_config
+
     if info is not None:
         if info.rank == 0:
             dump_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -190,13 +210,24 @@ def cmd_train(args) -> int:
     dump_config(cfg, path)
     from megamoe.launch.spawn import spawn_local
 
-    failed = spawn_local(cfg.parallel.world_size, _train_rank, (path,))
-    if failed:
-        rank, msg, tb = failed[0]
+    return _report(spawn_local(cfg.parallel.world_size, _train_rank, (path,)), cfg.run.dir)
+
+
+def _report(result, run_dir: str) -> int:
+    """The launcher's last word: the rank that failed first, an interrupted run (130), or done."""
+    if result.failure is not None:
+        f = result.failure
+        hint = ""
         if os.environ.get("MEGAMOE_TRACEBACK"):
-            print(tb, file=sys.stderr)
-        return _error(f"rank {rank} failed: {msg} (set MEGAMOE_TRACEBACK=1 for the traceback)")
-    print(f"[megamoe] done: {cfg.run.dir}")
+            print(f.traceback, file=sys.stderr)
+        elif f.traceback:
+            hint = " (set MEGAMOE_TRACEBACK=1 for the traceback)"
+        return _error(f"rank {f.rank} failed first: {f.message}{hint}")
+    if result.interrupted:
+        print("megamoe: stopped at once by a second SIGINT, without saving; the newest complete "
+              f"checkpoint in {run_dir} is kept", file=sys.stderr)
+        return 130
+    print(f"[megamoe] {'stopped' if result.stop_signal else 'done'}: {run_dir}")
     return 0
 
 
@@ -206,6 +237,14 @@ def main(argv=None) -> int:
     quiet_megatron_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:   # Ctrl-C before the ranks start (they handle it after)
+        print("megamoe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(parser, args) -> int:
     if args.command == "train":
         return cmd_train(args)
     if args.command == "specs":
