@@ -214,7 +214,8 @@ def _run(cfg, info) -> int:
 
 
 def _report(result, run_dir: str) -> int:
-    """The launcher's last word: the rank that failed first, an interrupted run (130), or done."""
+    """The launcher's last word: the rank that failed (the first to die), an interrupted run
+    (130), or done."""
     if result.failure is not None:
         f = result.failure
         hint = ""
@@ -222,7 +223,7 @@ def _report(result, run_dir: str) -> int:
             print(f.traceback, file=sys.stderr)
         elif f.traceback:
             hint = " (set MEGAMOE_TRACEBACK=1 for the traceback)"
-        return _error(f"rank {f.rank} failed first: {f.message}{hint}")
+        return _error(f"rank {f.rank} failed: {f.message}{hint}")
     if result.interrupted:
         print("megamoe: stopped at once by a second SIGINT, without saving; the newest complete "
               f"checkpoint in {run_dir} is kept", file=sys.stderr)

@@ -23,7 +23,7 @@ LOCK_NAME = ".lock"
 
 
 class RunDirBusy(Exception):
-    """Another live run holds the run directory."""
+    """Another live run holds the run directory, or its lock file cannot be created."""
 
 
 def _describe(text: str) -> tuple[str, str]:
@@ -54,7 +54,11 @@ class RunDirLock:
 
     def acquire(self) -> "RunDirLock":
         """Lock the run directory (which must exist), or raise RunDirBusy naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirBusy(f"run.dir {os.path.dirname(self.path)}: cannot create the lock "
+                             f"file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

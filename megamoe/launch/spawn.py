@@ -58,17 +58,16 @@ def _die_with_launcher() -> None:
         return
 
     def watch():
-        wait([parent.sentinel])
-        if os.getpgid(0) == os.getpid():
-            os.killpg(os.getpid(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
+        wait([parent.sentinel])   # readable once the launcher is gone
+        os.killpg(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="megamoe-launcher-watch", daemon=True).start()
 
 
 def _rank_entry(rank: int, world_size: int, port: int, target, args, report) -> None:
-    """A spawned rank: signals stay blocked until `target` installs its handlers
-    (megamoe.training.preemption.StopRequest unblocks them)."""
+    """A spawned rank, in its own process group; the stop signals stay blocked until `target`
+    installs its handlers (megamoe.training.preemption.StopRequest unblocks them). An exception
+    goes to the launcher through `report`."""
     _die_with_launcher()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

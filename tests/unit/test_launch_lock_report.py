@@ -39,6 +39,6 @@ def test_traceback_hint_only_when_traceback_is_not_shown(monkeypatch, capsys, en
     failure = RankFailure(1, "ValueError: bad", "Traceback (most recent call last):\n  boom\n")
     assert _report(LaunchResult(failure=failure), "runs/x") == 2
     err = capsys.readouterr().err
-    assert "megamoe: error: rank 1 failed first: ValueError: bad" in err
+    assert "megamoe: error: rank 1 failed: ValueError: bad" in err
     assert ("MEGAMOE_TRACEBACK=1" in err) == (env is None), err
     assert ("boom" in err) == (env is not None), err
