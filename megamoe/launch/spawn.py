@@ -27,7 +27,7 @@ from multiprocessing.connection import wait
 import torch.multiprocessing as mp
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-GRACE_S = 3.0   # after a rank died, how long the others may take to exit before SIGKILL
+GRACE_S = 2.0   # after a rank died, how long the others may take to exit before SIGKILL
 
 
 @dataclass

@@ -132,18 +132,23 @@ def dead_pid() -> int:
 def test_sigterm_to_launcher_saves_and_exits_0_and_the_run_dir_is_locked(tmp_path, start):
     (tmp_path / ".lock").write_text(f"pid={dead_pid()}\nhost={socket.gethostname()}\n")
     run = start(tmp_path)
+    deadline = time.time() + 60
+    while not (tmp_path / "config.yaml").exists():   # written once the lock is held
+        assert time.time() < deadline and run.proc.poll() is None, run.stderr
+        time.sleep(0.02)
+    second = subprocess.Popen([sys.executable, "-m", "megamoe", "train", *ARGS,
+                               "--set", f"run.dir={tmp_path}", "--set", "train.lr=0.00123"],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
     run.wait_for("step 2/")
     assert "taking over the stale lock" in run.stderr and "process is gone" in run.stderr
 
-    config = (tmp_path / "config.yaml").read_bytes()
-    second = subprocess.run([sys.executable, "-m", "megamoe", "train", *ARGS,
-                             "--set", f"run.dir={tmp_path}"], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2, second.stderr
-    assert second.stderr.startswith("megamoe: error: run.dir"), second.stderr
-    assert f"pid {run.proc.pid} on host {socket.gethostname()}" in second.stderr
-    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
-    assert (tmp_path / "config.yaml").read_bytes() == config
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2, err
+    assert err.startswith("megamoe: error: run.dir"), err
+    assert f"pid {run.proc.pid} on host {socket.gethostname()}" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "0.00123" not in (tmp_path / "config.yaml").read_text()   # nothing written
 
     procs = run.descendants()
     os.kill(run.proc.pid, signal.SIGTERM)          # the launcher only, as Kubernetes does
