@@ -223,6 +223,9 @@ def cmd_generate(args) -> int:
 def _train_rank(config) -> None:
     """Entry of one rank (spawned locally or started by a launcher); `config` is a resolved
     config file or the Config itself."""
+    from megamoe.training.preemption import StopRequest
+
+    stop = StopRequest()   # first: a stop signal during start-up is kept for the loop
     from megamoe.platform.bridge import quiet_megatron_warnings
 
     quiet_megatron_warnings()   # before Megatron is imported: it warns at import time
@@ -234,12 +237,22 @@ def _train_rank(config) -> None:
     info = discover_rank()
     device = init_distributed(info)
     try:
-        train(cfg, device)
+        train(cfg, device, stop)
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        _fast_shutdown()
+
+
+def _fast_shutdown() -> None:
+    """Collect garbage once, then freeze what is left: Python's shutdown otherwise runs repeated
+    full collections over torch's and Megatron's objects, seconds per process."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def check_inputs_before_start(cfg) -> None:
@@ -291,7 +304,7 @@ def _os_error(exc: OSError, run_dir: str) -> str:
 
 
 def cmd_train(args) -> int:
-    from megamoe.config import ConfigError, dump_config, load_config, resolve_run_dir
+    from megamoe.config import ConfigError, load_config, resolve_run_dir
     from megamoe.launch.env import discover_rank
 
     from megamoe.platform import check_layout_supported
@@ -329,12 +342,33 @@ def cmd_train(args) -> int:
             print(f"[megamoe] nothing to do: the run is at step {resumed_step} "
                   f"(train.steps={cfg.train.steps})")
         return 0
-    path = os.path.join(cfg.run.dir, "config.yaml")
     try:
         created = _make_run_dir(cfg.run.dir)
+    except OSError as exc:
+        return _error(_os_error(exc, cfg.run.dir))
+    from megamoe.launch.lock import RunDirBusy, RunDirLock
+
+    lock = RunDirLock(cfg.run.dir)
+    try:
+        if info is None or info.rank == 0:   # the launching process: one per run
+            lock.acquire()
+        return _run(cfg, info, created)
+    except RunDirBusy as exc:
+        return _error(str(exc))
+    finally:
+        lock.release()
+
+
+def _run(cfg, info, created: bool) -> int:
+    """Train on this process (under a launcher) or on locally spawned ranks."""
+    from megamoe.config import dump_config
+
+    path = os.path.join(cfg.run.dir, "config.yaml")
+    try:
         if info is None or info.rank == 0:
             dump_config(cfg, path)
     except OSError as exc:
+        _remove_unused_run_dir(cfg.run.dir, created)
         return _error(_os_error(exc, cfg.run.dir))
     if info is not None:
         try:
@@ -344,14 +378,28 @@ def cmd_train(args) -> int:
         return 0
     from megamoe.launch.spawn import spawn_local
 
-    failed = spawn_local(cfg.parallel.world_size, _train_rank, (path,))
-    if failed:
+    result = spawn_local(cfg.parallel.world_size, _train_rank, (path,))
+    if result.failure is not None or result.interrupted:
         _remove_unused_run_dir(cfg.run.dir, created)
-        rank, msg, tb = failed[0]
+    return _report(result, cfg.run.dir)
+
+
+def _report(result, run_dir: str) -> int:
+    """The launcher's last word: the rank that failed (the first to die), an interrupted run
+    (130), or done."""
+    if result.failure is not None:
+        f = result.failure
+        hint = ""
         if os.environ.get("MEGAMOE_TRACEBACK"):
-            print(tb, file=sys.stderr)
-        return _error(f"rank {rank} failed: {msg} (set MEGAMOE_TRACEBACK=1 for the traceback)")
-    print(f"[megamoe] done: {cfg.run.dir}")
+            print(f.traceback, file=sys.stderr)
+        elif f.traceback:
+            hint = " (set MEGAMOE_TRACEBACK=1 for the traceback)"
+        return _error(f"rank {f.rank} failed: {f.message}{hint}")
+    if result.interrupted:
+        print("megamoe: stopped at once by a second SIGINT, without saving; the newest complete "
+              f"checkpoint in {run_dir} is kept", file=sys.stderr)
+        return 130
+    print(f"[megamoe] {'stopped' if result.stop_signal else 'done'}: {run_dir}")
     return 0
 
 
@@ -369,6 +417,16 @@ def main(argv=None) -> int:
     from megamoe.platform.bridge import quiet_megatron_warnings
 
     quiet_megatron_warnings()
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:   # Ctrl-C before the ranks start (they handle it after)
+        print("megamoe: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _fast_shutdown()
+
+
+def _dispatch(args) -> int:
     if args.command == "train":
         return cmd_train(args)
     if args.command == "specs":

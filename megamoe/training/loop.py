@@ -59,11 +59,16 @@ def evaluate(engine, dataset, iters: int) -> float:
     return M.global_loss(total)
 
 
-def train(cfg, device: torch.device) -> dict:
-    """Train as configured; returns the summary (identical on every rank)."""
+def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
+    """Train as configured; returns the summary (identical on every rank). `stop` is the
+    process's StopRequest when the caller installed it before start-up (a signal received
+    while the model is built then stops the run before its first step)."""
     from megatron.core import parallel_state as ps
 
     t, rank0 = cfg.train, (not dist.is_initialized() or dist.get_rank() == 0)
+    stop = stop or StopRequest()
+    if stop.agreed():
+        return _stopped_before_training(stop, rank0, "start-up")
     train_ds, valid_ds, data_vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     vocab = model_vocab_size(cfg, data_vocab)
     engine = build_engine(cfg, vocab, device)
@@ -107,7 +112,9 @@ def train(cfg, device: torch.device) -> dict:
 
     first_loss = last_loss = val_loss = None
     losses, tokens_per_step = [], t.global_batch_size * cfg.model.seq_length
-    start, first_step, stop = time.perf_counter(), engine.step + 1, StopRequest()
+    if stop.agreed():
+        return _stopped_before_training(stop, rank0, f"start-up (at step {engine.step})")
+    start, first_step = time.perf_counter(), engine.step + 1
     pending = AsyncSaves(t.async_save)
     speed = SpeedMonitor(t.steps)
     for step in range(first_step, t.steps + 1):
@@ -181,6 +188,14 @@ def train(cfg, device: torch.device) -> dict:
         for cb in callbacks:
             cb.on_end(summary)
     return summary
+
+
+def _stopped_before_training(stop: StopRequest, rank0: bool, where: str) -> dict:
+    """A stop agreed before the first step: nothing was trained, so nothing is saved."""
+    if rank0:
+        print(f"[megamoe] {stop.signal or 'stop'} received during {where}: exiting before "
+              f"training (nothing new to save)", flush=True)
+    return {"steps": None, "stopped": True, "checkpoint": None}
 
 
 def _mor_flops_line(cfg, vocab: int) -> str:

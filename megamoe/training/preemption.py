@@ -1,7 +1,12 @@
-"""Pre-emption: SIGTERM / SIGUSR1 (Slurm's warning signal) ask every rank to stop.
+"""Pre-emption: SIGTERM / SIGUSR1 (Slurm's warning signal) / SIGINT (Ctrl-C) ask every rank to
+stop.
 
 The handler only sets a flag; once per step all ranks all-reduce it, so they agree on the same
-stop step, save a checkpoint and exit cleanly (the requeued job resumes from it).
+stop step, save a checkpoint and exit cleanly (the requeued job resumes from it). After the first
+SIGINT a second one ends the rank at once (the default action: no traceback, no save; the last
+complete checkpoint stays `latest`). The local launcher starts ranks with these signals blocked,
+so one sent during start-up waits here instead of killing the rank; it is honoured at the first
+agreement point.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -21,10 +26,13 @@ class StopRequest:
         if install:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        self.signal = signal.Signals(signum).name
+        self.signal = self.signal or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)   # a second Ctrl-C: stop at once
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank received a stop signal."""
