@@ -241,10 +241,10 @@ def main(argv=None) -> int:
         run_rank(0, args, free_port())
         return 0
     os.environ["OMP_NUM_THREADS"] = "1"
-    failed = spawn_local(args.world_size, _spawned, (args,))   # torch.multiprocessing, "spawn"
-    for rank, msg, _ in failed:
-        print(f"rank {rank} failed: {msg}", file=sys.stderr)
-    return 1 if failed else 0
+    result = spawn_local(args.world_size, _spawned, (args,))   # torch.multiprocessing, "spawn"
+    if result.failure is not None:
+        print(f"rank {result.failure.rank} failed: {result.failure.message}", file=sys.stderr)
+    return 1 if (result.failure is not None or result.interrupted) else 0
 
 
 if __name__ == "__main__":
