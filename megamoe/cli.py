@@ -255,14 +255,6 @@ def _fast_shutdown() -> None:
     gc.freeze()
 
 
-def check_inputs_before_start(cfg) -> None:
-    """The files the run reads exist and fit (megamoe.data.checks), checked before any rank
-    starts or imports Megatron, so a typo costs a second, not a rank's start-up."""
-    from megamoe.data.checks import check_inputs
-
-    check_inputs(cfg)
-
-
 def _check_resume(cfg) -> int | None:
     """The step the ranks will resume from (None: a fresh start), checked before they start:
     an explicit `train.resume` without a complete, undamaged checkpoint is an error here."""
@@ -305,13 +297,15 @@ def _os_error(exc: OSError, run_dir: str) -> str:
 
 def cmd_train(args) -> int:
     from megamoe.config import ConfigError, load_config, resolve_run_dir
+    from megamoe.data.checks import check_inputs
     from megamoe.launch.env import discover_rank
 
     from megamoe.platform import check_layout_supported
 
     try:
         cfg = load_config(args.config, args.overrides)
-        check_inputs_before_start(cfg)
+        # the files the run reads, before any rank starts or Megatron is imported
+        check_inputs(cfg)
         check_layout_supported(cfg)
         from megamoe.moe.routers import check_router_causality
 

@@ -164,6 +164,14 @@ def no_checkpoint_error(path: str) -> CheckpointError:
                            "lack meta.json or metadata.json: their saves did not finish)")
 
 
+def _resume_candidates(path: str, explicit: bool, log) -> list[str]:
+    """`candidates(path)`; none is an error for an explicit resume source, a fresh start else."""
+    found = candidates(path, log)
+    if not found and explicit:
+        raise no_checkpoint_error(path)
+    return found
+
+
 def check_resume(path: str, *, explicit: bool) -> int | None:
     """Before any rank starts: the step a resume from `path` continues from (its newest
     checkpoint whose files are whole), or None when a fresh start is allowed (`auto` in a run
@@ -171,10 +179,8 @@ def check_resume(path: str, *, explicit: bool) -> int | None:
     complete checkpoint, or every complete one is damaged."""
     if not explicit and not os.path.isdir(os.path.join(path, "checkpoints")):
         return None
-    found = candidates(path, log=lambda *_: None)
+    found = _resume_candidates(path, explicit, log=lambda *_: None)
     if not found:
-        if explicit:
-            raise no_checkpoint_error(path)
         return None
     problems = []
     for step_dir in found:
@@ -192,10 +198,8 @@ def load_newest(engine, path: str, *, explicit: bool, log=print) -> str | None:
     its step directory, or None when `path` holds no complete checkpoint and `explicit` is
     False (a fresh start). A damaged checkpoint is skipped with a warning naming it, unless
     `path` is that step directory itself."""
-    found = candidates(path, log)
+    found = _resume_candidates(path, explicit, log)
     if not found:
-        if explicit:
-            raise no_checkpoint_error(path)
         return None
     problems = []
     for step_dir in found:

@@ -63,8 +63,8 @@ def model_vocab_size(cfg, data_vocab: int) -> int:
         return data_vocab
     if explicit < data_vocab:
         source = ("data.tokenizer" if cfg.data.tokenizer else
-                            "data.markov_vocab_size" if cfg.data.kind == "markov" else
-                            "the largest token id + 1")
+                  "data.markov_vocab_size" if cfg.data.kind == "markov" else
+                  "the largest token id + 1")
         fail("model.vocab_size", f"{explicit} is smaller than the data's vocabulary "
              f"({data_vocab}, {source}); raise it or leave it unset to take the data's")
     return explicit

@@ -26,7 +26,7 @@ from multiprocessing.connection import wait
 
 import torch.multiprocessing as mp
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # megamoe.training.preemption
 GRACE_S = 2.0   # after a rank died, how long the others may take to exit before SIGKILL
 
 

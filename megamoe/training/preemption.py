@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+from megamoe.checkpoint.load import all_ranks_ok
+from megamoe.launch.spawn import STOP_SIGNALS
 
 
 class StopRequest:
@@ -36,7 +34,4 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank received a stop signal."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return not all_ranks_ok(not self.requested)
