@@ -239,18 +239,21 @@ def _train_rank(config) -> None:
     try:
         train(cfg, device, stop)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
         _fast_shutdown()
 
 
 def _fast_shutdown() -> None:
-    """Collect garbage once, then freeze what is left: Python's shutdown otherwise runs repeated
-    full collections over torch's and Megatron's objects, seconds per process."""
+    """End the process group (convert and generate open a one-rank one): left to interpreter
+    exit, gloo's threads can be destroyed while joinable and the process aborts ("terminate
+    called without an active exception", exit -6) after its work is done. Then collect garbage
+    once and freeze what is left: Python's shutdown otherwise runs repeated full collections
+    over torch's and Megatron's objects, seconds per process."""
     import gc
+    import sys
 
+    dist = sys.modules.get("torch.distributed")   # not imported by --help, config, recipes
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     gc.collect()
     gc.freeze()
 

@@ -73,3 +73,19 @@ def test_generate_bad_input_is_one_clear_error(cli, mor_run, tmp_path):
     assert out.returncode == 2 and "no data.tokenizer" in out.stderr
     out = cli("generate", str(tmp_path / "none"), "--prompt-ids", "1")
     assert out.returncode == 2 and "no such checkpoint directory" in out.stderr
+
+
+@pytest.mark.timeout(600)
+def test_generate_leaves_no_process_group_for_exit(mor_run):
+    """A process group left to interpreter exit can abort the process after its work is done
+    (gloo threads destroyed while joinable: "terminate called without an active exception",
+    exit -6, seen under load); `main` ends it on the error path too."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch.distributed as dist; from megamoe.cli import main; "
+            f"rc = main(['generate', {str(mor_run)!r}, '--prompt-ids', '3 999']); "
+            "print(rc, dist.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.split()[-2:] == ["2", "False"], out
