@@ -191,7 +191,7 @@ def cmd_recipes() -> int:
 
 
 def cmd_convert(args) -> int:
-    from megamoe.checkpoint import convert
+    from megamoe.commands import convert
     from megamoe.config import ConfigError
 
     try:
@@ -209,7 +209,7 @@ def cmd_generate(args) -> int:
     from megamoe.config import ConfigError
 
     try:
-        from megamoe.mor.generate_cli import generate_from_checkpoint
+        from megamoe.commands.generate import generate_from_checkpoint
 
         generate_from_checkpoint(args.src, texts=args.prompt, id_prompts=args.prompt_ids,
                                  max_new_tokens=args.max_new_tokens,

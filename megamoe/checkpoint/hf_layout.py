@@ -70,7 +70,7 @@ class DecoderShape:
 
     @classmethod
     def from_config(cls, cfg) -> "DecoderShape":
-        from megamoe.models.specs.gpt_moe import moe_layer_pattern
+        from megamoe.specs.gpt_moe import moe_layer_pattern
 
         m, moe = cfg.model, cfg.model.moe
         moe_layers, mor_unique = tuple(moe_layer_pattern(m.num_layers, moe.layer_freq,

@@ -86,7 +86,7 @@ def check_router_buffers(tensors: dict, cfg) -> None:
 
 
 def hf_config(cfg, vocab_size: int) -> dict:
-    from megamoe.models.specs.gpt_moe import moe_layer_pattern
+    from megamoe.specs.gpt_moe import moe_layer_pattern
 
     m, moe = cfg.model, cfg.model.moe
     s = DecoderShape.from_config(cfg)

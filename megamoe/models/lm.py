@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megamoe.models.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
+from megamoe.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
 from megamoe.models.vocab import mask_padded_logits, padded_vocab_size
 from megamoe.moe.routers import router_builder
 from megamoe.moe.routing_context import RoutingContextSlot

@@ -52,14 +52,14 @@ increment 3: TP + SP; increment 4: PP):
                     continuous depth-wise batching (`policy="depth"`: exits free their slot for
                     queued tokens; "sequence" is the baseline). Reproduces the eval forward's
                     logits (tests/unit/mor/test_mor_generate.py); `tools/bench_mor.py` prints
-                    tokens/s of both policies. `generate_cli.py`: `megamoe generate`.
+                    tokens/s of both policies. `megamoe.commands.generate`: `megamoe generate`.
 - `stages.py`       pipeline stages: units [first unique layer, recursion block, last unique
                     layer] (Cycle/Sequence: the block), contiguous, ≥ 1 per stage, the block
                     never split (its steps share weights); the split minimises the largest
                     stage's training FLOPs per token (`accounting.mor_flops_by_unit`: step r
                     ∝ k_r + k_r²; output layer on the last stage, the embedding lookup free).
 - `accounting.py`   parameters (pool counted once) and FLOPs per token with the capacities
-                    (token-choice: perfect balance), used by `training.metrics`; per
+                    (token-choice: perfect balance), used by `models.accounting`; per
                     pipeline unit for `stages.py`.
 - `lora.py`         Relaxed Recursive Transformers (papers.md §2; `model.mor.lora_rank` > 0):
                     one LoRA per unrolled position (step r, layer j of the step) and target
@@ -108,7 +108,7 @@ Next increments:
    over TP ranks (O(S·B·D) per rank, small next to the layers); a sharded residual update
    would need the compact positions per SP shard.
 4. (done: kept share per step, depth histogram and sampling accuracy in metrics.jsonl and
-   TensorBoard, `training.metrics.MoRDepthStats`.)
+   TensorBoard, `mor.metrics.MoRDepthStats`.)
 5. (done: DP2 distributed-optimizer parity case; routers and the pool are ordinary parameters.)
 6. Inference: generation under TP/EP (the batch of a step differs per rank: collectives in
    shared MoE layers need matched calls), static-shape caches for CUDA graphs.

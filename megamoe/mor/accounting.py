@@ -7,7 +7,7 @@ Per token, unrolled layer ℓ of recursion step r runs for a fraction f_r of the
 - token-choice:  f_r = (N_r − r)/N_r for r = 0..N_r−1 (depths uniform over 0..N_r−1);
 unique layers run for every token (f = 1).
 
-Attention per layer in megamoe's convention (training.metrics): 6·S·h·d per token for the full
+Attention per layer in megamoe's convention (megamoe.models.accounting): 6·S·h·d per token for the full
 causal sequence. With recursion-wise caching step r attends among its k_r = f_r·S tokens:
 6·h·d·k_r²/S per token of the sequence; with recursive KV sharing queries of step r > 0 see
 all S first-recursion keys: 6·h·d·k_r.
@@ -86,7 +86,7 @@ def lora_parameters(cfg, fractions=None) -> tuple[int, float]:
 
 
 def mor_parameter_counts(cfg, vocab_size: int, fractions=None) -> tuple[int, int]:
-    from megamoe.training.metrics import embedding_parameters, layer_parameters
+    from megamoe.specs.accounting import embedding_parameters, layer_parameters
 
     plan, moe_slots, rows = _unrolled(cfg, fractions)
     total = active = embedding_parameters(cfg, vocab_size)
@@ -138,7 +138,7 @@ def mor_flops_by_step(cfg, vocab_size: int, fractions=None) -> dict[str, float]:
     """Training FLOPs per token of the sequence split into the recursion steps' shared layers
     ("step r", r = 1..N_r) and everything else ("outside", embedding, unique layers, depth
     routers); the values sum to `mor_flops_per_token`."""
-    from megamoe.training.metrics import layer_parameters
+    from megamoe.specs.accounting import layer_parameters
 
     m, mor = cfg.model, cfg.model.mor
     S, heads = m.seq_length, m.num_attention_heads
@@ -161,7 +161,7 @@ def mor_flops_by_unit(cfg, vocab_size: int) -> dict[str, float]:
     k_r tokens, and the depth router) and "head" (final norm and output layer, 6·(D·V + D); the
     loss is not counted). With the input embedding, which `mor_flops_per_token` counts as a
     matmul (6·D·V unless tied to the head) but is a lookup, they sum to `mor_flops_per_token`."""
-    from megamoe.training.metrics import layer_parameters
+    from megamoe.specs.accounting import layer_parameters
 
     m = cfg.model
     S, heads = m.seq_length, m.num_attention_heads

@@ -51,7 +51,7 @@ from megamoe.mor.token_choice import TokenChoiceDepthRouter
 def mor_layer_spec(is_moe: bool, **layer_spec_kwargs):
     """megamoe's decoder layer spec (`models.specs.gpt_moe.layer_spec`, so MoE FFNs may sit in
     the shared layers) with `MoRSelfAttention` as its self-attention module."""
-    from megamoe.models.specs.gpt_moe import layer_spec
+    from megamoe.specs.gpt_moe import layer_spec
 
     spec = layer_spec(is_moe, **layer_spec_kwargs)
     attn = dataclasses.replace(spec.submodules.self_attention, module=MoRSelfAttention)

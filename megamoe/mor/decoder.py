@@ -50,7 +50,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
-from megamoe.models.norm import RMSNorm
+from megamoe.blocks.norms import RMSNorm
 from megamoe.mor.block import RecursionBlock, build_shared_layers
 from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
 from megamoe.mor.lora import attach_lora

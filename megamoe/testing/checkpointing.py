@@ -116,7 +116,7 @@ def _corrupt(root: str, how: str) -> None:
 def checkpoint_logits(step_dir: str, tokens):
     """Logits of a saved checkpoint's model on `tokens` [B, S] over its (unpadded) vocabulary,
     gathered on rank 0."""
-    from megamoe.checkpoint.convert import checkpoint_config
+    from megamoe.commands.convert import checkpoint_config
     from megamoe.checkpoint.load import load_checkpoint, read_meta
     from megamoe.training.engine import build_engine
 

@@ -200,7 +200,7 @@ def convert_both_ways(engine, cfg, root: str, build, meta=None):
     """`megamoe convert` both ways: save `engine` as a checkpoint under `root`, export it
     (--to hf), import the folder (--from hf) and load that step-0 checkpoint into `build()`'s
     fresh engine, which is returned."""
-    from megamoe.checkpoint import convert
+    from megamoe.commands import convert
     from megamoe.checkpoint.load import load_checkpoint
     from megamoe.checkpoint.save import save_checkpoint
 

@@ -9,13 +9,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from megamoe.data.batches import build_datasets, rank_microbatches
-from megamoe.data.checks import model_vocab_size
 from megamoe.checkpoint.load import load_newest
 from megamoe.checkpoint.save import save_checkpoint
+from megamoe.data.batches import build_datasets, rank_microbatches
+from megamoe.data.checks import model_vocab_size
+from megamoe.models.accounting import flops_per_token, parameter_counts
 from megamoe.models.lm import non_causal_routers
 from megamoe.models.vocab import describe_vocab
 from megamoe.moe.routers import check_router_causality
+from megamoe.mor.metrics import MoRDepthStats
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import (JsonlCallback, ProgressCallback, TensorBoardCallback,
                                         json_text)
@@ -80,9 +82,9 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
                   f"(train.steps={t.steps})", flush=True)
         return {"steps": engine.step, "nothing_to_do": True}
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    total_params, active_params = M.parameter_counts(cfg, vocab)
-    flops_tok, peak = M.flops_per_token(cfg, vocab), _peak_flops(device)
-    mor_stats = (M.MoRDepthStats(engine.modules, cfg.model.mor.num_recursions)
+    total_params, active_params = parameter_counts(cfg, vocab)
+    flops_tok, peak = flops_per_token(cfg, vocab), _peak_flops(device)
+    mor_stats = (MoRDepthStats(engine.modules, cfg.model.mor.num_recursions)
                  if cfg.model.mor.enabled else None)
     callbacks = []
     if rank0:

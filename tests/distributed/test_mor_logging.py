@@ -65,7 +65,7 @@ def test_mor_depth_statistics_are_logged(router, layout, tmp_path):
     # measured FLOPs per token: the FLOP model with the measured shares per step
     from megamoe.config import load_config
     from megamoe.mor.accounting import mor_flops_by_step
-    from megamoe.training.metrics import flops_per_token
+    from megamoe.models.accounting import flops_per_token
 
     cfg = load_config(os.path.join(ROOT, "configs", f"mor_{router}.yaml"),
                       OVERRIDES + list(LAYOUTS[layout]))
@@ -91,7 +91,7 @@ def test_mor_depth_statistics_are_logged(router, layout, tmp_path):
 def test_flops_by_recursion_step_sum_to_flops_per_token():
     from megamoe.config import load_config
     from megamoe.mor.accounting import mor_flops_by_step, step_kept
-    from megamoe.training.metrics import flops_per_token
+    from megamoe.models.accounting import flops_per_token
 
     cfg = load_config(os.path.join(ROOT, "configs", "mor_expert.yaml"), [])
     parts = mor_flops_by_step(cfg, 64)

@@ -4,7 +4,7 @@ single-process reference (DESIGN.md tolerances); perturbing one expert on one ra
 import pytest
 
 from megamoe.testing.parity import TINY_VOCAB, check_layout, parity_task, reference, tiny_config
-from megamoe.training.metrics import parameter_counts
+from megamoe.models.accounting import parameter_counts
 from megamoe.testing.pool import run_distributed
 
 OPTIONS = ["model.qk_layernorm=true", "model.add_qkv_bias=true",

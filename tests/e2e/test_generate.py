@@ -18,7 +18,7 @@ NEW = 6
 
 
 def greedy_by_full_forward(step_dir: str, prompt: list, new: int) -> list:
-    from megamoe.checkpoint.convert import checkpoint_config
+    from megamoe.commands.convert import checkpoint_config
     from megamoe.checkpoint.load import load_checkpoint, read_meta
     from megamoe.training.engine import build_engine
 

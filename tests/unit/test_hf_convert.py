@@ -304,7 +304,7 @@ def test_exported_files_have_the_mode_open_gives(mixtral_export, tmp_path):
 
 def import_task(src, out, force=False):
     """Pool task: `convert --from hf` into `out`."""
-    from megamoe.checkpoint import convert
+    from megamoe.commands import convert
 
     return convert.from_hf(src, out, force=force, log=lambda *_: None)
 

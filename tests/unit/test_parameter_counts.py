@@ -1,4 +1,4 @@
-"""`training.metrics.parameter_counts` (printed at start, used for FLOPs and the MoR
+"""`models.accounting.parameter_counts` (printed at start, used for FLOPs and the MoR
 comparison) equals the built model's parameter count (without the vocabulary's padding rows,
 megamoe.models.vocab) for every shipped recipe, on one rank —
 including router families with parameters of their own (Soft MoE slots, Diff-MoE timestep gate
@@ -20,12 +20,12 @@ VOCAB = 64
 
 def counts_task(recipe: str, overrides=()):
     """(built, counted, counted without the family's own router parameters)."""
-    from megamoe.checkpoint.convert import _single_rank_overrides
+    from megamoe.commands.convert import _single_rank_overrides
     from megamoe.config import load_config
     from megamoe.models.vocab import padding_elements
     from megamoe.moe.routers import ROUTERS
     from megamoe.training.engine import build_engine
-    from megamoe.training.metrics import parameter_counts
+    from megamoe.models.accounting import parameter_counts
 
     cfg = load_config(os.path.join(ROOT, "configs", recipe),
                       [*_single_rank_overrides(), *overrides])

@@ -57,7 +57,7 @@ class MegamoeRouter:
     @classmethod
     def extra_parameters(cls, moe_cfg, hidden: int, vocab_size: int) -> tuple[int, int]:
         """(total, active per token) parameters of one MoE layer's router beyond Megatron's
-        [E, D] gate, which `training.metrics.layer_parameters` counts (may be negative)."""
+        [E, D] gate, which `specs.accounting.layer_parameters` counts (may be negative)."""
         return 0, 0
 
     @classmethod

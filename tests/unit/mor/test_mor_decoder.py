@@ -82,7 +82,7 @@ def empty_step_task():
 def parameter_count_task(overrides):
     from megamoe.testing.parity import TINY_VOCAB
     from megamoe.models.vocab import padding_elements
-    from megamoe.training.metrics import parameter_counts
+    from megamoe.models.accounting import parameter_counts
 
     engine = _engine(overrides)
     built = (sum(p.numel() for p in engine.modules[0].parameters())
@@ -114,7 +114,8 @@ def test_parameter_count_is_the_built_models(overrides):
 
 def test_flops_follow_the_capacities():
     from megamoe.config import load_config
-    from megamoe.training.metrics import flops_per_token, layer_parameters, parameter_counts
+    from megamoe.models.accounting import flops_per_token, parameter_counts
+    from megamoe.specs.accounting import layer_parameters
 
     base = ["model.num_layers=8", "model.seq_length=12", "model.moe.num_experts=0"]
     vanilla = load_config(None, base)

@@ -155,7 +155,7 @@ def generation_task(kv_sharing: bool):
 def count_task(overrides):
     from megamoe.models.vocab import padding_elements
     from megamoe.testing.parity import TINY_VOCAB
-    from megamoe.training.metrics import parameter_counts
+    from megamoe.models.accounting import parameter_counts
 
     engine = _engine(overrides)
     lora = sum(p.numel() for n, p in engine.modules[0].named_parameters() if ".lora." in n)

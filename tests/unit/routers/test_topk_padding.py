@@ -21,7 +21,7 @@ def moe_layer(overrides, world: int = 1):
     from megatron.core.transformer.spec_utils import build_module
 
     from megamoe.models.lm import transformer_config
-    from megamoe.models.specs.gpt_moe import moe_spec
+    from megamoe.specs.gpt_moe import moe_spec
     from megamoe.moe.routers import router_builder
     from megamoe.moe.routing_context import RoutingContextSlot
     from megamoe.parallel import ParallelDims, init_groups, seed_rng

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from megamoe.models.norm import QKRMSNorm, RMSNorm
+from megamoe.blocks.norms import QKRMSNorm, RMSNorm
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
 from megamoe.moe.routers.diff_moe import DiffMoELayer, DiffMoERouter

@@ -11,7 +11,7 @@ def generate_from_checkpoint(src: str, *, texts=(), id_prompts=(), max_new_token
                              temperature: float = 0.0, seed: int = 0, max_batch: int = 8,
                              policy: str = "depth", log=print) -> list:
     """`megamoe generate`: load `src` on one CPU rank, generate for every prompt, print."""
-    from megamoe.checkpoint.convert import load_one_rank
+    from megamoe.commands.convert import load_one_rank
 
     if not texts and not id_prompts:
         raise ValueError("--prompt / --prompt-ids: give at least one prompt")
