@@ -191,7 +191,7 @@ def build_lm_for_generation(args, device):
     import torch
 
     from megamoe.config import load_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     max_len = 1 + 2 * args.gen_len + 1
     cfg = load_config(None, [

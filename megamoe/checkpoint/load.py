@@ -220,7 +220,7 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     any state is applied, so a failure on one rank fails the load on all of them."""
     from megatron.core import dist_checkpointing
 
-    from megamoe.checkpoint.save import full_sharded_state_dict
+    from megamoe.checkpoint.state import CheckpointState
 
     wrong = damage(step_dir)
     if not all_ranks_ok(not wrong):
@@ -229,15 +229,14 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     meta = read_meta(step_dir)
     _check_vocab(meta, engine, step_dir)
     engine.step = int(meta["step"])      # the optimizer state is built for the saved step
-    sd = full_sharded_state_dict(engine, is_loading=True)
+    template = engine.checkpoint_state(for_loading=True)
     if meta.get("world_size") != _world_size():
-        sd.pop("rng")          # per-rank RNG streams only carry over to the same world size
+        template.rng = None    # per-rank RNG streams only carry over to the same world size
     if not (load_optimizer and meta.get("optimizer_saved")):
-        sd.pop("optimizer_state", None)
-    targets = sd.get("optimizer_state", {})
+        template.optimizer = None
     state, error = None, None
     try:
-        state = dist_checkpointing.load(sd, step_dir)
+        state = dist_checkpointing.load(template.sharded(), step_dir)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
@@ -245,34 +244,8 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     if not all_ranks_ok(error is None):
         why = reason(error) if error is not None else "another rank could not read it"
         raise CheckpointError(f"{step_dir}: cannot load: {why}") from error
-    _apply(engine, state, targets)
+    engine.load_checkpoint_state(CheckpointState.from_sharded(state), template)
     return meta
-
-
-def _apply(engine, state: dict, targets: dict) -> None:
-    """Put a loaded state into the engine's modules, optimizer, schedule, progress and RNG."""
-    from megamoe.checkpoint.optimizer_state import copy_loaded
-
-    chunks = engine.modules
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"], strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            c.load_state_dict(state[f"model{i}"], strict=True)
-    if engine.optimizer is not None:
-        # the optimizer's fp32 master copies (bf16 training) follow the loaded weights, then
-        # the saved master weights and Adam moments (if any) overwrite them
-        reload = getattr(engine.optimizer, "reload_model_params", None)
-        if reload is not None:
-            reload()
-        if targets:
-            copy_loaded(targets, state["optimizer_state"], engine)
-    if engine.scheduler is not None and "scheduler" in state:
-        engine.scheduler.load_state_dict(state["scheduler"])
-    engine.step = int(state["progress"]["step"])
-    engine.consumed_samples = int(state["progress"]["consumed_samples"])
-    if "rng" in state:
-        _set_rng(state["rng"])
 
 
 def _check_vocab(meta: dict, engine, step_dir: str) -> None:
@@ -316,7 +289,7 @@ def reason(exc: BaseException) -> str:
 _ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception)(:|$)")
 
 
-def _set_rng(rng: dict) -> None:
+def set_rng(rng: dict) -> None:
     import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

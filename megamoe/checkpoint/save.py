@@ -1,7 +1,8 @@
 """Sharded checkpoint save through Megatron's `dist_checkpointing` (torch_dist format).
 
-A checkpoint holds the model, the optimizer (non-distributed optimizer; see DESIGN.md for the
-distributed one on CPU), the LR schedule, step, consumed samples and every rank's RNG state.
+A checkpoint holds the engine-neutral state the engine hands out (megamoe.checkpoint.state:
+model, optimizer state by global parameter key, LR schedule, progress, data-loader state and
+every rank's RNG state).
 
 Atomic: all ranks write into `<root>/.tmp-step_NNNNNNN`; rank 0 then writes `meta.json` (fsync),
 renames the folder to `step_NNNNNNN`, and only after that replaces `latest` (temporary file +
@@ -58,18 +59,9 @@ def rng_state() -> dict:
     return state
 
 
-def full_sharded_state_dict(engine, *, is_loading: bool = False) -> dict:
-    """Everything a resume needs, as one sharded state dict."""
-    from megamoe.checkpoint.optimizer_state import sharded_optimizer_state
-
-    sd = model_sharded_state_dict(engine.modules)
-    if engine.optimizer is not None:
-        sd["optimizer_state"] = sharded_optimizer_state(engine, engine.step, is_loading)
-    if engine.scheduler is not None:
-        sd["scheduler"] = engine.scheduler.state_dict()
-    sd["progress"] = {"step": engine.step, "consumed_samples": engine.consumed_samples}
-    sd["rng"] = ShardedObject("rng_state", rng_state(), (_world(),), (_rank(),), replica_id=0)
-    return sd
+def rng_sharded() -> ShardedObject:
+    """This rank's RNG streams as one sharded object per rank."""
+    return ShardedObject("rng_state", rng_state(), (_world(),), (_rank(),), replica_id=0)
 
 
 def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=None,
@@ -91,12 +83,12 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
             "consumed_samples": engine.consumed_samples, "world_size": _world(),
             "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
             "padded_vocab_size": engine.padded_vocab_size,   # this layout's (models.vocab)
-            "optimizer_saved": engine.optimizer is not None,
+            "optimizer_saved": getattr(engine, "optimizer", None) is not None,
             **meta}
     commit = functools.partial(_commit, root, tmp, final, meta, config or engine.cfg, keep_last)
     if async_queue is None:
         try:
-            dist_checkpointing.save(full_sharded_state_dict(engine), tmp)
+            dist_checkpointing.save(engine.checkpoint_state().sharded(), tmp)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is one
@@ -107,7 +99,7 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
         _barrier()
         commit()
         return final
-    request = dist_checkpointing.save(full_sharded_state_dict(engine), tmp,
+    request = dist_checkpointing.save(engine.checkpoint_state().sharded(), tmp,
                                       async_sharded_save=True)
     request.add_finalize_fn(commit)
     async_queue.schedule_async_request(request)

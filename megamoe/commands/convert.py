@@ -49,7 +49,7 @@ def load_one_rank(src: str, log=print):
     """(engine, cfg, step_dir, meta): the checkpoint `src` (a run directory, its checkpoints/
     root or one step directory, saved under any layout) loaded into a one-rank CPU model."""
     from megamoe.checkpoint.load import load_checkpoint
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     step_dir = resolve(src, log=log)
     if step_dir is None:
@@ -103,7 +103,7 @@ def from_hf(src: str, out: str, overrides=(), *, force: bool = False, log=print)
     from megamoe.checkpoint.router_state import load_router_buffers
     from megamoe.checkpoint.save import save_checkpoint
     from megamoe.config import dump_config, load_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     check_import_dir(out, force)
     arch, tensors = import_hf(src)

@@ -43,21 +43,23 @@ def to_microbatch(samples_BS1: np.ndarray) -> dict:
     }
 
 
+def collate_tokens(samples_BS1: np.ndarray, sample_index_B) -> dict:
+    """The token micro-batch (`to_microbatch`) with each sample's global position in the data
+    order (`sample_index` [b] int64, unique over training: megamoe.data.loader)."""
+    batch = to_microbatch(samples_BS1)
+    batch["sample_index"] = torch.as_tensor(np.asarray(sample_index_B), dtype=torch.long)
+    return batch
+
+
 def rank_microbatches(dataset, consumed_samples: int, global_batch_size: int,
                       micro_batch_size: int, dp_rank: int, dp_size: int) -> list[dict]:
-    """The micro-batches DP rank `dp_rank` of `dp_size` processes in the step that starts after
-    `consumed_samples` samples (rule in the module docstring)."""
-    per_micro = micro_batch_size * dp_size
-    if global_batch_size % per_micro:
-        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
-                         f"micro_batch_size × dp_size = {micro_batch_size} × {dp_size}")
-    assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
-    idx = global_batch_indices(consumed_samples, global_batch_size, len(dataset))
-    out = []
-    for m in range(global_batch_size // per_micro):
-        start = m * per_micro + dp_rank * micro_batch_size
-        out.append(to_microbatch(_fetch(dataset, idx[start:start + micro_batch_size])))
-    return out
+    """The token micro-batches DP rank `dp_rank` of `dp_size` processes in the step that starts
+    after `consumed_samples` samples (rule in the module docstring; megamoe.data.loader)."""
+    from megamoe.data.loader import DataLoader
+
+    loader = DataLoader(dataset, collate_tokens, global_batch_size=global_batch_size,
+                        micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    return loader.peek(consumed_samples)
 
 
 def build_datasets(data_cfg, seq_length: int, seed: int):

@@ -39,7 +39,7 @@ increment 3: TP + SP; increment 4: PP):
                     `calculate_per_token_loss`; non-homogeneous checkpoint keys
                     (`decoder.layers.{0,1}`, `decoder.recursion.layers.{j}`,
                     `decoder.recursion.router.*`), initialised by global key (models.init);
-                    `mor_after_step` (called by `training.engine.optimizer_step`): token-choice
+                    `mor_after_step` (called by `engines.megatron.MegatronEngine.after_step`): token-choice
                     loss-free bias from depth ratios all-reduced over DP.
                     PP: each stage's decoder holds its stage's units (`units`; `recursion`
                     None off the block's stage, where `mor_decoders` skips it), reads the

@@ -15,7 +15,7 @@ def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[floa
     probes the training-time routing (routers whose inference rule differs)."""
     from megamoe.data.synthetic_context import context_fields
     from megamoe.moe.routing_context import RoutingContext
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *overrides])
     model = build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False,

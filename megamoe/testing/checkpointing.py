@@ -13,7 +13,7 @@ ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01"]
 
 
 def _engine(overrides):
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     world = dist.get_world_size()
     cfg = tiny_config([f"parallel.world_size={world}", *ADAM, *overrides])
@@ -23,7 +23,7 @@ def _engine(overrides):
 def _steps(engine, first: int, last: int) -> list:
     from megatron.core import parallel_state as ps
 
-    from megamoe.training.engine import train_step
+    from megamoe.engines.megatron import train_step
     from megamoe.training.metrics import global_loss
 
     t, S = engine.cfg.train, engine.cfg.model.seq_length
@@ -118,7 +118,7 @@ def checkpoint_logits(step_dir: str, tokens):
     gathered on rank 0."""
     from megamoe.commands.convert import checkpoint_config
     from megamoe.checkpoint.load import load_checkpoint, read_meta
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = checkpoint_config(step_dir)
     engine = build_engine(cfg, int(read_meta(step_dir)["vocab_size"]), torch.device("cpu"),

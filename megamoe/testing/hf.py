@@ -45,7 +45,7 @@ def same_tensors(a: dict, b: dict) -> bool:
 def build_tiny(overrides):
     """(cfg, engine) of a tiny config on this process group's ranks (1 outside a pool), without
     optimizer or DDP; vocabulary: the config's (an imported folder's) or TINY_VOCAB."""
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     cfg = tiny_config([*overrides, f"parallel.world_size={world}"])

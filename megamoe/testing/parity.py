@@ -67,7 +67,7 @@ def _global_loss(stats: dict, engine) -> float:
     from megatron.core import parallel_state as ps
 
     owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    t = torch.tensor([stats["loss_sum"], stats["tokens"]], dtype=torch.float64) * float(owner)
+    t = torch.tensor([stats["loss_sum"], stats["units"]], dtype=torch.float64) * float(owner)
     if dist.is_initialized():
         dist.all_reduce(t)
     return (t[0] / t[1]).item()
@@ -93,7 +93,7 @@ def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
                perturb: bool = False) -> ParityResult:
     from megatron.core import parallel_state as ps
 
-    from megamoe.training.engine import build_engine, run_forward_backward, optimizer_step
+    from megamoe.engines.megatron import build_engine, run_forward_backward, optimizer_step
 
     engine = build_engine(cfg, vocab, torch.device("cpu"))
     if perturb:   # fp32 optimizers update the model's own tensors; a callable: own control

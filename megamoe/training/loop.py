@@ -1,5 +1,10 @@
 """The training loop run by every rank: data → train_step → metrics → callbacks, periodic
-validation, a final checkpoint and `summary.json`."""
+validation, a final checkpoint and `summary.json`.
+
+The loop knows no model family: the family record (megamoe.models.registry) builds the chunks,
+its task collates and computes the loss, counts the units (tokens or samples) and FLOPs, and adds
+its own step metrics and after-step hooks; the engine (megamoe.engines.base protocol) runs the
+steps and hands out the checkpoint state."""
 
 from __future__ import annotations
 
@@ -11,17 +16,15 @@ import torch.distributed as dist
 
 from megamoe.checkpoint.load import load_newest
 from megamoe.checkpoint.save import save_checkpoint
-from megamoe.data.batches import build_datasets, rank_microbatches
+from megamoe.data.batches import build_datasets
 from megamoe.data.checks import model_vocab_size
-from megamoe.models.accounting import flops_per_token, parameter_counts
+from megamoe.data.loader import DataLoader
+from megamoe.engines.megatron import build_engine
 from megamoe.models.lm import non_causal_routers
 from megamoe.models.vocab import describe_vocab
-from megamoe.moe.routers import check_router_causality
-from megamoe.mor.metrics import MoRDepthStats
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import (JsonlCallback, ProgressCallback, TensorBoardCallback,
                                         json_text)
-from megamoe.training.engine import build_engine, run_forward_backward, train_step
 from megamoe.training.preemption import StopRequest
 from megamoe.training.speed import SpeedMonitor
 
@@ -35,29 +38,30 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
 
 
-def check_causality(cfg, chunks) -> list[str]:
-    """The non-causal routers of the built model (for the start-of-run warning); refused by the
-    config's own check unless it opts in."""
-    check_router_causality(cfg)
-    return non_causal_routers(chunks)
+def check_causality(cfg, family, chunks) -> list[str]:
+    """The non-causal routers of the built model (for the start-of-run warning); the family's
+    checks refuse them in a causal model unless the config opts in."""
+    for check in family.checks:
+        check(cfg)
+    return non_causal_routers(chunks) if family.causal else []
+
+
+def loader_for(engine, dataset, consumed_samples: int = 0) -> DataLoader:
+    """This DP rank's loader over `dataset`, collated by the family's task."""
+    t, dp = engine.cfg.train, engine.grid.dp
+    return DataLoader(dataset, engine.task.collate, global_batch_size=t.global_batch_size,
+                      micro_batch_size=t.micro_batch_size, dp_rank=dp.rank(), dp_size=dp.size(),
+                      consumed_samples=consumed_samples)
 
 
 def evaluate(engine, dataset, iters: int) -> float:
-    from megatron.core import parallel_state as ps
-
-    t = engine.cfg.train
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    for c in engine.chunks:
-        c.eval()
-    total = {"loss_sum": 0.0, "tokens": 0.0}
-    with torch.no_grad():
-        for i in range(iters):
-            mbs = rank_microbatches(dataset, i * t.global_batch_size, t.global_batch_size,
-                                    t.micro_batch_size, dp_rank, dp)
-            stats = run_forward_backward(engine, mbs, forward_only=True)
-            total = {k: total[k] + stats[k] for k in total}
-    for c in engine.chunks:
-        c.train()
+    """Mean loss per unit over the first `iters` global batches of `dataset` (the same batches
+    at every validation)."""
+    loader, t = loader_for(engine, dataset), engine.cfg.train
+    total = {"loss_sum": 0.0, "units": 0.0}
+    for i in range(iters):
+        stats = engine.eval_step(loader.peek(i * t.global_batch_size))
+        total = {k: total[k] + stats[k] for k in total}
     return M.global_loss(total)
 
 
@@ -65,8 +69,6 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     """Train as configured; returns the summary (identical on every rank). `stop` is the
     process's StopRequest when the caller installed it before start-up (a signal received
     while the model is built then stops the run before its first step)."""
-    from megatron.core import parallel_state as ps
-
     t, rank0 = cfg.train, (not dist.is_initialized() or dist.get_rank() == 0)
     stop = stop or StopRequest()
     if stop.agreed():
@@ -74,18 +76,21 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     train_ds, valid_ds, data_vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     vocab = model_vocab_size(cfg, data_vocab)
     engine = build_engine(cfg, vocab, device)
-    non_causal = check_causality(cfg, engine.modules)
+    family, task = engine.family, engine.task
+    non_causal = check_causality(cfg, family, engine.modules)
     resumed = resume(cfg, engine, rank0)
     if engine.step >= t.steps:
         if rank0:
             print(f"[megamoe] nothing to do: the run is at step {engine.step} "
                   f"(train.steps={t.steps})", flush=True)
         return {"steps": engine.step, "nothing_to_do": True}
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    total_params, active_params = parameter_counts(cfg, vocab)
-    flops_tok, peak = flops_per_token(cfg, vocab), _peak_flops(device)
-    mor_stats = (MoRDepthStats(engine.modules, cfg.model.mor.num_recursions)
-                 if cfg.model.mor.enabled else None)
+    loader = loader_for(engine, train_ds, engine.consumed_samples)
+    if engine.data_state:
+        loader.load_state_dict(engine.data_state)
+    total_params, active_params = family.parameter_counts(cfg, vocab)
+    flops_unit, peak = family.flops_per_unit(cfg, vocab), _peak_flops(device)
+    family_metrics = (family.step_metrics(cfg, engine.modules, engine.grid, vocab)
+                      if family.step_metrics else None)
     callbacks = []
     if rank0:
         callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress))
@@ -95,11 +100,11 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
             callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard"),
                                                  purge_step=engine.step + 1 if resumed else None))
     info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "
-            f"{active_params:,} active per token", "run dir": cfg.run.dir,
+            f"{active_params:,} active per {family.unit}", "run dir": cfg.run.dir,
             "vocab": describe_vocab(vocab, engine.padded_vocab_size,
                                     cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)}
-    if cfg.model.mor.enabled:
-        info["MoR FLOPs/token by recursion step"] = _mor_flops_line(cfg, vocab)
+    if family.describe:
+        info.update(family.describe(cfg, vocab))
     if hasattr(train_ds, "entropy_rate"):
         info["corpus entropy rate"] = f"{train_ds.entropy_rate:.4f} nats/token"
     if resumed:
@@ -113,7 +118,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         cb.on_start(info)
 
     first_loss = last_loss = val_loss = None
-    losses, tokens_per_step = [], t.global_batch_size * cfg.model.seq_length
+    losses, tokens_per_step = [], t.global_batch_size * task.units_per_sample()
     if stop.agreed():
         return _stopped_before_training(stop, rank0, f"start-up (at step {engine.step})")
     start, first_step = time.perf_counter(), engine.step + 1
@@ -121,28 +126,26 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     speed = SpeedMonitor(t.steps)
     for step in range(first_step, t.steps + 1):
         t0 = time.perf_counter()
-        mbs = rank_microbatches(train_ds, engine.consumed_samples, t.global_batch_size,
-                                t.micro_batch_size, dp_rank, dp)
-        stats = train_step(engine, mbs)
-        engine.consumed_samples += t.global_batch_size
+        mbs = loader.step_batches()
+        stats = engine.train_step(mbs)
+        engine.consumed_samples, engine.data_state = loader.consumed_samples, loader.state_dict()
         loss = M.global_loss(stats)
         load = M.expert_load(engine.moe_layers, cfg.model.num_layers, cfg.model.moe.num_experts)
         router = M.router_losses(cfg, engine.pg, len(mbs))
         router.update(M.routing_stats(engine.moe_layers))
-        step_flops_tok = flops_tok
-        if mor_stats is not None:
-            router.update(mor_stats.read(tokens_per_step))
-            router.update(_mor_measured_flops(cfg, vocab, router))
-            step_flops_tok = router["mor/flops_per_token"]
+        step_flops = flops_unit
+        if family_metrics is not None:
+            router.update(family_metrics.read(tokens_per_step))
+            step_flops = family_metrics.flops_per_unit(router) or flops_unit
         dt = time.perf_counter() - t0
         m = {"loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
              "tokens_per_s": tokens_per_step / dt, "imbalance": M.imbalance(load),
-             "mfu": (step_flops_tok * tokens_per_step / dt / (peak * engine.dims.world_size))
+             "mfu": (step_flops * tokens_per_step / dt / (peak * engine.dims.world_size))
              if peak else None,
              "expert_load": {i + 1: row for i, row in enumerate(load) if row.sum() > 0},
              **router}
         m.update(speed.update(step, tokens_per_step,
-                              engine.consumed_samples * cfg.model.seq_length))
+                              engine.consumed_samples * task.units_per_sample()))
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"loss is {loss} at step {step}; stopping before saving")
         first_loss = loss if first_loss is None else first_loss
@@ -198,34 +201,6 @@ def _stopped_before_training(stop: StopRequest, rank0: bool, where: str) -> dict
         print(f"[megamoe] {stop.signal or 'stop'} received during {where}: exiting before "
               f"training (nothing new to save)", flush=True)
     return {"steps": None, "stopped": True, "checkpoint": None}
-
-
-def _mor_flops_line(cfg, vocab: int) -> str:
-    """Training FLOPs per token outside the recursion block and in each step r (k_r tokens of
-    the sequence run it), e.g. "outside 8.4e+05, step 1 (k=64) 7.9e+05, …; total 2.4e+06"."""
-    from megamoe.mor.accounting import mor_flops_by_step, step_kept
-
-    parts, kept = mor_flops_by_step(cfg, vocab), step_kept(cfg)
-    text = [f"outside {parts['outside']:.3g}"]
-    text += [f"step {r} (k={k:.4g}) {parts[f'step {r}']:.3g}"
-             for r, k in enumerate(kept, start=1)]
-    return ", ".join(text) + f"; total {sum(parts.values()):.3g}"
-
-
-def _mor_measured_flops(cfg, vocab: int, mor_metrics: dict) -> dict:
-    """Training FLOPs per token of this step from the measured share of tokens that ran each
-    recursion step (`mor/kept_step_r`): in total and per step r (the FLOP model of
-    megamoe.mor.accounting with the measured k_r instead of the nominal ones)."""
-    from megamoe.mor.accounting import mor_flops_by_step
-
-    R = cfg.model.mor.num_recursions
-    kept = [mor_metrics.get(f"mor/kept_step_{r}") for r in range(1, R + 1)]
-    if any(k is None for k in kept):
-        return {}
-    parts = mor_flops_by_step(cfg, vocab, fractions=kept)
-    out = {"mor/flops_per_token": sum(parts.values())}
-    out.update({f"mor/flops_per_token_step_{r}": parts[f"step {r}"] for r in range(1, R + 1)})
-    return out
 
 
 def _save(cfg, engine, async_queue=None) -> str:

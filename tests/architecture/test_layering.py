@@ -41,7 +41,6 @@ KNOWN = {
     "megamoe/models/lm.py": "reads megatron.core.parallel_state",     # ranks from the grid
     "megamoe/testing/checkpointing.py": "reads megatron.core.parallel_state",
     "megamoe/testing/parity.py": "reads megatron.core.parallel_state",
-    "megamoe/training/loop.py": "reads megatron.core.parallel_state",
     "megamoe/training/metrics.py": "reads megatron.core.parallel_state",
 }
 

@@ -22,7 +22,7 @@ def stage_task(overrides):
 
     from megamoe.mor.decoder import MoRDecoder
     from megamoe.testing.parity import TINY_VOCAB, tiny_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config([f"parallel.world_size={dist.get_world_size()}", *overrides])
     model = build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False,
@@ -93,7 +93,7 @@ def router_buffer_keys_task(overrides):
 
     from megamoe.checkpoint.router_state import gather_router_buffers
     from megamoe.testing.parity import TINY_VOCAB, tiny_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config([f"parallel.world_size={dist.get_world_size()}", *overrides])
     engine = build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)

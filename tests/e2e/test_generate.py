@@ -20,7 +20,7 @@ NEW = 6
 def greedy_by_full_forward(step_dir: str, prompt: list, new: int) -> list:
     from megamoe.commands.convert import checkpoint_config
     from megamoe.checkpoint.load import load_checkpoint, read_meta
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = checkpoint_config(step_dir)
     engine = build_engine(cfg, int(read_meta(step_dir)["vocab_size"]), torch.device("cpu"),

@@ -13,7 +13,7 @@ def _train_on_gpu(precision: str, steps: int = 10):
     from megamoe.launch.env import RankInfo, init_distributed
     from megamoe.launch.spawn import free_port
     from megamoe.testing.parity import TINY_VOCAB, rank_microbatches, tiny_config
-    from megamoe.training.engine import build_engine, train_step
+    from megamoe.engines.megatron import build_engine, train_step
     from megamoe.training.metrics import global_loss
 
     if not dist.is_initialized():

@@ -24,7 +24,7 @@ def counts_task(recipe: str, overrides=()):
     from megamoe.config import load_config
     from megamoe.models.vocab import padding_elements
     from megamoe.moe.routers import ROUTERS
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
     from megamoe.models.accounting import parameter_counts
 
     cfg = load_config(os.path.join(ROOT, "configs", recipe),

@@ -22,7 +22,7 @@ EXPERT = MOR + ["model.mor.allow_non_causal=true", "model.mor.aux_loss_coeff=0.5
 
 def _engine(overrides):
     from megamoe.testing.parity import TINY_VOCAB, tiny_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(overrides)
     return build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)
@@ -38,7 +38,7 @@ def _microbatches(cfg):
 
 def aux_scale_task():
     from megamoe.mor.decoder import mor_decoders
-    from megamoe.training.engine import run_forward_backward
+    from megamoe.engines.megatron import run_forward_backward
 
     engine = _engine(EXPERT)
     model = engine.modules[0]

@@ -29,7 +29,7 @@ REQUESTS = [([3, 17, 42], 9), ([5, 1, 9, 33, 60, 2, 7], 4), ([11, 12], 14)]
 
 def _model(overrides):
     from megamoe.testing.parity import TINY_VOCAB, tiny_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(MOR + list(overrides))
     engine = build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False,

@@ -28,7 +28,7 @@ LORA = ["model.mor.lora_rank=4", "model.mor.lora_targets=[qkv,proj,fc1,fc2]"]
 
 def _engine(overrides):
     from megamoe.testing.parity import TINY_VOCAB, tiny_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     return build_engine(tiny_config(overrides), TINY_VOCAB, torch.device("cpu"),
                         with_optimizer=False, ddp=False)

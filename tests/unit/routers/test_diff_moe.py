@@ -54,7 +54,7 @@ def layer_checks():
     from megamoe.data.synthetic_context import timestep_embedding
     from megamoe.models.lm import moe_layers
     from megamoe.moe.routing_context import RoutingContext
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *DIFF, "model.moe.z_loss_coeff=0"])
     layer = moe_layers(build_engine(cfg, 64, torch.device("cpu"), with_optimizer=False,

@@ -25,7 +25,7 @@ def route_t12(overrides):
     )
 
     from megamoe.models.lm import moe_layers
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *overrides])
     router = moe_layers(build_engine(cfg, 64, torch.device("cpu"), with_optimizer=False,

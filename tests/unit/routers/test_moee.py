@@ -33,7 +33,7 @@ def layer_mixes_all_experts():
     """One MoE layer of the tiny model: its output against Σ_e w_e·FFN_e(x) computed from the
     gate weights and the experts' own modules, token by token."""
     from megamoe.models.lm import moe_layers
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *MOEE, "model.moe.z_loss_coeff=0"])
     layer = moe_layers(build_engine(cfg, 64, torch.device("cpu"), with_optimizer=False,

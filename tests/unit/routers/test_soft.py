@@ -64,7 +64,7 @@ def test_config_errors_name_the_field():
 def layer_output_vs_formula(overrides):
     from megamoe.models.lm import moe_layers
     from megamoe.moe.soft_layer import SoftMoELayer
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *SOFT, *overrides])
     layer = moe_layers(build_engine(cfg, 64, torch.device("cpu"), with_optimizer=False,

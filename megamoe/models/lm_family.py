@@ -1,0 +1,118 @@
+"""The `lm` family: Megatron's GPTModel with megamoe's MoE decoder spec, or with a
+Mixture-of-Recursions decoder (an option of this family, `model.mor`), trained on token windows.
+
+What MoR adds to a run reaches the loop through the family's generic paths: its depth
+statistics and measured FLOPs through `step_metrics`, its loss-free bias update through
+`after_step_hooks`, its FLOPs per recursion step through `describe`.
+"""
+
+from __future__ import annotations
+
+from megamoe.models.accounting import flops_per_token, parameter_counts
+from megamoe.models.lm_task import LMTask
+from megamoe.models.registry import Family, register
+
+
+def _build(cfg, tconfig, grid, vocab_size: int) -> list:
+    from megamoe.models.lm import build_lm
+
+    return build_lm(cfg, tconfig, grid, vocab_size)
+
+
+def _checks(cfg) -> None:
+    from megamoe.moe.routers import check_router_causality
+
+    check_router_causality(cfg)
+
+
+def _after_step_hooks(chunks, grid) -> list:
+    """The routers' end-of-step updates (V-MoE's noise step, loss-free biases) and MoR's
+    token-choice loss-free bias (its assignment ratios averaged over data-parallel ranks)."""
+    from megamoe.models.lm import moe_layers
+
+    routers = [layer.router for layer in moe_layers(chunks)]
+    hooks = [r.after_step for r in routers]
+    if any(True for _ in _mor_decoders(chunks)):
+        from megamoe.mor.decoder import mor_after_step
+
+        hooks.append(lambda: mor_after_step(chunks, grid.dp))
+    return hooks
+
+
+def _mor_decoders(chunks):
+    from megamoe.mor.decoder import mor_decoders
+
+    return mor_decoders(chunks)
+
+
+class MoRStepMetrics:
+    """Depth statistics of the recursion blocks and the training FLOPs per token measured from
+    them (megamoe.mor.metrics, megamoe.mor.accounting), read after each step."""
+
+    def __init__(self, cfg, chunks, vocab_size: int):
+        from megamoe.mor.metrics import MoRDepthStats
+
+        self.cfg, self.vocab = cfg, vocab_size
+        self.depth = MoRDepthStats(chunks, cfg.model.mor.num_recursions)
+
+    def read(self, units_per_step: int) -> dict:
+        out = self.depth.read(units_per_step)
+        out.update(_mor_measured_flops(self.cfg, self.vocab, out))
+        return out
+
+    def flops_per_unit(self, metrics: dict) -> float | None:
+        return metrics.get("mor/flops_per_token")
+
+
+def _step_metrics(cfg, chunks, grid, vocab_size: int):
+    return MoRStepMetrics(cfg, chunks, vocab_size) if cfg.model.mor.enabled else None
+
+
+def _mor_measured_flops(cfg, vocab: int, mor_metrics: dict) -> dict:
+    """Training FLOPs per token of this step from the measured share of tokens that ran each
+    recursion step (`mor/kept_step_r`): in total and per step r (the FLOP model of
+    megamoe.mor.accounting with the measured k_r instead of the nominal ones)."""
+    from megamoe.mor.accounting import mor_flops_by_step
+
+    R = cfg.model.mor.num_recursions
+    kept = [mor_metrics.get(f"mor/kept_step_{r}") for r in range(1, R + 1)]
+    if any(k is None for k in kept):
+        return {}
+    parts = mor_flops_by_step(cfg, vocab, fractions=kept)
+    out = {"mor/flops_per_token": sum(parts.values())}
+    out.update({f"mor/flops_per_token_step_{r}": parts[f"step {r}"] for r in range(1, R + 1)})
+    return out
+
+
+def _describe(cfg, vocab: int) -> dict:
+    if not cfg.model.mor.enabled:
+        return {}
+    return {"MoR FLOPs/token by recursion step": _mor_flops_line(cfg, vocab)}
+
+
+def _mor_flops_line(cfg, vocab: int) -> str:
+    """Training FLOPs per token outside the recursion block and in each step r (k_r tokens of
+    the sequence run it), e.g. "outside 8.4e+05, step 1 (k=64) 7.9e+05, …; total 2.4e+06"."""
+    from megamoe.mor.accounting import mor_flops_by_step, step_kept
+
+    parts, kept = mor_flops_by_step(cfg, vocab), step_kept(cfg)
+    text = [f"outside {parts['outside']:.3g}"]
+    text += [f"step {r} (k={k:.4g}) {parts[f'step {r}']:.3g}"
+             for r, k in enumerate(kept, start=1)]
+    return ", ".join(text) + f"; total {sum(parts.values()):.3g}"
+
+
+LM = register(Family(
+    name="lm",
+    build=_build,
+    task=LMTask,
+    parameter_counts=parameter_counts,
+    flops_per_unit=flops_per_token,
+    checks=(_checks,),
+    causal=True,
+    unit="token",
+    step_metrics=_step_metrics,
+    after_step_hooks=_after_step_hooks,
+    describe=_describe,
+    notes="causal MoE language model (GPTModel; Mixture-of-Recursions with model.mor)",
+))

@@ -1,0 +1,63 @@
+"""Model families: `model.family` selects one registered record, and everything below the CLI
+(engine, loop, metrics, checkpoint, commands) works through it instead of reading one family's
+config fields.
+
+A record says how to build this rank's model chunks from the config and its grid, how a
+micro-batch becomes model inputs, context and a loss (the task), how to count parameters and
+FLOPs, what to check before any process starts, whether the model is causal, and what the family
+adds to the loop (metrics read after each step, hooks run after each optimizer step). Families
+register themselves on import (`megamoe.models.lm_family` for `lm`); the Hugging Face mappings
+sit above this layer (`megamoe.checkpoint.hf.mapping_for`), since model code never imports
+checkpoint code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+_FAMILIES: dict[str, "Family"] = {}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable              # (cfg, tconfig, grid, vocab_size) -> list of model chunks
+    task: Callable               # (cfg) -> the family's Task (see megamoe.models.task)
+    parameter_counts: Callable   # (cfg, vocab_size) -> (total, active per unit)
+    flops_per_unit: Callable     # (cfg, vocab_size) -> training FLOPs per token or sample
+    checks: tuple = ()           # (cfg) -> None, ConfigError/ValueError naming the field
+    causal: bool = True          # decoders: non-causal routers need an explicit opt-in
+    unit: str = "token"          # what `parameters active per …` and FLOPs count
+    step_metrics: Callable | None = None   # (cfg, chunks, grid, vocab) -> StepMetrics or None
+    after_step_hooks: Callable | None = None   # (chunks, grid) -> [callable()]
+    describe: Callable | None = None       # (cfg, vocab) -> {start-up line: text}
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def register(family: Family) -> Family:
+    assert family.name not in _FAMILIES, f"model family {family.name!r} registered twice"
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load_builtin() -> None:
+    from megamoe.models import lm_family
+
+    assert lm_family.LM.name in _FAMILIES   # registered on import
+
+
+def families() -> dict[str, Family]:
+    _load_builtin()
+    return dict(_FAMILIES)
+
+
+def family_for(cfg) -> Family:
+    """The record `model.family` names; ValueError naming the field and the known ones."""
+    known = families()
+    name = getattr(cfg.model, "family", "lm")
+    if name not in known:
+        raise ValueError(f"model.family: unknown family {name!r} (known: "
+                         f"{', '.join(sorted(known))})")
+    return known[name]
