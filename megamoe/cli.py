@@ -1,4 +1,4 @@
-"""`megamoe` command line: train, config, recipes, convert, generate, specs."""
+"""`megamoe` command line: train, config, recipes, convert, generate, eval, specs."""
 
 from __future__ import annotations
 
@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per batched call of the shared block (default 8)")
     gen.add_argument("--policy", choices=("depth", "sequence"), default="depth",
                      help="depth: continuous depth-wise batching; sequence: the baseline")
+    ev = sub.add_parser(
+        "eval", help="evaluate a run's newest checkpoint on its held-out split",
+        description="Load the newest complete checkpoint of RUN (saved under any layout) on one "
+                    "CPU process and evaluate it on the validation split of its data config: "
+                    "validation loss and perplexity (lm family). Progress goes to stderr; the "
+                    "last line of stdout is one JSON object of the figures.",
+        epilog="example:\n  megamoe eval runs/quickstart-20261203-0710 --iters 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("src", metavar="RUN",
+                    help="a run directory, its checkpoints/ root or one step directory")
+    ev.add_argument("--iters", type=int, default=None,
+                    help="global batches of the validation split (default: train.eval_iters)")
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
     _add_config_parsers(sub)
@@ -200,6 +212,18 @@ def cmd_convert(args) -> int:
                           force=args.force)
         else:
             convert.from_hf(args.src, args.out, args.overrides, force=args.force)
+    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
+        return _error(str(exc))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from megamoe.config import ConfigError
+
+    try:
+        from megamoe.commands.eval import evaluate_checkpoint
+
+        evaluate_checkpoint(args.src, iters=args.iters)
     except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
         return _error(str(exc))
     return 0
@@ -406,7 +430,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return _error("a command is required (train, config, recipes, specs, convert, "
-                      "generate)")
+                      "generate, eval)")
     if args.command == "config":
         return cmd_config(args)
     if args.command == "recipes":
@@ -430,5 +454,7 @@ def _dispatch(args) -> int:
         return cmd_specs()
     if args.command == "convert":
         return cmd_convert(args)
+    if args.command == "eval":
+        return cmd_eval(args)
     assert args.command == "generate", args.command
     return cmd_generate(args)
