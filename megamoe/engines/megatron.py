@@ -25,7 +25,6 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megamoe.checkpoint.state import CheckpointState
 from megamoe.config import sequence_parallel_enabled
 from megamoe.models.init import init_global
-from megamoe.models.lm import transformer_config
 from megamoe.models.registry import family_for
 from megamoe.parallel import ParallelDims, init_groups, seed_rng
 
@@ -161,8 +160,9 @@ def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: 
     grid = init_groups(dims)
     seed_rng(cfg.run.seed)
     dtype = resolve_dtype(cfg.train.precision, device)
-    tconfig = transformer_config(cfg, dims, sequence_parallel=sequence_parallel_enabled(cfg),
-                                 dtype=dtype)
+    tconfig = family.transformer_config(cfg, dims,
+                                        sequence_parallel=sequence_parallel_enabled(cfg),
+                                        dtype=dtype)
     chunks = family.build(cfg, tconfig, grid, vocab_size)
     for c in chunks:
         c.to(device)

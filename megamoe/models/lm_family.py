@@ -13,6 +13,12 @@ from megamoe.models.lm_task import LMTask
 from megamoe.models.registry import Family, register
 
 
+def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
+    from megamoe.models.lm import transformer_config
+
+    return transformer_config(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
+
+
 def _build(cfg, tconfig, grid, vocab_size: int) -> list:
     from megamoe.models.lm import build_lm
 
@@ -104,6 +110,7 @@ def _mor_flops_line(cfg, vocab: int) -> str:
 
 LM = register(Family(
     name="lm",
+    transformer_config=_transformer_config,
     build=_build,
     task=LMTask,
     parameter_counts=parameter_counts,

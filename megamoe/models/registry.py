@@ -22,6 +22,7 @@ _FAMILIES: dict[str, "Family"] = {}
 @dataclass(frozen=True)
 class Family:
     name: str
+    transformer_config: Callable  # (cfg, dims, *, sequence_parallel, dtype) -> Megatron's
     build: Callable              # (cfg, tconfig, grid, vocab_size) -> list of model chunks
     task: Callable               # (cfg) -> the family's Task (see megamoe.models.task)
     parameter_counts: Callable   # (cfg, vocab_size) -> (total, active per unit)
