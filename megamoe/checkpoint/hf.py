@@ -47,9 +47,19 @@ SINGLE = "model.safetensors"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
+# model families (megamoe.models.registry) with a Hugging Face mapping; the mapping lives here,
+# above the model code, which never imports checkpoint code
+MAPPED_MODEL_FAMILIES = ("lm",)
+
+
 def family_for(cfg):
     """The first transformers family that expresses `cfg` exactly, else megamoe's remote code;
-    ValueError naming every field that even the remote code cannot express."""
+    ValueError naming every field that even the remote code cannot express, or the model family
+    when it has no mapping at all."""
+    model_family = getattr(cfg.model, "family", "lm")
+    if model_family not in MAPPED_MODEL_FAMILIES:
+        raise ValueError(f"model.family {model_family!r}: no Hugging Face mapping (mapped: "
+                         f"{', '.join(MAPPED_MODEL_FAMILIES)}); keep the megamoe checkpoint")
     for family in EXACT:
         if not family.problems(cfg):
             return family

@@ -33,3 +33,11 @@ def test_the_megatron_engine_implements_the_protocol():
                  "load_checkpoint_state", "modules"):
         assert hasattr(MegatronEngine, name), name
     assert {"train_step", "eval_step", "checkpoint_state"} <= set(dir(Engine))
+
+
+def test_hf_export_of_a_family_without_a_mapping_is_one_error():
+    from megamoe.checkpoint.hf import family_for as hf_family_for
+
+    with pytest.raises(ValueError, match=r"^model.family 'dit': no Hugging Face mapping "
+                                         r"\(mapped: lm\)"):
+        hf_family_for(cfg_with("dit"))
