@@ -148,15 +148,21 @@ def _refuse_token_choice_losses(moe) -> None:
         fail("model.moe.z_loss_coeff", f"not supported by router '{moe.router}'; set it 0")
 
 
+EXPERT_CHOICE_SELECTION_GROUPS = ("micro-batch", "sequence", "data-parallel")   # default first
+
+
 @dataclass
 class ExpertChoiceOptions:
-    """Expert choice (Zhou et al. 2022): each expert takes its top-⌈k·T/E⌉ tokens of the
-    micro-batch, k = model.moe.topk. model.moe.aux_loss_coeff is not used (balanced by
-    construction)."""
+    """Expert choice (Zhou et al. 2022): each expert takes its top-⌈k·T/E⌉ tokens of each
+    selection group of T tokens, k = model.moe.topk. model.moe.aux_loss_coeff is not used
+    (balanced by construction)."""
     SECTION: ClassVar[str] = "model.moe.expert_choice"
 
+    selection_group: str = "micro-batch"  # micro-batch | sequence (each sample, as EC-DiT per
+    #                                       image) | data-parallel (micro-batch m of every DP rank)
+
     def validate(self) -> None:
-        pass
+        one_of(self, "selection_group", EXPERT_CHOICE_SELECTION_GROUPS)
 
     def in_use(self, moe) -> bool:
         return moe.router == "expert_choice"
@@ -171,13 +177,18 @@ RACE_SIMILARITY_DIVISORS = ("tokens", "tokens_experts")
 RACE_SIMILARITY_OFF_DIAGONALS = ("off_diagonal", "all")
 
 
+RACE_SELECTION_GROUPS = ("data-parallel", "micro-batch")   # default first
+
+
 @dataclass
 class RaceOptions:
-    """Expert Race (papers.md §7): global top-N·k over the data-parallel group's tokens ×
-    experts, EMA threshold for evaluation, router-similarity loss. model.moe.aux_loss_coeff is
-    not used."""
+    """Expert Race (papers.md §7): global top-N·k over the selection group's tokens × experts,
+    EMA threshold for evaluation, router-similarity loss. model.moe.aux_loss_coeff is not
+    used."""
     SECTION: ClassVar[str] = "model.moe.race"
 
+    selection_group: str = "data-parallel"  # the paper's batch-wide race (micro-batch m of
+    #                                         every DP rank) | micro-batch (independent of DP)
     gating: str = "identity"             # the paper's choice: raw logits
     ema_momentum: float = 0.95           # τ_ema momentum per optimizer step [unverified: 0.95
     #                                      in one reimplementation, 0.99 in the other]
@@ -188,6 +199,7 @@ class RaceOptions:
     #                                      paper's weight was not retrieved [unverified])
 
     def validate(self) -> None:
+        one_of(self, "selection_group", RACE_SELECTION_GROUPS)
         one_of(self, "gating", RACE_GATINGS)
         at_least(self, "plr_coeff", 0)
         in_range(self, "ema_momentum", 0, 1, high_open=True)

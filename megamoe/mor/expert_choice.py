@@ -58,6 +58,8 @@ class DepthStep:
 class ExpertChoiceDepthRouter(nn.Module):
     """θ_1..θ_{N_r} (Linear D→1, no bias, N(0, init_std)) and the selection rule of §1.4."""
 
+    selection_groups = ("sequence",)    # top-k_r of each sequence's candidates
+
     def __init__(self, hidden_size: int, num_recursions: int, *, capacities=None,
                  alpha: float = ALPHA, temperature: float = 1.0,
                  aux_loss_coeff: float = AUX_LOSS_COEFF, z_loss_coeff: float = 0.0,

@@ -45,6 +45,8 @@ class DepthAssignment:
 
 
 class TokenChoiceDepthRouter(nn.Module):
+    selection_groups = ("token",)       # each token picks its depth
+
     def __init__(self, hidden_size: int, num_recursions: int, *, score: str = "softmax",
                  alpha: float | None = None, temperature: float = 1.0,
                  balancing: str = "loss", balance_coeff: float = BALANCE_COEFF,

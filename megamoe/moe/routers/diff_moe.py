@@ -68,6 +68,7 @@ class DiffMoERouter(DiTMoERouter):
     paper = ("Diff-MoE (Cheng et al., ICML 2025) §3: timestep-conditioned DiT-MoE gate, "
              "expert-specific low-rank adaLN timestep calibration")
     needs_context = ("timestep_emb_BD",)
+    selection_groups = ("token",)     # dropless: no capacity to compete for
     takes_padding_mask = False        # its own `route` (timestep-conditioned logits)
 
     def __init__(self, config, pg_collection=None, *, calibration_rank: int = 64,

@@ -61,7 +61,7 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
     paper = ("VLMo (Bao et al. 2021) mixture-of-modality-experts (MoME) block; Uni-MoE (Li et "
              "al. 2025) modality expert pools with sparse top-k")
     causal = True
-    token_group = "token"
+    selection_groups = ("token",)
     needs_context = ("modality_ids_BS",)
     takes_padding_mask = True
 
@@ -76,8 +76,8 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
             sizes = pool_sizes or [E // num_modalities] * num_modalities
             assert sum(sizes) == E and min(sizes) >= self.topk, (sizes, E, self.topk)
             self.register_buffer("pool_mask_ME", pool_mask(sizes, E), persistent=False)
-        self.shards = SequenceShards(selection_group(pg_collection, config.sequence_parallel,
-                                                     across_data_parallel=False))
+        self.shards = SequenceShards(selection_group("micro-batch", pg_collection,
+                                                     config.sequence_parallel).group)
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:

@@ -32,7 +32,7 @@ def soft_mixing(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class MoEERouter(TopKSoftmaxRouter):
     paper = "MoEE soft mixing (Liu et al. 2025, arXiv 2501.01808, §3): w = softmax(gate(h))"
-    token_group = "token"
+    selection_groups = ("token",)
     takes_padding_mask = False        # its own `route` (soft mixing over every expert)
 
     def __init__(self, config, pg_collection=None):

@@ -6,13 +6,16 @@ tokens and experts race together for one global budget.
     τ = 𝒦-th largest of S over the group's tokens × experts,   𝒦 = N·k
     M = 1[S ≥ τ],   y_t = Σ_e M_te·S_te·FFN_e(x_t)     (a token gets 0..E experts)
 
-N is the number of tokens of the selection group and k = `model.moe.topk`. The group is the
-data-parallel group's micro-batch: micro-batch m of every DP rank (and, under sequence
-parallelism, every TP rank's sequence shard of it), i.e. Megatron's `tp_dp_cp` group (`dp_cp`
-without SP). τ is found by `token_groups.kth_largest` without gathering the scores. The
-single-process reference that a parallel run must match is therefore the run whose one
-micro-batch holds all DP ranks' micro-batch m (micro_batch_size · DP samples: the global batch
-order puts exactly those samples together), see tests/distributed/test_family_race.py.
+N is the number of tokens of the selection group and k = `model.moe.topk`. The group
+(`model.moe.race.selection_group`) is by default the data-parallel group's micro-batch, the
+paper's batch-wide race: micro-batch m of every DP rank (and, under sequence parallelism, every
+TP rank's sequence shard of it), i.e. Megatron's `tp_dp_cp` group (`dp_cp` without SP). τ is
+found by `token_groups.kth_largest` without gathering the scores. The single-process reference
+that a parallel run must match is therefore the run whose one micro-batch holds all DP ranks'
+micro-batch m (micro_batch_size · DP samples: the global batch order puts exactly those samples
+together), see tests/distributed/test_family_race.py. With `micro-batch` each micro-batch races
+on its own (routing then does not depend on the DP size) and τ̄ below is averaged over the DP
+ranks' micro-batches.
 
 Training uses the batch threshold τ; it also keeps τ_ema (model state, checkpointed):
     τ_ema ← m·τ_ema + (1−m)·τ̄      once per optimizer step, τ̄ = mean τ of the step's
@@ -61,6 +64,7 @@ Shapes: T tokens of this rank (S·B, Megatron order), E experts.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -68,6 +72,7 @@ from megatron.core.transformer.moe.router import Router
 
 from megamoe.config.moe_families import (
     RACE_GATINGS,
+    RACE_SELECTION_GROUPS,
     RACE_SIMILARITY_DIVISORS,
     RACE_SIMILARITY_OFF_DIAGONALS,
 )
@@ -128,7 +133,8 @@ class RaceRouter(Router, MegamoeRouter):
     paper = ("Expert Race (Yuan et al. 2025, Race-DiT) Eq. 9-11: global top-N·k over tokens x "
              "experts, EMA threshold at inference, router-similarity loss")
     causal = False
-    token_group = "data-parallel"
+    selection_groups = RACE_SELECTION_GROUPS
+    selection_option = "model.moe.race.selection_group"
     needs_vocab_size = True
 
     @classmethod
@@ -140,7 +146,8 @@ class RaceRouter(Router, MegamoeRouter):
     def __init__(self, config, pg_collection=None, *, gating: str = "identity",
                  ema_momentum: float = 0.95, similarity_loss_coeff: float = 1e-5,
                  similarity_divisor: str = "tokens", similarity_off_diagonal: str = "off_diagonal",
-                 plr_coeff: float = 0.0, vocab_size: int | None = None):
+                 plr_coeff: float = 0.0, vocab_size: int | None = None,
+                 selection: str = "data-parallel"):
         super().__init__(config=config, pg_collection=pg_collection)
         self.plr_coeff = plr_coeff
         if plr_coeff > 0:
@@ -164,8 +171,10 @@ class RaceRouter(Router, MegamoeRouter):
         self.similarity_loss_coeff = similarity_loss_coeff
         self.similarity_divisor = similarity_divisor
         self.similarity_off_diagonal = similarity_off_diagonal
-        self.group = selection_group(pg_collection, config.sequence_parallel,
-                                     across_data_parallel=True)
+        assert selection in self.selection_groups, selection
+        self.group = selection_group(selection, pg_collection, config.sequence_parallel).group
+        # a group within each DP rank: τ differs between them, τ̄ is their mean
+        self.average_over_dp = selection != "data-parallel"
         # model state: τ_ema and how many times it was updated (0: not yet)
         self.register_buffer("threshold_ema", torch.zeros(1, dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros(1, dtype=torch.float32))
@@ -180,7 +189,8 @@ class RaceRouter(Router, MegamoeRouter):
         return {"gating": o.gating, "ema_momentum": o.ema_momentum,
                 "similarity_loss_coeff": o.similarity_loss_coeff,
                 "similarity_divisor": o.similarity_divisor,
-                "similarity_off_diagonal": o.similarity_off_diagonal, "plr_coeff": o.plr_coeff}
+                "similarity_off_diagonal": o.similarity_off_diagonal, "plr_coeff": o.plr_coeff,
+                "selection": cls.selection_group_for(moe_cfg)}
 
     def routing(self, logits: torch.Tensor):
         logits_TE = logits.view(-1, self.num_experts).float()
@@ -240,9 +250,13 @@ class RaceRouter(Router, MegamoeRouter):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """τ_ema ← m·τ_ema + (1−m)·τ̄ with τ̄ the step's mean threshold. τ is the same on every
-        rank of the group, which holds every rank that has this layer: no reduction needed."""
-        total, count = self.step_thresholds.tolist()
+        """τ_ema ← m·τ_ema + (1−m)·τ̄ with τ̄ the step's mean threshold. Over the data-parallel
+        group τ is the same on every rank that has this layer: no reduction needed; per
+        micro-batch the (Σ τ, count) of every rank are summed (TP and CP copies add to both)."""
+        sums = self.step_thresholds.clone()
+        if self.average_over_dp and dist.is_initialized():
+            dist.all_reduce(sums, group=self.tp_dp_cp_group)
+        total, count = sums.tolist()
         if count == 0:
             return
         mean_tau = total / count

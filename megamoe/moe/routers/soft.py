@@ -64,7 +64,7 @@ def _mean_entropy(p: torch.Tensor, dim: int) -> float:
 class SoftRouter(MegatronModule, MegamoeRouter):
     paper = "Soft MoE (Puigcerver et al. 2023, arXiv 2308.00951) §2.1, Eq. 1-3"
     causal = False
-    token_group = "micro-batch"
+    selection_groups = ("micro-batch",)
 
     def __init__(self, config, pg_collection=None, *, slots_per_expert: int,
                  normalize: bool = True):

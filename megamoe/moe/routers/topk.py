@@ -86,7 +86,9 @@ def loss_free_update(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) 
 class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
     paper = ("Switch Transformer (Fedus et al. 2021) Eq. 4-5; ST-MoE z-loss (Zoph et al. 2022) "
              "Eq. 5; DeepSeek loss-free balancing (Wang et al. 2024) Eq. 3-4")
-    token_group = "micro-batch"
+    # capacity dropping competes over the rank's tokens (Megatron sizes it from them): the
+    # micro-batch, or its sequence shard under sequence parallelism
+    selection_groups = ("token", "micro-batch")
     takes_padding_mask = True
 
     def __init__(self, config, pg_collection=None, *, renormalize: bool = True,
@@ -109,6 +111,10 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
     @classmethod
     def causal_for(cls, moe_cfg) -> bool:
         return moe_cfg.capacity_factor is None
+
+    @classmethod
+    def selection_group_for(cls, moe_cfg) -> str:
+        return "token" if moe_cfg.capacity_factor is None else "micro-batch"
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:

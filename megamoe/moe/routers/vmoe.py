@@ -115,7 +115,7 @@ class VMoERouter(TopKRouter, MegamoeRouter):
     paper = ("V-MoE (Riquelme et al. 2021) Eq. 1-2, §4 Batch Prioritized Routing, App. A "
              "importance and load losses")
     causal = False
-    token_group = "micro-batch"
+    selection_groups = ("token", "micro-batch")   # micro-batch with a capacity (and BPR)
 
     def __init__(self, config, pg_collection=None, *, noise_std: float = 1.0,
                  capacity_ratio: float | None = 1.05, eval_capacity_ratio: float | None = None,
@@ -134,8 +134,8 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         self.importance_loss_coeff = importance_loss_coeff
         self.load_loss_coeff = load_loss_coeff
         self.seed = seed
-        self.shards = SequenceShards(selection_group(pg_collection, config.sequence_parallel,
-                                                     across_data_parallel=False))
+        self.shards = SequenceShards(selection_group("micro-batch", pg_collection,
+                                                     config.sequence_parallel).group)
         dp_group = getattr(pg_collection, "dp", None)
         self.dp_size = dp_group.size() if dp_group is not None else 1
         self.dp_rank = dp_group.rank() if dp_group is not None else 0
@@ -154,6 +154,10 @@ class VMoERouter(TopKRouter, MegamoeRouter):
     @classmethod
     def causal_for(cls, moe_cfg) -> bool:
         return moe_cfg.vmoe.capacity_ratio is None and moe_cfg.vmoe.eval_capacity_ratio is None
+
+    @classmethod
+    def selection_group_for(cls, moe_cfg) -> str:
+        return "token" if cls.causal_for(moe_cfg) else "micro-batch"
 
     def is_causal(self) -> bool:
         return self.capacity_ratio is None and self.eval_capacity_ratio is None
