@@ -25,6 +25,8 @@ from megamoe.config.moe_families import (
 )
 from megamoe.config.mor import MoRConfig
 
+# model families (`model.family`): the one list; megamoe.models registers a record for each
+MODEL_FAMILIES = ("lm",)
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
                  "vmoe", "limoe", "modality",)
@@ -126,6 +128,7 @@ class MoEConfig:
 class ModelConfig:
     SECTION: ClassVar[str] = "model"
 
+    family: str = "lm"               # what is built and trained: lm (decoder-only language model)
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 128       # dense FFN (layers that are not MoE)
@@ -145,6 +148,7 @@ class ModelConfig:
     mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
 
     def validate(self) -> None:
+        one_of(self, "family", MODEL_FAMILIES)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "kv_channels", "vocab_size",
                      "make_vocab_size_divisible_by"):
