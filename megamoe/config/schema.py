@@ -1,8 +1,9 @@
 """The typed config: one dataclass per YAML section, each validating its own fields.
 
 Checks that involve two sections (TP vs heads, batch vs data-parallel size) live in
-`megamoe.config.validate`. Field names follow Megatron where it has one (`num_query_groups`,
-`kv_channels`, `capacity_factor`).
+`megamoe.config.checks`, run with the other concerns' by `megamoe.models.checks.check_config`.
+Field names follow Megatron where it has one (`num_query_groups`, `kv_channels`,
+`capacity_factor`).
 """
 
 from __future__ import annotations
@@ -165,7 +166,6 @@ class ModelConfig:
                  f"model.num_attention_heads ({self.num_attention_heads}); set model.kv_channels")
         self.moe.validate()
         self.mor.validate()
-        self.mor.validate_with(self)
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "
