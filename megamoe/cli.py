@@ -311,19 +311,13 @@ def _os_error(exc: OSError, run_dir: str) -> str:
 
 def cmd_train(args) -> int:
     from megamoe.config import ConfigError, load_config, resolve_run_dir
-    from megamoe.data.checks import check_inputs
     from megamoe.launch.env import discover_rank
-
-    from megamoe.platform import check_layout_supported
 
     try:
         cfg = load_config(args.config, args.overrides)
-        # the files the run reads, before any rank starts or Megatron is imported
-        check_inputs(cfg)
-        check_layout_supported(cfg)
-        from megamoe.moe.routers import check_router_causality
+        from megamoe.models.checks import check_config
 
-        check_router_causality(cfg)
+        check_config(cfg)        # every check, before any rank starts
     except (ConfigError, ValueError) as exc:
         return _error(str(exc))
     info = discover_rank()

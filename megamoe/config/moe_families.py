@@ -85,7 +85,7 @@ class SoftMoEOptions:
     SECTION: ClassVar[str] = "model.moe.soft"
 
     slots_per_expert: int | None = None  # p; None: round(m·C/n), m = tokens per micro-batch,
-    #                                      resolved when the config is validated
+    #                                      filled when the config is loaded (config.derive)
     capacity_factor: float = 1.0         # C, only used to derive slots_per_expert
     normalize: bool = True               # l2-normalise tokens and slot parameters, times a
     #                                      learnable scale (init 1), as the reference code
@@ -103,23 +103,29 @@ class SoftMoEOptions:
                          "model.moe.soft.capacity_factor or model.moe.soft.slots_per_expert")
 
 
-def resolve_soft_slots(cfg) -> None:
-    """Soft MoE's parameters Φ have n·p columns, so p is fixed when the config is validated:
-    `model.moe.soft.slots_per_expert` = round(m·C/n) with m = seq_length · micro_batch_size
-    (the slots mix one micro-batch) unless given; the saved config records it. The slots of a
-    micro-batch are split evenly over the tensor-parallel ranks."""
+def check_soft_slots(cfg) -> None:
+    """The slots of a micro-batch (`model.moe.soft.slots_per_expert` × experts, filled by
+    `config.derive`) are split evenly over the tensor-parallel ranks."""
     moe = cfg.model.moe
     if moe.router != "soft" or not moe.num_experts:
         return
     soft = moe.soft
-    if soft.slots_per_expert is None:
-        m = cfg.model.seq_length * cfg.train.micro_batch_size
-        soft.slots_per_expert = max(1, round(m * soft.capacity_factor / moe.num_experts))
+    assert soft.slots_per_expert is not None, "filled by config.derive.fill_derived"
     slots, tp = soft.slots_per_expert * moe.num_experts, cfg.parallel.tensor
     if slots % tp:
         fail("model.moe.soft.slots_per_expert", f"{soft.slots_per_expert} slots × "
              f"{moe.num_experts} experts = {slots} slots are not divisible by parallel.tensor "
              f"({tp}), over whose ranks they are split")
+
+
+FAMILY_CHECKS = (check_soft_slots,)
+
+
+def check_families(cfg) -> None:
+    """Checks of the router families against the other sections (model.moe's own keys are
+    checked by `validate_families` when the config is loaded)."""
+    for check in FAMILY_CHECKS:
+        check(cfg)
 
 
 @dataclass

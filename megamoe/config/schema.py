@@ -1,8 +1,9 @@
 """The typed config: one dataclass per YAML section, each validating its own fields.
 
 Checks that involve two sections (TP vs heads, batch vs data-parallel size) live in
-`megamoe.config.validate`. Field names follow Megatron where it has one (`num_query_groups`,
-`kv_channels`, `capacity_factor`).
+`megamoe.config.checks`, run with the other concerns' by `megamoe.models.checks.check_config`.
+Field names follow Megatron where it has one (`num_query_groups`, `kv_channels`,
+`capacity_factor`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from megamoe.config.moe_families import (
 )
 from megamoe.config.mor import MoRConfig
 
+# model families (`model.family`): the one list; megamoe.models registers a record for each
+MODEL_FAMILIES = ("lm",)
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
                  "vmoe", "limoe", "modality",)
@@ -126,6 +129,7 @@ class MoEConfig:
 class ModelConfig:
     SECTION: ClassVar[str] = "model"
 
+    family: str = "lm"               # what is built and trained: lm (decoder-only language model)
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 128       # dense FFN (layers that are not MoE)
@@ -145,6 +149,7 @@ class ModelConfig:
     mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
 
     def validate(self) -> None:
+        one_of(self, "family", MODEL_FAMILIES)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "kv_channels", "vocab_size",
                      "make_vocab_size_divisible_by"):
@@ -161,7 +166,6 @@ class ModelConfig:
                  f"model.num_attention_heads ({self.num_attention_heads}); set model.kv_channels")
         self.moe.validate()
         self.mor.validate()
-        self.mor.validate_with(self)
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "

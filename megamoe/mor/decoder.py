@@ -189,7 +189,7 @@ def build_mor_decoder(cfg, tconfig, pg_collection, layer_spec_kwargs: dict, *,
                       post_process: bool = True) -> MoRDecoder:
     """The decoder `build_lm` puts into GPTModel when `model.mor.enabled`: this pipeline
     stage's units (stages.stage_units, FLOP-balanced)."""
-    from megamoe.config.mor import mor_moe_slots
+    from megamoe.mor.checks import mor_moe_slots
     from megatron.core.utils import get_pg_rank
 
     m, mor = cfg.model, cfg.model.mor

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.config.mor import EXPERT_CHOICE_ALPHA
 from megamoe.mor.compaction import compact_rows
 
-ALPHA = 0.1
+ALPHA = EXPERT_CHOICE_ALPHA
 AUX_LOSS_COEFF = 0.001
 
 

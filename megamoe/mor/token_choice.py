@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megamoe.config.mor import TOKEN_CHOICE_ALPHA
+
 BALANCE_COEFF = 0.1
 Z_LOSS_COEFF = 1e-5      # official config; the appendix caption says 1e-3
 BIAS_RATE = 0.001
@@ -31,7 +33,7 @@ BIAS_RATE = 0.001
 
 def default_alpha(score: str) -> float:
     """α when the config leaves it unset: 1 for softmax scores, 0.1 for sigmoid (§1.5)."""
-    return 1.0 if score == "softmax" else 0.1
+    return TOKEN_CHOICE_ALPHA["softmax" if score == "softmax" else "sigmoid"]
 
 
 @dataclass

@@ -189,9 +189,14 @@ TINY_VOCAB = 64
 
 
 def tiny_config(overrides=()):
+    """TINY + `overrides`, loaded and checked for consistency (not for a launch: layouts the CPU
+    refuses and non-causal routers without the opt-in are the tests' to probe)."""
     from megamoe.config import load_config
+    from megamoe.models.checks import check_config
 
-    return load_config(None, list(TINY) + list(overrides))
+    cfg = load_config(None, list(TINY) + list(overrides))
+    check_config(cfg, launch=False)
+    return cfg
 
 
 def parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bool = False):

@@ -69,7 +69,7 @@ class SoftRouter(MegatronModule, MegamoeRouter):
     def __init__(self, config, pg_collection=None, *, slots_per_expert: int,
                  normalize: bool = True):
         super().__init__(config)
-        assert slots_per_expert and slots_per_expert >= 1, "resolved by config validation"
+        assert slots_per_expert and slots_per_expert >= 1, "filled by config.derive"
         self.num_experts = config.num_moe_experts
         self.slots_per_expert = slots_per_expert
         self.layer_number = None
