@@ -39,6 +39,10 @@ LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_KINDS = ("markov", "indexed")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron's selective modules that megamoe's layers have (no grouped GEMM, no MLA)
+RECOMPUTE_MODULES = ("core_attn", "moe", "shared_experts", "mlp", "layernorm")
 
 
 @dataclass
@@ -145,6 +149,10 @@ class ModelConfig:
     add_qkv_bias: bool = False
     tie_embeddings: bool = False
     init_method_std: float = 0.02
+    recompute_granularity: str | None = None  # activation recompute: null (off), full, selective
+    recompute_method: str = "uniform"   # full: uniform (groups of N layers) or block (first N)
+    recompute_num_layers: int = 1       # full: N, layers per group (uniform) or per stage (block)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective
     moe: MoEConfig = field(default_factory=MoEConfig)
     mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
 
@@ -164,12 +172,24 @@ class ModelConfig:
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             fail("model.hidden_size", f"{self.hidden_size} is not divisible by "
                  f"model.num_attention_heads ({self.num_attention_heads}); set model.kv_channels")
+        self.validate_recompute()
         self.moe.validate()
         self.mor.validate()
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "
                  f"model.num_layers is {self.num_layers}")
+
+
+    def validate_recompute(self) -> None:
+        if self.recompute_granularity is not None:
+            one_of(self, "recompute_granularity", RECOMPUTE_GRANULARITIES)
+        one_of(self, "recompute_method", RECOMPUTE_METHODS)
+        at_least(self, "recompute_num_layers", 1)
+        unknown = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or not self.recompute_modules:
+            fail("model.recompute_modules", f"{unknown or 'empty'}: choose from "
+                 f"{list(RECOMPUTE_MODULES)}")
 
 
 @dataclass

@@ -30,12 +30,15 @@ def _fetch(dataset, indices: np.ndarray) -> np.ndarray:
     return np.stack([dataset[int(i)] for i in indices])
 
 
-def to_microbatch(samples_BS1: np.ndarray) -> dict:
+def to_microbatch(samples_BS1: np.ndarray, first_sample: int | None = None) -> dict:
     """[b, S+1] samples -> the micro-batch dict: tokens/labels/position_ids [b, S] int64,
-    loss_mask [b, S] float32."""
+    loss_mask [b, S] float32 and, given the global position of its first sample,
+    sample_index [b] int64 (positions first_sample … first_sample + b − 1)."""
     x_BS1 = torch.as_tensor(np.asarray(samples_BS1), dtype=torch.long)
     b, s = x_BS1.shape[0], x_BS1.shape[1] - 1
-    return {
+    stamp = {} if first_sample is None else {
+        "sample_index": torch.arange(first_sample, first_sample + b, dtype=torch.int64)}
+    return {**stamp,
         "tokens": x_BS1[:, :-1].contiguous(),
         "labels": x_BS1[:, 1:].contiguous(),
         "loss_mask": torch.ones(b, s, dtype=torch.float32),
@@ -46,7 +49,9 @@ def to_microbatch(samples_BS1: np.ndarray) -> dict:
 def rank_microbatches(dataset, consumed_samples: int, global_batch_size: int,
                       micro_batch_size: int, dp_rank: int, dp_size: int) -> list[dict]:
     """The micro-batches DP rank `dp_rank` of `dp_size` processes in the step that starts after
-    `consumed_samples` samples (rule in the module docstring)."""
+    `consumed_samples` samples (rule in the module docstring). Each sample is stamped with its
+    global position consumed_samples + j (`sample_index`: unique over training, unlike the
+    wrapped dataset index)."""
     per_micro = micro_batch_size * dp_size
     if global_batch_size % per_micro:
         raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
@@ -56,7 +61,8 @@ def rank_microbatches(dataset, consumed_samples: int, global_batch_size: int,
     out = []
     for m in range(global_batch_size // per_micro):
         start = m * per_micro + dp_rank * micro_batch_size
-        out.append(to_microbatch(_fetch(dataset, idx[start:start + micro_batch_size])))
+        out.append(to_microbatch(_fetch(dataset, idx[start:start + micro_batch_size]),
+                                 first_sample=consumed_samples + start))
     return out
 
 

@@ -26,7 +26,7 @@ increment 3: TP + SP; increment 4: PP):
                     and leave them out of aux/z losses, capacity and loss-free counts
                     (megamoe.moe.routers.topk), so pads change no loss or gradient. The
                     per-token routing context (modality ids) is gathered with the same
-                    compaction for the step's layers (`routing_context.compacted`).
+                    compaction for the step's layers (`Context.compacted`).
                     Gathers use `tensor_parallel_output_grad=False` (backward keeps this rank's
                     slice, since what follows is replicated over TP); router weights are not
                     `sequence_parallel` (each TP rank holds the full, identical gradient).

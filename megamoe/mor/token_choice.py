@@ -101,7 +101,7 @@ class TokenChoiceDepthRouter(nn.Module):
             P_R = g_BSR.reshape(-1, R).mean(0)
             balance = (R * ratio_R * P_R).sum()
         z_loss = (torch.logsumexp(z_BSR, -1) ** 2).mean()
-        if self.training:
+        if self.training and torch.is_grad_enabled():   # once per micro-batch under recompute
             with torch.no_grad():
                 self.ratio_sum += ratio_R.detach()
                 self.ratio_count += 1

@@ -22,9 +22,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megamoe.config import sequence_parallel_enabled
 from megamoe.models.init import init_global
-from megamoe.models.lm import build_lm, transformer_config
-from megamoe.data.synthetic_context import context_fields
-from megamoe.moe.routing_context import RoutingContext
+from megamoe.models.lm import build_lm, lm_context, transformer_config
 from megamoe.mor.decoder import mor_after_step
 from megamoe.parallel import ParallelDims, init_groups, seed_rng
 
@@ -145,18 +143,16 @@ def _loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
 
 
 def make_forward_step(engine: Engine):
-    slot = engine.modules[0].routing_context_slot
     device = engine.device
 
     def forward_step(data_iterator, model):
+        """Every pipeline stage builds the micro-batch's context and hands it to the model,
+        which binds it for its layers during the call."""
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device)
-        fields = {"modality_ids_BS": batch.get("modality_ids"),
-                  "sequence_ids_BS": batch.get("sequence_ids"), "labels_BS": batch["labels"]}
-        fields.update(context_fields(batch["tokens"], engine.cfg.data, engine.cfg.model.hidden_size))
-        slot.set(RoutingContext(**fields))
         output = model(tokens, batch["position_ids"].to(device), None,
-                       labels=batch["labels"].to(device))
+                       labels=batch["labels"].to(device),
+                       context=lm_context(batch, engine.cfg, engine.step))
         return output, partial(_loss_func, batch["loss_mask"].to(device))
 
     return forward_step

@@ -152,7 +152,9 @@ def test_microbatch_contents():
     mb = mbs[0]                                  # rank 1, micro-batch 0: samples 2, 3
     assert {k: (tuple(v.shape), v.dtype) for k, v in mb.items()} == {
         "tokens": ((2, 8), torch.int64), "labels": ((2, 8), torch.int64),
-        "loss_mask": ((2, 8), torch.float32), "position_ids": ((2, 8), torch.int64)}
+        "loss_mask": ((2, 8), torch.float32), "position_ids": ((2, 8), torch.int64),
+        "sample_index": ((2,), torch.int64)}
+    assert mb["sample_index"].tolist() == [2, 3]    # global positions, not dataset indices
     assert torch.equal(mb["tokens"][1], torch.as_tensor(corpus[3][:-1]))
     assert torch.equal(mb["labels"][1], torch.as_tensor(corpus[3][1:]))
     assert torch.equal(mb["position_ids"][0], torch.arange(8)) and bool(mb["loss_mask"].all())

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from megamoe.moe.routing_context import RoutingContext
+from megamoe.blocks.context import Context
 
 
 @dataclass
@@ -42,7 +42,7 @@ class MegamoeRouter:
     # routing and every loss and statistic; the MoE layer refuses a mask for other families
     takes_padding_mask: ClassVar[bool] = False
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
         raise NotImplementedError
 
     def is_causal(self) -> bool:

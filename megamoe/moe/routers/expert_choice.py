@@ -35,10 +35,10 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.router import Router
 
+from megamoe.blocks.context import Context
 from megamoe.config.moe_families import EXPERT_CHOICE_SELECTION_GROUPS
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
 from megamoe.moe.routers.token_groups import SelectionGroup, selection_group
-from megamoe.moe.routing_context import RoutingContext
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int) -> int:
@@ -78,13 +78,18 @@ class ExpertChoiceRouter(Router, MegamoeRouter):
         assert selection in self.selection_groups, selection
         self.topk = config.moe_router_topk
         self.groups = selection_group(selection, pg_collection, config.sequence_parallel)
-        self._last_stats: dict = {}
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
         return {"selection": cls.selection_group_for(moe_cfg)}
 
-    def routing(self, logits: torch.Tensor):
+    def routing(self, logits: torch.Tensor, padding_mask=None):
+        """Megatron's `Router.routing` interface (see `routing_with_stats`)."""
+        return self.routing_with_stats(logits)[:2]
+
+    def routing_with_stats(self, logits: torch.Tensor):
+        """(combine weights [T, E], routing map [T, E], statistics): each expert takes its
+        top-capacity tokens of the selection group."""
         assert logits.dim() == 3 or self.groups.kind != "sequence", "needs [S, B, E] logits"
         B = logits.shape[1] if logits.dim() == 3 else 1          # [S, B, E] from `gating`
         logits_TE = logits.view(-1, self.num_experts)
@@ -94,14 +99,12 @@ class ExpertChoiceRouter(Router, MegamoeRouter):
         probs_TE, routing_map_TE = expert_choice(scores_TE, capacity, self.groups, B)
         stats = expert_choice_stats(scores_TE, routing_map_TE, self.topk)
         stats["capacity"] = float(capacity)
-        self._last_stats = stats
-        return probs_TE, routing_map_TE
+        return probs_TE, routing_map_TE, stats
 
     def forward(self, input: torch.Tensor, padding_mask=None):
         return self.routing(self.gating(input))
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
-        probs_TE, routing_map_TE = self.forward(hidden_SBD)
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
+        probs_TE, routing_map_TE, stats = self.routing_with_stats(self.gating(hidden_SBD))
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
-                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(),
-                            stats=self._last_stats)
+                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)

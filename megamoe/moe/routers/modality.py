@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
 from megamoe.moe.routers.limoe import checked_modalities
 from megamoe.moe.routers.token_groups import SequenceShards, selection_group
-from megamoe.moe.routing_context import RoutingContext
 
 MODES = ("vlmo", "pools")
 
@@ -90,7 +90,7 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
         assert self.layer_number is not None, "set_layer_number was not called"
         return self.layer_number > self.config.num_layers - self.vl_ffn_layers
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext,
+    def route(self, hidden_SBD: torch.Tensor, context: Context,
               padding_mask: torch.Tensor | None = None) -> RouterOutput:
         """`padding_mask` (bool [S, B], True = pad): pads go to no expert and count in no
         statistic (no loss here to keep them out of)."""

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
 
+from megamoe.blocks.context import Context
 from megamoe.config.moe_families import (
     RACE_GATINGS,
     RACE_SELECTION_GROUPS,
@@ -84,7 +85,6 @@ from megamoe.moe.routers.token_groups import (
     kth_largest,
     selection_group,
 )
-from megamoe.moe.routing_context import RoutingContext
 
 
 def race_scores(logits_TE: torch.Tensor, gating: str) -> torch.Tensor:
@@ -161,7 +161,6 @@ class RaceRouter(Router, MegamoeRouter):
                 setattr(w, "sequence_parallel", config.sequence_parallel)  # replicated over TP
         self.sp_rank, self.sp_size = ((self.tp_group.rank(), self.tp_group.size())
                                       if config.sequence_parallel else (0, 1))
-        self._plr_h_TD = None
         assert gating in RACE_GATINGS and similarity_divisor in RACE_SIMILARITY_DIVISORS
         assert similarity_off_diagonal in RACE_SIMILARITY_OFF_DIAGONALS
         assert config.calculate_per_token_loss, "the similarity loss scale assumes per-token loss"
@@ -181,7 +180,6 @@ class RaceRouter(Router, MegamoeRouter):
         # Σ τ and the micro-batch count of the current step
         self.register_buffer("step_thresholds", torch.zeros(2, dtype=torch.float32),
                              persistent=False)
-        self._last_stats: dict = {}
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
@@ -192,7 +190,13 @@ class RaceRouter(Router, MegamoeRouter):
                 "similarity_off_diagonal": o.similarity_off_diagonal, "plr_coeff": o.plr_coeff,
                 "selection": cls.selection_group_for(moe_cfg)}
 
-    def routing(self, logits: torch.Tensor):
+    def routing(self, logits: torch.Tensor, padding_mask=None):
+        """Megatron's `Router.routing` interface (see `routing_with_stats`)."""
+        return self.routing_with_stats(logits)[:2]
+
+    def routing_with_stats(self, logits: torch.Tensor):
+        """(combine weights [T, E], routing map [T, E], statistics) of the race over the
+        selection group (training) or against τ_ema (evaluation)."""
         logits_TE = logits.view(-1, self.num_experts).float()
         scores_TE = race_scores(logits_TE, self.gating_function)
         learning = self.training and torch.is_grad_enabled()
@@ -217,36 +221,40 @@ class RaceRouter(Router, MegamoeRouter):
                                          self.topk))
         stats["threshold"] = float(tau)
         stats["threshold_ema"] = self.threshold_ema.item()
-        self._last_stats = stats
-        return probs_TE, routing_map_TE
+        return probs_TE, routing_map_TE, stats
+
+    def plr_features(self, input: torch.Tensor) -> torch.Tensor:
+        """h [T, D] = GELU(x W_hᵀ): the PLR head's hidden features (the gate reads them)."""
+        return F.gelu(F.linear(input.reshape(-1, input.shape[-1]).float(), self.plr_hidden))
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         if self.plr_coeff <= 0:
             return super().gating(input)
-        h_TD = F.gelu(F.linear(input.reshape(-1, input.shape[-1]).float(), self.plr_hidden))
-        self._plr_h_TD = h_TD
-        return F.linear(h_TD, self.weight)
+        return F.linear(self.plr_features(input), self.weight)
 
     def forward(self, input: torch.Tensor, padding_mask=None):
         return self.routing(self.gating(input))
 
-    def plr_loss_sum(self, context: RoutingContext) -> torch.Tensor:
+    def plr_loss_sum(self, context: Context, h_TD: torch.Tensor) -> torch.Tensor:
         """Σ over this rank's tokens of CE(target head(h_t), next token_t)."""
-        labels_BS = context.require("labels_BS", "model.moe.race.plr_coeff (PLR head)")
-        labels_T = context.tokens("labels_BS", self.sp_rank, self.sp_size).to(
-            self._plr_h_TD.device)
-        logits_TV = F.linear(self._plr_h_TD, self.plr_target)
+        context.require("labels_BS", "model.moe.race.plr_coeff (PLR head)")
+        labels_T = context.tokens("labels_BS", self.sp_rank, self.sp_size).to(h_TD.device)
+        logits_TV = F.linear(h_TD, self.plr_target)
         return F.cross_entropy(logits_TV, labels_T.long(), reduction="sum")
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
-        probs_TE, routing_map_TE = self.forward(hidden_SBD)
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
+        if self.plr_coeff > 0:
+            h_TD = self.plr_features(hidden_SBD)
+            logits_TE = F.linear(h_TD, self.weight)
+        else:
+            logits_TE = super().gating(hidden_SBD)
+        probs_TE, routing_map_TE, stats = self.routing_with_stats(logits_TE)
         if self.plr_coeff > 0 and self.training and torch.is_grad_enabled():
-            ce_sum = self.plr_loss_sum(context)
+            ce_sum = self.plr_loss_sum(context, h_TD)
             probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, self.plr_coeff * ce_sum)
-            self._last_stats["plr_loss"] = ce_sum.item() / max(1, self._plr_h_TD.shape[0])
+            stats["plr_loss"] = ce_sum.item() / max(1, h_TD.shape[0])
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
-                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(),
-                            stats=self._last_stats)
+                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
 
     @torch.no_grad()
     def after_step(self) -> None:
