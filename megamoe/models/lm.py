@@ -33,8 +33,9 @@ def _megatron_layer_freq(num_layers: int, layer_freq, num_experts: int):
 
 def recompute_options(m) -> dict:
     """Megatron's activation-recompute fields from `model.recompute_*`. Refused here (the
-    device is known): modules that need Transformer Engine, and `mlp` on CPU (it hung in a
-    trial on CPU)."""
+    device is known): modules that need Transformer Engine, `mlp` on CPU (it hung in a trial)
+    and `mlp` over MoR LoRA adapters of the MLP (selected per recursion step, not re-selected
+    when Megatron re-runs the MLP)."""
     if m.recompute_granularity is None:
         return {}
     if m.recompute_granularity == "full":
@@ -46,6 +47,10 @@ def recompute_options(m) -> dict:
         fail("model.recompute_modules", "'layernorm' needs Transformer Engine's norms; "
              "megamoe's layers use their own RMSNorm (recompute 'core_attn', 'moe' or "
              "'shared_experts', or full recompute)")
+    if ("mlp" in m.recompute_modules and m.mor.enabled and m.mor.lora_rank
+            and {"fc1", "fc2"} & set(m.mor.lora_targets)):
+        fail("model.recompute_modules", "'mlp' would re-run the MoR pool's dense MLPs without "
+             "their recursion's LoRA adapters (model.mor.lora_targets fc1/fc2)")
     if "mlp" in m.recompute_modules and not torch.cuda.is_available():
         fail("model.recompute_modules", "'mlp' is not supported on CPU (use full recompute)")
     return {"recompute_granularity": "selective", "recompute_modules": list(m.recompute_modules)}
