@@ -27,7 +27,8 @@ def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[floa
     changed[:, t + 1:] = torch.randint(0, TINY_VOCAB, (4, S - t - 1), generator=g)
     pos = torch.arange(S).expand(4, S)
     def forward(tokens_BS):
-        context = lm_context({"tokens": tokens_BS}, cfg)
+        # the same samples in both forwards: V-MoE's training noise is a function of them
+        context = lm_context({"tokens": tokens_BS, "sample_index": torch.arange(4)}, cfg)
         return model(tokens_BS, pos, None, context=context)[..., :TINY_VOCAB]   # padded ids' logits: -inf
 
     with torch.no_grad():

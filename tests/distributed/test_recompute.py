@@ -33,7 +33,8 @@ STEPS = 2
 
 CASES = [("vmoe_full", VMOE, FULL), ("vmoe_selective_moe", VMOE, SELECTIVE_MOE),
          ("diff_moe_full", DIFF_MOE, FULL), ("diff_moe_selective_moe", DIFF_MOE, SELECTIVE_MOE),
-         ("mor_modality_full", MOR_MODALITY, FULL)]
+         ("mor_modality_full", MOR_MODALITY, FULL),
+         ("mor_modality_selective_moe", MOR_MODALITY, SELECTIVE_MOE)]
 
 
 def recompute_task(*args, **kwargs):
