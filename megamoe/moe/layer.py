@@ -41,7 +41,8 @@ class MegamoeMoELayer(MoELayer):
             return checkpoint_in_context(self.moe_forward, False, hidden_states, padding_mask)
         return self.moe_forward(hidden_states, padding_mask)
 
-    def moe_forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def moe_forward(self, hidden_states: torch.Tensor,
+                    padding_mask: Optional[torch.Tensor] = None):
         """route → preprocess → dispatch → experts → combine → postprocess; returns (output,
         None). `padding_mask`: bool [S, B], True = pad."""
         shared_SBD = self.shared_experts_compute(hidden_states)

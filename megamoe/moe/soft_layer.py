@@ -27,7 +27,8 @@ from megamoe.moe.layer import MegamoeMoELayer
 
 
 class SoftMoELayer(MegamoeMoELayer):
-    def moe_forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def moe_forward(self, hidden_states: torch.Tensor,
+                    padding_mask: Optional[torch.Tensor] = None):
         if padding_mask is not None:
             raise NotImplementedError("Soft MoE slots mix every token: padding is not supported")
         S_l, B, D = hidden_states.shape
