@@ -9,9 +9,10 @@ setup(
     package_data={"megamoe.checkpoint.hf_remote": ["configuration_megamoe.py",
                                                    "modeling_megamoe.py",
                                                    "routers_megamoe.py"],
-                  # the recipes, `megamoe train --config <name>`: megamoe/recipes is a
-                  # symlink to configs/, whose files the wheel and sdist copy
-                  "megamoe": ["recipes/*.yaml"]},
+                  # the recipes, `megamoe train --config <name>`, and the fragments they list
+                  # under `defaults:` (configs/models, data, parallel, train): megamoe/recipes
+                  # is a symlink to configs/, whose files the wheel and sdist copy
+                  "megamoe": ["recipes/*.yaml", "recipes/*/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # GPU users bring their own CUDA build; 2.13.0 (CPU) satisfies this range.

@@ -153,14 +153,25 @@ def _error(msg: str) -> int:
 def cmd_specs() -> int:
     from megamoe.moe.routers import ROUTERS
 
-    print(f"{'config key (model.moe.router)':32} {'causal':8} paper")
+    from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
+    from megamoe.mor.token_choice import TokenChoiceDepthRouter
+
+    print(f"{'config key (model.moe.router)':32} {'causal':8} {'selects over':38} paper")
     for key, cls in ROUTERS.items():
         causal = "yes" if cls.causal else "no"
-        print(f"{key:32} {causal:8} {cls.paper}")
-    print("\ntopk and dit_moe are causal unless model.moe.capacity_factor is set (capacity "
+        print(f"{key:32} {causal:8} {' | '.join(cls.selection_groups):38} {cls.paper}")
+    print("\nselects over: each token alone (token), each sample (sequence), the micro-batch, or "
+          "micro-batch m of every data-parallel rank together (data-parallel); default first.")
+    for key, cls in ROUTERS.items():
+        if cls.selection_option:
+            print(f"{key}: {cls.selection_option} picks the group.")
+    print("topk and dit_moe are causal unless model.moe.capacity_factor is set (capacity "
           "dropping competes across the micro-batch).")
     print("vmoe and limoe are causal when model.moe.vmoe.capacity_ratio and "
           "eval_capacity_ratio are null (no capacity, no batch priority).")
+    print(f"MoR depth routers (model.mor.router): expert selects over "
+          f"{' | '.join(ExpertChoiceDepthRouter.selection_groups)}, token over "
+          f"{' | '.join(TokenChoiceDepthRouter.selection_groups)}.")
     return 0
 
 
@@ -324,19 +335,13 @@ def _os_error(exc: OSError, run_dir: str) -> str:
 
 def cmd_train(args) -> int:
     from megamoe.config import ConfigError, load_config, resolve_run_dir
-    from megamoe.data.checks import check_inputs
     from megamoe.launch.env import discover_rank
-
-    from megamoe.platform import check_layout_supported
 
     try:
         cfg = load_config(args.config, args.overrides)
-        # the files the run reads, before any rank starts or Megatron is imported
-        check_inputs(cfg)
-        check_layout_supported(cfg)
-        from megamoe.moe.routers import check_router_causality
+        from megamoe.models.checks import check_config
 
-        check_router_causality(cfg)
+        check_config(cfg)        # every check, before any rank starts
     except (ConfigError, ValueError) as exc:
         return _error(str(exc))
     info = discover_rank()

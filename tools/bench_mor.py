@@ -89,7 +89,6 @@ def build_blocks(args, pg, device):
     from megamoe.config import load_config
     from megamoe.models.lm import transformer_config
     from megamoe.moe.routers import router_builder
-    from megamoe.moe.routing_context import RoutingContextSlot
     from megamoe.mor.block import RecursionBlock, build_shared_layers
     from megamoe.mor.expert_choice import ExpertChoiceDepthRouter, capacity_schedule
     from megamoe.mor.token_choice import TokenChoiceDepthRouter
@@ -105,8 +104,7 @@ def build_blocks(args, pg, device):
     tc = transformer_config(cfg, ParallelDims.from_config(cfg.parallel), sequence_parallel=False,
                             dtype=dtype)
     layers = build_shared_layers(tc, list(range(1, per_step + 1)), set(), pg, qk_layernorm=False,
-                                 router=router_builder(cfg.model.moe), shared_expert=False,
-                                 slot=RoutingContextSlot())
+                                 router=router_builder(cfg.model.moe), shared_expert=False)
     D, steps = args.hidden, [tuple(range(per_step))] * R
     if args.router == "expert":
         routers = [ExpertChoiceDepthRouter(D, R, capacities=capacity_schedule(R)),

@@ -46,6 +46,7 @@ def tensor_table(step_dir: str) -> list[tuple[str, tuple, int]]:
 def loadable_layouts(cfg, max_world: int) -> list[dict]:
     """Every (world, TP, PP, EP) the config validates with, expert-TP 1 (also the CPU rule)."""
     from megamoe.config import ConfigError, validate
+    from megamoe.models.checks import check_config
 
     layouts = []
     for world, tp, pp, ep in itertools.product(range(1, max_world + 1), repeat=4):
@@ -60,6 +61,7 @@ def loadable_layouts(cfg, max_world: int) -> list[dict]:
         cfg.train.global_batch_size = cfg.train.micro_batch_size * dp * max(1, pp)
         try:
             validate(cfg)
+            check_config(cfg, launch=False)
             layouts.append({"world": world, "TP": tp, "PP": pp, "EP": ep, "DP": dp})
         except ConfigError:
             pass

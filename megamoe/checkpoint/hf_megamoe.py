@@ -53,8 +53,13 @@ AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
 def problems(cfg) -> list[str]:
     """What even the remote code cannot express (field: reason). It runs every router family
     (capacity dropping and PLR included) and MoR with its LoRA adapters: what is left are
-    `model.mor` options the export does not know."""
-    return hf_mor.problems(cfg)
+    `model.mor` options the export does not know, and expert choice per sequence (the remote
+    code selects over all tokens of a call)."""
+    moe, bad = cfg.model.moe, []
+    if moe.router == "expert_choice" and moe.expert_choice.selection_group == "sequence":
+        bad.append("model.moe.expert_choice.selection_group: 'sequence'; the Hugging Face "
+                   "export selects over all tokens of a call (micro-batch)")
+    return bad + hf_mor.problems(cfg)
 
 
 def router_buffers(cfg) -> tuple[str, ...]:

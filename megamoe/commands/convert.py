@@ -103,12 +103,14 @@ def from_hf(src: str, out: str, overrides=(), *, force: bool = False, log=print)
     from megamoe.checkpoint.router_state import load_router_buffers
     from megamoe.checkpoint.save import save_checkpoint
     from megamoe.config import dump_config, load_config
+    from megamoe.models.checks import check_config
     from megamoe.engines.megatron import build_engine
 
     check_import_dir(out, force)
     arch, tensors = import_hf(src)
     vocab = tensors["embedding.word_embeddings.weight"].shape[0]
     cfg = load_config(None, [*arch, *overrides, *_single_rank_overrides()])
+    check_config(cfg, launch=False)
     _one_rank()
     engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
     load_global_into(engine.modules, tensors)

@@ -2,9 +2,12 @@
 
     cfg = load_config("configs/quickstart.yaml", ["train.lr=1e-3", "parallel.world_size=2"])
 
-Validation runs inside `load_config` and needs no process group, so launchers call it first.
+`load_config` composes the recipe from its `defaults:` fragments, validates each field and
+section on its own and fills the derived defaults; `megamoe.models.checks.check_config` runs the
+checks across sections and concerns. Neither needs a process group: launchers call both first.
 """
 
+from megamoe.config.derive import fill_derived
 from megamoe.config.errors import ConfigError
 from megamoe.config.load import config_to_dict, dump_config, load_config, resolve_run_dir
 from megamoe.config.schema import (
@@ -31,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "config_to_dict",
     "dump_config",
+    "fill_derived",
     "load_config",
     "num_microbatches",
     "resolve_run_dir",

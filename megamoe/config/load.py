@@ -1,4 +1,6 @@
-"""YAML recipe + `--set a.b=c` overrides → validated `Config`, and back to YAML."""
+"""YAML recipe (composed of its fragments) + `--set a.b=c` overrides → `Config` with its fields
+validated and its derived defaults filled, and back to YAML. The checks across sections, of
+the device and of the input files are `megamoe.models.checks.check_config`, run before launch."""
 
 from __future__ import annotations
 
@@ -10,51 +12,12 @@ from typing import Any, Iterable
 import yaml
 
 from megamoe.config.coerce import field_types, from_dict, join, unknown_key
+from megamoe.config.compose import compose
+from megamoe.config.derive import fill_derived
 from megamoe.config.errors import ConfigError
 from megamoe.config.recipes import find_config
 from megamoe.config.schema import Config
 from megamoe.config.validate import validate
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    """The file's top-level mapping; ConfigError naming the file (and line) otherwise."""
-    try:
-        with open(path) as f:
-            raw = yaml.load(f, Loader=_StrictLoader)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}, line {mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML syntax error: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (run, model, parallel, "
-                          f"train, data) at top level, got {type(raw).__name__}")
-    return raw
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -95,15 +58,17 @@ def _child_type(cls: type, path: str, name: str) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults ← YAML file (any subset of keys; a path or an installed recipe's name) ←
-    overrides, then `validate`."""
+    """Defaults ← YAML file (any subset of keys; a path or an installed recipe's name; its
+    `defaults:` fragments under it) ← overrides; then `validate` (each field and section on its
+    own) and `fill_derived`."""
     if isinstance(overrides, str):
         raise TypeError("overrides must be a list of 'a.b=c' strings, not one string")
-    raw = read_yaml(find_config(path)) if path is not None else {}
+    raw = compose(find_config(path)) if path is not None else {}
     for override in overrides:
         apply_override(raw, override)
     cfg = from_dict(Config, raw)
     validate(cfg)
+    fill_derived(cfg)
     return cfg
 
 

@@ -85,7 +85,7 @@ class SoftMoEOptions:
     SECTION: ClassVar[str] = "model.moe.soft"
 
     slots_per_expert: int | None = None  # p; None: round(m·C/n), m = tokens per micro-batch,
-    #                                      resolved when the config is validated
+    #                                      filled when the config is loaded (config.derive)
     capacity_factor: float = 1.0         # C, only used to derive slots_per_expert
     normalize: bool = True               # l2-normalise tokens and slot parameters, times a
     #                                      learnable scale (init 1), as the reference code
@@ -103,23 +103,29 @@ class SoftMoEOptions:
                          "model.moe.soft.capacity_factor or model.moe.soft.slots_per_expert")
 
 
-def resolve_soft_slots(cfg) -> None:
-    """Soft MoE's parameters Φ have n·p columns, so p is fixed when the config is validated:
-    `model.moe.soft.slots_per_expert` = round(m·C/n) with m = seq_length · micro_batch_size
-    (the slots mix one micro-batch) unless given; the saved config records it. The slots of a
-    micro-batch are split evenly over the tensor-parallel ranks."""
+def check_soft_slots(cfg) -> None:
+    """The slots of a micro-batch (`model.moe.soft.slots_per_expert` × experts, filled by
+    `config.derive`) are split evenly over the tensor-parallel ranks."""
     moe = cfg.model.moe
     if moe.router != "soft" or not moe.num_experts:
         return
     soft = moe.soft
-    if soft.slots_per_expert is None:
-        m = cfg.model.seq_length * cfg.train.micro_batch_size
-        soft.slots_per_expert = max(1, round(m * soft.capacity_factor / moe.num_experts))
+    assert soft.slots_per_expert is not None, "filled by config.derive.fill_derived"
     slots, tp = soft.slots_per_expert * moe.num_experts, cfg.parallel.tensor
     if slots % tp:
         fail("model.moe.soft.slots_per_expert", f"{soft.slots_per_expert} slots × "
              f"{moe.num_experts} experts = {slots} slots are not divisible by parallel.tensor "
              f"({tp}), over whose ranks they are split")
+
+
+FAMILY_CHECKS = (check_soft_slots,)
+
+
+def check_families(cfg) -> None:
+    """Checks of the router families against the other sections (model.moe's own keys are
+    checked by `validate_families` when the config is loaded)."""
+    for check in FAMILY_CHECKS:
+        check(cfg)
 
 
 @dataclass
@@ -148,15 +154,21 @@ def _refuse_token_choice_losses(moe) -> None:
         fail("model.moe.z_loss_coeff", f"not supported by router '{moe.router}'; set it 0")
 
 
+EXPERT_CHOICE_SELECTION_GROUPS = ("micro-batch", "sequence", "data-parallel")   # default first
+
+
 @dataclass
 class ExpertChoiceOptions:
-    """Expert choice (Zhou et al. 2022): each expert takes its top-⌈k·T/E⌉ tokens of the
-    micro-batch, k = model.moe.topk. model.moe.aux_loss_coeff is not used (balanced by
-    construction)."""
+    """Expert choice (Zhou et al. 2022): each expert takes its top-⌈k·T/E⌉ tokens of each
+    selection group of T tokens, k = model.moe.topk. model.moe.aux_loss_coeff is not used
+    (balanced by construction)."""
     SECTION: ClassVar[str] = "model.moe.expert_choice"
 
+    selection_group: str = "micro-batch"  # micro-batch | sequence (each sample, as EC-DiT per
+    #                                       image) | data-parallel (micro-batch m of every DP rank)
+
     def validate(self) -> None:
-        pass
+        one_of(self, "selection_group", EXPERT_CHOICE_SELECTION_GROUPS)
 
     def in_use(self, moe) -> bool:
         return moe.router == "expert_choice"
@@ -171,13 +183,18 @@ RACE_SIMILARITY_DIVISORS = ("tokens", "tokens_experts")
 RACE_SIMILARITY_OFF_DIAGONALS = ("off_diagonal", "all")
 
 
+RACE_SELECTION_GROUPS = ("data-parallel", "micro-batch")   # default first
+
+
 @dataclass
 class RaceOptions:
-    """Expert Race (papers.md §7): global top-N·k over the data-parallel group's tokens ×
-    experts, EMA threshold for evaluation, router-similarity loss. model.moe.aux_loss_coeff is
-    not used."""
+    """Expert Race (papers.md §7): global top-N·k over the selection group's tokens × experts,
+    EMA threshold for evaluation, router-similarity loss. model.moe.aux_loss_coeff is not
+    used."""
     SECTION: ClassVar[str] = "model.moe.race"
 
+    selection_group: str = "data-parallel"  # the paper's batch-wide race (micro-batch m of
+    #                                         every DP rank) | micro-batch (independent of DP)
     gating: str = "identity"             # the paper's choice: raw logits
     ema_momentum: float = 0.95           # τ_ema momentum per optimizer step [unverified: 0.95
     #                                      in one reimplementation, 0.99 in the other]
@@ -188,6 +205,7 @@ class RaceOptions:
     #                                      paper's weight was not retrieved [unverified])
 
     def validate(self) -> None:
+        one_of(self, "selection_group", RACE_SELECTION_GROUPS)
         one_of(self, "gating", RACE_GATINGS)
         at_least(self, "plr_coeff", 0)
         in_range(self, "ema_momentum", 0, 1, high_open=True)

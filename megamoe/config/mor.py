@@ -30,6 +30,9 @@ where the reference code adapts q and v only; `proj` the attention output, `fc1`
 FFN (refused on MoE pool slots). `lora_dropout` (RRT: 0.1) drops adapter inputs; the default 0
 keeps runs layout-independent (dropout masks depend on the TP/SP layout).
 
+Checks against other sections (L against the sharing scheme, pipeline stages, MoE families,
+causality) are `megamoe.mor.checks`, run by `megamoe.models.checks.check_config`.
+
 MoE layers with MoR must be `model.moe.router: topk` or `modality` (VLMo without VL layers, or
 Uni-MoE pools): the recursion block hands them its compact batches' pads as padding (left out of
 routing, losses and counts) and the per-token routing context (modality ids) gathered like the
@@ -46,7 +49,9 @@ from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 DEPTH_ROUTERS = ("expert", "token")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
-POOL_ROUTERS = ("topk", "modality")     # MoE families allowed with model.mor (pads, context)
+# α of the depth routers when `alpha` is unset (official code; megamoe.mor's routers read these):
+EXPERT_CHOICE_ALPHA = 0.1                                  # α·σ(z)
+TOKEN_CHOICE_ALPHA = {"softmax": 1.0, "sigmoid": 0.1}      # by model.mor.token.score (§1.5)
 
 
 @dataclass
@@ -132,121 +137,14 @@ class MoRConfig:
 
     def resolved_alpha(self) -> float:
         """α of the depth router with `None` resolved to the router's default."""
-        from megamoe.mor.expert_choice import ALPHA
-        from megamoe.mor.token_choice import default_alpha
-
         if self.alpha is not None:
             return float(self.alpha)
-        return ALPHA if self.router == "expert" else default_alpha(self.token.score)
+        if self.router == "expert":
+            return EXPERT_CHOICE_ALPHA
+        return TOKEN_CHOICE_ALPHA[self.token.score]
 
     def resolved_lora_alpha(self) -> float | None:
         """The LoRA scale's α (`None`: 2·rank, the RRT code's default); None without LoRA."""
         if not self.lora_rank:
             return None
         return float(self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank)
-
-    def validate_with(self, model) -> None:
-        """Checks against `model`'s keys: L splits into unique layers + N_r · K shared ones."""
-        if not self.enabled:
-            return
-        from megamoe.mor.sharing import base_depth
-
-        try:
-            base_depth(self.sharing, model.num_layers, self.num_recursions)
-        except ValueError as exc:
-            fail("model.num_layers", str(exc).removeprefix("model.num_layers="))
-
-
-def mor_moe_slots(cfg) -> set[int]:
-    """Pool slots whose layer is MoE: `model.moe.layer_freq` read over the unrolled layers;
-    ConfigError when two unrolled layers sharing a slot disagree."""
-    from megamoe.mor.sharing import sharing_plan
-
-    m, mor = cfg.model, cfg.model.mor
-    plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
-    freq = m.moe.layer_freq      # as models.specs.gpt_moe.moe_layer_pattern (no Megatron here)
-    pattern = ([bool(m.moe.num_experts) and i % freq == 0 for i in range(m.num_layers)]
-               if isinstance(freq, int) else [bool(m.moe.num_experts and x) for x in freq])
-    is_moe: dict[int, bool] = {}
-    for layer, slot in enumerate(plan.pool_index):
-        if is_moe.setdefault(slot, pattern[layer]) != pattern[layer]:
-            fail("model.moe.layer_freq", f"unrolled layers sharing pool slot {slot} "
-                 f"(model.mor.sharing={mor.sharing}) must all be MoE or all dense; layer {layer} "
-                 "differs")
-    return {slot for slot, moe in is_moe.items() if moe}
-
-
-def check_mor(cfg) -> None:
-    """Cross-section checks of an enabled `model.mor`: the layouts and options not supported
-    yet are refused here, before any process group exists."""
-    mor, p = cfg.model.mor, cfg.parallel
-    if not mor.enabled:
-        return
-    if p.pipeline > 1:
-        _check_pipeline(cfg)
-    if mor.router == "expert" and not mor.allow_non_causal:
-        fail("model.mor.router", "expert-choice depth routing takes a top-k over the sequence in "
-             "training, so future tokens decide a token's depth (not causal in a decoder); set "
-             "model.mor.allow_non_causal=true to train it anyway (σ > 0.5 at inference is "
-             "causal), or use router=token")
-    mor_moe_slots(cfg)       # the unrolled layers of a pool slot agree on MoE / dense
-    _check_pool_routers(cfg)
-    _check_lora_targets(cfg)
-    if cfg.data.synthetic_timesteps:
-        fail("data.synthetic_timesteps", "no MoE router family admitted with model.mor reads "
-             "timesteps (the timestep-conditioned families do not take pads as padding)")
-
-
-def _check_pool_routers(cfg) -> None:
-    """MoE families admitted with MoR: those whose routers take the compact batches' pads as
-    padding (`takes_padding_mask`) and read only per-token routing context, which the block
-    compacts like the hidden states."""
-    moe = cfg.model.moe
-    if not moe.num_experts:
-        return
-    if moe.router not in POOL_ROUTERS:
-        fail("model.moe.router", f"{moe.router!r} with model.mor: only {POOL_ROUTERS} MoE "
-             "layers are supported so far (the others do not take the recursion block's pads "
-             "as padding)")
-    if moe.router == "modality" and moe.modality.mode == "vlmo" and moe.modality.vl_ffn_layers:
-        fail("model.moe.modality.vl_ffn_layers", f"{moe.modality.vl_ffn_layers}: VLMo's VL "
-             "layers are the top layers of the model, which a shared pool slot applied at "
-             "several depths is not; set it to 0 with model.mor")
-
-
-def _check_lora_targets(cfg) -> None:
-    """LoRA on `fc1`/`fc2` adapts a dense FFN; a MoE pool slot has expert FFNs (one LoRA per
-    expert and application is not implemented)."""
-    mor = cfg.model.mor
-    ffn = [t for t in mor.lora_targets if t in ("fc1", "fc2")]
-    if mor.lora_rank and ffn and mor_moe_slots(cfg) & _shared_slots(cfg):
-        fail("model.mor.lora_targets", f"{ffn} on MoE layers of the shared pool: LoRA adapts "
-             "dense linears only (attention qkv/proj, dense FFNs); drop them or make the pool "
-             "dense (model.moe.layer_freq)")
-
-
-def _shared_slots(cfg) -> set[int]:
-    from megamoe.mor.sharing import sharing_plan
-
-    m, mor = cfg.model, cfg.model.mor
-    plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)
-    return {s for step in plan.recursion_steps() for s in step}
-
-
-def _check_pipeline(cfg) -> None:
-    """Pipeline stages hold whole units (the unique first layer, the recursion block, the
-    unique last layer; megamoe.mor.stages), FLOP-balanced: each stage needs one, and the
-    recursion block is never split. `model.num_layers` need not divide by the stages."""
-    from megamoe.mor.stages import decoder_units
-
-    mor, p = cfg.model.mor, cfg.parallel
-    if p.virtual_pipeline is not None:
-        fail("parallel.virtual_pipeline", "model.mor places whole units (first layer, recursion "
-             "block, last layer) on pipeline stages; the interleaved schedule is not supported "
-             "(leave it unset)")
-    units = decoder_units(mor.sharing)
-    if p.pipeline > len(units):
-        fail("parallel.pipeline", f"{p.pipeline} stages for the {len(units)} pipeline units of "
-             f"model.mor.sharing={mor.sharing} ({', '.join(units)}): each stage needs one and the "
-             f"recursion block is never split; use at most {len(units)}")
-

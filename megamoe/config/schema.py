@@ -1,8 +1,9 @@
 """The typed config: one dataclass per YAML section, each validating its own fields.
 
 Checks that involve two sections (TP vs heads, batch vs data-parallel size) live in
-`megamoe.config.validate`. Field names follow Megatron where it has one (`num_query_groups`,
-`kv_channels`, `capacity_factor`).
+`megamoe.config.checks`, run with the other concerns' by `megamoe.models.checks.check_config`.
+Field names follow Megatron where it has one (`num_query_groups`, `kv_channels`,
+`capacity_factor`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from megamoe.config.moe_families import (
 )
 from megamoe.config.mor import MoRConfig
 
+# model families (`model.family`): the one list; megamoe.models registers a record for each
+MODEL_FAMILIES = ("lm",)
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
                  "vmoe", "limoe", "modality",)
@@ -36,6 +39,10 @@ LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_KINDS = ("markov", "indexed")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron's selective modules that megamoe's layers have (no grouped GEMM, no MLA)
+RECOMPUTE_MODULES = ("core_attn", "moe", "shared_experts", "mlp", "layernorm")
 
 
 @dataclass
@@ -126,6 +133,7 @@ class MoEConfig:
 class ModelConfig:
     SECTION: ClassVar[str] = "model"
 
+    family: str = "lm"               # what is built and trained: lm (decoder-only language model)
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 128       # dense FFN (layers that are not MoE)
@@ -141,10 +149,15 @@ class ModelConfig:
     add_qkv_bias: bool = False
     tie_embeddings: bool = False
     init_method_std: float = 0.02
+    recompute_granularity: str | None = None  # activation recompute: null (off), full, selective
+    recompute_method: str = "uniform"   # full: uniform (groups of N layers) or block (first N)
+    recompute_num_layers: int = 1       # full: N, layers per group (uniform) or per stage (block)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective
     moe: MoEConfig = field(default_factory=MoEConfig)
     mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
 
     def validate(self) -> None:
+        one_of(self, "family", MODEL_FAMILIES)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "kv_channels", "vocab_size",
                      "make_vocab_size_divisible_by"):
@@ -159,13 +172,24 @@ class ModelConfig:
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             fail("model.hidden_size", f"{self.hidden_size} is not divisible by "
                  f"model.num_attention_heads ({self.num_attention_heads}); set model.kv_channels")
+        self.validate_recompute()
         self.moe.validate()
         self.mor.validate()
-        self.mor.validate_with(self)
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "
                  f"model.num_layers is {self.num_layers}")
+
+
+    def validate_recompute(self) -> None:
+        if self.recompute_granularity is not None:
+            one_of(self, "recompute_granularity", RECOMPUTE_GRANULARITIES)
+        one_of(self, "recompute_method", RECOMPUTE_METHODS)
+        at_least(self, "recompute_num_layers", 1)
+        unknown = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or not self.recompute_modules:
+            fail("model.recompute_modules", f"{unknown or 'empty'}: choose from "
+                 f"{list(RECOMPUTE_MODULES)}")
 
 
 @dataclass

@@ -1,14 +1,11 @@
-"""Whole-config validation: field types, each section's own checks, then the checks that span
-sections (parallel degrees against model shapes and batch sizes). Runs before any process group
-exists, so a cluster job fails in seconds instead of after allocation.
+"""Field validation, run by `load_config`: field types, finite floats, then each section's own
+checks (ranges, choices, keys of one section that must agree). Checks that span sections are
+`megamoe.config.checks` and the other concerns of `megamoe.models.checks.check_config`.
 """
 
 from __future__ import annotations
 
 from megamoe.config.coerce import check_finite, check_types
-from megamoe.config.errors import fail
-from megamoe.config.moe_families import resolve_soft_slots
-from megamoe.config.mor import check_mor
 from megamoe.config.schema import Config
 
 
@@ -24,74 +21,9 @@ def num_microbatches(cfg: Config) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * cfg.parallel.data)
 
 
-def _check_experts(cfg: Config) -> None:
-    experts, ep = cfg.model.moe.num_experts, cfg.parallel.expert
-    if ep > 1 and experts == 0:
-        fail("parallel.expert", f"{ep} > 1 but model.moe.num_experts is 0 (dense model)")
-    if experts % ep:
-        fail("model.moe.num_experts", f"{experts} is not divisible by parallel.expert ({ep})")
-
-
-def _check_tensor_split(cfg: Config) -> None:
-    """Column/row-parallel linears split heads, query groups and FFN widths across TP ranks;
-    experts split their FFN across expert-TP ranks."""
-    m, tp, etp = cfg.model, cfg.parallel.tensor, cfg.parallel.expert_tensor_size
-    splits = [
-        ("model.num_attention_heads", m.num_attention_heads, "parallel.tensor", tp),
-        ("model.num_query_groups", m.num_query_groups, "parallel.tensor", tp),
-        ("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.tensor", tp),
-    ]
-    if m.moe.num_experts > 0:
-        splits.append(("model.moe.ffn_hidden_size", m.moe.ffn_hidden_size,
-                       "parallel.expert_tensor", etp))
-        splits.append(("model.moe.shared_expert_ffn_hidden_size",
-                       m.moe.shared_expert_ffn_hidden_size, "parallel.tensor", tp))
-    for name, size, degree_name, degree in splits:
-        if size is not None and size % degree:
-            fail(name, f"{size} is not divisible by {degree_name} ({degree})")
-
-
-def _check_batch(cfg: Config) -> None:
-    t, dp = cfg.train, cfg.parallel.data
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
-             f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
-
-
-def _check_pipeline(cfg: Config) -> None:
-    if cfg.model.mor.enabled:      # stages hold MoR units, not layers: config.mor.check_mor
-        return
-    layers, pp, vp = cfg.model.num_layers, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline
-    stages = pp * (vp or 1)
-    if layers % stages:
-        what = "parallel.pipeline" + (" * parallel.virtual_pipeline" if vp else "")
-        fail("model.num_layers", f"{layers} is not divisible by {what} ({stages})")
-    n = num_microbatches(cfg)
-    if vp is not None and (n < pp or n % pp):
-        fail("parallel.virtual_pipeline", f"the interleaved schedule needs micro-batches per "
-             f"step ({n} = train.global_batch_size / (micro_batch_size * data)) >= "
-             f"parallel.pipeline ({pp}) and divisible by it")
-
-
-def _check_sequence_parallel(cfg: Config) -> None:
-    p = cfg.parallel
-    if p.sequence_parallel is False and p.tensor > 1 and cfg.model.moe.num_experts > 0:
-        fail("parallel.sequence_parallel", "Megatron requires sequence parallelism with MoE and "
-             f"tensor parallelism (parallel.tensor = {p.tensor}); set it true or leave it unset")
-    if sequence_parallel_enabled(cfg) and cfg.model.seq_length % p.tensor:
-        fail("model.seq_length", f"{cfg.model.seq_length} is not divisible by parallel.tensor "
-             f"({p.tensor}), which sequence parallelism shards it over")
-
-
-CROSS_CHECKS = (_check_experts, _check_tensor_split, _check_batch, _check_pipeline,
-                _check_sequence_parallel, resolve_soft_slots, check_mor)
-
-
 def validate(cfg: Config) -> None:
-    """Raise ConfigError for the first problem found; return None if `cfg` is usable."""
+    """Raise ConfigError for the first field of `cfg` that is wrong on its own; reads only."""
     check_types(cfg)
     check_finite(cfg)
     for section in (cfg.run, cfg.model, cfg.parallel, cfg.train, cfg.data):
         section.validate()
-    for check in CROSS_CHECKS:
-        check(cfg)

@@ -30,12 +30,15 @@ def _fetch(dataset, indices: np.ndarray) -> np.ndarray:
     return np.stack([dataset[int(i)] for i in indices])
 
 
-def to_microbatch(samples_BS1: np.ndarray) -> dict:
+def to_microbatch(samples_BS1: np.ndarray, first_sample: int | None = None) -> dict:
     """[b, S+1] samples -> the micro-batch dict: tokens/labels/position_ids [b, S] int64,
-    loss_mask [b, S] float32."""
+    loss_mask [b, S] float32 and, given the global position of its first sample,
+    sample_index [b] int64 (positions first_sample … first_sample + b − 1)."""
     x_BS1 = torch.as_tensor(np.asarray(samples_BS1), dtype=torch.long)
     b, s = x_BS1.shape[0], x_BS1.shape[1] - 1
-    return {
+    stamp = {} if first_sample is None else {
+        "sample_index": torch.arange(first_sample, first_sample + b, dtype=torch.int64)}
+    return {**stamp,
         "tokens": x_BS1[:, :-1].contiguous(),
         "labels": x_BS1[:, 1:].contiguous(),
         "loss_mask": torch.ones(b, s, dtype=torch.float32),

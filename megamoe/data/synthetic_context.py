@@ -42,7 +42,8 @@ def timestep_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10_000.0
 
 
 def context_fields(tokens_BS: torch.Tensor, data_cfg, hidden_size: int) -> dict:
-    """Keyword arguments for `RoutingContext` from the config's synthetic-context switches."""
+    """Keyword arguments for `Context` (megamoe.blocks.context) from the config's
+    synthetic-context switches."""
     fields = {}
     if data_cfg.synthetic_modalities:
         fields["modality_ids_BS"] = modality_ids(tokens_BS, data_cfg.synthetic_modalities)

@@ -227,7 +227,7 @@ def make_forward_step(engine: MegatronEngine):
     task, device = engine.task, engine.device
 
     def forward_step(data_iterator, model):
-        return task.forward_step(model, next(data_iterator), device)
+        return task.forward_step(model, next(data_iterator), device, engine.step)
 
     return forward_step
 

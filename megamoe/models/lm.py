@@ -1,7 +1,9 @@
 """The MoE language model: Megatron's `GPTModel` built from megamoe's decoder spec.
 
 `transformer_config` translates megamoe's typed config into Megatron's `TransformerConfig`;
-`build_lm` returns the model chunks of this rank (one per virtual pipeline stage).
+`build_lm` returns the model chunks of this rank (one per virtual pipeline stage), each an
+`LMModel` whose forward takes the micro-batch's `Context` (`lm_context`) and binds it for its
+layers for the duration of the call.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import torch.nn.functional as F
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megamoe.blocks.context import Context, bind
+from megamoe.blocks.norms import RMSNorm
+from megamoe.blocks.recompute import ContextTransformerBlock
+from megamoe.data.synthetic_context import context_fields
 from megamoe.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
 from megamoe.models.vocab import mask_padded_logits, padded_vocab_size
 from megamoe.moe.routers import router_builder
-from megamoe.moe.routing_context import RoutingContextSlot
 
 AUX_LOSS_TYPES = {"switch": "aux_loss", "sequence": "seq_aux_loss", "global": "global_aux_loss"}
 
@@ -23,6 +29,31 @@ AUX_LOSS_TYPES = {"switch": "aux_loss", "sequence": "seq_aux_loss", "global": "g
 def _megatron_layer_freq(num_layers: int, layer_freq, num_experts: int):
     pattern = moe_layer_pattern(num_layers, layer_freq, num_experts)
     return 1 if all(pattern) or not num_experts else [int(x) for x in pattern]
+
+
+def recompute_options(m) -> dict:
+    """Megatron's activation-recompute fields from `model.recompute_*`. Refused here (the
+    device is known): modules that need Transformer Engine, `mlp` on CPU (it hung in a trial)
+    and `mlp` over MoR LoRA adapters of the MLP (selected per recursion step, not re-selected
+    when Megatron re-runs the MLP)."""
+    if m.recompute_granularity is None:
+        return {}
+    if m.recompute_granularity == "full":
+        return {"recompute_granularity": "full", "recompute_method": m.recompute_method,
+                "recompute_num_layers": m.recompute_num_layers}
+    from megamoe.config.errors import fail
+
+    if "layernorm" in m.recompute_modules:
+        fail("model.recompute_modules", "'layernorm' needs Transformer Engine's norms; "
+             "megamoe's layers use their own RMSNorm (recompute 'core_attn', 'moe' or "
+             "'shared_experts', or full recompute)")
+    if ("mlp" in m.recompute_modules and m.mor.enabled and m.mor.lora_rank
+            and {"fc1", "fc2"} & set(m.mor.lora_targets)):
+        fail("model.recompute_modules", "'mlp' would re-run the MoR pool's dense MLPs without "
+             "their recursion's LoRA adapters (model.mor.lora_targets fc1/fc2)")
+    if "mlp" in m.recompute_modules and not torch.cuda.is_available():
+        fail("model.recompute_modules", "'mlp' is not supported on CPU (use full recompute)")
+    return {"recompute_granularity": "selective", "recompute_modules": list(m.recompute_modules)}
 
 
 def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype,
@@ -94,20 +125,53 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
         # when both neighbours are the same rank (PP=2, interleaved). The unbatched path keeps
         # the two directions on separate groups.
         batch_p2p_comm=torch.cuda.is_available(),
+        **recompute_options(m),
     )
 
 
-def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
-             slot: RoutingContextSlot | None = None) -> list[GPTModel]:
+def lm_context(batch: dict, cfg, step: int | None = None) -> Context:
+    """The language model's context of a micro-batch (built on every pipeline stage): the
+    loader's global sample indices, labels, the batch's modality and sequence ids if it has
+    them, and the config's synthetic modality ids / timesteps (megamoe.data.synthetic_context);
+    `step`: optimizer steps taken before this batch."""
+    fields = {"sample_index_B": batch.get("sample_index"),
+              "modality_ids_BS": batch.get("modality_ids"),
+              "sequence_ids_BS": batch.get("sequence_ids"), "labels_BS": batch.get("labels")}
+    fields.update(context_fields(batch["tokens"], cfg.data, cfg.model.hidden_size))
+    return Context(**fields, step=step)
+
+
+def _empty_block_spec() -> TransformerBlockSubmodules:
+    return TransformerBlockSubmodules(layer_specs=[], layer_norm=RMSNorm)
+
+
+class LMModel(GPTModel):
+    """Megatron's GPTModel with megamoe's decoder (`ContextTransformerBlock`, whose full
+    recompute keeps each micro-batch's context) and a forward that binds the `context` it is
+    given for its layers while it runs: the model owns the scope, not the training step."""
+
+    def __init__(self, config, transformer_layer_spec, **gpt_kwargs):
+        super().__init__(config=config, transformer_layer_spec=_empty_block_spec(), **gpt_kwargs)
+        # GPTModel builds Megatron's TransformerBlock by name; build megamoe's from the spec
+        self.transformer_layer_spec = transformer_layer_spec
+        self.decoder = ContextTransformerBlock(
+            config=config, spec=transformer_layer_spec, pre_process=self.pre_process,
+            post_process=self.post_process, pg_collection=self.pg_collection,
+            vp_stage=gpt_kwargs.get("vp_stage"))
+
+    def forward(self, *args, context: Context | None = None, **kwargs):
+        with bind(context):
+            return super().forward(*args, **kwargs)
+
+
+def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) for a `vocab_size`-token
-    vocabulary, padded for TP (megamoe.models.vocab). All chunks and layers share one
-    routing-context slot, set per micro-batch by the training step."""
+    vocabulary, padded for TP (megamoe.models.vocab)."""
     from megatron.core import parallel_state
 
     m, moe = cfg.model, cfg.model.moe
     padded_vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                      tconfig.tensor_model_parallel_size)
-    slot = slot or RoutingContextSlot()
     pattern = moe_layer_pattern(m.num_layers, moe.layer_freq, tconfig.num_moe_experts or 0)
     vp = tconfig.virtual_pipeline_model_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -117,7 +181,7 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
         first = pp_rank == 0 and (vp_stage in (None, 0))
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
         layer_kwargs = dict(qk_layernorm=m.qk_layernorm, router=router_builder(moe, vocab_size),
-                            shared_expert=bool(moe.shared_expert_ffn_hidden_size), slot=slot)
+                            shared_expert=bool(moe.shared_expert_ffn_hidden_size))
         if m.mor.enabled:     # GPTModel gets a placeholder; the MoR decoder replaces it below
             from megamoe.mor.decoder import build_mor_decoder, placeholder_spec
             spec = placeholder_spec()
@@ -125,7 +189,7 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
             spec = decoder_block_spec(tconfig, pattern, **layer_kwargs,
                                       pg_collection=pg_collection, vp_stage=vp_stage,
                                       pp_rank=pp_rank)
-        model = GPTModel(
+        model = LMModel(
             config=tconfig,
             transformer_layer_spec=spec,
             vocab_size=padded_vocab,
@@ -142,7 +206,6 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int,
             model.decoder = build_mor_decoder(cfg, tconfig, pg_collection, layer_kwargs,
                                               vocab_size=vocab_size, pre_process=first,
                                               post_process=last)
-        model.routing_context_slot = slot
         model.unpadded_vocab_size = vocab_size
         if last:
             mask_padded_logits(model, vocab_size, pg_collection.tp.rank())

@@ -2,8 +2,8 @@
 
 A micro-batch is [b, S+1] token samples collated into inputs, next-token labels, a loss mask and
 positions, plus each sample's global `sample_index` (megamoe.data.loader). The forward step
-builds the routing context from the micro-batch (on every pipeline stage: nothing is sent point
-to point) and returns Megatron's per-token loss convention: the sum of the token losses and the
+builds the Context from the micro-batch (on every pipeline stage: nothing is sent point to
+point) and returns Megatron's per-token loss convention: the sum of the token losses and the
 token count, which Megatron divides by the global count (`calculate_per_token_loss`), so any DP
 size and micro-batch split gives the same gradients.
 
@@ -17,8 +17,6 @@ from functools import partial
 import torch
 
 from megamoe.data.batches import collate_tokens
-from megamoe.data.synthetic_context import context_fields
-from megamoe.moe.routing_context import RoutingContext
 
 
 def _loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
@@ -46,13 +44,14 @@ class LMTask:
         """Tokens per sample: the loop's throughput and consumed-token counts."""
         return self.cfg.model.seq_length
 
-    def forward_step(self, model, batch: dict, device: torch.device):
-        """(output, loss function) of one micro-batch, Megatron's forward-step convention."""
+    def forward_step(self, model, batch: dict, device: torch.device, step: int):
+        """(output, loss function) of one micro-batch, Megatron's forward-step convention.
+        Every pipeline stage builds the micro-batch's context and hands it to the model, which
+        binds it for its layers during the call (megamoe.models.lm.LMModel)."""
+        from megamoe.models.lm import lm_context
+
         tokens = batch["tokens"].to(device)
-        fields = {"modality_ids_BS": batch.get("modality_ids"),
-                  "sequence_ids_BS": batch.get("sequence_ids"), "labels_BS": batch["labels"]}
-        fields.update(context_fields(batch["tokens"], self.cfg.data, self.cfg.model.hidden_size))
-        getattr(model, "module", model).routing_context_slot.set(RoutingContext(**fields))
         output = model(tokens, batch["position_ids"].to(device), None,
-                       labels=batch["labels"].to(device))
+                       labels=batch["labels"].to(device),
+                       context=lm_context(batch, self.cfg, step))
         return output, partial(_loss_func, batch["loss_mask"].to(device))

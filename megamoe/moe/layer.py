@@ -1,8 +1,12 @@
-"""megamoe's MoE layer: route (with routing context) → dispatch → experts → combine.
+"""megamoe's MoE layer: route (with the context) → dispatch → experts → combine.
 
-Dispatch, experts and combine are Megatron-Core's (`MoELayer`, all-to-all or all-gather token
-dispatcher, `SequentialMLP`/`GroupedMLP`); only routing goes through megamoe's router interface
-so that routers can read the routing context and report statistics.
+Dispatch, experts and combine are Megatron-Core's (`MoELayer` phases, all-to-all or all-gather
+token dispatcher, `SequentialMLP`/`GroupedMLP`); only routing goes through megamoe's router
+interface so that routers can read the bound context (megamoe.blocks.context) and report
+statistics. `moe_forward` runs the phases in Megatron's order; a family that needs values
+between phases (Diff-MoE) overrides it and carries them as local values, never on `self`, so a
+recomputed or interleaved forward cannot read another call's. Selective `moe` recompute
+checkpoints `moe_forward` in the context of its micro-batch (megamoe.blocks.recompute).
 """
 
 from __future__ import annotations
@@ -13,35 +17,72 @@ import torch
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megamoe.moe.routing_context import RoutingContextSlot
+from megamoe.blocks.context import current_context
+from megamoe.blocks.recompute import checkpoint_in_context
 
 
 class MegamoeMoELayer(MoELayer):
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
-                 context_slot: Optional[RoutingContextSlot] = None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         super().__init__(config, submodules, layer_number, pg_collection)
-        self.context_slot = context_slot or RoutingContextSlot()
-        self.last_tokens_per_expert = None   # [E] local counts of the last forward
         self.register_buffer("tokens_per_expert_acc", torch.zeros(config.num_moe_experts),
                              persistent=False)
         self.stats_acc: dict = {}            # name -> [sum, count] since the last read
 
-    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
+                padding_mask: Optional[torch.Tensor] = None):
+        """Megatron's `MoELayer.forward` (`padding_mask` [B, S], True = pad) without partial
+        CUDA-graph capture."""
+        assert intermediate_tensors is None, "partial CUDA-graph capture is not supported"
+        if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
+            raise ValueError("MoE with tensor parallelism needs sequence parallelism")
+        if padding_mask is not None:
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        if self.moe_layer_recompute:
+            return checkpoint_in_context(self.moe_forward, False, hidden_states, padding_mask)
+        return self.moe_forward(hidden_states, padding_mask)
+
+    def moe_forward(self, hidden_states: torch.Tensor,
+                    padding_mask: Optional[torch.Tensor] = None):
+        """route → preprocess → dispatch → experts → combine → postprocess; returns (output,
+        None). `padding_mask`: bool [S, B], True = pad."""
+        shared_SBD = self.shared_experts_compute(hidden_states)
+        probs, routing_map = self.route(hidden_states, padding_mask)
+        tokens, probs = self.preprocess(hidden_states, probs, routing_map)
+        tokens, probs = self.dispatch(tokens, probs)
+        output, mlp_bias = self.routed_experts_compute(tokens, probs)
+        assert mlp_bias is None, "megamoe's experts have no bias"
+        output = self.combine(output)
+        return self.postprocess(output, shared_SBD), None
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+              **router_kwargs):
         """`padding_mask`: bool [S, B] (Megatron's `MoELayer.forward` transposes the layer's
         [B, S]), True = pad; only families with `takes_padding_mask` accept one."""
-        context = self.context_slot.get()
-        if padding_mask is None:
-            out = self.router.route(hidden_states, context)
-        elif self.router.takes_padding_mask:
-            out = self.router.route(hidden_states, context, padding_mask=padding_mask)
-        else:
-            raise ValueError(f"model.moe.router: {type(self.router).__name__} does not take a "
-                             "padding mask (pads would count in its routing and losses)")
+        out = self.route_output(hidden_states, padding_mask, **router_kwargs)
+        return out.probs_TE, out.routing_map_TE
+
+    def route_output(self, hidden_states, padding_mask=None, **router_kwargs):
+        """The router's `RouterOutput` for the bound context; records its counts and statistics
+        once per micro-batch (see `record`)."""
+        context = current_context()
+        if padding_mask is not None:
+            if not self.router.takes_padding_mask:
+                raise ValueError(f"model.moe.router: {type(self.router).__name__} does not take "
+                                 "a padding mask (pads would count in its routing and losses)")
+            router_kwargs["padding_mask"] = padding_mask
+        out = self.router.route(hidden_states, context, **router_kwargs)
+        self.record(out)
+        return out
+
+    def record(self, out) -> None:
+        """Accumulate routed-token counts and statistics for the logs. In training only the pass
+        that builds the graph records: under activation recompute the no-grad first pass is
+        repeated in backward, and counting both would count the micro-batch twice."""
+        if self.training and not torch.is_grad_enabled():
+            return
         if out.tokens_per_expert_E is not None:
-            self.last_tokens_per_expert = out.tokens_per_expert_E
             self.tokens_per_expert_acc += out.tokens_per_expert_E.to(self.tokens_per_expert_acc)
         if self.training:
             for name, value in out.stats.items():
                 acc = self.stats_acc.setdefault(name, [0.0, 0])
                 acc[0], acc[1] = acc[0] + float(value), acc[1] + 1
-        return out.probs_TE, out.routing_map_TE

@@ -27,9 +27,8 @@ from megamoe.moe.layer import MegamoeMoELayer
 
 
 class SoftMoELayer(MegamoeMoELayer):
-    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
-                padding_mask: Optional[torch.Tensor] = None):
-        assert intermediate_tensors is None, "partial CUDA-graph capture is not supported"
+    def moe_forward(self, hidden_states: torch.Tensor,
+                    padding_mask: Optional[torch.Tensor] = None):
         if padding_mask is not None:
             raise NotImplementedError("Soft MoE slots mix every token: padding is not supported")
         S_l, B, D = hidden_states.shape
@@ -44,12 +43,12 @@ class SoftMoELayer(MegamoeMoELayer):
             raise ValueError(f"model.moe.soft.slots_per_expert: {N} slots are not divisible "
                              f"by parallel.tensor ({tp})")
         n_r = N // tp
-        slots_ND, combine_TN = self.router.slots(
+        slots_ND, combine_TN, stats = self.router.slots(
             x_MD, rows=slice(tp_rank * T, (tp_rank + 1) * T),
             slot_rows=slice(tp_rank * n_r, (tp_rank + 1) * n_r))
 
         # this rank's slots through Megatron's route → dispatch → experts → combine
-        probs, routing_map = self.route(slots_ND)
+        probs, routing_map = self.route(slots_ND, slot_offset=tp_rank * n_r, stats=stats)
         tokens, probs = self.preprocess(slots_ND, probs, routing_map)
         tokens, probs = self.dispatch(tokens, probs)
         out, _ = self.routed_experts_compute(tokens, probs)

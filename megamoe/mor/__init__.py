@@ -26,7 +26,7 @@ increment 3: TP + SP; increment 4: PP):
                     and leave them out of aux/z losses, capacity and loss-free counts
                     (megamoe.moe.routers.topk), so pads change no loss or gradient. The
                     per-token routing context (modality ids) is gathered with the same
-                    compaction for the step's layers (`routing_context.compacted`).
+                    compaction for the step's layers (`Context.compacted`).
                     Gathers use `tensor_parallel_output_grad=False` (backward keeps this rank's
                     slice, since what follows is replicated over TP); router weights are not
                     `sequence_parallel` (each TP rank holds the full, identical gradient).
@@ -74,10 +74,12 @@ increment 3: TP + SP; increment 4: PP):
                     A ~ N(0, 1/d_in), so the model at init is the unrelaxed one. Unique
                     layers get none; MoE expert FFNs are refused (`model.mor.lora_targets`).
                     Cached generation selects adapters per batch row (`select_rows`).
-- Config: `megamoe/config/mor.py` (`model.mor`, off by default; validated; refuses
-  PP > units (`parallel.pipeline` ≤ 3, Cycle/Sequence 1), virtual PP, MoE routers other than `topk` and `modality` (VLMo without VL layers, Uni-MoE pools),
-  synthetic timesteps, MoE/dense disagreement within a pool slot, and expert-choice without
-  `model.mor.allow_non_causal`, MoR's own opt-in). TP > 1 with MoE layers in the shared pool
+- Config: `megamoe/config/mor.py` (`model.mor`, off by default; its fields validated at
+  load). `checks.py` (run by `models.checks.check_config`) refuses PP > units
+  (`parallel.pipeline` ≤ 3, Cycle/Sequence 1), virtual PP, MoE routers other than `topk` and
+  `modality` (VLMo without VL layers, Uni-MoE pools), synthetic timesteps, MoE/dense
+  disagreement within a pool slot, and expert-choice without `model.mor.allow_non_causal`,
+  MoR's own opt-in. TP > 1 with MoE layers in the shared pool
   is allowed for both depth routers and any k_r (the pads are masked in the MoE routers).
   Recipes `configs/mor_expert.yaml`, `configs/mor_token.yaml` (EP2, MoE in every layer).
 - Tests: tests/unit/mor (config, decoder aux-loss scale, empty step, accounting, modality

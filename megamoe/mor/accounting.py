@@ -38,7 +38,7 @@ def step_fractions(cfg, fractions=None) -> list[float]:
 
 def _unrolled(cfg, fractions=None):
     """(pool slot, fraction of tokens, step or None) of every unrolled layer."""
-    from megamoe.config.mor import mor_moe_slots
+    from megamoe.mor.checks import mor_moe_slots
 
     m, mor = cfg.model, cfg.model.mor
     plan = sharing_plan(mor.sharing, m.num_layers, mor.num_recursions)

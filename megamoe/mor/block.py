@@ -41,7 +41,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
-from megamoe.moe.routing_context import compacted
+from megamoe.blocks.context import bind, bound_context
 from megamoe.mor.attention import KVContext, MoRSelfAttention, RecursionKVCache
 from megamoe.mor.compaction import Compaction
 from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
@@ -97,9 +97,6 @@ class RecursionBlock(nn.Module):
         self.lora = None                   # RecursionLoRA (lora.py): per-(r, j) adapters
         self.last_aux_loss = None          # the router's loss term of the last forward
         self.last_stats: dict = {}
-        # the model's routing-context slot (shared by its MoE layers), None in a dense pool
-        self.context_slot = next((l.mlp.context_slot for l in layers
-                                  if hasattr(l.mlp, "context_slot")), None)
 
     def forward(self, hidden_SBD: torch.Tensor, rotary_pos_emb: torch.Tensor,
                 kv_cache: RecursionKVCache | None = None) -> torch.Tensor:
@@ -156,16 +153,6 @@ class RecursionBlock(nn.Module):
             return f_XD * gate_X[..., None].to(f_XD.dtype)
         return f_XD
 
-    def _compact_context(self, comp: Compaction):
-        """Point the shared MoE layers' routing context at the compact batch (per-token fields
-        gathered like the hidden states; routers slice it per SP rank); returns the full one
-        to restore, None without MoE layers."""
-        if self.context_slot is None:
-            return None
-        full = self.context_slot.get()
-        self.context_slot.set(compacted(full, comp.index_BK))
-        return full
-
     def run_step(self, r: int, h_SBD, comp: Compaction, rope_S11d, kv_cache) -> torch.Tensor:
         """The shared layers of step r on the gathered tokens: f(H) of those tokens, [K, B, D].
         Under SP the compact batch is padded to K_p, a multiple of TP, and sharded. Every pad
@@ -189,7 +176,18 @@ class RecursionBlock(nn.Module):
         if self.sp_group is not None:       # [K_p, B, D] → this rank's [K_p/TP, B, D]
             x_KBD = scatter_to_sequence_parallel_region(x_KBD, group=self.sp_group)
             pad_BK = pad_BK.chunk(self.sp_group.size(), dim=1)[self.sp_group.rank()]
-        full_context = self._compact_context(comp)
+        # the shared layers read the compact batch's context (per-token fields gathered like
+        # the hidden states; routers slice it per SP rank), bound until the step ends
+        context = bound_context()
+        with bind(None if context is None else context.compacted(comp.index_BK)):
+            x_KBD = self._run_layers(r, x_KBD, comp, mask, rope, pad_BK, kv_cache, sharing)
+        if self.sp_group is not None:
+            x_KBD = gather_from_sequence_parallel_region(
+                x_KBD, tensor_parallel_output_grad=False, group=self.sp_group)
+        return x_KBD[:K]
+
+    def _run_layers(self, r: int, x_KBD, comp: Compaction, mask, rope, pad_BK, kv_cache,
+                    sharing: bool) -> torch.Tensor:
         for j, idx in enumerate(self.steps[r]):
             layer = self.layers[idx]
             attn = layer.self_attention
@@ -204,9 +202,4 @@ class RecursionBlock(nn.Module):
                 attn.kv_context = None
                 if self.lora is not None:
                     self.lora.select(None)
-        if full_context is not None:
-            self.context_slot.set(full_context)
-        if self.sp_group is not None:
-            x_KBD = gather_from_sequence_parallel_region(
-                x_KBD, tensor_parallel_output_grad=False, group=self.sp_group)
-        return x_KBD[:K]
+        return x_KBD

@@ -51,6 +51,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from megamoe.blocks.norms import RMSNorm
+from megamoe.blocks.recompute import checkpoint_in_context
 from megamoe.mor.block import RecursionBlock, build_shared_layers
 from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
 from megamoe.mor.lora import attach_lora
@@ -132,17 +133,47 @@ class MoRDecoder(TransformerBlock):
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         h_SBD = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
-        kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
-        unique = iter(self.layers)
-        for unit in self.units:
-            if unit == "block":
-                h_SBD = self._with_aux_loss(self.recursion(h_SBD, rotary_pos_emb))
+        runs = self._unit_runs(attention_mask)
+        for start, end, checkpointed in self._recompute_groups(len(runs)):
+            def run(h_SBD, rope, start=start, end=end):
+                for unit_run in runs[start:end]:
+                    h_SBD = unit_run(h_SBD, rope)
+                return h_SBD
+            if checkpointed:
+                h_SBD = checkpoint_in_context(run, self.config.distribute_saved_activations,
+                                              h_SBD, rotary_pos_emb)
             else:
-                h_SBD, _ = next(unique)(hidden_states=h_SBD, **kwargs)
+                h_SBD = run(h_SBD, rotary_pos_emb)
         if self.final_layernorm is not None:
             h_SBD = make_viewless_tensor(inp=self.final_layernorm(h_SBD), requires_grad=True,
                                          keep_graph=True)
         return h_SBD
+
+    def _unit_runs(self, attention_mask) -> list:
+        """One function (h, rope) → h per unit of this stage; the block's attaches the depth
+        router's loss inside, so that a recomputed block attaches it to its rebuilt graph."""
+        unique = iter(self.layers)
+        runs = []
+        for unit in self.units:
+            if unit == "block":
+                runs.append(lambda h, rope: self._with_aux_loss(self.recursion(h, rope)))
+            else:
+                layer = next(unique)
+                runs.append(lambda h, rope, layer=layer: layer(
+                    hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rope)[0])
+        return runs
+
+    def _recompute_groups(self, n: int) -> list:
+        """(start, end, checkpointed) over the n units; full recompute treats each unit (a
+        unique layer, or the whole recursion block with its own depth routing, K/V cache and
+        LoRA selection) as one layer of Megatron's `uniform` / `block` methods."""
+        c = self.config
+        if c.recompute_granularity != "full" or not self.training:
+            return [(0, n, False)]
+        k = c.recompute_num_layers
+        if c.recompute_method == "uniform":
+            return [(i, min(i + k, n), True) for i in range(0, n, k)]
+        return [(i, i + 1, i < k) for i in range(n)]
 
     def _with_aux_loss(self, h_SBD: torch.Tensor) -> torch.Tensor:
         """Attach the depth router's loss (a mean over the micro-batch) scaled per token."""
@@ -189,7 +220,7 @@ def build_mor_decoder(cfg, tconfig, pg_collection, layer_spec_kwargs: dict, *,
                       post_process: bool = True) -> MoRDecoder:
     """The decoder `build_lm` puts into GPTModel when `model.mor.enabled`: this pipeline
     stage's units (stages.stage_units, FLOP-balanced)."""
-    from megamoe.config.mor import mor_moe_slots
+    from megamoe.mor.checks import mor_moe_slots
     from megatron.core.utils import get_pg_rank
 
     m, mor = cfg.model, cfg.model.mor

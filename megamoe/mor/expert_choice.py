@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.config.mor import EXPERT_CHOICE_ALPHA
 from megamoe.mor.compaction import compact_rows
 
-ALPHA = 0.1
+ALPHA = EXPERT_CHOICE_ALPHA
 AUX_LOSS_COEFF = 0.001
 
 
@@ -57,6 +58,8 @@ class DepthStep:
 
 class ExpertChoiceDepthRouter(nn.Module):
     """θ_1..θ_{N_r} (Linear D→1, no bias, N(0, init_std)) and the selection rule of §1.4."""
+
+    selection_groups = ("sequence",)    # top-k_r of each sequence's candidates
 
     def __init__(self, hidden_size: int, num_recursions: int, *, capacities=None,
                  alpha: float = ALPHA, temperature: float = 1.0,

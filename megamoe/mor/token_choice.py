@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megamoe.config.mor import TOKEN_CHOICE_ALPHA
+
 BALANCE_COEFF = 0.1
 Z_LOSS_COEFF = 1e-5      # official config; the appendix caption says 1e-3
 BIAS_RATE = 0.001
@@ -31,7 +33,7 @@ BIAS_RATE = 0.001
 
 def default_alpha(score: str) -> float:
     """α when the config leaves it unset: 1 for softmax scores, 0.1 for sigmoid (§1.5)."""
-    return 1.0 if score == "softmax" else 0.1
+    return TOKEN_CHOICE_ALPHA["softmax" if score == "softmax" else "sigmoid"]
 
 
 @dataclass
@@ -45,6 +47,8 @@ class DepthAssignment:
 
 
 class TokenChoiceDepthRouter(nn.Module):
+    selection_groups = ("token",)       # each token picks its depth
+
     def __init__(self, hidden_size: int, num_recursions: int, *, score: str = "softmax",
                  alpha: float | None = None, temperature: float = 1.0,
                  balancing: str = "loss", balance_coeff: float = BALANCE_COEFF,
@@ -97,7 +101,7 @@ class TokenChoiceDepthRouter(nn.Module):
             P_R = g_BSR.reshape(-1, R).mean(0)
             balance = (R * ratio_R * P_R).sum()
         z_loss = (torch.logsumexp(z_BSR, -1) ** 2).mean()
-        if self.training:
+        if self.training and torch.is_grad_enabled():   # once per micro-batch under recompute
             with torch.no_grad():
                 self.ratio_sum += ratio_R.detach()
                 self.ratio_count += 1

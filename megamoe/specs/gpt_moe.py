@@ -3,7 +3,7 @@ SwiGLU experts, no biases; options for QK-norm, qkv bias and a (gated) shared ex
 
 Modules are Megatron-Core's local ones (column/row-parallel linears, `DotProductAttention`,
 `SequentialMLP` experts) plus megamoe's RMSNorm (sequence-parallel capable) and MoE layer
-(routing context, router families).
+(context, router families).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
 from megamoe.moe.routers.diff_moe import DiffMoELayer, DiffMoERouter
 from megamoe.moe.routers.soft import SoftRouter
-from megamoe.moe.routing_context import RoutingContextSlot
 from megamoe.moe.soft_layer import SoftMoELayer
 
 # families whose experts do not see the tokens themselves need their own MoE layer
@@ -57,14 +56,14 @@ def attention_spec(qk_layernorm: bool) -> ModuleSpec:
     )
 
 
-def moe_spec(router, shared_expert: bool, slot: RoutingContextSlot, pg_collection) -> ModuleSpec:
+def moe_spec(router, shared_expert: bool, pg_collection) -> ModuleSpec:
     """`router`: a family key of `ROUTERS` or a factory from `router_builder`. The MoE layer
     receives its process groups explicitly (Megatron's TransformerLayer only forwards them to
     the MoE classes it knows by name)."""
     router_cls = ROUTERS[router] if isinstance(router, str) else getattr(router, "func", router)
     return ModuleSpec(
         module=MOE_LAYERS.get(router_cls, MegamoeMoELayer),
-        params={"context_slot": slot, "pg_collection": pg_collection},
+        params={"pg_collection": pg_collection},
         submodules=MoESubmodules(
             experts=ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules()),
             shared_experts=(
@@ -77,8 +76,8 @@ def moe_spec(router, shared_expert: bool, slot: RoutingContextSlot, pg_collectio
 
 
 def layer_spec(is_moe: bool, *, qk_layernorm: bool, router, shared_expert: bool,
-               slot: RoutingContextSlot, pg_collection=None) -> ModuleSpec:
-    mlp = (moe_spec(router, shared_expert, slot, pg_collection) if is_moe
+               pg_collection=None) -> ModuleSpec:
+    mlp = (moe_spec(router, shared_expert, pg_collection) if is_moe
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
     return ModuleSpec(
         module=TransformerLayer,
@@ -103,12 +102,12 @@ def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[boo
 
 
 def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router,
-                       shared_expert: bool, slot: RoutingContextSlot, pg_collection=None,
+                       shared_expert: bool, pg_collection=None,
                        vp_stage: int | None = None, pp_rank: int | None = None
                        ) -> TransformerBlockSubmodules:
     """The block spec of this pipeline stage (and virtual stage): its slice of the layers."""
     specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
-                        shared_expert=shared_expert, slot=slot, pg_collection=pg_collection)
+                        shared_expert=shared_expert, pg_collection=pg_collection)
              for m in pattern]
     n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)

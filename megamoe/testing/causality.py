@@ -13,8 +13,7 @@ from megamoe.testing.parity import TINY_VOCAB, tiny_config
 def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[float, float]:
     """(max |Δ output| at positions ≤ t, max |Δ output| anywhere) on one rank. `train_mode`
     probes the training-time routing (routers whose inference rule differs)."""
-    from megamoe.data.synthetic_context import context_fields
-    from megamoe.moe.routing_context import RoutingContext
+    from megamoe.models.lm import lm_context
     from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *overrides])
@@ -28,9 +27,9 @@ def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[floa
     changed[:, t + 1:] = torch.randint(0, TINY_VOCAB, (4, S - t - 1), generator=g)
     pos = torch.arange(S).expand(4, S)
     def forward(tokens_BS):
-        fields = context_fields(tokens_BS, cfg.data, cfg.model.hidden_size)
-        model.routing_context_slot.set(RoutingContext(**fields))
-        return model(tokens_BS, pos, None)[..., :TINY_VOCAB]   # padded ids' logits: -inf
+        # the same samples in both forwards: V-MoE's training noise is a function of them
+        context = lm_context({"tokens": tokens_BS, "sample_index": torch.arange(4)}, cfg)
+        return model(tokens_BS, pos, None, context=context)[..., :TINY_VOCAB]   # padded ids' logits: -inf
 
     with torch.no_grad():
         a, b = forward(tokens), forward(changed)

@@ -97,14 +97,12 @@ def megamoe_logits_BSV(engine, tokens_BS):
 def context_logits_BSV(engine, cfg, tokens_BS):
     """Eval-mode logits [B, S, V] with the config's synthetic routing context (modality ids,
     timesteps), as the remote code derives it from the tokens; one rank."""
-    from megamoe.data.synthetic_context import context_fields
-    from megamoe.moe.routing_context import RoutingContext
+    from megamoe.models.lm import lm_context
 
     model = engine.modules[0]
     model.eval()
-    fields = context_fields(tokens_BS, cfg.data, cfg.model.hidden_size)
-    model.routing_context_slot.set(RoutingContext(**fields))
-    logits_BSV = model(tokens_BS, torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS), None)
+    logits_BSV = model(tokens_BS, torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS), None,
+                       context=lm_context({"tokens": tokens_BS}, cfg))
     return logits_BSV[..., :engine.vocab_size]
 
 

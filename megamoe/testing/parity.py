@@ -39,11 +39,14 @@ def synthetic_sample(step: int, index: int, seq_length: int, vocab: int) -> torc
 
 
 def microbatch(step: int, m: int, dp_rank: int, dp: int, mbs: int, seq_length: int,
-               vocab: int) -> dict:
-    """Micro-batch m of DP rank r holds samples [m·mbs·dp + r·mbs, … + mbs) of the global batch."""
+               vocab: int, gbs: int = 0) -> dict:
+    """Micro-batch m of DP rank r holds samples [m·mbs·dp + r·mbs, … + mbs) of the global batch
+    of `step`; their `sample_index` is the global position step·gbs + that."""
     start = m * mbs * dp + dp_rank * mbs
     tokens = torch.stack([synthetic_sample(step, start + j, seq_length, vocab) for j in range(mbs)])
+    first = step * gbs + start
     return {
+        "sample_index": torch.arange(first, first + mbs, dtype=torch.int64),
         "tokens": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
         "loss_mask": torch.ones(mbs, seq_length),
@@ -56,10 +59,10 @@ def rank_microbatches(step, dp_rank, dp, mbs, gbs, seq_length, vocab, *, referen
     DP size, in (m, r) order, for the single-process reference."""
     if reference_dp is not None:
         n = gbs // (mbs * reference_dp)
-        return [microbatch(step, m, r, reference_dp, mbs, seq_length, vocab)
+        return [microbatch(step, m, r, reference_dp, mbs, seq_length, vocab, gbs)
                 for m in range(n) for r in range(reference_dp)]
     n = gbs // (mbs * dp)
-    return [microbatch(step, m, dp_rank, dp, mbs, seq_length, vocab) for m in range(n)]
+    return [microbatch(step, m, dp_rank, dp, mbs, seq_length, vocab, gbs) for m in range(n)]
 
 
 def _global_loss(stats: dict, engine) -> float:
@@ -189,9 +192,14 @@ TINY_VOCAB = 64
 
 
 def tiny_config(overrides=()):
+    """TINY + `overrides`, loaded and checked for consistency (not for a launch: layouts the CPU
+    refuses and non-causal routers without the opt-in are the tests' to probe)."""
     from megamoe.config import load_config
+    from megamoe.models.checks import check_config
 
-    return load_config(None, list(TINY) + list(overrides))
+    cfg = load_config(None, list(TINY) + list(overrides))
+    check_config(cfg, launch=False)
+    return cfg
 
 
 def parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bool = False):

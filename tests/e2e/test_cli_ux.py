@@ -3,6 +3,7 @@ command, `megamoe config` (every key with its default), and recipes that ship wi
 (`megamoe train --config race` from any directory, also from a built wheel)."""
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def test_config_lists_every_key_with_its_default(cli, tmp_path):
             if ln.startswith("  ") and not ln.startswith("  KEY")}
     assert rows["train.lr"][:2] == ["0.003", "float"]
     assert rows["train.resume"][:2] == ["auto", "str"]
+    assert rows["model.family"][:2] == ["lm", "str"] and "one of: lm" in rows["model.family"][2]
     assert "model.moe.vmoe.priority" in rows and "data.synthetic_timesteps" in rows
     assert len(rows) > 120
 
@@ -58,7 +60,7 @@ def test_recipes_are_listed_and_trainable_by_name_outside_the_repo(cli, tmp_path
     out = cli("train", "--config", "race", "--dry-run", "--set", f"run.dir={tmp_path}/run",
               timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "router: race" in out.stdout
+    assert "router: race" in out.stdout and "defaults" not in out.stdout   # fully resolved
 
 
 def test_unknown_recipe_is_one_line_listing_the_recipes(cli, tmp_path):
@@ -86,8 +88,10 @@ def test_a_built_wheel_carries_the_recipes(tmp_path):
                     "-w", str(tmp_path / "dist")], check=True, timeout=240)
     (wheel,) = (tmp_path / "dist").glob("megamoe-*.whl")
     recipes = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("megamoe/recipes/")}
-    assert recipes == {f"megamoe/recipes/{f}" for f in os.listdir(os.path.join(ROOT, "configs"))
-                       if f.endswith(".yaml")}
+    configs = pathlib.Path(ROOT, "configs")       # recipes and their fragments in subfolders
+    assert recipes == {f"megamoe/recipes/{p.relative_to(configs)}"
+                       for p in configs.rglob("*.yaml")}
+    assert any("/models/" in n for n in recipes)
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, timeout=240)
@@ -95,6 +99,7 @@ def test_a_built_wheel_carries_the_recipes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "megamoe", "recipes"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and f"in {site}/megamoe/recipes;" in out.stdout, out.stderr
+    assert "race " in out.stdout and "tiny_moe" not in out.stdout      # fragments are not recipes
     out = subprocess.run([sys.executable, "-m", "megamoe", "config", "model.moe.router",
                           "--config", "vmoe"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)   # load_config, as `train --config vmoe` does

@@ -23,6 +23,16 @@ from megamoe.config import (
 REPO = Path(__file__).resolve().parents[2]
 
 
+def load_checked(path=None, overrides=()):
+    """load_config, then the config's own checks across sections (models.checks.check_config
+    without the launch checks of this machine's device and files)."""
+    from megamoe.models.checks import check_config
+
+    cfg = load_config(path, overrides)
+    check_config(cfg, launch=False)
+    return cfg
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
@@ -96,9 +106,10 @@ def test_resolve_run_dir():
 
 
 def test_allowed_layouts():
-    load_config(None, ["parallel.world_size=2", "parallel.pipeline=2", "model.tie_embeddings=true"])
-    load_config(None, ["model.moe.num_experts=0"])               # dense: topk is ignored
-    load_config(None, ["parallel.world_size=4", "parallel.pipeline=2",   # 4 micro-batches
+    load_checked(None, ["parallel.world_size=2", "parallel.pipeline=2",
+                        "model.tie_embeddings=true"])
+    load_checked(None, ["model.moe.num_experts=0"])               # dense: topk is ignored
+    load_checked(None, ["parallel.world_size=4", "parallel.pipeline=2",   # 4 micro-batches
                        "parallel.virtual_pipeline=2", "train.global_batch_size=8",
                        "train.micro_batch_size=2"])
 
@@ -253,7 +264,7 @@ ERRORS = [
     # keys and override syntax
     p("model.moe.topk_x=3", "model.moe.topk_x", "unknown key (did you mean 'topk'?)"),
     p("modle.num_layers=3", "modle", "did you mean 'model'?"),
-    p("model.zzz=3", "model.zzz", "known keys: num_layers"),
+    p("model.zzz=3", "model.zzz", "known keys: family, num_layers"),
     p("model.num_layers.x=1", "model.num_layers", "not a section"),
     p("train.lr", "train.lr", "expected key=value"),
     p("train.lr=[1", "train.lr=[1", "cannot parse"),
@@ -263,18 +274,18 @@ ERRORS = [
 @pytest.mark.parametrize("overrides, field, fragment", ERRORS)
 def test_config_errors(overrides, field, fragment):
     with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
+        load_checked(None, overrides)
     message = str(e.value)
     assert field in message and fragment in message, message
 
 
 def test_error_cases_start_valid():
     """Negative control for ERRORS: the base layouts they perturb are valid without the bad key."""
-    load_config(None, TP2.split())
-    load_config(None, ["parallel.world_size=4", "parallel.expert=4", "model.moe.num_experts=8"])
-    load_config(None, ["parallel.world_size=4", "parallel.tensor=4", "model.num_query_groups=4"])
-    load_config(None, ["parallel.world_size=2", "parallel.pipeline=2",
-                       "parallel.virtual_pipeline=2"])
+    load_checked(None, TP2.split())
+    load_checked(None, ["parallel.world_size=4", "parallel.expert=4", "model.moe.num_experts=8"])
+    load_checked(None, ["parallel.world_size=4", "parallel.tensor=4", "model.num_query_groups=4"])
+    load_checked(None, ["parallel.world_size=2", "parallel.pipeline=2",
+                        "parallel.virtual_pipeline=2"])
 
 
 # ---- inputs checked before any rank starts (megamoe.data.checks) ------------------------------

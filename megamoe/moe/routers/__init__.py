@@ -35,10 +35,12 @@ def router_builder(moe_cfg, vocab_size: int | None = None):
 def check_router_causality(cfg) -> None:
     """A non-causal router in this causal decoder is refused unless the config opts in."""
     moe = cfg.model.moe
-    if moe.num_experts and not ROUTERS[moe.router].causal_for(moe) and not moe.allow_non_causal:
+    cls = ROUTERS[moe.router]
+    if moe.num_experts and not cls.causal_for(moe) and not moe.allow_non_causal:
         why = " with model.moe.capacity_factor set" if moe.capacity_factor is not None else ""
+        group = cls.selection_group_for(moe)
         raise ValueError(
-            f"model.moe.router: '{moe.router}'{why} chooses tokens across the micro-batch, so a "
+            f"model.moe.router: '{moe.router}'{why} chooses tokens across the {group}, so a "
             "token's output can depend on later tokens in this causal decoder; set "
             "model.moe.allow_non_causal=true to train it anyway"
         )

@@ -15,9 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from megamoe.moe.routing_context import RoutingContext
-
-TOKEN_GROUPS = ("token", "sequence", "micro-batch", "data-parallel")
+from megamoe.blocks.context import Context
 
 
 @dataclass
@@ -33,14 +31,18 @@ class MegamoeRouter:
     """Mixin that every megamoe router implements (next to a torch.nn.Module base)."""
 
     causal: ClassVar[bool] = True
-    token_group: ClassVar[str] = "token"
+    # over which tokens the family selects (`token_groups.SELECTION_GROUPS`), default first;
+    # with more than one, `selection_option` names the config key that picks the group, or
+    # (empty) `selection_group_for` derives it from other options (e.g. a capacity)
+    selection_groups: ClassVar[tuple[str, ...]] = ("token",)
+    selection_option: ClassVar[str] = ""
     needs_context: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
     # whether `route` takes `padding_mask` (bool [S, B], True = pad) and leaves pads out of
     # routing and every loss and statistic; the MoE layer refuses a mask for other families
     takes_padding_mask: ClassVar[bool] = False
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
         raise NotImplementedError
 
     def is_causal(self) -> bool:
@@ -59,6 +61,15 @@ class MegamoeRouter:
         """(total, active per token) parameters of one MoE layer's router beyond Megatron's
         [E, D] gate, which `specs.accounting.layer_parameters` counts (may be negative)."""
         return 0, 0
+
+    @classmethod
+    def selection_group_for(cls, moe_cfg) -> str:
+        """The group this family selects over under `moe_cfg` (one of `selection_groups`):
+        the value of its `selection_option` (`model.moe.<section>.<field>`), else its default."""
+        if not cls.selection_option:
+            return cls.selection_groups[0]
+        section, name = cls.selection_option.removeprefix("model.moe.").split(".")
+        return getattr(getattr(moe_cfg, section), name)
 
     @classmethod
     def causal_for(cls, moe_cfg) -> bool:

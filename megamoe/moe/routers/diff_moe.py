@@ -30,15 +30,13 @@ embedding width, r calibration rank, R permuted rows (one per routed (token, exp
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
+from megamoe.blocks.context import Context, current_context
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers.base import RouterOutput, routing_stats
 from megamoe.moe.routers.dit_moe import DiTMoERouter
-from megamoe.moe.routing_context import RoutingContext
 
 
 class ExpertCalibration(torch.nn.Module):
@@ -68,6 +66,7 @@ class DiffMoERouter(DiTMoERouter):
     paper = ("Diff-MoE (Cheng et al., ICML 2025) §3: timestep-conditioned DiT-MoE gate, "
              "expert-specific low-rank adaLN timestep calibration")
     needs_context = ("timestep_emb_BD",)
+    selection_groups = ("token",)     # dropless: no capacity to compete for
     takes_padding_mask = False        # its own `route` (timestep-conditioned logits)
 
     def __init__(self, config, pg_collection=None, *, calibration_rank: int = 64,
@@ -82,7 +81,6 @@ class DiffMoERouter(DiTMoERouter):
         # Megatron's finalize step like the gate's own weight
         for p in [self.timestep_weight, *self.calibration.parameters()]:
             setattr(p, "sequence_parallel", config.sequence_parallel)
-        self._timestep_BC: Optional[torch.Tensor] = None
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
@@ -97,49 +95,54 @@ class DiffMoERouter(DiTMoERouter):
         per_expert = r * D + r + 3 * D * r + 3 * D
         return E * D + E * per_expert, E * D + moe_cfg.topk * per_expert
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
+    @staticmethod
+    def timestep(context: Context, hidden_SBD: torch.Tensor) -> torch.Tensor:
+        """c [B, C] (fp32) of the bound micro-batch."""
         c_BC = context.require("timestep_emb_BD", "router 'diff_moe'").to(hidden_SBD.device)
-        S, B = hidden_SBD.shape[:2]
-        assert c_BC.shape[0] == B, (c_BC.shape, hidden_SBD.shape)
-        self._timestep_BC = c_BC.float()
-        logits_SBE = self.gating(hidden_SBD) + (self._timestep_BC @ self.timestep_weight.T)[None]
-        probs_TE, routing_map_TE = self.routing(logits_SBE)
-        stats = routing_stats(self._last_scores_TE, routing_map_TE, self.topk)
+        assert c_BC.shape[0] == hidden_SBD.shape[1], (c_BC.shape, hidden_SBD.shape)
+        return c_BC.float()
+
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
+        c_BC = self.timestep(context, hidden_SBD)
+        logits_SBE = self.logits(hidden_SBD) + (c_BC @ self.timestep_weight.T)[None]
+        probs_TE, routing_map_TE, scores_TE = self.routing_with_scores(logits_SBE)
+        stats = routing_stats(scores_TE, routing_map_TE, self.topk)
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
 
-    def modulation(self, token_R: torch.Tensor, expert_R: torch.Tensor, batch: int):
+    def modulation(self, c_BC: torch.Tensor, token_R: torch.Tensor, expert_R: torch.Tensor):
         """(shift, scale, gate) [R, D] of each permuted row (token t of sample t % B)."""
-        shift_BED, scale_BED, gate_BED = self.calibration(self._timestep_BC)
-        sample_R = token_R % batch
+        shift_BED, scale_BED, gate_BED = self.calibration(c_BC)
+        sample_R = token_R % c_BC.shape[0]
         return (shift_BED[sample_R, expert_R], scale_BED[sample_R, expert_R],
                 gate_BED[sample_R, expert_R])
 
 
 class DiffMoELayer(MegamoeMoELayer):
-    """Megatron's MoE forward with Diff-MoE's per-(token, expert) calibration around the
+    """Megatron's MoE phases with Diff-MoE's per-(token, expert) calibration around the
     experts (see the module docstring): modulate the permuted rows before dispatch, gate them
-    after the combine all-to-all, add the experts' residual after the unpermute."""
+    after the combine all-to-all, add the experts' residual after the unpermute. The gates and
+    the residual are local values of this call."""
 
-    def preprocess(self, hidden_states, probs, routing_map):
+    def moe_forward(self, hidden_states, padding_mask=None):
+        assert padding_mask is None, "router 'diff_moe' takes no padding mask"
         S, B, D = hidden_states.shape
-        x_TD = hidden_states.reshape(-1, D)
-        rows_RD, permuted_probs = super().preprocess(hidden_states, probs, routing_map)
+        c_BC = self.router.timestep(current_context(), hidden_states)
+        shared_SBD = self.shared_experts_compute(hidden_states)
+        probs, routing_map = self.route(hidden_states)
+        rows_RD, permuted_probs = self.preprocess(hidden_states, probs, routing_map)
         # Megatron's permutation is expert-major: expert 0's tokens in order, then expert 1's…
-        E, T = routing_map.shape[1], routing_map.shape[0]
-        token_R = torch.arange(T, device=x_TD.device).expand(E, T).masked_select(routing_map.T)
-        expert_R = torch.arange(E, device=x_TD.device).repeat_interleave(routing_map.sum(dim=0))
+        T, E = routing_map.shape
+        token_R = torch.arange(T, device=rows_RD.device).expand(E, T).masked_select(routing_map.T)
+        expert_R = torch.arange(E, device=rows_RD.device).repeat_interleave(routing_map.sum(dim=0))
         assert token_R.shape[0] == rows_RD.shape[0], "dropless routing expected"
-        shift_RD, scale_RD, self._gate_RD = self.router.modulation(token_R, expert_R, B)
-        self._residual_SBD = (x_TD * probs.sum(dim=-1, keepdim=True)).view(S, B, D)
+        shift_RD, scale_RD, gate_RD = self.router.modulation(c_BC, token_R, expert_R)
+        x_TD = hidden_states.reshape(-1, D)
+        residual_SBD = (x_TD * probs.sum(dim=-1, keepdim=True)).view(S, B, D)   # Σ_topk s_e x
         rows_RD = calibrated_expert_input(rows_RD.float(), shift_RD, scale_RD)
-        return rows_RD.to(hidden_states.dtype), permuted_probs
-
-    def combine(self, output):
+        tokens, permuted_probs = self.dispatch(rows_RD.to(hidden_states.dtype), permuted_probs)
+        output, _ = self.routed_experts_compute(tokens, permuted_probs)
         rows_RD = self.token_dispatcher.token_combine(output)
-        return (rows_RD.float() * self._gate_RD).to(rows_RD.dtype)
-
-    def postprocess(self, output, shared_expert_output):
-        out_SBD = super().postprocess(output, shared_expert_output)
-        residual_SBD, self._residual_SBD, self._gate_RD = self._residual_SBD, None, None
-        return out_SBD + residual_SBD.to(out_SBD.dtype)
+        output = (rows_RD.float() * gate_RD).to(rows_RD.dtype)
+        out_SBD = self.postprocess(output, shared_SBD)
+        return out_SBD + residual_SBD.to(out_SBD.dtype), None

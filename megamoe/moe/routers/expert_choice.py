@@ -8,12 +8,16 @@ Experts with Expert Choice Routing", NeurIPS 2022, §3 Method): experts choose t
     y_t = Σ_{e : t ∈ I_e} S[t, e]·FFN_e(x_t)
 
 Every expert is exactly full (perfect load balance, no auxiliary loss); a token gets 0..E
-experts. The selection group of T tokens is the micro-batch: under sequence parallelism each TP
-rank holds a sequence shard, and the per-expert threshold (the c-th largest score) is found over
-the whole micro-batch with `token_groups.kth_largest`, so any layout routes like one process
-that sees the same micro-batch. Ties at the threshold are all kept (measure zero for float
-scores). Choosing tokens across the micro-batch lets later tokens change an earlier token's
-experts: not causal, refused in the causal decoder without `model.moe.allow_non_causal`.
+experts. The selection group of T tokens is `model.moe.expert_choice.selection_group`: the
+micro-batch (default), each sequence (a top-c per (sample, expert): the expert-choice baseline
+of papers.md §7, one image each in a diffusion transformer) or micro-batch m of every
+data-parallel rank together (the single-process reference holds them in one micro-batch). Under sequence parallelism
+each TP rank holds a sequence shard, and the per-expert threshold (the c-th largest score; per
+sample for `sequence`) is found over the whole group with `token_groups.kth_largest`, so any
+layout routes like one process that sees the same groups. Ties at the threshold are all kept
+(measure zero for float scores). Choosing tokens across the group lets later tokens change an
+earlier token's experts: not causal, refused in the causal decoder without
+`model.moe.allow_non_causal`.
 
 Not implemented: the paper's optional cap on the experts per token (an entropy-regularised
 linear program, which it found to hurt quality), and fractional capacity factors (k is the
@@ -31,9 +35,10 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.router import Router
 
+from megamoe.blocks.context import Context
+from megamoe.config.moe_families import EXPERT_CHOICE_SELECTION_GROUPS
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
-from megamoe.moe.routers.token_groups import group_size, kth_largest, selection_group
-from megamoe.moe.routing_context import RoutingContext
+from megamoe.moe.routers.token_groups import SelectionGroup, selection_group
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int) -> int:
@@ -41,12 +46,14 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int) -> int:
     return min(num_tokens, get_capacity(num_tokens, num_experts, capacity_factor=k))
 
 
-def expert_choice(scores_TE: torch.Tensor, capacity: int, group=None
+def expert_choice(scores_TE: torch.Tensor, capacity: int,
+                  groups: SelectionGroup = SelectionGroup("micro-batch"), batch: int = 1
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(combine weights [T, E], routing map [T, E]): expert e takes the tokens whose score is at
-    least the c-th largest of column e over the group's tokens (this rank's and `group`'s)."""
-    threshold_E = kth_largest(scores_TE.detach(), capacity, group)
-    routing_map_TE = scores_TE.detach() >= threshold_E
+    least the c-th largest of column e over their selection group's tokens (this rank's and
+    those of `groups.group`'s ranks; `batch` samples B, for per-sequence groups)."""
+    threshold_TE = groups.kth_largest(scores_TE.detach(), capacity, batch)
+    routing_map_TE = scores_TE.detach() >= threshold_TE
     return scores_TE * routing_map_TE, routing_map_TE
 
 
@@ -63,31 +70,41 @@ def expert_choice_stats(scores_TE: torch.Tensor, routing_map_TE: torch.Tensor, k
 class ExpertChoiceRouter(Router, MegamoeRouter):
     paper = "Expert choice (Zhou et al. 2022) §3: each expert takes its top-k·T/E tokens"
     causal = False
-    token_group = "micro-batch"
+    selection_groups = EXPERT_CHOICE_SELECTION_GROUPS
+    selection_option = "model.moe.expert_choice.selection_group"
 
-    def __init__(self, config, pg_collection=None):
+    def __init__(self, config, pg_collection=None, *, selection: str = "micro-batch"):
         super().__init__(config=config, pg_collection=pg_collection)
+        assert selection in self.selection_groups, selection
         self.topk = config.moe_router_topk
-        self.group = selection_group(pg_collection, config.sequence_parallel,
-                                     across_data_parallel=False)
-        self._last_stats: dict = {}
+        self.groups = selection_group(selection, pg_collection, config.sequence_parallel)
 
-    def routing(self, logits: torch.Tensor):
+    @classmethod
+    def options_from(cls, moe_cfg) -> dict:
+        return {"selection": cls.selection_group_for(moe_cfg)}
+
+    def routing(self, logits: torch.Tensor, padding_mask=None):
+        """Megatron's `Router.routing` interface (see `routing_with_stats`)."""
+        return self.routing_with_stats(logits)[:2]
+
+    def routing_with_stats(self, logits: torch.Tensor):
+        """(combine weights [T, E], routing map [T, E], statistics): each expert takes its
+        top-capacity tokens of the selection group."""
+        assert logits.dim() == 3 or self.groups.kind != "sequence", "needs [S, B, E] logits"
+        B = logits.shape[1] if logits.dim() == 3 else 1          # [S, B, E] from `gating`
         logits_TE = logits.view(-1, self.num_experts)
         scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        T = scores_TE.shape[0]
-        capacity = expert_capacity(T * group_size(self.group), self.num_experts, self.topk)
-        probs_TE, routing_map_TE = expert_choice(scores_TE, capacity, self.group)
+        N = self.groups.num_tokens(scores_TE.shape[0], B)
+        capacity = expert_capacity(N, self.num_experts, self.topk)
+        probs_TE, routing_map_TE = expert_choice(scores_TE, capacity, self.groups, B)
         stats = expert_choice_stats(scores_TE, routing_map_TE, self.topk)
         stats["capacity"] = float(capacity)
-        self._last_stats = stats
-        return probs_TE, routing_map_TE
+        return probs_TE, routing_map_TE, stats
 
     def forward(self, input: torch.Tensor, padding_mask=None):
         return self.routing(self.gating(input))
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
-        probs_TE, routing_map_TE = self.forward(hidden_SBD)
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
+        probs_TE, routing_map_TE, stats = self.routing_with_stats(self.gating(hidden_SBD))
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
-                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(),
-                            stats=self._last_stats)
+                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)

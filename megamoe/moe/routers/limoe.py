@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.token_groups import SequenceShards
 from megamoe.moe.routers.vmoe import VMoERouter
-from megamoe.moe.routing_context import RoutingContext
 
 
-def checked_modalities(context: RoutingContext, shards: SequenceShards, num_modalities: int,
+def checked_modalities(context: Context, shards: SequenceShards, num_modalities: int,
                        section: str) -> torch.Tensor:
     """[T] modality ids of this rank's tokens, each in [0, num_modalities)."""
     modality_T = context.tokens("modality_ids_BS", shards.rank, shards.size)
@@ -96,7 +96,7 @@ class LIMoERouter(VMoERouter):
         return {**VMoERouter.options_from(moe_cfg), "local_coeff": opts.local_coeff,
                 "global_coeff": opts.global_coeff, "global_threshold": opts.global_threshold}
 
-    def extra_losses(self, logits_TE: torch.Tensor, context: RoutingContext) -> dict:
+    def extra_losses(self, logits_TE: torch.Tensor, context: Context, stats: dict) -> dict:
         modality_T = checked_modalities(context, self.shards, self.num_modalities,
                                         "model.moe.limoe")
         local_M, global_M, counts_M = modality_entropies(
@@ -104,12 +104,9 @@ class LIMoERouter(VMoERouter):
             self.num_modalities, self.shards)
         total, terms = limoe_loss(local_M, global_M, counts_M, self.local_coeff,
                                   self.global_coeff, self.global_threshold)
-        self._entropy_terms = {k: v.item() for k, v in terms.items()}
+        stats.update({k: v.item() for k, v in terms.items()})
         return {"entropy_loss": total}
 
     def route(self, hidden_SBD, context):
         context.require("modality_ids_BS", "model.moe.router 'limoe'")
-        out = super().route(hidden_SBD, context)
-        out.stats.update(getattr(self, "_entropy_terms", {}))
-        self._entropy_terms = {}
-        return out
+        return super().route(hidden_SBD, context)

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
 from megamoe.moe.routers.limoe import checked_modalities
 from megamoe.moe.routers.token_groups import SequenceShards, selection_group
-from megamoe.moe.routing_context import RoutingContext
 
 MODES = ("vlmo", "pools")
 
@@ -61,7 +61,7 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
     paper = ("VLMo (Bao et al. 2021) mixture-of-modality-experts (MoME) block; Uni-MoE (Li et "
              "al. 2025) modality expert pools with sparse top-k")
     causal = True
-    token_group = "token"
+    selection_groups = ("token",)
     needs_context = ("modality_ids_BS",)
     takes_padding_mask = True
 
@@ -76,8 +76,8 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
             sizes = pool_sizes or [E // num_modalities] * num_modalities
             assert sum(sizes) == E and min(sizes) >= self.topk, (sizes, E, self.topk)
             self.register_buffer("pool_mask_ME", pool_mask(sizes, E), persistent=False)
-        self.shards = SequenceShards(selection_group(pg_collection, config.sequence_parallel,
-                                                     across_data_parallel=False))
+        self.shards = SequenceShards(selection_group("micro-batch", pg_collection,
+                                                     config.sequence_parallel).group)
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
@@ -90,7 +90,7 @@ class ModalityRouter(TopKRouter, MegamoeRouter):
         assert self.layer_number is not None, "set_layer_number was not called"
         return self.layer_number > self.config.num_layers - self.vl_ffn_layers
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext,
+    def route(self, hidden_SBD: torch.Tensor, context: Context,
               padding_mask: torch.Tensor | None = None) -> RouterOutput:
         """`padding_mask` (bool [S, B], True = pad): pads go to no expert and count in no
         statistic (no loss here to keep them out of)."""

@@ -17,11 +17,10 @@ Shapes: T tokens of this rank (S·B, Megatron order), E experts.
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.moe.router import TopKRouter
 
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.base import RouterOutput, routing_stats
 from megamoe.moe.routers.topk import TopKSoftmaxRouter
-from megamoe.moe.routing_context import RoutingContext
 
 
 def soft_mixing(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +31,7 @@ def soft_mixing(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class MoEERouter(TopKSoftmaxRouter):
     paper = "MoEE soft mixing (Liu et al. 2025, arXiv 2501.01808, §3): w = softmax(gate(h))"
-    token_group = "token"
+    selection_groups = ("token",)
     takes_padding_mask = False        # its own `route` (soft mixing over every expert)
 
     def __init__(self, config, pg_collection=None):
@@ -49,15 +48,14 @@ class MoEERouter(TopKSoftmaxRouter):
     def options_from(cls, moe_cfg) -> dict:
         return {}
 
-    def routing(self, logits, padding_mask=None):
+    def routing_with_scores(self, logits, padding_mask=None):
         logits_TE = self.apply_z_loss(logits.view(-1, self.config.num_moe_experts))
         probs_TE, routing_map_TE = soft_mixing(logits_TE)
-        self._last_scores_TE = probs_TE.detach()
-        return probs_TE, routing_map_TE
+        return probs_TE, routing_map_TE, probs_TE.detach()
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
-        probs_TE, routing_map_TE = TopKRouter.forward(self, hidden_SBD)
-        stats = routing_stats(self._last_scores_TE, routing_map_TE, self.num_experts)
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
+        probs_TE, routing_map_TE, scores_TE = self.routing_with_scores(self.logits(hidden_SBD))
+        stats = routing_stats(scores_TE, routing_map_TE, self.num_experts)
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
 

@@ -6,13 +6,16 @@ tokens and experts race together for one global budget.
     τ = 𝒦-th largest of S over the group's tokens × experts,   𝒦 = N·k
     M = 1[S ≥ τ],   y_t = Σ_e M_te·S_te·FFN_e(x_t)     (a token gets 0..E experts)
 
-N is the number of tokens of the selection group and k = `model.moe.topk`. The group is the
-data-parallel group's micro-batch: micro-batch m of every DP rank (and, under sequence
-parallelism, every TP rank's sequence shard of it), i.e. Megatron's `tp_dp_cp` group (`dp_cp`
-without SP). τ is found by `token_groups.kth_largest` without gathering the scores. The
-single-process reference that a parallel run must match is therefore the run whose one
-micro-batch holds all DP ranks' micro-batch m (micro_batch_size · DP samples: the global batch
-order puts exactly those samples together), see tests/distributed/test_family_race.py.
+N is the number of tokens of the selection group and k = `model.moe.topk`. The group
+(`model.moe.race.selection_group`) is by default the data-parallel group's micro-batch, the
+paper's batch-wide race: micro-batch m of every DP rank (and, under sequence parallelism, every
+TP rank's sequence shard of it), i.e. Megatron's `tp_dp_cp` group (`dp_cp` without SP). τ is
+found by `token_groups.kth_largest` without gathering the scores. The single-process reference
+that a parallel run must match is therefore the run whose one micro-batch holds all DP ranks'
+micro-batch m (micro_batch_size · DP samples: the global batch order puts exactly those samples
+together), see tests/distributed/test_family_race.py. With `micro-batch` each micro-batch races
+on its own (routing then does not depend on the DP size) and τ̄ below is averaged over the DP
+ranks' micro-batches.
 
 Training uses the batch threshold τ; it also keeps τ_ema (model state, checkpointed):
     τ_ema ← m·τ_ema + (1−m)·τ̄      once per optimizer step, τ̄ = mean τ of the step's
@@ -61,13 +64,16 @@ Shapes: T tokens of this rank (S·B, Megatron order), E experts.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
 
+from megamoe.blocks.context import Context
 from megamoe.config.moe_families import (
     RACE_GATINGS,
+    RACE_SELECTION_GROUPS,
     RACE_SIMILARITY_DIVISORS,
     RACE_SIMILARITY_OFF_DIAGONALS,
 )
@@ -79,7 +85,6 @@ from megamoe.moe.routers.token_groups import (
     kth_largest,
     selection_group,
 )
-from megamoe.moe.routing_context import RoutingContext
 
 
 def race_scores(logits_TE: torch.Tensor, gating: str) -> torch.Tensor:
@@ -128,7 +133,8 @@ class RaceRouter(Router, MegamoeRouter):
     paper = ("Expert Race (Yuan et al. 2025, Race-DiT) Eq. 9-11: global top-N·k over tokens x "
              "experts, EMA threshold at inference, router-similarity loss")
     causal = False
-    token_group = "data-parallel"
+    selection_groups = RACE_SELECTION_GROUPS
+    selection_option = "model.moe.race.selection_group"
     needs_vocab_size = True
 
     @classmethod
@@ -140,7 +146,8 @@ class RaceRouter(Router, MegamoeRouter):
     def __init__(self, config, pg_collection=None, *, gating: str = "identity",
                  ema_momentum: float = 0.95, similarity_loss_coeff: float = 1e-5,
                  similarity_divisor: str = "tokens", similarity_off_diagonal: str = "off_diagonal",
-                 plr_coeff: float = 0.0, vocab_size: int | None = None):
+                 plr_coeff: float = 0.0, vocab_size: int | None = None,
+                 selection: str = "data-parallel"):
         super().__init__(config=config, pg_collection=pg_collection)
         self.plr_coeff = plr_coeff
         if plr_coeff > 0:
@@ -154,7 +161,6 @@ class RaceRouter(Router, MegamoeRouter):
                 setattr(w, "sequence_parallel", config.sequence_parallel)  # replicated over TP
         self.sp_rank, self.sp_size = ((self.tp_group.rank(), self.tp_group.size())
                                       if config.sequence_parallel else (0, 1))
-        self._plr_h_TD = None
         assert gating in RACE_GATINGS and similarity_divisor in RACE_SIMILARITY_DIVISORS
         assert similarity_off_diagonal in RACE_SIMILARITY_OFF_DIAGONALS
         assert config.calculate_per_token_loss, "the similarity loss scale assumes per-token loss"
@@ -164,15 +170,16 @@ class RaceRouter(Router, MegamoeRouter):
         self.similarity_loss_coeff = similarity_loss_coeff
         self.similarity_divisor = similarity_divisor
         self.similarity_off_diagonal = similarity_off_diagonal
-        self.group = selection_group(pg_collection, config.sequence_parallel,
-                                     across_data_parallel=True)
+        assert selection in self.selection_groups, selection
+        self.group = selection_group(selection, pg_collection, config.sequence_parallel).group
+        # a group within each DP rank: τ differs between them, τ̄ is their mean
+        self.average_over_dp = selection != "data-parallel"
         # model state: τ_ema and how many times it was updated (0: not yet)
         self.register_buffer("threshold_ema", torch.zeros(1, dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros(1, dtype=torch.float32))
         # Σ τ and the micro-batch count of the current step
         self.register_buffer("step_thresholds", torch.zeros(2, dtype=torch.float32),
                              persistent=False)
-        self._last_stats: dict = {}
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
@@ -180,9 +187,16 @@ class RaceRouter(Router, MegamoeRouter):
         return {"gating": o.gating, "ema_momentum": o.ema_momentum,
                 "similarity_loss_coeff": o.similarity_loss_coeff,
                 "similarity_divisor": o.similarity_divisor,
-                "similarity_off_diagonal": o.similarity_off_diagonal, "plr_coeff": o.plr_coeff}
+                "similarity_off_diagonal": o.similarity_off_diagonal, "plr_coeff": o.plr_coeff,
+                "selection": cls.selection_group_for(moe_cfg)}
 
-    def routing(self, logits: torch.Tensor):
+    def routing(self, logits: torch.Tensor, padding_mask=None):
+        """Megatron's `Router.routing` interface (see `routing_with_stats`)."""
+        return self.routing_with_stats(logits)[:2]
+
+    def routing_with_stats(self, logits: torch.Tensor):
+        """(combine weights [T, E], routing map [T, E], statistics) of the race over the
+        selection group (training) or against τ_ema (evaluation)."""
         logits_TE = logits.view(-1, self.num_experts).float()
         scores_TE = race_scores(logits_TE, self.gating_function)
         learning = self.training and torch.is_grad_enabled()
@@ -207,42 +221,50 @@ class RaceRouter(Router, MegamoeRouter):
                                          self.topk))
         stats["threshold"] = float(tau)
         stats["threshold_ema"] = self.threshold_ema.item()
-        self._last_stats = stats
-        return probs_TE, routing_map_TE
+        return probs_TE, routing_map_TE, stats
+
+    def plr_features(self, input: torch.Tensor) -> torch.Tensor:
+        """h [T, D] = GELU(x W_hᵀ): the PLR head's hidden features (the gate reads them)."""
+        return F.gelu(F.linear(input.reshape(-1, input.shape[-1]).float(), self.plr_hidden))
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         if self.plr_coeff <= 0:
             return super().gating(input)
-        h_TD = F.gelu(F.linear(input.reshape(-1, input.shape[-1]).float(), self.plr_hidden))
-        self._plr_h_TD = h_TD
-        return F.linear(h_TD, self.weight)
+        return F.linear(self.plr_features(input), self.weight)
 
     def forward(self, input: torch.Tensor, padding_mask=None):
         return self.routing(self.gating(input))
 
-    def plr_loss_sum(self, context: RoutingContext) -> torch.Tensor:
+    def plr_loss_sum(self, context: Context, h_TD: torch.Tensor) -> torch.Tensor:
         """Σ over this rank's tokens of CE(target head(h_t), next token_t)."""
-        labels_BS = context.require("labels_BS", "model.moe.race.plr_coeff (PLR head)")
-        labels_T = context.tokens("labels_BS", self.sp_rank, self.sp_size).to(
-            self._plr_h_TD.device)
-        logits_TV = F.linear(self._plr_h_TD, self.plr_target)
+        context.require("labels_BS", "model.moe.race.plr_coeff (PLR head)")
+        labels_T = context.tokens("labels_BS", self.sp_rank, self.sp_size).to(h_TD.device)
+        logits_TV = F.linear(h_TD, self.plr_target)
         return F.cross_entropy(logits_TV, labels_T.long(), reduction="sum")
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
-        probs_TE, routing_map_TE = self.forward(hidden_SBD)
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
+        if self.plr_coeff > 0:
+            h_TD = self.plr_features(hidden_SBD)
+            logits_TE = F.linear(h_TD, self.weight)
+        else:
+            logits_TE = super().gating(hidden_SBD)
+        probs_TE, routing_map_TE, stats = self.routing_with_stats(logits_TE)
         if self.plr_coeff > 0 and self.training and torch.is_grad_enabled():
-            ce_sum = self.plr_loss_sum(context)
+            ce_sum = self.plr_loss_sum(context, h_TD)
             probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, self.plr_coeff * ce_sum)
-            self._last_stats["plr_loss"] = ce_sum.item() / max(1, self._plr_h_TD.shape[0])
+            stats["plr_loss"] = ce_sum.item() / max(1, h_TD.shape[0])
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
-                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(),
-                            stats=self._last_stats)
+                            tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """τ_ema ← m·τ_ema + (1−m)·τ̄ with τ̄ the step's mean threshold. τ is the same on every
-        rank of the group, which holds every rank that has this layer: no reduction needed."""
-        total, count = self.step_thresholds.tolist()
+        """τ_ema ← m·τ_ema + (1−m)·τ̄ with τ̄ the step's mean threshold. Over the data-parallel
+        group τ is the same on every rank that has this layer: no reduction needed; per
+        micro-batch the (Σ τ, count) of every rank are summed (TP and CP copies add to both)."""
+        sums = self.step_thresholds.clone()
+        if self.average_over_dp and dist.is_initialized():
+            dist.all_reduce(sums, group=self.tp_dp_cp_group)
+        total, count = sums.tolist()
         if count == 0:
             return
         mean_tau = total / count

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
-from megamoe.moe.routing_context import RoutingContext
 
 
 class L2NormScale(torch.nn.Module):
@@ -64,12 +64,12 @@ def _mean_entropy(p: torch.Tensor, dim: int) -> float:
 class SoftRouter(MegatronModule, MegamoeRouter):
     paper = "Soft MoE (Puigcerver et al. 2023, arXiv 2308.00951) §2.1, Eq. 1-3"
     causal = False
-    token_group = "micro-batch"
+    selection_groups = ("micro-batch",)
 
     def __init__(self, config, pg_collection=None, *, slots_per_expert: int,
                  normalize: bool = True):
         super().__init__(config)
-        assert slots_per_expert and slots_per_expert >= 1, "resolved by config validation"
+        assert slots_per_expert and slots_per_expert >= 1, "filled by config.derive"
         self.num_experts = config.num_moe_experts
         self.slots_per_expert = slots_per_expert
         self.layer_number = None
@@ -82,8 +82,6 @@ class SoftRouter(MegatronModule, MegamoeRouter):
         # its share, so the parameter gradients are partial sums over the TP group
         for p in self.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
-        self._slot_offset = 0
-        self._stats: dict = {}
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
@@ -105,27 +103,26 @@ class SoftRouter(MegatronModule, MegamoeRouter):
         return self.num_experts * self.slots_per_expert
 
     def slots(self, x_MD: torch.Tensor, rows: slice, slot_rows: slice
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(slot inputs X̃ = Dᵀ X for the slots `slot_rows` [N_r, D], combine weights C of the
-        tokens `rows` [T, N]); `x_MD` holds the whole group."""
+        tokens `rows` [T, N], routing statistics); `x_MD` holds the whole group."""
         scale = self.l2_norm.weight if self.l2_norm is not None else None
         logits_MN = soft_logits(x_MD, self.weight, scale)
         dispatch_MN, combine_MN = dispatch_combine(logits_MN)
         slots_ND = dispatch_MN[:, slot_rows].T @ x_MD.float()
-        self._slot_offset = slot_rows.start
         with torch.no_grad():
-            self._stats = {"dropped_fraction": 0.0,
-                           "router_entropy": _mean_entropy(combine_MN, dim=1),
-                           "experts_per_token": float(self.num_experts)}
-        return slots_ND.to(x_MD.dtype), combine_MN[rows]
+            stats = {"dropped_fraction": 0.0, "router_entropy": _mean_entropy(combine_MN, dim=1),
+                     "experts_per_token": float(self.num_experts)}
+        return slots_ND.to(x_MD.dtype), combine_MN[rows], stats
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
-        """The slots of the last `slots()` call as tokens: slot s goes to expert s // p with
-        weight 1 (`hidden_SBD` holds this rank's slot inputs)."""
+    def route(self, hidden_SBD: torch.Tensor, context: Context, *, slot_offset: int = 0,
+              stats: dict | None = None) -> RouterOutput:
+        """Slots as tokens: slot s goes to expert s // p with weight 1 (`hidden_SBD` holds this
+        rank's slot inputs, the first being slot `slot_offset`; `stats` from `slots`)."""
         n_slots = hidden_SBD.reshape(-1, hidden_SBD.shape[-1]).shape[0]
-        slot_S = torch.arange(self._slot_offset, self._slot_offset + n_slots,
+        slot_S = torch.arange(slot_offset, slot_offset + n_slots,
                               device=hidden_SBD.device)
         routing_map_SE = F.one_hot(slot_S // self.slots_per_expert, self.num_experts).bool()
         probs_SE = routing_map_SE.float()
         return RouterOutput(probs_TE=probs_SE, routing_map_TE=routing_map_SE,
-                            tokens_per_expert_E=routing_map_SE.sum(dim=0), stats=self._stats)
+                            tokens_per_expert_E=routing_map_SE.sum(dim=0), stats=stats or {})

@@ -1,7 +1,8 @@
-"""Token groups that span ranks: which ranks hold the rest of a router's selection group
-(`selection_group`), the micro-batch's sequence shards (`SequenceShards`: gather detached scores,
-sum partial losses), and the exact k-th largest value of detached scores held in pieces by the
-ranks of a group, without gathering the scores (`kth_largest`).
+"""Token groups that span ranks: over which tokens a router selects (`selection_group`: the
+process group holding the rest of each group's tokens, and how this rank's tokens split into
+independent groups), the micro-batch's sequence shards (`SequenceShards`: gather detached
+scores, sum partial losses), and the exact k-th largest value of detached scores held in pieces
+by the ranks of a group, without gathering the scores (`kth_largest`).
 
 Routers that choose tokens by rank order (expert-choice: each expert's top-c tokens; Expert
 Race: the top-𝒦 of tokens × experts) need the threshold of the whole group's scores while each
@@ -10,13 +11,16 @@ rank holds only its share (a sequence shard under sequence parallelism, a DP ran
 all-reduce of a [C, 256] histogram of the next byte among the candidates still tied with the
 answer's prefix. The result is the exact value one process would get from `torch.topk` over the
 concatenated scores, whatever the layout, for 4·256·C integers on the wire instead of the
-scores themselves.
+scores themselves. Per-sequence selection uses the same machinery with one column per sample.
 
-Shapes: N local items (tokens, or tokens × experts flattened), C independent columns
-(experts, or 1).
+Shapes: T tokens of this rank (S·B, Megatron order: token t is (s = t // B, b = t % B)),
+N local items (tokens, or tokens × experts flattened), C independent columns (experts, or 1),
+G independent groups' columns (C, or B·C per sequence).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,20 +31,66 @@ _SIGN = 1 << 31
 _LOW32 = (1 << 32) - 1
 RADIX_SHIFTS = tuple(range(32 - _RADIX_BITS, -1, -_RADIX_BITS))   # 24, 16, 8, 0
 
+# Over which tokens a router may select, from the narrowest: each token alone; each sequence
+# (sample); the micro-batch; micro-batch m of every data-parallel rank together.
+SELECTION_GROUPS = ("token", "sequence", "micro-batch", "data-parallel")
 
-def selection_group(pg_collection, sequence_parallel: bool, across_data_parallel: bool):
-    """The process group whose ranks hold the rest of the token group, or None for one rank.
 
-    micro-batch: under sequence parallelism the TP (and CP) ranks hold its sequence shards;
-    without it every TP rank holds the whole micro-batch. data-parallel: the DP (and CP) ranks'
-    micro-batches too, and under sequence parallelism their TP shards."""
-    if pg_collection is None:
-        return None
-    if across_data_parallel:
+@dataclass(frozen=True)
+class SelectionGroup:
+    """This rank's view of a router's selection groups of one `kind`: `group` is the process
+    group whose ranks hold the rest of each group's tokens (None: all of it is here)."""
+    kind: str
+    group: object = None
+
+    @property
+    def ranks(self) -> int:
+        return group_size(self.group)
+
+    def num_tokens(self, num_local_tokens: int, batch: int) -> int:
+        """Tokens of one selection group, given this rank's T = S·B."""
+        assert num_local_tokens % batch == 0, (num_local_tokens, batch)
+        if self.kind == "token":
+            return 1
+        if self.kind == "sequence":
+            return num_local_tokens // batch * self.ranks
+        return num_local_tokens * self.ranks
+
+    def columns(self, values_TC: torch.Tensor, batch: int) -> torch.Tensor:
+        """[N, G]: one column per independent group and column of `values_TC`; per sequence,
+        the rows of sample b are those with t % B = b, so [S·B, C] → [S, B·C]."""
+        if self.kind == "sequence":
+            return values_TC.reshape(-1, batch * values_TC.shape[1])
+        assert self.kind != "token", "a token-local router has no group threshold"
+        return values_TC
+
+    def kth_largest(self, values_TC: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+        """The k-th largest of each column of `values_TC` within each selection group, over
+        every rank of the group, broadcastable to `values_TC` ([T, C] per sequence, else
+        [1, C])."""
+        T, C = values_TC.shape
+        threshold_G = kth_largest(self.columns(values_TC, batch), k, self.group)
+        if self.kind == "sequence":
+            return threshold_G.view(1, batch, C).expand(T // batch, batch, C).reshape(T, C)
+        return threshold_G.view(1, C)
+
+
+def selection_group(kind: str, pg_collection, sequence_parallel: bool) -> SelectionGroup:
+    """Where the selection groups of `kind` live for this rank (one rank: no group).
+
+    sequence and micro-batch: under sequence parallelism the TP (and CP) ranks hold the
+    micro-batch's sequence shards, hence every sample's; without it every TP rank holds the
+    whole micro-batch and only CP splits it. data-parallel: the DP (and CP) ranks'
+    micro-batches too, and under sequence parallelism their TP shards. token: no group."""
+    assert kind in SELECTION_GROUPS, kind
+    if pg_collection is None or kind == "token":
+        return SelectionGroup(kind)
+    if kind == "data-parallel":
         group = pg_collection.tp_dp_cp if sequence_parallel else pg_collection.dp_cp
     else:
         group = pg_collection.tp_cp if sequence_parallel else pg_collection.cp
-    return group if group is not None and dist.is_initialized() and group.size() > 1 else None
+    spans = group is not None and dist.is_initialized() and group.size() > 1
+    return SelectionGroup(kind, group if spans else None)
 
 
 def group_size(group) -> int:
@@ -56,7 +106,7 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
 
 class SequenceShards:
     """Where this rank's tokens sit in the micro-batch, whose sequence shards the ranks of
-    `group` hold (`selection_group(..., across_data_parallel=False)`; None: all here).
+    `group` hold (`selection_group("micro-batch", ...).group`; None: all here).
 
     A router whose selection group is the micro-batch (capacity, batch priority) `gather`s the
     *detached* scores, decides on the whole micro-batch and keeps its own rows (`local`). A loss

@@ -53,8 +53,8 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
-from megamoe.moe.routing_context import RoutingContext
 
 
 def scores_for(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -86,7 +86,9 @@ def loss_free_update(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) 
 class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
     paper = ("Switch Transformer (Fedus et al. 2021) Eq. 4-5; ST-MoE z-loss (Zoph et al. 2022) "
              "Eq. 5; DeepSeek loss-free balancing (Wang et al. 2024) Eq. 3-4")
-    token_group = "micro-batch"
+    # capacity dropping competes over the rank's tokens (Megatron sizes it from them): the
+    # micro-batch, or its sequence shard under sequence parallelism
+    selection_groups = ("token", "micro-batch")
     takes_padding_mask = True
 
     def __init__(self, config, pg_collection=None, *, renormalize: bool = True,
@@ -109,6 +111,10 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
     @classmethod
     def causal_for(cls, moe_cfg) -> bool:
         return moe_cfg.capacity_factor is None
+
+    @classmethod
+    def selection_group_for(cls, moe_cfg) -> str:
+        return "token" if moe_cfg.capacity_factor is None else "micro-batch"
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
@@ -143,10 +149,20 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
 
     # -- routing ---------------------------------------------------------------------------------
 
+    def logits(self, hidden_SBD: torch.Tensor) -> torch.Tensor:
+        """[S, B, E]: Megatron's `TopKRouter.forward` up to the routing."""
+        self._maintain_float32_expert_bias()
+        return self.gating(self.apply_input_jitter(hidden_SBD))
+
     def routing(self, logits, padding_mask=None):
-        """Megatron's `TopKRouter.routing` with megamoe's selection (renormalisation switch,
-        loss-free bias for either score function). `padding_mask` (bool [S, B], True = pad):
-        pads go to no expert and count in no loss or statistic (see `route`)."""
+        """Megatron's `TopKRouter.routing` interface (see `routing_with_scores`)."""
+        return self.routing_with_scores(logits, padding_mask)[:2]
+
+    def routing_with_scores(self, logits, padding_mask=None):
+        """(combine weights [T, E], routing map [T, E], detached scores [T, E]): Megatron's
+        `TopKRouter.routing` with megamoe's selection (renormalisation switch, loss-free bias
+        for either score function). `padding_mask` (bool [S, B], True = pad): pads go to no
+        expert and count in no loss or statistic (see `route`)."""
         seq_length, bsz = logits.shape[:2]
         pad_T = None if padding_mask is None else padding_mask.reshape(-1)
         logits_TE = self.apply_z_loss(logits.view(-1, self.config.num_moe_experts), pad_T)
@@ -173,8 +189,7 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
                                                          ~pad_T, seq_length, bsz)
         if self.selection_bias is not None and self.training and torch.is_grad_enabled():
             self.step_tokens_per_expert += routing_map_TE.sum(dim=0)
-        self._last_scores_TE = scores_TE.detach()
-        return probs_TE, routing_map_TE
+        return probs_TE, routing_map_TE, scores_TE.detach()
 
     def _drop_over_capacity(self, probs_TE, routing_map_TE, pad_T):
         """Megatron's capacity dropping; with pads, over the real tokens only (the capacity
@@ -248,15 +263,16 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
             self, probs_TE, coeff, aux, name, group, reduce_group_has_dp=has_dp,
             valid_token_count=n_mb)
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext,
+    def route(self, hidden_SBD: torch.Tensor, context: Context,
               padding_mask: torch.Tensor | None = None) -> RouterOutput:
         """`padding_mask`: bool [S, B] (this rank's tokens), True = pad. Pads are routed to no
         expert (zero routing-map row, weight 0: the dispatchers skip them as they skip tokens
         dropped over capacity; their MoE output is 0) and are left out of the z-loss, the
         balancing losses, capacity, the loss-free counts and the statistics."""
-        probs_TE, routing_map_TE = TopKRouter.forward(self, hidden_SBD, padding_mask)
+        probs_TE, routing_map_TE, scores_TE = self.routing_with_scores(self.logits(hidden_SBD),
+                                                                       padding_mask)
         real_T = None if padding_mask is None else ~padding_mask.reshape(-1)
-        scores_TE = self._last_scores_TE if real_T is None else self._last_scores_TE[real_T]
+        scores_TE = scores_TE if real_T is None else scores_TE[real_T]
         stats = routing_stats(scores_TE, routing_map_TE if real_T is None
                               else routing_map_TE[real_T], self.topk)
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,

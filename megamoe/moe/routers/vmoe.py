@@ -16,13 +16,13 @@ losses; papers.md §4), written after `google-research/vmoe` `vmoe/nn/routing.py
   logit of x (training with noise only). Total = c_imp·L_imp + c_load·L_load (0.005 each).
 
 The noise must be the same in a parallel run and in its single-process reference, which sees
-the same micro-batches but on other ranks and in another order. It is therefore drawn per
-sample from a generator seeded with (noise_seed, optimizer step, layer, global sample index):
-the global sample index of micro-batch m on data-parallel rank r is (m·DP + r)·B + b, which is
-the index the reference's micro-batch m·DP + r gives it too; under sequence parallelism each
-rank keeps its rows of the sample's [S, E] draw. The step is a persistent buffer (resumed runs
-continue the sequence); m counts training forwards since the last optimizer step (activation
-recomputation, which repeats forwards, is not supported with noise).
+the same micro-batches but on other ranks and in another order, and the same when activation
+recompute runs a forward again. It is therefore drawn per sample from a generator seeded with
+(noise_seed, optimizer step, layer, global sample index): the sample index is the one the data
+loader stamps on every sample (`Context.sample_index_B`, its global dataset position), the step
+is the persistent `noise_step` buffer (model state: resumed runs continue the sequence; it
+equals the number of optimizer steps taken). Under sequence parallelism each rank keeps its
+rows of the sample's [S, E] draw.
 
 Capacity and BPR choose across the micro-batch: non-causal in a decoder unless dropless. Under
 TP + SP the selection runs on the gathered (detached) gates (`token_groups.SequenceShards`); the losses use
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
 from megamoe.moe.routers.token_groups import SequenceShards, selection_group
-from megamoe.moe.routing_context import RoutingContext
 
 PRIORITIES = ("none", "max", "sum")
 
@@ -100,22 +100,29 @@ def noise_seed(*keys: int) -> int:
     return h >> 1
 
 
-def token_noise(keys: tuple, first_sample: int, B: int, S: int, E: int, sp_rank: int = 0,
-                sp_size: int = 1) -> torch.Tensor:
-    """[S·B, E] standard normal draws for samples first_sample … first_sample+B−1, rows of
+def sample_noise(keys: tuple, samples: list[int], S: int, E: int, sp_rank: int = 0,
+                 sp_size: int = 1) -> torch.Tensor:
+    """[S·B, E] standard normal draws for the B global sample indices `samples`, rows of
     sequence shard `sp_rank` of `sp_size` (each S long), in Megatron's [S, B] order. Sample i
     draws its whole [S·sp_size, E] block from a generator seeded with (*keys, i)."""
     rows = slice(sp_rank * S, (sp_rank + 1) * S)
-    draws = [torch.Generator().manual_seed(noise_seed(*keys, first_sample + b)) for b in range(B)]
+    draws = [torch.Generator().manual_seed(noise_seed(*keys, int(i))) for i in samples]
     eps_SBE = torch.stack([torch.randn(S * sp_size, E, generator=g)[rows] for g in draws], dim=1)
-    return eps_SBE.reshape(S * B, E)
+    return eps_SBE.reshape(S * len(samples), E)
+
+
+def token_noise(keys: tuple, first_sample: int, B: int, S: int, E: int, sp_rank: int = 0,
+                sp_size: int = 1) -> torch.Tensor:
+    """`sample_noise` of the B consecutive samples first_sample … first_sample+B−1."""
+    return sample_noise(keys, list(range(first_sample, first_sample + B)), S, E, sp_rank,
+                        sp_size)
 
 
 class VMoERouter(TopKRouter, MegamoeRouter):
     paper = ("V-MoE (Riquelme et al. 2021) Eq. 1-2, §4 Batch Prioritized Routing, App. A "
              "importance and load losses")
     causal = False
-    token_group = "micro-batch"
+    selection_groups = ("token", "micro-batch")   # micro-batch with a capacity (and BPR)
 
     def __init__(self, config, pg_collection=None, *, noise_std: float = 1.0,
                  capacity_ratio: float | None = 1.05, eval_capacity_ratio: float | None = None,
@@ -134,13 +141,9 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         self.importance_loss_coeff = importance_loss_coeff
         self.load_loss_coeff = load_loss_coeff
         self.seed = seed
-        self.shards = SequenceShards(selection_group(pg_collection, config.sequence_parallel,
-                                                     across_data_parallel=False))
-        dp_group = getattr(pg_collection, "dp", None)
-        self.dp_size = dp_group.size() if dp_group is not None else 1
-        self.dp_rank = dp_group.rank() if dp_group is not None else 0
+        self.shards = SequenceShards(selection_group("micro-batch", pg_collection,
+                                                     config.sequence_parallel).group)
         self.register_buffer("noise_step", torch.zeros(1, dtype=torch.int64))  # model state
-        self.microbatch = 0          # training forwards since the last optimizer step
 
     @classmethod
     def options_from(cls, moe_cfg) -> dict:
@@ -155,23 +158,30 @@ class VMoERouter(TopKRouter, MegamoeRouter):
     def causal_for(cls, moe_cfg) -> bool:
         return moe_cfg.vmoe.capacity_ratio is None and moe_cfg.vmoe.eval_capacity_ratio is None
 
+    @classmethod
+    def selection_group_for(cls, moe_cfg) -> str:
+        return "token" if cls.causal_for(moe_cfg) else "micro-batch"
+
     def is_causal(self) -> bool:
         return self.capacity_ratio is None and self.eval_capacity_ratio is None
 
     # -- noise ---------------------------------------------------------------------------------
 
-    def noise(self, S: int, B: int, E: int, like: torch.Tensor) -> torch.Tensor:
+    def noise(self, context: Context, S: int, B: int, E: int, like: torch.Tensor) -> torch.Tensor:
         """[T, E] σ·ε for this rank's tokens, a function of (step, layer, global position)."""
-        first_sample = (self.microbatch * self.dp_size + self.dp_rank) * B
-        eps_TE = token_noise((self.seed, int(self.noise_step.item()), int(self.layer_number or 0)),
-                             first_sample, B, S, E, self.shards.rank, self.shards.size)
+        sample_B = context.require("sample_index_B", "model.moe.vmoe.noise_std > 0 (training)")
+        assert sample_B.shape == (B,), (sample_B.shape, B)
+        eps_TE = sample_noise((self.seed, int(self.noise_step.item()), int(self.layer_number or 0)),
+                              sample_B.tolist(), S, E, self.shards.rank, self.shards.size)
         return (self.sigma * eps_TE).to(like)
 
     # -- selection and losses ------------------------------------------------------------------
 
-    def select(self, gates_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, gates_TE: torch.Tensor, stats: dict | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts [T, k], kept [T, k]) for this rank's tokens; capacity and priority are
-        decided over the whole micro-batch."""
+        decided over the whole micro-batch (their statistics go into `stats`)."""
+        stats = {} if stats is None else stats
         ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
         if ratio is None:
             experts_Tk = torch.topk(gates_TE.detach(), self.topk, dim=-1).indices
@@ -180,19 +190,20 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         capacity = vmoe_capacity(gates_NE.shape[0], self.topk, ratio, gates_NE.shape[1],
                                  self.capacity_multiple_of)
         experts_Nk, kept_Nk = assign_buffers(gates_NE, self.topk, capacity, self.priority)
-        self._selection_stats = {"capacity": float(capacity)}
+        stats["capacity"] = float(capacity)
         if self.priority != "none" and bool(kept_Nk[:, 0].any()):
             top_Nk = torch.topk(gates_NE.detach(), self.topk, dim=-1).values
             priority_N = top_Nk[:, 0] if self.priority == "max" else top_Nk.sum(-1)
             # BPR's effective threshold: the lowest priority whose top-1 choice still got a slot
-            self._selection_stats["threshold"] = priority_N[kept_Nk[:, 0]].min().item()
+            stats["threshold"] = priority_N[kept_Nk[:, 0]].min().item()
         return self.shards.local(experts_Nk), self.shards.local(kept_Nk)
 
-    def extra_losses(self, logits_TE: torch.Tensor, context: RoutingContext) -> dict:
-        """Further weighted micro-batch losses of subclasses (name -> scalar)."""
+    def extra_losses(self, logits_TE: torch.Tensor, context: Context, stats: dict) -> dict:
+        """Further weighted micro-batch losses of subclasses (name -> scalar); their own
+        statistics go into `stats`."""
         return {}
 
-    def losses(self, logits_TE, noisy_TE, context) -> dict:
+    def losses(self, logits_TE, noisy_TE, context, stats: dict) -> dict:
         """Weighted micro-batch losses (name -> scalar); gradients reach this rank's tokens."""
         out = {}
         if self.importance_loss_coeff > 0:
@@ -202,36 +213,36 @@ class VMoERouter(TopKRouter, MegamoeRouter):
             p_TE = load_probabilities(logits_TE, noisy_TE, self.topk, self.sigma)
             load_E = self.shards.sum_over_ranks(p_TE.sum(0)) / (p_TE.shape[0] * self.shards.size)
             out["load_loss"] = self.load_loss_coeff * cv_squared(load_E)
-        out.update(self.extra_losses(logits_TE, context))
+        out.update(self.extra_losses(logits_TE, context, stats))
         return out
 
-    def route(self, hidden_SBD: torch.Tensor, context: RoutingContext) -> RouterOutput:
+    def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
         S, B = hidden_SBD.shape[:2]
         E = self.config.num_moe_experts
         logits_TE = self.gating(hidden_SBD).reshape(S * B, E)
         noisy_TE = logits_TE
         if self.training and self.sigma > 0:
-            noisy_TE = logits_TE + self.noise(S, B, E, logits_TE)
+            noisy_TE = logits_TE + self.noise(context, S, B, E, logits_TE)
         gates_TE = torch.softmax(noisy_TE, dim=-1)
-        self._selection_stats = {}
-        experts_Tk, kept_Tk = self.select(gates_TE)
+        selection_stats, extra_stats = {}, {}
+        experts_Tk, kept_Tk = self.select(gates_TE, selection_stats)
         weights_Tk = gates_TE.gather(1, experts_Tk) * kept_Tk      # not renormalised
         probs_TE = torch.zeros_like(gates_TE).scatter(1, experts_Tk, weights_Tk)
         routing_map_TE = torch.zeros_like(gates_TE, dtype=torch.bool).scatter(1, experts_Tk,
                                                                               kept_Tk)
         stats = routing_stats(gates_TE.detach(), routing_map_TE, self.topk)
-        stats.update(self._selection_stats)
+        stats.update(selection_stats)
         aux = {}
         if self.training and torch.is_grad_enabled():
-            aux = self.losses(logits_TE, noisy_TE, context)
+            aux = self.losses(logits_TE, noisy_TE, context, extra_stats)
             if aux:
                 # per-token loss: Megatron divides every gradient by the token count, so the
                 # micro-batch loss is weighted by its N tokens; every TP rank attaches the
                 # whole loss, whose gradient reaches only its own tokens (sum_over_ranks)
                 n = S * B * self.shards.size if self.calculate_per_token_loss else 1
                 probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, sum(aux.values()) * n)
-            self.microbatch += 1
         stats.update({name: value.item() for name, value in aux.items()})
+        stats.update(extra_stats)
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             aux_losses={name: value.detach() for name, value in aux.items()},
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
@@ -239,4 +250,3 @@ class VMoERouter(TopKRouter, MegamoeRouter):
     @torch.no_grad()
     def after_step(self) -> None:
         self.noise_step += 1
-        self.microbatch = 0

@@ -26,7 +26,6 @@ def setup(num_recursions=3, layers_per_step=2, router="expert", moe=True, overri
 
     from megamoe.models.lm import transformer_config
     from megamoe.moe.routers import router_builder
-    from megamoe.moe.routing_context import RoutingContextSlot
     from megamoe.mor.block import RecursionBlock, build_shared_layers
     from megamoe.mor.expert_choice import ExpertChoiceDepthRouter
     from megamoe.mor.token_choice import TokenChoiceDepthRouter
@@ -40,8 +39,7 @@ def setup(num_recursions=3, layers_per_step=2, router="expert", moe=True, overri
     tc = transformer_config(cfg, dims, sequence_parallel=False, dtype=torch.float32)
     slots = list(range(1, layers_per_step + 1))
     layers = build_shared_layers(tc, slots, {1} if moe else set(), pg, qk_layernorm=False,
-                                 router=router_builder(cfg.model.moe), shared_expert=False,
-                                 slot=RoutingContextSlot())
+                                 router=router_builder(cfg.model.moe), shared_expert=False)
     D = tc.hidden_size
     kv_sharing = router_kw.pop("kv_sharing", False)
     depth_router = (ExpertChoiceDepthRouter(D, num_recursions, **router_kw) if router == "expert"
@@ -135,29 +133,27 @@ def modality_context_task():
     """Uni-MoE modality pools in the shared MoE layer: a step on the compact batch (modality
     ids gathered by the block, ragged rows padded) = the full sequence under the mask with the
     full context; negative control: ids not gathered (those of positions 0..K−1)."""
-    import megamoe.mor.block as block_module
-    from megamoe.moe.routing_context import RoutingContext
+    from megamoe.blocks.context import Context, bind, bound_context
     from megamoe.mor.compaction import Compaction
 
     block, rope, x = setup(overrides=POOLS)
     block.eval()
     g = torch.Generator().manual_seed(5)
-    full = RoutingContext(modality_ids_BS=torch.randint(0, 2, (B, S), generator=g))
-    block.context_slot.set(full)
+    full = Context(modality_ids_BS=torch.randint(0, 2, (B, S), generator=g))
     active = torch.rand(B, S, generator=g) < 0.5
     active[0, :] = torch.arange(S) % 3 == 1
-    with torch.no_grad():
+    with torch.no_grad(), bind(full):
         comp = Compaction.from_mask(active)
         got = comp.expand(block.run_step(0, x, comp, rope, None), S)
-        restored = block.context_slot.get() is full
+        restored = bound_context() is full
         want = _masked_reference(block, 0, x, rope, active) * active.T[..., None]
-        gather = block_module.compacted
-        block_module.compacted = lambda ctx, idx: RoutingContext(
+        gather = Context.compacted
+        Context.compacted = lambda ctx, idx: Context(
             modality_ids_BS=ctx.modality_ids_BS[:, :idx.shape[1]])
         try:
             bad = comp.expand(block.run_step(0, x, comp, rope, None), S)
         finally:
-            block_module.compacted = gather
+            Context.compacted = gather
     return ((got - want).abs().max().item(), (bad - want).abs().max().item(),
             want.abs().max().item(), restored)
 

@@ -4,6 +4,7 @@ ConfigError naming the field to fix."""
 import pytest
 
 from megamoe.config import ConfigError, load_config
+from megamoe.models.checks import check_config
 
 ON = ["model.mor.enabled=true", "model.num_layers=8"]
 EXPERT = ON + ["model.mor.allow_non_causal=true"]
@@ -35,7 +36,9 @@ def test_default_is_disabled_and_any_num_layers_is_fine():
     TOKEN + ["model.num_layers=11", "parallel.world_size=3", "parallel.pipeline=3"],
 ])
 def test_valid_mor_configs_load(overrides):
-    assert load_config(None, overrides).model.mor.enabled
+    cfg = load_config(None, overrides)
+    check_config(cfg, launch=False)
+    assert cfg.model.mor.enabled
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -70,5 +73,5 @@ def test_valid_mor_configs_load(overrides):
 ])
 def test_mistakes_and_unsupported_layouts_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)
+        check_config(load_config(None, overrides), launch=False)
     assert str(err.value).startswith(f"{field}:"), str(err.value)

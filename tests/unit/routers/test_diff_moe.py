@@ -53,7 +53,7 @@ def layer_checks():
     logits' change with the timestep, error message without the timestep)."""
     from megamoe.data.synthetic_context import timestep_embedding
     from megamoe.models.lm import moe_layers
-    from megamoe.moe.routing_context import RoutingContext
+    from megamoe.blocks.context import Context, bind
     from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *DIFF, "model.moe.z_loss_coeff=0"])
@@ -71,12 +71,13 @@ def layer_checks():
             p.mul_(30.0)
     S, B, D = 6, 3, cfg.model.hidden_size
     c_BC = timestep_embedding(torch.tensor([5, 300, 999]), D)
-    layer.context_slot.set(RoutingContext(timestep_emb_BD=c_BC))
+    context = Context(timestep_emb_BD=c_BC)
     x_SBD = torch.randn(S, B, D, generator=g)
     layer.eval()
     with torch.no_grad():
-        out_SBD, _ = layer(x_SBD)
-        routed = router.route(x_SBD, layer.context_slot.get())
+        with bind(context):
+            out_SBD, _ = layer(x_SBD)
+        routed = router.route(x_SBD, context)
         shift_BED, scale_BED, gate_BED = cal(c_BC)
         x_TD = x_SBD.reshape(-1, D)
         want_TD = torch.zeros_like(x_TD)
@@ -88,10 +89,10 @@ def layer_checks():
                 want_TD[t] += routed.probs_TE[t, e] * (x_TD[t] + gate_BED[b, e] * ffn[0])
         err = (out_SBD.reshape_as(want_TD) - want_TD).abs().max().item()
         # the gate sees the timestep: same tokens, other timesteps → other logits
-        other = RoutingContext(timestep_emb_BD=timestep_embedding(torch.tensor([1, 2, 3]), D))
+        other = Context(timestep_emb_BD=timestep_embedding(torch.tensor([1, 2, 3]), D))
         moved = (router.route(x_SBD, other).probs_TE - routed.probs_TE).abs().max().item()
     try:
-        router.route(x_SBD, RoutingContext())
+        router.route(x_SBD, Context())
         message = ""
     except ValueError as exc:
         message = str(exc)

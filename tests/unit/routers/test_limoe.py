@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megamoe.moe.routers.limoe import checked_modalities, limoe_loss, modality_entropies
-from megamoe.moe.routing_context import RoutingContext
+from megamoe.blocks.context import Context
 from megamoe.moe.routers.token_groups import SequenceShards
 
 T9_IMAGE = torch.tensor([[.7, .2, .1], [.6, .3, .1], [.8, .1, .1]])
@@ -55,8 +55,8 @@ def test_gradient_reaches_the_probabilities():
 def test_modality_ids_are_checked():
     shards = SequenceShards(None)
     with pytest.raises(ValueError, match="routing context 'modality_ids_BS'"):
-        RoutingContext().require("modality_ids_BS", "model.moe.router 'limoe'")
-    ctx = RoutingContext(modality_ids_BS=torch.tensor([[0, 1, 2]]))
+        Context().require("modality_ids_BS", "model.moe.router 'limoe'")
+    ctx = Context(modality_ids_BS=torch.tensor([[0, 1, 2]]))
     with pytest.raises(ValueError, match="model.moe.limoe: configured for 2 modalities"):
         checked_modalities(ctx, shards, 2, "model.moe.limoe")
     assert checked_modalities(ctx, shards, 3, "model.moe.limoe").tolist() == [0, 1, 2]

@@ -32,6 +32,7 @@ def test_config_needs_topk_equal_to_num_experts():
 def layer_mixes_all_experts():
     """One MoE layer of the tiny model: its output against Σ_e w_e·FFN_e(x) computed from the
     gate weights and the experts' own modules, token by token."""
+    from megamoe.blocks.context import Context
     from megamoe.models.lm import moe_layers
     from megamoe.engines.megatron import build_engine
 
@@ -47,7 +48,7 @@ def layer_mixes_all_experts():
         w_TE = torch.softmax(x_TD @ layer.router.weight.T, dim=-1)
         want_TD = sum(w_TE[:, e:e + 1] * layer.experts.local_experts[e](x_TD)[0]
                       for e in range(w_TE.shape[1]))
-    stats = layer.router.route(x_SBD, layer.context_slot.get()).stats
+    stats = layer.router.route(x_SBD, Context()).stats
     return (out_SBD.reshape_as(want_TD) - want_TD).abs().max().item(), stats
 
 

@@ -85,8 +85,7 @@ def test_ema_threshold_per_step_and_batch_independent_evaluation():
     assert router.threshold_ema.item() == pytest.approx(0.8)  # the first update sets τ_ema
     # step 2, two micro-batches: τ = .8 and τ = .3
     router.routing(S)
-    router.routing(S2)
-    assert router._last_stats["threshold"] == pytest.approx(0.3)
+    assert router.routing_with_stats(S2)[2]["threshold"] == pytest.approx(0.3)
     router.after_step()
     # τ̄ = (.8 + .3)/2 = .55; τ_ema = .95·.8 + .05·.55 = .7875
     assert router.threshold_ema.item() == pytest.approx(0.7875)
@@ -122,8 +121,8 @@ def test_similarity_loss_gradient_is_coeff_times_tokens():
     router = make_router(similarity_loss_coeff=coeff)
     router.train()
     logits = S.clone().requires_grad_()
-    probs, mask = router.routing(logits)
-    assert router._last_stats["similarity_loss"] == pytest.approx(0.362730, abs=1e-6)
+    probs, mask, stats = router.routing_with_stats(logits)
+    assert stats["similarity_loss"] == pytest.approx(0.362730, abs=1e-6)
     probs.sum().backward()
     ref = S.clone().requires_grad_()
     total = (ref * mask).sum() + coeff * 2 * router_similarity_loss(ref, mask)[0]

@@ -23,7 +23,6 @@ def moe_layer(overrides, world: int = 1):
     from megamoe.models.lm import transformer_config
     from megamoe.specs.gpt_moe import moe_spec
     from megamoe.moe.routers import router_builder
-    from megamoe.moe.routing_context import RoutingContextSlot
     from megamoe.parallel import ParallelDims, init_groups, seed_rng
     from megamoe.testing.parity import tiny_config
 
@@ -32,7 +31,7 @@ def moe_layer(overrides, world: int = 1):
     pg = init_groups(dims)
     seed_rng(0)
     tc = transformer_config(cfg, dims, sequence_parallel=False, dtype=torch.float32)
-    spec = moe_spec(router_builder(cfg.model.moe), False, RoutingContextSlot(), pg)
+    spec = moe_spec(router_builder(cfg.model.moe), False, pg)
     layer = build_module(spec, config=tc, layer_number=1)
     layer.set_layer_number(1)         # what TransformerLayer does: the loss tracker's index
     layer.train()
