@@ -32,7 +32,7 @@ def model_call_task():
     outer bind, bound after that call) on one rank."""
     from megamoe.models.lm import lm_context, moe_layers
     from megamoe.testing.parity import TINY_VOCAB, microbatch, tiny_config
-    from megamoe.training.engine import build_engine
+    from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", "data.synthetic_modalities=2"])
     model = build_engine(cfg, TINY_VOCAB, torch.device("cpu"), with_optimizer=False,
