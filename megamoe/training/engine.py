@@ -20,13 +20,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-from megamoe.config import sequence_parallel_enabled
 from megamoe.models.init import init_global
 from megamoe.models.lm import build_lm, transformer_config
 from megamoe.data.synthetic_context import context_fields
 from megamoe.moe.routing_context import RoutingContext
 from megamoe.mor.decoder import mor_after_step
-from megamoe.parallel import ParallelDims, init_groups, seed_rng
+from megamoe.parallel import ParallelDims, build_grids, seed_rng
 
 
 @dataclass
@@ -71,11 +70,10 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: bool = True,
                  ddp: bool = True) -> Engine:
     dims = ParallelDims.from_config(cfg.parallel)
-    pg = init_groups(dims)
+    pg = build_grids(dims).lm
     seed_rng(cfg.run.seed)
     dtype = resolve_dtype(cfg.train.precision, device)
-    tconfig = transformer_config(cfg, dims, sequence_parallel=sequence_parallel_enabled(cfg),
-                                 dtype=dtype)
+    tconfig = transformer_config(cfg, dims, sequence_parallel=dims.sequence_parallel, dtype=dtype)
     chunks = build_lm(cfg, tconfig, pg, vocab_size)
     for c in chunks:
         c.to(device)

@@ -43,10 +43,8 @@ def check_causality(cfg, chunks) -> list[str]:
 
 
 def evaluate(engine, dataset, iters: int) -> float:
-    from megatron.core import parallel_state as ps
-
     t = engine.cfg.train
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = engine.pg.dp.size(), engine.pg.dp.rank()
     for c in engine.chunks:
         c.eval()
     total = {"loss_sum": 0.0, "tokens": 0.0}
@@ -58,15 +56,13 @@ def evaluate(engine, dataset, iters: int) -> float:
             total = {k: total[k] + stats[k] for k in total}
     for c in engine.chunks:
         c.train()
-    return M.global_loss(total)
+    return M.global_loss(total, engine.pg)
 
 
 def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     """Train as configured; returns the summary (identical on every rank). `stop` is the
     process's StopRequest when the caller installed it before start-up (a signal received
     while the model is built then stops the run before its first step)."""
-    from megatron.core import parallel_state as ps
-
     t, rank0 = cfg.train, (not dist.is_initialized() or dist.get_rank() == 0)
     stop = stop or StopRequest()
     if stop.agreed():
@@ -81,7 +77,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
             print(f"[megamoe] nothing to do: the run is at step {engine.step} "
                   f"(train.steps={t.steps})", flush=True)
         return {"steps": engine.step, "nothing_to_do": True}
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = engine.pg.dp.size(), engine.pg.dp.rank()
     total_params, active_params = parameter_counts(cfg, vocab)
     flops_tok, peak = flops_per_token(cfg, vocab), _peak_flops(device)
     mor_stats = (MoRDepthStats(engine.modules, cfg.model.mor.num_recursions)
@@ -125,7 +121,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
                                 t.micro_batch_size, dp_rank, dp)
         stats = train_step(engine, mbs)
         engine.consumed_samples += t.global_batch_size
-        loss = M.global_loss(stats)
+        loss = M.global_loss(stats, engine.pg)
         load = M.expert_load(engine.moe_layers, cfg.model.num_layers, cfg.model.moe.num_experts)
         router = M.router_losses(cfg, engine.pg, len(mbs))
         router.update(M.routing_stats(engine.moe_layers))

@@ -38,11 +38,6 @@ PARALLEL_STATE_ALLOWED = ("parallel", "platform")
 # that no longer violates fails `test_known_violations_still_exist`, so the list only shrinks.
 KNOWN = {
     "megamoe/config/mor.py": "config imports megamoe.mor",           # the one check entry
-    "megamoe/models/lm.py": "reads megatron.core.parallel_state",     # ranks from the grid
-    "megamoe/testing/checkpointing.py": "reads megatron.core.parallel_state",
-    "megamoe/testing/parity.py": "reads megatron.core.parallel_state",
-    "megamoe/training/loop.py": "reads megatron.core.parallel_state",
-    "megamoe/training/metrics.py": "reads megatron.core.parallel_state",
 }
 
 
