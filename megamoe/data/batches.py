@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megamoe.parallel.dims import microbatches_per_step
+
 
 def global_batch_indices(consumed_samples: int, global_batch_size: int,
                          num_samples: int) -> np.ndarray:
@@ -47,14 +49,12 @@ def rank_microbatches(dataset, consumed_samples: int, global_batch_size: int,
                       micro_batch_size: int, dp_rank: int, dp_size: int) -> list[dict]:
     """The micro-batches DP rank `dp_rank` of `dp_size` processes in the step that starts after
     `consumed_samples` samples (rule in the module docstring)."""
+    num_micro = microbatches_per_step(global_batch_size, micro_batch_size, dp_size)
     per_micro = micro_batch_size * dp_size
-    if global_batch_size % per_micro:
-        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
-                         f"micro_batch_size × dp_size = {micro_batch_size} × {dp_size}")
     assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
     idx = global_batch_indices(consumed_samples, global_batch_size, len(dataset))
     out = []
-    for m in range(global_batch_size // per_micro):
+    for m in range(num_micro):
         start = m * per_micro + dp_rank * micro_batch_size
         out.append(to_microbatch(_fetch(dataset, idx[start:start + micro_batch_size])))
     return out

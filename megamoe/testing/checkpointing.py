@@ -81,7 +81,7 @@ def save_then_load(overrides, root: str, load_overrides, corrupt: str | None = N
     if corrupt and dist.get_rank() == 0:
         _corrupt(root, corrupt)
     dist.barrier()
-    b = _engine([f"run.seed=99", *load_overrides])
+    b = _engine(["run.seed=99", *load_overrides])
     try:
         load_checkpoint(b, resolve(root, log=lambda *_: None))
     except CheckpointError as exc:
