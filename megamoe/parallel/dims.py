@@ -79,7 +79,8 @@ class ParallelDims:
         return microbatches_per_step(global_batch_size, micro_batch_size, self.data)
 
     def describe(self) -> str:
-        s = f"TP{self.tensor}·PP{self.pipeline}·DP{self.data}·EP{self.expert}·ETP{self.expert_tensor_size}"
+        s = (f"TP{self.tensor}·PP{self.pipeline}·DP{self.data}·EP{self.expert}"
+             f"·ETP{self.expert_tensor_size}")
         s += f"·VP{self.virtual_pipeline}" if self.virtual_pipeline else ""
         return s + ("·SP" if self.sequence_parallel else "")
 

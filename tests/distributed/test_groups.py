@@ -66,7 +66,8 @@ def _grid(layout: dict) -> dict:
     dims = ParallelDims(world_size=dist.get_world_size(), **layout)
     grids = build_grids(dims)
     pg = grids.lm
-    megatron = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
+    megatron = {"tp": ps.get_tensor_model_parallel_group(),
+                "pp": ps.get_pipeline_model_parallel_group(),
                 "dp": ps.get_data_parallel_group(), "ep": ps.get_expert_model_parallel_group(),
                 "expt_tp": ps.get_expert_tensor_parallel_group(),
                 "expt_dp": ps.get_expert_data_parallel_group(),

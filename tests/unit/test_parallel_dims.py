@@ -41,7 +41,8 @@ def test_from_config_matches_the_config_sizes():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(world_size=6, tensor=4), "parallel.world_size: 6 is not divisible by tensor × pipeline = 4"),
+    (dict(world_size=6, tensor=4),
+     "parallel.world_size: 6 is not divisible by tensor × pipeline = 4"),
     (dict(world_size=4, tensor=2, expert=4),
      "parallel.world_size: 4 is not divisible by expert_tensor × expert × pipeline = 8"),
     (dict(world_size=2, pipeline=0), "parallel.pipeline: 0 must be >= 1"),
