@@ -16,7 +16,7 @@ def microbatches_per_step(global_batch_size: int, micro_batch_size: int, data: i
     """Micro-batches each DP rank runs per step: global batch / (micro batch × DP)."""
     per_micro = micro_batch_size * data
     if global_batch_size % per_micro:
-        raise ValueError(f"train.global_batch_size: {global_batch_size} is not divisible by "
+        raise ValueError(f"train.global_batch_size: {global_batch_size} is not a multiple of "
                          f"micro_batch_size × data-parallel size = {micro_batch_size} × {data}")
     return global_batch_size // per_micro
 

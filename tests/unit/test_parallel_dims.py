@@ -55,7 +55,7 @@ def test_a_layout_that_does_not_tile_the_ranks_is_one_error(kwargs, message):
 
 def test_microbatches_need_a_whole_number():
     assert microbatches_per_step(16, 4, 2) == 2
-    with pytest.raises(ValueError, match="train.global_batch_size: 12 is not divisible by "
+    with pytest.raises(ValueError, match="train.global_batch_size: 12 is not a multiple of "
                                          "micro_batch_size × data-parallel size = 4 × 2"):
         microbatches_per_step(12, 4, 2)
 
