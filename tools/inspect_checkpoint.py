@@ -47,6 +47,7 @@ def loadable_layouts(cfg, max_world: int) -> list[dict]:
     """Every (world, TP, PP, EP) the config validates with, expert-TP 1 (also the CPU rule)."""
     from megamoe.config import ConfigError, validate
     from megamoe.models.checks import check_config
+    from megamoe.parallel import ParallelDims
 
     layouts = []
     for world, tp, pp, ep in itertools.product(range(1, max_world + 1), repeat=4):
@@ -57,7 +58,8 @@ def loadable_layouts(cfg, max_world: int) -> list[dict]:
                  p.virtual_pipeline, cfg.train.global_batch_size)
         p.world_size, p.tensor, p.pipeline, p.expert = world, tp, pp, ep
         p.expert_tensor, p.virtual_pipeline = 1, None
-        dp = world // (tp * pp)
+        dp = ParallelDims(world_size=world, tensor=tp, pipeline=pp, expert=ep,
+                          expert_tensor=1).data
         cfg.train.global_batch_size = cfg.train.micro_batch_size * dp * max(1, pp)
         try:
             validate(cfg)

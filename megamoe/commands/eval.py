@@ -42,7 +42,7 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, log=print) -> dic
         print(f"[megamoe] eval batch {i + 1}/{iters} | loss so far "
               f"{total['loss_sum'] / max(total['units'], 1):.4f} | "
               f"{total['units'] / done:.0f} tokens/s", file=sys.stderr, flush=True)
-    loss = M.global_loss(total)
+    loss = M.global_loss(total, engine.grid)
     figures = {"checkpoint": step_dir, "step": int(meta["step"]), "family": engine.family.name,
                "split": "valid", "iters": iters, "tokens": int(total["units"]),
                "val_loss": loss, "perplexity": math.exp(min(loss, 700.0))}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 
+
 def global_batch_indices(consumed_samples: int, global_batch_size: int,
                          num_samples: int) -> np.ndarray:
     """Dataset indices of the next global batch, wrapping around the dataset."""

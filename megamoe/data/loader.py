@@ -19,16 +19,13 @@ from __future__ import annotations
 import numpy as np
 
 from megamoe.data.batches import _fetch, global_batch_indices
+from megamoe.parallel.dims import microbatches_per_step
 
 
 class DataLoader:
     def __init__(self, dataset, collate, *, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int = 0):
-        per_micro = micro_batch_size * dp_size
-        if global_batch_size % per_micro:
-            raise ValueError(f"train.global_batch_size: {global_batch_size} is not a multiple of "
-                             f"micro_batch_size × data-parallel size = {micro_batch_size} × "
-                             f"{dp_size}")
+        microbatches_per_step(global_batch_size, micro_batch_size, dp_size)   # divides
         assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
         self.dataset, self.collate = dataset, collate
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size

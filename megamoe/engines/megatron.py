@@ -23,10 +23,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megamoe.checkpoint.state import CheckpointState
-from megamoe.config import sequence_parallel_enabled
 from megamoe.models.init import init_global
 from megamoe.models.registry import family_for
-from megamoe.parallel import ParallelDims, init_groups, seed_rng
+from megamoe.parallel import ParallelDims, build_grids, seed_rng
 
 
 @dataclass
@@ -157,11 +156,10 @@ def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: 
     function of the global parameter), DDP and the optimizer."""
     family = family_for(cfg)
     dims = ParallelDims.from_config(cfg.parallel)
-    grid = init_groups(dims)
+    grid = build_grids(dims).lm
     seed_rng(cfg.run.seed)
     dtype = resolve_dtype(cfg.train.precision, device)
-    tconfig = family.transformer_config(cfg, dims,
-                                        sequence_parallel=sequence_parallel_enabled(cfg),
+    tconfig = family.transformer_config(cfg, dims, sequence_parallel=dims.sequence_parallel,
                                         dtype=dtype)
     chunks = family.build(cfg, tconfig, grid, vocab_size)
     for c in chunks:

@@ -167,15 +167,12 @@ class LMModel(GPTModel):
 def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) for a `vocab_size`-token
     vocabulary, padded for TP (megamoe.models.vocab)."""
-    from megatron.core import parallel_state
-
     m, moe = cfg.model, cfg.model.moe
     padded_vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                      tconfig.tensor_model_parallel_size)
     pattern = moe_layer_pattern(m.num_layers, moe.layer_freq, tconfig.num_moe_experts or 0)
     vp = tconfig.virtual_pipeline_model_parallel_size
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     chunks = []
     for vp_stage in (range(vp) if vp else [None]):
         first = pp_rank == 0 and (vp_stage in (None, 0))

@@ -21,18 +21,16 @@ def _engine(overrides):
 
 
 def _steps(engine, first: int, last: int) -> list:
-    from megatron.core import parallel_state as ps
-
     from megamoe.engines.megatron import train_step
     from megamoe.training.metrics import global_loss
 
     t, S = engine.cfg.train, engine.cfg.model.seq_length
-    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, r = engine.pg.dp.size(), engine.pg.dp.rank()
     losses = []
     for step in range(first, last):
         mbs = rank_microbatches(step, r, dp, t.micro_batch_size, t.global_batch_size, S,
                                 TINY_VOCAB)
-        losses.append(global_loss(train_step(engine, mbs)))
+        losses.append(global_loss(train_step(engine, mbs), engine.pg))
         engine.consumed_samples += t.global_batch_size
     return losses
 
@@ -83,7 +81,7 @@ def save_then_load(overrides, root: str, load_overrides, corrupt: str | None = N
     if corrupt and dist.get_rank() == 0:
         _corrupt(root, corrupt)
     dist.barrier()
-    b = _engine([f"run.seed=99", *load_overrides])
+    b = _engine(["run.seed=99", *load_overrides])
     try:
         load_checkpoint(b, resolve(root, log=lambda *_: None))
     except CheckpointError as exc:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.models.global_view import gather_global
+from megamoe.parallel import microbatches_per_step
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-5
@@ -58,22 +59,11 @@ def rank_microbatches(step, dp_rank, dp, mbs, gbs, seq_length, vocab, *, referen
     """This DP rank's micro-batches; with `reference_dp`, every micro-batch of a run with that
     DP size, in (m, r) order, for the single-process reference."""
     if reference_dp is not None:
-        n = gbs // (mbs * reference_dp)
+        n = microbatches_per_step(gbs, mbs, reference_dp)
         return [microbatch(step, m, r, reference_dp, mbs, seq_length, vocab, gbs)
                 for m in range(n) for r in range(reference_dp)]
-    n = gbs // (mbs * dp)
+    n = microbatches_per_step(gbs, mbs, dp)
     return [microbatch(step, m, dp_rank, dp, mbs, seq_length, vocab, gbs) for m in range(n)]
-
-
-def _global_loss(stats: dict, engine) -> float:
-    """Sum the loss over the ranks that own it once: last PP stage, TP rank 0."""
-    from megatron.core import parallel_state as ps
-
-    owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    t = torch.tensor([stats["loss_sum"], stats["units"]], dtype=torch.float64) * float(owner)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return (t[0] / t[1]).item()
 
 
 @torch.no_grad()
@@ -94,14 +84,13 @@ def perturb_one_expert(engine, scale: float = 1e-2) -> bool:
 
 def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
                perturb: bool = False) -> ParityResult:
-    from megatron.core import parallel_state as ps
-
     from megamoe.engines.megatron import build_engine, run_forward_backward, optimizer_step
+    from megamoe.training.metrics import global_loss
 
     engine = build_engine(cfg, vocab, torch.device("cpu"))
     if perturb:   # fp32 optimizers update the model's own tensors; a callable: own control
         (perturb if callable(perturb) else perturb_one_expert)(engine)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = engine.pg.dp.size(), engine.pg.dp.rank()
     t, S = cfg.train, cfg.model.seq_length
     result = ParityResult()
     for step in range(steps):
@@ -111,7 +100,7 @@ def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
             c.zero_grad_buffer()
         engine.optimizer.zero_grad()
         stats = run_forward_backward(engine, mbs)
-        result.losses.append(_global_loss(stats, engine))
+        result.losses.append(global_loss(stats, engine.pg))
         if step == 0:
             result.grads = gather_global(engine.modules, grads=True)
         result.grad_norms.append(optimizer_step(engine)["grad_norm"])

@@ -62,7 +62,7 @@ def evaluate(engine, dataset, iters: int) -> float:
     for i in range(iters):
         stats = engine.eval_step(loader.peek(i * t.global_batch_size))
         total = {k: total[k] + stats[k] for k in total}
-    return M.global_loss(total)
+    return M.global_loss(total, engine.grid)
 
 
 def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
@@ -129,7 +129,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         mbs = loader.step_batches()
         stats = engine.train_step(mbs)
         engine.consumed_samples, engine.data_state = loader.consumed_samples, loader.state_dict()
-        loss = M.global_loss(stats)
+        loss = M.global_loss(stats, engine.grid)
         load = M.expert_load(engine.moe_layers, cfg.model.num_layers, cfg.model.moe.num_experts)
         router = M.router_losses(cfg, engine.pg, len(mbs))
         router.update(M.routing_stats(engine.moe_layers))

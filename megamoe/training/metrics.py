@@ -8,13 +8,10 @@ import torch.distributed as dist
 from megamoe.specs.gpt_moe import moe_layer_pattern
 
 
-def global_loss(stats: dict) -> float:
+def global_loss(stats: dict, pg) -> float:
     """Mean loss per unit (token or sample) of the global batch: summed once per (DP rank, micro-batch) by the ranks
-    that hold it (last pipeline stage, TP rank 0)."""
-    from megatron.core import parallel_state as ps
-
-    owner = (ps.is_pipeline_last_stage(ignore_virtual=True)
-             and ps.get_tensor_model_parallel_rank() == 0)
+    that hold it (last pipeline stage, TP rank 0 of the grid `pg`)."""
+    owner = pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0
     t = torch.tensor([stats["loss_sum"], stats["units"]], dtype=torch.float64) * float(owner)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)

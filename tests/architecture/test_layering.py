@@ -37,10 +37,6 @@ PARALLEL_STATE_ALLOWED = ("parallel", "platform")
 # Violations being removed by the seams refactor (issue 10), each in its own step; an entry
 # that no longer violates fails `test_known_violations_still_exist`, so the list only shrinks.
 KNOWN = {
-    "megamoe/models/lm.py": "reads megatron.core.parallel_state",     # ranks from the grid
-    "megamoe/testing/checkpointing.py": "reads megatron.core.parallel_state",
-    "megamoe/testing/parity.py": "reads megatron.core.parallel_state",
-    "megamoe/training/metrics.py": "reads megatron.core.parallel_state",
 }
 
 

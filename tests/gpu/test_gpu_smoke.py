@@ -24,7 +24,7 @@ def _train_on_gpu(precision: str, steps: int = 10):
     losses = []
     for step in range(steps):
         mbs = rank_microbatches(0, 0, 1, 2, 8, cfg.model.seq_length, TINY_VOCAB)
-        losses.append(global_loss(train_step(engine, mbs)))
+        losses.append(global_loss(train_step(engine, mbs), engine.pg))
     return losses
 
 
