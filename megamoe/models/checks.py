@@ -15,27 +15,32 @@ from __future__ import annotations
 from megamoe.config.checks import check_sections
 from megamoe.config.moe_families import check_families
 from megamoe.data.checks import check_inputs
-from megamoe.mor.checks import check_mor
+from megamoe.models.registry import family_for
 from megamoe.platform import check_layout_supported
 
 
-def check_router_causality(cfg) -> None:
-    """megamoe.moe.routers' check, imported when reached: the routers import Megatron (seconds),
-    which the cheaper checks before it need not wait for."""
-    from megamoe.moe.routers import check_router_causality as check
+def check_family(cfg) -> None:
+    """The model family's own checks (lm: Mixture-of-Recursions, megamoe.mor.checks)."""
+    for check in family_for(cfg).checks:
+        check(cfg)
 
-    check(cfg)
+
+def check_family_launch(cfg) -> None:
+    """The model family's launch checks (lm: a non-causal MoE router needs the opt-in; the
+    routers import Megatron, seconds, which the cheaper checks before it need not wait for)."""
+    for check in family_for(cfg).launch_checks:
+        check(cfg)
 
 
 CONFIG_CHECKS = (
     check_sections,          # config.checks: parallel degrees vs shapes, batch, pipeline, SP
     check_families,          # config.moe_families: router families vs other sections
-    check_mor,               # mor.checks: MoR depth, stages, pool routers, LoRA, opt-in
+    check_family,            # the family record's checks (lm: MoR depth, stages, pool, LoRA)
 )
 LAUNCH_CHECKS = (
     check_inputs,            # data.checks: dataset, tokenizer, vocab size, resume path
     check_layout_supported,  # platform: layouts this device cannot run
-    check_router_causality,  # moe.routers: a non-causal router needs the opt-in
+    check_family_launch,     # the family record's launch checks (lm: router causality)
 )
 
 

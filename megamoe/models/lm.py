@@ -146,18 +146,20 @@ def _empty_block_spec() -> TransformerBlockSubmodules:
 
 
 class LMModel(GPTModel):
-    """Megatron's GPTModel with megamoe's decoder (`ContextTransformerBlock`, whose full
-    recompute keeps each micro-batch's context) and a forward that binds the `context` it is
-    given for its layers while it runs: the model owns the scope, not the training step."""
+    """Megatron's GPTModel with the decoder megamoe's LM builder chooses (`build_decoder`:
+    megamoe's `ContextTransformerBlock`, whose full recompute keeps each micro-batch's context,
+    or the Mixture-of-Recursions decoder) and a forward that binds the `context` it is given
+    for its layers while it runs: the model owns the scope, not the training step.
 
-    def __init__(self, config, transformer_layer_spec, **gpt_kwargs):
+    GPTModel constructs Megatron's TransformerBlock itself; it gets an empty one (no layers,
+    no parameters) and the constructor puts the chosen decoder in its place, so every model is
+    complete when it is returned (nothing swaps a decoder after construction)."""
+
+    def __init__(self, config, build_decoder, **gpt_kwargs):
         super().__init__(config=config, transformer_layer_spec=_empty_block_spec(), **gpt_kwargs)
-        # GPTModel builds Megatron's TransformerBlock by name; build megamoe's from the spec
-        self.transformer_layer_spec = transformer_layer_spec
-        self.decoder = ContextTransformerBlock(
-            config=config, spec=transformer_layer_spec, pre_process=self.pre_process,
-            post_process=self.post_process, pg_collection=self.pg_collection,
-            vp_stage=gpt_kwargs.get("vp_stage"))
+        self.decoder = build_decoder(pre_process=self.pre_process,
+                                     post_process=self.post_process,
+                                     vp_stage=gpt_kwargs.get("vp_stage"))
 
     def forward(self, *args, context: Context | None = None, **kwargs):
         with bind(context):
@@ -166,7 +168,8 @@ class LMModel(GPTModel):
 
 def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) for a `vocab_size`-token
-    vocabulary, padded for TP (megamoe.models.vocab)."""
+    vocabulary, padded for TP (megamoe.models.vocab); with `model.mor` the decoder is the
+    Mixture-of-Recursions one (megamoe.mor.decoder)."""
     m, moe = cfg.model, cfg.model.moe
     padded_vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                      tconfig.tensor_model_parallel_size)
@@ -179,16 +182,24 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) ->
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
         layer_kwargs = dict(qk_layernorm=m.qk_layernorm, router=router_builder(moe, vocab_size),
                             shared_expert=bool(moe.shared_expert_ffn_hidden_size))
-        if m.mor.enabled:     # GPTModel gets a placeholder; the MoR decoder replaces it below
-            from megamoe.mor.decoder import build_mor_decoder, placeholder_spec
-            spec = placeholder_spec()
+        if m.mor.enabled:
+            from megamoe.mor.decoder import build_mor_decoder
+
+            def build_decoder(pre_process, post_process, vp_stage, kw=layer_kwargs):
+                return build_mor_decoder(cfg, tconfig, pg_collection, kw, vocab_size=vocab_size,
+                                         pre_process=pre_process, post_process=post_process)
         else:
             spec = decoder_block_spec(tconfig, pattern, **layer_kwargs,
                                       pg_collection=pg_collection, vp_stage=vp_stage,
                                       pp_rank=pp_rank)
+
+            def build_decoder(pre_process, post_process, vp_stage, spec=spec):
+                return ContextTransformerBlock(config=tconfig, spec=spec, pre_process=pre_process,
+                                               post_process=post_process,
+                                               pg_collection=pg_collection, vp_stage=vp_stage)
         model = LMModel(
             config=tconfig,
-            transformer_layer_spec=spec,
+            build_decoder=build_decoder,
             vocab_size=padded_vocab,
             max_sequence_length=m.seq_length,
             pre_process=first,
@@ -199,10 +210,6 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) ->
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
-        if m.mor.enabled:
-            model.decoder = build_mor_decoder(cfg, tconfig, pg_collection, layer_kwargs,
-                                              vocab_size=vocab_size, pre_process=first,
-                                              post_process=last)
         model.unpadded_vocab_size = vocab_size
         if last:
             mask_padded_logits(model, vocab_size, pg_collection.tp.rank())

@@ -8,9 +8,28 @@ statistics and measured FLOPs through `step_metrics`, its loss-free bias update 
 
 from __future__ import annotations
 
-from megamoe.models.accounting import flops_per_token, parameter_counts
-from megamoe.models.lm_task import LMTask
 from megamoe.models.registry import Family, register
+
+# Imports happen inside the functions: the registry (and with it the one check entry) is read
+# before a run starts, where loading Megatron would cost seconds per check.
+
+
+def _task(cfg):
+    from megamoe.models.lm_task import LMTask
+
+    return LMTask(cfg)
+
+
+def _parameter_counts(cfg, vocab_size: int):
+    from megamoe.models.accounting import parameter_counts
+
+    return parameter_counts(cfg, vocab_size)
+
+
+def _flops_per_token(cfg, vocab_size: int) -> float:
+    from megamoe.models.accounting import flops_per_token
+
+    return flops_per_token(cfg, vocab_size)
 
 
 def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
@@ -25,7 +44,14 @@ def _build(cfg, tconfig, grid, vocab_size: int) -> list:
     return build_lm(cfg, tconfig, grid, vocab_size)
 
 
-def _checks(cfg) -> None:
+def _check_mor(cfg) -> None:
+    from megamoe.mor.checks import check_mor
+
+    check_mor(cfg)
+
+
+def _check_router_causality(cfg) -> None:
+    """megamoe.moe.routers' check (imports Megatron: a launch check, run last)."""
     from megamoe.moe.routers import check_router_causality
 
     check_router_causality(cfg)
@@ -112,10 +138,11 @@ LM = register(Family(
     name="lm",
     transformer_config=_transformer_config,
     build=_build,
-    task=LMTask,
-    parameter_counts=parameter_counts,
-    flops_per_unit=flops_per_token,
-    checks=(_checks,),
+    task=_task,
+    parameter_counts=_parameter_counts,
+    flops_per_unit=_flops_per_token,
+    checks=(_check_mor,),
+    launch_checks=(_check_router_causality,),
     causal=True,
     unit="token",
     step_metrics=_step_metrics,

@@ -27,7 +27,9 @@ class Family:
     task: Callable               # (cfg) -> the family's Task (see megamoe.models.task)
     parameter_counts: Callable   # (cfg, vocab_size) -> (total, active per unit)
     flops_per_unit: Callable     # (cfg, vocab_size) -> training FLOPs per token or sample
-    checks: tuple = ()           # (cfg) -> None, ConfigError/ValueError naming the field
+    checks: tuple = ()           # (cfg) -> None, ConfigError/ValueError naming the field:
+                                 # the config's own consistency (megamoe.models.checks)
+    launch_checks: tuple = ()    # the same, for a run on this machine (may import Megatron)
     causal: bool = True          # decoders: non-causal routers need an explicit opt-in
     unit: str = "token"          # what `parameters active per …` and FLOPs count
     step_metrics: Callable | None = None   # (cfg, chunks, grid, vocab) -> StepMetrics or None
@@ -55,7 +57,8 @@ def families() -> dict[str, Family]:
 
 
 def family_for(cfg) -> Family:
-    """The record `model.family` names; ValueError naming the field and the known ones."""
+    """The record `model.family` names; ValueError naming the field and the known ones (the
+    config's own check, megamoe.config.schema.MODEL_FAMILIES, names the same ones)."""
     known = families()
     name = getattr(cfg.model, "family", "lm")
     if name not in known:

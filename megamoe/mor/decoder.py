@@ -42,7 +42,6 @@ from torch import nn
 
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
     TransformerBlockSubmodules,
@@ -61,7 +60,8 @@ from megamoe.mor.token_choice import Z_LOSS_COEFF, TokenChoiceDepthRouter
 
 
 def placeholder_spec() -> TransformerBlockSubmodules:
-    """What GPTModel builds as its decoder before `build_lm` swaps in the MoR decoder."""
+    """The empty block spec MoRDecoder hands its TransformerBlock base (it builds its own
+    units instead of a layer list)."""
     return TransformerBlockSubmodules(layer_specs=[], layer_norm=RMSNorm)
 
 
@@ -218,8 +218,8 @@ class MoRDecoder(TransformerBlock):
 def build_mor_decoder(cfg, tconfig, pg_collection, layer_spec_kwargs: dict, *,
                       vocab_size: int, pre_process: bool = True,
                       post_process: bool = True) -> MoRDecoder:
-    """The decoder `build_lm` puts into GPTModel when `model.mor.enabled`: this pipeline
-    stage's units (stages.stage_units, FLOP-balanced)."""
+    """The decoder `build_lm` builds for `model.mor.enabled` (the LMModel's decoder): this
+    pipeline stage's units (stages.stage_units, FLOP-balanced)."""
     from megamoe.mor.checks import mor_moe_slots
     from megatron.core.utils import get_pg_rank
 

@@ -41,7 +41,7 @@ def _peak_flops(device: torch.device) -> float | None:
 def check_causality(cfg, family, chunks) -> list[str]:
     """The non-causal routers of the built model (for the start-of-run warning); the family's
     checks refuse them in a causal model unless the config opts in."""
-    for check in family.checks:
+    for check in family.launch_checks:
         check(cfg)
     return non_causal_routers(chunks) if family.causal else []
 

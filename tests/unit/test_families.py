@@ -41,3 +41,25 @@ def test_hf_export_of_a_family_without_a_mapping_is_one_error():
     with pytest.raises(ValueError, match=r"^model.family 'dit': no Hugging Face mapping "
                                          r"\(mapped: lm\)"):
         hf_family_for(cfg_with("dit"))
+
+
+def test_the_config_admits_exactly_the_registered_families():
+    """The config layer cannot import the registry (it sits above it), so it keeps the names;
+    they must agree, or a valid config would name a family without a record."""
+    from megamoe.config.schema import MODEL_FAMILIES
+
+    assert set(MODEL_FAMILIES) == set(families())
+
+
+def test_the_check_entry_runs_the_family_checks_without_loading_megatron():
+    import subprocess
+    import sys
+
+    code = ("import sys; from megamoe.models import checks; "
+            "from megamoe.models.registry import family_for; "
+            "from types import SimpleNamespace as N; "
+            "fam = family_for(N(model=N(family='lm'))); "
+            "print(checks.check_family in checks.CONFIG_CHECKS, len(fam.checks), "
+            "len(fam.launch_checks), 'megatron' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "1", "1", "False"], out
