@@ -34,10 +34,6 @@ ORDER = [
 ]
 LEVEL = {name: i for i, row in enumerate(ORDER) for name in row}
 PARALLEL_STATE_ALLOWED = ("parallel", "platform")
-# Violations being removed by the seams refactor (issue 10), each in its own step; an entry
-# that no longer violates fails `test_known_violations_still_exist`, so the list only shrinks.
-KNOWN = {
-}
 
 
 def _package(path: pathlib.Path) -> str:
@@ -86,19 +82,8 @@ def package_sources() -> dict[str, str]:
     return files
 
 
-def _unknown(found: list[str]) -> list[str]:
-    return [v for v in found if not any(v.startswith(f + ":") and what in v
-                                        for f, what in KNOWN.items())]
-
-
 def test_package_follows_the_import_order_and_reads_no_global_parallel_state():
-    assert not _unknown(layering_violations(package_sources()))
-
-
-def test_known_violations_still_exist():
-    found = layering_violations(package_sources())
-    assert [f for f, what in KNOWN.items()
-            if not any(v.startswith(f + ":") and what in v for v in found)] == []
+    assert not layering_violations(package_sources())
 
 
 @pytest.mark.parametrize("rel, line, expected", [
@@ -118,7 +103,7 @@ def test_known_violations_still_exist():
 def test_an_injected_violation_is_caught(rel, line, expected):
     files = package_sources()
     files[rel] += f"\n\ndef _injected():\n    {line}\n"
-    found = _unknown(layering_violations(files))
+    found = layering_violations(files)
     assert len(found) == 1 and found[0].startswith(f"megamoe/{rel}:") and expected in found[0], found
 
 
