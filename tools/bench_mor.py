@@ -87,7 +87,7 @@ def build_blocks(args, pg, device):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megamoe.config import load_config
-    from megamoe.models.lm import transformer_config
+    from megamoe.models.lm.model import transformer_config
     from megamoe.moe.routers import router_builder
     from megamoe.mor.block import RecursionBlock, build_shared_layers
     from megamoe.mor.expert_choice import ExpertChoiceDepthRouter, capacity_schedule

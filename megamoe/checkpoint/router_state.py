@@ -28,7 +28,7 @@ def _persistent(module, prefix: str):
 
 def _router_buffers(chunks):
     """(global key, buffer) of every persistent router buffer this rank holds."""
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
     from megamoe.mor.decoder import MoRDecoder
 
     # a MoR layer's number is its pool slot + 1: key it by its checkpoint name (the unique

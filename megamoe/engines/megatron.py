@@ -67,7 +67,7 @@ class MegatronEngine:
     def moe_layers(self) -> list:
         """This rank's megamoe MoE layers (found once: the per-step readers walk this list, not
         the module tree)."""
-        from megamoe.models.lm import moe_layers
+        from megamoe.models.lm.model import moe_layers
 
         return moe_layers(self.modules)
 

@@ -30,7 +30,7 @@ increment 3: TP + SP; increment 4: PP):
                     Gathers use `tensor_parallel_output_grad=False` (backward keeps this rank's
                     slice, since what follows is replicated over TP); router weights are not
                     `sequence_parallel` (each TP rank holds the full, identical gradient).
-- `decoder.py`      `MoRDecoder`, the `TransformerBlock` that `models.lm.build_lm` puts into
+- `decoder.py`      `MoRDecoder`, the `TransformerBlock` that `models.lm.model.build_lm` puts into
                     GPTModel when `model.mor.enabled`: unique first layer → RecursionBlock →
                     unique last layer → final norm (Cycle/Sequence: block + norm), GPTModel's
                     rotary table passed through; the depth-router loss attached with Megatron's

@@ -13,7 +13,7 @@ from megamoe.testing.parity import TINY_VOCAB, tiny_config
 def probe_task(overrides=(), t: int = 7, train_mode: bool = False) -> tuple[float, float]:
     """(max |Δ output| at positions ≤ t, max |Δ output| anywhere) on one rank. `train_mode`
     probes the training-time routing (routers whose inference rule differs)."""
-    from megamoe.models.lm import lm_context
+    from megamoe.models.lm.model import lm_context
     from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *overrides])

@@ -59,7 +59,7 @@ def randomize(engine, race_threshold: float | None = None, seed: int = 1) -> tor
     MoE selection bias 0.3·N(0, 1), so that a misplaced tensor shows in the logits; Expert
     Race routers' τ_ema set to `race_threshold` (with 7 updates behind it). Returns the
     generator, for the caller's further draws."""
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
 
     g = torch.Generator().manual_seed(seed)
     for name, p in engine.modules[0].named_parameters():
@@ -97,7 +97,7 @@ def megamoe_logits_BSV(engine, tokens_BS):
 def context_logits_BSV(engine, cfg, tokens_BS):
     """Eval-mode logits [B, S, V] with the config's synthetic routing context (modality ids,
     timesteps), as the remote code derives it from the tokens; one rank."""
-    from megamoe.models.lm import lm_context
+    from megamoe.models.lm.model import lm_context
 
     model = engine.modules[0]
     model.eval()

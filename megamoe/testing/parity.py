@@ -69,7 +69,7 @@ def rank_microbatches(step, dp_rank, dp, mbs, gbs, seq_length, vocab, *, referen
 @torch.no_grad()
 def perturb_one_expert(engine, scale: float = 1e-2) -> bool:
     """Negative control: change local expert 0 of the first MoE layer on the last rank only."""
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
 
     if dist.get_rank() != dist.get_world_size() - 1:
         return False
@@ -112,7 +112,7 @@ def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
 def router_buffers(engine) -> dict:
     """Persistent router buffers (loss-free biases, EMA thresholds) of every layer, merged over
     the ranks (pipeline stages hold different layers; other ranks hold copies)."""
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
 
     from megamoe.mor.decoder import mor_decoders
 

@@ -20,7 +20,7 @@ from megamoe.data.batches import build_datasets
 from megamoe.data.checks import model_vocab_size
 from megamoe.data.loader import DataLoader
 from megamoe.engines.megatron import build_engine
-from megamoe.models.lm import non_causal_routers
+from megamoe.models.lm.model import non_causal_routers
 from megamoe.models.vocab import describe_vocab
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import (JsonlCallback, ProgressCallback, TensorBoardCallback,

@@ -89,7 +89,7 @@ def test_package_follows_the_import_order_and_reads_no_global_parallel_state():
 @pytest.mark.parametrize("rel, line, expected", [
     ("mor/block.py", "from megamoe.training.loop import train",
      "mor imports megamoe.training.loop (above it)"),
-    ("models/lm.py", "from megamoe import checkpoint",
+    ("models/lm/model.py", "from megamoe import checkpoint",
      "models imports megamoe (above it)"),
     ("data/batches.py", "import megamoe.moe.layer",
      "data imports megamoe.moe.layer (above it)"),

@@ -20,7 +20,7 @@ LAYOUTS = [
     ("pp2_vp2", 2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], 1, "sgd"),
     ("dp2_distopt", 2, ["parallel.distributed_optimizer=true"], 2, "adamw"),
     # experts whole on each TP rank (replicas seeing different tokens): Megatron alone reduced
-    # their gradients over the dense DP group only (megamoe.models.lm.mark_expert_replicas)
+    # their gradients over the dense DP group only (megamoe.models.lm.model.mark_expert_replicas)
     ("tp2_etp1", 2, ["parallel.tensor=2", "parallel.expert_tensor=1"], 1, "sgd"),
     ("ep2_tp2", 4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"], 2, "sgd"),
     ("pp2_ep2", 4, ["parallel.pipeline=2", "parallel.expert=2"], 2, "sgd"),

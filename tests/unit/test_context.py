@@ -30,7 +30,7 @@ def test_nested_binds_restore_the_outer_context():
 def model_call_task():
     """(context seen by the first MoE layer during the call, bound after it, seen inside an
     outer bind, bound after that call) on one rank."""
-    from megamoe.models.lm import lm_context, moe_layers
+    from megamoe.models.lm.model import lm_context, moe_layers
     from megamoe.testing.parity import TINY_VOCAB, microbatch, tiny_config
     from megamoe.engines.megatron import build_engine
 
@@ -64,7 +64,7 @@ def test_model_binds_its_context_only_during_the_call():
 
 
 def test_recompute_options_are_checked():
-    from megamoe.models.lm import recompute_options
+    from megamoe.models.lm.model import recompute_options
 
     m = load_config(None, ["model.recompute_granularity=full", "model.recompute_method=block",
                            "model.recompute_num_layers=2"]).model

@@ -147,7 +147,7 @@ def _order_controls(hf, ours, tokens_BS):
 
 @torch.no_grad()
 def _megamoe_ignores_plr_target(engine, cfg, ours, tokens_BS) -> bool:
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
 
     for layer in moe_layers(engine.modules):
         layer.router.plr_target.add_(1.0)
@@ -159,7 +159,7 @@ def _megamoe_ignores_plr_target(engine, cfg, ours, tokens_BS) -> bool:
 
 def capacity_plr_task(root):
     from megamoe.checkpoint.hf import family_for
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
 
     tokens_BS = sample_tokens_BS(TINY_VOCAB)
     results = {}

@@ -275,7 +275,7 @@ def test_imported_mor_model_under_tp2_gives_the_same_logits(results):
 
 def convert_task(root):
     """`megamoe convert` both ways from a checkpoint of the token-choice loss-free model."""
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
     from megamoe.mor.decoder import mor_decoders
 
     cfg, engine = _build(CASES["token_loss_free"])

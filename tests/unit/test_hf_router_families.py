@@ -166,7 +166,7 @@ def family_task(root):
 def convert_task(root):
     """`megamoe convert` both ways on a checkpoint of an Expert Race model: τ_ema (a router
     buffer) reaches the folder and comes back into the imported step-0 checkpoint."""
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
 
     cfg, engine = build_tiny(FAMILIES["race"])
     randomize(engine, race_threshold=RACE_THRESHOLD)

@@ -24,7 +24,7 @@ def setup(num_recursions=3, layers_per_step=2, router="expert", moe=True, overri
     """(block, rope [S,1,1,d], hidden [S,B,D]) with pool slots 1..layers_per_step (slot 1 MoE)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megamoe.models.lm import transformer_config
+    from megamoe.models.lm.model import transformer_config
     from megamoe.moe.routers import router_builder
     from megamoe.mor.block import RecursionBlock, build_shared_layers
     from megamoe.mor.expert_choice import ExpertChoiceDepthRouter

@@ -52,7 +52,7 @@ def layer_checks():
     """(adaLN-Zero at init, max error of the layer against the formula, output scale, gate
     logits' change with the timestep, error message without the timestep)."""
     from megamoe.data.synthetic_context import timestep_embedding
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
     from megamoe.blocks.context import Context, bind
     from megamoe.engines.megatron import build_engine
 

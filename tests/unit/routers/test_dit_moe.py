@@ -24,7 +24,7 @@ def route_t12(overrides):
         get_moe_layer_wise_logging_tracker,
     )
 
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
     from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *overrides])

@@ -33,7 +33,7 @@ def layer_mixes_all_experts():
     """One MoE layer of the tiny model: its output against Σ_e w_e·FFN_e(x) computed from the
     gate weights and the experts' own modules, token by token."""
     from megamoe.blocks.context import Context
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
     from megamoe.engines.megatron import build_engine
 
     cfg = tiny_config(["parallel.world_size=1", *MOEE, "model.moe.z_loss_coeff=0"])

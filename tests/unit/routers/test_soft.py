@@ -62,7 +62,7 @@ def test_config_errors_name_the_field():
 
 
 def layer_output_vs_formula(overrides):
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
     from megamoe.moe.soft_layer import SoftMoELayer
     from megamoe.engines.megatron import build_engine
 

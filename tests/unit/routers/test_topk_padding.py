@@ -20,7 +20,7 @@ LOSS_NAME = {"switch": "load_balancing_loss", "sequence": "seq_load_balancing_lo
 def moe_layer(overrides, world: int = 1):
     from megatron.core.transformer.spec_utils import build_module
 
-    from megamoe.models.lm import transformer_config
+    from megamoe.models.lm.model import transformer_config
     from megamoe.specs.gpt_moe import moe_spec
     from megamoe.moe.routers import router_builder
     from megamoe.parallel import ParallelDims, init_groups, seed_rng

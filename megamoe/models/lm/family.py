@@ -15,7 +15,7 @@ from megamoe.models.registry import Family, register
 
 
 def _task(cfg):
-    from megamoe.models.lm_task import LMTask
+    from megamoe.models.lm.task import LMTask
 
     return LMTask(cfg)
 
@@ -33,13 +33,13 @@ def _flops_per_token(cfg, vocab_size: int) -> float:
 
 
 def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
-    from megamoe.models.lm import transformer_config
+    from megamoe.models.lm.model import transformer_config
 
     return transformer_config(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
 
 
 def _build(cfg, tconfig, grid, vocab_size: int) -> list:
-    from megamoe.models.lm import build_lm
+    from megamoe.models.lm.model import build_lm
 
     return build_lm(cfg, tconfig, grid, vocab_size)
 
@@ -60,7 +60,7 @@ def _check_router_causality(cfg) -> None:
 def _after_step_hooks(chunks, grid) -> list:
     """The routers' end-of-step updates (V-MoE's noise step, loss-free biases) and MoR's
     token-choice loss-free bias (its assignment ratios averaged over data-parallel ranks)."""
-    from megamoe.models.lm import moe_layers
+    from megamoe.models.lm.model import moe_layers
 
     routers = [layer.router for layer in moe_layers(chunks)]
     hooks = [r.after_step for r in routers]

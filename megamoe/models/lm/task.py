@@ -47,8 +47,8 @@ class LMTask:
     def forward_step(self, model, batch: dict, device: torch.device, step: int):
         """(output, loss function) of one micro-batch, Megatron's forward-step convention.
         Every pipeline stage builds the micro-batch's context and hands it to the model, which
-        binds it for its layers during the call (megamoe.models.lm.LMModel)."""
-        from megamoe.models.lm import lm_context
+        binds it for its layers during the call (megamoe.models.lm.model.LMModel)."""
+        from megamoe.models.lm.model import lm_context
 
         tokens = batch["tokens"].to(device)
         output = model(tokens, batch["position_ids"].to(device), None,
