@@ -67,17 +67,22 @@ class MapRecorder:
         self.dropped: list = []      # HF gates: (token, expert) pairs dropped, per call
 
     def wrap_megamoe(self, router):
-        """Records the real tokens' rows (a MoR step's compacted batch also holds pads)."""
-        routing = router.routing
+        """Records the real tokens' rows (a MoR step's compacted batch also holds pads). Wraps
+        the routing function the router's `route` calls: `routing_with_scores` /
+        `routing_with_stats` (which return the per-call scores or statistics with the map,
+        instead of keeping them on the router), else Megatron's `routing`."""
+        name = next(n for n in ("routing_with_scores", "routing_with_stats", "routing")
+                    if hasattr(router, n))
+        routing = getattr(router, name)
 
         def recorded(logits, padding_mask=None):
-            probs_TE, map_TE = (routing(logits) if padding_mask is None
-                                else routing(logits, padding_mask))
+            out = (routing(logits) if padding_mask is None else routing(logits, padding_mask))
+            map_TE = out[1]
             real_T = (torch.ones(map_TE.shape[0], dtype=torch.bool) if padding_mask is None
                       else ~padding_mask.reshape(-1))
             self.maps.append(map_TE.detach()[real_T].clone())
-            return probs_TE, map_TE
-        router.routing = recorded
+            return out
+        setattr(router, name, recorded)
 
     def hook_hf(self, gate):
         def record(module, args, out):
