@@ -8,7 +8,7 @@ kind before a colour repeats: the default 12 are the six kinds in red and in blu
 Image. Each image is a pure function of (seed, global index g): its draws come from
 `numpy.random.default_rng([seed, g])` (no global RNG state), so any image can be made without the
 others, in any process. Per image: the class (uniform), the shape's circumradius
-r ∈ [0.22, 0.42]·size, its centre (uniform such that the shape stays inside), a rotation
+r ∈ [0.28, 0.45]·size, its centre (uniform such that the shape stays inside), a rotation
 (uniform), a per-channel colour jitter of ±25; the background is a grey level with a tint, a
 linear gradient and a smooth 4×4 texture; pixel noise (σ = 6) covers the whole image. Shapes are
 drawn with Pillow at 4× and box-filtered down (anti-aliased edges). Same numpy and Pillow
@@ -49,7 +49,7 @@ DEFAULT_CLASSES = 12
 MIN_IMAGE_SIZE = 16
 VALID_BASE = 1 << 40             # global index of validation image 0
 _SUPERSAMPLE = 4
-_RADIUS = (0.22, 0.42)           # circumradius r / size
+_RADIUS = (0.28, 0.45)           # circumradius r / size
 _JITTER = 25                     # ± per colour channel
 _SPLITS = ("train", "valid")
 

@@ -129,7 +129,7 @@ def test_learnable_well_above_chance_and_not_with_shuffled_labels():
     f_train, f_valid = _features(x_train), _features(x_valid)
     chance = 1 / n
     acc = (_nearest_class_mean(f_train, y_train, f_valid, n) == y_valid).mean()
-    assert acc >= 5 * chance, acc                                   # ≈ 0.65 measured
+    assert acc >= 5 * chance, acc                                   # ≈ 0.73 measured
     shuffled = np.random.default_rng(0).permutation(y_train)        # negative control
     acc_shuffled = (_nearest_class_mean(f_train, shuffled, f_valid, n) == y_valid).mean()
     assert acc_shuffled <= 2 * chance, acc_shuffled
