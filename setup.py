@@ -19,6 +19,7 @@ setup(
         "torch>=2.6,<2.15",
         "megatron-core>=0.16.1,<0.17",
         "numpy",
+        "Pillow",          # the shapes image set (megamoe.data.shapes)
         "psutil",
         "pyyaml",
         "sentencepiece",

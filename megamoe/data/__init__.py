@@ -1,5 +1,5 @@
-"""Training data: the built-in Markov corpus, Megatron indexed datasets, a sentencepiece
-tokenizer, and batches as a function of consumed samples.
+"""Training data: the built-in Markov corpus, the shapes image set, Megatron indexed datasets, a
+sentencepiece tokenizer, and batches as a function of consumed samples.
 
     train, valid, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     micro_batches = rank_microbatches(train, consumed, G, mbs, dp_rank, dp_size)
@@ -11,6 +11,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "MarkovCorpus": "markov",
+    "ShapesDataset": "shapes",
+    "build_shapes_datasets": "shapes",
     "IndexedDatasetReader": "indexed",
     "IndexedDatasetWriter": "indexed",
     "SentencePieceTokenizer": "tokenizer",
