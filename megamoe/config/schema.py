@@ -84,7 +84,7 @@ class MoEConfig:
     drop_policy: str = "probs"
     pad_to_capacity: bool = False
     token_dispatcher: str = "alltoall"
-    experts: str = "sequential"      # grouped: each projection of all local experts in one torch._grouped_mm call
+    experts: str = "sequential"      # grouped: one torch._grouped_mm per projection, all experts
     shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False
     allow_non_causal: bool = False

@@ -14,7 +14,8 @@ GROUPED = ["model.moe.experts=grouped"]
 
 
 def _close(a, b) -> bool:
-    return a.shape == b.shape and (a - b).abs().max().item() <= RTOL * max(a.abs().max().item(), 1e-30)
+    scale = max(a.abs().max().item(), 1e-30)
+    return a.shape == b.shape and (a - b).abs().max().item() <= RTOL * scale
 
 
 def _experts(overrides):
