@@ -41,6 +41,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DATA_KINDS = ("markov", "indexed")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+# expert back ends; megamoe.specs.gpt_moe picks the module
+EXPERT_BACKENDS = ("sequential", "grouped")
 # Megatron's selective modules that megamoe's layers have (no grouped GEMM, no MLA)
 RECOMPUTE_MODULES = ("core_attn", "moe", "shared_experts", "mlp", "layernorm")
 
@@ -82,6 +84,7 @@ class MoEConfig:
     drop_policy: str = "probs"
     pad_to_capacity: bool = False
     token_dispatcher: str = "alltoall"
+    experts: str = "sequential"      # grouped: one torch._grouped_mm per projection, all experts
     shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False
     allow_non_causal: bool = False
@@ -111,6 +114,7 @@ class MoEConfig:
         at_least(self, "loss_free_bias_rate", 0)
         one_of(self, "drop_policy", DROP_POLICIES)
         one_of(self, "token_dispatcher", TOKEN_DISPATCHERS)
+        one_of(self, "experts", EXPERT_BACKENDS)
         at_least(self, "aux_loss_coeff", 0)
         at_least(self, "z_loss_coeff", 0)
         greater_than(self, "capacity_factor", 0)

@@ -2,8 +2,8 @@
 SwiGLU experts, no biases; options for QK-norm, qkv bias and a (gated) shared expert.
 
 Modules are Megatron-Core's local ones (column/row-parallel linears, `DotProductAttention`,
-`SequentialMLP` experts) plus megamoe's RMSNorm (sequence-parallel capable) and MoE layer
-(context, router families).
+`SequentialMLP` experts, or megamoe's grouped ones by `model.moe.experts`) plus megamoe's
+RMSNorm (sequence-parallel capable) and MoE layer (context, router families).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -27,6 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megamoe.blocks.norms import QKRMSNorm, RMSNorm
+from megamoe.moe.experts import EXPERT_MODULES
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
 from megamoe.moe.routers.diff_moe import DiffMoELayer, DiffMoERouter
@@ -56,16 +56,18 @@ def attention_spec(qk_layernorm: bool) -> ModuleSpec:
     )
 
 
-def moe_spec(router, shared_expert: bool, pg_collection) -> ModuleSpec:
-    """`router`: a family key of `ROUTERS` or a factory from `router_builder`. The MoE layer
-    receives its process groups explicitly (Megatron's TransformerLayer only forwards them to
-    the MoE classes it knows by name)."""
+def moe_spec(router, shared_expert: bool, pg_collection,
+             experts: str = "sequential") -> ModuleSpec:
+    """`router`: a family key of `ROUTERS` or a factory from `router_builder`; `experts`: a key
+    of `EXPERT_MODULES` (`model.moe.experts`). The MoE layer receives its process groups
+    explicitly (Megatron's TransformerLayer only forwards them to the MoE classes it knows by
+    name)."""
     router_cls = ROUTERS[router] if isinstance(router, str) else getattr(router, "func", router)
     return ModuleSpec(
         module=MOE_LAYERS.get(router_cls, MegamoeMoELayer),
         params={"pg_collection": pg_collection},
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP, submodules=_mlp_submodules()),
+            experts=ModuleSpec(module=EXPERT_MODULES[experts], submodules=_mlp_submodules()),
             shared_experts=(
                 ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules())
                 if shared_expert else None
@@ -76,8 +78,8 @@ def moe_spec(router, shared_expert: bool, pg_collection) -> ModuleSpec:
 
 
 def layer_spec(is_moe: bool, *, qk_layernorm: bool, router, shared_expert: bool,
-               pg_collection=None) -> ModuleSpec:
-    mlp = (moe_spec(router, shared_expert, pg_collection) if is_moe
+               pg_collection=None, experts: str = "sequential") -> ModuleSpec:
+    mlp = (moe_spec(router, shared_expert, pg_collection, experts) if is_moe
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
     return ModuleSpec(
         module=TransformerLayer,
@@ -102,12 +104,13 @@ def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[boo
 
 
 def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router,
-                       shared_expert: bool, pg_collection=None,
+                       shared_expert: bool, pg_collection=None, experts: str = "sequential",
                        vp_stage: int | None = None, pp_rank: int | None = None
                        ) -> TransformerBlockSubmodules:
     """The block spec of this pipeline stage (and virtual stage): its slice of the layers."""
     specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
-                        shared_expert=shared_expert, pg_collection=pg_collection)
+                        shared_expert=shared_expert, pg_collection=pg_collection,
+                        experts=experts)
              for m in pattern]
     n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -181,7 +181,8 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) ->
         first = pp_rank == 0 and (vp_stage in (None, 0))
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
         layer_kwargs = dict(qk_layernorm=m.qk_layernorm, router=router_builder(moe, vocab_size),
-                            shared_expert=bool(moe.shared_expert_ffn_hidden_size))
+                            shared_expert=bool(moe.shared_expert_ffn_hidden_size),
+                            experts=moe.experts)
         if m.mor.enabled:
             from megamoe.mor.decoder import build_mor_decoder
 
