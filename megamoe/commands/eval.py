@@ -14,8 +14,6 @@ import math
 import sys
 import time
 
-from megamoe.checkpoint.load import CheckpointError
-
 
 def evaluate_checkpoint(src: str, *, iters: int | None = None, log=print) -> dict:
     """The figures of `src` (a run directory, its checkpoints/ root or a step directory)."""
@@ -51,5 +49,3 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, log=print) -> dic
     log(json.dumps(figures))
     return figures
 
-
-__all__ = ["evaluate_checkpoint", "CheckpointError"]

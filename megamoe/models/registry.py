@@ -13,7 +13,7 @@ checkpoint code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 _FAMILIES: dict[str, "Family"] = {}
@@ -36,7 +36,6 @@ class Family:
     after_step_hooks: Callable | None = None   # (chunks, grid) -> [callable()]
     describe: Callable | None = None       # (cfg, vocab) -> {start-up line: text}
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def register(family: Family) -> Family:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megamoe.config.schema import ParallelConfig
+
 
 def microbatches_per_step(global_batch_size: int, micro_batch_size: int, data: int) -> int:
     """Micro-batches each DP rank runs per step: global batch / (micro batch × DP)."""
@@ -51,19 +53,12 @@ class ParallelDims:
             raise ValueError(f"parallel.world_size: {self.world_size} is not divisible by "
                              f"{product} = {size}")
 
-    @property
-    def data(self) -> int:
-        """DP: replicas of the dense (attention) weights."""
-        return self.world_size // (self.tensor * self.pipeline)
-
-    @property
-    def expert_tensor_size(self) -> int:
-        return self.tensor if self.expert_tensor is None else self.expert_tensor
-
-    @property
-    def expert_data(self) -> int:
-        """Expert-DP: replicas of each expert shard (the expert-gradient reduction group)."""
-        return self.world_size // (self.expert_tensor_size * self.expert * self.pipeline)
+    # DP (replicas of the dense weights), expert-TP and expert-DP (replicas of each expert
+    # shard): the config's own arithmetic on the same field names, stated once there (the
+    # config layer cannot import this one)
+    data = ParallelConfig.data
+    expert_tensor_size = ParallelConfig.expert_tensor_size
+    expert_data = ParallelConfig.expert_data
 
     @property
     def model_chunks(self) -> int:

@@ -11,8 +11,9 @@ expert perturbed on one rank."""
 
 import pytest
 
-from megamoe.testing.parity import compare, parity_task, reference
+from megamoe.testing.parity import compare, reference
 from megamoe.testing.pool import run_distributed
+from test_family_diff_moe import calibrated_parity_task as recompute_task  # adaLN-Zero drawn
 
 FULL = ["model.recompute_granularity=full", "model.recompute_method=uniform",
         "model.recompute_num_layers=1"]
@@ -35,20 +36,6 @@ CASES = [("vmoe_full", VMOE, FULL), ("vmoe_selective_moe", VMOE, SELECTIVE_MOE),
          ("diff_moe_full", DIFF_MOE, FULL), ("diff_moe_selective_moe", DIFF_MOE, SELECTIVE_MOE),
          ("mor_modality_full", MOR_MODALITY, FULL),
          ("mor_modality_selective_moe", MOR_MODALITY, SELECTIVE_MOE)]
-
-
-def recompute_task(*args, **kwargs):
-    """`parity_task` with Diff-MoE's adaLN-Zero parameters drawn like any weight (std 0.5, a
-    function of the global key), so that the calibration path has gradients at step 1."""
-    import megamoe.models.init as init
-
-    zero_rule = init._std_for
-    init._std_for = lambda key, std, n, shape=(): (0.5 if "adaln_zero" in key
-                                                   else zero_rule(key, std, n, shape))
-    try:
-        return parity_task(*args, **kwargs)
-    finally:
-        init._std_for = zero_rule
 
 
 def _runs(model, recompute, perturb=False):
