@@ -23,7 +23,8 @@ Families (model.moe.router), eval semantics:
 - vmoe, limoe: g = softmax(l) (no noise in eval), the k largest g, not renormalised; with an
   eval capacity ratio C, each expert keeps ceil(N·k·C/E) (rounded up to a multiple of
   `capacity_multiple_of`) slots filled all top-1 choices before any top-2 choice, tokens in
-  Batch Prioritized Routing order (`priority` max/sum) or in token order; overflow is dropped.
+  Batch Prioritized Routing order (`priority` max/sum, ties in batch order) or in batch order
+  (sample by sample, position by position, as google-research/vmoe); overflow is dropped.
 - expert_choice: s = softmax(l); expert e takes the tokens whose s[:, e] is at least the c-th
   largest of its column, c = ⌈k·T/E⌉ (at most T).
 - race: s = l (or σ(l), softmax(l) by `gating`); in eval every (token, expert) with
@@ -257,16 +258,16 @@ def vmoe_capacity(num_tokens: int, k: int, ratio: float, num_experts: int, multi
     return capacity
 
 
-def assign_buffers(gates_NE, k: int, capacity: int, priority: str):
-    """(experts [N, k], kept [N, k]): top-1 choices fill the slots before top-2 choices, tokens in
-    priority order (stable) within a choice."""
+def assign_buffers(gates_NE, k: int, capacity: int, priority: str, batch: int):
+    """(experts [N, k], kept [N, k]) for N = S·B tokens in Megatron's order: top-1 choices fill
+    the slots before top-2 choices; within a choice tokens go in batch order (sample by sample,
+    position by position) or in priority order (stable: ties in batch order)."""
     top = torch.topk(gates_NE, k, dim=-1)
     N, E = gates_NE.shape
-    if priority == "none":
-        order_N = torch.arange(N, device=gates_NE.device)
-    else:
+    order_N = torch.arange(N, device=gates_NE.device).view(N // batch, batch).t().reshape(-1)
+    if priority != "none":
         score_N = top.values[:, 0] if priority == "max" else top.values.sum(dim=-1)
-        order_N = torch.argsort(score_N, descending=True, stable=True)
+        order_N = order_N[torch.argsort(score_N[order_N], descending=True, stable=True)]
     onehot_kNE = F.one_hot(top.indices[order_N].t(), E)
     position_kN = (onehot_kNE.reshape(k * N, E).cumsum(0).reshape(k, N, E)
                    * onehot_kNE).sum(-1) - 1
@@ -294,7 +295,8 @@ class VMoERouter(GateLinear):
         else:
             capacity = vmoe_capacity(gates_TE.shape[0], self.k, self.ratio, self.num_experts,
                                      self.multiple_of)
-            idx_Tk, kept_Tk = assign_buffers(gates_TE, self.k, capacity, self.priority)
+            idx_Tk, kept_Tk = assign_buffers(gates_TE, self.k, capacity, self.priority,
+                                             ctx.batch)
         return dense_from_topk(gates_TE, idx_Tk, gates_TE.gather(1, idx_Tk), kept_Tk)
 
 
