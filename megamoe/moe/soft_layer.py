@@ -31,7 +31,8 @@ class SoftMoELayer(MegamoeMoELayer):
     def moe_forward(self, hidden_states: torch.Tensor,
                     padding_mask: Optional[torch.Tensor] = None):
         if padding_mask is not None:
-            raise NotImplementedError("Soft MoE slots mix every position of a sequence: padding is not supported")
+            raise NotImplementedError("Soft MoE slots mix every position of a sequence: "
+                                      "padding is not supported")
         S_l, B, D = hidden_states.shape
         tp, tp_rank = self.tp_group.size(), self.tp_group.rank()
         assert tp == 1 or self.config.sequence_parallel, "MoE with TP needs sequence parallelism"

@@ -27,7 +27,8 @@ def _tiny_model(overrides, train_mode: bool):
         B, S = tokens_BS.shape
         context = lm_context({"tokens": tokens_BS, "sample_index": torch.arange(B)}, cfg)
         pos = torch.arange(S).expand(B, S)
-        return model(tokens_BS, pos, None, context=context)[..., :TINY_VOCAB]   # padded ids' logits: -inf
+        # padded ids' logits are -inf
+        return model(tokens_BS, pos, None, context=context)[..., :TINY_VOCAB]
     return cfg, forward
 
 

@@ -1,8 +1,9 @@
 """V-MoE under expert parallelism and EP×TP with sequence parallelism: the same loss, step-1
 gradients, parameters after 3 steps and router state (noise step) as the single-process
 reference. Capacity with batch priority, or in batch order without it, selects over the
-micro-batch (gathered over the TP group under SP), the noise is a function of the global token position, and the importance and
-load losses use all-reduced partial sums; perturbing one expert on one rank must break it."""
+micro-batch (gathered over the TP group under SP), the noise is a function of the global token
+position, and the importance and load losses use all-reduced partial sums; perturbing one
+expert on one rank must break it."""
 
 import pytest
 
