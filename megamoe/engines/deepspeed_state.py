@@ -29,20 +29,17 @@ def _names(engine) -> list[str]:
 
 def ensure_state(engine) -> None:
     """Create Adam's state of every flat partition (torch creates it at the first step) and
-    link DeepSpeed's per-parameter fragments to it, so a load before any step has targets."""
+    (re)link DeepSpeed's per-parameter fragments to it: DeepSpeed links them once, right after
+    stepping the first parameter group, when the other groups have no state yet."""
     zero = engine.optimizer
-    inner = zero.optimizer
-    created = False
     for flat in zero.single_partition_of_fp32_groups:
-        state = inner.state[flat]
+        state = zero.optimizer.state[flat]
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(flat)
             state["exp_avg_sq"] = torch.zeros_like(flat)
-            created = True
         state["step"] = torch.tensor(float(engine.step))
-    if created or not zero._hp_optimizer_states_linked:
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
 
 
 def _full(param, name: str) -> torch.Tensor:
