@@ -78,25 +78,45 @@ def engine_run(overrides, engine: str, zero_stage: int = 1, steps: int = 5,
 
 
 def save_after(overrides, engine: str, root: str, steps: int, zero_stage: int = 1):
-    """Train `steps` steps under `engine` and save (the engine-neutral checkpoint)."""
+    """Train `steps` steps under `engine` and save (the engine-neutral checkpoint); rank 0
+    returns the losses and the global parameters saved."""
     from megamoe.checkpoint.save import save_checkpoint
 
     e = build(config(overrides, engine, zero_stage), engine)
     result = ParityResult()
     train_steps(e, 0, steps, result)
     save_checkpoint(root, e, {})
-    return result.losses if dist.get_rank() == 0 else None
+    result.params = gather_global(e.modules)
+    return result if dist.get_rank() == 0 else None
 
 
 def resume_under(overrides, engine: str, root: str, start: int, steps: int,
-                 zero_stage: int = 1):
-    """Load the newest checkpoint of `root` under `engine` and layout, train `steps` more."""
+                 zero_stage: int = 1, load_optimizer: bool = True):
+    """Load the newest checkpoint of `root` under `engine` and layout (without its optimizer
+    state: a control), train `steps` more."""
     from megamoe.checkpoint.load import load_checkpoint, resolve
 
     e = build(config(overrides, engine, zero_stage), engine)
-    load_checkpoint(e, resolve(root, log=lambda *_: None))
+    load_checkpoint(e, resolve(root, log=lambda *_: None), load_optimizer=load_optimizer)
     assert e.step == start, (e.step, start)
     result = ParityResult()
     train_steps(e, start, start + steps, result)
     result.params = gather_global(e.modules)
     return result if dist.get_rank() == 0 else None
+
+
+def export_hf_task(src: str, out: str) -> dict:
+    """One rank: `megamoe convert --to hf` of the checkpoint `src` into `out`; transformers'
+    logits against megamoe's for the same checkpoint, and the global tensors it exported."""
+    from megamoe.commands import convert
+    from megamoe.testing.hf import (hf_logits_err, load_hf, megamoe_logits_BSV,
+                                    sample_tokens_BS)
+
+    convert.to_hf(src, out, log=lambda *_: None)
+    engine = convert.load_one_rank(src, log=lambda *_: None)[0]
+    tokens_BS = sample_tokens_BS(TINY_VOCAB)
+    with torch.no_grad():
+        ours_BSV = megamoe_logits_BSV(engine, tokens_BS)
+    hf, missing = load_hf(out)
+    return {"err": hf_logits_err(hf, ours_BSV, tokens_BS), "missing": missing,
+            "scale": ours_BSV.abs().max().item(), "params": gather_global(engine.modules)}

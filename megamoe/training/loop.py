@@ -19,7 +19,7 @@ from megamoe.checkpoint.save import save_checkpoint
 from megamoe.data.batches import build_datasets
 from megamoe.data.checks import model_vocab_size
 from megamoe.data.loader import DataLoader
-from megamoe.engines.megatron import build_engine
+from megamoe.engines.megatron import build_engine as build_megatron_engine
 from megamoe.models.lm.model import non_causal_routers
 from megamoe.models.vocab import describe_vocab
 from megamoe.training import metrics as M
@@ -36,6 +36,15 @@ def _peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
+
+
+def build_engine(cfg, vocab_size: int, device: torch.device):
+    """The engine `train.engine` names, with its optimizer."""
+    if cfg.train.engine == "deepspeed":
+        from megamoe.engines.deepspeed import build_engine as build_deepspeed_engine
+
+        return build_deepspeed_engine(cfg, vocab_size, device)
+    return build_megatron_engine(cfg, vocab_size, device)
 
 
 def check_causality(cfg, family, chunks) -> list[str]:
