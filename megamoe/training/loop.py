@@ -108,7 +108,9 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         if cfg.run.tensorboard:
             callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard"),
                                                  purge_step=engine.step + 1 if resumed else None))
-    info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "
+    info = {"layout": engine.dims.describe() + (f" under DeepSpeed ZeRO-{t.zero_stage}"
+                                                if t.engine == "deepspeed" else ""),
+            "parameters": f"{total_params:,} total, "
             f"{active_params:,} active per {family.unit}", "run dir": cfg.run.dir,
             "vocab": describe_vocab(vocab, engine.padded_vocab_size,
                                     cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)}
