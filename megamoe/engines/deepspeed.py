@@ -82,22 +82,21 @@ class DeepSpeedEngine:
     # -- the protocol (megamoe.engines.base) -------------------------------------------------
 
     def train_step(self, microbatches: list) -> dict:
-        assert len(microbatches) == self.ds.gradient_accumulation_steps(), (
-            len(microbatches), self.ds.gradient_accumulation_steps())
-        zero, total = self.ds.optimizer, torch.zeros(2)
+        zero, last = self.ds.optimizer, len(microbatches) - 1
+        assert last + 1 == self.ds.gradient_accumulation_steps(), (
+            last + 1, self.ds.gradient_accumulation_steps())
+        lr, total = zero.param_groups[0]["lr"], torch.zeros(2)
         for i, mb in enumerate(microbatches):
-            loss_sum, units, report = self._forward(mb)
+            loss_sum, _, report = self._forward(mb)
             total += report
-            if i == len(microbatches) - 1:
-                total_units = units_global(total[1].item(), self.grid.dp)
             _set_aux_loss_scale()
             self.ds.backward(loss_sum, scale_wrt_gas=False)
-            if i == len(microbatches) - 1:
-                # the gradients hold Σ(unit losses)/DP: the step divides by N/DP
-                zero.external_loss_scale = max(total_units, 1.0) / self.grid.dp.size()
-            lr = zero.param_groups[0]["lr"]
+            if i == last:
+                # the reduced gradients hold Σ(unit losses)/DP: the step divides by N/DP
+                n = units_global(total[1].item(), self.grid.dp)
+                zero.external_loss_scale = max(n, 1.0) / self.grid.dp.size()
             try:
-                self.ds.step()
+                self.ds.step()       # DeepSpeed counts micro-batches; it steps at the last
             finally:
                 zero.external_loss_scale = 1.0
         norm = self.ds.get_global_grad_norm()

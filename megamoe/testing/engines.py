@@ -17,7 +17,8 @@ from megamoe.testing.parity import TINY_VOCAB, ParityResult, perturb_one_expert,
 # AdamW at a rate where DESIGN.md's parameter bound (0.05·lr·steps) is tight; clip_grad (from
 # parity.TINY, 0.5) sits below the tiny model's gradient norm, so clipping is engaged
 ADAMW = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01",
-         "train.weight_decay=0.1", "train.adam_beta2=0.95"]
+         "train.weight_decay=0.1", "train.adam_beta2=0.95",
+         "train.global_batch_size=16"]     # 2 micro-batches of 2 per rank at DP 4
 EP2_DP2 = ["parallel.expert=2"]        # on 4 ranks: DP 4 (dense), EP 2, expert-DP 2
 
 

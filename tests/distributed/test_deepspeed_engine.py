@@ -88,3 +88,17 @@ def test_megatron_checkpoint_resumes_under_deepspeed(tmp_path):
     cold = run_distributed(resume_under, 4, EP2_DP2, "deepspeed", root, SAVED_AT,
                            STEPS - SAVED_AT, zero_stage=1, load_optimizer=False)[0]
     assert _resumed_matches(ref, cold), "a resume without optimizer state went unnoticed"
+
+
+def test_loss_masks_are_uneven_across_micro_batches_and_ranks():
+    """What makes the normalisation matter: token counts differ per micro-batch and rank, so a
+    per-micro-batch mean would weigh tokens differently from the global-token mean."""
+    from megamoe.testing.engines import uneven_masks
+    from megamoe.testing.parity import rank_microbatches
+
+    counts = [[mb["loss_mask"].sum().item()
+               for mb in uneven_masks(rank_microbatches(0, r, 4, 2, 16, 16, 64), 16)]
+              for r in range(4)]
+    assert all(len(row) == 2 for row in counts)      # micro-batches per rank at DP 4
+    flat = [c for row in counts for c in row]
+    assert len(set(flat)) > 1 and all(0 < c < 32 for c in flat), counts
