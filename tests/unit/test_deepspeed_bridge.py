@@ -72,7 +72,8 @@ def test_zero_optimizer_hooks_the_engine_relies_on():
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Z
 
     assert "external_loss_scale" in inspect.getsource(Z.override_loss_scale)
-    assert "_hp_optimizer_states_linked" in inspect.getsource(Z._lazy_init_hp_params_optimizer_state)
+    link = inspect.getsource(Z._lazy_init_hp_params_optimizer_state)
+    assert "_hp_optimizer_states_linked" in link
     # expert gradients in a bucket are divided by the dense DP size, as Megatron does
     assert "tensor.div_(dist.get_world_size(group=self.dp_process_group)" in inspect.getsource(
         Z.average_tensor)
