@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        # train.engine=deepspeed (ZeRO 1/2); megamoe.platform.deepspeed_bridge is pinned to 0.19
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "mpi": ["mpi4py"],
         # the releases tests/unit/test_hf_transformers_range.py checks (floor and newest)

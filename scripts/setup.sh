@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${MEGAMOE_EXTRAS:-test,hf}
+EXTRAS=${MEGAMOE_EXTRAS:-test,hf,deepspeed}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# deepspeed (train.engine=deepspeed): pure Python, no ops compiled at install
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q "torch==2.13.0" 2>&1 | grep -v -i "^warning" || true
 fi

@@ -69,8 +69,22 @@ def check_sequence_parallel(cfg: Config) -> None:
              f"({p.tensor}), which sequence parallelism shards it over")
 
 
+def check_engine(cfg: Config) -> None:
+    """DeepSpeed's engine gets megamoe's EP and expert-DP groups, not Megatron's TP/SP gradient
+    reductions or its pipeline schedules; ZeRO shards the optimizer itself."""
+    p = cfg.parallel
+    if cfg.train.engine != "deepspeed":
+        return
+    if p.tensor > 1 or p.pipeline > 1:
+        fail("train.engine", f"deepspeed runs parallel.tensor=1 and parallel.pipeline=1 only "
+             f"(got parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline})")
+    if p.distributed_optimizer:
+        fail("parallel.distributed_optimizer", "true with train.engine=deepspeed: ZeRO shards "
+             "the optimizer state itself; set it false")
+
+
 SECTION_CHECKS = (check_experts, check_tensor_split, check_batch, check_pipeline,
-                  check_sequence_parallel)
+                  check_sequence_parallel, check_engine)
 
 
 def check_sections(cfg: Config) -> None:

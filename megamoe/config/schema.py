@@ -38,6 +38,8 @@ TOKEN_DISPATCHERS = ("alltoall", "allgather")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
+ENGINES = ("megatron", "deepspeed")
+ZERO_STAGES = (1, 2)
 DATA_KINDS = ("markov", "indexed")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -270,6 +272,8 @@ class TrainConfig:
                                      # schedule: decay again from lr (else: min_lr stays)
     precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU
     deterministic: bool = True
+    engine: str = "megatron"         # megatron | deepspeed (ZeRO; TP = PP = 1)
+    zero_stage: int = 1              # train.engine=deepspeed: ZeRO stage 1 or 2
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size"):
@@ -290,6 +294,10 @@ class TrainConfig:
         one_of(self, "lr_schedule", LR_SCHEDULES)
         one_of(self, "optimizer", OPTIMIZERS)
         one_of(self, "precision", PRECISIONS)
+        one_of(self, "engine", ENGINES)
+        if self.zero_stage not in ZERO_STAGES:
+            fail("train.zero_stage", f"must be 1 or 2 (ZeRO-3 is not supported), got "
+                 f"{self.zero_stage!r}")
         if not self.resume:
             fail("train.resume", "must be 'auto', 'none' or a checkpoint path")
 

@@ -154,17 +154,7 @@ def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: 
                  ddp: bool = True) -> MegatronEngine:
     """Groups for the config's layout, the family's chunks for this rank (initialised as a
     function of the global parameter), DDP and the optimizer."""
-    family = family_for(cfg)
-    dims = ParallelDims.from_config(cfg.parallel)
-    grid = build_grids(dims).lm
-    seed_rng(cfg.run.seed)
-    dtype = resolve_dtype(cfg.train.precision, device)
-    tconfig = family.transformer_config(cfg, dims, sequence_parallel=dims.sequence_parallel,
-                                        dtype=dtype)
-    chunks = family.build(cfg, tconfig, grid, vocab_size)
-    for c in chunks:
-        c.to(device)
-    init_global(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)
+    family, dims, grid, tconfig, chunks, dtype = build_model(cfg, vocab_size, device)
     if ddp:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -186,6 +176,24 @@ def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: 
     return engine
 
 
+def build_model(cfg, vocab_size: int, device: torch.device):
+    """(family, dims, grid, transformer config, chunks, dtype): the groups for the config's
+    layout and the family's chunks for this rank, initialised as a function of the global
+    parameter (every engine starts from this)."""
+    family = family_for(cfg)
+    dims = ParallelDims.from_config(cfg.parallel)
+    grid = build_grids(dims).lm
+    seed_rng(cfg.run.seed)
+    dtype = resolve_dtype(cfg.train.precision, device)
+    tconfig = family.transformer_config(cfg, dims, sequence_parallel=dims.sequence_parallel,
+                                        dtype=dtype)
+    chunks = family.build(cfg, tconfig, grid, vocab_size)
+    for c in chunks:
+        c.to(device)
+    init_global(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)
+    return family, dims, grid, tconfig, chunks, dtype
+
+
 def build_optimizer(cfg, chunks, dtype, pg):
     t = cfg.train
     ocfg = OptimizerConfig(
@@ -204,8 +212,15 @@ def build_optimizer(cfg, chunks, dtype, pg):
     )
     optimizer = get_megatron_optimizer(ocfg, chunks, pg_collection=pg,
                                        use_gloo_process_groups=False)
+    return optimizer, build_scheduler(cfg, optimizer)
+
+
+def build_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
+    """Megatron's LR and weight-decay schedule over `optimizer.param_groups` (also the
+    DeepSpeed engine's, so the schedule's checkpoint state is the same under both engines)."""
+    t = cfg.train
     decay_style = "cosine" if t.lr_schedule == "cosine" else "constant"
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if t.warmup_steps else t.lr,
         max_lr=t.lr,
@@ -218,7 +233,6 @@ def build_optimizer(cfg, chunks, dtype, pg):
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
     )
-    return optimizer, scheduler
 
 
 def make_forward_step(engine: MegatronEngine):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 
@@ -20,5 +22,8 @@ def check_layout_supported(cfg, device_type: str | None = None) -> None:
             "do the uneven all-gather of Megatron's dispatch post-processing; use "
             "parallel.expert_tensor=1 on CPU (this layout runs on GPUs)"
         )
+    if cfg.train.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("train.engine=deepspeed: the deepspeed package is not installed "
+                         "(pip install -e '.[deepspeed]')")
     if device_type == "cpu" and cfg.train.precision == "bf16":
         raise ValueError("train.precision=bf16: CPU training runs in fp32 (use auto or fp32)")

@@ -19,7 +19,7 @@ from megamoe.checkpoint.save import save_checkpoint
 from megamoe.data.batches import build_datasets
 from megamoe.data.checks import model_vocab_size
 from megamoe.data.loader import DataLoader
-from megamoe.engines.megatron import build_engine
+from megamoe.engines.megatron import build_engine as build_megatron_engine
 from megamoe.models.lm.model import non_causal_routers
 from megamoe.models.vocab import describe_vocab
 from megamoe.training import metrics as M
@@ -36,6 +36,15 @@ def _peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
+
+
+def build_engine(cfg, vocab_size: int, device: torch.device):
+    """The engine `train.engine` names, with its optimizer."""
+    if cfg.train.engine == "deepspeed":
+        from megamoe.engines.deepspeed import build_engine as build_deepspeed_engine
+
+        return build_deepspeed_engine(cfg, vocab_size, device)
+    return build_megatron_engine(cfg, vocab_size, device)
 
 
 def check_causality(cfg, family, chunks) -> list[str]:
@@ -99,7 +108,9 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         if cfg.run.tensorboard:
             callbacks.append(TensorBoardCallback(os.path.join(cfg.run.dir, "tensorboard"),
                                                  purge_step=engine.step + 1 if resumed else None))
-    info = {"layout": engine.dims.describe(), "parameters": f"{total_params:,} total, "
+    info = {"layout": engine.dims.describe() + (f" under DeepSpeed ZeRO-{t.zero_stage}"
+                                                if t.engine == "deepspeed" else ""),
+            "parameters": f"{total_params:,} total, "
             f"{active_params:,} active per {family.unit}", "run dir": cfg.run.dir,
             "vocab": describe_vocab(vocab, engine.padded_vocab_size,
                                     cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)}
