@@ -269,7 +269,7 @@ def _train_rank(config) -> None:
     from megamoe.training.loop import train
 
     cfg = load_config(config) if isinstance(config, str) else config
-    info = discover_rank()
+    info = discover_rank()   # checked by cmd_train already
     device = init_distributed(info)
     try:
         train(cfg, device, stop)
@@ -335,19 +335,18 @@ def _os_error(exc: OSError, run_dir: str) -> str:
 
 def cmd_train(args) -> int:
     from megamoe.config import ConfigError, load_config, resolve_run_dir
-    from megamoe.launch.env import discover_rank
+    from megamoe.launch.env import check_world_size, discover_rank
 
     try:
         cfg = load_config(args.config, args.overrides)
         from megamoe.models.checks import check_config
 
         check_config(cfg)        # every check, before any rank starts
+        info = discover_rank()   # LaunchError: an inconsistent launcher environment
+        if info is not None:
+            check_world_size(info, cfg.parallel.world_size)
     except (ConfigError, ValueError) as exc:
         return _error(str(exc))
-    info = discover_rank()
-    if info is not None and info.world_size != cfg.parallel.world_size:
-        return _error(f"parallel.world_size: {cfg.parallel.world_size} but the launcher started "
-                      f"{info.world_size} ranks ({info.source})")
     if cfg.run.dir is None and info is not None:
         # every rank must name the same run dir without talking to the others
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "job")
