@@ -47,8 +47,9 @@ install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
 pgrep -u munge -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
 munge -n | unmunge >/dev/null
 
-# 3. slurm.conf. Requeue latency: the scheduler runs on every event (no batch delay), a
-# requeued job is eligible at once, and a finished job leaves the node after KillWait.
+# 3. slurm.conf. Requeue latency: a requeued job waits cred_expire seconds before it may start
+# again (120 by default; 10 is still ample for a step launch on this host), the scheduler runs
+# on every event (no batch delay), and a finished job leaves the node after KillWait.
 MEM=$(( $(free -m | awk '/^Mem:/{print $2}') * 8 / 10 / NNODES ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm /run/slurm
 NEW=$(mktemp)
@@ -59,6 +60,7 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc

@@ -83,3 +83,9 @@ def share_through_mpi(rank: int) -> tuple[str, int]:
             found = (socket.gethostname(), s.getsockname()[1])
     addr, port = MPI.COMM_WORLD.bcast(found, root=0)
     return addr, port
+
+
+if __name__ == "__main__":   # the first host of a node list, for job scripts without scontrol
+    import sys
+
+    print(expand_hostlist(sys.argv[1])[0])
