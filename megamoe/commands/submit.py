@@ -114,6 +114,6 @@ def submit(req: Request, dry_run: bool = False) -> int:
     job_id = out.stdout.strip().split(";")[0]
     run_dir = cfg.run.dir or os.path.join("runs", f"{cfg.run.name}-{job_id}")
     print(f"submitted job {job_id}: {req.nodes} nodes x {per_node} ranks; "
-          f"log logs/{cfg.run.name}-{job_id}.out, rank logs logs/{job_id}/rank-*.log, "
+          f"log logs/{cfg.run.name}-{job_id}.out, rank logs under logs/{job_id}/, "
           f"run dir {run_dir}")
     return 0
