@@ -145,7 +145,7 @@ def test_health_check_on_free_disk_stops_the_job_before_training(cluster, tmp_pa
     errors = [ln for ln in batch.splitlines() if ln.startswith("megamoe: error:")]
     assert len(errors) == 1, batch
     assert re.match(r"megamoe: error: health check failed on node n1: free disk: [\d.]+ GiB "
-                    r"under runs < \d+ GiB \(--min-free-disk-gb\)$", errors[0]), errors[0]
+                    r"under runs < \S+ GiB \(--min-free-disk-gb\)$", errors[0]), errors[0]
     assert _job_field(job, "JobState") == "FAILED", batch
     assert not list((tmp_path / "logs" / job).glob("rank-*.log"))   # no rank started
     assert not (tmp_path / "run").exists()
