@@ -49,7 +49,8 @@ munge -n | unmunge >/dev/null
 
 # 3. slurm.conf. Requeue latency: a requeued job waits cred_expire seconds before it may start
 # again (120 by default; 10 is still ample for a step launch on this host), the scheduler runs
-# on every event (no batch delay), and a finished job leaves the node after KillWait.
+# every second and on every event (no batch delay), and a finished job leaves the node after
+# KillWait.
 MEM=$(( $(free -m | awk '/^Mem:/{print $2}') * 8 / 10 / NNODES ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm /run/slurm
 NEW=$(mktemp)
@@ -70,7 +71,7 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,default_queue_depth=20
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf_interval=1,default_queue_depth=20
 SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
