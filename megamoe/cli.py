@@ -117,7 +117,8 @@ def _add_submit_parser(sub) -> None:
                     "template) and queue it; prints the job id, its log and run directory.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  megamoe submit --config quickstart --nodes 4 --gpus-per-node 8 "
-               "--set train.global_batch_size=64 --dry-run\n  megamoe submit --config configs/race.yaml --nodes 2 "
+               "--set train.global_batch_size=64 --dry-run\n"
+               "  megamoe submit --config configs/race.yaml --nodes 2 "
                "--partition gpu --time 12:00:00 --set train.steps=5000")
     sb.add_argument("--config", "-c", metavar="YAML", required=True,
                     help="config file or installed recipe name")
