@@ -1,4 +1,4 @@
-"""`megamoe` command line: train, config, recipes, convert, generate, eval, specs."""
+"""`megamoe` command line: train, submit, config, recipes, convert, generate, eval, specs."""
 
 from __future__ import annotations
 
@@ -100,10 +100,58 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run directory, its checkpoints/ root or one step directory")
     ev.add_argument("--iters", type=int, default=None,
                     help="global batches of the validation split (default: train.eval_iters)")
+    _add_submit_parser(sub)
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
     _add_config_parsers(sub)
     return parser
+
+
+def _add_submit_parser(sub) -> None:
+    """`megamoe submit`: validate for the allocation's world size, render slurm/, sbatch."""
+    sb = sub.add_parser(
+        "submit", help="validate a config and queue it on Slurm (sbatch)",
+        description="Check the config at the world size of the allocation (nodes x GPUs per "
+                    "node, which sets parallel.world_size; on CPU nodes the config's world size "
+                    "spread over the nodes), render slurm/pretrain.sbatch (or the torchrun "
+                    "template) and queue it; prints the job id, its log and run directory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  megamoe submit --config quickstart --nodes 4 --gpus-per-node 8 "
+               "--set train.global_batch_size=64 --dry-run\n"
+               "  megamoe submit --config configs/race.yaml --nodes 2 "
+               "--partition gpu --time 12:00:00 --set train.steps=5000")
+    sb.add_argument("--config", "-c", metavar="YAML", required=True,
+                    help="config file or installed recipe name")
+    sb.add_argument("--nodes", type=int, required=True, help="nodes to allocate")
+    sb.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
+                    help="GPUs (and ranks) per node; 0: CPU ranks (default)")
+    sb.add_argument("--tasks-per-node", type=int, default=None, metavar="T",
+                    help="CPU ranks per node (default: parallel.world_size / nodes)")
+    sb.add_argument("--partition", "-p", help="Slurm partition")
+    sb.add_argument("--time", "-t", help="time limit, e.g. 24:00:00 (default)")
+    sb.add_argument("--launcher", choices=("srun", "torchrun"), default="srun",
+                    help="srun: one task per GPU; torchrun: one task per node running torchrun")
+    sb.add_argument("--min-free-disk-gb", type=float, default=None, metavar="GB",
+                    help="health check: free disk under runs/ on every node (default 10)")
+    sb.add_argument("--min-free-mem-gb", type=float, default=None, metavar="GB",
+                    help="health check: available memory on every node (default 4)")
+    sb.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="override a config field (repeatable)")
+    sb.add_argument("--dry-run", action="store_true",
+                    help="validate and print the job script instead of queueing it")
+
+
+def cmd_submit(args) -> int:
+    from megamoe.commands.submit import Request, submit
+    from megamoe.config import ConfigError
+
+    req = Request(args.config, args.nodes, args.gpus_per_node, args.tasks_per_node,
+                  args.partition, args.time, args.overrides, args.launcher,
+                  args.min_free_disk_gb, args.min_free_mem_gb)
+    try:
+        return submit(req, dry_run=args.dry_run)
+    except (ConfigError, ValueError) as exc:
+        return _error(str(exc))
 
 
 def _add_config_parsers(sub) -> None:
@@ -269,7 +317,7 @@ def _train_rank(config) -> None:
     from megamoe.training.loop import train
 
     cfg = load_config(config) if isinstance(config, str) else config
-    info = discover_rank()
+    info = discover_rank()   # checked by cmd_train already
     device = init_distributed(info)
     try:
         train(cfg, device, stop)
@@ -335,19 +383,18 @@ def _os_error(exc: OSError, run_dir: str) -> str:
 
 def cmd_train(args) -> int:
     from megamoe.config import ConfigError, load_config, resolve_run_dir
-    from megamoe.launch.env import discover_rank
+    from megamoe.launch.env import check_world_size, discover_rank
 
     try:
         cfg = load_config(args.config, args.overrides)
         from megamoe.models.checks import check_config
 
         check_config(cfg)        # every check, before any rank starts
+        info = discover_rank()   # LaunchError: an inconsistent launcher environment
+        if info is not None:
+            check_world_size(info, cfg.parallel.world_size)
     except (ConfigError, ValueError) as exc:
         return _error(str(exc))
-    info = discover_rank()
-    if info is not None and info.world_size != cfg.parallel.world_size:
-        return _error(f"parallel.world_size: {cfg.parallel.world_size} but the launcher started "
-                      f"{info.world_size} ranks ({info.source})")
     if cfg.run.dir is None and info is not None:
         # every rank must name the same run dir without talking to the others
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "job")
@@ -434,8 +481,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)   # before any heavy import: --help and --version stay fast
     if args.command is None:
         parser.print_help(sys.stderr)
-        return _error("a command is required (train, config, recipes, specs, convert, "
-                      "generate, eval)")
+        return _error("a command is required (train, submit, config, recipes, specs, "
+                      "convert, generate, eval)")
     if args.command == "config":
         return cmd_config(args)
     if args.command == "recipes":
@@ -457,6 +504,8 @@ def _dispatch(args) -> int:
         return cmd_train(args)
     if args.command == "specs":
         return cmd_specs()
+    if args.command == "submit":
+        return cmd_submit(args)
     if args.command == "convert":
         return cmd_convert(args)
     if args.command == "eval":

@@ -278,9 +278,11 @@ def all_ranks_ok(ok: bool) -> bool:
     import torch
     import torch.distributed as dist
 
+    from megamoe.launch.env import collective_device
+
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
+    flag = torch.tensor([1.0 if ok else 0.0], device=collective_device())   # NCCL: CUDA only
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

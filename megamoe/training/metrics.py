@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megamoe.launch.env import collective_device
 from megamoe.specs.gpt_moe import moe_layer_pattern
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    """Sum a host tensor over all ranks in place, through the backend's device (NCCL rejects
+    CPU tensors)."""
+    on = t.to(collective_device())
+    dist.all_reduce(on)
+    t.copy_(on)
 
 
 def global_loss(stats: dict, pg) -> float:
@@ -14,7 +23,7 @@ def global_loss(stats: dict, pg) -> float:
     owner = pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0
     t = torch.tensor([stats["loss_sum"], stats["units"]], dtype=torch.float64) * float(owner)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        _all_reduce(t)
     return (t[0] / t[1].clamp(min=1)).item()
 
 
@@ -27,7 +36,7 @@ def expert_load(layers, num_layers: int, num_experts: int, reset: bool = True) -
         if reset:
             layer.tokens_per_expert_acc.zero_()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(load)
+        _all_reduce(load)
     return load
 
 
@@ -48,7 +57,7 @@ def routing_stats(layers) -> dict:
         names = sorted({n for part in every for n in part})
     sums = torch.tensor([local.get(n, [0.0, 0]) for n in names], dtype=torch.float64)
     if names and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
+        _all_reduce(sums)
     return {f"router/{n}": (sums[i, 0] / sums[i, 1]).item()
             for i, n in enumerate(names) if sums[i, 1] > 0}
 
