@@ -24,6 +24,7 @@ from megamoe.config.moe_families import (
     VMoEOptions,
     validate_families,
 )
+from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
 
 # model families (`model.family`): the one list; megamoe.models registers a record for each
@@ -97,6 +98,7 @@ class MoEConfig:
     vmoe: VMoEOptions = field(default_factory=VMoEOptions)
     limoe: LIMoEOptions = field(default_factory=LIMoEOptions)
     modality: ModalityOptions = field(default_factory=ModalityOptions)
+    fp8: FP8Options = field(default_factory=FP8Options)   # FP8 experts (megamoe.config.fp8)
 
     def validate(self) -> None:
         at_least(self, "num_experts", 0)

@@ -73,7 +73,7 @@ def _cast(x: torch.Tensor, s_full: torch.Tensor, fmt: Format, count: bool):
     if count:
         # beyond the rounding range of fmax (float error on an exact amax scale is not one)
         over = int((y.abs() > fmt.max * (1 + fmt.unit_roundoff)).sum())
-    q = y.clamp(-fmt.max, fmt.max).to(fmt.dtype)
+    q = y.clamp(-fmt.max, fmt.max).to(fmt.dtype).contiguous()
     if count:
         under = int(((q.float() == 0) & (x != 0)).sum())
     return q, over, under

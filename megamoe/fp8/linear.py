@@ -41,7 +41,7 @@ def _segments(counts: list[int]):
 
 
 def _amax_per_expert(t_TK: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    out = torch.zeros(len(counts), dtype=torch.float32)
+    out = torch.zeros(len(counts), dtype=torch.float32, device=t_TK.device)
     for e, rows in _segments(counts):
         if counts[e]:
             out[e] = t_TK[rows].detach().abs().amax().float()
@@ -84,8 +84,8 @@ class _FP8GroupedLinear(torch.autograd.Function):
         sg_E = st.scales(call.proj, G, amax_E, r.grad, r.margin, r.delayed)
         if call.record:
             st.record(call.proj, G, amax_E)
-        dx_TK = torch.zeros(x_TK.shape, dtype=torch.float32)
-        dw_ENK = torch.zeros(w_ENK.shape, dtype=torch.float32)
+        dx_TK = torch.zeros(x_TK.shape, dtype=torch.float32, device=x_TK.device)
+        dw_ENK = torch.zeros(w_ENK.shape, dtype=torch.float32, device=w_ENK.device)
         (da, db), (wa, wb) = r.kinds("dgrad"), r.kinds("wgrad")
 
         def q(t, fmt, kind, s):
