@@ -27,9 +27,11 @@ class FP8ScalingState(torch.nn.Module):
         self.replica_groups: list = []     # process groups whose ranks hold the same experts
         self.overflow = 0                  # saturated casts since the last read
         self.underflow = 0                 # nonzero values cast to zero since the last read
+        self.last_local_amax = None        # the latest amaxes before the all-reduce (tests)
 
     def sync_amax(self, amax: torch.Tensor) -> torch.Tensor:
         """MAX over the replicas of these experts (in place; returned for chaining)."""
+        self.last_local_amax = amax.detach().clone()
         for group in self.replica_groups:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
         return amax
