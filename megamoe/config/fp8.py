@@ -50,6 +50,8 @@ class FP8Options:
         if self.backend == "scaled_grouped_mm" and self.recipe != "rowwise":
             fail("model.moe.fp8.backend", "scaled_grouped_mm runs the rowwise recipe only, "
                  f"got model.moe.fp8.recipe={self.recipe}")
+        if self.backend == "scaled_grouped_mm" and self.grad_format == "e5m2":
+            fail("model.moe.fp8.grad_format", "scaled_grouped_mm takes E4M3 operands only")
         if self.row_multiple > 1 and moe.token_dispatcher != "alltoall":
             fail("model.moe.fp8.row_multiple", "padding the routing map needs "
                  "model.moe.token_dispatcher=alltoall (Megatron's allgather dispatcher has none)")

@@ -15,7 +15,10 @@ from megamoe.fp8.formats import TILE, Quantised
 
 
 def _mm(a8_MK, b8_NK, sa, sb) -> torch.Tensor:
-    return torch._scaled_mm(a8_MK, b8_NK.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    # CUDA's rowwise kernels write bf16 only; on CPU every layout accumulates into fp32
+    out = torch.bfloat16 if a8_MK.is_cuda and sa.numel() > 1 else torch.float32
+    y = torch._scaled_mm(a8_MK, b8_NK.t(), scale_a=sa, scale_b=sb, out_dtype=out)
+    return y.float()
 
 
 def _tile_scale(q: Quantised, k: int, rows: int) -> torch.Tensor:

@@ -36,8 +36,12 @@ class FP8Experts(SequentialMLP):
         assert not (self.config.fp8 or self.config.fp4), "FP8 experts replace Megatron's TE FP8"
         assert not self.config.use_te_activation_func
         self.recipe = make_recipe(fp8.recipe, fp8.grad_format, fp8.amax_history_len, fp8.margin)
-        self.backend_choice, self.grouped = fp8.backend, grouped
-        resolve_backend(fp8.backend, fp8.recipe, grouped, torch.cuda.is_available())
+        self.backend_args = (fp8.backend, fp8.recipe, grouped)
+        self.grad_format = fp8.grad_format
+        resolve_backend(*self.backend_args, torch.cuda.is_available(), fp8.grad_format)
+        if torch.cuda.is_available() and config.moe_token_dispatcher_type != "alltoall":
+            raise ValueError("model.moe.token_dispatcher: FP8 experts on CUDA need alltoall, "
+                             "which pads each expert's rows to 16 in the routing map")
         self.fp8_state = FP8ScalingState(num_local_experts, 2, self.recipe.history_len)
         self.fp8_state.replica_groups = [g for g in (self.dp_group, self.tp_group)
                                          if g is not None and g.size() > 1]
@@ -46,8 +50,7 @@ class FP8Experts(SequentialMLP):
 
     def _linear(self, x_TK, w_ENK, counts, proj: int, record: bool):
         call = FP8Call(self.recipe, self.fp8_state, proj, record)
-        backend = resolve_backend(self.backend_choice, self.recipe.name, self.grouped,
-                                  x_TK.is_cuda)
+        backend = resolve_backend(*self.backend_args, x_TK.is_cuda, self.grad_format)
         if backend == "scaled_grouped_mm":
             from megamoe.fp8.grouped import fp8_scaled_grouped_linear
             return fp8_scaled_grouped_linear(x_TK, w_ENK, counts, call)
@@ -63,6 +66,11 @@ class FP8Experts(SequentialMLP):
         assert x_TD.dim() == 2, f"expected permuted tokens [T, D], got {tuple(x_TD.shape)}"
         counts = [int(c) for c in torch.as_tensor(tokens_per_expert, device="cpu")]
         assert len(counts) == self.num_local_experts and sum(counts) == x_TD.shape[0]
+        # rows routed with probability 0 (the routing map's alignment padding) are zeroed on the
+        # way in and out: their output and gradients are 0 anyway, and so neither they nor their
+        # upstream gradients can move any amax or scale
+        live_T1 = (probs_T != 0).unsqueeze(-1).to(x_TD.dtype)
+        x_TD = x_TD * live_T1
         # the no-grad first pass of activation recompute does not record: its repeat does
         record = torch.is_grad_enabled() or not self.training
         w1_EGD = torch.stack([e.linear_fc1.weight for e in self.local_experts])
@@ -70,7 +78,7 @@ class FP8Experts(SequentialMLP):
         h_TG = self._linear(x_TD, w1_EGD, counts, FC1, record)
         a_TF = self._activation(h_TG)
         a_TF = (a_TF * probs_T.unsqueeze(-1)).to(a_TF.dtype)
-        return self._linear(a_TF, w2_EDF, counts, FC2, record), None
+        return self._linear(a_TF, w2_EDF, counts, FC2, record) * live_T1, None
 
     def fp8_counters(self) -> dict:
         """Overflow/underflow casts since the last call (for the step metrics)."""
