@@ -6,7 +6,8 @@ quantisation of the weight gradient (every recipe) group different tokens: the r
 by FP8 rounding, not more. Stated tolerance: loss ≤ 2e-5 relative per step; each gradient
 tensor ≤ 4u · max|g| (u = 1/16, E4M3's unit roundoff: other roundings of the same values,
 carried back through the network); parameters after 3 SGD steps (lr 0.1) ≤ 1e-4. Measured
-(2 cores): loss ≤ 3e-6; gradients ≤ 0.10 · max|g| tensorwise, 0.03 rowwise; parameters ≤ 2e-5.
+(2 cores): loss ≤ 3e-6; gradients ≤ 0.10 · max|g| tensorwise, 0.03 rowwise; parameters
+≤ 2e-5.
 The negative control (one expert perturbed on one rank) gives gradients 0.46 · max|g| and
 parameters 3.5e-2 apart.
 

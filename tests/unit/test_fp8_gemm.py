@@ -1,6 +1,6 @@
 """FP8 GEMMs are real FP8 arithmetic: per scale layout, `scaled_matmul` equals an explicit
-quantise → dequantise → fp32-matmul emulation (megamoe.testing.fp8, written
-independently of megamoe.fp8.formats) to accumulation tolerance, differs from the fp32 product by at least the
+quantise → dequantise → fp32-matmul emulation (megamoe.testing.fp8, written independently of
+megamoe.fp8.formats) to accumulation tolerance, differs from the fp32 product by at least the
 format's expected error, and stays within the error bound the format implies.
 
 Error bound (stated once, used for every case): a value x in a group with scale s is stored as
