@@ -185,6 +185,11 @@ class ModelConfig:
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "
                  f"model.num_layers is {self.num_layers}")
+        bad = [k for k in self.moe.fp8.keep_high_precision_layers
+               if not -self.num_layers <= k < self.num_layers]
+        if bad:
+            fail("model.moe.fp8.keep_high_precision_layers", f"{bad} outside the "
+                 f"{self.num_layers} layers (0..{self.num_layers - 1}, or negative from the end)")
 
 
     def validate_recompute(self) -> None:

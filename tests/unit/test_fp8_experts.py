@@ -126,6 +126,8 @@ def test_routing_map_padding_to_16_rows_is_exact_for_rowwise():
      r"^model\.moe\.fp8\.backend: scaled_grouped_mm runs the rowwise recipe only"),
     (["model.moe.fp8.recipe=rowwise", "model.moe.fp8.row_multiple=16",
       "model.moe.token_dispatcher=allgather"], r"^model\.moe\.fp8\.row_multiple: padding"),
+    (["model.moe.fp8.recipe=rowwise", "model.moe.fp8.keep_high_precision_layers=[4]"],
+     r"^model\.moe\.fp8\.keep_high_precision_layers: \[4\] outside"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
