@@ -24,6 +24,7 @@ from megamoe.config.moe_families import (
     VMoEOptions,
     validate_families,
 )
+from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
 
 # model families (`model.family`): the one list; megamoe.models registers a record for each
@@ -99,6 +100,7 @@ class MoEConfig:
     vmoe: VMoEOptions = field(default_factory=VMoEOptions)
     limoe: LIMoEOptions = field(default_factory=LIMoEOptions)
     modality: ModalityOptions = field(default_factory=ModalityOptions)
+    fp8: FP8Options = field(default_factory=FP8Options)   # FP8 experts (megamoe.config.fp8)
 
     def validate(self) -> None:
         at_least(self, "num_experts", 0)
@@ -185,6 +187,11 @@ class ModelConfig:
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "
                  f"model.num_layers is {self.num_layers}")
+        bad = [k for k in self.moe.fp8.keep_high_precision_layers
+               if not -self.num_layers <= k < self.num_layers]
+        if bad:
+            fail("model.moe.fp8.keep_high_precision_layers", f"{bad} outside the "
+                 f"{self.num_layers} layers (0..{self.num_layers - 1}, or negative from the end)")
 
 
     def validate_recompute(self) -> None:

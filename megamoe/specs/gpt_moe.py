@@ -2,7 +2,8 @@
 SwiGLU experts, no biases; options for QK-norm, qkv bias and a (gated) shared expert.
 
 Modules are Megatron-Core's local ones (column/row-parallel linears, `DotProductAttention`,
-`SequentialMLP` experts, or megamoe's grouped ones by `model.moe.experts`) plus megamoe's
+`SequentialMLP` experts, or megamoe's grouped ones by `model.moe.experts`, FP8 ones by
+`model.moe.fp8.recipe`) plus megamoe's
 RMSNorm (sequence-parallel capable) and MoE layer (context, router families).
 """
 
@@ -26,7 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megamoe.blocks.norms import QKRMSNorm, RMSNorm
-from megamoe.moe.experts import EXPERT_MODULES
+from megamoe.moe.experts import EXPERT_MODULES, FP8Experts
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
 from megamoe.moe.routers.diff_moe import DiffMoELayer, DiffMoERouter
@@ -56,18 +57,26 @@ def attention_spec(qk_layernorm: bool) -> ModuleSpec:
     )
 
 
+def experts_spec(experts: str, fp8=None) -> ModuleSpec:
+    """`experts`: a key of `EXPERT_MODULES` (`model.moe.experts`); `fp8`: `model.moe.fp8`, whose
+    recipe (unless none) makes the experts `FP8Experts` over that back end."""
+    if fp8 is not None and fp8.recipe != "none":
+        return ModuleSpec(module=FP8Experts, params={"fp8": fp8, "grouped": experts == "grouped"},
+                          submodules=_mlp_submodules())
+    return ModuleSpec(module=EXPERT_MODULES[experts], submodules=_mlp_submodules())
+
+
 def moe_spec(router, shared_expert: bool, pg_collection,
-             experts: str = "sequential") -> ModuleSpec:
-    """`router`: a family key of `ROUTERS` or a factory from `router_builder`; `experts`: a key
-    of `EXPERT_MODULES` (`model.moe.experts`). The MoE layer receives its process groups
-    explicitly (Megatron's TransformerLayer only forwards them to the MoE classes it knows by
-    name)."""
+             experts: str = "sequential", fp8=None) -> ModuleSpec:
+    """`router`: a family key of `ROUTERS` or a factory from `router_builder`; `experts`,
+    `fp8`: see `experts_spec`. The MoE layer receives its process groups explicitly
+    (Megatron's TransformerLayer only forwards them to the MoE classes it knows by name)."""
     router_cls = ROUTERS[router] if isinstance(router, str) else getattr(router, "func", router)
     return ModuleSpec(
         module=MOE_LAYERS.get(router_cls, MegamoeMoELayer),
         params={"pg_collection": pg_collection},
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=EXPERT_MODULES[experts], submodules=_mlp_submodules()),
+            experts=experts_spec(experts, fp8),
             shared_experts=(
                 ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules())
                 if shared_expert else None
@@ -78,8 +87,8 @@ def moe_spec(router, shared_expert: bool, pg_collection,
 
 
 def layer_spec(is_moe: bool, *, qk_layernorm: bool, router, shared_expert: bool,
-               pg_collection=None, experts: str = "sequential") -> ModuleSpec:
-    mlp = (moe_spec(router, shared_expert, pg_collection, experts) if is_moe
+               pg_collection=None, experts: str = "sequential", fp8=None) -> ModuleSpec:
+    mlp = (moe_spec(router, shared_expert, pg_collection, experts, fp8) if is_moe
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
     return ModuleSpec(
         module=TransformerLayer,
@@ -105,13 +114,15 @@ def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[boo
 
 def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router,
                        shared_expert: bool, pg_collection=None, experts: str = "sequential",
-                       vp_stage: int | None = None, pp_rank: int | None = None
+                       fp8=None, vp_stage: int | None = None, pp_rank: int | None = None
                        ) -> TransformerBlockSubmodules:
-    """The block spec of this pipeline stage (and virtual stage): its slice of the layers."""
+    """The block spec of this pipeline stage (and virtual stage): its slice of the layers;
+    layers in `fp8.keep_high_precision_layers` keep high-precision experts."""
     specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
                         shared_expert=shared_expert, pg_collection=pg_collection,
-                        experts=experts)
-             for m in pattern]
+                        experts=experts,
+                        fp8=None if fp8 is None or fp8.keeps(i, len(pattern)) else fp8)
+             for i, m in enumerate(pattern)]
     n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n_local],

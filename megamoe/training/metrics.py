@@ -62,6 +62,27 @@ def routing_stats(layers) -> dict:
             for i, n in enumerate(names) if sums[i, 1] > 0}
 
 
+def fp8_counters(layers, num_layers: int) -> dict:
+    """FP8 casts that saturated (overflow) or flushed a nonzero value to zero (underflow) since
+    the last read, per MoE layer (1-based), summed over all ranks; layers without FP8 experts
+    report nothing."""
+    counts_L3 = torch.zeros(num_layers, 3, dtype=torch.float64)   # overflow, underflow, is FP8
+    for layer in layers:
+        read = getattr(layer.experts, "fp8_counters", None)
+        if read is not None:
+            c = read()
+            counts_L3[layer.layer_number - 1] += torch.tensor(
+                [c["fp8_overflow"], c["fp8_underflow"], 1.0], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts_L3)
+    out = {}
+    for i, (over, under, is_fp8) in enumerate(counts_L3.tolist()):
+        if is_fp8:
+            out[f"fp8/overflow_layer{i + 1}"] = int(over)
+            out[f"fp8/underflow_layer{i + 1}"] = int(under)
+    return out
+
+
 def imbalance(load_LE: torch.Tensor) -> float:
     """Mean over MoE layers of max-load / mean-load (1.0 = perfectly balanced)."""
     rows = load_LE[load_LE.sum(-1) > 0]

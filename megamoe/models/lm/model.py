@@ -19,6 +19,7 @@ from megamoe.blocks.context import Context, bind
 from megamoe.blocks.norms import RMSNorm
 from megamoe.blocks.recompute import ContextTransformerBlock
 from megamoe.data.synthetic_context import context_fields
+from megamoe.fp8.backends import row_multiple
 from megamoe.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
 from megamoe.models.vocab import mask_padded_logits, padded_vocab_size
 from megamoe.moe.routers import router_builder
@@ -61,7 +62,7 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
     m, moe = cfg.model, cfg.model.moe
     num_experts = moe.num_experts if num_experts_override is None else num_experts_override
     aux = moe.aux_loss_coeff if num_experts else 0.0
-    return TransformerConfig(
+    tconfig = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -127,6 +128,13 @@ def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
         batch_p2p_comm=torch.cuda.is_available(),
         **recompute_options(m),
     )
+    if num_experts and row_multiple(moe.fp8, moe.experts == "grouped",
+                                    torch.cuda.is_available()) > 1:
+        # each expert's rows a multiple of 16 (the grouped FP8 kernel's): Megatron's all-to-all
+        # dispatcher routes extra tokens with probability 0 (`pad_routing_map`); set after
+        # construction because its check wants Transformer Engine's `fp8` field
+        tconfig.moe_router_padding_for_quantization = True
+    return tconfig
 
 
 def lm_context(batch: dict, cfg, step: int | None = None) -> Context:
@@ -182,7 +190,7 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) ->
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
         layer_kwargs = dict(qk_layernorm=m.qk_layernorm, router=router_builder(moe, vocab_size),
                             shared_expert=bool(moe.shared_expert_ffn_hidden_size),
-                            experts=moe.experts)
+                            experts=moe.experts, fp8=moe.fp8)
         if m.mor.enabled:
             from megamoe.mor.decoder import build_mor_decoder
 

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Forward+backward time of the expert GEMMs and of the whole MoE layer: fp32 and bf16 with
+sequential and grouped experts, and FP8 experts per recipe, side by side in one run.
+
+One process, one thread (a rank's share of a CPU), balanced routing for the expert-GEMM timing
+(the layer's own router for the layer timing); the variants run interleaved after warm-up and
+the median of --iters is reported. Shapes: the quickstart's experts (D=64, F=128, E=4, k=2,
+T=256 tokens) and T=2048, D=512, F=1024, E=8, k=2. Every ratio against fp32 sequential (and
+bf16 sequential) is printed; the last line is JSON with grouped_speedup_fp32 and
+grouped_speedup_bf16 (sequential ms / grouped ms at the larger shape) and every time. The CPU
+goal (grouped ≥ 1.3× sequential at the larger shape) is measured, not asserted.
+
+examples:
+  python tools/bench_fp8.py
+  python tools/bench_fp8.py --iters 20 --shapes large
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise")
+SHAPES = {"quickstart": dict(T=256, D=64, F=128, E=4, k=2),
+          "large": dict(T=2048, D=512, F=1024, E=8, k=2)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=20, help="timed iterations (median; ≥ 20)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--shapes", default="quickstart,large", help="comma list of quickstart,large")
+    args = p.parse_args(argv)
+    if args.iters < 20:
+        p.error("--iters must be ≥ 20 (the median of at least 20)")
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    if not args.shapes or set(args.shapes) - set(SHAPES):
+        p.error(f"--shapes: choose from {', '.join(SHAPES)}")
+    return args
+
+
+def variants():
+    """(name, dtype, experts, fp8 recipe)."""
+    import torch
+    out = [("fp32 sequential", torch.float32, "sequential", "none"),
+           ("fp32 grouped", torch.float32, "grouped", "none"),
+           ("bf16 sequential", torch.bfloat16, "sequential", "none"),
+           ("bf16 grouped", torch.bfloat16, "grouped", "none")]
+    return out + [(f"fp8 {r}", torch.float32, "sequential", r) for r in RECIPES]
+
+
+def build_layer(shape, dtype, experts, recipe, pg):
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megamoe.config.fp8 import FP8Options
+    from megamoe.specs.gpt_moe import moe_spec
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=shape["D"], num_attention_heads=1, ffn_hidden_size=shape["F"],
+        num_moe_experts=shape["E"], moe_router_topk=shape["k"], moe_ffn_hidden_size=shape["F"],
+        moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none", moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall", add_bias_linear=False, gated_linear_unit=True,
+        activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        gradient_accumulation_fusion=False, bias_activation_fusion=False,
+        moe_permute_fusion=False, moe_router_fusion=False, calculate_per_token_loss=True)
+    spec = moe_spec("topk", False, pg, experts, FP8Options(recipe=recipe))
+    return build_module(spec, config=config, layer_number=1)
+
+
+def _fwd_bwd_experts(layer, x_TD, counts, probs_T):
+    x = x_TD.clone().requires_grad_()
+    y, _ = layer.experts(x, counts, probs_T)
+    y.float().sum().backward()
+
+
+def _fwd_bwd_layer(layer, x_SBD):
+    x = x_SBD.clone().requires_grad_()
+    y, _ = layer(x)
+    y.float().sum().backward()
+
+
+def bench_shape(name, shape, args, pg) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    T, D, E, k = shape["T"], shape["D"], shape["E"], shape["k"]
+    layers, ref_sd = {}, None
+    for vname, dtype, experts, recipe in variants():
+        layer = build_layer(shape, dtype, experts, recipe, pg)
+        if ref_sd is None:
+            ref_sd = layer.state_dict()
+        else:   # the same weights everywhere (FP8 adds its scaling state)
+            missing, unexpected = layer.load_state_dict(ref_sd, strict=False)
+            assert not unexpected and all("fp8_state" in m for m in missing), missing
+        layers[vname] = (layer, dtype)
+    counts = torch.full((E,), T * k // E, dtype=torch.int64)      # balanced routing
+    g = torch.Generator().manual_seed(1)
+    x_TD = torch.randn(T * k, D, generator=g)
+    probs_T = torch.rand(T * k, generator=g)
+    x_SBD = torch.randn(T // 4, 4, D, generator=g)
+    times = {v: {"experts": [], "layer": []} for v in layers}
+    for i in range(args.warmup + args.iters):
+        for vname, (layer, dtype) in layers.items():          # interleaved: A, B, C, …, A, …
+            t0 = time.perf_counter()
+            _fwd_bwd_experts(layer, x_TD.to(dtype), counts.clone(), probs_T.to(dtype))
+            t1 = time.perf_counter()
+            _fwd_bwd_layer(layer, x_SBD.to(dtype))
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                times[vname]["experts"].append((t1 - t0) * 1e3)
+                times[vname]["layer"].append((t2 - t1) * 1e3)
+    med = {v: {part: statistics.median(t) for part, t in d.items()} for v, d in times.items()}
+    print(f"\n{name}: T={T} tokens, D={D}, F={shape['F']}, E={E}, k={k}; forward+backward, "
+          f"median of {args.iters} after {args.warmup} warm-up, 1 thread")
+    print(f"{'variant':18} {'experts ms':>11} {'layer ms':>9} {'vs fp32 seq':>12} "
+          f"{'vs bf16 seq':>12} {'layer vs fp32':>14} {'layer vs bf16':>14}")
+    f32, b16 = med["fp32 sequential"], med["bf16 sequential"]
+    for v, m in med.items():   # ratio > 1: faster than the reference
+        print(f"{v:18} {m['experts']:11.2f} {m['layer']:9.2f} "
+              f"{f32['experts'] / m['experts']:12.2f} {b16['experts'] / m['experts']:12.2f} "
+              f"{f32['layer'] / m['layer']:14.2f} {b16['layer'] / m['layer']:14.2f}")
+    return med
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from megamoe.launch.env import RankInfo, init_distributed
+    from megamoe.launch.spawn import free_port
+    from megamoe.parallel import ParallelDims, destroy_groups, init_groups
+    from megamoe.platform.bridge import quiet_megatron_warnings
+
+    quiet_megatron_warnings()
+    torch.set_num_threads(1)
+    init_distributed(RankInfo(0, 1, 0, "bench"), "127.0.0.1", free_port())
+    pg = init_groups(ParallelDims(world_size=1))
+    results = {name: bench_shape(name, SHAPES[name], args, pg) for name in args.shapes}
+    destroy_groups()
+    torch.distributed.destroy_process_group()
+    last = results[args.shapes[-1]]
+
+    def speedup(dtype, part="experts"):
+        return last[f"{dtype} sequential"][part] / last[f"{dtype} grouped"][part]
+
+    print(json.dumps({
+        "bench": "fp8_experts", "shape": args.shapes[-1],
+        "grouped_speedup_fp32": speedup("fp32"), "grouped_speedup_bf16": speedup("bf16"),
+        "grouped_layer_speedup_fp32": speedup("fp32", "layer"),
+        "grouped_layer_speedup_bf16": speedup("bf16", "layer"),
+        "fp8_vs_bf16_experts": {r: last["bf16 sequential"]["experts"] /
+                                last[f"fp8 {r}"]["experts"] for r in RECIPES},
+        "ms": results, "device": "cpu", "threads": 1}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
