@@ -10,12 +10,17 @@ import pytest
 from megamoe.testing.parity import check_layout, reference, vit_parity_task
 
 GAP = ["model.vit.pool=gap"]     # 16 patch tokens: divisible by TP 2 under SP
+# Megatron's distributed optimizer takes Adam only; Adam normalises steps, so parameters are
+# compared at DESIGN.md's Adam bound (5% of lr per step) and gradients not at all (each rank
+# keeps only its shard of the reduced gradient): losses and parameters show the parity
+ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01"]
 CASES = [
     ("ep2", [], (2, ["parallel.expert=2"], 2), {}),
     ("tp2_sp_ep2", GAP, (4, ["parallel.tensor=2", "parallel.expert=2",
                              "parallel.expert_tensor=1"], 2), {}),
     ("pp2", [], (2, ["parallel.pipeline=2"], 1), {}),
-    ("dp2_distopt", [], (2, ["parallel.distributed_optimizer=true"], 2), {"grads": False}),
+    ("dp2_distopt", ADAM, (2, ["parallel.distributed_optimizer=true"], 2),
+     {"grads": False, "param_atol": 0.05 * 0.01 * 3}),
 ]
 
 

@@ -72,6 +72,8 @@ class ViTModel(MegatronModule):
         self.pre_process, self.post_process, self.pool = pre_process, post_process, pool
         self.num_classes, self.tp_group = num_classes, pg_collection.tp
         self.model_type = ModelType.encoder_or_decoder
+        # Megatron's finalize_model_grads asks every first/last stage for a tied embedding
+        self.share_embeddings_and_output_weights = False
         if pre_process:
             self.embedding = PatchEmbedding(config, image_size=image_size, patch_size=patch_size,
                                             class_token=pool == "cls",
