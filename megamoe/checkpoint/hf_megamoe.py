@@ -146,6 +146,10 @@ def router_fields(cfg) -> dict:
                                   "synthetic_timesteps": bool(data.synthetic_timesteps)}}
     if moe.router in RAW_WEIGHTS:
         fields["norm_topk_prob"] = False
+    if moe.router == "soft":
+        from megamoe.moe.routers.soft import SOFT_MOE_GROUPS
+
+        fields["soft_moe_groups"] = SOFT_MOE_GROUPS       # the slots' rule (older: refused)
     return fields
 
 

@@ -228,6 +228,7 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
                               f"{'; '.join(wrong) or 'damaged files on another rank'}")
     meta = read_meta(step_dir)
     _check_vocab(meta, engine, step_dir)
+    _check_soft_moe(meta, engine, step_dir)
     engine.step = int(meta["step"])      # the optimizer state is built for the saved step
     template = engine.checkpoint_state(for_loading=True)
     if meta.get("world_size") != _world_size():
@@ -255,6 +256,15 @@ def _check_vocab(meta: dict, engine, step_dir: str) -> None:
     if saved != engine.vocab_size:
         raise CheckpointError(f"{step_dir}: saved with a {saved}-token vocabulary, this run's "
                               f"is {engine.vocab_size} (data.tokenizer or model.vocab_size)")
+
+
+def _check_soft_moe(meta: dict, engine, step_dir: str) -> None:
+    """A Soft MoE model saved before its slots became per sequence (no `soft_moe_groups` in
+    meta.json) is refused: its parameters load, but they were trained for another rule."""
+    from megamoe.moe.routers.soft import SOFT_MOE_CHANGE, SOFT_MOE_GROUPS
+
+    if engine.cfg.model.moe.router == "soft" and meta.get("soft_moe_groups") != SOFT_MOE_GROUPS:
+        raise CheckpointError(f"{step_dir}: saved before {SOFT_MOE_CHANGE}")
 
 
 def _world_size() -> int:

@@ -27,6 +27,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megamoe.checkpoint.load import (STEP_PREFIX, CheckpointError, all_ranks_ok, reason,
                                      step_dir_name)
+from megamoe.moe.routers.soft import SOFT_MOE_GROUPS
 
 FORMAT_VERSION = 1
 
@@ -84,6 +85,7 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
             "layout": engine.dims.describe(), "vocab_size": engine.vocab_size,
             "padded_vocab_size": engine.padded_vocab_size,   # this layout's (models.vocab)
             "optimizer_saved": getattr(engine, "optimizer", None) is not None,
+            "soft_moe_groups": SOFT_MOE_GROUPS,     # the rule in force (load refuses older)
             **meta}
     commit = functools.partial(_commit, root, tmp, final, meta, config or engine.cfg, keep_last)
     if async_queue is None:

@@ -81,10 +81,10 @@ class DiTMoEOptions:
 
 @dataclass
 class SoftMoEOptions:
-    """Soft MoE (papers.md §13c): slots mix all tokens of the micro-batch."""
+    """Soft MoE (papers.md §13c): each sequence's slots mix all tokens of that sequence."""
     SECTION: ClassVar[str] = "model.moe.soft"
 
-    slots_per_expert: int | None = None  # p; None: round(m·C/n), m = tokens per micro-batch,
+    slots_per_expert: int | None = None  # p; None: round(m·C/n), m = tokens per sequence,
     #                                      filled when the config is loaded (config.derive)
     capacity_factor: float = 1.0         # C, only used to derive slots_per_expert
     normalize: bool = True               # l2-normalise tokens and slot parameters, times a
@@ -104,7 +104,7 @@ class SoftMoEOptions:
 
 
 def check_soft_slots(cfg) -> None:
-    """The slots of a micro-batch (`model.moe.soft.slots_per_expert` × experts, filled by
+    """The slots of a sequence (`model.moe.soft.slots_per_expert` × experts, filled by
     `config.derive`) are split evenly over the tensor-parallel ranks."""
     moe = cfg.model.moe
     if moe.router != "soft" or not moe.num_experts:

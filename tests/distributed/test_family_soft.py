@@ -1,6 +1,7 @@
-"""Soft MoE (slots mix the micro-batch; under TP+SP it is gathered over the TP group) under EP2 and
-EP2×TP2 with sequence parallelism: the same loss, step-1 gradients and parameters after 3 steps
-as the single-process reference; perturbing one expert on one rank must break it."""
+"""Soft MoE (each sequence's slots mix its positions; under TP+SP the sequences are gathered over
+the TP group) under EP2 and EP2×TP2 with sequence parallelism: the same loss, step-1 gradients
+and parameters after 3 steps as the single-process reference; perturbing one expert on one rank
+must break it."""
 
 import pytest
 

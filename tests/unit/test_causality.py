@@ -7,14 +7,18 @@ families declared non-causal are refused in a causal decoder without the opt-in.
   training; Race's evaluation rule (S ≥ τ_ema) looks at one token at a time and passes the probe,
   expert-choice selects the same way in evaluation and fails it there too.
 - MoEE, DiT-MoE and Diff-MoE gate per token (Diff-MoE's synthetic timestep depends only on the
-  first token); Soft MoE's slots mix the whole micro-batch.
+  first token); Soft MoE's slots mix the positions of each sequence.
+
+Batch independence (a sample alone gives its in-batch outputs): Soft MoE's per-sequence slots
+pass, in training and evaluation; V-MoE's eval capacity and expert choice (micro-batch groups)
+fail, as they must.
 - dropless V-MoE/LIMoE and modality routing decide per token (in training mode too, with the
   routing noise on); V-MoE/LIMoE with capacity and batch priority choose across the micro-batch.
 """
 
 import pytest
 
-from megamoe.testing.causality import probe_task
+from megamoe.testing.causality import batch_probe_task, probe_task
 from megamoe.testing.parity import tiny_config
 from megamoe.testing.pool import run_distributed
 
@@ -76,6 +80,30 @@ def test_causality_probe_matches_the_declaration(name, overrides, declared, trai
         assert prefix_diff < 1e-6
     else:
         assert prefix_diff > 1e-6
+
+
+# (id, overrides, probe in training mode, batch-independent)
+BATCH_PROBES = [
+    ("soft", ["model.moe.router=soft"], False, True),
+    ("soft-train", ["model.moe.router=soft"], True, True),
+    ("vmoe_eval_capacity", VMOE + ["model.moe.vmoe.capacity_ratio=null",
+                                   "model.moe.vmoe.eval_capacity_ratio=0.5"], False, False),
+    ("expert_choice-eval", EXPERT_CHOICE, False, False),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,overrides,train_mode,independent", BATCH_PROBES,
+                         ids=[f[0] for f in BATCH_PROBES])
+def test_batch_independence_probe(name, overrides, train_mode, independent):
+    diff, scale = run_distributed(batch_probe_task, 1,
+                                  overrides + ["model.moe.allow_non_causal=true"],
+                                  train_mode=train_mode)[0]
+    assert scale > 0.1
+    if independent:
+        assert diff < 1e-5 * scale
+    else:
+        assert diff > 1e-3 * scale
 
 
 @pytest.mark.parametrize("name", sorted(NON_CAUSAL))

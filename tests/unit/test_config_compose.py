@@ -174,7 +174,7 @@ def test_unknown_family_names_the_field_and_the_known_families():
 
 def test_validators_and_checks_do_not_write_and_derived_defaults_are_their_own_step():
     cfg = load_config("soft")
-    assert cfg.model.moe.soft.slots_per_expert == 64          # round(64 · 4 · 1.0 / 4)
+    assert cfg.model.moe.soft.slots_per_expert == 16          # round(64 · 1.0 / 4)
     before = copy.deepcopy(cfg)
     validate(cfg)
     check_config(cfg)

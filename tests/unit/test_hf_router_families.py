@@ -7,8 +7,10 @@ exported, loaded by transformers with trust_remote_code, and its logits equal me
 eval-mode logits on the same batch within 1e-4. Controls: zeroing the selection bias, the
 race threshold (in the folder), the Diff-MoE calibration, shifting the timesteps, or dropping
 V-MoE's eval capacity, or moving the experts of one layer moves the logits by far more; the
-families that choose over the batch (eval capacity, expert choice, Soft MoE) route one sample
-alone differently, as megamoe does. Export → import → export is the identity
+families that choose over the batch (eval capacity, expert choice) route one sample alone
+differently, as megamoe does, while Soft MoE (slots per input sequence) gives a sample alone
+its in-batch logits; a folder exported before that rule (no `soft_moe_groups`) is refused on
+import. Export → import → export is the identity
 for Diff-MoE, Expert Race and Soft MoE, and the imported tensors (router buffers included)
 give megamoe the same logits; `megamoe convert` carries the race threshold both ways. Greedy
 decoding with the KV cache equals recomputation for the context-routed families (the synthetic
@@ -53,7 +55,8 @@ FAMILIES = {
     "soft": ["model.moe.router=soft", *NON_CAUSAL, "model.moe.soft.slots_per_expert=4"],
 }
 ROUND_TRIP = ("diff_moe", "race", "soft")
-BATCH_DEPENDENT = ("vmoe", "expert_choice", "soft")   # choose over the call's B·S tokens
+BATCH_DEPENDENT = ("vmoe", "expert_choice")   # choose over the call's B·S tokens
+BATCH_INDEPENDENT = ("soft",)                  # choose within each sample
 RACE_THRESHOLD = 0.3         # inside the identity scores' range (std ≈ 0.6)
 
 
@@ -66,9 +69,9 @@ def _controls(name, hf, ours, tokens_BS, out):
     """(name, max |Δ logits|, whether it must differ): edits that must move the logits, and
     explicit routing context that must give the synthetic context's logits."""
     gates = _gates(hf)
-    if name in BATCH_DEPENDENT:              # sample 0 alone is routed in another group
+    if name in BATCH_DEPENDENT + BATCH_INDEPENDENT:    # sample 0 alone: another group or not
         alone = hf(input_ids=tokens_BS[:1], use_cache=False).logits
-        yield "sample_alone", (alone - ours[:1]).abs().max().item(), True
+        yield "sample_alone", (alone - ours[:1]).abs().max().item(), name in BATCH_DEPENDENT
     experts = next(layer.mlp.experts for layer in hf.model.layers if layer.is_moe)
     saved = experts.down_proj.clone()
     experts.down_proj.copy_(saved.roll(1, dims=0))       # experts away from their routes
@@ -122,6 +125,29 @@ def _controls(name, hf, ours, tokens_BS, out):
 
 
 @torch.no_grad()
+def _vmoe_batch_order(hf, engine, cfg, tokens_BS):
+    """(check, (max |Δ logits|, must differ)) with V-MoE's eval capacity and no priority in
+    both models: buffers filled in batch order (sample by sample) agree; the HF router told
+    the call is one sample (Megatron's position-major order) moves the logits."""
+    import dataclasses
+
+    from megamoe.models.lm.model import moe_layers
+
+    routers, gates = [layer.router for layer in moe_layers(engine.modules)], _gates(hf)
+    for module in routers + gates:
+        module.priority = "none"
+    ours = context_logits_BSV(engine, cfg, tokens_BS)
+    yield "priority_none", (hf_logits_err(hf, ours, tokens_BS), False)
+    for g in gates:
+        g.forward = functools.partial(
+            lambda g, x_TD, ctx: type(g).forward(g, x_TD, dataclasses.replace(ctx, batch=1)), g)
+    yield "priority_none_megatron_order", (hf_logits_err(hf, ours, tokens_BS), True)
+    for module in routers + gates:
+        module.priority = "max"
+        module.__dict__.pop("forward", None)
+
+
+@torch.no_grad()
 def _cached_decoding_err(model, prompt_BS, steps: int = 4) -> float:
     """max |Δ| between the logits of greedy decoding with the KV cache (only the new token is
     fed) and the logits of recomputing each whole prefix."""
@@ -152,6 +178,8 @@ def family_task(root):
              "scale": ours.abs().max().item(), "not_loaded": not_loaded}
         if name in ("diff_moe", "modality_pools", "race"):   # synthetic context, buffers
             r["decode_err"] = _cached_decoding_err(hf, tokens_BS[:, :6])
+        if name == "vmoe":
+            r["batch_order"] = dict(_vmoe_batch_order(hf, engine, cfg, tokens_BS))
         r["controls"] = {c: (err, differ) for c, err, differ    # edits hf: last
                          in _controls(name, hf, ours, tokens_BS, out)}
         if name in ROUND_TRIP:
@@ -187,7 +215,7 @@ def test_transformers_logits_equal_megamoe_eval_logits(name, results):
     assert r["family"] == "megamoe" and r["not_loaded"] == {}
     assert r["scale"] > 0.1
     assert r["err"] < TOL, r["err"]
-    for control, (err, differ) in r["controls"].items():
+    for control, (err, differ) in {**r["controls"], **r.get("batch_order", {})}.items():
         assert err > 100 * TOL if differ else err < TOL, (control, err)
 
 
@@ -263,3 +291,24 @@ def test_mixture_of_recursions_recipe_exports_as_remote_code():
     cfg = load_config(recipe, ["parallel.world_size=1", "parallel.expert=1"])
     assert family_for(cfg).MODEL_TYPE == "megamoe"
     assert any(p.startswith("model.mor.enabled:") for p in hf_mixtral.problems(cfg))
+
+
+def test_soft_moe_folder_of_the_old_rule_is_refused(results, tmp_path):
+    """Exported before Soft MoE's slots became per sequence (config.json without
+    `soft_moe_groups`): megamoe's import and the remote code refuse it naming the field."""
+    from megamoe.checkpoint.hf import import_hf
+    from megamoe.checkpoint.hf_megamoe import read_config
+
+    src = os.path.join(results[0], "soft")
+    assert read_config(src).soft_moe_groups == "sequence"          # the new folder passes
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    del config["soft_moe_groups"]
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    with open(old / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="config.json: soft_moe_groups: .*per input sequence"):
+        import_hf(str(old))
+    with pytest.raises(ValueError, match="soft_moe_groups"):
+        load_hf(str(old))

@@ -25,6 +25,9 @@ parentheses:
   Megatron's token dropping for the top-k routers (topk, dit_moe), over the B·S tokens of a
   call (routers_megamoe.py `drop_over_capacity`; in a MoR step over its active tokens);
   outputs then depend on the batch.
+- soft_moe_groups ("sequence"; router "soft" only): the token groups of the Soft MoE slots.
+  Each input sequence has its own slots (megamoe issue 12); folders exported before, whose
+  slots mixed the whole batch, lack it and are refused.
 - shared_expert_intermediate_size (model.moe.shared_expert_ffn_hidden_size, 0: none) and
   shared_expert_gate: σ(x·w_g) times the shared expert's output.
 - mor (model.mor, Mixture-of-Recursions; null: a plain decoder): {num_recursions, sharing,
@@ -75,7 +78,7 @@ class MegamoeConfig(PretrainedConfig):
                  use_cache=True, router_options=None, loss_free_bias_rate=0.0,
                  routing_context=None, router_z_loss_coef=0.0, mor=None,
                  capacity_factor=None, token_drop_policy="probs", pad_to_capacity=False,
-                 **kwargs):
+                 soft_moe_groups=None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -112,6 +115,7 @@ class MegamoeConfig(PretrainedConfig):
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.token_drop_policy = token_drop_policy
         self.pad_to_capacity = bool(pad_to_capacity)
+        self.soft_moe_groups = soft_moe_groups
         self._validate()
         self._validate_capacity()
         if self.mor:
@@ -139,6 +143,11 @@ class MegamoeConfig(PretrainedConfig):
                 if not isinstance(self.router_options.get(section), dict):
                     raise ValueError(f"router_options: router {self.router!r} needs the "
                                      f"{section!r} section")
+            if self.router == "soft" and self.soft_moe_groups != "sequence":
+                raise ValueError(f"soft_moe_groups: {self.soft_moe_groups!r}; exported before "
+                                 "Soft MoE's slots became per input sequence (megamoe issue "
+                                 "12), its slots mixed the whole batch: this code cannot run "
+                                 "it (\"sequence\" is the only rule)")
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok}; needs 1 to "
                                  f"num_experts ({self.num_experts})")

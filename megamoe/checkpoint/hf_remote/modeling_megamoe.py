@@ -18,9 +18,9 @@ The block (pre-norm, as Megatron's TransformerLayer): x += Attn(RMSNorm(x)); x +
   `modality_ids` [B, S] (router "modality") and `timesteps` [B] (router "diff_moe"); without
   them the synthetic rules recorded in `config.routing_context` apply (megamoe's
   `data.synthetic_modalities` / `data.synthetic_timesteps`), else the router raises.
-  expert_choice, soft, vmoe/limoe with an eval capacity and topk/dit_moe with Megatron's
+  expert_choice, vmoe/limoe with an eval capacity and topk/dit_moe with Megatron's
   `capacity_factor` choose over all B·S tokens of a call: outputs depend on the batch's
-  composition, as megamoe's do on its micro-batch.
+  composition, as megamoe's do on its micro-batch. soft mixes each sample's own positions.
 - Mixture-of-Recursions (`config.mor`): unique first/last layers around a shared pool applied
   N_r times to the tokens a depth router keeps, with per-recursion LoRA adapters when
   `mor.lora_rank` > 0, see mor_megamoe.py (shipped alongside). Such a model runs whole
@@ -222,7 +222,7 @@ class MegamoeMoE(nn.Module):
 
     def _mix(self, x_TD, ctx: RoutingInputs):
         if self.router_kind == "soft":
-            y_TD = self.gate.mix(x_TD, self.experts.expert_ffn)
+            y_TD = self.gate.mix(x_TD, self.experts.expert_ffn, ctx.batch)
         else:
             probs_TE, map_TE = self.gate(x_TD, ctx)
             if self.router_kind == "diff_moe":     # calibrated experts + Σ_topk s_e·x

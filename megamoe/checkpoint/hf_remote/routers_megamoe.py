@@ -23,7 +23,8 @@ Families (model.moe.router), eval semantics:
 - vmoe, limoe: g = softmax(l) (no noise in eval), the k largest g, not renormalised; with an
   eval capacity ratio C, each expert keeps ceil(N·k·C/E) (rounded up to a multiple of
   `capacity_multiple_of`) slots filled all top-1 choices before any top-2 choice, tokens in
-  Batch Prioritized Routing order (`priority` max/sum) or in token order; overflow is dropped.
+  Batch Prioritized Routing order (`priority` max/sum, ties in batch order) or in batch order
+  (sample by sample, position by position, as google-research/vmoe); overflow is dropped.
 - expert_choice: s = softmax(l); expert e takes the tokens whose s[:, e] is at least the c-th
   largest of its column, c = ⌈k·T/E⌉ (at most T).
 - race: s = l (or σ(l), softmax(l) by `gating`); in eval every (token, expert) with
@@ -34,14 +35,14 @@ Families (model.moe.router), eval semantics:
 - modality: vlmo: modality m → expert m, weight 1 (in the top `vl_ffn_layers` layers every
   token → expert M); pools: top-k logits inside the modality's pool of experts, weights the
   softmax over the k selected logits.
-- soft: Soft MoE slots (see `SoftRouter`).
+- soft: Soft MoE slots, per input sequence (see `SoftRouter`).
 
-topk/dit_moe with a capacity, vmoe/limoe with a capacity, expert_choice and soft choose over
-*all tokens of the call*
-(S × B), as megamoe's eval forward chooses over its micro-batch: the outputs of a batch then
-depend on the batch's composition (other samples, later positions, padding), exactly as
-megamoe's do; they are not causal, and decoding with the KV cache (which routes only the new
-tokens) differs from recomputing the whole prefix.
+topk/dit_moe with a capacity, vmoe/limoe with a capacity and expert_choice choose over *all
+tokens of the call* (S × B), as megamoe's eval forward chooses over its micro-batch: the outputs
+of a batch then depend on the batch's composition (other samples, later positions, padding),
+exactly as megamoe's do. soft mixes the positions of each sample only: a sample's outputs do not
+depend on the other samples. None of them is causal, and decoding with the KV cache (which
+routes only the new tokens) differs from recomputing the whole prefix.
 
 Legend: T tokens, D hidden, E experts, k experts per token, B samples, C timestep embedding
 width (= D), r calibration rank, M modalities, N slots (E·p) or tokens of the group.
@@ -257,16 +258,16 @@ def vmoe_capacity(num_tokens: int, k: int, ratio: float, num_experts: int, multi
     return capacity
 
 
-def assign_buffers(gates_NE, k: int, capacity: int, priority: str):
-    """(experts [N, k], kept [N, k]): top-1 choices fill the slots before top-2 choices, tokens in
-    priority order (stable) within a choice."""
+def assign_buffers(gates_NE, k: int, capacity: int, priority: str, batch: int):
+    """(experts [N, k], kept [N, k]) for N = S·B tokens in Megatron's order: top-1 choices fill
+    the slots before top-2 choices; within a choice tokens go in batch order (sample by sample,
+    position by position) or in priority order (stable: ties in batch order)."""
     top = torch.topk(gates_NE, k, dim=-1)
     N, E = gates_NE.shape
-    if priority == "none":
-        order_N = torch.arange(N, device=gates_NE.device)
-    else:
+    order_N = torch.arange(N, device=gates_NE.device).view(N // batch, batch).t().reshape(-1)
+    if priority != "none":
         score_N = top.values[:, 0] if priority == "max" else top.values.sum(dim=-1)
-        order_N = torch.argsort(score_N, descending=True, stable=True)
+        order_N = order_N[torch.argsort(score_N[order_N], descending=True, stable=True)]
     onehot_kNE = F.one_hot(top.indices[order_N].t(), E)
     position_kN = (onehot_kNE.reshape(k * N, E).cumsum(0).reshape(k, N, E)
                    * onehot_kNE).sum(-1) - 1
@@ -294,7 +295,8 @@ class VMoERouter(GateLinear):
         else:
             capacity = vmoe_capacity(gates_TE.shape[0], self.k, self.ratio, self.num_experts,
                                      self.multiple_of)
-            idx_Tk, kept_Tk = assign_buffers(gates_TE, self.k, capacity, self.priority)
+            idx_Tk, kept_Tk = assign_buffers(gates_TE, self.k, capacity, self.priority,
+                                             ctx.batch)
         return dense_from_topk(gates_TE, idx_Tk, gates_TE.gather(1, idx_Tk), kept_Tk)
 
 
@@ -390,9 +392,11 @@ class ModalityRouter(GateLinear):
 
 
 class SoftRouter(nn.Module):
-    """Soft MoE over the call's tokens X [M, D]: A = X Φ (rows of X and Φ l2-normalised, the
-    smaller times `l2_norm.weight`, when `normalize`); D = softmax of A over tokens,
-    C = softmax over slots; slot inputs X̃ = Dᵀ X, slot s goes to expert s // p, Y = C Ỹ."""
+    """Soft MoE per input sequence (the paper's and google-research/vmoe's groups): for the S
+    tokens X_b [S, D] of each sample, A = X_b Φ (rows of X_b and Φ scaled by rsqrt(Σx² + 1e-6),
+    the smaller of the two times `l2_norm.weight`, when `normalize`); D = softmax of A over the
+    sequence's tokens, C = softmax over its n·p slots; slot inputs X̃_b = Dᵀ X_b, slot s goes
+    to expert s // p, Y_b = C Ỹ_b. Slots never mix samples."""
 
     def __init__(self, config):
         super().__init__()
@@ -403,20 +407,29 @@ class SoftRouter(nn.Module):
         if self.l2_norm is not None:
             self.l2_norm.weight = nn.Parameter(torch.empty(1))
 
-    def mix(self, x_MD, expert_ffn):
-        x32_MD, phi_ND = x_MD.float(), self.weight.float()
+    @staticmethod
+    def unit_rows(x, eps: float = 1e-6):
+        return x * torch.rsqrt(x.square().sum(dim=-1, keepdim=True) + eps)
+
+    def mix(self, x_TD, expert_ffn, batch: int):
+        """Y [T, D] for the call's tokens in Megatron's order (token t: sample t % batch)."""
+        T, D = x_TD.shape
+        x_SBD = x_TD.view(T // batch, batch, D)
+        x32_SBD, phi_ND = x_SBD.float(), self.weight.float()
         if self.l2_norm is not None:
-            x32_MD, phi_ND = F.normalize(x32_MD, dim=-1), F.normalize(phi_ND, dim=-1)
-            if x32_MD.numel() < phi_ND.numel():
-                x32_MD = x32_MD * self.l2_norm.weight
+            x32_SBD, phi_ND = self.unit_rows(x32_SBD), self.unit_rows(phi_ND)
+            if x32_SBD.shape[0] < phi_ND.shape[0]:
+                x32_SBD = x32_SBD * self.l2_norm.weight
             else:
                 phi_ND = phi_ND * self.l2_norm.weight
-        logits_MN = x32_MD @ phi_ND.T
-        dispatch_MN, combine_MN = logits_MN.softmax(dim=0), logits_MN.softmax(dim=1)
-        slots_ND = (dispatch_MN.T @ x_MD.float()).to(x_MD.dtype)
-        out_ND = torch.cat([expert_ffn(e, slots_ND[e * self.p:(e + 1) * self.p])
-                            for e in range(slots_ND.shape[0] // self.p)])
-        return (combine_MN @ out_ND.float()).to(x_MD.dtype)
+        logits_SBN = x32_SBD @ phi_ND.T
+        dispatch_SBN, combine_SBN = logits_SBN.softmax(dim=0), logits_SBN.softmax(dim=-1)
+        slots_NBD = torch.einsum("sbn,sbd->nbd", dispatch_SBN, x_SBD.float()).to(x_TD.dtype)
+        out_NBD = torch.cat([expert_ffn(e, slots_NBD[e * self.p:(e + 1) * self.p]
+                                        .reshape(-1, D)).view(self.p, batch, D)
+                             for e in range(slots_NBD.shape[0] // self.p)])
+        y_SBD = torch.einsum("sbn,nbd->sbd", combine_SBN, out_NBD.float())
+        return y_SBD.reshape(T, D).to(x_TD.dtype)
 
     def init_router_weights(self, init, std):
         init.normal_(self.weight, mean=0.0, std=std)

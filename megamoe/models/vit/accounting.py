@@ -10,7 +10,8 @@ from megamoe.specs.gpt_moe import moe_layer_pattern
 
 def _layer(cfg, is_moe: bool) -> tuple[int, int]:
     """(total, active per token) parameters of one encoder layer: biased attention and MLP,
-    two LayerNorms; MoE: E experts of width F_e (k active), the router's [E, D] gate and the
+    two LayerNorms; MoE: E experts of width F_e (k active), the router's [E, D] gate (no
+    bias: megamoe.models.vit.model.drop_router_biases) and the
     family's own parameters (`MegamoeRouter.extra_parameters`), shared experts."""
     m, moe = cfg.model, cfg.model.moe
     D = m.hidden_size

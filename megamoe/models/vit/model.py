@@ -135,5 +135,17 @@ def build_vit(cfg, tconfig: TransformerConfig, pg_collection, _output_size=None)
             pre_process=pp_rank == 0 and vp_stage in (None, 0),
             post_process=pp_rank == pp_size - 1 and vp_stage in (None, (vp or 1) - 1),
             pg_collection=pg_collection, vp_stage=vp_stage))
+    drop_router_biases(chunks)
     mark_expert_replicas(chunks, tconfig)
     return chunks
+
+
+def drop_router_biases(chunks) -> None:
+    """Megatron's router gets a bias whenever the linears have one (`add_bias_linear`, which
+    ViT's attention and MLPs need); V-MoE's gate is x·W without a bias (papers.md §4,
+    google-research/vmoe's router Dense), as is every other family's."""
+    from megamoe.models.lm.model import moe_layers
+
+    for layer in moe_layers(chunks):
+        if getattr(layer.router, "bias", None) is not None:
+            layer.router.bias = None

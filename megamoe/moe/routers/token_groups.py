@@ -13,6 +13,14 @@ answer's prefix. The result is the exact value one process would get from `torch
 concatenated scores, whatever the layout, for 4·256·C integers on the wire instead of the
 scores themselves. Per-sequence selection uses the same machinery with one column per sample.
 
+Order within a group. Megatron's tokens are position-major ([S, B] flattened: t = s·B + b),
+the reference code's are batch-major (google-research/vmoe reshapes [batch, seq, D] into its
+groups: sample by sample, position by position). A router whose result depends on the order of
+the tokens within its group — V-MoE's buffer filling without priority, the stable tie-break
+under priority — walks them in the reference's order, `batch_order`: per `sequence` that is the
+positions (the two orders agree); per `micro-batch` sample b's positions, then sample b+1's, over
+the whole (gathered) sequence. Thresholds (`kth_largest`) do not depend on the order.
+
 Shapes: T tokens of this rank (S·B, Megatron order: token t is (s = t // B, b = t % B)),
 N local items (tokens, or tokens × experts flattened), C independent columns (experts, or 1),
 G independent groups' columns (C, or B·C per sequence).
@@ -73,6 +81,13 @@ class SelectionGroup:
         if self.kind == "sequence":
             return threshold_G.view(1, batch, C).expand(T // batch, batch, C).reshape(T, C)
         return threshold_G.view(1, C)
+
+
+def batch_order(num_tokens: int, batch: int, device=None) -> torch.Tensor:
+    """[N] long: the Megatron-order indices (t = s·B + b) of a group's N = S·B tokens listed in
+    batch order (sample 0's positions 0 … S−1, then sample 1's, …), the reference's order."""
+    assert num_tokens % batch == 0, (num_tokens, batch)
+    return torch.arange(num_tokens, device=device).view(num_tokens // batch, batch).t().reshape(-1)
 
 
 def selection_group(kind: str, pg_collection, sequence_parallel: bool) -> SelectionGroup:

@@ -8,9 +8,12 @@ losses; papers.md §4), written after `google-research/vmoe` `vmoe/nn/routing.py
 - Capacity per expert: ceil(N·k·C / E) rounded up to a multiple of `capacity_multiple_of`, N the
   tokens of the selection group (the micro-batch), C = `capacity_ratio` (`eval_capacity_ratio`
   in eval mode; None: dropless). Buffer slots are filled in (choice, token) order: every token's
-  top-1 choice before any token's top-2 choice; overflow is dropped (residual only).
+  top-1 choice before any token's top-2 choice; overflow is dropped (residual only). Within a
+  choice the tokens go in the reference's batch order (`token_groups.batch_order`: image by
+  image, position by position within an image), not Megatron's position-major [S, B] order.
 - Batch Prioritized Routing (`priority`): tokens are ranked by max_e g (`max`) or by the sum of
-  their top-k g (`sum`) before the slots are filled; `none` keeps token order.
+  their top-k g (`sum`) before the slots are filled, ties in batch order (the reference's
+  stable argsort); `none` keeps batch order.
 - Auxiliary losses per micro-batch: importance L_imp = CV²(Σ_x softmax(xW)) on the clean logits;
   load L_load = CV²(mean_x p), p_{x,e} = 1 − Φ((η_x − (xW)_e)/σ), η_x the k-th largest noisy
   logit of x (training with noise only). Total = c_imp·L_imp + c_load·L_load (0.005 each).
@@ -44,7 +47,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megamoe.blocks.context import Context
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput, routing_stats
-from megamoe.moe.routers.token_groups import SequenceShards, selection_group
+from megamoe.moe.routers.token_groups import SequenceShards, batch_order, selection_group
 
 PRIORITIES = ("none", "max", "sum")
 
@@ -59,18 +62,19 @@ def vmoe_capacity(num_tokens: int, k: int, capacity_ratio: float, num_experts: i
 
 
 @torch.no_grad()
-def assign_buffers(gates_NE: torch.Tensor, k: int, capacity: int,
-                   priority: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """(experts [N, k], kept [N, k]): each token's k largest gates; slots are filled choice by
-    choice (all top-1 choices, then all top-2 …), tokens in priority order within a choice."""
+def assign_buffers(gates_NE: torch.Tensor, k: int, capacity: int, priority: str = "none",
+                   batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts [N, k], kept [N, k]) for the N = S·B tokens of a group in Megatron's order
+    (`batch` = B): each token's k largest gates; slots are filled choice by choice (all top-1
+    choices, then all top-2 …), within a choice in batch order (sample by sample, position by
+    position) or by descending priority, ties in batch order."""
     top = torch.topk(gates_NE, k, dim=-1)
     experts_Nk = top.indices
     N, E = gates_NE.shape
-    if priority == "none":
-        order_N = torch.arange(N, device=gates_NE.device)
-    else:
+    order_N = batch_order(N, batch, gates_NE.device)
+    if priority != "none":
         score_N = top.values[:, 0] if priority == "max" else top.values.sum(dim=-1)
-        order_N = torch.argsort(score_N, descending=True, stable=True)
+        order_N = order_N[torch.argsort(score_N[order_N], descending=True, stable=True)]
     onehot_kNE = F.one_hot(experts_Nk[order_N].t(), E)
     slot_kNE = onehot_kNE.reshape(k * N, E).cumsum(dim=0).reshape(k, N, E)
     position_kN = (slot_kNE * onehot_kNE).sum(dim=-1) - 1
@@ -177,10 +181,11 @@ class VMoERouter(TopKRouter, MegamoeRouter):
 
     # -- selection and losses ------------------------------------------------------------------
 
-    def select(self, gates_TE: torch.Tensor, stats: dict | None = None
+    def select(self, gates_TE: torch.Tensor, batch: int, stats: dict | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(experts [T, k], kept [T, k]) for this rank's tokens; capacity and priority are
-        decided over the whole micro-batch (their statistics go into `stats`)."""
+        """(experts [T, k], kept [T, k]) for this rank's tokens of a `batch`-sample micro-batch;
+        capacity and priority are decided over the whole micro-batch, in its batch order
+        (their statistics go into `stats`)."""
         stats = {} if stats is None else stats
         ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
         if ratio is None:
@@ -189,7 +194,8 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         gates_NE = self.shards.gather(gates_TE)
         capacity = vmoe_capacity(gates_NE.shape[0], self.topk, ratio, gates_NE.shape[1],
                                  self.capacity_multiple_of)
-        experts_Nk, kept_Nk = assign_buffers(gates_NE, self.topk, capacity, self.priority)
+        experts_Nk, kept_Nk = assign_buffers(gates_NE, self.topk, capacity, self.priority,
+                                             batch)
         stats["capacity"] = float(capacity)
         if self.priority != "none" and bool(kept_Nk[:, 0].any()):
             top_Nk = torch.topk(gates_NE.detach(), self.topk, dim=-1).values
@@ -225,7 +231,7 @@ class VMoERouter(TopKRouter, MegamoeRouter):
             noisy_TE = logits_TE + self.noise(context, S, B, E, logits_TE)
         gates_TE = torch.softmax(noisy_TE, dim=-1)
         selection_stats, extra_stats = {}, {}
-        experts_Tk, kept_Tk = self.select(gates_TE, selection_stats)
+        experts_Tk, kept_Tk = self.select(gates_TE, B, selection_stats)
         weights_Tk = gates_TE.gather(1, experts_Tk) * kept_Tk      # not renormalised
         probs_TE = torch.zeros_like(gates_TE).scatter(1, experts_Tk, weights_Tk)
         routing_map_TE = torch.zeros_like(gates_TE, dtype=torch.bool).scatter(1, experts_Tk,

@@ -191,3 +191,9 @@ def test_specs_lists_each_familys_groups(capsys):
     assert "micro-batch | sequence | data-parallel" in rows["expert_choice"]
     assert "data-parallel | micro-batch" in rows["race"]
     assert " token " in rows["moee"]
+
+
+def test_batch_order_lists_samples_then_positions():
+    # S = 3, B = 2, Megatron t = s·B + b: sample 0 is t0, t2, t4; sample 1 is t1, t3, t5
+    assert token_groups.batch_order(6, 2).tolist() == [0, 2, 4, 1, 3, 5]
+    assert token_groups.batch_order(6, 1).tolist() == list(range(6))     # one sequence
