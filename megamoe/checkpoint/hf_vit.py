@@ -53,6 +53,7 @@ def _shape(cfg) -> DecoderShape:
 
 
 def hf_config(cfg, num_classes: int) -> dict:
+    from megamoe.checkpoint.hf_fields import renormalize
     from megamoe.checkpoint.hf_megamoe import capacity_fields, router_fields
     from megamoe.config.vision import image_tokens
     from megamoe.specs.gpt_moe import moe_layer_pattern
@@ -73,7 +74,7 @@ def hf_config(cfg, num_classes: int) -> dict:
                                                          moe.num_experts)],
         "num_experts": moe.num_experts, "moe_intermediate_size": moe.ffn_hidden_size,
         "router": moe.router, "num_experts_per_tok": moe.topk,
-        "score_function": moe.score_function, "norm_topk_prob": bool(moe.renormalize),
+        "score_function": moe.score_function, "norm_topk_prob": renormalize(moe),
         "shared_expert_intermediate_size": moe.shared_expert_ffn_hidden_size,
         "dtype": "float32", **fields, **capacity_fields(moe),
     }
@@ -113,8 +114,8 @@ def to_hf(tensors: dict, cfg) -> dict:
                 for kind in LINEAR:
                     out[f"{q}mlp.shared_expert.{fc}.{kind}"] = mm.take(
                         f"{p}mlp.shared_experts.linear_{fc}.{kind}")
-        for key in mm.names_under(f"{p}mlp.router."):
-            out[f"{q}mlp.gate." + key.removeprefix(f"{p}mlp.router.")] = mm.take(key)
+        for name in mm.names_under(f"{p}mlp.router."):
+            out[f"{q}mlp.gate.{name}"] = mm.take(f"{p}mlp.router.{name}")
     for kind in LINEAR:
         out[f"vit.layernorm.{kind}"] = mm.take(f"decoder.final_layernorm.{kind}")
         out[f"classifier.{kind}"] = mm.take(f"head.{kind}")
@@ -148,8 +149,8 @@ def read_config(hf_dir: str):
 def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
     """megamoe overrides (architecture and image fields) and the tensor layout of a
     MegamoeViTConfig."""
-    from megamoe.checkpoint.hf_fields import layer_freq_override
-    from megamoe.checkpoint.hf_megamoe import capacity_overrides, router_overrides
+    from megamoe.checkpoint.hf_fields import layer_freq_override, renormalize_overrides
+    from megamoe.checkpoint.hf_megamoe import RAW_WEIGHTS, capacity_overrides, router_overrides
 
     moe_layers = tuple(bool(x) for x in c.moe_layers)
     if len(moe_layers) != c.num_hidden_layers:
@@ -169,7 +170,7 @@ def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
         f"model.moe.ffn_hidden_size={c.moe_intermediate_size}",
         f"model.moe.topk={c.num_experts_per_tok}", f"model.moe.router={c.router}",
         f"model.moe.score_function={c.score_function}",
-        f"model.moe.renormalize={str(bool(c.norm_topk_prob)).lower()}",
+        *renormalize_overrides(c.norm_topk_prob or c.router in RAW_WEIGHTS, where),
         f"model.moe.shared_expert_ffn_hidden_size={c.shared_expert_intermediate_size}",
         layer_freq_override(moe_layers), *capacity_overrides(c), *router_overrides(c),
     ]
@@ -213,8 +214,8 @@ def from_hf(hf_tensors: dict, s: DecoderShape, where: str) -> dict:
                 for kind in LINEAR:
                     out[f"{p}mlp.shared_experts.linear_{fc}.{kind}"] = hf.take(
                         f"{q}mlp.shared_expert.{fc}.{kind}")
-        for key in hf.names_under(f"{q}mlp.gate."):
-            out[f"{p}mlp.router." + key.removeprefix(f"{q}mlp.gate.")] = hf.take(key)
+        for name in hf.names_under(f"{q}mlp.gate."):
+            out[f"{p}mlp.router.{name}"] = hf.take(f"{q}mlp.gate.{name}")
     for kind in LINEAR:
         out[f"decoder.final_layernorm.{kind}"] = hf.take(f"vit.layernorm.{kind}")
         out[f"head.{kind}"] = hf.take(f"classifier.{kind}")
