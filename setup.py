@@ -8,7 +8,10 @@ setup(
     # copied into exported Hugging Face folders as remote code (megamoe.checkpoint.hf_megamoe)
     package_data={"megamoe.checkpoint.hf_remote": ["configuration_megamoe.py",
                                                    "modeling_megamoe.py",
-                                                   "routers_megamoe.py"],
+                                                   "routers_megamoe.py",
+                                                   "mor_megamoe.py",
+                                                   "configuration_megamoe_vit.py",
+                                                   "modeling_megamoe_vit.py"],
                   # the recipes, `megamoe train --config <name>`, and the fragments they list
                   # under `defaults:` (configs/models, data, parallel, train): megamoe/recipes
                   # is a symlink to configs/, whose files the wheel and sdist copy

@@ -92,15 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="evaluate a run's newest checkpoint on its held-out split",
         description="Load the newest complete checkpoint of RUN (saved under any layout) on one "
                     "CPU process and evaluate it on the validation split of its data config: "
-                    "validation loss and perplexity (lm family). Progress goes to stderr; the "
-                    "last line of stdout is one JSON object of the figures.",
-        epilog="example:\n  megamoe eval runs/quickstart-20261203-0710 --iters 8",
+                    "validation loss and perplexity (lm family), top-1 accuracy next to chance "
+                    "(vit family; with --capacity, V-MoE's inference-capacity table). Progress "
+                    "goes to stderr; the last line of stdout is one JSON object of the figures.",
+        epilog="examples:\n  megamoe eval runs/quickstart-20261203-0710 --iters 8\n"
+               "  megamoe eval runs/vit_vmoe-20261203-1100 --capacity 1,0.5,0.25,0.1 "
+               "--priority none,max",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("src", metavar="RUN",
                     help="a run directory, its checkpoints/ root or one step directory")
     ev.add_argument("--iters", type=int, default=None,
                     help="global batches of the validation split (default: train.eval_iters)")
+<<<<<<< HEAD
     _add_submit_parser(sub)
+=======
+    ev.add_argument("--capacity", default=None, metavar="C1,C2,...",
+                    help="V-MoE runs: also evaluate at these inference capacity ratios (> 0)")
+    ev.add_argument("--priority", default=None, metavar="MODES",
+                    help="with --capacity: Batch Prioritized Routing modes to compare, from "
+                         "none, max, sum (default none,max)")
+>>>>>>> h-vit
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
     _add_config_parsers(sub)
@@ -282,7 +293,8 @@ def cmd_eval(args) -> int:
     try:
         from megamoe.commands.eval import evaluate_checkpoint
 
-        evaluate_checkpoint(args.src, iters=args.iters)
+        evaluate_checkpoint(args.src, iters=args.iters, capacity=args.capacity,
+                            priority=args.priority)
     except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
         return _error(str(exc))
     return 0

@@ -1,8 +1,10 @@
-"""RMSNorm whose weight Megatron can reduce across tensor-parallel ranks under sequence parallelism.
+"""RMSNorm and LayerNorm whose parameters Megatron can reduce across tensor-parallel ranks under
+sequence parallelism.
 
 Megatron's local spec wraps torch's norm, which refuses sequence parallelism. With SP each TP rank
 normalises a different slice of the sequence, so the weight gradient is a partial sum: marking the
 weight `sequence_parallel` makes Megatron's `finalize_model_grads` all-reduce it over TP.
+LayerNorm (with bias, as ViT and DiT use it) marks both of its parameters.
 """
 
 from __future__ import annotations
@@ -36,3 +38,21 @@ class QKRMSNorm(RMSNorm):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
         super().__init__(config, hidden_size, eps)
         self.weight.sequence_parallel = False
+
+
+class LayerNorm(MegatronModule):
+    """y = (x − mean) / sqrt(var + eps) · w + b (Ba et al. 2016), computed in fp32; torch's
+    kernel, with both parameters marked for the sequence-parallel gradient reduction."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(config)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in (self.weight, self.bias):
+            p.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], self.weight.float(),
+                                           self.bias.float(), self.eps)
+        return y.to(x.dtype)

@@ -35,13 +35,13 @@ import shutil
 
 import torch
 
-from megamoe.checkpoint import hf_megamoe, hf_mixtral, hf_qwen2moe, hf_qwen3moe
+from megamoe.checkpoint import hf_megamoe, hf_mixtral, hf_qwen2moe, hf_qwen3moe, hf_vit
 from megamoe.checkpoint.global_load import stack_layers
 from megamoe.checkpoint.hf_layout import DecoderShape, from_hf, to_hf
 from megamoe.checkpoint.hf_tokenizer import write_tokenizer
 
 EXACT = (hf_mixtral, hf_qwen2moe, hf_qwen3moe)       # tried in this order
-FAMILIES = {f.MODEL_TYPE: f for f in (*EXACT, hf_megamoe)}
+FAMILIES = {f.MODEL_TYPE: f for f in (*EXACT, hf_megamoe, hf_vit)}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -49,7 +49,7 @@ SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 # model families (megamoe.models.registry) with a Hugging Face mapping; the mapping lives here,
 # above the model code, which never imports checkpoint code
-MAPPED_MODEL_FAMILIES = ("lm",)
+MAPPED_MODEL_FAMILIES = ("lm", "vit")
 
 
 def family_for(cfg):
@@ -60,6 +60,11 @@ def family_for(cfg):
     if model_family not in MAPPED_MODEL_FAMILIES:
         raise ValueError(f"model.family {model_family!r}: no Hugging Face mapping (mapped: "
                          f"{', '.join(MAPPED_MODEL_FAMILIES)}); keep the megamoe checkpoint")
+    if model_family == "vit":
+        bad = hf_vit.problems(cfg)
+        if bad:
+            raise ValueError("cannot export to a Hugging Face model:\n  " + "\n  ".join(bad))
+        return hf_vit
     for family in EXACT:
         if not family.problems(cfg):
             return family
@@ -81,6 +86,8 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise ValueError(f"{tokenizer}: sentencepiece model not found")
     check_export_dir(out_dir, force)
+    if family is hf_vit:
+        return _export_vit(tensors, cfg, out_dir, max_shard_bytes)
     if "embedding.word_embeddings.weight" not in tensors:
         raise ValueError("tensors: no 'embedding.word_embeddings.weight'")
     vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
@@ -96,6 +103,23 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
         _write_json(os.path.join(tmp, "generation_config.json"), dict(special))
         if family is hf_megamoe:
             hf_megamoe.write_code(tmp)
+        _write_shards(hf_tensors, tmp, max_shard_bytes)
+        _commit(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _export_vit(tensors: dict, cfg, out_dir: str, max_shard_bytes: int) -> str:
+    """The vit family's folder (megamoe.checkpoint.hf_vit): config, code, weights."""
+    if "head.weight" not in tensors:
+        raise ValueError("tensors: no 'head.weight'")
+    hf_tensors = hf_vit.to_hf(tensors, cfg)
+    config = hf_vit.hf_config(cfg, tensors["head.weight"].shape[0])
+    tmp = _temp_sibling(out_dir)
+    try:
+        _write_json(os.path.join(tmp, "config.json"), config)
+        hf_vit.write_code(tmp)
         _write_shards(hf_tensors, tmp, max_shard_bytes)
         _commit(tmp, out_dir)
     finally:
@@ -119,6 +143,9 @@ def import_hf(hf_dir: str) -> tuple[list[str], dict]:
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(FAMILIES)})")
     family = FAMILIES[model_type]
+    if family is hf_vit:
+        overrides, shape = hf_vit.from_hf_config(hf_vit.read_config(hf_dir), config_path)
+        return overrides, hf_vit.from_hf(read_safetensors(hf_dir), shape, hf_dir)
     config = (hf_megamoe.read_config(hf_dir) if family is hf_megamoe
               else _auto_config(hf_dir))
     overrides, shape = family.from_hf_config(config, config_path)

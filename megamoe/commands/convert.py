@@ -78,7 +78,7 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, force: bool = Fal
                     max_shard_bytes=max_shard_bytes, force=force)
     model_type = family_for(cfg).MODEL_TYPE
     how = (" with its modeling code (load with trust_remote_code=True)"
-           if model_type == "megamoe" else "")
+           if model_type in ("megamoe", "megamoe_vit") else "")
     log(f"[megamoe] exported {step_dir} (step {meta['step']}) to {out} as {model_type}{how}")
     return out
 
@@ -108,7 +108,8 @@ def from_hf(src: str, out: str, overrides=(), *, force: bool = False, log=print)
 
     check_import_dir(out, force)
     arch, tensors = import_hf(src)
-    vocab = tensors["embedding.word_embeddings.weight"].shape[0]
+    # the model's output size: the vocabulary, or the classes of a vit classifier
+    vocab = tensors.get("embedding.word_embeddings.weight", tensors.get("head.weight")).shape[0]
     cfg = load_config(None, [*arch, *overrides, *_single_rank_overrides()])
     check_config(cfg, launch=False)
     _one_rank()

@@ -1,10 +1,16 @@
 """`megamoe eval RUN`: the newest complete checkpoint of a run (saved under any layout) loaded
 on one CPU process and evaluated on the held-out split of its own data config.
 
-For the `lm` family: the mean loss per token over `--iters` global batches of the validation
-split (the batches validation uses during training, so the figure is comparable with
-`val_loss` in summary.json) and its perplexity. A progress line per batch goes to stderr; the
-last line of stdout is one JSON object of the figures.
+- `lm`: the mean loss per token over `--iters` global batches of the validation split (the
+  batches validation uses during training, so the figure is comparable with `val_loss` in
+  summary.json) and its perplexity.
+- `vit`: top-1 accuracy on the same batches next to the chance level (1 / classes), and the
+  loss. With `--capacity C1,C2,… [--priority none,max]` also V-MoE's inference-capacity table
+  (Riquelme et al. 2021, §4): every V-MoE layer evaluated at capacity ratio C with and without
+  Batch Prioritized Routing — what each setting gives this model, no direction assumed.
+
+A progress line per batch goes to stderr; the last line of stdout is one JSON object of the
+figures.
 """
 
 from __future__ import annotations
@@ -14,8 +20,53 @@ import math
 import sys
 import time
 
+PRIORITY_MODES = ("none", "max", "sum")
 
-def evaluate_checkpoint(src: str, *, iters: int | None = None, log=print) -> dict:
+
+def parse_capacities(text: str | None) -> list[float]:
+    """`--capacity 1,0.5,0.25`: ratios in (0, ∞); ValueError naming the flag."""
+    if text is None:
+        return []
+    out = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--capacity: {item!r} is not a number (e.g. --capacity 1,0.5,0.25)")
+        if not (0 < value < math.inf):
+            raise ValueError(f"--capacity: {item} must be in (0, inf)")
+        out.append(value)
+    return out
+
+
+def parse_priorities(text: str | None) -> list[str]:
+    """`--priority none,max`: Batch Prioritized Routing modes; ValueError naming the flag."""
+    if text is None:
+        return []
+    modes = [m.strip() for m in text.split(",")]
+    unknown = [m for m in modes if m not in PRIORITY_MODES]
+    if unknown or not modes:
+        raise ValueError(f"--priority: unknown mode(s) {unknown} (choose from "
+                         f"{', '.join(PRIORITY_MODES)})")
+    return modes
+
+
+def _sweep(engine, loader, iters: int, G: int, what: str) -> dict:
+    """Summed eval stats over the first `iters` global batches, with a progress line each."""
+    total: dict = {}
+    start = time.perf_counter()
+    for i in range(iters):
+        stats = engine.eval_step(loader.peek(i * G))
+        total = {k: total.get(k, 0.0) + v for k, v in stats.items()}
+        done = time.perf_counter() - start
+        print(f"[megamoe] eval{what} batch {i + 1}/{iters} | loss so far "
+              f"{total['loss_sum'] / max(total['units'], 1):.4f} | "
+              f"{total['units'] / done:.0f} {engine.task.unit}s/s", file=sys.stderr, flush=True)
+    return total
+
+
+def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | None = None,
+                        priority: str | None = None, log=print) -> dict:
     """The figures of `src` (a run directory, its checkpoints/ root or a step directory)."""
     from megamoe.commands.convert import load_one_rank
     from megamoe.data.batches import build_datasets
@@ -24,28 +75,76 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, log=print) -> dic
 
     if iters is not None and iters < 1:
         raise ValueError(f"--iters={iters}: must be ≥ 1")
+    capacities, priorities = parse_capacities(capacity), parse_priorities(priority)
+    if priorities and not capacities:
+        raise ValueError("--priority: needs --capacity (the ratios to evaluate each mode at)")
     engine, cfg, step_dir, meta = load_one_rank(src, log=lambda m: print(m, file=sys.stderr))
-    if engine.family.name != "lm":
-        raise ValueError(f"model.family {engine.family.name!r}: `megamoe eval` evaluates the "
-                         "lm family only so far")
+    family = engine.family.name
+    if family not in ("lm", "vit"):
+        raise ValueError(f"model.family {family!r}: `megamoe eval` evaluates lm and vit")
+    if capacities and not _vmoe_routers(engine):
+        raise ValueError(f"--capacity: the run's routers ({cfg.model.moe.router!r}) have no "
+                         "V-MoE capacity to vary (model.moe.router: vmoe)")
     iters = iters or cfg.train.eval_iters or 1
     _, valid, _ = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     loader, G = loader_for(engine, valid), cfg.train.global_batch_size
-    total = {"loss_sum": 0.0, "units": 0.0}
-    start = time.perf_counter()
-    for i in range(iters):
-        stats = engine.eval_step(loader.peek(i * G))
-        total = {k: total[k] + stats[k] for k in total}
-        done = time.perf_counter() - start
-        print(f"[megamoe] eval batch {i + 1}/{iters} | loss so far "
-              f"{total['loss_sum'] / max(total['units'], 1):.4f} | "
-              f"{total['units'] / done:.0f} tokens/s", file=sys.stderr, flush=True)
+    total = _sweep(engine, loader, iters, G, "")
     loss = M.global_loss(total, engine.grid)
-    figures = {"checkpoint": step_dir, "step": int(meta["step"]), "family": engine.family.name,
-               "split": "valid", "iters": iters, "tokens": int(total["units"]),
-               "val_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-    log(f"[megamoe] {step_dir} (step {figures['step']}): validation loss {loss:.4f}, "
-        f"perplexity {figures['perplexity']:.3f} over {figures['tokens']:,} tokens")
+    figures = {"checkpoint": step_dir, "step": int(meta["step"]), "family": family,
+               "split": "valid", "iters": iters, f"{engine.task.unit}s": int(total["units"]),
+               "val_loss": loss}
+    if family == "lm":
+        figures["perplexity"] = math.exp(min(loss, 700.0))
+        log(f"[megamoe] {step_dir} (step {figures['step']}): validation loss {loss:.4f}, "
+            f"perplexity {figures['perplexity']:.3f} over {figures['tokens']:,} tokens")
+    else:
+        from megamoe.config.vision import num_classes
+
+        figures["accuracy"] = M.global_mean(total, engine.grid, "correct")
+        figures["chance"] = 1.0 / num_classes(cfg)
+        log(f"[megamoe] {step_dir} (step {figures['step']}): validation accuracy "
+            f"{figures['accuracy']:.4f} (chance {figures['chance']:.4f}), loss {loss:.4f} "
+            f"over {figures['images']:,} images")
+    if capacities:
+        figures["capacity_table"] = capacity_table(engine, loader, iters, G, capacities,
+                                                   priorities or ["none", "max"], log)
     log(json.dumps(figures))
     return figures
 
+
+def _vmoe_routers(engine) -> list:
+    from megamoe.models.lm.model import moe_layers
+    from megamoe.moe.routers.vmoe import VMoERouter
+
+    return [layer.router for layer in moe_layers(engine.modules)
+            if isinstance(layer.router, VMoERouter)]
+
+
+def capacity_table(engine, loader, iters: int, G: int, capacities: list[float],
+                   priorities: list[str], log=print) -> list[dict]:
+    """Accuracy (and loss) with every V-MoE router at inference capacity ratio C and priority
+    mode p, for each (p, C); the routers' own settings are restored afterwards."""
+    from megamoe.training import metrics as M
+
+    routers = _vmoe_routers(engine)
+    saved = [(r.eval_capacity_ratio, r.priority) for r in routers]
+    rows = []
+    try:
+        for mode in priorities:
+            for ratio in capacities:
+                for r in routers:
+                    r.eval_capacity_ratio, r.priority = ratio, mode
+                total = _sweep(engine, loader, iters, G, f" C={ratio:g} priority={mode}")
+                rows.append({"priority": mode, "capacity": ratio,
+                             "accuracy": M.global_mean(total, engine.grid, "correct"),
+                             "val_loss": M.global_loss(total, engine.grid)})
+    finally:
+        for r, (ratio, mode) in zip(routers, saved):
+            r.eval_capacity_ratio, r.priority = ratio, mode
+    log("[megamoe] inference capacity (V-MoE layers), validation accuracy:")
+    log("  capacity  " + "  ".join(f"{m:>9}" for m in priorities))
+    for ratio in capacities:
+        cells = [next(row["accuracy"] for row in rows
+                      if row["priority"] == m and row["capacity"] == ratio) for m in priorities]
+        log(f"  {ratio:8g}  " + "  ".join(f"{c:9.4f}" for c in cells))
+    return rows

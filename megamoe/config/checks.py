@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from megamoe.config.errors import fail
 from megamoe.config.schema import Config
-from megamoe.config.validate import num_microbatches, sequence_parallel_enabled
+from megamoe.config.validate import num_microbatches, sequence_length, sequence_parallel_enabled
 
 
 def check_experts(cfg: Config) -> None:
@@ -64,9 +64,17 @@ def check_sequence_parallel(cfg: Config) -> None:
     if p.sequence_parallel is False and p.tensor > 1 and cfg.model.moe.num_experts > 0:
         fail("parallel.sequence_parallel", "Megatron requires sequence parallelism with MoE and "
              f"tensor parallelism (parallel.tensor = {p.tensor}); set it true or leave it unset")
-    if sequence_parallel_enabled(cfg) and cfg.model.seq_length % p.tensor:
-        fail("model.seq_length", f"{cfg.model.seq_length} is not divisible by parallel.tensor "
-             f"({p.tensor}), which sequence parallelism shards it over")
+    S = sequence_length(cfg)
+    if not sequence_parallel_enabled(cfg) or S % p.tensor == 0:
+        return
+    if cfg.model.family == "vit":
+        fix = ("model.vit.pool", "pool 'gap' drops the class token") if cfg.model.vit.pool == "cls" \
+            else ("model.vit.patch_size", "choose a patch size with a divisible patch count")
+        fail(fix[0], f"{S} tokens per image (patches + class token) are not divisible by "
+             f"parallel.tensor ({p.tensor}), which sequence parallelism shards them over; "
+             f"{fix[1]}")
+    fail("model.seq_length", f"{cfg.model.seq_length} is not divisible by parallel.tensor "
+         f"({p.tensor}), which sequence parallelism shards it over")
 
 
 def check_engine(cfg: Config) -> None:

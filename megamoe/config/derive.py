@@ -13,13 +13,16 @@ from megamoe.config.schema import Config
 
 def fill_soft_slots(cfg: Config) -> None:
     """Soft MoE's parameters Φ have n·p columns: `model.moe.soft.slots_per_expert` p =
-    round(m·C/n), m = seq_length (each sequence has its own slots, as the reference's
+    round(m·C/n), m = tokens per sequence (`validate.sequence_length`: an image's patches
+    and class token in the vit family; each sequence has its own slots, as the reference's
     `group_size`), n experts, unless given."""
     moe = cfg.model.moe
     soft = moe.soft
     if moe.router != "soft" or not moe.num_experts or soft.slots_per_expert is not None:
         return
-    m = cfg.model.seq_length
+    from megamoe.config.validate import sequence_length
+
+    m = sequence_length(cfg)
     soft.slots_per_expert = max(1, round(m * soft.capacity_factor / moe.num_experts))
 
 

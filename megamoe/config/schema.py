@@ -26,9 +26,10 @@ from megamoe.config.moe_families import (
 )
 from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
+from megamoe.config.vision import SHAPES_MAX_CLASSES, SHAPES_MIN_IMAGE_SIZE, ViTOptions
 
 # model families (`model.family`): the one list; megamoe.models registers a record for each
-MODEL_FAMILIES = ("lm",)
+MODEL_FAMILIES = ("lm", "vit")
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
                  "vmoe", "limoe", "modality",)
@@ -39,9 +40,13 @@ TOKEN_DISPATCHERS = ("alltoall", "allgather")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
+<<<<<<< HEAD
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
 DATA_KINDS = ("markov", "indexed")
+=======
+DATA_KINDS = ("markov", "indexed", "shapes")
+>>>>>>> h-vit
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
@@ -141,7 +146,8 @@ class MoEConfig:
 class ModelConfig:
     SECTION: ClassVar[str] = "model"
 
-    family: str = "lm"               # what is built and trained: lm (decoder-only language model)
+    family: str = "lm"               # what is built and trained: lm (decoder-only language model),
+                                     # vit (image classifier, model.vit)
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 128       # dense FFN (layers that are not MoE)
@@ -163,6 +169,7 @@ class ModelConfig:
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective
     moe: MoEConfig = field(default_factory=MoEConfig)
     mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
+    vit: ViTOptions = field(default_factory=ViTOptions)  # family vit: patches, pooling, head
 
     def validate(self) -> None:
         one_of(self, "family", MODEL_FAMILIES)
@@ -183,6 +190,8 @@ class ModelConfig:
         self.validate_recompute()
         self.moe.validate()
         self.mor.validate()
+        if self.family == "vit":
+            self.vit.validate()
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "
@@ -322,6 +331,9 @@ class DataConfig:
     markov_seed: int = 7
     synthetic_modalities: int = 0    # M > 0: modality id of a token = token id mod M
     synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
+    image_size: int = 32             # shapes: square RGB images of this side
+    num_classes: int = 12            # shapes: classes (shape kind x colour, at most 24)
+    shapes_seed: int = 0             # shapes: every image is a function of (seed, index)
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
@@ -336,6 +348,9 @@ class DataConfig:
             fail("data.markov_branching", f"{self.markov_branching} > data.markov_vocab_size "
                  f"({self.markov_vocab_size})")
         at_least(self, "markov_seed", 0)
+        at_least(self, "image_size", SHAPES_MIN_IMAGE_SIZE)
+        in_range(self, "num_classes", 2, SHAPES_MAX_CLASSES)
+        at_least(self, "shapes_seed", 0)
 
 
 @dataclass

@@ -16,6 +16,16 @@ def sequence_parallel_enabled(cfg: Config) -> bool:
     return tp > 1 if sp is None else sp and tp > 1
 
 
+def sequence_length(cfg: Config) -> int:
+    """Tokens per sample the transformer sees: `model.seq_length` for the language model, the
+    patch tokens (+ class token) of an image for the vit family (megamoe.config.vision)."""
+    if cfg.model.family == "vit":
+        from megamoe.config.vision import image_tokens
+
+        return image_tokens(cfg)
+    return cfg.model.seq_length
+
+
 def num_microbatches(cfg: Config) -> int:
     """Micro-batches per rank per step: global_batch_size / (micro_batch_size · DP)."""
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * cfg.parallel.data)

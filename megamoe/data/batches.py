@@ -72,6 +72,8 @@ def build_datasets(data_cfg, seq_length: int, seed: int):
     markov: two MarkovCorpus splits (train: 1,000,000 virtual samples, each made on demand;
     valid: 4096); `seed` is unused, the chain and its samples follow `markov_seed`.
     indexed: two GPTSequenceDataset splits of `path`, shuffled with `seed`.
+    shapes: the two splits of the shapes image set (megamoe.data.shapes); the third value is
+    then the number of classes, the size of what the model predicts.
     """
     if data_cfg.kind == "markov":
         from megamoe.data.markov import MarkovCorpus
@@ -87,4 +89,9 @@ def build_datasets(data_cfg, seq_length: int, seed: int):
         if not data_cfg.path:
             raise ValueError("data.path: required when data.kind is 'indexed'")
         return build_indexed_datasets(data_cfg, seq_length, seed)
-    raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov or indexed)")
+    if data_cfg.kind == "shapes":
+        from megamoe.data.shapes import build_shapes_datasets
+
+        return build_shapes_datasets(data_cfg.shapes_seed, data_cfg.image_size,
+                                     data_cfg.num_classes)
+    raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov, indexed or shapes)")

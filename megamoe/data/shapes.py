@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from megamoe.config.errors import ConfigError
+from megamoe.config.vision import SHAPES_MAX_CLASSES, SHAPES_MIN_IMAGE_SIZE
 
 KINDS = ("circle", "square", "triangle", "cross", "ring", "star")
 COLOURS = {                      # name → RGB; saturated hues, far from the grey background
@@ -45,8 +46,9 @@ COLOURS = {                      # name → RGB; saturated hues, far from the gr
 }
 COLOUR_NAMES = tuple(COLOURS)
 MAX_CLASSES = len(KINDS) * len(COLOURS)
+assert MAX_CLASSES == SHAPES_MAX_CLASSES    # the config's check (data.num_classes) uses that one
 DEFAULT_CLASSES = 12
-MIN_IMAGE_SIZE = 16
+MIN_IMAGE_SIZE = SHAPES_MIN_IMAGE_SIZE
 VALID_BASE = 1 << 40             # global index of validation image 0
 _SUPERSAMPLE = 4
 _RADIUS = (0.28, 0.45)           # circumradius r / size
@@ -70,16 +72,16 @@ def check_num_classes(num_classes: int) -> None:
 
 def check_patch_grid(image_size: int, patch_size: int | None = None) -> None:
     """One error naming the field when the image is too small for a shape to be recognisable or
-    the patch size does not tile it (the vit family calls this with `model.patch_size`)."""
+    the patch size does not tile it (`model.vit.patch_size`)."""
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size: must be an integer >= {MIN_IMAGE_SIZE}, "
                           f"got {image_size!r}")
     if patch_size is None:
         return
     if not isinstance(patch_size, int) or patch_size < 1:
-        raise ConfigError(f"model.patch_size: must be an integer >= 1, got {patch_size!r}")
+        raise ConfigError(f"model.vit.patch_size: must be an integer >= 1, got {patch_size!r}")
     if image_size % patch_size:
-        raise ConfigError(f"model.patch_size: {patch_size} does not divide data.image_size "
+        raise ConfigError(f"model.vit.patch_size: {patch_size} does not divide data.image_size "
                           f"{image_size}")
 
 

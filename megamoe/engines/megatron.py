@@ -50,9 +50,10 @@ class MegatronEngine:
         return self.grid
 
     @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding and output layer (megamoe.models.vocab)."""
-        return self.modules[0].vocab_size
+    def padded_vocab_size(self) -> int | None:
+        """Rows of the embedding and output layer (megamoe.models.vocab); None for a family
+        without a vocabulary."""
+        return getattr(self.modules[0], "vocab_size", None)
 
     @property
     def modules(self) -> list:
@@ -251,8 +252,9 @@ def _iterators(engine: MegatronEngine, microbatches: list):
 
 
 def run_forward_backward(engine: MegatronEngine, microbatches: list, forward_only: bool = False) -> dict:
-    """Forward (+backward) over this rank's micro-batches; returns summed loss stats (last PP
-    stage only; other stages return zeros)."""
+    """Forward (+backward) over this rank's micro-batches; returns the summed stats of the
+    task's `stat_names` (loss sum, units, and what else the task counts; last PP stage only,
+    other stages return zeros)."""
     fb = get_forward_backward_func()
     extra = {}
     if engine.dims.pipeline > 1:
@@ -268,10 +270,11 @@ def run_forward_backward(engine: MegatronEngine, microbatches: list, forward_onl
         pg_collection=engine.pg,
         **extra,
     )
-    total = torch.zeros(2)
+    names = getattr(engine.task, "stat_names", ("loss_sum", "units"))
+    total = torch.zeros(len(names))
     for item in losses:
         total += item["loss"].detach().float().cpu()
-    return {"loss_sum": total[0].item(), "units": total[1].item()}
+    return {name: value.item() for name, value in zip(names, total)}
 
 
 def optimizer_step(engine: MegatronEngine) -> dict:

@@ -6,7 +6,7 @@ A record says how to build this rank's model chunks from the config and its grid
 micro-batch becomes model inputs, context and a loss (the task), how to count parameters and
 FLOPs, what to check before any process starts, whether the model is causal, and what the family
 adds to the loop (metrics read after each step, hooks run after each optimizer step). Families
-register themselves on import (`megamoe.models.lm.family` for `lm`); the Hugging Face mappings
+register themselves on import (`megamoe.models.lm.family` for `lm`, `…vit.family` for `vit`); the Hugging Face mappings
 sit above this layer (`megamoe.checkpoint.hf.MAPPED_MODEL_FAMILIES`), since model code never imports
 checkpoint code.
 """
@@ -46,8 +46,9 @@ def register(family: Family) -> Family:
 
 def _load_builtin() -> None:
     from megamoe.models.lm import family as lm_family
+    from megamoe.models.vit import family as vit_family
 
-    assert lm_family.LM.name in _FAMILIES   # registered on import
+    assert lm_family.LM.name in _FAMILIES and vit_family.VIT.name in _FAMILIES   # on import
 
 
 def families() -> dict[str, Family]:

@@ -27,7 +27,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megamoe.blocks.norms import QKRMSNorm, RMSNorm
+<<<<<<< HEAD
 from megamoe.moe.experts import EXPERT_MODULES, FP8Experts
+=======
+from megamoe.moe.experts import EXPERT_MODULES
+from megamoe.moe.experts.linear import ExpertRowParallelLinear
+>>>>>>> h-vit
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
 from megamoe.moe.routers.diff_moe import DiffMoELayer, DiffMoERouter
@@ -42,11 +47,13 @@ def _mlp_submodules() -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
-def attention_spec(qk_layernorm: bool) -> ModuleSpec:
+def attention_spec(qk_layernorm: bool, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+    """Self-attention, causal for decoders; `AttnMaskType.no_mask` for bidirectional encoders
+    (Megatron's local softmax then applies no mask when the layer gets none)."""
     qk_norm = QKRMSNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        params={"attn_mask_type": mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
             core_attention=DotProductAttention,
@@ -76,7 +83,13 @@ def moe_spec(router, shared_expert: bool, pg_collection,
         module=MOE_LAYERS.get(router_cls, MegamoeMoELayer),
         params={"pg_collection": pg_collection},
         submodules=MoESubmodules(
+<<<<<<< HEAD
             experts=experts_spec(experts, fp8),
+=======
+            experts=ModuleSpec(module=EXPERT_MODULES[experts],
+                               submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                        linear_fc2=ExpertRowParallelLinear)),
+>>>>>>> h-vit
             shared_experts=(
                 ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules())
                 if shared_expert else None
@@ -87,16 +100,24 @@ def moe_spec(router, shared_expert: bool, pg_collection,
 
 
 def layer_spec(is_moe: bool, *, qk_layernorm: bool, router, shared_expert: bool,
+<<<<<<< HEAD
                pg_collection=None, experts: str = "sequential", fp8=None) -> ModuleSpec:
     mlp = (moe_spec(router, shared_expert, pg_collection, experts, fp8) if is_moe
+=======
+               pg_collection=None, experts: str = "sequential", norm=RMSNorm,
+               mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+    """A pre-norm layer: `norm` → attention (`mask`) → residual → `norm` → MLP or MoE →
+    residual. Linear biases and the activation come from the TransformerConfig."""
+    mlp = (moe_spec(router, shared_expert, pg_collection, experts) if is_moe
+>>>>>>> h-vit
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
-            self_attention=attention_spec(qk_layernorm),
+            input_layernorm=norm,
+            self_attention=attention_spec(qk_layernorm, mask),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -114,6 +135,7 @@ def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[boo
 
 def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router,
                        shared_expert: bool, pg_collection=None, experts: str = "sequential",
+<<<<<<< HEAD
                        fp8=None, vp_stage: int | None = None, pp_rank: int | None = None
                        ) -> TransformerBlockSubmodules:
     """The block spec of this pipeline stage (and virtual stage): its slice of the layers;
@@ -123,7 +145,18 @@ def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, rout
                         experts=experts,
                         fp8=None if fp8 is None or fp8.keeps(i, len(pattern)) else fp8)
              for i, m in enumerate(pattern)]
+=======
+                       vp_stage: int | None = None, pp_rank: int | None = None,
+                       norm=RMSNorm, mask: AttnMaskType = AttnMaskType.causal
+                       ) -> TransformerBlockSubmodules:
+    """The block spec of this pipeline stage (and virtual stage): its slice of the layers
+    (`norm`, `mask`: see `layer_spec`; megamoe.specs.vit passes the encoder's)."""
+    specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
+                        shared_expert=shared_expert, pg_collection=pg_collection,
+                        experts=experts, norm=norm, mask=mask)
+             for m in pattern]
+>>>>>>> h-vit
     n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n_local],
-                                      layer_norm=RMSNorm)
+                                      layer_norm=norm)

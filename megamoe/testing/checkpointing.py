@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from megamoe.models.global_view import gather_global
-from megamoe.testing.parity import TINY_VOCAB, rank_microbatches, tiny_config
+from megamoe.testing.parity import (TINY_VOCAB, image_microbatches, image_source,
+                                    rank_microbatches, tiny_config)
 
 ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.min_lr=0.01"]
 
@@ -26,10 +27,14 @@ def _steps(engine, first: int, last: int) -> list:
 
     t, S = engine.cfg.train, engine.cfg.model.seq_length
     dp, r = engine.pg.dp.size(), engine.pg.dp.rank()
+    images = image_source(engine.cfg) if engine.cfg.model.family != "lm" else None
     losses = []
     for step in range(first, last):
-        mbs = rank_microbatches(step, r, dp, t.micro_batch_size, t.global_batch_size, S,
-                                TINY_VOCAB)
+        if images is not None:
+            mbs = image_microbatches(engine, images, step, None)
+        else:
+            mbs = rank_microbatches(step, r, dp, t.micro_batch_size, t.global_batch_size, S,
+                                    TINY_VOCAB)
         losses.append(global_loss(train_step(engine, mbs), engine.pg))
         engine.consumed_samples += t.global_batch_size
     return losses

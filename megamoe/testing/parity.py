@@ -82,6 +82,28 @@ def perturb_one_expert(engine, scale: float = 1e-2) -> bool:
     return True
 
 
+def image_source(cfg):
+    """The shapes training split of an image family's config."""
+    from megamoe.data.batches import build_datasets
+
+    return build_datasets(cfg.data, 0, cfg.run.seed)[0]
+
+
+def image_microbatches(engine, dataset, step: int, reference_dp: int | None) -> list:
+    """This DP rank's micro-batches of `step` through the training loader (its order rule:
+    megamoe.data.loader); with `reference_dp`, every micro-batch of a run with that DP size in
+    (m, r) order, for the single-process reference."""
+    from megamoe.data.loader import DataLoader
+
+    t = engine.cfg.train
+    ranks = ([(r, reference_dp) for r in range(reference_dp)] if reference_dp is not None
+             else [(engine.pg.dp.rank(), engine.pg.dp.size())])
+    per_rank = [DataLoader(dataset, engine.task.collate, global_batch_size=t.global_batch_size,
+                           micro_batch_size=t.micro_batch_size, dp_rank=r, dp_size=d
+                           ).peek(step * t.global_batch_size) for r, d in ranks]
+    return [mb for group in zip(*per_rank) for mb in group]
+
+
 def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
                perturb: bool = False) -> ParityResult:
     from megamoe.engines.megatron import build_engine, run_forward_backward, optimizer_step
@@ -92,10 +114,14 @@ def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
         (perturb if callable(perturb) else perturb_one_expert)(engine)
     dp, dp_rank = engine.pg.dp.size(), engine.pg.dp.rank()
     t, S = cfg.train, cfg.model.seq_length
+    images = image_source(cfg) if cfg.model.family != "lm" else None
     result = ParityResult()
     for step in range(steps):
-        mbs = rank_microbatches(step, dp_rank, dp, t.micro_batch_size, t.global_batch_size, S,
-                                vocab, reference_dp=reference_dp)
+        if images is not None:
+            mbs = image_microbatches(engine, images, step, reference_dp)
+        else:
+            mbs = rank_microbatches(step, dp_rank, dp, t.micro_batch_size, t.global_batch_size,
+                                    S, vocab, reference_dp=reference_dp)
         for c in engine.chunks:
             c.zero_grad_buffer()
         engine.optimizer.zero_grad()
@@ -197,6 +223,28 @@ def parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bool =
     cfg = tiny_config([f"parallel.world_size={world}", *overrides])
     result = parity_run(cfg, TINY_VOCAB, steps=steps, reference_dp=reference_dp, perturb=perturb)
     return result if (not dist.is_initialized() or dist.get_rank() == 0) else None
+
+
+TINY_VIT = [
+    "model.family=vit", "data.kind=shapes", "data.image_size=16", "data.num_classes=6",
+    "model.vit.patch_size=4", "model.num_layers=4", "model.hidden_size=32",
+    "model.ffn_hidden_size=64", "model.num_attention_heads=4", "model.moe.num_experts=4",
+    "model.moe.topk=2", "model.moe.ffn_hidden_size=48", "model.moe.layer_freq=[0,1,0,1]",
+    "model.moe.router=vmoe", "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0",
+    "model.moe.vmoe.capacity_ratio=0.75",
+    "model.moe.vmoe.priority=max",
+    # large losses so that a wrong scale or a missing rank's share shows in the gradients
+    "model.moe.vmoe.importance_loss_coeff=0.5", "model.moe.vmoe.load_loss_coeff=0.5",
+    "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.optimizer=sgd", "train.lr=0.1", "train.min_lr=0.1", "train.lr_schedule=constant",
+    "train.warmup_steps=0", "train.weight_decay=0.0", "train.clip_grad=0.5",
+    "train.precision=fp32", "run.tensorboard=false", "run.progress=false",
+]
+
+
+def vit_parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bool = False):
+    """`parity_task` for the vit family: TINY_VIT + `overrides` on shapes images."""
+    return parity_task([*TINY_VIT, *overrides], steps, reference_dp, perturb)
 
 
 # ---- driving a parity check from a test (runs in the test process) ---------------------------

@@ -14,7 +14,7 @@ from megamoe.training.speed import format_count, format_duration
 class Callback:
     def on_start(self, info: dict) -> None: ...
     def on_step(self, step: int, metrics: dict) -> None: ...
-    def on_eval(self, step: int, val_loss: float) -> None: ...
+    def on_eval(self, step: int, val_loss: float, extra: dict | None = None) -> None: ...
     def on_final_save(self, step: int, root: str) -> None: ...
     def on_end(self, summary: dict) -> None: ...
 
@@ -25,18 +25,19 @@ def _tokens_per_s(m: dict) -> float:
     return m["tokens_per_s"] if avg is None else avg
 
 
-def _speed(m: dict) -> list[str]:
-    """ms/step, tokens/s, consumed tokens, elapsed and ETA (megamoe.training.speed)."""
+def _speed(m: dict, unit: str = "tok") -> list[str]:
+    """ms/step, units (tokens, images) per second, consumed units, elapsed and ETA
+    (megamoe.training.speed); the metric keys say `tokens` whatever the family's unit."""
     if m.get("step_time_ms") is None:
-        return [f"tok/s {m['tokens_per_s']:.0f}"]
-    return [f"{m['step_time_ms']:.0f} ms/step", f"tok/s {_tokens_per_s(m):.0f}",
-            f"{format_count(m['consumed_tokens'])} tok",
+        return [f"{unit}/s {m['tokens_per_s']:.0f}"]
+    return [f"{m['step_time_ms']:.0f} ms/step", f"{unit}/s {_tokens_per_s(m):.0f}",
+            f"{format_count(m['consumed_tokens'])} {unit}",
             f"elapsed {format_duration(m['elapsed_s'])}", f"ETA {format_duration(m['eta_s'])}"]
 
 
-def _line(step: int, total: int, m: dict) -> str:
+def _line(step: int, total: int, m: dict, unit: str = "tok") -> str:
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
-             f"grad {m['grad_norm']:.3f}", *_speed(m), f"imbalance {m['imbalance']:.2f}"]
+             f"grad {m['grad_norm']:.3f}", *_speed(m, unit), f"imbalance {m['imbalance']:.2f}"]
     if m.get("load_balancing_loss") is not None:
         parts.append(f"lbl {m['load_balancing_loss']:.3f}")
     if m.get("router/dropped_fraction"):
@@ -59,6 +60,8 @@ def closing_line(summary: dict, total_s: float) -> str:
         parts.append(f"final loss {summary['last_loss']:.4f}")
     if summary.get("val_loss") is not None:
         parts.append(f"validation loss {summary['val_loss']:.4f}")
+    if summary.get("val_accuracy") is not None:
+        parts.append(f"validation accuracy {summary['val_accuracy']:.4f}")
     wall = f"wall time {format_duration(total_s)} after start-up"
     if summary.get("wall_s") is not None:
         wall += f" (training steps {format_duration(summary['wall_s'])})"
@@ -70,8 +73,9 @@ class ProgressCallback(Callback):
     (every `log_interval` steps), so batch jobs get readable logs."""
 
     def __init__(self, total_steps: int, log_interval: int, enabled: bool = True,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, unit: str = "tok"):
         self.total, self.interval, self.clock = total_steps, log_interval, clock
+        self.unit = unit      # what the speed counts: tok (tokens) or img (images)
         self.use_bar = enabled and sys.stderr.isatty()
         self.bar = None
         self.started = clock()
@@ -91,16 +95,17 @@ class ProgressCallback(Callback):
             self.bar = tqdm(total=self.total, initial=step - 1, unit="step", dynamic_ncols=True)
         if self.bar is not None:
             self.bar.update(1)
-            postfix = {"loss": f"{m['loss']:.4f}", "tok_s": f"{_tokens_per_s(m):.0f}",
+            postfix = {"loss": f"{m['loss']:.4f}", f"{self.unit}_s": f"{_tokens_per_s(m):.0f}",
                        "imb": f"{m['imbalance']:.2f}"}
             if m.get("consumed_tokens") is not None:
-                postfix["tok"] = format_count(m["consumed_tokens"])
+                postfix[self.unit] = format_count(m["consumed_tokens"])
             self.bar.set_postfix(postfix)
         elif step % self.interval == 0 or step == self.total:
-            print("[megamoe] " + _line(step, self.total, m), flush=True)
+            print("[megamoe] " + _line(step, self.total, m, self.unit), flush=True)
 
-    def on_eval(self, step: int, val_loss: float) -> None:
-        self._print(f"[megamoe] step {step}: validation loss {val_loss:.4f}")
+    def on_eval(self, step: int, val_loss: float, extra: dict | None = None) -> None:
+        more = "".join(f", {k} {v:.4f}" for k, v in (extra or {}).items())
+        self._print(f"[megamoe] step {step}: validation loss {val_loss:.4f}{more}")
 
     def on_final_save(self, step: int, root: str) -> None:
         self._print(f"[megamoe] saving final checkpoint step {step} to {root}")
@@ -165,8 +170,10 @@ class TensorBoardCallback(Callback):
             bucket_limits=[d + 0.5 for d in range(len(counts))], bucket_counts=counts,
             global_step=step)
 
-    def on_eval(self, step: int, val_loss: float) -> None:
+    def on_eval(self, step: int, val_loss: float, extra: dict | None = None) -> None:
         self.writer.add_scalar("valid/loss", val_loss, step)
+        for name, value in (extra or {}).items():
+            self.writer.add_scalar(f"valid/{name}", value, step)
 
     def on_end(self, summary: dict) -> None:
         self.writer.flush()
@@ -193,8 +200,9 @@ class JsonlCallback(Callback):
         self._write({"step": step, **{k: v for k, v in m.items() if k != "expert_load"},
                      "expert_load": {str(k): v.tolist() for k, v in m["expert_load"].items()}})
 
-    def on_eval(self, step: int, val_loss: float) -> None:
-        self._write({"step": step, "val_loss": val_loss})
+    def on_eval(self, step: int, val_loss: float, extra: dict | None = None) -> None:
+        self._write({"step": step, "val_loss": val_loss,
+                     **{f"val_{k}": v for k, v in (extra or {}).items()}})
 
     def on_end(self, summary: dict) -> None:
         self.file.close()

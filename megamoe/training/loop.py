@@ -63,15 +63,16 @@ def loader_for(engine, dataset, consumed_samples: int = 0) -> DataLoader:
                       consumed_samples=consumed_samples)
 
 
-def evaluate(engine, dataset, iters: int) -> float:
-    """Mean loss per unit over the first `iters` global batches of `dataset` (the same batches
-    at every validation)."""
+def evaluate(engine, dataset, iters: int) -> tuple[float, dict]:
+    """(mean loss per unit, {accuracy} where the task counts correct predictions) over the
+    first `iters` global batches of `dataset` (the same batches at every validation)."""
     loader, t = loader_for(engine, dataset), engine.cfg.train
-    total = {"loss_sum": 0.0, "units": 0.0}
+    total: dict = {}
     for i in range(iters):
         stats = engine.eval_step(loader.peek(i * t.global_batch_size))
-        total = {k: total[k] + stats[k] for k in total}
-    return M.global_loss(total, engine.grid)
+        total = {k: total.get(k, 0.0) + v for k, v in stats.items()}
+    extra = {"accuracy": M.global_mean(total, engine.grid, "correct")} if "correct" in total else {}
+    return M.global_loss(total, engine.grid), extra
 
 
 def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
@@ -102,7 +103,8 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
                       if family.step_metrics else None)
     callbacks = []
     if rank0:
-        callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress))
+        callbacks.append(ProgressCallback(t.steps, cfg.run.log_interval, cfg.run.progress,
+                                          unit="tok" if family.unit == "token" else "img"))
         # records past the step training continues from are dropped: they are re-done
         callbacks.append(JsonlCallback(os.path.join(cfg.run.dir, "metrics.jsonl"), engine.step))
         if cfg.run.tensorboard:
@@ -111,9 +113,10 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     info = {"layout": engine.dims.describe() + (f" under DeepSpeed ZeRO-{t.zero_stage}"
                                                 if t.engine == "deepspeed" else ""),
             "parameters": f"{total_params:,} total, "
-            f"{active_params:,} active per {family.unit}", "run dir": cfg.run.dir,
-            "vocab": describe_vocab(vocab, engine.padded_vocab_size,
-                                    cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)}
+            f"{active_params:,} active per {family.unit}", "run dir": cfg.run.dir}
+    if engine.padded_vocab_size is not None:
+        info["vocab"] = describe_vocab(vocab, engine.padded_vocab_size,
+                                       cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)
     if family.describe:
         info.update(family.describe(cfg, vocab))
     if hasattr(train_ds, "entropy_rate"):
@@ -167,9 +170,9 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         for cb in callbacks:
             cb.on_step(step, m)
         if t.eval_interval and t.eval_iters and step % t.eval_interval == 0 and step < t.steps:
-            val_loss = evaluate(engine, valid_ds, t.eval_iters)
+            val_loss, val_extra = evaluate(engine, valid_ds, t.eval_iters)
             for cb in callbacks:
-                cb.on_eval(step, val_loss)
+                cb.on_eval(step, val_loss, val_extra)
         exit_now = t.exit_interval and step % t.exit_interval == 0 and step < t.steps
         pending.finish_ready()
         if stop.agreed() or exit_now:
@@ -182,10 +185,11 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         if t.save_interval and step % t.save_interval == 0 and step < t.steps:
             _save(cfg, engine, pending.queue)
     wall = time.perf_counter() - start
+    val_extra = {}
     if t.eval_iters:
-        val_loss = evaluate(engine, valid_ds, t.eval_iters)
+        val_loss, val_extra = evaluate(engine, valid_ds, t.eval_iters)
         for cb in callbacks:
-            cb.on_eval(t.steps, val_loss)
+            cb.on_eval(t.steps, val_loss, val_extra)
     for cb in callbacks:
         cb.on_final_save(t.steps, os.path.join(cfg.run.dir, "checkpoints"))
     pending.finish_all()
@@ -194,6 +198,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     summary = {
         "steps": t.steps, "first_loss": first_loss, "last_loss": last_loss,
         "last10_mean_loss": sum(losses[-10:]) / len(losses[-10:]), "val_loss": val_loss,
+        **{f"val_{k}": v for k, v in val_extra.items()},
         "tokens_per_s": (t.steps - first_step + 1) * tokens_per_step / wall, "wall_s": wall,
         "resumed_from_step": first_step - 1,
         "layout": engine.dims.describe(), "world_size": engine.dims.world_size,

@@ -18,10 +18,16 @@ def _all_reduce(t: torch.Tensor) -> None:
 
 
 def global_loss(stats: dict, pg) -> float:
-    """Mean loss per unit (token or sample) of the global batch: summed once per (DP rank, micro-batch) by the ranks
-    that hold it (last pipeline stage, TP rank 0 of the grid `pg`)."""
+    """Mean loss per unit (token or sample) of the global batch: summed once per (DP rank,
+    micro-batch) by the ranks that hold it (last pipeline stage, TP rank 0 of the grid `pg`)."""
+    return global_mean(stats, pg, "loss_sum")
+
+
+def global_mean(stats: dict, pg, name: str) -> float:
+    """The global batch's sum of stat `name` per unit (`global_loss`'s rule: each (DP rank,
+    micro-batch) counted once), e.g. `correct` per image: the accuracy."""
     owner = pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0
-    t = torch.tensor([stats["loss_sum"], stats["units"]], dtype=torch.float64) * float(owner)
+    t = torch.tensor([stats[name], stats["units"]], dtype=torch.float64) * float(owner)
     if dist.is_initialized() and dist.get_world_size() > 1:
         _all_reduce(t)
     return (t[0] / t[1].clamp(min=1)).item()

@@ -1,5 +1,5 @@
-"""`models.accounting.parameter_counts` (printed at start, used for FLOPs and the MoR
-comparison) equals the built model's parameter count (without the vocabulary's padding rows,
+"""The family's parameter count (`Family.parameter_counts`: printed at start, used for FLOPs
+and the MoR comparison) equals the built model's parameter count (without the vocabulary's padding rows,
 megamoe.models.vocab) for every shipped recipe, on one rank —
 including router families with parameters of their own (Soft MoE slots, Diff-MoE timestep gate
 and calibration, Expert Race's PLR head). Control: those families really add parameters, so a
@@ -25,14 +25,14 @@ def counts_task(recipe: str, overrides=()):
     from megamoe.models.vocab import padding_elements
     from megamoe.moe.routers import ROUTERS
     from megamoe.engines.megatron import build_engine
-    from megamoe.models.accounting import parameter_counts
+    from megamoe.models.registry import family_for
 
     cfg = load_config(os.path.join(ROOT, "configs", recipe),
                       [*_single_rank_overrides(), *overrides])
     engine = build_engine(cfg, VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)
     built = (sum(p.numel() for p in engine.modules[0].parameters())
              - padding_elements(engine.modules))
-    counted = parameter_counts(cfg, VOCAB)[0]
+    counted = family_for(cfg).parameter_counts(cfg, VOCAB)[0]
     cls = ROUTERS[cfg.model.moe.router]
     moe_layers = sum(1 for m in engine.modules[0].modules() if hasattr(m, "router")
                      and isinstance(m.router, cls))

@@ -50,6 +50,15 @@ def _check_mor(cfg) -> None:
     check_mor(cfg)
 
 
+def _check_data(cfg) -> None:
+    """The language model reads token windows, not images."""
+    if cfg.data.kind == "shapes":
+        from megamoe.config.errors import fail
+
+        fail("data.kind", "'shapes' is an image set; model.family 'lm' trains on tokens "
+             "(markov or indexed), or set model.family: vit")
+
+
 def _check_router_causality(cfg) -> None:
     """megamoe.moe.routers' check (imports Megatron: a launch check, run last)."""
     from megamoe.moe.routers import check_router_causality
@@ -141,7 +150,7 @@ LM = register(Family(
     task=_task,
     parameter_counts=_parameter_counts,
     flops_per_unit=_flops_per_token,
-    checks=(_check_mor,),
+    checks=(_check_data, _check_mor),
     launch_checks=(_check_router_causality,),
     causal=True,
     unit="token",

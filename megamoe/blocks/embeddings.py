@@ -1,0 +1,77 @@
+"""Image patch embeddings: patchify, a linear projection, an optional class token and absolute
+positions (learned, or fixed 2-D sin-cos), as in ViT (Dosovitskiy et al. 2021, Eq. 1) and
+V-MoE. No family knowledge: the vit family puts this at the front of its encoder, the diffusion
+and multimodal families reuse it.
+
+Shapes: B images, C channels, H, W image sides, P patch side, N = (H/P)·(W/P) patches,
+S tokens (N, + 1 with the class token), D model width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+
+
+def patchify(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, N, C·P·P]: non-overlapping patches in row-major order (row by row, left to right),
+    each flattened channel-major (c, dy, dx) — a fixed order, so a checkpoint's projection
+    means the same thing in every process and in the exported model."""
+    B, C, H, W = images_BCHW.shape
+    x = images_BCHW.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), C * patch * patch)
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """[side², dim] fixed 2-D sin-cos positions (MAE's form): the first half of the channels
+    encodes the row, the second half the column, each as [sin(p·ω_i), cos(p·ω_i)] with
+    ω_i = 10000^(−i/(dim/4)), i < dim/4. `dim` must be a multiple of 4."""
+    assert dim % 4 == 0, dim
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64),
+                                torch.arange(side, dtype=torch.float64), indexing="ij")
+
+    def encode(pos):
+        angle = pos.reshape(-1, 1) * omega
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+class PatchEmbedding(MegatronModule):
+    """uint8 or float images → [S, B, D] tokens (Megatron's sequence-first layout): pixels
+    scaled to [−1, 1], patches projected by a biased linear, the class token prepended, the
+    positions added. Replicated on every tensor-parallel rank (its parameters are small)."""
+
+    def __init__(self, config, *, image_size: int, patch_size: int, channels: int = 3,
+                 class_token: bool = True, position_embedding: str = "learned"):
+        super().__init__(config)
+        D, side = config.hidden_size, image_size // patch_size
+        self.patch_size, self.side = patch_size, side
+        self.proj = torch.nn.Linear(channels * patch_size ** 2, D, dtype=config.params_dtype)
+        self.class_token = (torch.nn.Parameter(torch.zeros(1, D, dtype=config.params_dtype))
+                            if class_token else None)
+        S = side * side + int(class_token)
+        if position_embedding == "learned":
+            self.position_embeddings = torch.nn.Parameter(
+                torch.zeros(S, D, dtype=config.params_dtype))
+        else:   # fixed: a buffer, not saved (a function of the shape)
+            pos_SD = sincos_2d(side, D)
+            if class_token:   # the class token gets position zero's vector of all zeros
+                pos_SD = torch.cat([torch.zeros(1, D), pos_SD])
+            self.register_buffer("fixed_positions", pos_SD.to(config.params_dtype),
+                                 persistent=False)
+            self.position_embeddings = None
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        x = images_BCHW.to(self.proj.weight.dtype)
+        if not images_BCHW.is_floating_point():
+            x = x / 127.5 - 1.0
+        x_BND = self.proj(patchify(x, self.patch_size))
+        if self.class_token is not None:
+            cls_B1D = self.class_token.expand(x_BND.shape[0], 1, -1)
+            x_BND = torch.cat([cls_B1D, x_BND], dim=1)
+        pos_SD = (self.position_embeddings if self.position_embeddings is not None
+                  else self.fixed_positions)
+        return (x_BND + pos_SD).transpose(0, 1).contiguous()

@@ -1,0 +1,1 @@
+"""The `vit` family: a ViT / V-MoE image classifier (model, task, family record)."""
