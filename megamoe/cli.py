@@ -103,15 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run directory, its checkpoints/ root or one step directory")
     ev.add_argument("--iters", type=int, default=None,
                     help="global batches of the validation split (default: train.eval_iters)")
-<<<<<<< HEAD
-    _add_submit_parser(sub)
-=======
     ev.add_argument("--capacity", default=None, metavar="C1,C2,...",
                     help="V-MoE runs: also evaluate at these inference capacity ratios (> 0)")
     ev.add_argument("--priority", default=None, metavar="MODES",
                     help="with --capacity: Batch Prioritized Routing modes to compare, from "
                          "none, max, sum (default none,max)")
->>>>>>> h-vit
+    _add_submit_parser(sub)
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
     _add_config_parsers(sub)

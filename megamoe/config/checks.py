@@ -89,6 +89,9 @@ def check_engine(cfg: Config) -> None:
     if p.distributed_optimizer:
         fail("parallel.distributed_optimizer", "true with train.engine=deepspeed: ZeRO shards "
              "the optimizer state itself; set it false")
+    if cfg.model.family != "lm":
+        fail("train.engine", f"deepspeed runs model.family 'lm' only so far (got "
+             f"{cfg.model.family!r}); use train.engine=megatron")
 
 
 SECTION_CHECKS = (check_experts, check_tensor_split, check_batch, check_pipeline,

@@ -40,13 +40,9 @@ TOKEN_DISPATCHERS = ("alltoall", "allgather")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
-<<<<<<< HEAD
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed")
-=======
 DATA_KINDS = ("markov", "indexed", "shapes")
->>>>>>> h-vit
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module

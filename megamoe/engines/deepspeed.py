@@ -61,8 +61,8 @@ class DeepSpeedEngine:
         return [self.ds.module]
 
     @property
-    def padded_vocab_size(self) -> int:
-        return self.modules[0].vocab_size
+    def padded_vocab_size(self) -> int | None:
+        return getattr(self.modules[0], "vocab_size", None)
 
     @cached_property
     def task(self):

@@ -27,12 +27,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megamoe.blocks.norms import QKRMSNorm, RMSNorm
-<<<<<<< HEAD
 from megamoe.moe.experts import EXPERT_MODULES, FP8Experts
-=======
-from megamoe.moe.experts import EXPERT_MODULES
 from megamoe.moe.experts.linear import ExpertRowParallelLinear
->>>>>>> h-vit
 from megamoe.moe.layer import MegamoeMoELayer
 from megamoe.moe.routers import ROUTERS
 from megamoe.moe.routers.diff_moe import DiffMoELayer, DiffMoERouter
@@ -64,13 +60,18 @@ def attention_spec(qk_layernorm: bool, mask: AttnMaskType = AttnMaskType.causal)
     )
 
 
+def _expert_submodules() -> MLPSubmodules:
+    """Experts' linears: fc2 may take a bias (megamoe.moe.experts.linear)."""
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=ExpertRowParallelLinear)
+
+
 def experts_spec(experts: str, fp8=None) -> ModuleSpec:
     """`experts`: a key of `EXPERT_MODULES` (`model.moe.experts`); `fp8`: `model.moe.fp8`, whose
     recipe (unless none) makes the experts `FP8Experts` over that back end."""
     if fp8 is not None and fp8.recipe != "none":
         return ModuleSpec(module=FP8Experts, params={"fp8": fp8, "grouped": experts == "grouped"},
-                          submodules=_mlp_submodules())
-    return ModuleSpec(module=EXPERT_MODULES[experts], submodules=_mlp_submodules())
+                          submodules=_expert_submodules())
+    return ModuleSpec(module=EXPERT_MODULES[experts], submodules=_expert_submodules())
 
 
 def moe_spec(router, shared_expert: bool, pg_collection,
@@ -83,13 +84,7 @@ def moe_spec(router, shared_expert: bool, pg_collection,
         module=MOE_LAYERS.get(router_cls, MegamoeMoELayer),
         params={"pg_collection": pg_collection},
         submodules=MoESubmodules(
-<<<<<<< HEAD
             experts=experts_spec(experts, fp8),
-=======
-            experts=ModuleSpec(module=EXPERT_MODULES[experts],
-                               submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                        linear_fc2=ExpertRowParallelLinear)),
->>>>>>> h-vit
             shared_experts=(
                 ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules())
                 if shared_expert else None
@@ -100,16 +95,11 @@ def moe_spec(router, shared_expert: bool, pg_collection,
 
 
 def layer_spec(is_moe: bool, *, qk_layernorm: bool, router, shared_expert: bool,
-<<<<<<< HEAD
-               pg_collection=None, experts: str = "sequential", fp8=None) -> ModuleSpec:
-    mlp = (moe_spec(router, shared_expert, pg_collection, experts, fp8) if is_moe
-=======
-               pg_collection=None, experts: str = "sequential", norm=RMSNorm,
+               pg_collection=None, experts: str = "sequential", fp8=None, norm=RMSNorm,
                mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
     """A pre-norm layer: `norm` → attention (`mask`) → residual → `norm` → MLP or MoE →
     residual. Linear biases and the activation come from the TransformerConfig."""
-    mlp = (moe_spec(router, shared_expert, pg_collection, experts) if is_moe
->>>>>>> h-vit
+    mlp = (moe_spec(router, shared_expert, pg_collection, experts, fp8) if is_moe
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
     return ModuleSpec(
         module=TransformerLayer,
@@ -135,27 +125,18 @@ def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[boo
 
 def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router,
                        shared_expert: bool, pg_collection=None, experts: str = "sequential",
-<<<<<<< HEAD
-                       fp8=None, vp_stage: int | None = None, pp_rank: int | None = None
+                       fp8=None, vp_stage: int | None = None, pp_rank: int | None = None,
+                       norm=RMSNorm, mask: AttnMaskType = AttnMaskType.causal
                        ) -> TransformerBlockSubmodules:
     """The block spec of this pipeline stage (and virtual stage): its slice of the layers;
-    layers in `fp8.keep_high_precision_layers` keep high-precision experts."""
+    layers in `fp8.keep_high_precision_layers` keep high-precision experts (`norm`, `mask`:
+    see `layer_spec`; megamoe.specs.vit passes the encoder's)."""
     specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
                         shared_expert=shared_expert, pg_collection=pg_collection,
                         experts=experts,
-                        fp8=None if fp8 is None or fp8.keeps(i, len(pattern)) else fp8)
+                        fp8=None if fp8 is None or fp8.keeps(i, len(pattern)) else fp8,
+                        norm=norm, mask=mask)
              for i, m in enumerate(pattern)]
-=======
-                       vp_stage: int | None = None, pp_rank: int | None = None,
-                       norm=RMSNorm, mask: AttnMaskType = AttnMaskType.causal
-                       ) -> TransformerBlockSubmodules:
-    """The block spec of this pipeline stage (and virtual stage): its slice of the layers
-    (`norm`, `mask`: see `layer_spec`; megamoe.specs.vit passes the encoder's)."""
-    specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
-                        shared_expert=shared_expert, pg_collection=pg_collection,
-                        experts=experts, norm=norm, mask=mask)
-             for m in pattern]
->>>>>>> h-vit
     n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n_local],

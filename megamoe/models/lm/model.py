@@ -27,23 +27,13 @@ from megamoe.moe.routers import router_builder
 
 def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype,
                        num_experts_override: int | None = None) -> TransformerConfig:
-<<<<<<< HEAD
-    m, moe = cfg.model, cfg.model.moe
-    num_experts = moe.num_experts if num_experts_override is None else num_experts_override
-    aux = moe.aux_loss_coeff if num_experts else 0.0
-    tconfig = TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads,
-=======
     """The decoder's Megatron config: RMSNorm, SwiGLU, no linear biases (Mixtral's block), on
     the settings every megamoe family shares (megamoe.models.transformer_config)."""
-    m = cfg.model
-    return TransformerConfig(
+    m, moe = cfg.model, cfg.model.moe
+    num_experts = moe.num_experts if num_experts_override is None else num_experts_override
+    tconfig = TransformerConfig(
         **shared_settings(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype,
                           num_experts_override=num_experts_override),
->>>>>>> h-vit
         num_query_groups=m.num_query_groups or m.num_attention_heads,
         kv_channels=m.kv_channels,
         normalization="RMSNorm",
