@@ -97,10 +97,10 @@ def test_bad_dataset_arguments_name_the_field(kwargs, match):
 def test_patch_grid_check():
     check_patch_grid(32, 4)
     check_patch_grid(32, 32)
-    with pytest.raises(ValueError, match=r"^model\.patch_size: 5 does not divide "
+    with pytest.raises(ValueError, match=r"^model\.vit\.patch_size: 5 does not divide "
                                          r"data\.image_size 32$"):
         check_patch_grid(32, 5)
-    with pytest.raises(ValueError, match=r"^model\.patch_size: must be"):
+    with pytest.raises(ValueError, match=r"^model\.vit\.patch_size: must be"):
         check_patch_grid(32, 0)
     with pytest.raises(ValueError, match=r"^data\.image_size: must be"):
         check_patch_grid(12, 4)

@@ -21,8 +21,9 @@ def test_lm_is_registered_with_its_task_and_accounting():
 
 
 def test_unknown_family_is_one_error_naming_the_field():
-    with pytest.raises(ValueError, match=r"^model.family: unknown family 'vit' \(known: lm\)$"):
-        family_for(cfg_with("vit"))
+    with pytest.raises(ValueError,
+                       match=r"^model.family: unknown family 'dit' \(known: lm, vit\)$"):
+        family_for(cfg_with("dit"))
 
 
 def test_the_megatron_engine_implements_the_protocol():
@@ -39,7 +40,7 @@ def test_hf_export_of_a_family_without_a_mapping_is_one_error():
     from megamoe.checkpoint.hf import family_for as hf_family_for
 
     with pytest.raises(ValueError, match=r"^model.family 'dit': no Hugging Face mapping "
-                                         r"\(mapped: lm\)"):
+                                         r"\(mapped: lm, vit\)"):
         hf_family_for(cfg_with("dit"))
 
 
@@ -62,4 +63,5 @@ def test_the_check_entry_runs_the_family_checks_without_loading_megatron():
             "print(checks.check_family in checks.CONFIG_CHECKS, len(fam.checks), "
             "len(fam.launch_checks), 'megatron' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["True", "1", "1", "False"], out
+    # lm: the data kind and MoR checks, the router-causality launch check
+    assert out.stdout.split() == ["True", "2", "1", "False"], out
