@@ -172,27 +172,31 @@ def router_overrides(c) -> list[str]:
     return out
 
 
-def write_code(out_dir: str) -> None:
-    """Copy the modeling code next to config.json (what `auto_map` names)."""
-    for name in CODE_FILES:
+def write_code(out_dir: str, files: tuple = CODE_FILES) -> None:
+    """Copy the modeling code `files` next to config.json (what `auto_map` names)."""
+    for name in files:
         src = os.path.join(CODE_DIR, name)
         if not os.path.isfile(src):
             raise ValueError(f"{src}: missing (megamoe installed without its package data?)")
         shutil.copyfile(src, os.path.join(out_dir, name))
 
 
-def read_config(hf_dir: str):
-    """The folder's config through megamoe's own copy of the code (no remote code is run)."""
-    from megamoe.checkpoint.hf_remote.configuration_megamoe import MegamoeConfig
+def read_config(hf_dir: str, config_class=None):
+    """The folder's config through megamoe's own copy of the code (no remote code is run):
+    `config_class` (default MegamoeConfig) built from config.json's fields."""
+    if config_class is None:
+        from megamoe.checkpoint.hf_remote.configuration_megamoe import MegamoeConfig
 
-    with open(os.path.join(hf_dir, "config.json")) as f:
+        config_class = MegamoeConfig
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
         fields = json.load(f)
     for key in ("model_type", "auto_map", "architectures", "transformers_version"):
         fields.pop(key, None)
     try:
-        return MegamoeConfig(**fields)
-    except ValueError as exc:
-        raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: {exc}") from None
+        return config_class(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:

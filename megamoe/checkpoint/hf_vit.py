@@ -22,9 +22,7 @@ On disk (HF naming in the style of transformers' ViT):
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 from megamoe.checkpoint.global_load import stack_layers, unstack_layers
 from megamoe.checkpoint.hf_layout import DecoderShape, TensorPool, fuse_qkv, split_qkv
@@ -80,70 +78,81 @@ def hf_config(cfg, num_classes: int) -> dict:
     }
 
 
-def to_hf(tensors: dict, cfg) -> dict:
-    """megamoe's global tensors (either layer layout) → the folder's tensors."""
-    s = _shape(cfg)
-    mm = TensorPool(unstack_layers(tensors), "megamoe tensors")
-    out = {"vit.embeddings.patch_embedding.weight": mm.take("embedding.proj.weight"),
-           "vit.embeddings.patch_embedding.bias": mm.take("embedding.proj.bias")}
-    for name, key in (("cls_token", "embedding.class_token"),
-                      ("position_embeddings", "embedding.position_embeddings")):
-        if mm.has(key):
-            out[f"vit.embeddings.{name}"] = mm.take(key)
-    for i, is_moe in enumerate(s.moe_layers):
-        p, q = f"decoder.layers.{i}.", f"vit.encoder.layer.{i}."
-        for ours, theirs in (("input_layernorm", "layernorm_before"),
-                             ("pre_mlp_layernorm", "layernorm_after")):
-            for kind in LINEAR:
-                out[f"{q}{theirs}.{kind}"] = mm.take(f"{p}{ours}.{kind}")
-        for kind in LINEAR:
-            qkv = split_qkv(mm.take(f"{p}self_attention.linear_qkv.{kind}"), s)
-            for proj, t in zip("qkv", qkv):
-                out[f"{q}attention.{proj}_proj.{kind}"] = t
-            out[f"{q}attention.o_proj.{kind}"] = mm.take(f"{p}self_attention.linear_proj.{kind}")
-        if not is_moe:
-            for fc in ("fc1", "fc2"):
-                for kind in LINEAR:
-                    out[f"{q}mlp.{fc}.{kind}"] = mm.take(f"{p}mlp.linear_{fc}.{kind}")
-            continue
-        for fc in ("fc1", "fc2"):
-            for kind in LINEAR:
-                out[f"{q}mlp.experts.{fc}_{kind}"] = mm.take(
-                    f"{p}mlp.experts.experts.linear_{fc}.{kind}")
-            if s.shared_expert:
-                for kind in LINEAR:
-                    out[f"{q}mlp.shared_expert.{fc}.{kind}"] = mm.take(
-                        f"{p}mlp.shared_experts.linear_{fc}.{kind}")
-        for name in mm.names_under(f"{p}mlp.router."):
-            out[f"{q}mlp.gate.{name}"] = mm.take(f"{p}mlp.router.{name}")
-    for kind in LINEAR:
-        out[f"vit.layernorm.{kind}"] = mm.take(f"decoder.final_layernorm.{kind}")
-        out[f"classifier.{kind}"] = mm.take(f"head.{kind}")
-    mm.expect_empty("exported")
+def _layer_names(s: DecoderShape, i: int, is_moe: bool) -> list[tuple[str, str]]:
+    """(megamoe key, HF key) of layer i's tensors other than the fused qkv and the router's
+    own (which need a split or a listing): the one table both directions read."""
+    p, q = f"decoder.layers.{i}.", f"vit.encoder.layer.{i}."
+    pairs = [("input_layernorm", "layernorm_before"), ("pre_mlp_layernorm", "layernorm_after"),
+             ("self_attention.linear_proj", "attention.o_proj")]
+    if not is_moe:
+        pairs += [("mlp.linear_fc1", "mlp.fc1"), ("mlp.linear_fc2", "mlp.fc2")]
+    elif s.shared_expert:
+        pairs += [("mlp.shared_experts.linear_fc1", "mlp.shared_expert.fc1"),
+                  ("mlp.shared_experts.linear_fc2", "mlp.shared_expert.fc2")]
+    out = [(f"{p}{ours}.{kind}", f"{q}{theirs}.{kind}") for ours, theirs in pairs
+           for kind in LINEAR]
+    if is_moe:
+        out += [(f"{p}mlp.experts.experts.linear_{fc}.{kind}", f"{q}mlp.experts.{fc}_{kind}")
+                for fc in ("fc1", "fc2") for kind in LINEAR]
     return out
 
 
+GLOBAL_NAMES = [("embedding.proj.weight", "vit.embeddings.patch_embedding.weight"),
+                ("embedding.proj.bias", "vit.embeddings.patch_embedding.bias"),
+                *[(f"decoder.final_layernorm.{k}", f"vit.layernorm.{k}") for k in LINEAR],
+                *[(f"head.{k}", f"classifier.{k}") for k in LINEAR]]
+OPTIONAL_NAMES = [("embedding.class_token", "vit.embeddings.cls_token"),
+                  ("embedding.position_embeddings", "vit.embeddings.position_embeddings")]
+ROUTER = ("mlp.router.", "mlp.gate.")
+
+
+def _convert(src: TensorPool, s: DecoderShape, forward: bool) -> dict:
+    """Every tensor of `src` under the other side's name (`forward`: megamoe → HF)."""
+    def pair(a, b):
+        return (a, b) if forward else (b, a)
+
+    out = {}
+    for names in (GLOBAL_NAMES, OPTIONAL_NAMES):
+        for ours, theirs in names:
+            key, to = pair(ours, theirs)
+            if names is GLOBAL_NAMES or src.has(key):
+                out[to] = src.take(key)
+    for i, is_moe in enumerate(s.moe_layers):
+        p, q = f"decoder.layers.{i}.", f"vit.encoder.layer.{i}."
+        for ours, theirs in _layer_names(s, i, is_moe):
+            key, to = pair(ours, theirs)
+            out[to] = src.take(key)
+        for kind in LINEAR:
+            qkv_key = f"{p}self_attention.linear_qkv.{kind}"
+            hf_keys = [f"{q}attention.{proj}_proj.{kind}" for proj in "qkv"]
+            if forward:
+                out.update(zip(hf_keys, split_qkv(src.take(qkv_key), s)))
+            else:
+                out[qkv_key] = fuse_qkv(*(src.take(k) for k in hf_keys), s, src.where)
+        if is_moe:
+            (a, b) = pair(p + ROUTER[0], q + ROUTER[1])
+            for name in src.names_under(a):
+                out[b + name] = src.take(a + name)
+    src.expect_empty("exported" if forward else "imported")
+    return out
+
+
+def to_hf(tensors: dict, cfg) -> dict:
+    """megamoe's global tensors (either layer layout) → the folder's tensors."""
+    return _convert(TensorPool(unstack_layers(tensors), "megamoe tensors"), _shape(cfg), True)
+
+
 def write_code(out_dir: str) -> None:
-    for name in CODE_FILES:
-        src = os.path.join(CODE_DIR, name)
-        if not os.path.isfile(src):
-            raise ValueError(f"{src}: missing (megamoe installed without its package data?)")
-        shutil.copyfile(src, os.path.join(out_dir, name))
+    from megamoe.checkpoint.hf_megamoe import write_code as copy_code
+
+    copy_code(out_dir, CODE_FILES)
 
 
 def read_config(hf_dir: str):
-    """The folder's config through megamoe's own copy of the code (no remote code is run)."""
+    from megamoe.checkpoint.hf_megamoe import read_config as read
     from megamoe.checkpoint.hf_remote.configuration_megamoe_vit import MegamoeViTConfig
 
-    path = os.path.join(hf_dir, "config.json")
-    with open(path) as f:
-        fields = json.load(f)
-    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
-        fields.pop(key, None)
-    try:
-        return MegamoeViTConfig(**fields)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    return read(hf_dir, MegamoeViTConfig)
 
 
 def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
@@ -184,40 +193,5 @@ def from_hf_config(c, where: str) -> tuple[list[str], DecoderShape]:
 
 def from_hf(hf_tensors: dict, s: DecoderShape, where: str) -> dict:
     """The folder's tensors → megamoe's global tensors (Megatron's layer layout)."""
-    hf = TensorPool(hf_tensors, where)
-    out = {"embedding.proj.weight": hf.take("vit.embeddings.patch_embedding.weight"),
-           "embedding.proj.bias": hf.take("vit.embeddings.patch_embedding.bias")}
-    for name, key in (("cls_token", "embedding.class_token"),
-                      ("position_embeddings", "embedding.position_embeddings")):
-        if hf.has(f"vit.embeddings.{name}"):
-            out[key] = hf.take(f"vit.embeddings.{name}")
-    for i, is_moe in enumerate(s.moe_layers):
-        p, q = f"decoder.layers.{i}.", f"vit.encoder.layer.{i}."
-        for ours, theirs in (("input_layernorm", "layernorm_before"),
-                             ("pre_mlp_layernorm", "layernorm_after")):
-            for kind in LINEAR:
-                out[f"{p}{ours}.{kind}"] = hf.take(f"{q}{theirs}.{kind}")
-        for kind in LINEAR:
-            q_, k_, v_ = (hf.take(f"{q}attention.{proj}_proj.{kind}") for proj in "qkv")
-            out[f"{p}self_attention.linear_qkv.{kind}"] = fuse_qkv(q_, k_, v_, s, where)
-            out[f"{p}self_attention.linear_proj.{kind}"] = hf.take(f"{q}attention.o_proj.{kind}")
-        if not is_moe:
-            for fc in ("fc1", "fc2"):
-                for kind in LINEAR:
-                    out[f"{p}mlp.linear_{fc}.{kind}"] = hf.take(f"{q}mlp.{fc}.{kind}")
-            continue
-        for fc in ("fc1", "fc2"):
-            for kind in LINEAR:
-                out[f"{p}mlp.experts.experts.linear_{fc}.{kind}"] = hf.take(
-                    f"{q}mlp.experts.{fc}_{kind}")
-            if s.shared_expert:
-                for kind in LINEAR:
-                    out[f"{p}mlp.shared_experts.linear_{fc}.{kind}"] = hf.take(
-                        f"{q}mlp.shared_expert.{fc}.{kind}")
-        for name in hf.names_under(f"{q}mlp.gate."):
-            out[f"{p}mlp.router.{name}"] = hf.take(f"{q}mlp.gate.{name}")
-    for kind in LINEAR:
-        out[f"decoder.final_layernorm.{kind}"] = hf.take(f"vit.layernorm.{kind}")
-        out[f"head.{kind}"] = hf.take(f"classifier.{kind}")
-    hf.expect_empty("imported")
+    out = _convert(TensorPool(hf_tensors, where), s, False)
     return stack_layers(out) if len(set(s.moe_layers)) == 1 else out
