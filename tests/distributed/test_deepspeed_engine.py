@@ -9,9 +9,13 @@ Megatron → DeepSpeed continue the uninterrupted run; the DeepSpeed checkpoint 
 Hugging Face.
 """
 
+import os
+
 import pytest
 
-pytest.importorskip("deepspeed")
+# CI installs deepspeed (scripts/test.sh): there a missing package fails, it is not skipped
+_ds = (__import__("deepspeed") if os.environ.get("CI")
+       else pytest.importorskip("deepspeed"))
 
 from megamoe.testing.engines import (EP2_DP2, engine_run, export_hf_task,  # noqa: E402
                                      resume_under, save_after)

@@ -4,9 +4,13 @@ moves or stops needing the patch, and the config refuses what the DeepSpeed engi
 import importlib
 import inspect
 
+import os
+
 import pytest
 
-deepspeed = pytest.importorskip("deepspeed")
+# CI installs deepspeed (scripts/test.sh): there a missing package fails, it is not skipped
+_ds = (__import__("deepspeed") if os.environ.get("CI")
+       else pytest.importorskip("deepspeed"))
 
 from megamoe.config import ConfigError, load_config  # noqa: E402
 from megamoe.models.checks import check_config  # noqa: E402
