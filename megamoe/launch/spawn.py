@@ -216,9 +216,22 @@ def spawn_local(world_size: int, target, args: tuple = ()) -> LaunchResult:
     inbox, interrupts, exited = _SignalInbox(), 0, set()
     try:
         ranks.start()
-        while ranks.running():
+        while True:
+            # One look at the exit codes per pass, used both to name a failed rank and to end
+            # the loop: a rank that exits between two looks is still examined (the loop used to
+            # end on a second look, and a rank failing in that gap was reported as done).
+            running = ranks.running()
+            now = [r for r in range(world_size) if r not in exited and r not in running]
+            exited.update(now)
+            failure = ranks.first_failure(now)
+            if failure is not None and result.failure is None and not result.interrupted:
+                result.failure = failure
+                ranks.stop_all()
+                running = ranks.running()
+            if not running:
+                break
             # a rank's sentinel can stay open in its forked writers: poll exit codes as well
-            ready = wait([inbox.r] + [ranks.procs[r].sentinel for r in ranks.running()], 1.0)
+            ready = wait([inbox.r] + [ranks.procs[r].sentinel for r in running], 1.0)
             for sig in inbox.take() if inbox.r in ready else []:
                 interrupts += sig == signal.SIGINT
                 if interrupts > 1:
@@ -228,12 +241,6 @@ def spawn_local(world_size: int, target, args: tuple = ()) -> LaunchResult:
                     result.stop_signal = result.stop_signal or signal.Signals(sig).name
                     ranks.forward(sig)
                     _announce(sig)
-            now = [r for r in range(world_size) if r not in exited and r not in ranks.running()]
-            exited.update(now)
-            failure = ranks.first_failure(now)
-            if failure is not None and not result.interrupted:
-                result.failure = failure
-                ranks.stop_all()
     finally:
         inbox.close()
         ranks.send(signal.SIGKILL)   # leftovers of a rank that was killed or failed

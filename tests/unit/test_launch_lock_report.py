@@ -1,14 +1,17 @@
 """The run-directory lock (refusal naming the holder, take-over of a stale lock, release) and the
-launcher's failure report (the traceback hint only when MEGAMOE_TRACEBACK is unset)."""
+launcher's failure report (the traceback hint only when MEGAMOE_TRACEBACK is unset) and its
+wait loop (a rank that fails is named, however its exit falls between the loop's looks)."""
 
 import os
 import socket
+import sys
 
 import pytest
 
 from megamoe.cli import _report
 from megamoe.launch.lock import RunDirBusy, RunDirLock
-from megamoe.launch.spawn import LaunchResult, RankFailure
+from megamoe.launch import spawn
+from megamoe.launch.spawn import LaunchResult, RankFailure, spawn_local
 
 
 def test_a_held_run_dir_is_refused_naming_the_holder(tmp_path):
@@ -42,3 +45,25 @@ def test_traceback_hint_only_when_traceback_is_not_shown(monkeypatch, capsys, en
     assert "megamoe: error: rank 1 failed: ValueError: bad" in err
     assert ("MEGAMOE_TRACEBACK=1" in err) == (env is None), err
     assert ("boom" in err) == (env is not None), err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stale_looks", [0, 1, 2, 3])
+def test_a_failed_rank_is_named_whenever_its_exit_is_seen(monkeypatch, stale_looks):
+    """The rank exits at once with an error; the launcher's first `stale_looks` looks at the
+    exit codes still see it running (as when it exits just after a look). The loop used to look
+    twice per pass and stop on the second: a rank that exited between them was reported as done
+    (CI saw `train` return 0 on a garbled checkpoint)."""
+    real, looks = spawn.LocalRanks.running, []
+
+    def running(self):
+        looks.append(1)
+        if len(looks) <= stale_looks:
+            self.procs[0].join()          # it has exited; this look does not see it
+            return [0]
+        return real(self)
+
+    monkeypatch.setattr(spawn.LocalRanks, "running", running)
+    result = spawn_local(1, sys.exit, (3,))
+    assert result.failure is not None, f"a failed rank reported as done ({stale_looks} looks)"
+    assert result.failure.rank == 0 and result.failure.message == "SystemExit: 3", result.failure
