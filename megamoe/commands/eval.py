@@ -69,7 +69,7 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | N
                         priority: str | None = None, log=print) -> dict:
     """The figures of `src` (a run directory, its checkpoints/ root or a step directory)."""
     from megamoe.commands.convert import load_one_rank
-    from megamoe.data.batches import build_datasets
+    from megamoe.models.registry import family_datasets
     from megamoe.training import metrics as M
     from megamoe.training.loop import loader_for
 
@@ -86,7 +86,7 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | N
         raise ValueError(f"--capacity: the run's routers ({cfg.model.moe.router!r}) have no "
                          "V-MoE capacity to vary (model.moe.router: vmoe)")
     iters = iters or cfg.train.eval_iters or 1
-    _, valid, _ = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
+    _, valid, _ = family_datasets(cfg)
     loader, G = loader_for(engine, valid), cfg.train.global_batch_size
     total = _sweep(engine, loader, iters, G, "")
     loss = M.global_loss(total, engine.grid)

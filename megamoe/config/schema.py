@@ -27,9 +27,10 @@ from megamoe.config.moe_families import (
 from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
 from megamoe.config.vision import SHAPES_MAX_CLASSES, SHAPES_MIN_IMAGE_SIZE, ViTOptions
+from megamoe.config.vlm import VLMOptions
 
 # model families (`model.family`): the one list; megamoe.models registers a record for each
-MODEL_FAMILIES = ("lm", "vit")
+MODEL_FAMILIES = ("lm", "vit", "vlm")
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
                  "vmoe", "limoe", "modality",)
@@ -42,7 +43,7 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed", "shapes")
+DATA_KINDS = ("markov", "indexed", "shapes", "scenes")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
@@ -143,7 +144,8 @@ class ModelConfig:
     SECTION: ClassVar[str] = "model"
 
     family: str = "lm"               # what is built and trained: lm (decoder-only language model),
-                                     # vit (image classifier, model.vit)
+                                     # vit (image classifier, model.vit), vlm (image + text:
+                                     # encoder, connector, MoE LM; model.vlm)
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 128       # dense FFN (layers that are not MoE)
@@ -166,6 +168,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
     vit: ViTOptions = field(default_factory=ViTOptions)  # family vit: patches, pooling, head
+    vlm: VLMOptions = field(default_factory=VLMOptions)  # family vlm: encoder, connector
 
     def validate(self) -> None:
         one_of(self, "family", MODEL_FAMILIES)
@@ -186,8 +189,10 @@ class ModelConfig:
         self.validate_recompute()
         self.moe.validate()
         self.mor.validate()
-        if self.family == "vit":
+        if self.family in ("vit", "vlm"):
             self.vit.validate()
+        if self.family == "vlm":
+            self.vlm.validate()
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "

@@ -6,7 +6,7 @@ A record says how to build this rank's model chunks from the config and its grid
 micro-batch becomes model inputs, context and a loss (the task), how to count parameters and
 FLOPs, what to check before any process starts, whether the model is causal, and what the family
 adds to the loop (metrics read after each step, hooks run after each optimizer step). Families
-register themselves on import (`megamoe.models.lm.family` for `lm`, `…vit.family` for `vit`); the Hugging Face mappings
+register themselves on import (`megamoe.models.<name>.family`); the Hugging Face mappings
 sit above this layer (`megamoe.checkpoint.hf.MAPPED_MODEL_FAMILIES`), since model code never imports
 checkpoint code.
 """
@@ -35,6 +35,7 @@ class Family:
     step_metrics: Callable | None = None   # (cfg, chunks, grid, vocab) -> StepMetrics or None
     after_step_hooks: Callable | None = None   # (chunks, grid) -> [callable()]
     describe: Callable | None = None       # (cfg, vocab) -> {start-up line: text}
+    dataset_kwargs: Callable | None = None  # (cfg) -> what build_datasets needs from the model
     notes: str = ""
 
 
@@ -47,8 +48,9 @@ def register(family: Family) -> Family:
 def _load_builtin() -> None:
     from megamoe.models.lm import family as lm_family
     from megamoe.models.vit import family as vit_family
+    from megamoe.models.vlm import family as vlm_family
 
-    assert lm_family.LM.name in _FAMILIES and vit_family.VIT.name in _FAMILIES   # on import
+    assert {lm_family.LM.name, vit_family.VIT.name, vlm_family.VLM.name} <= set(_FAMILIES)
 
 
 def families() -> dict[str, Family]:
@@ -65,3 +67,13 @@ def family_for(cfg) -> Family:
         raise ValueError(f"model.family: unknown family {name!r} (known: "
                          f"{', '.join(sorted(known))})")
     return known[name]
+
+
+def family_datasets(cfg):
+    """(train, valid, vocab or class count) of the run's data, built with what the family's
+    data needs from the model (the vlm family: image placeholders per sample)."""
+    from megamoe.data.batches import build_datasets
+
+    family = family_for(cfg)
+    extra = family.dataset_kwargs(cfg) if family.dataset_kwargs else {}
+    return build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed, **extra)

@@ -83,10 +83,10 @@ def perturb_one_expert(engine, scale: float = 1e-2) -> bool:
 
 
 def image_source(cfg):
-    """The shapes training split of an image family's config."""
-    from megamoe.data.batches import build_datasets
+    """The training split of an image family's config (shapes, scenes)."""
+    from megamoe.models.registry import family_datasets
 
-    return build_datasets(cfg.data, 0, cfg.run.seed)[0]
+    return family_datasets(cfg)[0]
 
 
 def image_microbatches(engine, dataset, step: int, reference_dp: int | None) -> list:

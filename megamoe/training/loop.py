@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megamoe.checkpoint.load import load_newest
 from megamoe.checkpoint.save import save_checkpoint
-from megamoe.data.batches import build_datasets
+from megamoe.models.registry import family_datasets
 from megamoe.data.checks import model_vocab_size
 from megamoe.data.loader import DataLoader
 from megamoe.engines.megatron import build_engine as build_megatron_engine
@@ -71,7 +71,9 @@ def evaluate(engine, dataset, iters: int) -> tuple[float, dict]:
     for i in range(iters):
         stats = engine.eval_step(loader.peek(i * t.global_batch_size))
         total = {k: total.get(k, 0.0) + v for k, v in stats.items()}
-    extra = {"accuracy": M.global_mean(total, engine.grid, "correct")} if "correct" in total else {}
+    per = getattr(engine.task, "accuracy_per", "units")   # vlm: exact answers per question
+    extra = ({"accuracy": M.global_mean(total, engine.grid, "correct", per)}
+             if "correct" in total else {})
     return M.global_loss(total, engine.grid), extra
 
 
@@ -83,7 +85,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     stop = stop or StopRequest()
     if stop.agreed():
         return _stopped_before_training(stop, rank0, "start-up")
-    train_ds, valid_ds, data_vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
+    train_ds, valid_ds, data_vocab = family_datasets(cfg)
     vocab = model_vocab_size(cfg, data_vocab)
     engine = build_engine(cfg, vocab, device)
     family, task = engine.family, engine.task

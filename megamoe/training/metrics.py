@@ -23,11 +23,11 @@ def global_loss(stats: dict, pg) -> float:
     return global_mean(stats, pg, "loss_sum")
 
 
-def global_mean(stats: dict, pg, name: str) -> float:
-    """The global batch's sum of stat `name` per unit (`global_loss`'s rule: each (DP rank,
+def global_mean(stats: dict, pg, name: str, per: str = "units") -> float:
+    """The global batch's sum of stat `name` per `per` (`global_loss`'s rule: each (DP rank,
     micro-batch) counted once), e.g. `correct` per image: the accuracy."""
     owner = pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0
-    t = torch.tensor([stats[name], stats["units"]], dtype=torch.float64) * float(owner)
+    t = torch.tensor([stats[name], stats[per]], dtype=torch.float64) * float(owner)
     if dist.is_initialized() and dist.get_world_size() > 1:
         _all_reduce(t)
     return (t[0] / t[1].clamp(min=1)).item()

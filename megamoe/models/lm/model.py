@@ -90,10 +90,14 @@ class LMModel(GPTModel):
             return super().forward(*args, **kwargs)
 
 
-def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) -> list[GPTModel]:
+def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int, *,
+             model_class=None, chunk_kwargs=None) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) for a `vocab_size`-token
     vocabulary, padded for TP (megamoe.models.vocab); with `model.mor` the decoder is the
-    Mixture-of-Recursions one (megamoe.mor.decoder)."""
+    Mixture-of-Recursions one (megamoe.mor.decoder). A family that extends the LM (vlm) passes
+    its `model_class` and `chunk_kwargs(first_stage, last_stage)`: the extra constructor
+    arguments of each chunk."""
+    model_class = model_class or LMModel
     m, moe = cfg.model, cfg.model.moe
     padded_vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                      tconfig.tensor_model_parallel_size)
@@ -122,7 +126,8 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int) ->
                 return ContextTransformerBlock(config=tconfig, spec=spec, pre_process=pre_process,
                                                post_process=post_process,
                                                pg_collection=pg_collection, vp_stage=vp_stage)
-        model = LMModel(
+        model = model_class(
+            **(chunk_kwargs(first, last) if chunk_kwargs else {}),
             config=tconfig,
             build_decoder=build_decoder,
             vocab_size=padded_vocab,

@@ -1,0 +1,96 @@
+"""Options of the `vlm` family (`model.vlm`): the vision encoder, the connector and how image
+tokens enter the language model. The language model itself uses `model`'s common keys (layers,
+width, heads, FFN, `model.moe`, `model.mor`); the encoder's patches and positions use
+`model.vit.patch_size` and `model.vit.position_embedding`.
+
+The encoder is the `vit` family's bidirectional transformer without a class token or head; its
+final-normed patch tokens are reduced by pixel shuffle (`pixel_shuffle` r: each r×r block of
+neighbouring patches becomes one token of r²× the width, InternVL / NVLM's token reduction) and
+projected to the LM width by a two-layer GELU MLP (LLaVA-1.5's projector). The LM sees
+`image_tokens(cfg)` = (image_size / patch_size / r)² placeholders per image.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+from megamoe.config.errors import at_least, fail
+
+# the placeholder token the data puts where image embeddings go: the word tokenizer's fixed
+# special id for "<image>" (megamoe.data.word_tokenizer; a test holds the two equal)
+IMAGE_TOKEN_ID = 3
+
+
+@dataclass
+class VLMOptions:
+    SECTION: ClassVar[str] = "model.vlm"
+
+    encoder_num_layers: int = 2
+    encoder_hidden_size: int = 64
+    encoder_num_attention_heads: int = 4
+    encoder_ffn_hidden_size: int = 128
+    # MoE FFNs in the encoder (model.moe's experts and router): None keeps it dense; N or a
+    # 0/1 list as model.moe.layer_freq (V-MoE: every other layer)
+    encoder_moe_layer_freq: int | list[int] | None = None
+    pixel_shuffle: int = 1               # r: r×r patches → one token (1: off)
+    connector_hidden_size: int | None = None   # None: the LM's model.hidden_size
+
+    def validate(self) -> None:
+        for name in ("encoder_num_layers", "encoder_hidden_size", "encoder_num_attention_heads",
+                     "encoder_ffn_hidden_size", "pixel_shuffle", "connector_hidden_size"):
+            at_least(self, name, 1)
+        if self.encoder_hidden_size % self.encoder_num_attention_heads:
+            fail("model.vlm.encoder_hidden_size", f"{self.encoder_hidden_size} is not divisible "
+                 f"by model.vlm.encoder_num_attention_heads ({self.encoder_num_attention_heads})")
+        freq = self.encoder_moe_layer_freq
+        if isinstance(freq, int):
+            at_least(self, "encoder_moe_layer_freq", 1)
+        elif freq is not None:
+            if any(x not in (0, 1) for x in freq):
+                fail("model.vlm.encoder_moe_layer_freq", f"a list must hold only 0 and 1, got "
+                     f"{freq}")
+            if len(freq) != self.encoder_num_layers:
+                fail("model.vlm.encoder_moe_layer_freq", f"has {len(freq)} entries, "
+                     f"model.vlm.encoder_num_layers is {self.encoder_num_layers}")
+
+
+def patch_side(cfg) -> int:
+    """Patches per image side (ConfigError naming the field when the patch does not tile the
+    image or pixel shuffle does not tile the patch grid)."""
+    size, patch, r = cfg.data.image_size, cfg.model.vit.patch_size, cfg.model.vlm.pixel_shuffle
+    if size % patch:
+        fail("model.vit.patch_size", f"{patch} does not divide data.image_size ({size})")
+    if (size // patch) % r:
+        fail("model.vlm.pixel_shuffle", f"{r} does not divide the {size // patch} patches per "
+             f"image side (data.image_size / model.vit.patch_size)")
+    return size // patch
+
+
+def image_tokens(cfg) -> int:
+    """Image embeddings (placeholders in the text) per image."""
+    return (patch_side(cfg) // cfg.model.vlm.pixel_shuffle) ** 2
+
+
+def encoder_config(cfg):
+    """A copy of `cfg` whose `model` describes the encoder alone (width, layers, heads, FFN,
+    MoE pattern, no class token), so the vit family's transformer config, layer spec and
+    accounting apply to it unchanged."""
+    v = cfg.model.vlm
+    enc = copy.copy(cfg)
+    enc.model = copy.copy(cfg.model)
+    enc.model.num_layers = v.encoder_num_layers
+    enc.model.hidden_size = v.encoder_hidden_size
+    enc.model.num_attention_heads = v.encoder_num_attention_heads
+    enc.model.ffn_hidden_size = v.encoder_ffn_hidden_size
+    enc.model.num_query_groups = None
+    enc.model.kv_channels = None
+    enc.model.moe = copy.copy(cfg.model.moe)
+    if v.encoder_moe_layer_freq is None:
+        enc.model.moe.num_experts = 0
+    else:
+        enc.model.moe.layer_freq = v.encoder_moe_layer_freq
+    enc.model.vit = copy.copy(cfg.model.vit)
+    enc.model.vit.pool = "gap"       # no class token: every token is a patch the LM sees
+    return enc

@@ -1,0 +1,130 @@
+"""The `vlm` family: image + text — the vit family's encoder, a connector and the lm family's
+MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated scenes with
+next-token loss on answers and captions (megamoe.models.vlm.task).
+
+Causal: the decoder is; its routers follow the lm family's causality rule. The encoder's MoE
+layers (model.vlm.encoder_moe_layer_freq) use model.moe's router, which must then suit image
+tokens as well (one of the vit family's routers).
+"""
+
+from __future__ import annotations
+
+from megamoe.config.errors import fail
+from megamoe.models.registry import Family, register
+
+
+def check_vlm(cfg) -> None:
+    """The config describes a model this family can build (one line naming the field)."""
+    from megamoe.config.vlm import image_tokens
+    from megamoe.models.vit.family import ROUTERS_FOR_VIT
+
+    m, moe = cfg.model, cfg.model.moe
+    if cfg.data.kind != "scenes":
+        fail("data.kind", f"model.family 'vlm' trains on images with text: set it to 'scenes', "
+             f"got {cfg.data.kind!r}")
+    n = image_tokens(cfg)
+    if n + 3 > m.seq_length:
+        fail("model.seq_length", f"{m.seq_length} leaves no room for text after the {n} image "
+             f"tokens (+ <bos>, a prompt, an answer)")
+    if m.vlm.encoder_moe_layer_freq is not None and moe.num_experts:
+        if moe.router not in ROUTERS_FOR_VIT:
+            fail("model.moe.router", f"'{moe.router}' routes the encoder's MoE layers too "
+                 f"(model.vlm.encoder_moe_layer_freq) and does not support image tokens; "
+                 f"choose one of {', '.join(ROUTERS_FOR_VIT)} or a dense encoder")
+        if moe.experts == "grouped" or moe.fp8.recipe != "none":
+            fail("model.vlm.encoder_moe_layer_freq", "the encoder's experts have biases, which "
+                 "grouped and FP8 experts do not support yet: keep the encoder dense")
+    if m.vit.position_embedding == "sincos" and m.vlm.encoder_hidden_size % 4:
+        fail("model.vit.position_embedding", f"'sincos' needs model.vlm.encoder_hidden_size "
+             f"divisible by 4, got {m.vlm.encoder_hidden_size}")
+
+
+def _task(cfg):
+    from megamoe.models.vlm.task import VLMTask
+
+    return VLMTask(cfg)
+
+
+def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
+    from megamoe.models.lm.model import transformer_config
+
+    return transformer_config(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
+
+
+def _build(cfg, tconfig, grid, vocab_size: int) -> list:
+    from megamoe.models.vlm.model import build_vlm
+
+    return build_vlm(cfg, tconfig, grid, vocab_size)
+
+
+def _parameter_counts(cfg, vocab_size: int):
+    from megamoe.models.vlm.accounting import parameter_counts
+
+    return parameter_counts(cfg, vocab_size)
+
+
+def _flops_per_token(cfg, vocab_size: int) -> float:
+    from megamoe.models.vlm.accounting import flops_per_token
+
+    return flops_per_token(cfg, vocab_size)
+
+
+def _dataset_kwargs(cfg) -> dict:
+    """What the scenes data needs from the model: placeholders per image."""
+    from megamoe.config.vlm import image_tokens
+
+    return {"image_tokens": image_tokens(cfg)}
+
+
+def _describe(cfg, _vocab: int) -> dict:
+    from megamoe.config.vlm import image_tokens, patch_side
+
+    v = cfg.model.vlm
+    moe = "dense" if v.encoder_moe_layer_freq is None else "MoE"
+    return {"images": f"{cfg.data.image_size}x{cfg.data.image_size}, patch "
+                      f"{cfg.model.vit.patch_size} -> {patch_side(cfg) ** 2} patches -> "
+                      f"{image_tokens(cfg)} image tokens (pixel shuffle {v.pixel_shuffle})",
+            "encoder": f"{v.encoder_num_layers} layers, width {v.encoder_hidden_size}, {moe}"}
+
+
+def _after_step_hooks(chunks, grid) -> list:
+    from megamoe.models.lm.family import _after_step_hooks as lm_hooks
+
+    return lm_hooks(chunks, grid)
+
+
+def _step_metrics(cfg, chunks, grid, vocab_size: int):
+    from megamoe.models.lm.family import _step_metrics as lm_metrics
+
+    return lm_metrics(cfg, chunks, grid, vocab_size)
+
+
+def _check_mor(cfg) -> None:
+    from megamoe.mor.checks import check_mor
+
+    check_mor(cfg)
+
+
+def _check_router_causality(cfg) -> None:
+    from megamoe.moe.routers import check_router_causality
+
+    check_router_causality(cfg)
+
+
+VLM = register(Family(
+    name="vlm",
+    transformer_config=_transformer_config,
+    build=_build,
+    task=_task,
+    parameter_counts=_parameter_counts,
+    flops_per_unit=_flops_per_token,
+    checks=(check_vlm, _check_mor),
+    launch_checks=(_check_router_causality,),
+    causal=True,
+    unit="token",
+    step_metrics=_step_metrics,
+    after_step_hooks=_after_step_hooks,
+    describe=_describe,
+    dataset_kwargs=_dataset_kwargs,
+    notes="image + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, data.kind scenes)",
+))

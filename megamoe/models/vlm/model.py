@@ -1,0 +1,260 @@
+"""The multimodal MoE model: the `vit` family's bidirectional encoder → pixel shuffle → a
+two-layer GELU connector (Megatron's `MultimodalProjector`) → the `lm` family's MoE decoder,
+with the image embeddings written over the image-placeholder tokens of the text (the shape of
+Megatron-Core's MIMO: modality submodules + a special token id).
+
+Why not Megatron's `LLaVAModel`: on CPU it asserts Transformer Engine attention whenever the LM
+uses sequence parallelism, its `CLIPViTModel` does not construct on CPU and the local ViT spec
+is causal. So the LM is megamoe's `LMModel` (a `GPTModel`) fed `decoder_input`, the encoder is
+megamoe's bidirectional block, and the projector is Megatron's own.
+
+Layout. Encoder and connector live on the first pipeline stage (Megatron's choice too), on the
+LM's grid: the encoder shares the LM's TP (and SP: its patch tokens are split along the
+sequence inside the encoder and gathered at its end), its experts the LM's EP. The boundary
+tensor (connector output) is TP-replicated: the connector's row-parallel output is all-reduced,
+the text embedding is built without the sequence scatter, the two are merged at full length,
+and only then split for SP. Backward mirrors it: the scatter's backward gathers the full
+gradient on every TP rank, the column-parallel connector input all-reduces it, and the encoder's
+final gather only splits — each encoder parameter's gradient is counted once.
+
+Each stream has its own context: the encoder's (every token an image patch, `modality_ids` 1)
+and the LM's (text 0, image placeholders 1), each bound by the module that runs it.
+
+Shapes: B micro-batch, S text sequence, N patches per image, n = N / r² image tokens, E encoder
+width, D LM width, V vocabulary (padded, split over TP).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import torch.distributed as dist
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+
+from megamoe.blocks.context import Context, bind
+from megamoe.blocks.embeddings import PatchEmbedding
+from megamoe.blocks.recompute import ContextTransformerBlock
+from megamoe.models.lm.model import LMModel
+
+TEXT, IMAGE = 0, 1      # modality ids the routers and norms see
+
+
+def pixel_shuffle(features_NBE: torch.Tensor, side: int, r: int) -> torch.Tensor:
+    """[N, B, E] row-major patch tokens → [N / r², B, r²·E]: each r×r block of neighbouring
+    patches concatenated (row within the block, then column, then channel) into one token,
+    the blocks in row-major order."""
+    if r == 1:
+        return features_NBE
+    N, B, E = features_NBE.shape
+    x = features_NBE.permute(1, 0, 2).reshape(B, side // r, r, side // r, r, E)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, (side // r) ** 2, r * r * E)
+    return x.transpose(0, 1).contiguous()
+
+
+class VisionEncoder(MegatronModule):
+    """Images → the final-normed patch tokens [N, B, E], TP-replicated (gathered from the
+    sequence-parallel split at the end). The `vit` family's embedding and block, without a
+    class token or head."""
+
+    def __init__(self, config, spec, *, image_size: int, patch_size: int,
+                 position_embedding: str, pg_collection):
+        super().__init__(config)
+        self.tp_group = pg_collection.tp
+        self.embedding = PatchEmbedding(config, image_size=image_size, patch_size=patch_size,
+                                        class_token=False, position_embedding=position_embedding)
+        self.encoder = ContextTransformerBlock(config=config, spec=spec, pre_process=True,
+                                               post_process=True, pg_collection=pg_collection)
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(images_BCHW)
+        if self.config.sequence_parallel:
+            hidden = scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        hidden = self.encoder(hidden_states=hidden, attention_mask=None)
+        if self.config.sequence_parallel:
+            # backward: this rank's slice of a gradient every TP rank holds in full
+            hidden = gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+        return hidden
+
+
+def connector(lm_config, *, input_size: int, hidden_size: int, pg_collection):
+    """LLaVA-1.5's projector: Linear(input → hidden) · GELU · Linear(hidden → D), both biased,
+    column- then row-parallel over TP (input and output TP-replicated: no sequence split)."""
+    config = copy.copy(lm_config)
+    config.ffn_hidden_size = hidden_size
+    config.add_bias_linear = True
+    config.gated_linear_unit = False
+    config.activation_func = F.gelu
+    config.sequence_parallel = False
+    config.num_moe_experts = None
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return MultimodalProjector(config, submodules, "mlp", input_size, tp_group=pg_collection.tp)
+
+
+def vision_context(batch: dict, step: int | None, num_patches: int) -> Context:
+    """The encoder stream's context: every token is an image patch."""
+    B = batch["images"].shape[0]
+    return Context(sample_index_B=batch.get("sample_index"),
+                   modality_ids_BS=torch.full((B, num_patches), IMAGE, dtype=torch.long),
+                   step=step)
+
+
+class VLMModel(LMModel):
+    """One pipeline chunk of the multimodal model (module docstring): the LM chunk, plus the
+    encoder and connector on the first stage. `forward(tokens, position_ids, None, images=…,
+    labels=…, context=…, vision_context=…)` returns the LM's (per-token losses [B, S],
+    argmax-correct [B, S]) on the last stage with labels, its logits without, and the hidden
+    states on the other stages."""
+
+    def __init__(self, config, build_decoder, *, vision: VisionEncoder | None = None,
+                 projector=None, image_token_id: int, patch_side: int, pixel_shuffle: int,
+                 **gpt_kwargs):
+        super().__init__(config, build_decoder, scatter_embedding_sequence_parallel=False,
+                         **gpt_kwargs)
+        assert (vision is None) == (projector is None) and (vision is None) != self.pre_process
+        self.vision, self.connector = vision, projector
+        self.image_token_id, self.patch_side, self.shuffle = image_token_id, patch_side, \
+            pixel_shuffle
+        self._correct = None
+
+    def forward(self, input_ids, position_ids, attention_mask, *, images=None, labels=None,
+                context: Context | None = None, vision_context: Context | None = None):
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, position_ids, images, context, vision_context)
+        output = super().forward(input_ids, position_ids, attention_mask,
+                                 decoder_input=decoder_input, labels=labels, context=context)
+        if self.post_process and labels is not None:
+            correct, self._correct = self._correct, None
+            return output, correct
+        return output
+
+    def embed(self, input_ids_BS, position_ids_BS, images_BCHW, context: Context | None,
+              vision_context: Context | None) -> torch.Tensor:
+        """The decoder's input [S(/TP), B, D]: text embeddings with the connector's image
+        embeddings at the placeholder positions, split for SP last."""
+        with bind(vision_context):
+            features_NBE = self.vision(images_BCHW)
+        image_nBD = self.connector(pixel_shuffle(features_NBE, self.patch_side, self.shuffle))
+        text_SBD = self.embedding(input_ids=input_ids_BS, position_ids=position_ids_BS)
+        placeholders_BS = input_ids_BS == self.image_token_id
+        check_placeholders(placeholders_BS, image_nBD.shape[0], context)
+        merged_BSD = text_SBD.transpose(0, 1).masked_scatter(
+            placeholders_BS.unsqueeze(-1), image_nBD.transpose(0, 1).to(text_SBD.dtype))
+        merged_SBD = merged_BSD.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            merged_SBD = scatter_to_sequence_parallel_region(merged_SBD, group=self.tp_group)
+        return merged_SBD
+
+    def compute_language_model_loss(self, labels, logits):
+        """Megatron's per-token loss; also records, for the forward that asked, whether each
+        token's argmax over the (TP-split) vocabulary is its label (read back in `forward`)."""
+        self._correct = argmax_is_label(logits, labels, self.pg_collection.tp)
+        return super().compute_language_model_loss(labels, logits)
+
+
+def check_placeholders(placeholders_BS: torch.Tensor, image_tokens: int,
+                       context: Context | None) -> None:
+    """Every sample has exactly one image's worth of placeholders; else one error naming the
+    sample."""
+    counts_B = placeholders_BS.sum(dim=1)
+    bad = (counts_B != image_tokens).nonzero().flatten()
+    if len(bad):
+        b = int(bad[0])
+        index = context.sample_index_B[b].item() if context is not None and \
+            context.sample_index_B is not None else b
+        raise ValueError(f"sample {index}: {int(counts_B[b])} image placeholder tokens, the "
+                         f"model makes {image_tokens} image embeddings per image "
+                         f"(model.vit.patch_size, model.vlm.pixel_shuffle, data.image_size)")
+
+
+@torch.no_grad()
+def argmax_is_label(logits_SBV: torch.Tensor, labels_BS: torch.Tensor, tp_group) -> torch.Tensor:
+    """[B, S] bool: the label's logit is the largest over the whole vocabulary, whose columns
+    are split over `tp_group` (ties count as correct). Padded vocabulary rows are masked to
+    −inf by megamoe.models.vocab."""
+    logits_SBV = logits_SBV.float()
+    V_local = logits_SBV.shape[-1]
+    rank = tp_group.rank() if tp_group is not None else 0
+    labels_SB = labels_BS.transpose(0, 1)
+    local_SB = labels_SB - rank * V_local
+    mine_SB = (local_SB >= 0) & (local_SB < V_local)
+    picked_SB = torch.gather(logits_SBV, -1, local_SB.clamp(0, V_local - 1).unsqueeze(-1))
+    label_logit_SB = torch.where(mine_SB, picked_SB.squeeze(-1), torch.zeros_like(local_SB,
+                                                                             dtype=torch.float))
+    best_SB = logits_SBV.max(dim=-1).values
+    if tp_group is not None and tp_group.size() > 1:
+        dist.all_reduce(label_logit_SB, group=tp_group)
+        dist.all_reduce(best_SB, op=dist.ReduceOp.MAX, group=tp_group)
+    return (label_logit_SB >= best_SB).transpose(0, 1)
+
+
+def encoder_transformer_config(cfg, lm_tconfig):
+    """The encoder's Megatron config: the vit family's block (LayerNorm, GELU, biases) at the
+    encoder's sizes (megamoe.config.vlm.encoder_config), on the LM's TP, SP and EP, as one
+    pipeline stage (it lives whole on the LM's first stage)."""
+    from types import SimpleNamespace
+
+    from megamoe.config.vlm import encoder_config
+    from megamoe.models.vit.model import transformer_config
+
+    enc = encoder_config(cfg)
+    moe = bool(enc.model.moe.num_experts)   # a dense encoder has no expert grid (Megatron's check)
+    tp = lm_tconfig.tensor_model_parallel_size
+    dims = SimpleNamespace(tensor=tp, pipeline=1, virtual_pipeline=None,
+                           expert=lm_tconfig.expert_model_parallel_size if moe else 1,
+                           expert_tensor_size=lm_tconfig.expert_tensor_parallel_size if moe
+                           else tp)
+    return transformer_config(enc, dims,
+                              sequence_parallel=lm_tconfig.sequence_parallel,
+                              dtype=lm_tconfig.params_dtype)
+
+
+def build_vlm(cfg, tconfig, pg_collection, vocab_size: int) -> list:
+    """This rank's chunks: the LM's (megamoe.models.lm.model.build_lm) as `VLMModel`s, the
+    first stage's with the encoder and connector."""
+    from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_config, image_tokens, patch_side
+    from megamoe.models.lm.model import build_lm, mark_expert_replicas
+    from megamoe.models.vit.model import drop_router_biases
+    from megamoe.moe.routers import router_builder
+    from megamoe.specs.gpt_moe import moe_layer_pattern
+    from megamoe.specs.vit import encoder_block_spec
+
+    v, enc = cfg.model.vlm, encoder_config(cfg)
+    side, r = patch_side(cfg), v.pixel_shuffle
+    image_tokens(cfg)
+
+    def chunk_kwargs(first: bool, last: bool) -> dict:
+        kwargs = dict(image_token_id=IMAGE_TOKEN_ID, patch_side=side, pixel_shuffle=r)
+        if not first:
+            return kwargs
+        etc = encoder_transformer_config(cfg, tconfig)
+        pattern = moe_layer_pattern(enc.model.num_layers, enc.model.moe.layer_freq,
+                                    enc.model.moe.num_experts)
+        spec = encoder_block_spec(etc, pattern, router=router_builder(enc.model.moe),
+                                  shared_expert=bool(enc.model.moe.shared_expert_ffn_hidden_size),
+                                  pg_collection=pg_collection, experts=enc.model.moe.experts,
+                                  pp_rank=0)
+        vision = VisionEncoder(etc, spec, image_size=cfg.data.image_size,
+                               patch_size=cfg.model.vit.patch_size,
+                               position_embedding=cfg.model.vit.position_embedding,
+                               pg_collection=pg_collection)
+        drop_router_biases([vision])
+        mark_expert_replicas([vision], etc)
+        projector = connector(tconfig, input_size=r * r * v.encoder_hidden_size,
+                              hidden_size=v.connector_hidden_size or cfg.model.hidden_size,
+                              pg_collection=pg_collection)
+        return dict(kwargs, vision=vision, projector=projector)
+
+    return build_lm(cfg, tconfig, pg_collection, vocab_size, model_class=VLMModel,
+                    chunk_kwargs=chunk_kwargs)

@@ -1,0 +1,90 @@
+"""The `vlm` family's task: image + text samples (megamoe.data.scenes: an image, and a token
+sequence [<bos>, <image>×n, prompt…, answer…, <eos>, <pad>…]) trained with next-token loss on
+the answer tokens only.
+
+A micro-batch holds the images, the input tokens and their next-token labels, the loss mask
+(answer words and <eos>), each sample's question template and global `sample_index`. The loss
+unit is the answer token: a micro-batch returns the sum of its answer-token losses and their
+count, which Megatron divides by the global count (`calculate_per_token_loss`), so any layout
+gives the same gradients. The forward step also counts samples answered exactly (every answer
+token's argmax is its label — under teacher forcing this is the same as greedy decoding
+reproducing the answer): `correct` of `questions`, and `caption_match` of `captions`.
+
+Contexts: the LM stream's modality ids are 1 at the image placeholders and 0 on text; the
+encoder stream's are all 1 (megamoe.models.vlm.model).
+
+Shapes: B micro-batch, S sequence.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+
+from megamoe.blocks.context import Context
+from megamoe.config.vlm import IMAGE_TOKEN_ID, patch_side
+
+
+def _loss_func(loss_mask_BS: torch.Tensor, is_caption_B: torch.Tensor, output):
+    """(answer-token loss sum, answer-token count, stats): stats also count exact answers."""
+    loss_BS, correct_BS = output
+    mask_BS = loss_mask_BS.float()
+    loss_sum = (loss_BS.float() * mask_BS).sum()
+    n = mask_BS.sum()
+    answered_B = mask_BS.sum(dim=1) > 0
+    exact_B = ((correct_BS | (mask_BS == 0)).all(dim=1) & answered_B).float()
+    question_B, caption_B = (answered_B & ~is_caption_B).float(), (answered_B & is_caption_B).float()
+    stats = torch.stack([loss_sum.detach(), n, (exact_B * question_B).sum(), question_B.sum(),
+                         (exact_B * caption_B).sum(), caption_B.sum()])
+    return loss_sum, n.to(torch.int), {"loss": stats}
+
+
+class VLMTask:
+    unit = "token"
+    stat_names = ("loss_sum", "units", "correct", "questions", "caption_match", "captions")
+    accuracy_per = "questions"    # the loop's validation accuracy: correct / questions
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.seq_length = cfg.model.seq_length   # the pipeline's activation shape
+        self.num_patches = patch_side(cfg) ** 2
+
+    def collate(self, samples: dict, sample_index_B) -> dict:
+        tokens_BS1 = torch.as_tensor(np.asarray(samples["tokens"]), dtype=torch.long)
+        B, S1 = tokens_BS1.shape
+        return {"images": torch.as_tensor(np.asarray(samples["images"])),
+                "tokens": tokens_BS1[:, :-1].contiguous(),
+                "labels": tokens_BS1[:, 1:].contiguous(),
+                "loss_mask": torch.as_tensor(np.asarray(samples["loss_mask"]),
+                                             dtype=torch.float),
+                "position_ids": torch.arange(S1 - 1).unsqueeze(0).expand(B, -1).contiguous(),
+                "is_caption": torch.as_tensor(np.asarray(samples["is_caption"]),
+                                              dtype=torch.bool),
+                "sample_index": torch.as_tensor(np.asarray(sample_index_B), dtype=torch.long)}
+
+    def micro_batch_size(self, batch: dict) -> int:
+        return batch["tokens"].shape[0]
+
+    def units_per_sample(self) -> int:
+        """Tokens per sample: the loop's throughput and consumed-token counts."""
+        return self.cfg.model.seq_length
+
+    def context(self, batch: dict, step: int | None) -> Context:
+        """The LM stream's context: sample indices, labels, modality ids (1 = image)."""
+        return Context(sample_index_B=batch.get("sample_index"),
+                       modality_ids_BS=(batch["tokens"] == IMAGE_TOKEN_ID).long(),
+                       labels_BS=batch.get("labels"), step=step)
+
+    def forward_step(self, model, batch: dict, device: torch.device, step: int):
+        """(output, loss function) of one micro-batch, Megatron's forward-step convention:
+        every pipeline stage builds both contexts (nothing is sent point to point)."""
+        from megamoe.models.vlm.model import vision_context
+
+        output = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
+                       images=batch["images"].to(device), labels=batch["labels"].to(device),
+                       context=self.context(batch, step),
+                       vision_context=vision_context(batch, step, self.num_patches))
+        return output, partial(_loss_func, batch["loss_mask"].to(device),
+                               batch["is_caption"].to(device))
