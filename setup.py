@@ -22,6 +22,7 @@ setup(
         "torch>=2.6,<2.15",
         "megatron-core>=0.16.1,<0.17",
         "numpy",
+        "matplotlib",      # plots: `megamoe eval`'s expert-usage heat map (vlm)
         "Pillow",          # the shapes image set (megamoe.data.shapes)
         "psutil",
         "pyyaml",

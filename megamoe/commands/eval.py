@@ -4,6 +4,9 @@ on one CPU process and evaluated on the held-out split of its own data config.
 - `lm`: the mean loss per token over `--iters` global batches of the validation split (the
   batches validation uses during training, so the figure is comparable with `val_loss` in
   summary.json) and its perplexity.
+- `vlm`: closed-answer accuracy, its image-blind chance, the accuracy with every sample given
+  its neighbour's image, caption exact match, and the expert-usage heat map per modality
+  (megamoe.commands.eval_vlm).
 - `vit`: top-1 accuracy on the same batches next to the chance level (1 / classes), and the
   loss. With `--capacity C1,C2,… [--priority none,max]` also V-MoE's inference-capacity table
   (Riquelme et al. 2021, §4): every V-MoE layer evaluated at capacity ratio C with and without
@@ -80,14 +83,18 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | N
         raise ValueError("--priority: needs --capacity (the ratios to evaluate each mode at)")
     engine, cfg, step_dir, meta = load_one_rank(src, log=lambda m: print(m, file=sys.stderr))
     family = engine.family.name
-    if family not in ("lm", "vit"):
-        raise ValueError(f"model.family {family!r}: `megamoe eval` evaluates lm and vit")
+    if family not in ("lm", "vit", "vlm"):
+        raise ValueError(f"model.family {family!r}: `megamoe eval` evaluates lm, vit and vlm")
     if capacities and not _vmoe_routers(engine):
         raise ValueError(f"--capacity: the run's routers ({cfg.model.moe.router!r}) have no "
                          "V-MoE capacity to vary (model.moe.router: vmoe)")
     iters = iters or cfg.train.eval_iters or 1
     _, valid, _ = family_datasets(cfg)
     loader, G = loader_for(engine, valid), cfg.train.global_batch_size
+    if family == "vlm":
+        from megamoe.commands.eval_vlm import reset_modality_usage
+
+        reset_modality_usage(engine)
     total = _sweep(engine, loader, iters, G, "")
     loss = M.global_loss(total, engine.grid)
     figures = {"checkpoint": step_dir, "step": int(meta["step"]), "family": family,
@@ -97,6 +104,9 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | N
         figures["perplexity"] = math.exp(min(loss, 700.0))
         log(f"[megamoe] {step_dir} (step {figures['step']}): validation loss {loss:.4f}, "
             f"perplexity {figures['perplexity']:.3f} over {figures['tokens']:,} tokens")
+    elif family == "vlm":
+        figures.update(_vlm_figures(engine, cfg, total, valid, iters, G, step_dir,
+                                    figures["step"], log))
     else:
         from megamoe.config.vision import num_classes
 
@@ -110,6 +120,35 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | N
                                                    priorities or ["none", "max"], log)
     log(json.dumps(figures))
     return figures
+
+
+def _vlm_figures(engine, cfg, total: dict, valid, iters: int, G: int, step_dir: str,
+                 step: int, log) -> dict:
+    """Answer accuracy, its image-blind chance, the neighbour-image ablation, caption exact
+    match and the expert-usage heat map (megamoe.commands.eval_vlm)."""
+    import os
+
+    from megamoe.commands.eval_vlm import (NeighbourImages, blind_figures, modality_usage,
+                                           write_usage)
+    from megamoe.training import metrics as M
+    from megamoe.training.loop import loader_for
+
+    out = {"accuracy": M.global_mean(total, engine.grid, "correct", "questions"),
+           "questions": int(total["questions"]),
+           "caption_match": M.global_mean(total, engine.grid, "caption_match", "captions"),
+           "captions": int(total["captions"])}
+    usage = modality_usage(engine)
+    out.update(blind_figures(cfg, iters * G))
+    shuffled = _sweep(engine, loader_for(engine, NeighbourImages(valid)), iters, G,
+                      " (each sample with its neighbour's image)")
+    out["shuffled_accuracy"] = M.global_mean(shuffled, engine.grid, "correct", "questions")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    out["expert_usage_png"] = write_usage(usage, run_dir, step, log)
+    log(f"[megamoe] {step_dir} (step {step}): answer accuracy {out['accuracy']:.4f} on "
+        f"{out['questions']:,} questions (image-blind chance {out['chance']:.4f}; with the "
+        f"neighbour's image {out['shuffled_accuracy']:.4f}); captions exact "
+        f"{out['caption_match']:.4f} of {out['captions']:,} (blind {out['caption_chance']:.4f})")
+    return out
 
 
 def _vmoe_routers(engine) -> list:

@@ -27,6 +27,9 @@ class MegamoeMoELayer(MoELayer):
         self.register_buffer("tokens_per_expert_acc", torch.zeros(config.num_moe_experts),
                              persistent=False)
         self.stats_acc: dict = {}            # name -> [sum, count] since the last read
+        # modality id -> [E] routed-token counts of that modality's tokens since the last read
+        # (batches whose context has modality ids: the vlm family's expert-usage heat map)
+        self.modality_usage_acc: dict = {}
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
                 padding_mask: Optional[torch.Tensor] = None):
@@ -71,10 +74,10 @@ class MegamoeMoELayer(MoELayer):
                                  "a padding mask (pads would count in its routing and losses)")
             router_kwargs["padding_mask"] = padding_mask
         out = self.router.route(hidden_states, context, **router_kwargs)
-        self.record(out)
+        self.record(out, context)
         return out
 
-    def record(self, out) -> None:
+    def record(self, out, context=None) -> None:
         """Accumulate routed-token counts and statistics for the logs. In training only the pass
         that builds the graph records: under activation recompute the no-grad first pass is
         repeated in backward, and counting both would count the micro-batch twice."""
@@ -82,7 +85,21 @@ class MegamoeMoELayer(MoELayer):
             return
         if out.tokens_per_expert_E is not None:
             self.tokens_per_expert_acc += out.tokens_per_expert_E.to(self.tokens_per_expert_acc)
+        if context is not None and context.modality_ids_BS is not None:
+            self._record_modalities(out.routing_map_TE, context)
         if self.training:
             for name, value in out.stats.items():
                 acc = self.stats_acc.setdefault(name, [0.0, 0])
                 acc[0], acc[1] = acc[0] + float(value), acc[1] + 1
+
+    @torch.no_grad()
+    def _record_modalities(self, routing_map_TE: torch.Tensor, context) -> None:
+        """Per-modality routed-token counts of this rank's tokens (its sequence slice under
+        SP), for `megamoe.training.metrics.modality_usage`."""
+        sp = self.config.sequence_parallel
+        rank, size = (self.attn_tp_group.rank(), self.attn_tp_group.size()) if sp else (0, 1)
+        modality_T = context.tokens("modality_ids_BS", rank, size).to(routing_map_TE.device)
+        for m in modality_T.unique().tolist():
+            counts_E = routing_map_TE[modality_T == m].sum(dim=0).double().cpu()
+            acc = self.modality_usage_acc.setdefault(int(m), torch.zeros_like(counts_E))
+            acc += counts_E
