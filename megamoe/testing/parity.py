@@ -107,14 +107,17 @@ def image_microbatches(engine, dataset, step: int, reference_dp: int | None) -> 
 def parity_run(cfg, vocab: int, steps: int = 3, reference_dp: int | None = None,
                perturb: bool = False) -> ParityResult:
     from megamoe.engines.megatron import build_engine, run_forward_backward, optimizer_step
+    from megamoe.models.registry import family_datasets
     from megamoe.training.metrics import global_loss
 
+    images = None
+    if cfg.model.family != "lm":   # the data's size of what the model predicts
+        images, _, vocab = family_datasets(cfg)
     engine = build_engine(cfg, vocab, torch.device("cpu"))
     if perturb:   # fp32 optimizers update the model's own tensors; a callable: own control
         (perturb if callable(perturb) else perturb_one_expert)(engine)
     dp, dp_rank = engine.pg.dp.size(), engine.pg.dp.rank()
     t, S = cfg.train, cfg.model.seq_length
-    images = image_source(cfg) if cfg.model.family != "lm" else None
     result = ParityResult()
     for step in range(steps):
         if images is not None:
@@ -245,6 +248,39 @@ TINY_VIT = [
 def vit_parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bool = False):
     """`parity_task` for the vit family: TINY_VIT + `overrides` on shapes images."""
     return parity_task([*TINY_VIT, *overrides], steps, reference_dp, perturb)
+
+
+TINY_VLM = [
+    "model.family=vlm", "data.kind=scenes", "data.image_size=16", "data.max_shapes=2",
+    "model.vit.patch_size=4", "model.vlm.pixel_shuffle=2", "model.vlm.encoder_num_layers=2",
+    "model.vlm.encoder_hidden_size=32", "model.vlm.encoder_num_attention_heads=4",
+    "model.vlm.encoder_ffn_hidden_size=64", "model.num_layers=2", "model.hidden_size=32",
+    "model.ffn_hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+    "model.seq_length=40", "model.moe.num_experts=4", "model.moe.topk=2",
+    "model.moe.ffn_hidden_size=48", "model.moe.aux_loss_coeff=0.01",
+    "model.moe.z_loss_coeff=0.001",
+    "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.optimizer=sgd", "train.lr=0.1", "train.min_lr=0.1", "train.lr_schedule=constant",
+    "train.warmup_steps=0", "train.weight_decay=0.0", "train.clip_grad=0.5",
+    "train.precision=fp32", "run.tensorboard=false", "run.progress=false",
+]
+
+
+def vlm_parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bool = False):
+    """`parity_task` for the vlm family: TINY_VLM + `overrides` on the generated scenes."""
+    return parity_task([*TINY_VLM, *overrides], steps, reference_dp, perturb)
+
+
+def perturb_encoder(engine, scale: float = 1e-2) -> bool:
+    """A negative control for the encoder: its patch projection perturbed on global rank 0
+    only (a replica that drifts from the others)."""
+    for chunk in engine.modules:
+        vision = getattr(chunk, "vision", None)
+        if vision is not None and dist.get_rank() == 0:
+            w = vision.embedding.proj.weight.data
+            g = torch.Generator().manual_seed(98)
+            w.add_(torch.randn(w.shape, generator=g) * scale)
+    return True
 
 
 # ---- driving a parity check from a test (runs in the test process) ---------------------------

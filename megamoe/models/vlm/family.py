@@ -4,7 +4,7 @@ next-token loss on answers and captions (megamoe.models.vlm.task).
 
 Causal: the decoder is; its routers follow the lm family's causality rule. The encoder's MoE
 layers (model.vlm.encoder_moe_layer_freq) use model.moe's router, which must then suit image
-tokens as well (one of the vit family's routers).
+tokens as well — refused for now: see `check_vlm`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from megamoe.models.registry import Family, register
 def check_vlm(cfg) -> None:
     """The config describes a model this family can build (one line naming the field)."""
     from megamoe.config.vlm import image_tokens
-    from megamoe.models.vit.family import ROUTERS_FOR_VIT
 
-    m, moe = cfg.model, cfg.model.moe
+    m = cfg.model
     if cfg.data.kind != "scenes":
         fail("data.kind", f"model.family 'vlm' trains on images with text: set it to 'scenes', "
              f"got {cfg.data.kind!r}")
@@ -26,14 +25,12 @@ def check_vlm(cfg) -> None:
     if n + 3 > m.seq_length:
         fail("model.seq_length", f"{m.seq_length} leaves no room for text after the {n} image "
              f"tokens (+ <bos>, a prompt, an answer)")
-    if m.vlm.encoder_moe_layer_freq is not None and moe.num_experts:
-        if moe.router not in ROUTERS_FOR_VIT:
-            fail("model.moe.router", f"'{moe.router}' routes the encoder's MoE layers too "
-                 f"(model.vlm.encoder_moe_layer_freq) and does not support image tokens; "
-                 f"choose one of {', '.join(ROUTERS_FOR_VIT)} or a dense encoder")
-        if moe.experts == "grouped" or moe.fp8.recipe != "none":
-            fail("model.vlm.encoder_moe_layer_freq", "the encoder's experts have biases, which "
-                 "grouped and FP8 experts do not support yet: keep the encoder dense")
+    if m.vlm.encoder_moe_layer_freq is not None:
+        # the encoder's MoE layers would share layer numbers with the LM's, which key the
+        # routing logs (expert load per layer) and the router state in checkpoints
+        fail("model.vlm.encoder_moe_layer_freq", "MoE FFNs in the encoder are not supported "
+             "yet (their layer numbers would collide with the language model's in the expert "
+             "logs and the checkpointed router state): leave it null (a dense encoder)")
     if m.vit.position_embedding == "sincos" and m.vlm.encoder_hidden_size % 4:
         fail("model.vit.position_embedding", f"'sincos' needs model.vlm.encoder_hidden_size "
              f"divisible by 4, got {m.vlm.encoder_hidden_size}")
