@@ -1,0 +1,106 @@
+"""The vlm family's pieces: bad configs refused with one line naming the field, pixel shuffle
+and the TP-split argmax check against hand-computed values, and the built model: its parameter
+count equals the accounting's, the image reaches the text through the placeholders, the
+decoder stays causal, and a sample whose placeholders do not match the image tokens is one
+error naming the sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megamoe.config import ConfigError, load_config
+from megamoe.models.checks import check_config
+from megamoe.models.vlm.model import argmax_is_label, pixel_shuffle
+from megamoe.testing.parity import TINY_VLM
+from megamoe.testing.pool import run_distributed
+
+
+def _check(*overrides):
+    cfg = load_config(None, [*TINY_VLM, *overrides])
+    check_config(cfg, launch=False)
+    return cfg
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["data.kind=shapes"], "data.kind:"),
+    (["model.vlm.pixel_shuffle=3"], "model.vlm.pixel_shuffle:"),
+    (["data.image_size=18"], "model.vit.patch_size:"),
+    (["model.seq_length=5"], "model.seq_length:"),
+    (["model.vlm.encoder_moe_layer_freq=2"], "model.vlm.encoder_moe_layer_freq:"),
+    (["model.vlm.encoder_hidden_size=30"], "model.vlm.encoder_hidden_size:"),
+    (["model.vlm.encoder_moe_layer_freq=[0,1,1]"], "model.vlm.encoder_moe_layer_freq:"),
+    (["model.vit.position_embedding=sincos", "model.vlm.encoder_hidden_size=36",
+      "model.vlm.encoder_num_attention_heads=3"], "model.vit.position_embedding:"),
+])
+def test_bad_vlm_config_is_one_error_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        _check(*overrides)
+    assert str(err.value).startswith(field), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_pixel_shuffle_hand_values():
+    """A 4×4 patch grid, width 1, r = 2: token 0 is patches (0,0),(0,1),(1,0),(1,1) = 0,1,4,5;
+    token 1 is the top-right block 2,3,6,7; token 2 the bottom-left block 8,9,12,13."""
+    x = torch.arange(16.0).reshape(16, 1, 1)        # [N, B, E], value = patch index
+    y = pixel_shuffle(x, 4, 2)
+    assert y.shape == (4, 1, 4)
+    assert y[0, 0].tolist() == [0, 1, 4, 5]
+    assert y[1, 0].tolist() == [2, 3, 6, 7]
+    assert y[2, 0].tolist() == [8, 9, 12, 13]
+    assert torch.equal(pixel_shuffle(x, 4, 1), x)
+
+
+def test_argmax_is_label_hand_values():
+    """One process: [S=2, B=1, V=3]; ties count as correct."""
+    logits = torch.tensor([[[0.1, 0.9, 0.2]], [[0.5, 0.5, -1.0]]])
+    assert argmax_is_label(logits, torch.tensor([[1, 0]]), None).tolist() == [[True, True]]
+    assert argmax_is_label(logits, torch.tensor([[2, 2]]), None).tolist() == [[False, False]]
+
+
+def built_model_task():
+    """(parameters built, accounting's total, |Δ answer logits| when only the image changes,
+    |Δ earlier logits| when only a later token changes, the placeholder error)."""
+    from megamoe.engines.megatron import build_engine
+    from megamoe.models.registry import family_datasets, family_for
+    from megamoe.models.vlm.model import vision_context
+
+    cfg = _check("parallel.world_size=1")
+    train, _, vocab = family_datasets(cfg)
+    engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
+    model, task = engine.modules[0].eval(), engine.task
+    built = sum(p.numel() for p in model.parameters())
+    counted = family_for(cfg).parameter_counts(cfg, vocab)[0]
+    batch = task.collate(train.get_batch([0, 1]), [0, 1])
+
+    def logits(b):
+        with torch.no_grad():
+            return model(b["tokens"], b["position_ids"], None, images=b["images"],
+                         context=task.context(b, 0),
+                         vision_context=vision_context(b, 0, task.num_patches))
+
+    base = logits(batch)                                   # [B, S, V]
+    other_image = dict(batch, images=255 - batch["images"])
+    image_effect = (logits(other_image) - base)[:, -8:].abs().max().item()
+    later = dict(batch, tokens=batch["tokens"].clone())
+    later["tokens"][:, -1] = (later["tokens"][:, -1] + 5) % vocab
+    causal_leak = (logits(later) - base)[:, :-1].abs().max().item()
+    broken = dict(batch, tokens=batch["tokens"].clone())
+    n_img = int((broken["tokens"][0] == 3).sum())
+    broken["tokens"][0, 1 + n_img - 1] = 5                 # one placeholder fewer in sample 0
+    try:
+        logits(broken)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return built, counted, image_effect, causal_leak, error
+
+
+@pytest.mark.timeout(300)
+def test_built_model_counts_reads_the_image_and_stays_causal():
+    built, counted, image_effect, causal_leak, error = run_distributed(built_model_task, 1)[0]
+    assert built == counted
+    assert image_effect > 1e-4
+    assert causal_leak == 0.0
+    assert error is not None and error.startswith("sample 0: 15 image placeholder tokens"), error
