@@ -103,4 +103,4 @@ def test_built_model_counts_reads_the_image_and_stays_causal():
     assert built == counted
     assert image_effect > 1e-4
     assert causal_leak == 0.0
-    assert error is not None and error.startswith("sample 0: 15 image placeholder tokens"), error
+    assert error is not None and error.startswith("sample 0: 3 image placeholder tokens, the model makes 4"), error
