@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch megamoe under Open MPI's mpirun: NP ranks (default: the config's parallel.world_size),
 # on this node or, with a hostfile (HOSTFILE=...) or inside a Slurm allocation, across nodes.
-#   launchers/mpirun.sh configs/quickstart.yaml [--set KEY=VALUE ...]
+#   launchers/mpirun.sh configs/lm_quickstart.yaml [--set KEY=VALUE ...]
 #   NP=16 HOSTFILE=hosts launchers/mpirun.sh configs/<recipe>.yaml
 # Rendezvous: without MASTER_ADDR, rank 0 shares its host and a free port through mpi4py
 # (pip install 'megamoe[mpi]'); torch's process group does the rest (NCCL on GPUs, gloo on CPU).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Launch megamoe under torchrun on this node: one process per GPU (or NPROC gloo ranks on CPU).
-#   launchers/torchrun.sh configs/quickstart.yaml [--set KEY=VALUE ...]
+#   launchers/torchrun.sh configs/lm_quickstart.yaml [--set KEY=VALUE ...]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as torchrun expects.
 set -euo pipefail
 CONFIG=${1:?usage: launchers/torchrun.sh CONFIG [--set KEY=VALUE ...]}

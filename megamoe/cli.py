@@ -7,8 +7,8 @@ import os
 import sys
 
 EPILOG = """examples:
-  megamoe train --config configs/quickstart.yaml
-  megamoe train --config configs/quickstart.yaml --set train.steps=20 --set parallel.expert=4
+  megamoe train --config configs/lm_quickstart.yaml
+  megamoe train --config configs/lm_quickstart.yaml --set train.steps=20 --set parallel.expert=4
   megamoe train --config race            # an installed recipe, from any directory
   torchrun --nproc-per-node 8 -m megamoe train --config configs/<recipe>.yaml
 """

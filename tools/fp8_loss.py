@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FP8 experts against fp32 on the LM quickstart recipe (configs/quickstart.yaml: 4 gloo ranks,
+"""FP8 experts against fp32 on the LM quickstart recipe (configs/lm_quickstart.yaml: 4 gloo ranks,
 TP2 × EP2): the same 200-step CPU run twice, once with fp32 experts and once with FP8 experts
 (`model.moe.fp8.recipe`), each through `megamoe train`; prints both final losses and the
 relative gap. The issue's goal is a gap within 3% (DeepSeek-V3 reports < 0.25% at scale); the
@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.yaml"),
-                   help="recipe (default configs/quickstart.yaml)")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "lm_quickstart.yaml"),
+                   help="recipe (default configs/lm_quickstart.yaml)")
     p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     p.add_argument("--recipe", default="tensorwise",
                    choices=("tensorwise", "delayed", "rowwise", "blockwise"),

@@ -1,6 +1,6 @@
 """Typed run configuration: YAML recipe + `--set a.b=c` overrides → validated `Config`.
 
-    cfg = load_config("configs/quickstart.yaml", ["train.lr=1e-3", "parallel.world_size=2"])
+    cfg = load_config("configs/lm_quickstart.yaml", ["train.lr=1e-3", "parallel.world_size=2"])
 
 `load_config` composes the recipe from its `defaults:` fragments, validates each field and
 section on its own and fills the derived defaults; `megamoe.models.checks.check_config` runs the

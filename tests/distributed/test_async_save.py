@@ -13,7 +13,7 @@ from megamoe.testing.recipes import train_recipe
 STEPS = 6
 
 
-QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.yaml")
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_quickstart.yaml")
 
 
 def train_run(run_dir: str, extra: list) -> list[dict]:

@@ -25,7 +25,7 @@ def _recipe(family: str) -> tuple[str, list[str]]:
     path = os.path.join(ROOT, "configs", f"{family}.yaml")
     if os.path.isfile(path):
         return path, []
-    return os.path.join(ROOT, "configs", "quickstart.yaml"), [f"model.moe.router={family}"]
+    return os.path.join(ROOT, "configs", "lm_quickstart.yaml"), [f"model.moe.router={family}"]
 
 
 def train_family(family: str, run_dir: str):

@@ -21,7 +21,7 @@ def cli():
 
 # A small finished run shared by the tests that only read it or copy it (one training run
 # instead of one per test): 2 ranks (EP2), 4 steps, checkpoints at steps 2 and 4, TensorBoard on.
-SHARED_RUN_ARGS = ["--config", "configs/quickstart.yaml", "--set", "parallel.world_size=2",
+SHARED_RUN_ARGS = ["--config", "configs/lm_quickstart.yaml", "--set", "parallel.world_size=2",
                    "--set", "parallel.tensor=1", "--set", "parallel.expert=2",
                    "--set", "train.steps=4", "--set", "train.warmup_steps=1",
                    "--set", "train.save_interval=2", "--set", "train.eval_interval=0",

@@ -35,7 +35,7 @@ def test_specs_lists_topk(cli):
     (["--set", "parallel.expert_tensor=2"], "parallel.expert_tensor"),
 ])
 def test_bad_configuration_is_one_clear_line(cli, args, needle):
-    out = cli("train", "--config", "configs/quickstart.yaml", *args, timeout=120)
+    out = cli("train", "--config", "configs/lm_quickstart.yaml", *args, timeout=120)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
@@ -63,7 +63,7 @@ def test_inputs_are_checked_before_any_rank_starts(cli, tmp_path, args, needle):
     run_dir = tmp_path / "run"
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     start = time.perf_counter()
-    out = cli("train", "--config", "configs/quickstart.yaml", "--set", f"run.dir={run_dir}",
+    out = cli("train", "--config", "configs/lm_quickstart.yaml", "--set", f"run.dir={run_dir}",
               *args, timeout=120)
     elapsed = time.perf_counter() - start
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]

@@ -10,7 +10,7 @@ from megamoe.testing.checkpointing import checkpoint_logits
 from megamoe.testing.hf import hf_logits_BSV, load_hf, sample_tokens_BS
 from megamoe.testing.pool import run_distributed
 
-TRAIN = ["--config", "configs/quickstart.yaml", "--set", "train.steps=3",
+TRAIN = ["--config", "configs/lm_quickstart.yaml", "--set", "train.steps=3",
          "--set", "train.warmup_steps=1", "--set", "train.eval_interval=0",
          "--set", "train.eval_iters=1", "--set", "run.tensorboard=false"]
 

@@ -17,7 +17,7 @@ _ds = (__import__("deepspeed") if os.environ.get("CI")
 def _continue(cli, trained_run, dst, engine: str) -> list:
     run = dst / engine
     shutil.copytree(trained_run, run)
-    out = cli("train", "--config", "configs/quickstart.yaml", "--set", "parallel.world_size=2",
+    out = cli("train", "--config", "configs/lm_quickstart.yaml", "--set", "parallel.world_size=2",
               "--set", "parallel.tensor=1", "--set", "parallel.expert=2",
               "--set", "train.warmup_steps=1", "--set", "train.eval_interval=0",
               "--set", "train.eval_iters=1", "--set", "run.tensorboard=false",

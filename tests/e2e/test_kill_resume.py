@@ -11,7 +11,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARGS = ["--config", "configs/quickstart.yaml", "--set", "parallel.world_size=2",
+ARGS = ["--config", "configs/lm_quickstart.yaml", "--set", "parallel.world_size=2",
         "--set", "parallel.tensor=1", "--set", "parallel.expert=2", "--set", "train.steps=12",
         "--set", "train.warmup_steps=2", "--set", "train.save_interval=1",
         "--set", "train.eval_interval=0", "--set", "train.eval_iters=1",

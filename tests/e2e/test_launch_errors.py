@@ -24,7 +24,7 @@ CLEAN = {k: v for k, v in os.environ.items()
 def test_mis_set_environment_is_one_error_line(extra, expected, tmp_path):
     env = dict(CLEAN, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **extra)
     out = subprocess.run([sys.executable, "-m", "megamoe", "train", "--config",
-                          "configs/quickstart.yaml", "--set", f"run.dir={tmp_path / 'run'}"],
+                          "configs/lm_quickstart.yaml", "--set", f"run.dir={tmp_path / 'run'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [expected], out.stderr

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.timeout(900)
 def test_quickstart_trains_and_writes_its_run_dir(cli, tmp_path):
     run_dir = tmp_path / "run"
-    out = cli("train", "--config", "configs/quickstart.yaml", "--set", f"run.dir={run_dir}",
+    out = cli("train", "--config", "configs/lm_quickstart.yaml", "--set", f"run.dir={run_dir}",
               timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

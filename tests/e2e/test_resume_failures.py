@@ -14,7 +14,7 @@ import pytest
 from conftest import SHARED_RUN_ARGS, megamoe
 from megamoe.cli import main
 
-MIN_LR = 3.0e-4            # configs/quickstart.yaml
+MIN_LR = 3.0e-4            # configs/lm_quickstart.yaml
 
 
 def strict_json(text: str):

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARGS = ["--config", "configs/quickstart.yaml", "--set", "parallel.world_size=2",
+ARGS = ["--config", "configs/lm_quickstart.yaml", "--set", "parallel.world_size=2",
         "--set", "parallel.tensor=1", "--set", "parallel.expert=2", "--set", "model.num_layers=2",
         "--set", "model.seq_length=32", "--set", "train.global_batch_size=8",
         "--set", "train.steps=1000", "--set", "train.warmup_steps=2",

@@ -20,7 +20,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "configs", "quickstart.yaml")
+CONFIG = os.path.join(ROOT, "configs", "lm_quickstart.yaml")
 STEPS = 6
 SHORT = ["--set", f"train.steps={STEPS}", "--set", "train.warmup_steps=1",
          "--set", "train.save_interval=0", "--set", "train.eval_interval=0",

@@ -48,7 +48,7 @@ def test_defaults_load_and_validate():
 
 
 def test_quickstart_loads():
-    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    cfg = load_config(REPO / "configs" / "lm_quickstart.yaml")
     p = cfg.parallel
     assert (p.world_size, p.tensor, p.pipeline, p.expert) == (4, 2, 1, 2)
     assert p.data == 2 and p.expert_tensor_size == 1 and p.expert_data == 2
@@ -86,7 +86,7 @@ def test_yaml_float_string_accepted(tmp_path):
 
 
 def test_round_trip(tmp_path):
-    cfg = load_config(REPO / "configs" / "quickstart.yaml",
+    cfg = load_config(REPO / "configs" / "lm_quickstart.yaml",
                       ["model.moe.layer_freq=[1,0,1,0]", "model.moe.capacity_factor=1.25",
                        "train.adam_eps=1e-8", "run.dir=runs/x"])
     dump_config(cfg, tmp_path / "out.yaml")

@@ -63,7 +63,7 @@ def test_recipes_list_fragments_and_fragments_are_not_recipes():
     for sub in ("models", "data", "parallel", "train"):
         assert list((REPO / "configs" / sub).glob("*.yaml")), sub
     assert "tiny_moe" not in recipe_names() and all("/" not in n for n in recipe_names())
-    assert "defaults" in (REPO / "configs" / "quickstart.yaml").read_text()
+    assert "defaults" in (REPO / "configs" / "lm_quickstart.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", ["quickstart", "soft", "mor_token"])

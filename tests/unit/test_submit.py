@@ -9,7 +9,7 @@ import pytest
 from megamoe.commands import submit as S
 from megamoe.launch.health import verdict
 
-QUICKSTART = "configs/quickstart.yaml"
+QUICKSTART = "configs/lm_quickstart.yaml"
 
 
 @pytest.fixture
