@@ -44,6 +44,29 @@ def check_batch(cfg: Config) -> None:
              f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
 
 
+def check_vision_grid(cfg: Config) -> None:
+    """`parallel.vision_tensor`: the vlm encoder's own TP on the first stage, whose DP is then
+    the first stage's ranks over it. Supported: 1 (a replicated encoder) or the LM's TP (the
+    shared grid): the encoder's gradients fold their replicas into the LM's TP groups, and the
+    gradient norm counts a replicated parameter once per LM TP group."""
+    p, t = cfg.parallel, cfg.train
+    if p.vision_tensor is None:
+        return
+    if cfg.model.family != "vlm":
+        fail("parallel.vision_tensor", f"only the vlm family has a vision encoder (model.family "
+             f"is {cfg.model.family!r})")
+    if cfg.train.engine != "megatron":
+        fail("parallel.vision_tensor", "the encoder's own grid needs the megatron engine "
+             "(its gradient reduction hooks into Megatron's)")
+    if p.vision_tensor not in (1, p.tensor):
+        fail("parallel.vision_tensor", f"{p.vision_tensor}: must be 1 or parallel.tensor "
+             f"({p.tensor})")
+    if (t.micro_batch_size * p.data) % p.vision_data:
+        fail("train.micro_batch_size", f"the first stage's micro-batch (micro_batch_size * "
+             f"data = {t.micro_batch_size} * {p.data}) is not divisible by the vision "
+             f"encoder's data-parallel size ({p.vision_data})")
+
+
 def check_pipeline(cfg: Config) -> None:
     if cfg.model.mor.enabled:      # stages hold MoR units, not layers: mor.checks
         return
@@ -94,8 +117,8 @@ def check_engine(cfg: Config) -> None:
              f"{cfg.model.family!r}); use train.engine=megatron")
 
 
-SECTION_CHECKS = (check_experts, check_tensor_split, check_batch, check_pipeline,
-                  check_sequence_parallel, check_engine)
+SECTION_CHECKS = (check_experts, check_tensor_split, check_batch, check_vision_grid,
+                  check_pipeline, check_sequence_parallel, check_engine)
 
 
 def check_sections(cfg: Config) -> None:

@@ -227,10 +227,22 @@ class ParallelConfig:
     expert_tensor: int | None = None      # None: same as tensor
     sequence_parallel: bool | None = None  # None: on when tensor > 1
     distributed_optimizer: bool = False
+    # vlm: the vision encoder's own TP (its grid on the first pipeline stage; its DP follows:
+    # tensor x data / vision_tensor). None: the encoder shares the LM's TP and DP.
+    vision_tensor: int | None = None
 
     @property
     def data(self) -> int:
         return self.world_size // (self.tensor * self.pipeline)
+
+    @property
+    def vision_tensor_size(self) -> int:
+        return self.tensor if self.vision_tensor is None else self.vision_tensor
+
+    @property
+    def vision_data(self) -> int:
+        """The encoder's data-parallel size: the first stage's ranks over its TP."""
+        return self.tensor * self.data // self.vision_tensor_size
 
     @property
     def expert_tensor_size(self) -> int:
@@ -242,7 +254,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         for name in ("world_size", "tensor", "pipeline", "expert", "expert_tensor",
-                     "virtual_pipeline"):
+                     "virtual_pipeline", "vision_tensor"):
             at_least(self, name, 1)
         if self.virtual_pipeline is not None and self.pipeline == 1:
             fail("parallel.virtual_pipeline", "needs parallel.pipeline > 1")

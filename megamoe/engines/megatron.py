@@ -169,7 +169,9 @@ def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: 
             for i, c in enumerate(chunks)
         ]
         tconfig.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-        tconfig.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=grid)
+        tconfig.finalize_model_grads_func = partial(
+            _finalize_model_grads, pg_collection=grid,
+            before=getattr(tconfig, "family_grad_sync", None))
     engine = MegatronEngine(cfg=cfg, family=family, dims=dims, grid=grid, tconfig=tconfig,
                             chunks=chunks, device=device, vocab_size=vocab_size)
     if with_optimizer:
@@ -183,16 +185,27 @@ def build_model(cfg, vocab_size: int, device: torch.device):
     parameter (every engine starts from this)."""
     family = family_for(cfg)
     dims = ParallelDims.from_config(cfg.parallel)
-    grid = build_grids(dims).lm
+    grids = build_grids(dims)
+    grid = grids.lm
     seed_rng(cfg.run.seed)
     dtype = resolve_dtype(cfg.train.precision, device)
     tconfig = family.transformer_config(cfg, dims, sequence_parallel=dims.sequence_parallel,
                                         dtype=dtype)
-    chunks = family.build(cfg, tconfig, grid, vocab_size)
+    chunks = family.build(cfg, tconfig, grid, vocab_size, grids=grids)
     for c in chunks:
         c.to(device)
     init_global(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)
+    if family.grad_sync is not None:     # e.g. the vlm encoder's replicas on its own grid
+        tconfig.family_grad_sync = family.grad_sync(chunks, grids)
     return family, dims, grid, tconfig, chunks, dtype
+
+
+def _finalize_model_grads(*args, pg_collection, before=None, **kwargs):
+    """Megatron's gradient finalisation (DP reduction, embedding ties, division by the global
+    loss-unit count), after the family's own reduction `before` if it has one."""
+    if before is not None:
+        before()
+    return finalize_model_grads(*args, pg_collection=pg_collection, **kwargs)
 
 
 def build_optimizer(cfg, chunks, dtype, pg):

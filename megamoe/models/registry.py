@@ -23,7 +23,8 @@ _FAMILIES: dict[str, "Family"] = {}
 class Family:
     name: str
     transformer_config: Callable  # (cfg, dims, *, sequence_parallel, dtype) -> Megatron's
-    build: Callable              # (cfg, tconfig, grid, vocab_size) -> list of model chunks
+    build: Callable              # (cfg, tconfig, grid, vocab_size, grids=) -> model chunks
+                                 # (grid: the "lm" grid; grids: every named grid)
     task: Callable               # (cfg) -> the family's Task (see megamoe.models.task)
     parameter_counts: Callable   # (cfg, vocab_size) -> (total, active per unit)
     flops_per_unit: Callable     # (cfg, vocab_size) -> training FLOPs per token or sample
@@ -36,6 +37,8 @@ class Family:
     after_step_hooks: Callable | None = None   # (chunks, grid) -> [callable()]
     describe: Callable | None = None       # (cfg, vocab) -> {start-up line: text}
     dataset_kwargs: Callable | None = None  # (cfg) -> what build_datasets needs from the model
+    grad_sync: Callable | None = None      # (chunks, grids) -> callable() run before Megatron's
+                                           # gradient reduction (vlm: the encoder's own grid)
     notes: str = ""
 
 

@@ -35,6 +35,7 @@ class ParallelDims:
     expert: int = 1
     expert_tensor: Optional[int] = None       # None: same as tensor
     sequence_parallel: Optional[bool] = None
+    vision_tensor: Optional[int] = None        # vlm: the encoder's TP (None: same as tensor)
 
     def __post_init__(self):
         sp = self.tensor > 1 if self.sequence_parallel is None else (
@@ -59,6 +60,13 @@ class ParallelDims:
     data = ParallelConfig.data
     expert_tensor_size = ParallelConfig.expert_tensor_size
     expert_data = ParallelConfig.expert_data
+    vision_tensor_size = ParallelConfig.vision_tensor_size
+    vision_data = ParallelConfig.vision_data
+
+    @property
+    def separate_vision_grid(self) -> bool:
+        """Whether the vision encoder has its own grid (its TP differs from the LM's)."""
+        return self.vision_tensor_size != self.tensor
 
     @property
     def model_chunks(self) -> int:
@@ -77,6 +85,8 @@ class ParallelDims:
         s = (f"TP{self.tensor}·PP{self.pipeline}·DP{self.data}·EP{self.expert}"
              f"·ETP{self.expert_tensor_size}")
         s += f"·VP{self.virtual_pipeline}" if self.virtual_pipeline else ""
+        if self.separate_vision_grid:
+            s += f" (vision encoder TP{self.vision_tensor_size}·DP{self.vision_data})"
         return s + ("·SP" if self.sequence_parallel else "")
 
     @classmethod
@@ -84,4 +94,5 @@ class ParallelDims:
         p = parallel_cfg
         return cls(world_size=p.world_size, tensor=p.tensor, pipeline=p.pipeline,
                    virtual_pipeline=p.virtual_pipeline, expert=p.expert,
-                   expert_tensor=p.expert_tensor, sequence_parallel=p.sequence_parallel)
+                   expert_tensor=p.expert_tensor, sequence_parallel=p.sequence_parallel,
+                   vision_tensor=p.vision_tensor)

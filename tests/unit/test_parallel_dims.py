@@ -61,5 +61,5 @@ def test_microbatches_need_a_whole_number():
 
 
 def test_an_unknown_grid_is_refused_before_any_group_is_built():
-    with pytest.raises(ValueError, match=r"grids: unknown \['vision'\]; known: lm"):
-        build_grids({"lm": ParallelDims(world_size=1), "vision": ParallelDims(world_size=1)})
+    with pytest.raises(ValueError, match=r"grids: unknown \[.audio.\]; known: lm, vision"):
+        build_grids({"lm": ParallelDims(world_size=1), "audio": ParallelDims(world_size=1)})

@@ -38,7 +38,7 @@ def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
     return transformer_config(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
 
 
-def _build(cfg, tconfig, grid, vocab_size: int) -> list:
+def _build(cfg, tconfig, grid, vocab_size: int, grids=None) -> list:
     from megamoe.models.lm.model import build_lm
 
     return build_lm(cfg, tconfig, grid, vocab_size)

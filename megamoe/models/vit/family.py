@@ -52,7 +52,7 @@ def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
     return transformer_config(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
 
 
-def _build(cfg, tconfig, grid, _output_size: int) -> list:
+def _build(cfg, tconfig, grid, _output_size: int, grids=None) -> list:
     from megamoe.models.vit.model import build_vit
 
     return build_vit(cfg, tconfig, grid)

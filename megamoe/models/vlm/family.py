@@ -48,10 +48,10 @@ def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
     return transformer_config(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
 
 
-def _build(cfg, tconfig, grid, vocab_size: int) -> list:
+def _build(cfg, tconfig, grid, vocab_size: int, grids=None) -> list:
     from megamoe.models.vlm.model import build_vlm
 
-    return build_vlm(cfg, tconfig, grid, vocab_size)
+    return build_vlm(cfg, tconfig, grid, vocab_size, grids=grids)
 
 
 def _parameter_counts(cfg, vocab_size: int):
@@ -96,6 +96,12 @@ def _step_metrics(cfg, chunks, grid, vocab_size: int):
     return lm_metrics(cfg, chunks, grid, vocab_size)
 
 
+def _grad_sync(chunks, grids):
+    from megamoe.models.vlm.model import encoder_grad_sync
+
+    return encoder_grad_sync(chunks, grids)
+
+
 def _check_mor(cfg) -> None:
     from megamoe.mor.checks import check_mor
 
@@ -123,5 +129,6 @@ VLM = register(Family(
     after_step_hooks=_after_step_hooks,
     describe=_describe,
     dataset_kwargs=_dataset_kwargs,
+    grad_sync=_grad_sync,
     notes="image + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, data.kind scenes)",
 ))

@@ -118,11 +118,12 @@ class VLMModel(LMModel):
 
     def __init__(self, config, build_decoder, *, vision: VisionEncoder | None = None,
                  projector=None, image_token_id: int, patch_side: int, pixel_shuffle: int,
-                 **gpt_kwargs):
+                 vision_grid=None, **gpt_kwargs):
         super().__init__(config, build_decoder, scatter_embedding_sequence_parallel=False,
                          **gpt_kwargs)
         assert (vision is None) == (projector is None) and (vision is None) != self.pre_process
         self.vision, self.connector = vision, projector
+        self.vision_grid = vision_grid      # None: the encoder shares the LM's grid
         self.image_token_id, self.patch_side, self.shuffle = image_token_id, patch_side, \
             pixel_shuffle
         self._correct = None
@@ -143,8 +144,11 @@ class VLMModel(LMModel):
               vision_context: Context | None) -> torch.Tensor:
         """The decoder's input [S(/TP), B, D]: text embeddings with the connector's image
         embeddings at the placeholder positions, split for SP last."""
-        with bind(vision_context):
-            features_NBE = self.vision(images_BCHW)
+        if self.vision_grid is None:
+            with bind(vision_context):
+                features_NBE = self.vision(images_BCHW)
+        else:
+            features_NBE = self.encode_on_vision_grid(images_BCHW, vision_context)
         image_nBD = self.connector(pixel_shuffle(features_NBE, self.patch_side, self.shuffle))
         text_SBD = self.embedding(input_ids=input_ids_BS, position_ids=position_ids_BS)
         placeholders_BS = input_ids_BS == self.image_token_id
@@ -156,11 +160,105 @@ class VLMModel(LMModel):
             merged_SBD = scatter_to_sequence_parallel_region(merged_SBD, group=self.tp_group)
         return merged_SBD
 
+    def encode_on_vision_grid(self, images_BCHW, vision_context: Context) -> torch.Tensor:
+        """The encoder on its own grid (megamoe.parallel.grids.VisionGrid): the first stage's
+        micro-batch (every LM DP rank's b samples, gathered in LM DP order = sample order)
+        is split into the encoder DP ranks' slices; this rank encodes slice k, and the
+        boundary hands each LM rank its own samples' features (`VisionToLM`)."""
+        g, dp = self.vision_grid, self.pg_collection.dp
+        b = images_BCHW.shape[0]
+        images_FCHW = _gather_rows(images_BCHW, dp)            # F = b · LM DP samples
+        index_F = _gather_rows(vision_context.sample_index_B, dp)
+        rows = vision_rows(g.dp_rank, g.pg.dp.size(), images_FCHW.shape[0])
+        context = vision_context_of(index_F[rows], vision_context)
+        with bind(context):
+            features_NbE = self.vision(images_FCHW[rows])
+        return VisionToLM.apply(features_NbE, g, lm_rows(dp.rank(), b))
+
+
     def compute_language_model_loss(self, labels, logits):
         """Megatron's per-token loss; also records, for the forward that asked, whether each
         token's argmax over the (TP-split) vocabulary is its label (read back in `forward`)."""
         self._correct = argmax_is_label(logits, labels, self.pg_collection.tp)
         return super().compute_language_model_loss(labels, logits)
+
+
+def _gather_rows(x_B: torch.Tensor, group) -> torch.Tensor:
+    """`x` of every rank of `group`, concatenated along dim 0 in group order (no gradient:
+    inputs only)."""
+    if group.size() == 1:
+        return x_B
+    parts = [torch.empty_like(x_B) for _ in range(group.size())]
+    dist.all_gather(parts, x_B.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def vision_rows(k: int, vision_dp: int, F: int) -> slice:
+    """The first-stage micro-batch rows encoder DP rank k encodes."""
+    per = F // vision_dp
+    return slice(k * per, (k + 1) * per)
+
+
+def lm_rows(j: int, b: int) -> slice:
+    """The first-stage micro-batch rows LM DP rank j trains on."""
+    return slice(j * b, (j + 1) * b)
+
+
+def vision_context_of(index_b: torch.Tensor, lm_side: Context) -> Context:
+    """The encoder stream's context for the rows it encodes (same fields as
+    `vision_context`, for those samples)."""
+    S = lm_side.modality_ids_BS.shape[1]
+    return Context(sample_index_B=index_b,
+                   modality_ids_BS=torch.full((len(index_b), S), IMAGE, dtype=torch.long),
+                   step=lm_side.step)
+
+
+class VisionToLM(torch.autograd.Function):
+    """The boundary between the encoder's grid and the LM's. Forward: gather the encoder DP
+    ranks' features (TP-replicated within the encoder's TP group) into the first stage's
+    whole micro-batch and keep this LM rank's rows. Backward: every first-stage rank holds
+    the gradient of its LM rows — identical on the LM's tl TP ranks — so the whole
+    micro-batch's gradient is the sum over the stage divided by tl, of which this encoder
+    rank takes its own rows. Encoder parameter gradients are then summed over the encoder's
+    DP ranks (`encoder_grad_sync`) and, like every gradient, divided by the global loss-unit
+    count by Megatron."""
+
+    @staticmethod
+    def forward(ctx, features_NbE, grid, rows_lm: slice):
+        parts = [torch.empty_like(features_NbE) for _ in range(grid.pg.dp.size())]
+        dist.all_gather(parts, features_NbE.contiguous(), group=grid.pg.dp)
+        full_NFE = torch.cat(parts, dim=1)
+        ctx.grid, ctx.rows_lm, ctx.F = grid, rows_lm, full_NFE.shape[1]
+        return full_NFE[:, rows_lm].clone()
+
+    @staticmethod
+    def backward(ctx, grad_NbE):
+        g = ctx.grid
+        N, _, E = grad_NbE.shape
+        full_NFE = grad_NbE.new_zeros(N, ctx.F, E)
+        full_NFE[:, ctx.rows_lm] = grad_NbE
+        dist.all_reduce(full_NFE, group=g.first_stage)
+        full_NFE /= g.lm_tp_size
+        rows = vision_rows(g.dp_rank, g.pg.dp.size(), ctx.F)
+        return full_NFE[:, rows].contiguous(), None, None
+
+
+def encoder_grad_sync(chunks, grids):
+    """The vlm family's `grad_sync`: with the encoder on its own grid, each encoder replica
+    inside an LM TP group encoded different samples; their gradients are summed over that
+    group (`VisionGrid.replicas`) before Megatron sums over the LM's DP group, which together
+    is the sum over the encoder's DP ranks. None when the encoder shares the LM's grid."""
+    grid = grids.vision if grids is not None else None
+    if grid is None or grid.replicas is None or grid.replicas.size() == 1:
+        return None
+    params = [p for c in chunks if getattr(c, "vision", None) is not None
+              for p in c.vision.parameters() if p.requires_grad]
+
+    def sync():
+        for p in params:
+            dist.all_reduce(p.main_grad, group=grid.replicas)
+
+    return sync
 
 
 def check_placeholders(placeholders_BS: torch.Tensor, image_tokens: int,
@@ -199,10 +297,10 @@ def argmax_is_label(logits_SBV: torch.Tensor, labels_BS: torch.Tensor, tp_group)
     return (label_logit_SB >= best_SB).transpose(0, 1)
 
 
-def encoder_transformer_config(cfg, lm_tconfig):
+def encoder_transformer_config(cfg, lm_tconfig, tp: int | None = None):
     """The encoder's Megatron config: the vit family's block (LayerNorm, GELU, biases) at the
-    encoder's sizes (megamoe.config.vlm.encoder_config), on the LM's TP, SP and EP, as one
-    pipeline stage (it lives whole on the LM's first stage)."""
+    encoder's sizes (megamoe.config.vlm.encoder_config), on the LM's TP (or its own `tp`), SP
+    and EP, as one pipeline stage (it lives whole on the LM's first stage)."""
     from types import SimpleNamespace
 
     from megamoe.config.vlm import encoder_config
@@ -210,7 +308,7 @@ def encoder_transformer_config(cfg, lm_tconfig):
 
     enc = encoder_config(cfg)
     moe = bool(enc.model.moe.num_experts)   # a dense encoder has no expert grid (Megatron's check)
-    tp = lm_tconfig.tensor_model_parallel_size
+    tp = tp or lm_tconfig.tensor_model_parallel_size
     dims = SimpleNamespace(tensor=tp, pipeline=1, virtual_pipeline=None,
                            expert=lm_tconfig.expert_model_parallel_size if moe else 1,
                            expert_tensor_size=lm_tconfig.expert_tensor_parallel_size if moe
@@ -220,9 +318,9 @@ def encoder_transformer_config(cfg, lm_tconfig):
                               dtype=lm_tconfig.params_dtype)
 
 
-def build_vlm(cfg, tconfig, pg_collection, vocab_size: int) -> list:
+def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     """This rank's chunks: the LM's (megamoe.models.lm.model.build_lm) as `VLMModel`s, the
-    first stage's with the encoder and connector."""
+    first stage's with the encoder (on the LM's grid, or on `grids.vision`) and connector."""
     from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_config, image_tokens, patch_side
     from megamoe.models.lm.model import build_lm, mark_expert_replicas
     from megamoe.models.vit.model import drop_router_biases
@@ -238,23 +336,31 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int) -> list:
         kwargs = dict(image_token_id=IMAGE_TOKEN_ID, patch_side=side, pixel_shuffle=r)
         if not first:
             return kwargs
-        etc = encoder_transformer_config(cfg, tconfig)
+        vision_grid = grids.vision if grids is not None else None
+        enc_pg = pg_collection if vision_grid is None else vision_grid.pg
+        etc = encoder_transformer_config(cfg, tconfig, tp=enc_pg.tp.size())
         pattern = moe_layer_pattern(enc.model.num_layers, enc.model.moe.layer_freq,
                                     enc.model.moe.num_experts)
         spec = encoder_block_spec(etc, pattern, router=router_builder(enc.model.moe),
                                   shared_expert=bool(enc.model.moe.shared_expert_ffn_hidden_size),
-                                  pg_collection=pg_collection, experts=enc.model.moe.experts,
+                                  pg_collection=enc_pg, experts=enc.model.moe.experts,
                                   pp_rank=0)
         vision = VisionEncoder(etc, spec, image_size=cfg.data.image_size,
                                patch_size=cfg.model.vit.patch_size,
                                position_embedding=cfg.model.vit.position_embedding,
-                               pg_collection=pg_collection)
+                               pg_collection=enc_pg)
         drop_router_biases([vision])
         mark_expert_replicas([vision], etc)
+        if vision_grid is not None:
+            # encoder TP 1 on an LM TP group: every encoder parameter is a replica on the LM's
+            # TP ranks, but Megatron's linears mark their weights TP-split whatever the TP
+            # size, and the gradient norm would then count them once per LM TP rank
+            for param in vision.parameters():
+                param.tensor_model_parallel = False
         projector = connector(tconfig, input_size=r * r * v.encoder_hidden_size,
                               hidden_size=v.connector_hidden_size or cfg.model.hidden_size,
                               pg_collection=pg_collection)
-        return dict(kwargs, vision=vision, projector=projector)
+        return dict(kwargs, vision=vision, projector=projector, vision_grid=vision_grid)
 
     return build_lm(cfg, tconfig, pg_collection, vocab_size, model_class=VLMModel,
                     chunk_kwargs=chunk_kwargs)
