@@ -15,8 +15,9 @@ import json
 import re
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<image>")
-_WORD = re.compile(r"<[a-z]+>|[a-z0-9']+|[^\sa-z0-9']")   # a special, a word, or one mark
-_ATTACHED = re.compile(r" ([?.,:;!])")                    # marks written without a space before
+_MARKS = "?.,:;!"                     # punctuation: a word of its own, attached when written
+_WORD = re.compile(rf"[{re.escape(_MARKS)}]|[^\s{re.escape(_MARKS)}]+")
+_ATTACHED = re.compile(rf" ([{re.escape(_MARKS)}])")
 
 
 class WordTokenizer:
@@ -31,7 +32,8 @@ class WordTokenizer:
             doubles = sorted({w for w in vocab if vocab.count(w) > 1})
             raise ValueError(f"word tokenizer: words repeated or clashing with the specials: "
                              f"{doubles}")
-        bad = [w for w in words if _WORD.fullmatch(w) is None or w.startswith("<")]
+        bad = [w for w in words if _WORD.fullmatch(w) is None or w != w.lower()
+               or w.startswith("<")]
         if bad:
             raise ValueError(f"word tokenizer: {bad[0]!r} is not one lower-case word or mark")
         self.words = tuple(words)
