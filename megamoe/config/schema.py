@@ -26,7 +26,8 @@ from megamoe.config.moe_families import (
 )
 from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
-from megamoe.config.vision import SHAPES_MAX_CLASSES, SHAPES_MIN_IMAGE_SIZE, ViTOptions
+from megamoe.config.vision import (SCENES_MAX_SHAPES, SHAPES_MAX_CLASSES, SHAPES_MIN_IMAGE_SIZE,
+                                   ViTOptions)
 from megamoe.config.vlm import VLMOptions
 
 # model families (`model.family`): the one list; megamoe.models registers a record for each
@@ -346,7 +347,9 @@ class DataConfig:
     synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
     image_size: int = 32             # shapes: square RGB images of this side
     num_classes: int = 12            # shapes: classes (shape kind x colour, at most 24)
-    shapes_seed: int = 0             # shapes: every image is a function of (seed, index)
+    shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
+    max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
+    caption_fraction: float = 0.25   # scenes: share of captions; the rest are questions
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
@@ -364,6 +367,8 @@ class DataConfig:
         at_least(self, "image_size", SHAPES_MIN_IMAGE_SIZE)
         in_range(self, "num_classes", 2, SHAPES_MAX_CLASSES)
         at_least(self, "shapes_seed", 0)
+        in_range(self, "max_shapes", 1, SCENES_MAX_SHAPES)
+        in_range(self, "caption_fraction", 0, 1)
 
 
 @dataclass

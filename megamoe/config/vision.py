@@ -17,6 +17,7 @@ from megamoe.config.errors import at_least, fail, one_of
 # the shapes generator (megamoe.data.shapes): 6 kinds x 4 colours; smaller images are unreadable
 SHAPES_MAX_CLASSES = 24
 SHAPES_MIN_IMAGE_SIZE = 16
+SCENES_MAX_SHAPES = 4           # the scenes generator: one shape per cell of a 2 x 2 grid
 POOLS = ("cls", "gap")
 POSITION_EMBEDDINGS = ("learned", "sincos")
 

@@ -1,5 +1,6 @@
-"""Training data: the built-in Markov corpus, the shapes image set, Megatron indexed datasets, a
-sentencepiece tokenizer, and batches as a function of consumed samples.
+"""Training data: the built-in Markov corpus, the shapes image set, the scenes image+text set,
+Megatron indexed datasets, sentencepiece and closed word tokenizers, and batches as a function of
+consumed samples.
 
     train, valid, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     micro_batches = rank_microbatches(train, consumed, G, mbs, dp_rank, dp_size)
@@ -13,6 +14,10 @@ _EXPORTS = {
     "MarkovCorpus": "markov",
     "ShapesDataset": "shapes",
     "build_shapes_datasets": "shapes",
+    "ScenesDataset": "scenes",
+    "build_scenes_datasets": "scenes",
+    "scenes_tokenizer": "scenes",
+    "WordTokenizer": "word_tokenizer",
     "IndexedDatasetReader": "indexed",
     "IndexedDatasetWriter": "indexed",
     "SentencePieceTokenizer": "tokenizer",

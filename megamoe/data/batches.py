@@ -66,7 +66,7 @@ def rank_microbatches(dataset, consumed_samples: int, global_batch_size: int,
     return loader.peek(consumed_samples)
 
 
-def build_datasets(data_cfg, seq_length: int, seed: int):
+def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | None = None):
     """(train, valid, vocab_size) for `data_cfg` (any object with the DataConfig fields).
 
     markov: two MarkovCorpus splits (train: 1,000,000 virtual samples, each made on demand;
@@ -74,6 +74,9 @@ def build_datasets(data_cfg, seq_length: int, seed: int):
     indexed: two GPTSequenceDataset splits of `path`, shuffled with `seed`.
     shapes: the two splits of the shapes image set (megamoe.data.shapes); the third value is
     then the number of classes, the size of what the model predicts.
+    scenes: the two splits of the scenes image+text set (megamoe.data.scenes; train: 1,000,000
+    virtual samples, valid: 4096) with `image_tokens` <image> placeholders per sample (the
+    model's count); the third value is the closed word vocabulary's size.
     """
     if data_cfg.kind == "markov":
         from megamoe.data.markov import MarkovCorpus
@@ -94,4 +97,12 @@ def build_datasets(data_cfg, seq_length: int, seed: int):
 
         return build_shapes_datasets(data_cfg.shapes_seed, data_cfg.image_size,
                                      data_cfg.num_classes)
-    raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov, indexed or shapes)")
+    if data_cfg.kind == "scenes":
+        from megamoe.data.scenes import build_scenes_datasets
+
+        if image_tokens is None:
+            raise ValueError("data.kind: 'scenes' needs the model's image token count "
+                             "(build_datasets(..., image_tokens=...); a vlm model gives it)")
+        return build_scenes_datasets(data_cfg, image_tokens, seq_length)
+    raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov, indexed, shapes or "
+                     "scenes)")

@@ -52,6 +52,10 @@ def data_vocab_size(cfg, tokenizer_vocab: int | None) -> int | None:
     """The vocabulary the data needs, where it is known without reading the tokens."""
     if cfg.data.kind == "markov":
         return cfg.data.markov_vocab_size
+    if cfg.data.kind == "scenes":
+        from megamoe.data.scenes import scenes_tokenizer
+
+        return scenes_tokenizer().vocab_size
     return tokenizer_vocab
 
 
@@ -64,6 +68,7 @@ def model_vocab_size(cfg, data_vocab: int) -> int:
     if explicit < data_vocab:
         source = ("data.tokenizer" if cfg.data.tokenizer else
                   "data.markov_vocab_size" if cfg.data.kind == "markov" else
+                  "the scenes word vocabulary" if cfg.data.kind == "scenes" else
                   "the largest token id + 1")
         fail("model.vocab_size", f"{explicit} is smaller than the data's vocabulary "
              f"({data_vocab}, {source}); raise it or leave it unset to take the data's")

@@ -102,7 +102,7 @@ def _polygon(kind: str, r: float) -> np.ndarray:
                      (-w, -h), (-w, -w), (-h, -w), (-h, w), (-w, w), (-w, h)])
 
 
-def _shape_alpha(kind: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+def shape_alpha(kind: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
     """Coverage [H, W] float32 in [0, 1] of the shape, drawn at 4× and box-filtered down."""
     k = _SUPERSAMPLE
     S = size * k
@@ -122,7 +122,7 @@ def _shape_alpha(kind: str, size: int, cx: float, cy: float, r: float, angle: fl
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+def interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     """[n_out, n_in] linear interpolation weights (centres aligned), for smooth textures."""
     pos = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
     pos = np.clip(pos, 0, n_in - 1)
@@ -134,7 +134,7 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
-def _background(rng: np.random.Generator, size: int, interp: np.ndarray) -> np.ndarray:
+def textured_background(rng: np.random.Generator, size: int, interp: np.ndarray) -> np.ndarray:
     """[3, H, W] float: a grey level with a tint, a linear gradient and a smooth texture."""
     level = rng.uniform(80.0, 190.0)
     tint = rng.uniform(-12.0, 12.0, size=3)
@@ -168,10 +168,10 @@ def render_image(seed: int, index: int, num_classes: int = DEFAULT_CLASSES,
     """(image uint8 [3, H, W], label) of global image `index`; a pure function of its args."""
     rng = np.random.default_rng([seed, index])
     p = _draw_params(rng, num_classes, image_size)
-    interp = _interp_matrix(image_size, 4) if _interp is None else _interp
+    interp = interp_matrix(image_size, 4) if _interp is None else _interp
     colour_C = np.asarray(COLOURS[p["colour"]], float) + rng.uniform(-_JITTER, _JITTER, size=3)
-    bg_CHW = _background(rng, image_size, interp)
-    alpha_HW = _shape_alpha(p["kind"], image_size, *p["center"], p["radius"], p["angle"])
+    bg_CHW = textured_background(rng, image_size, interp)
+    alpha_HW = shape_alpha(p["kind"], image_size, *p["center"], p["radius"], p["angle"])
     img_CHW = bg_CHW * (1 - alpha_HW) + colour_C[:, None, None] * alpha_HW
     img_CHW += rng.normal(0.0, 6.0, size=img_CHW.shape)          # pixel noise, shape included
     return np.clip(np.rint(img_CHW), 0, 255).astype(np.uint8), p["label"]
@@ -191,7 +191,7 @@ class ShapesDataset:
         self.seed, self.image_size, self.num_classes = seed, image_size, num_classes
         self.num_samples, self.split = num_samples, split
         self._base = 0 if split == "train" else VALID_BASE
-        self._interp = _interp_matrix(image_size, 4)
+        self._interp = interp_matrix(image_size, 4)
 
     def __len__(self) -> int:
         return self.num_samples

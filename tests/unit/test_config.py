@@ -253,6 +253,9 @@ ERRORS = [
     p("train.precision=fp16", "train.precision", "auto | fp32 | bf16"),
     p("data.kind=web", "data.kind", "markov | indexed"),
     p("data.kind=indexed", "data.path", "required"),
+    p("data.kind=scenes", "data.kind", "model.family: vlm"),
+    p("data.max_shapes=5", "data.max_shapes", "[1, 4]"),
+    p("data.caption_fraction=1.5", "data.caption_fraction", "[0, 1]"),
     # types
     p("train.lr=abc", "train.lr", "expected float, got str 'abc'"),
     p("model.num_layers=true", "model.num_layers", "expected int, got bool True"),

@@ -52,11 +52,12 @@ def _check_mor(cfg) -> None:
 
 def _check_data(cfg) -> None:
     """The language model reads token windows, not images."""
-    if cfg.data.kind == "shapes":
+    if cfg.data.kind in ("shapes", "scenes"):
         from megamoe.config.errors import fail
 
-        fail("data.kind", "'shapes' is an image set; model.family 'lm' trains on tokens "
-             "(markov or indexed), or set model.family: vit")
+        other = "vit" if cfg.data.kind == "shapes" else "vlm"
+        fail("data.kind", f"'{cfg.data.kind}' is an image set; model.family 'lm' trains on "
+             f"tokens (markov or indexed), or set model.family: {other}")
 
 
 def _check_router_causality(cfg) -> None:
