@@ -118,7 +118,8 @@ def blind_figures(cfg, n_valid: int) -> dict:
     d = cfg.data
     base = blind_baselines(d.shapes_seed, d.image_size, d.max_shapes, d.caption_fraction,
                            BLIND_TRAIN_SAMPLES, n_valid)
-    return {"chance": max(base["per_template"], base["per_question"]),
-            "chance_per_template": base["per_template"],
-            "chance_per_question": base["per_question"],
+    return {"chance": max(base["template"], base["question"]),
+            "chance_per_template": base["template"],
+            "chance_per_question": base["question"],
+            "chance_by_template": base["per_template"],
             "caption_chance": base["caption"]}

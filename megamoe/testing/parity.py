@@ -256,7 +256,7 @@ TINY_VLM = [
     "model.vlm.encoder_hidden_size=32", "model.vlm.encoder_num_attention_heads=4",
     "model.vlm.encoder_ffn_hidden_size=64", "model.num_layers=2", "model.hidden_size=32",
     "model.ffn_hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
-    "model.seq_length=40", "model.moe.num_experts=4", "model.moe.topk=2",
+    "model.seq_length=28", "model.moe.num_experts=4", "model.moe.topk=2",
     "model.moe.ffn_hidden_size=48", "model.moe.aux_loss_coeff=0.01",
     "model.moe.z_loss_coeff=0.001",
     "train.micro_batch_size=2", "train.global_batch_size=8",

@@ -1,27 +1,72 @@
 """The vlm family (vit encoder → connector → MoE LM on the generated scenes) under expert,
-tensor + sequence, pipeline and data parallelism: the same answer-token loss, step-1 gradients
-(encoder, connector and LM), parameters after 3 steps and grad norms as the single-process
-reference that sees every DP rank's samples. Negative controls: one expert perturbed on one
-rank, and — where the encoder is replicated (TP, DP) — the encoder's patch projection perturbed
-on one rank; either must break the match."""
+tensor + sequence, pipeline and data parallelism, and with the encoder on its own grid: the
+same answer-token loss, step-1 gradients (encoder, connector and LM), parameters after 3 steps
+and grad norms as the single-process reference that sees every DP rank's samples.
+
+Negative controls: one expert perturbed on one rank, or — where the encoder is replicated —
+its patch projection perturbed on one rank. The asymmetric grids (encoder TP 1 and DP 2 or 4
+under an LM with TP 2 and DP 1 or 2) must also catch two injected boundary bugs: (a) the
+encoder side's samples permuted relative to the LM's, (b) the encoder's gradient reduced over
+the LM's data-parallel group only, as if normalised by the LM's DP instead of its own."""
 
 import pytest
 
-from megamoe.testing.parity import check_layout, perturb_encoder, reference, vlm_parity_task
+from megamoe.testing.parity import (compare, check_layout, perturb_encoder, reference,
+                                    vlm_parity_task)
+from megamoe.testing.pool import run_distributed
 
+VISION_TP1 = ["parallel.vision_tensor=1"]
 CASES = [
-    ("ep2", (2, ["parallel.expert=2"], 2), True),
-    ("tp2_sp", (2, ["parallel.tensor=2"], 1), perturb_encoder),
-    ("pp2", (2, ["parallel.pipeline=2"], 1), True),
-    ("dp2", (2, [], 2), perturb_encoder),
+    ("ep2", [], (2, ["parallel.expert=2"], 2), True),
+    ("tp2_sp", [], (2, ["parallel.tensor=2"], 1), perturb_encoder),
+    ("pp2", [], (2, ["parallel.pipeline=2"], 1), True),
+    ("dp2", [], (2, [], 2), perturb_encoder),
+    # encoder TP 1 and DP 2, LM TP 2 (+SP) and DP 1
+    ("vision_tp1_lm_tp2", VISION_TP1, (2, ["parallel.tensor=2"], 1), perturb_encoder),
+    # encoder DP 4, LM DP 2 (LM TP 2, EP 2)
+    ("vision_dp4_lm_dp2", VISION_TP1, (4, ["parallel.tensor=2", "parallel.expert=2",
+                                           "parallel.expert_tensor=1"], 2), perturb_encoder),
 ]
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name,layout,perturb", CASES, ids=[c[0] for c in CASES])
-def test_vlm_matches_single_process(name, layout, perturb):
+@pytest.mark.parametrize("name,overrides,layout,perturb", CASES, ids=[c[0] for c in CASES])
+def test_vlm_matches_single_process(name, overrides, layout, perturb):
     ref = reference([], dp=layout[2], task=vlm_parity_task)
     assert any(k.startswith("vision.") for k in ref.grads), sorted(ref.grads)[:5]
     assert any(k.startswith("connector.") for k in ref.grads)
     assert ref.losses[0] > 0 and ref.losses[-1] < ref.losses[0] * 1.5
-    check_layout([], layout, ref, task=vlm_parity_task, perturb=perturb)
+    check_layout(overrides, layout, ref, task=vlm_parity_task, perturb=perturb)
+
+
+def boundary_bug_task(bug: str, overrides=(), steps: int = 3, reference_dp=None,
+                      perturb: bool = False):
+    """`vlm_parity_task` with one injected boundary bug, undone afterwards (pool workers
+    live on): 'permuted' — each encoder DP rank encodes its neighbour's slice of the samples;
+    'lm_dp_norm' — the encoder replicas' gradient sum is skipped, so the encoder's gradient
+    is reduced over the LM's DP group only."""
+    import megamoe.models.vlm.model as M
+
+    saved = M.vision_rows, M.encoder_grad_sync
+    if bug == "permuted":
+        M.vision_rows = lambda k, dp, F: saved[0]((k + 1) % dp, dp, F)
+    else:
+        assert bug == "lm_dp_norm", bug
+        M.encoder_grad_sync = lambda chunks, grids: None
+    try:
+        return vlm_parity_task(overrides, steps, reference_dp, perturb)
+    finally:
+        M.vision_rows, M.encoder_grad_sync = saved
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("bug", ["permuted", "lm_dp_norm"])
+def test_asymmetric_grid_catches_injected_boundary_bugs(bug):
+    world, parallel, dp = CASES[-1][2]
+    ref = reference([], dp=dp, task=vlm_parity_task)
+    got = run_distributed(boundary_bug_task, world, bug, VISION_TP1 + parallel)[0]
+    problems = compare(ref, got)
+    assert problems, f"the injected bug '{bug}' went unnoticed"
+    if bug == "lm_dp_norm":   # only the encoder's gradients are wrong at step 1
+        step1 = [p for p in problems if p.startswith("grad ") and "norm" not in p]
+        assert step1 and all(p.startswith("grad vision.") for p in step1), step1

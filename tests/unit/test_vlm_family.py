@@ -30,7 +30,7 @@ def _check(*overrides):
     (["model.vlm.encoder_moe_layer_freq=2"], "model.vlm.encoder_moe_layer_freq:"),
     (["model.vlm.encoder_hidden_size=30"], "model.vlm.encoder_hidden_size:"),
     (["model.vlm.encoder_moe_layer_freq=[0,1,1]"], "model.vlm.encoder_moe_layer_freq:"),
-    (["model.vit.position_embedding=sincos", "model.vlm.encoder_hidden_size=36",
+    (["model.vit.position_embedding=sincos", "model.vlm.encoder_hidden_size=30",
       "model.vlm.encoder_num_attention_heads=3"], "model.vit.position_embedding:"),
 ])
 def test_bad_vlm_config_is_one_error_naming_the_field(overrides, field):
@@ -70,15 +70,17 @@ def built_model_task():
     train, _, vocab = family_datasets(cfg)
     engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
     model, task = engine.modules[0].eval(), engine.task
-    built = sum(p.numel() for p in model.parameters())
+    # the accounting counts the vocabulary's real rows, not the TP padding (models.vocab)
+    padding = (model.vocab_size - vocab) * cfg.model.hidden_size * 2   # embedding + output
+    built = sum(p.numel() for p in model.parameters()) - padding
     counted = family_for(cfg).parameter_counts(cfg, vocab)[0]
     batch = task.collate(train.get_batch([0, 1]), [0, 1])
 
-    def logits(b):
+    def logits(b):     # the real vocabulary's (padded ids are -inf)
         with torch.no_grad():
             return model(b["tokens"], b["position_ids"], None, images=b["images"],
                          context=task.context(b, 0),
-                         vision_context=vision_context(b, 0, task.num_patches))
+                         vision_context=vision_context(b, 0, task.num_patches))[..., :vocab]
 
     base = logits(batch)                                   # [B, S, V]
     other_image = dict(batch, images=255 - batch["images"])

@@ -21,10 +21,10 @@ def check_vlm(cfg) -> None:
     if cfg.data.kind != "scenes":
         fail("data.kind", f"model.family 'vlm' trains on images with text: set it to 'scenes', "
              f"got {cfg.data.kind!r}")
-    n = image_tokens(cfg)
-    if n + 3 > m.seq_length:
-        fail("model.seq_length", f"{m.seq_length} leaves no room for text after the {n} image "
-             f"tokens (+ <bos>, a prompt, an answer)")
+    from megamoe.data.scenes import check_seq_length
+
+    d = cfg.data
+    check_seq_length(m.seq_length, image_tokens(cfg), d.max_shapes, d.caption_fraction)
     if m.vlm.encoder_moe_layer_freq is not None:
         # the encoder's MoE layers would share layer numbers with the LM's, which key the
         # routing logs (expert load per layer) and the router state in checkpoints

@@ -25,6 +25,7 @@ import torch
 
 from megamoe.blocks.context import Context
 from megamoe.config.vlm import IMAGE_TOKEN_ID, patch_side
+from megamoe.data.scenes import CAPTION
 
 
 def _loss_func(loss_mask_BS: torch.Tensor, is_caption_B: torch.Tensor, output):
@@ -60,8 +61,7 @@ class VLMTask:
                 "loss_mask": torch.as_tensor(np.asarray(samples["loss_mask"]),
                                              dtype=torch.float),
                 "position_ids": torch.arange(S1 - 1).unsqueeze(0).expand(B, -1).contiguous(),
-                "is_caption": torch.as_tensor(np.asarray(samples["is_caption"]),
-                                              dtype=torch.bool),
+                "is_caption": torch.as_tensor(np.asarray(samples["template"]) == CAPTION),
                 "sample_index": torch.as_tensor(np.asarray(sample_index_B), dtype=torch.long)}
 
     def micro_batch_size(self, batch: dict) -> int:
