@@ -74,13 +74,14 @@ def usage_figure(usage: dict, title: str):
     import matplotlib.pyplot as plt
 
     layers = list(usage)
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 + 1.2 * len(layers) * 2, 2.4),
-                             squeeze=False)
-    for ax, layer in zip(axes[0], layers):
+    fig, axes = plt.subplots(1, len(layers), figsize=(1.5 + 2.3 * len(layers), 2.6),
+                             squeeze=False, sharey=True, constrained_layout=True)
+    for i, (ax, layer) in enumerate(zip(axes[0], layers)):
         rows = usage[layer]
         share_ME = np.stack([rows[m] / max(rows[m].sum(), 1) for m in rows])
         im = ax.imshow(share_ME, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(rows)), [MODALITY_NAMES.get(m, str(m)) for m in rows])
+        ax.tick_params(axis="y", labelleft=i == 0)
         ax.set_xticks(range(share_ME.shape[1]))
         ax.set_xlabel("expert")
         ax.set_title(layer.replace("decoder.layers.", "layer "), fontsize=9)
