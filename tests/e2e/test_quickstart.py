@@ -1,4 +1,4 @@
-"""The quickstart as a user runs it: 4 gloo ranks (TP2+SP, EP2, DP2) train on the built-in corpus;
+"""The language-model quickstart (configs/lm_quickstart.yaml) as a user runs it: 4 gloo ranks (TP2+SP, EP2, DP2) train on the built-in corpus;
 TensorBoard events, metrics, summary.json and a checkpoint are written; the loss falls and never
 goes below the corpus entropy rate (a lower loss would mean the model sees the future)."""
 
@@ -10,7 +10,7 @@ import pytest
 
 
 @pytest.mark.timeout(900)
-def test_quickstart_trains_and_writes_its_run_dir(cli, tmp_path):
+def test_lm_quickstart_trains_and_writes_its_run_dir(cli, tmp_path):
     run_dir = tmp_path / "run"
     out = cli("train", "--config", "configs/lm_quickstart.yaml", "--set", f"run.dir={run_dir}",
               timeout=900)
