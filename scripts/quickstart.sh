@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command one: install, then train the quickstart MoE on CPU with 4 gloo ranks.
+# README command one: install, then train the multimodal quickstart MoE on CPU with 2 gloo ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
