@@ -38,7 +38,9 @@ sample can be, for the config check (`check_seq_length`).
     batch = ScenesDataset(seed, 32, "train", 1000, scenes_tokenizer(), 16, 48).get_batch(idx)
     batch["images"] uint8 [B, 3, H, W]; batch["tokens"] int64 [B, S + 1];
     batch["loss_mask"] float32 [B, S]; batch["template"] int64 [B] (0 … 4 as above);
-    batch["index"] int64 [B] (global indices); batch["prompt_text"], batch["answer_text"] lists
+    batch["index"] int64 [B] (global indices); batch["prompt_text"], batch["answer_text"] lists;
+    batch["caption_tokens"] int64 [B, L] ([<bos>, caption, <eos>, <pad>…] of every sample's
+    scene, whatever it asks), batch["caption_end"] int64 [B] (the <eos> position)
 
     python -m megamoe.data.scenes --grid out.png     # a contact sheet with each scene's caption
 
@@ -189,6 +191,14 @@ def max_sample_length(image_tokens: int, max_shapes: int = 3,
     return 1 + image_tokens + max(words) + 1
 
 
+def caption_length(max_shapes: int, tokenizer: WordTokenizer | None = None) -> int:
+    """Tokens of the longest caption these options make, with <bos> and <eos> (captions of n
+    shapes all have the same word count)."""
+    tok = scenes_tokenizer() if tokenizer is None else tokenizer
+    dummy = [{"colour": COLOUR_NAMES[0], "kind": KINDS[0], "position": CELLS[0]}] * max_shapes
+    return len(tok.encode(caption(dummy))) + 2
+
+
 def check_seq_length(seq_length: int, image_tokens: int, max_shapes: int = 3,
                      caption_fraction: float = 0.25) -> None:
     """ConfigError naming `model.seq_length` when the longest scenes sample does not fit
@@ -226,6 +236,7 @@ class ScenesDataset:
                            if seq_length is None else seq_length)
         self._base = 0 if split == "train" else VALID_BASE
         self._interp = interp_matrix(image_size, 4)
+        self.caption_length = caption_length(max_shapes, self.tokenizer)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -257,14 +268,26 @@ class ScenesDataset:
         loss_mask_S[first_target - 1:len(ids) - 1] = 1.0  # predicts answer words and <eos>
         return tokens_S1, loss_mask_S
 
+    def caption_sequence(self, d: dict) -> tuple[np.ndarray, int]:
+        """(tokens int64 [caption_length] = [<bos>, caption words, <eos>, <pad>…], position of
+        the <eos>): the scene's caption as text alone, whatever the sample asks (the text side
+        of the vlm family's contrastive loss)."""
+        tok = self.tokenizer
+        ids = [tok.bos_id, *tok.encode(d["caption"]), tok.eos_id]
+        out = np.full(self.caption_length, tok.pad_id, np.int64)
+        out[:len(ids)] = ids
+        return out, len(ids) - 1
+
     def __getitem__(self, i: int) -> dict:
         d = self.describe(i)
         tokens_S1, loss_mask_S = self.sequence(d)
+        caption_L, caption_end = self.caption_sequence(d)
         image_CHW = render_scene(self.seed, d["index"], self.max_shapes, self.image_size,
                                  _interp=self._interp, _shapes=d["shapes"])
         return {"image": image_CHW, "tokens": tokens_S1, "loss_mask": loss_mask_S,
                 "template": d["template"], "index": d["index"], "prompt_text": d["prompt"],
-                "answer_text": d["answer"]}
+                "answer_text": d["answer"], "caption_tokens": caption_L,
+                "caption_end": caption_end}
 
     def get_batch(self, indices) -> dict:
         """The batch of split samples `indices`: arrays stacked on a leading B (module docstring)."""
@@ -281,6 +304,9 @@ class ScenesDataset:
             "index": np.array([x["index"] for x in items], np.int64),
             "prompt_text": [x["prompt_text"] for x in items],
             "answer_text": [x["answer_text"] for x in items],
+            "caption_tokens": np.stack([x["caption_tokens"] for x in items]) if items
+            else np.zeros((0, self.caption_length), np.int64),
+            "caption_end": np.array([x["caption_end"] for x in items], np.int64),
         }
 
 
