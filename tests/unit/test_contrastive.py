@@ -3,7 +3,6 @@
 control: labels without the rank offset), the head's CLIP temperature, clamp and projections,
 and the init rule that keeps the learned temperature at its configured start."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
