@@ -28,6 +28,8 @@ def _std_for(key: str, std: float, num_layers: int, shape=()) -> float | None:
         return None
     if name == "bias" or name.startswith("bias"):
         return 0.0
+    if name.endswith("_offset"):   # a learned offset from a configured start (models/contrastive)
+        return 0.0
     if "linear_proj" in key or "linear_fc2" in key:
         return std / math.sqrt(2.0 * num_layers)   # GPT-2 / Megatron scaled output init
     return std
