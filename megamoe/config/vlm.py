@@ -16,7 +16,7 @@ import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
-from megamoe.config.errors import at_least, fail
+from megamoe.config.errors import at_least, fail, greater_than
 
 # the placeholder token the data puts where image embeddings go: the word tokenizer's fixed
 # special id for "<image>" (megamoe.data.word_tokenizer; a test holds the two equal)
@@ -36,11 +36,20 @@ class VLMOptions:
     encoder_moe_layer_freq: int | list[int] | None = None
     pixel_shuffle: int = 1               # r: r×r patches → one token (1: off)
     connector_hidden_size: int | None = None   # None: the LM's model.hidden_size
+    # LIMoE-style image-text contrastive loss added to the next-token loss (0: off): image =
+    # mean-pooled connector output, text = the LM's final state at the caption's <eos> in a
+    # text-only pass; negatives over the data-parallel micro-batch (megamoe.models.contrastive)
+    contrastive_coeff: float = 0.0
+    contrastive_init_temperature: float = 0.07    # CLIP's (LIMoE's own was not retrieved)
+    contrastive_proj_dim: int | None = None        # None: no projections (both sides are D)
 
     def validate(self) -> None:
         for name in ("encoder_num_layers", "encoder_hidden_size", "encoder_num_attention_heads",
-                     "encoder_ffn_hidden_size", "pixel_shuffle", "connector_hidden_size"):
+                     "encoder_ffn_hidden_size", "pixel_shuffle", "connector_hidden_size",
+                     "contrastive_proj_dim"):
             at_least(self, name, 1)
+        at_least(self, "contrastive_coeff", 0)
+        greater_than(self, "contrastive_init_temperature", 0)
         if self.encoder_hidden_size % self.encoder_num_attention_heads:
             fail("model.vlm.encoder_hidden_size", f"{self.encoder_hidden_size} is not divisible "
                  f"by model.vlm.encoder_num_attention_heads ({self.encoder_num_attention_heads})")

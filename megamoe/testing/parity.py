@@ -101,6 +101,11 @@ def image_microbatches(engine, dataset, step: int, reference_dp: int | None) -> 
     per_rank = [DataLoader(dataset, engine.task.collate, global_batch_size=t.global_batch_size,
                            micro_batch_size=t.micro_batch_size, dp_rank=r, dp_size=d
                            ).peek(step * t.global_batch_size) for r, d in ranks]
+    if reference_dp is not None and getattr(engine.task, "couples_dp_micro_batches", False):
+        # a loss over the DP ranks' micro-batches m together (contrastive negatives): the
+        # reference runs them as one micro-batch
+        return [{k: torch.cat([mb[k] for mb in group]) for k in group[0]}
+                for group in zip(*per_rank)]
     return [mb for group in zip(*per_rank) for mb in group]
 
 

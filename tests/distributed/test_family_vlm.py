@@ -16,6 +16,8 @@ from megamoe.testing.parity import (compare, check_layout, perturb_encoder, refe
 from megamoe.testing.pool import run_distributed
 
 VISION_TP1 = ["parallel.vision_tensor=1"]
+CONTRASTIVE = ["model.vlm.contrastive_coeff=0.5", "model.moe.aux_loss_coeff=0",
+               "model.moe.z_loss_coeff=0"]
 CASES = [
     ("ep2", [], (2, ["parallel.expert=2"], 2), True),
     ("tp2_sp", [], (2, ["parallel.tensor=2"], 1), perturb_encoder),
@@ -26,14 +28,20 @@ CASES = [
     # encoder DP 4, LM DP 2 (LM TP 2, EP 2)
     ("vision_dp4_lm_dp2", VISION_TP1, (4, ["parallel.tensor=2", "parallel.expert=2",
                                            "parallel.expert_tensor=1"], 2), perturb_encoder),
+    # the contrastive loss's negatives span the DP ranks (the reference runs the ranks'
+    # micro-batches m as one); per-micro-batch router losses off, as they would differ
+    ("contrastive_ep2_dp4", CONTRASTIVE, (4, ["parallel.expert=2"], 4), True),
 ]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name,overrides,layout,perturb", CASES, ids=[c[0] for c in CASES])
 def test_vlm_matches_single_process(name, overrides, layout, perturb):
-    ref = reference([], dp=layout[2], task=vlm_parity_task)
+    ref = reference([] if overrides is not CONTRASTIVE else overrides, dp=layout[2],
+                    task=vlm_parity_task)
     assert any(k.startswith("vision.") for k in ref.grads), sorted(ref.grads)[:5]
+    if overrides is CONTRASTIVE:
+        assert any(k.startswith("contrastive.") for k in ref.grads), sorted(ref.grads)[-5:]
     assert any(k.startswith("connector.") for k in ref.grads)
     assert ref.losses[0] > 0 and ref.losses[-1] < ref.losses[0] * 1.5
     check_layout(overrides, layout, ref, task=vlm_parity_task, perturb=perturb)

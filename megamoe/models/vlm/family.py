@@ -31,6 +31,14 @@ def check_vlm(cfg) -> None:
         fail("model.vlm.encoder_moe_layer_freq", "MoE FFNs in the encoder are not supported "
              "yet (their layer numbers would collide with the language model's in the expert "
              "logs and the checkpointed router state): leave it null (a dense encoder)")
+    if m.vlm.contrastive_coeff > 0:
+        if cfg.parallel.pipeline > 1:
+            fail("model.vlm.contrastive_coeff", "the contrastive loss needs the image "
+                 "embeddings (first stage) and the caption states (last stage) on one stage: "
+                 "parallel.pipeline must be 1")
+        if m.mor.enabled:
+            fail("model.vlm.contrastive_coeff", "the text-only pass runs the plain decoder; "
+                 "Mixture-of-Recursions LMs do not support it yet")
     if m.vit.position_embedding == "sincos" and m.vlm.encoder_hidden_size % 4:
         fail("model.vit.position_embedding", f"'sincos' needs model.vlm.encoder_hidden_size "
              f"divisible by 4, got {m.vlm.encoder_hidden_size}")

@@ -118,32 +118,65 @@ class VLMModel(LMModel):
 
     def __init__(self, config, build_decoder, *, vision: VisionEncoder | None = None,
                  projector=None, image_token_id: int, patch_side: int, pixel_shuffle: int,
-                 vision_grid=None, **gpt_kwargs):
+                 vision_grid=None, contrastive=None, **gpt_kwargs):
         super().__init__(config, build_decoder, scatter_embedding_sequence_parallel=False,
                          **gpt_kwargs)
         assert (vision is None) == (projector is None) and (vision is None) != self.pre_process
         self.vision, self.connector = vision, projector
         self.vision_grid = vision_grid      # None: the encoder shares the LM's grid
+        self.contrastive = contrastive      # ContrastiveHead (one pipeline stage only)
         self.image_token_id, self.patch_side, self.shuffle = image_token_id, patch_side, \
             pixel_shuffle
         self._correct = None
 
     def forward(self, input_ids, position_ids, attention_mask, *, images=None, labels=None,
-                context: Context | None = None, vision_context: Context | None = None):
-        decoder_input = None
+                context: Context | None = None, vision_context: Context | None = None,
+                caption_tokens=None, caption_end=None):
+        """With a contrastive head and labels, the last stage also returns the contrastive
+        (loss sum, pairs) of the micro-batch against its data-parallel peers."""
+        decoder_input = image_nBD = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, position_ids, images, context, vision_context)
+            decoder_input, image_nBD = self.embed(input_ids, position_ids, images, context,
+                                                  vision_context)
         output = super().forward(input_ids, position_ids, attention_mask,
                                  decoder_input=decoder_input, labels=labels, context=context)
-        if self.post_process and labels is not None:
-            correct, self._correct = self._correct, None
+        if not (self.post_process and labels is not None):
+            return output
+        correct, self._correct = self._correct, None
+        if self.contrastive is None:
             return output, correct
-        return output
+        from megamoe.models.contrastive import contrastive_loss
+
+        text_BD = self.caption_states(caption_tokens, caption_end, context)
+        pair = contrastive_loss(*self.contrastive(image_nBD.mean(dim=0), text_BD),
+                                dp_group=self.pg_collection.dp)
+        return output, correct, pair
+
+    def caption_states(self, tokens_BL, end_B, context: Context | None) -> torch.Tensor:
+        """[B, D]: the decoder's final-normed state at each caption's <eos>, from a text-only
+        pass over the captions (positions 0…L−1, every token text). Under SP the states are
+        gathered with a backward that only splits: the loss on them is TP-replicated."""
+        B, L = tokens_BL.shape
+        positions_BL = torch.arange(L, device=tokens_BL.device).unsqueeze(0).expand(B, -1)
+        hidden = self.embedding(input_ids=tokens_BL, position_ids=positions_BL)   # [L, B, D]
+        if self.config.sequence_parallel:
+            hidden = scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        text = Context(sample_index_B=context.sample_index_B if context is not None else None,
+                       modality_ids_BS=torch.full((B, L), TEXT, dtype=torch.long),
+                       step=context.step if context is not None else None)
+        with bind(text):
+            hidden = self.decoder(hidden_states=hidden, attention_mask=None,
+                                  rotary_pos_emb=self.rotary_pos_emb(L))
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+        return hidden[end_B.to(hidden.device), torch.arange(B, device=hidden.device)]
 
     def embed(self, input_ids_BS, position_ids_BS, images_BCHW, context: Context | None,
-              vision_context: Context | None) -> torch.Tensor:
-        """The decoder's input [S(/TP), B, D]: text embeddings with the connector's image
-        embeddings at the placeholder positions, split for SP last."""
+              vision_context: Context | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the decoder's input [S(/TP), B, D]: text embeddings with the connector's image
+        embeddings at the placeholder positions, split for SP last; the image embeddings
+        [n, B, D])."""
         if self.vision_grid is None:
             with bind(vision_context):
                 features_NBE = self.vision(images_BCHW)
@@ -158,7 +191,7 @@ class VLMModel(LMModel):
         merged_SBD = merged_BSD.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             merged_SBD = scatter_to_sequence_parallel_region(merged_SBD, group=self.tp_group)
-        return merged_SBD
+        return merged_SBD, image_nBD
 
     def encode_on_vision_grid(self, images_BCHW, vision_context: Context) -> torch.Tensor:
         """The encoder on its own grid (megamoe.parallel.grids.VisionGrid): the first stage's
@@ -360,6 +393,11 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
         projector = connector(tconfig, input_size=r * r * v.encoder_hidden_size,
                               hidden_size=v.connector_hidden_size or cfg.model.hidden_size,
                               pg_collection=pg_collection)
+        if v.contrastive_coeff > 0:      # one pipeline stage (megamoe.models.vlm.family)
+            from megamoe.models.contrastive import ContrastiveHead
+
+            kwargs["contrastive"] = ContrastiveHead(
+                cfg.model.hidden_size, v.contrastive_init_temperature, v.contrastive_proj_dim)
         return dict(kwargs, vision=vision, projector=projector, vision_grid=vision_grid)
 
     return build_lm(cfg, tconfig, pg_collection, vocab_size, model_class=VLMModel,

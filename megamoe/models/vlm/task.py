@@ -28,27 +28,42 @@ from megamoe.config.vlm import IMAGE_TOKEN_ID, patch_side
 from megamoe.data.scenes import CAPTION
 
 
-def _loss_func(loss_mask_BS: torch.Tensor, is_caption_B: torch.Tensor, output):
-    """(answer-token loss sum, answer-token count, stats): stats also count exact answers."""
-    loss_BS, correct_BS = output
+def _loss_func(loss_mask_BS: torch.Tensor, is_caption_B: torch.Tensor, coeff: float,
+               dp_group, output):
+    """(answer-token loss sum [+ coeff × the contrastive loss in answer-token units],
+    answer-token count, stats): stats also count exact answers and the contrastive loss."""
+    from megamoe.models.contrastive import in_units_of
+
+    loss_BS, correct_BS = output[:2]
     mask_BS = loss_mask_BS.float()
-    loss_sum = (loss_BS.float() * mask_BS).sum()
+    lm_sum = (loss_BS.float() * mask_BS).sum()
     n = mask_BS.sum()
+    pair_sum = pairs = torch.zeros((), device=n.device)
+    loss_sum = lm_sum
+    if len(output) > 2:        # the contrastive (loss sum, pairs) of the micro-batch
+        pair_sum, pairs = output[2]
+        loss_sum = lm_sum + coeff * in_units_of(pair_sum, pairs, n, dp_group)
     answered_B = mask_BS.sum(dim=1) > 0
     exact_B = ((correct_BS | (mask_BS == 0)).all(dim=1) & answered_B).float()
     question_B, caption_B = (answered_B & ~is_caption_B).float(), (answered_B & is_caption_B).float()
-    stats = torch.stack([loss_sum.detach(), n, (exact_B * question_B).sum(), question_B.sum(),
-                         (exact_B * caption_B).sum(), caption_B.sum()])
+    stats = torch.stack([lm_sum.detach(), n, (exact_B * question_B).sum(), question_B.sum(),
+                         (exact_B * caption_B).sum(), caption_B.sum(),
+                         pair_sum.detach().float(), torch.as_tensor(pairs).float()])
     return loss_sum, n.to(torch.int), {"loss": stats}
 
 
 class VLMTask:
     unit = "token"
-    stat_names = ("loss_sum", "units", "correct", "questions", "caption_match", "captions")
+    stat_names = ("loss_sum", "units", "correct", "questions", "caption_match", "captions",
+                  "contrastive_sum", "pairs")
     accuracy_per = "questions"    # the loop's validation accuracy: correct / questions
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.contrastive_coeff = cfg.model.vlm.contrastive_coeff
+        # the contrastive loss's negatives are the DP ranks' micro-batches m together: a
+        # single-process reference must run them as one micro-batch (megamoe.testing.parity)
+        self.couples_dp_micro_batches = self.contrastive_coeff > 0
         self.seq_length = cfg.model.seq_length   # the pipeline's activation shape
         self.num_patches = patch_side(cfg) ** 2
 
@@ -62,7 +77,11 @@ class VLMTask:
                                              dtype=torch.float),
                 "position_ids": torch.arange(S1 - 1).unsqueeze(0).expand(B, -1).contiguous(),
                 "is_caption": torch.as_tensor(np.asarray(samples["template"]) == CAPTION),
-                "sample_index": torch.as_tensor(np.asarray(sample_index_B), dtype=torch.long)}
+                "sample_index": torch.as_tensor(np.asarray(sample_index_B), dtype=torch.long),
+                "caption_tokens": torch.as_tensor(np.asarray(samples["caption_tokens"]),
+                                                  dtype=torch.long),
+                "caption_end": torch.as_tensor(np.asarray(samples["caption_end"]),
+                                               dtype=torch.long)}
 
     def micro_batch_size(self, batch: dict) -> int:
         return batch["tokens"].shape[0]
@@ -82,9 +101,15 @@ class VLMTask:
         every pipeline stage builds both contexts (nothing is sent point to point)."""
         from megamoe.models.vlm.model import vision_context
 
+        captions = {}
+        if self.contrastive_coeff > 0:
+            captions = {"caption_tokens": batch["caption_tokens"].to(device),
+                        "caption_end": batch["caption_end"].to(device)}
         output = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
                        images=batch["images"].to(device), labels=batch["labels"].to(device),
                        context=self.context(batch, step),
-                       vision_context=vision_context(batch, step, self.num_patches))
+                       vision_context=vision_context(batch, step, self.num_patches),
+                       **captions)
+        dp_group = getattr(model, "module", model).pg_collection.dp
         return output, partial(_loss_func, batch["loss_mask"].to(device),
-                               batch["is_caption"].to(device))
+                               batch["is_caption"].to(device), self.contrastive_coeff, dp_group)
