@@ -27,8 +27,10 @@ class MegamoeMoELayer(MoELayer):
         self.register_buffer("tokens_per_expert_acc", torch.zeros(config.num_moe_experts),
                              persistent=False)
         self.stats_acc: dict = {}            # name -> [sum, count] since the last read
-        # modality id -> [E] routed-token counts of that modality's tokens since the last read
-        # (batches whose context has modality ids: the vlm family's expert-usage heat map)
+        # modality id -> [E] routed-token counts of that modality's tokens since the last read,
+        # in evaluation, for batches whose context has modality ids (`megamoe eval`'s
+        # expert-usage heat map, megamoe.commands.eval_vlm); a context marked
+        # extras["auxiliary_pass"] (the vlm contrastive text-only pass) is not counted
         self.modality_usage_acc: dict = {}
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
@@ -85,7 +87,8 @@ class MegamoeMoELayer(MoELayer):
             return
         if out.tokens_per_expert_E is not None:
             self.tokens_per_expert_acc += out.tokens_per_expert_E.to(self.tokens_per_expert_acc)
-        if context is not None and context.modality_ids_BS is not None:
+        if (not self.training and context is not None and context.modality_ids_BS is not None
+                and not context.extras.get("auxiliary_pass")):
             self._record_modalities(out.routing_map_TE, context)
         if self.training:
             for name, value in out.stats.items():
@@ -95,7 +98,7 @@ class MegamoeMoELayer(MoELayer):
     @torch.no_grad()
     def _record_modalities(self, routing_map_TE: torch.Tensor, context) -> None:
         """Per-modality routed-token counts of this rank's tokens (its sequence slice under
-        SP), for `megamoe.training.metrics.modality_usage`."""
+        SP), for megamoe.commands.eval_vlm.modality_usage."""
         sp = self.config.sequence_parallel
         rank, size = (self.attn_tp_group.rank(), self.attn_tp_group.size()) if sp else (0, 1)
         modality_T = context.tokens("modality_ids_BS", rank, size).to(routing_map_TE.device)

@@ -163,7 +163,8 @@ class VLMModel(LMModel):
             hidden = scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         text = Context(sample_index_B=context.sample_index_B if context is not None else None,
                        modality_ids_BS=torch.full((B, L), TEXT, dtype=torch.long),
-                       step=context.step if context is not None else None)
+                       step=context.step if context is not None else None,
+                       extras={"auxiliary_pass": True})
         with bind(text):
             hidden = self.decoder(hidden_states=hidden, attention_mask=None,
                                   rotary_pos_emb=self.rotary_pos_emb(L))
