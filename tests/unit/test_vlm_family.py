@@ -30,6 +30,14 @@ def _check(*overrides):
     (["model.vlm.encoder_moe_layer_freq=2"], "model.vlm.encoder_moe_layer_freq:"),
     (["model.vlm.encoder_hidden_size=30"], "model.vlm.encoder_hidden_size:"),
     (["model.vlm.encoder_moe_layer_freq=[0,1,1]"], "model.vlm.encoder_moe_layer_freq:"),
+    (["train.engine=deepspeed"], "train.engine:"),
+    (["model.vlm.contrastive_coeff=0.1", "parallel.world_size=2", "parallel.pipeline=2"],
+     "model.vlm.contrastive_coeff:"),
+    (["model.vlm.contrastive_coeff=-1"], "model.vlm.contrastive_coeff:"),
+    (["parallel.world_size=2", "parallel.tensor=2", "parallel.vision_tensor=3"],
+     "parallel.vision_tensor:"),
+    (["parallel.world_size=4", "parallel.tensor=2", "parallel.vision_tensor=1",
+      "train.micro_batch_size=1", "train.global_batch_size=8"], "train.micro_batch_size:"),
     (["model.vit.position_embedding=sincos", "model.vlm.encoder_hidden_size=30",
       "model.vlm.encoder_num_attention_heads=3"], "model.vit.position_embedding:"),
 ])
@@ -126,3 +134,10 @@ def test_grouped_and_fp8_experts_run_in_the_language_model():
     assert all(math.isfinite(x) for x in runs["fp8"]), runs
     assert all(abs(a - b) <= 0.01 * abs(a) for a, b in zip(ref, runs["fp8"])), runs
     assert runs["fp8"] != ref          # FP8 arithmetic did run: not bit-identical to fp32
+
+
+def test_vision_grid_is_refused_outside_the_vlm_family():
+    from megamoe.testing.parity import tiny_config
+
+    with pytest.raises(ConfigError, match=r"^parallel.vision_tensor: only the vlm family"):
+        tiny_config(["parallel.vision_tensor=1"])

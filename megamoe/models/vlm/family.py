@@ -31,6 +31,9 @@ def check_vlm(cfg) -> None:
         fail("model.vlm.encoder_moe_layer_freq", "MoE FFNs in the encoder are not supported "
              "yet (their layer numbers would collide with the language model's in the expert "
              "logs and the checkpointed router state): leave it null (a dense encoder)")
+    if cfg.train.engine != "megatron":
+        fail("train.engine", f"{cfg.train.engine!r}: the vlm family trains on the megatron "
+             "engine (its DeepSpeed path is not built or tested yet)")
     if m.vlm.contrastive_coeff > 0:
         if cfg.parallel.pipeline > 1:
             fail("model.vlm.contrastive_coeff", "the contrastive loss needs the image "
