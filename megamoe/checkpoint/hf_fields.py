@@ -36,6 +36,7 @@ def transformers_problems(cfg) -> list[str]:
     if mor is not None and mor.enabled:
         bad.append("model.mor.enabled: transformers' MoE families have no recursion block "
                    "(megamoe's remote code has)")
+    bad += modality_norm_problem(cfg)
     if not moe.num_experts:
         bad.append("model.moe.num_experts: 0 (a dense model) is not an MoE family")
         return bad
@@ -51,6 +52,15 @@ def transformers_problems(cfg) -> list[str]:
         bad.append("model.moe.loss_free_bias_rate: transformers' MoE families have no "
                    "selection bias")
     return bad
+
+
+def modality_norm_problem(cfg) -> list[str]:
+    """Neither transformers nor megamoe's remote code has the expert adaptive norm yet."""
+    kind = getattr(cfg.model, "modality_norm", "none")
+    if kind == "none":
+        return []
+    return [f"model.modality_norm: {kind!r}; no Hugging Face model has the per-modality "
+            "modulation of the norms"]
 
 
 def pattern_problem(cfg, family: str) -> list[str]:

@@ -31,7 +31,7 @@ import shutil
 
 from megamoe.checkpoint import hf_mor
 from megamoe.checkpoint.hf_fields import (
-    layer_freq_override, renormalize, renormalize_overrides, rope_theta,
+    layer_freq_override, modality_norm_problem, renormalize, renormalize_overrides, rope_theta,
 )
 from megamoe.checkpoint.hf_layout import DENSE, DecoderShape, Names, mor_stored_layers
 
@@ -59,7 +59,7 @@ def problems(cfg) -> list[str]:
     if moe.router == "expert_choice" and moe.expert_choice.selection_group == "sequence":
         bad.append("model.moe.expert_choice.selection_group: 'sequence'; the Hugging Face "
                    "export selects over all tokens of a call (micro-batch)")
-    return bad + hf_mor.problems(cfg)
+    return bad + modality_norm_problem(cfg) + hf_mor.problems(cfg)
 
 
 def router_buffers(cfg) -> tuple[str, ...]:

@@ -51,6 +51,8 @@ RECOMPUTE_METHODS = ("uniform", "block")
 EXPERT_BACKENDS = ("sequential", "grouped")
 # Megatron's selective modules that megamoe's layers have (no grouped GEMM, no MLA)
 RECOMPUTE_MODULES = ("core_attn", "moe", "shared_experts", "mlp", "layernorm")
+# the layers' two norms (megamoe.blocks.norms): plain, or CogVideoX's expert adaptive norm
+MODALITY_NORMS = ("none", "expert_adaln")
 
 
 @dataclass
@@ -160,6 +162,8 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     qk_layernorm: bool = False
     add_qkv_bias: bool = False
+    modality_norm: str = "none"     # expert_adaln: per-modality modulation of both layer norms
+    num_modalities: int = 2         # M of modality_norm (modality ids 0..M-1 in the batches)
     tie_embeddings: bool = False
     init_method_std: float = 0.02
     recompute_granularity: str | None = None  # activation recompute: null (off), full, selective
@@ -173,6 +177,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         one_of(self, "family", MODEL_FAMILIES)
+        one_of(self, "modality_norm", MODALITY_NORMS)
+        at_least(self, "num_modalities", 1)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "kv_channels", "vocab_size",
                      "make_vocab_size_divisible_by"):
@@ -214,6 +220,12 @@ class ModelConfig:
         if unknown or not self.recompute_modules:
             fail("model.recompute_modules", f"{unknown or 'empty'}: choose from "
                  f"{list(RECOMPUTE_MODULES)}")
+        if (self.recompute_granularity == "selective" and "layernorm" in self.recompute_modules
+                and self.modality_norm != "none"):
+            # Megatron re-runs the norm in backward, outside the context's scope
+            fail("model.recompute_modules", "'layernorm' cannot be recomputed with "
+                 f"model.modality_norm '{self.modality_norm}' (it reads the batch's modality "
+                 "ids); drop it or use full recompute")
 
 
 @dataclass

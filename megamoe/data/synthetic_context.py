@@ -41,6 +41,11 @@ def timestep_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10_000.0
     return emb_BD
 
 
+def timestep_embedding_width(data_cfg, hidden_size: int) -> int | None:
+    """The width of the timestep embedding `context_fields` provides (None: none)."""
+    return hidden_size if data_cfg.synthetic_timesteps else None
+
+
 def context_fields(tokens_BS: torch.Tensor, data_cfg, hidden_size: int) -> dict:
     """Keyword arguments for `Context` (megamoe.blocks.context) from the config's
     synthetic-context switches."""

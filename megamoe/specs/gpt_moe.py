@@ -4,7 +4,9 @@ SwiGLU experts, no biases; options for QK-norm, qkv bias and a (gated) shared ex
 Modules are Megatron-Core's local ones (column/row-parallel linears, `DotProductAttention`,
 `SequentialMLP` experts, or megamoe's grouped ones by `model.moe.experts`, FP8 ones by
 `model.moe.fp8.recipe`) plus megamoe's
-RMSNorm (sequence-parallel capable) and MoE layer (context, router families).
+RMSNorm (sequence-parallel capable) and MoE layer (context, router families); with
+`model.modality_norm: expert_adaln` both norms of each layer are CogVideoX's expert adaptive
+norm around it (`modality_norm_options`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from megamoe.blocks.norms import QKRMSNorm, RMSNorm
+from megamoe.blocks.norms import ModalityExpertAdaLN, QKRMSNorm, RMSNorm
 from megamoe.moe.experts import EXPERT_MODULES, FP8Experts
 from megamoe.moe.experts.linear import ExpertRowParallelLinear
 from megamoe.moe.layer import MegamoeMoELayer
@@ -94,20 +96,41 @@ def moe_spec(router, shared_expert: bool, pg_collection,
     )
 
 
+def modality_norm_options(model_cfg, timestep_dim: int | None = None) -> dict | None:
+    """The `modality_norm` argument of `layer_spec` for `model.modality_norm` (None: plain
+    norms). `timestep_dim`: the width of the batches' timestep embedding (the context's
+    `timestep_emb_BD`), None when they carry none (then learned per-modality scale/shift)."""
+    if model_cfg.modality_norm == "none":
+        return None
+    assert model_cfg.modality_norm == "expert_adaln", model_cfg.modality_norm
+    return {"num_modalities": model_cfg.num_modalities, "timestep_dim": timestep_dim}
+
+
+def layer_norm_spec(norm, modality_norm: dict | None, pg_collection):
+    """A layer's input/pre-MLP norm: `norm` itself, or `ModalityExpertAdaLN` around it."""
+    if modality_norm is None:
+        return norm
+    return ModuleSpec(module=ModalityExpertAdaLN,
+                      params={"norm": norm, "pg_collection": pg_collection, **modality_norm})
+
+
 def layer_spec(is_moe: bool, *, qk_layernorm: bool, router, shared_expert: bool,
                pg_collection=None, experts: str = "sequential", fp8=None, norm=RMSNorm,
-               mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+               mask: AttnMaskType = AttnMaskType.causal,
+               modality_norm: dict | None = None) -> ModuleSpec:
     """A pre-norm layer: `norm` → attention (`mask`) → residual → `norm` → MLP or MoE →
-    residual. Linear biases and the activation come from the TransformerConfig."""
+    residual. Linear biases and the activation come from the TransformerConfig.
+    `modality_norm` (`modality_norm_options`): both norms modulated per modality."""
     mlp = (moe_spec(router, shared_expert, pg_collection, experts, fp8) if is_moe
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
+    layer_norm = layer_norm_spec(norm, modality_norm, pg_collection)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
+            input_layernorm=layer_norm,
             self_attention=attention_spec(qk_layernorm, mask),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
+            pre_mlp_layernorm=layer_norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -126,16 +149,17 @@ def moe_layer_pattern(num_layers: int, layer_freq, num_experts: int) -> list[boo
 def decoder_block_spec(tconfig, pattern: list[bool], *, qk_layernorm: bool, router,
                        shared_expert: bool, pg_collection=None, experts: str = "sequential",
                        fp8=None, vp_stage: int | None = None, pp_rank: int | None = None,
-                       norm=RMSNorm, mask: AttnMaskType = AttnMaskType.causal
-                       ) -> TransformerBlockSubmodules:
+                       norm=RMSNorm, mask: AttnMaskType = AttnMaskType.causal,
+                       modality_norm: dict | None = None) -> TransformerBlockSubmodules:
     """The block spec of this pipeline stage (and virtual stage): its slice of the layers;
-    layers in `fp8.keep_high_precision_layers` keep high-precision experts (`norm`, `mask`:
-    see `layer_spec`; megamoe.specs.vit passes the encoder's)."""
+    layers in `fp8.keep_high_precision_layers` keep high-precision experts (`norm`, `mask`,
+    `modality_norm`: see `layer_spec`; megamoe.specs.vit passes the encoder's). The final norm
+    stays plain `norm`."""
     specs = [layer_spec(m, qk_layernorm=qk_layernorm, router=router,
                         shared_expert=shared_expert, pg_collection=pg_collection,
                         experts=experts,
                         fp8=None if fp8 is None or fp8.keeps(i, len(pattern)) else fp8,
-                        norm=norm, mask=mask)
+                        norm=norm, mask=mask, modality_norm=modality_norm)
              for i, m in enumerate(pattern)]
     n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -63,5 +63,5 @@ def test_the_check_entry_runs_the_family_checks_without_loading_megatron():
             "print(checks.check_family in checks.CONFIG_CHECKS, len(fam.checks), "
             "len(fam.launch_checks), 'megatron' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    # lm: the data kind and MoR checks, the router-causality launch check
-    assert out.stdout.split() == ["True", "2", "1", "False"], out
+    # lm: the data kind, MoR and modality-norm checks, the router-causality launch check
+    assert out.stdout.split() == ["True", "3", "1", "False"], out

@@ -60,6 +60,16 @@ def _check_data(cfg) -> None:
              f"tokens (markov or indexed), or set model.family: {other}")
 
 
+def _check_modality_norm(cfg) -> None:
+    """The synthetic modality ids (token id mod data.synthetic_modalities) fit the norm's M."""
+    m, given = cfg.model, cfg.data.synthetic_modalities
+    if m.modality_norm != "none" and given > m.num_modalities:
+        from megamoe.config.errors import fail
+
+        fail("model.num_modalities", f"{m.num_modalities} is fewer than "
+             f"data.synthetic_modalities ({given}) that model.modality_norm reads")
+
+
 def _check_router_causality(cfg) -> None:
     """megamoe.moe.routers' check (imports Megatron: a launch check, run last)."""
     from megamoe.moe.routers import check_router_causality
@@ -151,7 +161,7 @@ LM = register(Family(
     task=_task,
     parameter_counts=_parameter_counts,
     flops_per_unit=_flops_per_token,
-    checks=(_check_data, _check_mor),
+    checks=(_check_data, _check_mor, _check_modality_norm),
     launch_checks=(_check_router_causality,),
     causal=True,
     unit="token",

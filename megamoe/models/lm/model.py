@@ -18,9 +18,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megamoe.blocks.context import Context, bind
 from megamoe.blocks.norms import RMSNorm
 from megamoe.blocks.recompute import ContextTransformerBlock
-from megamoe.data.synthetic_context import context_fields
+from megamoe.data.synthetic_context import context_fields, timestep_embedding_width
 from megamoe.fp8.backends import row_multiple
-from megamoe.specs.gpt_moe import decoder_block_spec, moe_layer_pattern
+from megamoe.specs.gpt_moe import decoder_block_spec, modality_norm_options, moe_layer_pattern
 from megamoe.models.transformer_config import recompute_options, shared_settings
 from megamoe.models.vocab import mask_padded_logits, padded_vocab_size
 from megamoe.moe.routers import router_builder
@@ -110,7 +110,9 @@ def build_lm(cfg, tconfig: TransformerConfig, pg_collection, vocab_size: int, *,
         last = pp_rank == pp_size - 1 and (vp_stage in (None, (vp or 1) - 1))
         layer_kwargs = dict(qk_layernorm=m.qk_layernorm, router=router_builder(moe, vocab_size),
                             shared_expert=bool(moe.shared_expert_ffn_hidden_size),
-                            experts=moe.experts, fp8=moe.fp8)
+                            experts=moe.experts, fp8=moe.fp8,
+                            modality_norm=modality_norm_options(
+                                m, timestep_embedding_width(cfg.data, m.hidden_size)))
         if m.mor.enabled:
             from megamoe.mor.decoder import build_mor_decoder
 

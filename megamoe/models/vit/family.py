@@ -24,6 +24,8 @@ def check_vit(cfg) -> None:
              f"{cfg.data.kind!r}")
     if m.mor.enabled:
         fail("model.mor.enabled", "Mixture-of-Recursions is an option of the lm family")
+    if m.modality_norm != "none":
+        fail("model.modality_norm", "the vit task's images carry no modality ids; set 'none'")
     grid_side(cfg)
     num_classes(cfg)
     if m.vit.position_embedding == "sincos" and m.hidden_size % 4:
