@@ -67,14 +67,14 @@ def test_argmax_is_label_hand_values():
     assert argmax_is_label(logits, torch.tensor([[2, 2]]), None).tolist() == [[False, False]]
 
 
-def built_model_task():
+def built_model_task(overrides=()):
     """(parameters built, accounting's total, |Δ answer logits| when only the image changes,
     |Δ earlier logits| when only a later token changes, the placeholder error)."""
     from megamoe.engines.megatron import build_engine
     from megamoe.models.registry import family_datasets, family_for
     from megamoe.models.vlm.model import vision_context
 
-    cfg = _check("parallel.world_size=1")
+    cfg = _check("parallel.world_size=1", *overrides)
     train, _, vocab = family_datasets(cfg)
     engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
     model, task = engine.modules[0].eval(), engine.task
@@ -108,8 +108,13 @@ def built_model_task():
 
 
 @pytest.mark.timeout(300)
-def test_built_model_counts_reads_the_image_and_stays_causal():
-    built, counted, image_effect, causal_leak, error = run_distributed(built_model_task, 1)[0]
+@pytest.mark.parametrize("overrides", [[], ["model.modality_norm=expert_adaln"]],
+                         ids=["plain", "expert_adaln"])
+def test_built_model_counts_reads_the_image_and_stays_causal(overrides):
+    """Also with CogVideoX's expert AdaLN in the encoder and the LM (modality ids 1 on the
+    image tokens, 0 on text, from the two contexts)."""
+    built, counted, image_effect, causal_leak, error = run_distributed(built_model_task, 1,
+                                                                       overrides)[0]
     assert built == counted
     assert image_effect > 1e-4
     assert causal_leak == 0.0

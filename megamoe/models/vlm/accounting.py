@@ -10,6 +10,7 @@ sample of S tokens, so its encoder and connector FLOPs count 1/S per token.
 from __future__ import annotations
 
 from megamoe.config.vlm import encoder_config, image_tokens, patch_side
+from megamoe.specs.accounting import modality_norm_parameters
 from megamoe.specs.gpt_moe import moe_layer_pattern
 
 
@@ -24,8 +25,11 @@ def _encoder(cfg) -> tuple[int, int]:
     if v.position_embedding == "learned":
         embed += patch_side(cfg) ** 2 * E
     total = active = embed + 2 * E
+    # CogVideoX's expert AdaLN on both norms of a layer, if on (every patch is an image token)
+    adaln_total, adaln_active = (2 * n for n in modality_norm_parameters(m, None))
     for is_moe in moe_layer_pattern(m.num_layers, m.moe.layer_freq, m.moe.num_experts):
         layer_total, layer_active = _layer(enc, is_moe)
+        layer_total, layer_active = layer_total + adaln_total, layer_active + adaln_active
         total, active = total + layer_total, active + layer_active
     return total, active
 

@@ -31,6 +31,9 @@ def check_vlm(cfg) -> None:
         fail("model.vlm.encoder_moe_layer_freq", "MoE FFNs in the encoder are not supported "
              "yet (their layer numbers would collide with the language model's in the expert "
              "logs and the checkpointed router state): leave it null (a dense encoder)")
+    if m.modality_norm != "none" and m.num_modalities < 2:
+        fail("model.num_modalities", f"{m.num_modalities}: the vlm family's tokens have two "
+             f"modalities (0 text, 1 image)")
     if cfg.train.engine != "megatron":
         fail("train.engine", f"{cfg.train.engine!r}: the vlm family trains on the megatron "
              "engine (its DeepSpeed path is not built or tested yet)")

@@ -359,7 +359,7 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     from megamoe.models.lm.model import build_lm, mark_expert_replicas
     from megamoe.models.vit.model import drop_router_biases
     from megamoe.moe.routers import router_builder
-    from megamoe.specs.gpt_moe import moe_layer_pattern
+    from megamoe.specs.gpt_moe import modality_norm_options, moe_layer_pattern
     from megamoe.specs.vit import encoder_block_spec
 
     v, enc = cfg.model.vlm, encoder_config(cfg)
@@ -378,7 +378,7 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
         spec = encoder_block_spec(etc, pattern, router=router_builder(enc.model.moe),
                                   shared_expert=bool(enc.model.moe.shared_expert_ffn_hidden_size),
                                   pg_collection=enc_pg, experts=enc.model.moe.experts,
-                                  pp_rank=0)
+                                  pp_rank=0, modality_norm=modality_norm_options(enc.model))
         vision = VisionEncoder(etc, spec, image_size=cfg.data.image_size,
                                patch_size=cfg.model.vit.patch_size,
                                position_embedding=cfg.model.vit.position_embedding,
