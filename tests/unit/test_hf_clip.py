@@ -262,3 +262,23 @@ def test_megamoe_vit_remote_code_refuses_clip_options():
         family_for(_cfg())
     assert "model.vit.pre_norm: true" in str(err.value)
     assert "model.vit.patch_bias: false" in str(err.value)
+
+
+def test_image_processor_gives_megamoes_pixels():
+    """CLIPImageProcessor with `image_processor_fields` maps uint8 images to x/127.5 − 1, the
+    pixels megamoe's patch embedding computes (control: CLIP's own normalisation differs)."""
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from megamoe.checkpoint.hf_clip import image_processor_fields
+
+    fields = image_processor_fields(_cfg())
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    want = images.float() / 127.5 - 1.0
+    got = CLIPImageProcessor(**fields)(images=list(images), return_tensors="pt").pixel_values
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-6
+    clip_norm = CLIPImageProcessor(**{**fields, "image_mean": OPENAI_CLIP_MEAN,
+                                      "image_std": OPENAI_CLIP_STD})
+    other = clip_norm(images=list(images), return_tensors="pt").pixel_values
+    assert (other - want).abs().max() > 0.1
