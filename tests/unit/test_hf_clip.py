@@ -157,8 +157,8 @@ def import_task():
         for p in llava.vision_tower.parameters():
             p.add_(torch.randn(p.shape) * 0.3)
     overrides = vit_overrides(vision, vision_feature_layer=-2)
-    cfg = load_config(None, [*TINY_VIT, "parallel.world_size=1", "data.num_classes=6",
-                             *overrides])
+    cfg = load_config(None, [*TINY_VIT, "parallel.world_size=1", "model.num_query_groups=2",
+                             "model.kv_channels=4", *overrides])
     check_config(cfg, launch=False)
     engine = build_engine(cfg, 6, torch.device("cpu"), with_optimizer=False, ddp=False)
     tower = _tower(cfg, engine)
