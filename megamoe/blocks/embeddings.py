@@ -1,6 +1,7 @@
 """Image patch embeddings: patchify, a linear projection, an optional class token and absolute
 positions (learned, or fixed 2-D sin-cos), as in ViT (Dosovitskiy et al. 2021, Eq. 1) and
-V-MoE. No family knowledge: the vit family puts this at the front of its encoder, the diffusion
+V-MoE; optionally CLIP's form (Radford et al. 2021): no projection bias and a LayerNorm over
+the summed embeddings. No family knowledge: the vit family puts this at the front of its encoder, the diffusion
 and multimodal families reuse it.
 
 Shapes: B images, C channels, H, W image sides, P patch side, N = (H/P)·(W/P) patches,
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from megatron.core.transformer.module import MegatronModule
+
+from megamoe.blocks.norms import LayerNorm
 
 
 def patchify(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
@@ -41,15 +44,25 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
 
 class PatchEmbedding(MegatronModule):
     """uint8 or float images → [S, B, D] tokens (Megatron's sequence-first layout): pixels
-    scaled to [−1, 1], patches projected by a biased linear, the class token prepended, the
-    positions added. Replicated on every tensor-parallel rank (its parameters are small)."""
+    scaled to [−1, 1], patches projected by a linear (biased unless `bias=False`), the class
+    token prepended, the positions added, then `pre_norm`'s LayerNorm (CLIP's `pre_layrnorm`).
+    Replicated on every tensor-parallel rank (its parameters are small)."""
 
     def __init__(self, config, *, image_size: int, patch_size: int, channels: int = 3,
-                 class_token: bool = True, position_embedding: str = "learned"):
+                 class_token: bool = True, position_embedding: str = "learned",
+                 bias: bool = True, pre_norm: bool = False):
         super().__init__(config)
         D, side = config.hidden_size, image_size // patch_size
         self.patch_size, self.side = patch_size, side
-        self.proj = torch.nn.Linear(channels * patch_size ** 2, D, dtype=config.params_dtype)
+        self.proj = torch.nn.Linear(channels * patch_size ** 2, D, bias=bias,
+                                    dtype=config.params_dtype)
+        self.pre_norm = None
+        if pre_norm:
+            self.pre_norm = LayerNorm(config, D, eps=config.layernorm_epsilon)
+            # it runs before the sequence is split: every TP rank already gets the whole
+            # gradient, so the sequence-parallel reduction over TP would count it TP times
+            for p in self.pre_norm.parameters():
+                p.sequence_parallel = False
         self.class_token = (torch.nn.Parameter(torch.zeros(1, D, dtype=config.params_dtype))
                             if class_token else None)
         S = side * side + int(class_token)
@@ -74,4 +87,7 @@ class PatchEmbedding(MegatronModule):
             x_BND = torch.cat([cls_B1D, x_BND], dim=1)
         pos_SD = (self.position_embeddings if self.position_embeddings is not None
                   else self.fixed_positions)
-        return (x_BND + pos_SD).transpose(0, 1).contiguous()
+        x_BSD = x_BND + pos_SD
+        if self.pre_norm is not None:
+            x_BSD = self.pre_norm(x_BSD)
+        return x_BSD.transpose(0, 1).contiguous()

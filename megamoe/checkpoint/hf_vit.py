@@ -38,12 +38,16 @@ LINEAR = ("weight", "bias")
 
 def problems(cfg) -> list[str]:
     """What the remote code cannot express (field: reason)."""
-    moe = cfg.model.moe
+    moe, v = cfg.model.moe, cfg.model.vit
     if moe.num_experts and moe.router == "expert_choice" \
             and moe.expert_choice.selection_group == "sequence":
         return ["model.moe.expert_choice.selection_group: 'sequence'; the remote code selects "
                 "over all tokens of a call"]
-    return []
+    clip_only = [(v.pre_norm, "model.vit.pre_norm: true"),
+                 (not v.patch_bias, "model.vit.patch_bias: false"),
+                 (v.activation != "gelu", f"model.vit.activation: {v.activation!r}")]
+    return [f"{field}; the remote code has CLIP's options only through "
+            f"megamoe.checkpoint.hf_clip" for bad, field in clip_only if bad]
 
 
 def _shape(cfg) -> DecoderShape:

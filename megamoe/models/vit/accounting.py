@@ -38,11 +38,12 @@ def _layer(cfg, is_moe: bool) -> tuple[int, int]:
 
 
 def parameter_counts(cfg, _output_size=None) -> tuple[int, int]:
-    """(total, active per image) parameters: embedding, layers, final norm, head (every
-    parameter touches every image; experts count k of E)."""
+    """(total, active per image) parameters: embedding (with CLIP's pre-LayerNorm when set),
+    layers, final norm, head (every parameter touches every image; experts count k of E)."""
     m, v = cfg.model, cfg.model.vit
     D = m.hidden_size
-    embed = 3 * v.patch_size ** 2 * D + D + (D if v.pool == "cls" else 0)
+    embed = 3 * v.patch_size ** 2 * D + (D if v.patch_bias else 0) \
+        + (D if v.pool == "cls" else 0) + (2 * D if v.pre_norm else 0)
     if v.position_embedding == "learned":
         embed += image_tokens(cfg) * D
     head = 2 * D + D * num_classes(cfg) + num_classes(cfg)

@@ -16,7 +16,7 @@ ROUTERS_FOR_VIT = ("topk", "vmoe", "soft", "expert_choice", "dit_moe")
 
 def check_vit(cfg) -> None:
     """The config describes a classifier this family can build (one line naming the field)."""
-    from megamoe.config.vision import grid_side, num_classes
+    from megamoe.config.vision import grid_side, num_classes, tower_layers
 
     m, moe = cfg.model, cfg.model.moe
     if cfg.data.kind != "shapes":
@@ -28,6 +28,7 @@ def check_vit(cfg) -> None:
         fail("model.modality_norm", "the vit task's images carry no modality ids; set 'none'")
     grid_side(cfg)
     num_classes(cfg)
+    tower_layers(cfg)
     if m.vit.position_embedding == "sincos" and m.hidden_size % 4:
         fail("model.vit.position_embedding", f"'sincos' needs model.hidden_size divisible by "
              f"4, got {m.hidden_size}")

@@ -9,7 +9,13 @@ embedding gets the whole gradient on every TP rank) and the last stage gathers t
 before pooling with a backward that only splits: the head is replicated, every TP rank computes
 the same loss, and summing their gradients would count it TP times.
 
-Shapes: B images, S tokens per image, D width, K classes.
+A vision tower (`build_vision_tower`, for models that read image features, as LLaVA reads
+CLIP's) is the same encoder without head or final LayerNorm, cut after the layer whose output
+is read (`model.vit.vision_feature_layer`): layers nothing reads are not built, so no
+parameter goes without a gradient. `ViTModel.features` returns what LLaVA takes from
+`CLIPVisionModel`: that layer's hidden states, TP-replicated, with or without the class token.
+
+Shapes: B images, S tokens per image, S' tokens handed on, D width, K classes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron.core.activations import quick_gelu
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -28,7 +35,7 @@ from megatron.core.transformer.module import MegatronModule
 from megamoe.blocks.context import Context, bind
 from megamoe.blocks.embeddings import PatchEmbedding
 from megamoe.blocks.recompute import ContextTransformerBlock
-from megamoe.config.vision import grid_side, num_classes
+from megamoe.config.vision import grid_side, num_classes, tower_layers
 from megamoe.models.lm.model import mark_expert_replicas
 from megamoe.models.transformer_config import recompute_options, shared_settings
 from megamoe.moe.routers import router_builder
@@ -36,19 +43,31 @@ from megamoe.specs.gpt_moe import moe_layer_pattern
 from megamoe.specs.vit import encoder_block_spec
 
 
-def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype
-                       ) -> TransformerConfig:
-    """ViT's block: LayerNorm, GELU MLP, biases on every linear, multi-head attention
-    (grouped-query with `model.num_query_groups`)."""
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+def transformer_config(cfg, dims, *, sequence_parallel: bool, dtype: torch.dtype,
+                       tower: bool = False) -> TransformerConfig:
+    """ViT's block: LayerNorm, GELU (or CLIP's quick_gelu) MLP, biases on every linear,
+    multi-head attention (grouped-query with `model.num_query_groups`). `tower`: the block of
+    a vision tower, its first `tower_layers(cfg)` layers."""
     m = cfg.model
+    settings = shared_settings(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
+    if tower:
+        k = tower_layers(cfg)
+        pattern = moe_layer_pattern(m.num_layers, m.moe.layer_freq,
+                                    settings["num_moe_experts"] or 0)[:k]
+        settings["num_layers"] = k
+        if not isinstance(settings["moe_layer_freq"], int):
+            settings["moe_layer_freq"] = [int(x) for x in pattern]
     return TransformerConfig(
-        **shared_settings(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype),
+        **settings,
         num_query_groups=m.num_query_groups or m.num_attention_heads,
         kv_channels=m.kv_channels,
         normalization="LayerNorm",
         add_bias_linear=True,
         gated_linear_unit=False,
-        activation_func=F.gelu,
+        activation_func=ACTIVATIONS[m.vit.activation],
         **recompute_options(cfg.model),
     )
 
@@ -63,25 +82,33 @@ def vit_context(batch: dict, step: int | None = None) -> Context:
 class ViTModel(MegatronModule):
     """One pipeline chunk of the classifier (module docstring). `forward(images, labels,
     context=...)` returns (per-image losses [B], logits [B, K]) on the last stage when labels
-    are given, the logits without them, and the hidden states [S, B, D] on the other stages."""
+    are given, the logits without them, and the hidden states [S, B, D] on the other stages.
+
+    With `features` set ('default' or 'full', LLaVA's select strategy) it is a whole vision
+    tower instead: no head, no final LayerNorm, and `forward` is `features`."""
 
     def __init__(self, config: TransformerConfig, spec, *, image_size: int, patch_size: int,
-                 pool: str, position_embedding: str, num_classes: int, pre_process: bool,
-                 post_process: bool, pg_collection, vp_stage: int | None = None):
+                 pool: str, position_embedding: str, num_classes: int | None, pre_process: bool,
+                 post_process: bool, pg_collection, vp_stage: int | None = None,
+                 patch_bias: bool = True, pre_norm: bool = False, features: str | None = None):
         super().__init__(config)
+        assert features is None or (pre_process and post_process), "a tower is one chunk"
         self.pre_process, self.post_process, self.pool = pre_process, post_process, pool
         self.num_classes, self.tp_group = num_classes, pg_collection.tp
+        self.feature_strategy = features
         self.model_type = ModelType.encoder_or_decoder
         # Megatron's finalize_model_grads asks every first/last stage for a tied embedding
         self.share_embeddings_and_output_weights = False
         if pre_process:
             self.embedding = PatchEmbedding(config, image_size=image_size, patch_size=patch_size,
                                             class_token=pool == "cls",
-                                            position_embedding=position_embedding)
+                                            position_embedding=position_embedding,
+                                            bias=patch_bias, pre_norm=pre_norm)
         self.decoder = ContextTransformerBlock(config=config, spec=spec, pre_process=pre_process,
                                                post_process=post_process,
-                                               pg_collection=pg_collection, vp_stage=vp_stage)
-        if post_process:
+                                               pg_collection=pg_collection, vp_stage=vp_stage,
+                                               post_layer_norm=features is None)
+        if post_process and features is None:
             self.head = torch.nn.Linear(config.hidden_size, num_classes,
                                         dtype=config.params_dtype)
 
@@ -93,6 +120,9 @@ class ViTModel(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, images_BCHW, labels_B=None, *, context: Context | None = None):
+        if self.feature_strategy is not None:
+            assert labels_B is None, "a vision tower has no head"
+            return self.features(images_BCHW, context=context)
         with bind(context):
             hidden = None
             if self.pre_process:
@@ -106,6 +136,26 @@ class ViTModel(MegatronModule):
             if labels_B is None:
                 return logits_BK
             return F.cross_entropy(logits_BK.float(), labels_B, reduction="none"), logits_BK
+
+    def features(self, images_BCHW: torch.Tensor, *, context: Context | None = None
+                 ) -> torch.Tensor:
+        """[S', B, D]: what LLaVA reads from CLIP's vision tower — the hidden states after
+        the tower's last layer (`model.vit.vision_feature_layer`), before any final norm,
+        without the class token under the 'default' strategy. TP-replicated: under sequence
+        parallelism the sequence is gathered, with a backward that only splits (whatever
+        reads the features runs alike on every TP rank and hands each the whole gradient)."""
+        assert self.feature_strategy is not None, "features come from build_vision_tower"
+        with bind(context):
+            hidden_SBD = self.embedding(images_BCHW)
+            if self.config.sequence_parallel:
+                hidden_SBD = scatter_to_sequence_parallel_region(hidden_SBD, group=self.tp_group)
+            hidden_SBD = self.decoder(hidden_states=hidden_SBD, attention_mask=None)
+            if self.config.sequence_parallel:
+                hidden_SBD = gather_from_sequence_parallel_region(
+                    hidden_SBD, tensor_parallel_output_grad=False, group=self.tp_group)
+        if self.feature_strategy == "default" and self.embedding.class_token is not None:
+            hidden_SBD = hidden_SBD[1:]
+        return hidden_SBD
 
     def classify(self, hidden_SBD: torch.Tensor) -> torch.Tensor:
         """Pool the final-normed tokens and apply the head: [S(/TP), B, D] → [B, K]."""
@@ -134,10 +184,34 @@ def build_vit(cfg, tconfig: TransformerConfig, pg_collection, _output_size=None)
             pool=v.pool, position_embedding=v.position_embedding, num_classes=num_classes(cfg),
             pre_process=pp_rank == 0 and vp_stage in (None, 0),
             post_process=pp_rank == pp_size - 1 and vp_stage in (None, (vp or 1) - 1),
-            pg_collection=pg_collection, vp_stage=vp_stage))
+            pg_collection=pg_collection, vp_stage=vp_stage, patch_bias=v.patch_bias,
+            pre_norm=v.pre_norm))
     drop_router_biases(chunks)
     mark_expert_replicas(chunks, tconfig)
     return chunks
+
+
+def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection) -> ViTModel:
+    """The vision tower `cfg` describes (module docstring), whole on this pipeline stage;
+    `tconfig` from `transformer_config(cfg, ..., tower=True)`. `tower.features(images)` (or
+    `tower(images)`) gives [S', B, D] (megamoe.config.vision.feature_tokens)."""
+    m, moe, v = cfg.model, cfg.model.moe, cfg.model.vit
+    grid_side(cfg)
+    k = tower_layers(cfg)
+    assert tconfig.num_layers == k, "build the tower's config with transformer_config(tower=True)"
+    assert tconfig.pipeline_model_parallel_size == 1, "a vision tower sits on one stage"
+    pattern = moe_layer_pattern(m.num_layers, moe.layer_freq, tconfig.num_moe_experts or 0)[:k]
+    spec = encoder_block_spec(tconfig, pattern, router=router_builder(moe),
+                              shared_expert=bool(moe.shared_expert_ffn_hidden_size),
+                              pg_collection=pg_collection, experts=moe.experts, pp_rank=0)
+    tower = ViTModel(tconfig, spec, image_size=cfg.data.image_size, patch_size=v.patch_size,
+                     pool=v.pool, position_embedding=v.position_embedding, num_classes=None,
+                     pre_process=True, post_process=True, pg_collection=pg_collection,
+                     patch_bias=v.patch_bias, pre_norm=v.pre_norm,
+                     features=v.vision_feature_select_strategy)
+    drop_router_biases([tower])
+    mark_expert_replicas([tower], tconfig)
+    return tower
 
 
 def drop_router_biases(chunks) -> None:
