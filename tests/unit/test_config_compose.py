@@ -66,12 +66,12 @@ def test_recipes_list_fragments_and_fragments_are_not_recipes():
     assert "defaults" in (REPO / "configs" / "lm_quickstart.yaml").read_text()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "soft", "mor_token"])
+@pytest.mark.parametrize("name", ["quickstart", "lm_quickstart", "soft", "mor_token"])
 def test_dumped_config_is_resolved_and_reruns_identically(tmp_path, name):
-    cfg = load_config(name, ["train.steps=17"])
+    cfg = load_config(name, ["train.steps=37"])
     dump_config(cfg, tmp_path / "config.yaml")
     text = (tmp_path / "config.yaml").read_text()
-    assert "defaults" not in text and "steps: 17" in text
+    assert "defaults" not in text and "steps: 37" in text
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
@@ -167,7 +167,7 @@ def test_defaults_must_be_a_list_of_names(tmp_path, text):
 def test_unknown_family_names_the_field_and_the_known_families():
     assert load_config(None).model.family == "lm"
     message = one_line_error(None, ["model.family=dit"])
-    assert message == "model.family: must be one of lm | vit, got 'dit'"
+    assert message == "model.family: must be one of lm | vit | vlm, got 'dit'"
 
 
 # ---- the one check entry, derived defaults -------------------------------------------------------
