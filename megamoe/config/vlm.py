@@ -3,11 +3,13 @@ tokens enter the language model. The language model itself uses `model`'s common
 width, heads, FFN, `model.moe`, `model.mor`); the encoder's patches and positions use
 `model.vit.patch_size` and `model.vit.position_embedding`.
 
-The encoder is the `vit` family's bidirectional transformer without a class token or head; its
-final-normed patch tokens are reduced by pixel shuffle (`pixel_shuffle` r: each r×r block of
-neighbouring patches becomes one token of r²× the width, InternVL / NVLM's token reduction) and
-projected to the LM width by a two-layer GELU MLP (LLaVA-1.5's projector). The LM sees
-`image_tokens(cfg)` = (image_size / patch_size / r)² placeholders per image.
+The encoder is the `vit` family's vision tower (megamoe.models.vit.model.build_vision_tower:
+no head, no final norm; its `model.vit` options — class token, CLIP's pre-norm, patch bias,
+activation, `vision_feature_layer`, `vision_feature_select_strategy` — apply as they do to a
+CLIP tower read by LLaVA). Its patch features are reduced by pixel shuffle (`pixel_shuffle` r:
+each r×r block of neighbouring patches becomes one token of r²× the width, InternVL / NVLM's
+token reduction) and projected to the LM width by a two-layer GELU MLP (LLaVA-1.5's projector).
+The LM sees `image_tokens(cfg)` placeholders per image: the tower's feature tokens / r².
 """
 
 from __future__ import annotations
@@ -78,14 +80,26 @@ def patch_side(cfg) -> int:
 
 
 def image_tokens(cfg) -> int:
-    """Image embeddings (placeholders in the text) per image."""
-    return (patch_side(cfg) // cfg.model.vlm.pixel_shuffle) ** 2
+    """Image embeddings (placeholders in the text) per image: the tower's patch features
+    (+ the class token with `vision_feature_select_strategy: full`), r² of them per token."""
+    v, r = cfg.model.vit, cfg.model.vlm.pixel_shuffle
+    with_class = v.pool == "cls" and v.vision_feature_select_strategy == "full"
+    if with_class and r > 1:
+        fail("model.vlm.pixel_shuffle", "needs the patch grid alone: set "
+             "model.vit.vision_feature_select_strategy to 'default' (drops the class token)")
+    return (patch_side(cfg) // r) ** 2 + with_class
+
+
+def encoder_tokens(cfg) -> int:
+    """Tokens the encoder runs on per image (its context's sequence): the patches, plus the
+    class token with `model.vit.pool: cls`."""
+    return patch_side(cfg) ** 2 + (cfg.model.vit.pool == "cls")
 
 
 def encoder_config(cfg):
     """A copy of `cfg` whose `model` describes the encoder alone (width, layers, heads, FFN,
-    MoE pattern, no class token), so the vit family's transformer config, layer spec and
-    accounting apply to it unchanged."""
+    MoE pattern; `model.vit` as configured), so the vit family's transformer config, vision
+    tower and accounting apply to it unchanged."""
     v = cfg.model.vlm
     enc = copy.copy(cfg)
     enc.model = copy.copy(cfg.model)
@@ -100,6 +114,4 @@ def encoder_config(cfg):
         enc.model.moe.num_experts = 0
     else:
         enc.model.moe.layer_freq = v.encoder_moe_layer_freq
-    enc.model.vit = copy.copy(cfg.model.vit)
-    enc.model.vit.pool = "gap"       # no class token: every token is a patch the LM sees
     return enc

@@ -257,7 +257,8 @@ def vit_parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb: bo
 
 TINY_VLM = [
     "model.family=vlm", "data.kind=scenes", "data.image_size=16", "data.max_shapes=2",
-    "model.vit.patch_size=4", "model.vlm.pixel_shuffle=2", "model.vlm.encoder_num_layers=2",
+    "model.vit.patch_size=4", "model.vit.pool=gap",   # 16 encoder tokens: split over TP 2
+    "model.vlm.pixel_shuffle=2", "model.vlm.encoder_num_layers=2",
     "model.vlm.encoder_hidden_size=32", "model.vlm.encoder_num_attention_heads=4",
     "model.vlm.encoder_ffn_hidden_size=64", "model.num_layers=2", "model.hidden_size=32",
     "model.ffn_hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",

@@ -88,7 +88,7 @@ def built_model_task(overrides=()):
         with torch.no_grad():
             return model(b["tokens"], b["position_ids"], None, images=b["images"],
                          context=task.context(b, 0),
-                         vision_context=vision_context(b, 0, task.num_patches))[..., :vocab]
+                         vision_context=vision_context(b, 0, task.encoder_tokens))[..., :vocab]
 
     base = logits(batch)                                   # [B, S, V]
     other_image = dict(batch, images=255 - batch["images"])

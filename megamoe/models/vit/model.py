@@ -191,10 +191,12 @@ def build_vit(cfg, tconfig: TransformerConfig, pg_collection, _output_size=None)
     return chunks
 
 
-def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection) -> ViTModel:
+def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection, *,
+                       modality_norm: dict | None = None) -> ViTModel:
     """The vision tower `cfg` describes (module docstring), whole on this pipeline stage;
     `tconfig` from `transformer_config(cfg, ..., tower=True)`. `tower.features(images)` (or
-    `tower(images)`) gives [S', B, D] (megamoe.config.vision.feature_tokens)."""
+    `tower(images)`) gives [S', B, D] (megamoe.config.vision.feature_tokens). `modality_norm`:
+    CogVideoX's expert AdaLN for both norms of each layer (the vlm family's option)."""
     m, moe, v = cfg.model, cfg.model.moe, cfg.model.vit
     grid_side(cfg)
     k = tower_layers(cfg)
@@ -203,7 +205,8 @@ def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection) -> ViTMod
     pattern = moe_layer_pattern(m.num_layers, moe.layer_freq, tconfig.num_moe_experts or 0)[:k]
     spec = encoder_block_spec(tconfig, pattern, router=router_builder(moe),
                               shared_expert=bool(moe.shared_expert_ffn_hidden_size),
-                              pg_collection=pg_collection, experts=moe.experts, pp_rank=0)
+                              pg_collection=pg_collection, experts=moe.experts, pp_rank=0,
+                              modality_norm=modality_norm)
     tower = ViTModel(tconfig, spec, image_size=cfg.data.image_size, patch_size=v.patch_size,
                      pool=v.pool, position_embedding=v.position_embedding, num_classes=None,
                      pre_process=True, post_process=True, pg_collection=pg_collection,

@@ -9,28 +9,31 @@ sample of S tokens, so its encoder and connector FLOPs count 1/S per token.
 
 from __future__ import annotations
 
-from megamoe.config.vlm import encoder_config, image_tokens, patch_side
+from megamoe.config.vlm import encoder_config, encoder_tokens, image_tokens, patch_side
 from megamoe.specs.accounting import modality_norm_parameters
 from megamoe.specs.gpt_moe import moe_layer_pattern
 
 
 def _encoder(cfg) -> tuple[int, int]:
-    """(total, active per patch) of the encoder: patch projection and learned positions,
-    layers, final LayerNorm."""
+    """(total, active per token) of the vision tower: patch projection (+ bias), class token,
+    learned positions, CLIP's pre-norm, the layers it runs (`model.vit.vision_feature_layer`);
+    no final norm (megamoe.models.vit.model.build_vision_tower)."""
+    from megamoe.config.vision import tower_layers
     from megamoe.models.vit.accounting import _layer
 
     enc = encoder_config(cfg)
     m, v, E = enc.model, enc.model.vit, enc.model.hidden_size
-    embed = 3 * v.patch_size ** 2 * E + E
+    embed = 3 * v.patch_size ** 2 * E + (E if v.patch_bias else 0) \
+        + (E if v.pool == "cls" else 0) + (2 * E if v.pre_norm else 0)
     if v.position_embedding == "learned":
-        embed += patch_side(cfg) ** 2 * E
-    total = active = embed + 2 * E
-    # CogVideoX's expert AdaLN on both norms of a layer, if on (every patch is an image token)
+        embed += encoder_tokens(cfg) * E
+    total = active = embed
+    # CogVideoX's expert AdaLN on both norms of a layer, if on (every token is an image token)
     adaln_total, adaln_active = (2 * n for n in modality_norm_parameters(m, None))
-    for is_moe in moe_layer_pattern(m.num_layers, m.moe.layer_freq, m.moe.num_experts):
+    pattern = moe_layer_pattern(m.num_layers, m.moe.layer_freq, m.moe.num_experts)
+    for is_moe in pattern[:tower_layers(enc)]:
         layer_total, layer_active = _layer(enc, is_moe)
-        layer_total, layer_active = layer_total + adaln_total, layer_active + adaln_active
-        total, active = total + layer_total, active + layer_active
+        total, active = total + layer_total + adaln_total, active + layer_active + adaln_active
     return total, active
 
 
@@ -60,6 +63,7 @@ def flops_per_token(cfg, vocab_size: int) -> float:
     enc = encoder_config(cfg)
     N, S = patch_side(cfg) ** 2, cfg.model.seq_length
     _, enc_active = _encoder(cfg)
+    N = encoder_tokens(cfg)
     image = 6.0 * (enc_active * N + _connector(cfg) * image_tokens(cfg)) \
         + 12.0 * enc.model.num_layers * N * N * enc.model.hidden_size
     return lm_flops(cfg, vocab_size) + image / S

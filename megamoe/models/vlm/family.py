@@ -25,6 +25,16 @@ def check_vlm(cfg) -> None:
 
     d = cfg.data
     check_seq_length(m.seq_length, image_tokens(cfg), d.max_shapes, d.caption_fraction)
+    from megamoe.config.vision import tower_layers
+    from megamoe.config.vlm import encoder_config, encoder_tokens
+
+    tower_layers(encoder_config(cfg))     # model.vit.vision_feature_layer within the encoder
+    p = cfg.parallel
+    tp = p.vision_tensor_size
+    if tp > 1 and p.sequence_parallel is not False and encoder_tokens(cfg) % tp:
+        fail("model.vit.pool", f"the encoder's {encoder_tokens(cfg)} tokens per image (with the "
+             f"class token) do not split over its TP {tp} under sequence parallelism: use "
+             f"'gap' (no class token) or parallel.vision_tensor: 1")
     if m.vlm.encoder_moe_layer_freq is not None:
         # the encoder's MoE layers would share layer numbers with the LM's, which key the
         # routing logs (expert load per layer) and the router state in checkpoints

@@ -39,11 +39,8 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.module import MegatronModule
 
 from megamoe.blocks.context import Context, bind
-from megamoe.blocks.embeddings import PatchEmbedding
-from megamoe.blocks.recompute import ContextTransformerBlock
 from megamoe.models.lm.model import LMModel
 
 TEXT, IMAGE = 0, 1      # modality ids the routers and norms see
@@ -61,32 +58,6 @@ def pixel_shuffle(features_NBE: torch.Tensor, side: int, r: int) -> torch.Tensor
     return x.transpose(0, 1).contiguous()
 
 
-class VisionEncoder(MegatronModule):
-    """Images → the final-normed patch tokens [N, B, E], TP-replicated (gathered from the
-    sequence-parallel split at the end). The `vit` family's embedding and block, without a
-    class token or head."""
-
-    def __init__(self, config, spec, *, image_size: int, patch_size: int,
-                 position_embedding: str, pg_collection):
-        super().__init__(config)
-        self.tp_group = pg_collection.tp
-        self.embedding = PatchEmbedding(config, image_size=image_size, patch_size=patch_size,
-                                        class_token=False, position_embedding=position_embedding)
-        self.encoder = ContextTransformerBlock(config=config, spec=spec, pre_process=True,
-                                               post_process=True, pg_collection=pg_collection)
-
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(images_BCHW)
-        if self.config.sequence_parallel:
-            hidden = scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
-        hidden = self.encoder(hidden_states=hidden, attention_mask=None)
-        if self.config.sequence_parallel:
-            # backward: this rank's slice of a gradient every TP rank holds in full
-            hidden = gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
-        return hidden
-
-
 def connector(lm_config, *, input_size: int, hidden_size: int, pg_collection):
     """LLaVA-1.5's projector: Linear(input → hidden) · GELU · Linear(hidden → D), both biased,
     column- then row-parallel over TP (input and output TP-replicated: no sequence split)."""
@@ -101,11 +72,11 @@ def connector(lm_config, *, input_size: int, hidden_size: int, pg_collection):
     return MultimodalProjector(config, submodules, "mlp", input_size, tp_group=pg_collection.tp)
 
 
-def vision_context(batch: dict, step: int | None, num_patches: int) -> Context:
-    """The encoder stream's context: every token is an image patch."""
+def vision_context(batch: dict, step: int | None, encoder_tokens: int) -> Context:
+    """The encoder stream's context: every token (patches, class token) is image."""
     B = batch["images"].shape[0]
     return Context(sample_index_B=batch.get("sample_index"),
-                   modality_ids_BS=torch.full((B, num_patches), IMAGE, dtype=torch.long),
+                   modality_ids_BS=torch.full((B, encoder_tokens), IMAGE, dtype=torch.long),
                    step=step)
 
 
@@ -116,7 +87,7 @@ class VLMModel(LMModel):
     argmax-correct [B, S]) on the last stage with labels, its logits without, and the hidden
     states on the other stages."""
 
-    def __init__(self, config, build_decoder, *, vision: VisionEncoder | None = None,
+    def __init__(self, config, build_decoder, *, vision=None,
                  projector=None, image_token_id: int, patch_side: int, pixel_shuffle: int,
                  vision_grid=None, contrastive=None, **gpt_kwargs):
         super().__init__(config, build_decoder, scatter_embedding_sequence_parallel=False,
@@ -179,8 +150,7 @@ class VLMModel(LMModel):
         embeddings at the placeholder positions, split for SP last; the image embeddings
         [n, B, D])."""
         if self.vision_grid is None:
-            with bind(vision_context):
-                features_NBE = self.vision(images_BCHW)
+            features_NBE = self.vision.features(images_BCHW, context=vision_context)
         else:
             features_NBE = self.encode_on_vision_grid(images_BCHW, vision_context)
         image_nBD = self.connector(pixel_shuffle(features_NBE, self.patch_side, self.shuffle))
@@ -205,8 +175,7 @@ class VLMModel(LMModel):
         index_F = _gather_rows(vision_context.sample_index_B, dp)
         rows = vision_rows(g.dp_rank, g.pg.dp.size(), images_FCHW.shape[0])
         context = vision_context_of(index_F[rows], vision_context)
-        with bind(context):
-            features_NbE = self.vision(images_FCHW[rows])
+        features_NbE = self.vision.features(images_FCHW[rows], context=context)
         return VisionToLM.apply(features_NbE, g, lm_rows(dp.rank(), b))
 
 
@@ -347,20 +316,17 @@ def encoder_transformer_config(cfg, lm_tconfig, tp: int | None = None):
                            expert=lm_tconfig.expert_model_parallel_size if moe else 1,
                            expert_tensor_size=lm_tconfig.expert_tensor_parallel_size if moe
                            else tp)
-    return transformer_config(enc, dims,
-                              sequence_parallel=lm_tconfig.sequence_parallel,
-                              dtype=lm_tconfig.params_dtype)
+    return transformer_config(enc, dims, sequence_parallel=lm_tconfig.sequence_parallel,
+                              dtype=lm_tconfig.params_dtype, tower=True)
 
 
 def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     """This rank's chunks: the LM's (megamoe.models.lm.model.build_lm) as `VLMModel`s, the
     first stage's with the encoder (on the LM's grid, or on `grids.vision`) and connector."""
     from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_config, image_tokens, patch_side
-    from megamoe.models.lm.model import build_lm, mark_expert_replicas
-    from megamoe.models.vit.model import drop_router_biases
-    from megamoe.moe.routers import router_builder
-    from megamoe.specs.gpt_moe import modality_norm_options, moe_layer_pattern
-    from megamoe.specs.vit import encoder_block_spec
+    from megamoe.models.lm.model import build_lm
+    from megamoe.models.vit.model import build_vision_tower
+    from megamoe.specs.gpt_moe import modality_norm_options
 
     v, enc = cfg.model.vlm, encoder_config(cfg)
     side, r = patch_side(cfg), v.pixel_shuffle
@@ -373,18 +339,8 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
         vision_grid = grids.vision if grids is not None else None
         enc_pg = pg_collection if vision_grid is None else vision_grid.pg
         etc = encoder_transformer_config(cfg, tconfig, tp=enc_pg.tp.size())
-        pattern = moe_layer_pattern(enc.model.num_layers, enc.model.moe.layer_freq,
-                                    enc.model.moe.num_experts)
-        spec = encoder_block_spec(etc, pattern, router=router_builder(enc.model.moe),
-                                  shared_expert=bool(enc.model.moe.shared_expert_ffn_hidden_size),
-                                  pg_collection=enc_pg, experts=enc.model.moe.experts,
-                                  pp_rank=0, modality_norm=modality_norm_options(enc.model))
-        vision = VisionEncoder(etc, spec, image_size=cfg.data.image_size,
-                               patch_size=cfg.model.vit.patch_size,
-                               position_embedding=cfg.model.vit.position_embedding,
-                               pg_collection=enc_pg)
-        drop_router_biases([vision])
-        mark_expert_replicas([vision], etc)
+        vision = build_vision_tower(enc, etc, enc_pg,
+                                    modality_norm=modality_norm_options(enc.model))
         if vision_grid is not None:
             # encoder TP 1 on an LM TP group: every encoder parameter is a replica on the LM's
             # TP ranks, but Megatron's linears mark their weights TP-split whatever the TP

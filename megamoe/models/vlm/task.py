@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from megamoe.blocks.context import Context
-from megamoe.config.vlm import IMAGE_TOKEN_ID, patch_side
+from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_tokens
 from megamoe.data.scenes import CAPTION
 
 
@@ -65,7 +65,7 @@ class VLMTask:
         # single-process reference must run them as one micro-batch (megamoe.testing.parity)
         self.couples_dp_micro_batches = self.contrastive_coeff > 0
         self.seq_length = cfg.model.seq_length   # the pipeline's activation shape
-        self.num_patches = patch_side(cfg) ** 2
+        self.encoder_tokens = encoder_tokens(cfg)   # the encoder stream's sequence
 
     def collate(self, samples: dict, sample_index_B) -> dict:
         tokens_BS1 = torch.as_tensor(np.asarray(samples["tokens"]), dtype=torch.long)
@@ -108,7 +108,7 @@ class VLMTask:
         output = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
                        images=batch["images"].to(device), labels=batch["labels"].to(device),
                        context=self.context(batch, step),
-                       vision_context=vision_context(batch, step, self.num_patches),
+                       vision_context=vision_context(batch, step, self.encoder_tokens),
                        **captions)
         dp_group = getattr(model, "module", model).pg_collection.dp
         return output, partial(_loss_func, batch["loss_mask"].to(device),
