@@ -73,7 +73,7 @@ def boundary_bug_task(bug: str, overrides=(), steps: int = 3, reference_dp=None,
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("bug", ["permuted", "lm_dp_norm"])
 def test_asymmetric_grid_catches_injected_boundary_bugs(bug):
-    world, parallel, dp = CASES[-1][2]
+    world, parallel, dp = next(c[2] for c in CASES if c[0] == "vision_dp4_lm_dp2")
     ref = reference([], dp=dp, task=vlm_parity_task)
     got = run_distributed(boundary_bug_task, world, bug, VISION_TP1 + parallel)[0]
     problems = compare(ref, got)
