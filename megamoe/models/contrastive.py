@@ -96,7 +96,10 @@ class ContrastiveHead(torch.nn.Module):
 
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0; the backward sums the gathered gradient over the group and
-    returns this rank's slice, so every rank's loss reaches the owner of each sample."""
+    returns this rank's slice, so every rank's loss reaches the owner of each sample.
+    Not torch.distributed.nn.functional.all_gather (deprecated in torch 2.13): on gloo its
+    backward scatters with the group rank passed as a global rank, which fails on a DP group
+    other than ranks 0..W-1 (checked: TP2×DP2's group {1, 3}); it matched on the world group."""
 
     @staticmethod
     def forward(ctx, x_BD, group):
