@@ -24,7 +24,8 @@ A gather without that backward (or detached columns) loses Σ_{q≠r} ∂loss_su
 also scaled by W, or a mean loss on top of Megatron's division, would count it W times.
 With several micro-batches per step, negatives are the DP-gathered micro-batch m: the
 single-process equivalent is one micro-batch holding the DP ranks' micro-batches m
-concatenated in rank order (megamoe.testing.parity's reference splits them: see the report).
+concatenated in rank order (megamoe.testing.parity's reference runs them one by one, which
+gives each a smaller set of negatives: a parity case with this loss must concatenate them).
 TP ranks of one DP replica compute identical losses (inputs TP-replicated); Megatron does not
 sum replicated gradients over TP, so nothing changes there.
 
