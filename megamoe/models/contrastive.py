@@ -20,8 +20,9 @@ so the loss is exactly (1/N) Σ_i ℓ_i. Gradients, each term counted once:
   - a parameter θ feeding the embeddings then holds Σ_{i∈r} ∂L/∂e_i · ∂e_i/∂θ on rank r, and
     the DP sum adds disjoint sample sets: Σ_r = ∂L/∂θ. The scale s enters only through each
     rank's own rows, so its DP sum is ∂L/∂s too.
-A gather without that backward (or detached columns) loses Σ_{q≠r} ∂loss_sum_q/∂e_r; one that
-also scaled by W, or a mean loss on top of Megatron's division, would count it W times.
+A gather without that backward (or detached columns) loses Σ_{q≠r} ∂loss_sum_q/∂e_r; scoring
+all N rows on every rank (a global rather than local loss) with this backward would count
+every term W times.
 With several micro-batches per step, negatives are the DP-gathered micro-batch m: the
 single-process equivalent is one micro-batch holding the DP ranks' micro-batches m
 concatenated in rank order (megamoe.testing.parity's reference runs them one by one, which
@@ -49,15 +50,16 @@ class ContrastiveHead(torch.nn.Module):
 
     Temperature: CLIP learns the log logit scale, initialised to log(1/0.07), and clips the
     scale at 100 (arXiv 2103.00020 §2.5). LIMoE's own initial value could not be retrieved
-    here (no official code; papers.md §16.7 lists its τ as not retrieved), so the CLIP value is
-    the default. For reference, big_vision (Google's LiT/SigLIP code, the LIMoE authors' group)
+    here (no official code; the paper's text was not reachable; papers.md §5 gives none), so
+    the CLIP value is the default. For reference, Google's big_vision (LiT, SigLIP code)
     learns t = exp(t') with t' initialised to log(temperature_init): 1.0 by default
     (models/proj/image_text/two_towers.py), 10.0 in its LiT config
     (configs/proj/image_text/lit_coco.py) — `init_temperature=0.1` gives the latter.
     The learned parameter is an offset from log(1/init_temperature), started at 0 (megamoe's
     global init zeroes `*_offset` parameters: models/init.py); the gradient and every SGD/Adam
     step are those of CLIP's log-scale parameter. The scale is clamped at `max_logit_scale` in
-    the forward (no gradient beyond it), stateless where CLIP clamps the parameter in place.
+    the forward (no gradient beyond it), stateless where open_clip clamps the parameter in
+    place after each step.
 
     Projections: CLIP projects each tower's pooled output with a bias-free linear map into the
     joint space, because its towers have different widths. Here both embeddings are already in
