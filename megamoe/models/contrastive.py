@@ -62,7 +62,8 @@ class ContrastiveHead(torch.nn.Module):
     place after each step.
 
     Projections: CLIP projects each tower's pooled output with a bias-free linear map into the
-    joint space, because its towers have different widths. Here both embeddings are already in
+    joint space, because its towers have different widths (LIMoE's heads were not retrieved
+    either). Here both embeddings are already in
     the LM's hidden space D (the connector maps vision features into it), so the default is
     none: the loss then aligns the connector output with the LM's caption states directly.
     `proj_dim` adds CLIP's two bias-free projections D → P, which lets the loss shape a
