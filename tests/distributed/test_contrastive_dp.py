@@ -136,3 +136,39 @@ def test_contrastive_loss_matches_single_process(name, layout, dp):
         bad = res["plain_gather"]
         assert bad["loss"] <= LOSS_RTOL, bad
         assert bad["input_grad"] > 100 * GRAD_RTOL and bad["param_grad"] > 100 * GRAD_RTOL, bad
+
+
+def _initialised_head() -> tuple:
+    """(logit scale, projection std) of a head inside a Megatron module after megamoe's global
+    init: the scale stays at CLIP's start (the offset is zeroed), the projections are drawn."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import MegatronModule
+
+    from megamoe.models.contrastive import ContrastiveHead
+    from megamoe.models.init import init_global
+    from megamoe.parallel import ParallelDims, build_grids
+
+    build_grids(ParallelDims(world_size=dist.get_world_size(), tensor=2))
+
+    class Holder(MegatronModule):
+        def __init__(self):
+            super().__init__(TransformerConfig(num_layers=1, hidden_size=D, num_attention_heads=1))
+            self.head = ContrastiveHead(D, proj_dim=P)
+
+    holder = Holder()
+    with torch.no_grad():                      # init must overwrite both
+        holder.head.log_scale_offset.fill_(0.5)
+        holder.head.img_proj.weight.zero_()
+    init_global([holder], seed=0, std=0.02, num_layers=1)
+    return holder.head.logit_scale().item(), holder.head.img_proj.weight.std().item()
+
+
+@pytest.mark.timeout(300)
+def test_global_init_starts_the_head_at_clip_temperature():
+    results = run_distributed(_initialised_head, 4)
+    for scale, proj_std in results:
+        assert scale == pytest.approx(1 / 0.07, rel=1e-6)
+        assert 0.005 < proj_std < 0.05
+    assert len(set(results)) == 1              # replicated: the same values on every rank
