@@ -20,11 +20,13 @@ so the loss is exactly (1/N) Σ_i ℓ_i. Gradients, each term counted once:
   - a parameter θ feeding the embeddings then holds Σ_{i∈r} ∂L/∂e_i · ∂e_i/∂θ on rank r, and
     the DP sum adds disjoint sample sets: Σ_r = ∂L/∂θ. The scale s enters only through each
     rank's own rows, so its DP sum is ∂L/∂s too.
-A gather without that backward (or detached columns) loses Σ_{q≠r} ∂loss_sum_q/∂e_r; one that
-also scaled by W, or a mean loss on top of Megatron's division, would count it W times.
+A gather without that backward (or detached columns) loses Σ_{q≠r} ∂loss_sum_q/∂e_r; scoring
+all N rows on every rank (a global rather than local loss) with this backward would count
+every term W times.
 With several micro-batches per step, negatives are the DP-gathered micro-batch m: the
 single-process equivalent is one micro-batch holding the DP ranks' micro-batches m
-concatenated in rank order (megamoe.testing.parity's reference splits them: see the report).
+concatenated in rank order (megamoe.testing.parity's reference runs them one by one, which
+gives each a smaller set of negatives: a parity case with this loss must concatenate them).
 TP ranks of one DP replica compute identical losses (inputs TP-replicated); Megatron does not
 sum replicated gradients over TP, so nothing changes there.
 
@@ -48,18 +50,20 @@ class ContrastiveHead(torch.nn.Module):
 
     Temperature: CLIP learns the log logit scale, initialised to log(1/0.07), and clips the
     scale at 100 (arXiv 2103.00020 §2.5). LIMoE's own initial value could not be retrieved
-    here (no official code; papers.md §16.7 lists its τ as not retrieved), so the CLIP value is
-    the default. For reference, big_vision (Google's LiT/SigLIP code, the LIMoE authors' group)
+    here (no official code; the paper's text was not reachable; papers.md §5 gives none), so
+    the CLIP value is the default. For reference, Google's big_vision (LiT, SigLIP code)
     learns t = exp(t') with t' initialised to log(temperature_init): 1.0 by default
     (models/proj/image_text/two_towers.py), 10.0 in its LiT config
     (configs/proj/image_text/lit_coco.py) — `init_temperature=0.1` gives the latter.
     The learned parameter is an offset from log(1/init_temperature), started at 0 (megamoe's
     global init zeroes `*_offset` parameters: models/init.py); the gradient and every SGD/Adam
     step are those of CLIP's log-scale parameter. The scale is clamped at `max_logit_scale` in
-    the forward (no gradient beyond it), stateless where CLIP clamps the parameter in place.
+    the forward (no gradient beyond it), stateless where open_clip clamps the parameter in
+    place after each step.
 
     Projections: CLIP projects each tower's pooled output with a bias-free linear map into the
-    joint space, because its towers have different widths. Here both embeddings are already in
+    joint space, because its towers have different widths (LIMoE's heads were not retrieved
+    either). Here both embeddings are already in
     the LM's hidden space D (the connector maps vision features into it), so the default is
     none: the loss then aligns the connector output with the LM's caption states directly.
     `proj_dim` adds CLIP's two bias-free projections D → P, which lets the loss shape a
@@ -96,7 +100,10 @@ class ContrastiveHead(torch.nn.Module):
 
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0; the backward sums the gathered gradient over the group and
-    returns this rank's slice, so every rank's loss reaches the owner of each sample."""
+    returns this rank's slice, so every rank's loss reaches the owner of each sample.
+    Not torch.distributed.nn.functional.all_gather (deprecated in torch 2.13): on gloo its
+    backward scatters with the group rank passed as a global rank, which fails on a DP group
+    other than ranks 0..W-1 (checked: TP2×DP2's group {1, 3}); it matched on the world group."""
 
     @staticmethod
     def forward(ctx, x_BD, group):
