@@ -174,8 +174,8 @@ def test_max_sample_length_is_the_longest_sample(max_shapes, caption_fraction):
     assert max(lengths) == bound                   # an upper bound, and reached
     check_seq_length(bound - 1, T, max_shapes, caption_fraction)
     with pytest.raises(ConfigError, match=rf"^model\.seq_length: {bound - 2} is too short for "
-                                          rf"the scenes data: its longest sample needs "
-                                          rf"{bound - 1} \({T} image tokens"):
+                                          rf"the scenes data: its longest sample is {bound} "
+                                          rf"tokens, so it must be >= {bound - 1} \({T} image"):
         check_seq_length(bound - 2, T, max_shapes, caption_fraction)
 
 
