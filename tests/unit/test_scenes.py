@@ -241,6 +241,16 @@ def test_config_errors_name_the_field(overrides, fragment):
     assert str(e.value).startswith(fragment), str(e.value)
 
 
+def test_model_vocab_size_below_the_word_vocabulary_is_refused():
+    from megamoe.data.checks import check_inputs
+
+    need = scenes_tokenizer().vocab_size
+    check_inputs(load_config(None, ["data.kind=scenes", f"model.vocab_size={need}"]))
+    with pytest.raises(ConfigError, match=rf"^model\.vocab_size: {need - 1} is smaller than the "
+                                          rf"data's vocabulary \({need}, the scenes word"):
+        check_inputs(load_config(None, ["data.kind=scenes", f"model.vocab_size={need - 1}"]))
+
+
 def test_dataset_errors_name_the_field():
     cfg = SimpleNamespace(kind="scenes", shapes_seed=0, image_size=32, max_shapes=3,
                           caption_fraction=0.25)
