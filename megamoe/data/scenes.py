@@ -206,8 +206,8 @@ def check_seq_length(seq_length: int, image_tokens: int, max_shapes: int = 3,
     need = max_sample_length(image_tokens, max_shapes, caption_fraction) - 1
     if seq_length < need:
         fail("model.seq_length", f"{seq_length} is too short for the scenes data: its longest "
-             f"sample needs {need} ({image_tokens} image tokens, data.max_shapes {max_shapes}, "
-             f"data.caption_fraction {caption_fraction})")
+             f"sample is {need + 1} tokens, so it must be >= {need} ({image_tokens} image "
+             f"tokens, data.max_shapes {max_shapes}, data.caption_fraction {caption_fraction})")
 
 
 # ---- the dataset ----------------------------------------------------------------------------------
@@ -227,8 +227,8 @@ class ScenesDataset:
             raise ValueError(f"num_samples must be in [1, 2**40], got {num_samples}")
         if not isinstance(image_tokens, int) or image_tokens < 0:
             raise ValueError(f"image_tokens must be an integer >= 0, got {image_tokens!r}")
-        self.seed, self.image_size, self.split, self.num_samples = seed, image_size, split, \
-            num_samples
+        self.seed, self.image_size, self.split = seed, image_size, split
+        self.num_samples = num_samples
         self.tokenizer = scenes_tokenizer() if tokenizer is None else tokenizer
         self.image_tokens, self.max_shapes = image_tokens, max_shapes
         self.caption_fraction = caption_fraction

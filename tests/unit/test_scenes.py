@@ -168,14 +168,14 @@ def test_max_sample_length_is_the_longest_sample(max_shapes, caption_fraction):
     tok, T = scenes_tokenizer(), 16
     bound = max_sample_length(T, max_shapes, caption_fraction)
     lengths = []
-    for g in range(1500):
+    for g in range(800):
         d = describe_sample(0, g, max_shapes, caption_fraction)
         lengths.append(2 + T + len(tok.encode(d["prompt"])) + len(tok.encode(d["answer"])))
     assert max(lengths) == bound                   # an upper bound, and reached
     check_seq_length(bound - 1, T, max_shapes, caption_fraction)
     with pytest.raises(ConfigError, match=rf"^model\.seq_length: {bound - 2} is too short for "
-                                          rf"the scenes data: its longest sample needs "
-                                          rf"{bound - 1} \({T} image tokens"):
+                                          rf"the scenes data: its longest sample is {bound} "
+                                          rf"tokens, so it must be >= {bound - 1} \({T} image"):
         check_seq_length(bound - 2, T, max_shapes, caption_fraction)
 
 
@@ -211,19 +211,19 @@ def test_blind_accuracy_hand_computed_and_catches_a_leaky_wording():
 
 
 def test_blind_baselines_near_chance():
-    b = blind_baselines(0, max_shapes=3, caption_fraction=0.25, n_train=4000, n_valid=800)
+    b = blind_baselines(0, max_shapes=3, caption_fraction=0.25, n_train=2500, n_valid=600)
     # chance by hand: template 1 falls back to 0 when no colour is unique, P = (0 + 1/4 + 1/16)/3
     no_unique = (0 + 1 / 4 + 1 / 16) / 3
     p = [1 / 4 * (1 + no_unique), 1 / 4 * (1 - no_unique), 1 / 4, 1 / 4]
     chance = p[0] / 4 + p[1] / 6 + p[2] / 3 + p[3] / 4         # ≈ 0.252
-    assert b["num_questions"] + b["num_captions"] == 800 and 120 < b["num_captions"] < 280
+    assert b["num_questions"] + b["num_captions"] == 600 and 100 < b["num_captions"] < 200
     for key in ("template", "question"):
         assert abs(b[key] - chance) < 0.06 and b[key] < 0.35, (key, b)
     assert abs(b["per_template"]["count"] - 1 / 3) < 0.1
     assert b["caption"] < 0.05
     # in-sample the finer key can only gain: the per-question guess >= the per-template guess
     train = [(d["template"], d["prompt"], d["answer"])
-             for d in (describe_sample(0, g) for g in range(2000)) if d["template"] != CAPTION]
+             for d in (describe_sample(0, g) for g in range(1200)) if d["template"] != CAPTION]
     assert blind_accuracy(train, train, 1) >= blind_accuracy(train, train, 0)
 
 
@@ -239,6 +239,16 @@ def test_config_errors_name_the_field(overrides, fragment):
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, overrides))
     assert str(e.value).startswith(fragment), str(e.value)
+
+
+def test_model_vocab_size_below_the_word_vocabulary_is_refused():
+    from megamoe.data.checks import check_inputs
+
+    need = scenes_tokenizer().vocab_size
+    check_inputs(load_config(None, ["data.kind=scenes", f"model.vocab_size={need}"]))
+    with pytest.raises(ConfigError, match=rf"^model\.vocab_size: {need - 1} is smaller than the "
+                                          rf"data's vocabulary \({need}, the scenes word"):
+        check_inputs(load_config(None, ["data.kind=scenes", f"model.vocab_size={need - 1}"]))
 
 
 def test_dataset_errors_name_the_field():
