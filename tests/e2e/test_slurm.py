@@ -113,7 +113,7 @@ def test_submit_preempt_requeue_resumes_bit_identical(cluster, mpirun_run, tmp_p
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     _wait_for_job(job, timeout=360)
 
-    batch = (tmp_path / "logs" / f"quickstart-{job}.out").read_text()
+    batch = (tmp_path / "logs" / f"lm_quickstart-{job}.out").read_text()
     log = rank0.read_text()
     assert _job_field(job, "JobState") == "COMPLETED", batch
     assert _job_field(job, "Restarts") == "1", batch
@@ -141,7 +141,7 @@ def test_health_check_on_free_disk_stops_the_job_before_training(cluster, tmp_pa
     job = _submit(tmp_path, "--min-free-disk-gb", str(int(free_gib * 10) + 1), *SHORT,
                   "--set", f"run.dir={tmp_path / 'run'}")
     _wait_for_job(job, timeout=240)
-    batch = (tmp_path / "logs" / f"quickstart-{job}.out").read_text()
+    batch = (tmp_path / "logs" / f"lm_quickstart-{job}.out").read_text()
     errors = [ln for ln in batch.splitlines() if ln.startswith("megamoe: error:")]
     assert len(errors) == 1, batch
     assert re.match(r"megamoe: error: health check failed on node n1: free disk: [\d.]+ GiB "

@@ -60,7 +60,7 @@ def test_submit_queues_the_rendered_script_and_names_job_and_logs(sbatch_calls, 
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --gpus-per-node" not in script
     assert "export MEGAMOE_MIN_FREE_DISK_GB=50" in script
     out = capsys.readouterr().out
-    assert out.startswith("submitted job 123: 2 nodes x 2 ranks; log logs/quickstart-123.out")
+    assert out.startswith("submitted job 123: 2 nodes x 2 ranks; log logs/lm_quickstart-123.out")
     assert (tmp_path / "logs").is_dir()
 
 
