@@ -164,6 +164,20 @@ class VLMModel(LMModel):
             merged_SBD = scatter_to_sequence_parallel_region(merged_SBD, group=self.tp_group)
         return merged_SBD, image_nBD
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Megatron's sharded state, with the encoder's replicas on its own grid told apart:
+        Megatron derives a replica id from the module's TP group (size 1 here) and the LM's DP
+        rank, which the LM's TP ranks share, so each would claim to be the main replica and
+        the save is refused. Encoder TP 1 replicates it on every first-stage rank: the
+        stage's rank 0 is the main replica."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.vision_grid is not None:
+            replica = (0, 0, self.vision_grid.first_stage.rank())
+            for key, item in state.items():
+                if key.startswith(f"{prefix}vision.") and hasattr(item, "replica_id"):
+                    item.replica_id = replica
+        return state
+
     def encode_on_vision_grid(self, images_BCHW, vision_context: Context) -> torch.Tensor:
         """The encoder on its own grid (megamoe.parallel.grids.VisionGrid): the first stage's
         micro-batch (every LM DP rank's b samples, gathered in LM DP order = sample order)

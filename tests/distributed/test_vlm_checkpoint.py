@@ -1,0 +1,55 @@
+"""vlm checkpoints reshard, the encoder's own grid included: trained and saved under one layout
+(encoder TP 1 and DP 2 under an LM with TP 2; or EP2), loaded under another, the next steps
+match the single-process run that never stopped (model, Adam state, schedule, progress).
+Without the optimizer state the check fails. (Before the encoder's replicas got distinct
+replica ids, a save under its own grid was refused by Megatron's sharding validation.)"""
+
+import pytest
+
+from megamoe.testing.checkpointing import load_and_continue, straight, train_and_save
+from megamoe.testing.parity import TINY_VLM
+from megamoe.testing.pool import run_distributed
+
+K, MORE, LR = 2, 2, 0.01
+MODEL = [*TINY_VLM, "train.optimizer=adamw", f"train.lr={LR}", f"train.min_lr={LR}"]
+VISION_GRID = ["parallel.tensor=2", "parallel.vision_tensor=1"]
+PAIRS = [
+    ("vision_grid_to_one", (2, VISION_GRID), (1, [])),
+    ("ep2_to_vision_grid", (2, ["parallel.expert=2"]), (2, VISION_GRID)),
+]
+_STRAIGHT = {}
+
+
+def reference():
+    if "ref" not in _STRAIGHT:
+        _STRAIGHT["ref"] = run_distributed(straight, 1, list(MODEL), K + MORE)[0]
+    return _STRAIGHT["ref"]
+
+
+def _check(ref, got, atol):
+    (ref_losses, ref_params), (losses, params) = ref, got
+    for a, b in zip(ref_losses[K:], losses):
+        assert abs(a - b) <= 1e-5 * abs(a), (ref_losses, losses)
+    assert set(ref_params) == set(params)
+    worst = max((ref_params[k] - params[k]).abs().max().item() for k in ref_params)
+    assert worst <= atol, f"params differ by {worst:.2e} > {atol:.2e}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,save,load", PAIRS, ids=[p[0] for p in PAIRS])
+def test_vlm_reshard(name, save, load, tmp_path):
+    root = str(tmp_path / "ckpt")
+    saved = run_distributed(train_and_save, save[0], [*MODEL, *save[1]], root, K)[0]
+    ref = reference()
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(ref[0][:K], saved))
+    got = run_distributed(load_and_continue, load[0], [*MODEL, *load[1]], root, K, MORE)[0]
+    _check(ref, got, atol=0.05 * LR * MORE)
+
+
+@pytest.mark.timeout(600)
+def test_vlm_reshard_without_optimizer_state_is_detected(tmp_path):
+    root = str(tmp_path / "ckpt")
+    run_distributed(train_and_save, 2, [*MODEL, *VISION_GRID], root, K)
+    got = run_distributed(load_and_continue, 1, MODEL, root, K, MORE, load_optimizer=False)[0]
+    with pytest.raises(AssertionError):
+        _check(reference(), got, atol=0.05 * LR * MORE)
