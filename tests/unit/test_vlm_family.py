@@ -146,3 +146,39 @@ def test_vision_grid_is_refused_outside_the_vlm_family():
 
     with pytest.raises(ConfigError, match=r"^parallel.vision_tensor: only the vlm family"):
         tiny_config(["parallel.vision_tensor=1"])
+
+
+def modality_routing_task(overrides):
+    """Expert usage by modality ({modality: [E] counts}, per LM MoE layer) after one
+    evaluation step of a vlm routed by modality (VLMo's experts or Uni-MoE's pools)."""
+    from megamoe.commands.eval_vlm import modality_usage
+    from megamoe.engines.megatron import build_engine
+    from megamoe.models.registry import family_datasets
+
+    cfg = _check("parallel.world_size=1", "model.moe.router=modality",
+                 "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0", *overrides)
+    train, _, vocab = family_datasets(cfg)
+    engine = build_engine(cfg, vocab, torch.device("cpu"))
+    engine.eval_step([engine.task.collate(train.get_batch(list(range(4))), list(range(4)))])
+    usage = modality_usage(engine)
+    return {layer: {m: counts.tolist() for m, counts in rows.items()}
+            for layer, rows in usage.items()}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode,overrides,image_experts,text_experts", [
+    ("vlmo", ["model.moe.modality.mode=vlmo", "model.moe.topk=1"], {1}, {0}),
+    ("pools", ["model.moe.modality.mode=pools", "model.moe.modality.pool_sizes=[2,2]",
+               "model.moe.topk=2"], {2, 3}, {0, 1}),
+])
+def test_modality_ids_from_the_data_route_the_language_model(mode, overrides, image_experts,
+                                                             text_experts):
+    """The placeholders' modality id (1) reaches the LM's routers through the context: with
+    VLMo's modality experts image tokens use expert 1 only and text expert 0 only; with
+    Uni-MoE's pools (text experts 0-1, image 2-3, top-2) each modality stays in its pool."""
+    usage = run_distributed(modality_routing_task, 1, overrides)[0]
+    assert usage and all(set(rows) == {0, 1} for rows in usage.values()), usage
+    for rows in usage.values():
+        assert {e for e, n in enumerate(rows[1]) if n} == image_experts, (mode, rows)
+        assert {e for e, n in enumerate(rows[0]) if n} <= text_experts, (mode, rows)
+        assert sum(rows[0]) > 0
