@@ -182,3 +182,33 @@ def test_modality_ids_from_the_data_route_the_language_model(mode, overrides, im
         assert {e for e, n in enumerate(rows[1]) if n} == image_experts, (mode, rows)
         assert {e for e, n in enumerate(rows[0]) if n} <= text_experts, (mode, rows)
         assert sum(rows[0]) > 0
+
+
+def limoe_task():
+    """(step loss, the routing statistics' names) after one training step of a vlm routed by
+    LIMoE (dropless V-MoE routing with per-modality entropy losses)."""
+    import math
+
+    from megamoe.engines.megatron import build_engine
+    from megamoe.models.lm.model import moe_layers
+    from megamoe.models.registry import family_datasets
+
+    cfg = _check("parallel.world_size=1", "model.moe.router=limoe",
+                 "model.moe.vmoe.capacity_ratio=null", "model.moe.aux_loss_coeff=0",
+                 "model.moe.z_loss_coeff=0")
+    train, _, vocab = family_datasets(cfg)
+    engine = build_engine(cfg, vocab, torch.device("cpu"))
+    stats = engine.train_step([engine.task.collate(train.get_batch(list(range(4))),
+                                                   list(range(4)))])
+    names = {name for layer in moe_layers(engine.modules) for name in layer.stats_acc}
+    return stats["loss_sum"] / stats["units"], math.isfinite(stats["grad_norm"]), names
+
+
+@pytest.mark.timeout(300)
+def test_limoe_entropy_losses_see_both_modalities():
+    """LIMoE's per-modality entropy losses are computed for text (m0) and image (m1) tokens:
+    the modality ids reach them through the context."""
+    loss, finite_grad, names = run_distributed(limoe_task, 1)[0]
+    assert loss > 0 and finite_grad
+    want = {f"{kind}_entropy_m{m}" for kind in ("local", "global") for m in (0, 1)}
+    assert want <= names, names
