@@ -132,3 +132,15 @@ def checkpoint_logits(step_dir: str, tokens):
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, pos, None)[..., :engine.vocab_size]
+
+
+def check_continued(ref, got, done: int, atol: float) -> None:
+    """A run resumed after `done` steps (`load_and_continue`'s (losses, params)) against the
+    run that never stopped (`straight`'s): the later losses to 1e-5 relative, the parameters
+    within `atol` (AssertionError otherwise)."""
+    (ref_losses, ref_params), (losses, params) = ref, got
+    for a, b in zip(ref_losses[done:], losses):
+        assert abs(a - b) <= 1e-5 * abs(a), (ref_losses, losses)
+    assert set(ref_params) == set(params)
+    worst = max((ref_params[k] - params[k]).abs().max().item() for k in ref_params)
+    assert worst <= atol, f"params differ by {worst:.2e} > {atol:.2e}"

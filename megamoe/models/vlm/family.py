@@ -10,6 +10,7 @@ tokens as well — refused for now: see `check_vlm`.
 from __future__ import annotations
 
 from megamoe.config.errors import fail
+from megamoe.models.lm.family import LM, _check_mor as check_lm_mor
 from megamoe.models.registry import Family, register
 
 
@@ -66,12 +67,6 @@ def _task(cfg):
     return VLMTask(cfg)
 
 
-def _transformer_config(cfg, dims, *, sequence_parallel: bool, dtype):
-    from megamoe.models.lm.model import transformer_config
-
-    return transformer_config(cfg, dims, sequence_parallel=sequence_parallel, dtype=dtype)
-
-
 def _build(cfg, tconfig, grid, vocab_size: int, grids=None) -> list:
     from megamoe.models.vlm.model import build_vlm
 
@@ -108,49 +103,25 @@ def _describe(cfg, _vocab: int) -> dict:
             "encoder": f"{v.encoder_num_layers} layers, width {v.encoder_hidden_size}, {moe}"}
 
 
-def _after_step_hooks(chunks, grid) -> list:
-    from megamoe.models.lm.family import _after_step_hooks as lm_hooks
-
-    return lm_hooks(chunks, grid)
-
-
-def _step_metrics(cfg, chunks, grid, vocab_size: int):
-    from megamoe.models.lm.family import _step_metrics as lm_metrics
-
-    return lm_metrics(cfg, chunks, grid, vocab_size)
-
-
 def _grad_sync(chunks, grids):
     from megamoe.models.vlm.model import encoder_grad_sync
 
     return encoder_grad_sync(chunks, grids)
 
 
-def _check_mor(cfg) -> None:
-    from megamoe.mor.checks import check_mor
-
-    check_mor(cfg)
-
-
-def _check_router_causality(cfg) -> None:
-    from megamoe.moe.routers import check_router_causality
-
-    check_router_causality(cfg)
-
-
 VLM = register(Family(
     name="vlm",
-    transformer_config=_transformer_config,
+    transformer_config=LM.transformer_config,     # the decoder is the lm family's
     build=_build,
     task=_task,
     parameter_counts=_parameter_counts,
     flops_per_unit=_flops_per_token,
-    checks=(check_vlm, _check_mor),
-    launch_checks=(_check_router_causality,),
+    checks=(check_vlm, check_lm_mor),
+    launch_checks=LM.launch_checks,             # the decoder's router causality
     causal=True,
     unit="token",
-    step_metrics=_step_metrics,
-    after_step_hooks=_after_step_hooks,
+    step_metrics=LM.step_metrics,               # MoR's depth statistics
+    after_step_hooks=LM.after_step_hooks,       # every MoE layer's router, MoR's bias
     describe=_describe,
     dataset_kwargs=_dataset_kwargs,
     grad_sync=_grad_sync,
