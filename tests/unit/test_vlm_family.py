@@ -212,3 +212,13 @@ def test_limoe_entropy_losses_see_both_modalities():
     assert loss > 0 and finite_grad
     want = {f"{kind}_entropy_m{m}" for kind in ("local", "global") for m in (0, 1)}
     assert want <= names, names
+
+
+def test_the_placeholder_id_is_the_tokenizers():
+    """The model finds image placeholders by id (megamoe.config.vlm.IMAGE_TOKEN_ID); the data
+    writes the word tokenizer's "<image>"."""
+    from megamoe.config.vlm import IMAGE_TOKEN_ID
+    from megamoe.data.scenes import scenes_tokenizer
+
+    tok = scenes_tokenizer()
+    assert tok.image_id == IMAGE_TOKEN_ID == tok.encode("<image>")[0]
