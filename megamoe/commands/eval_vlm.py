@@ -38,7 +38,7 @@ class NeighbourImages:
     def get_batch(self, indices) -> dict:
         indices = np.asarray(indices)
         batch = dict(self.dataset.get_batch(indices))
-        batch["images"] = self.dataset.get_batch((indices + 1) % len(self.dataset))["images"]
+        batch["images"] = self.dataset.get_images((indices + 1) % len(self.dataset))
         return batch
 
 

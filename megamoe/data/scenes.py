@@ -289,6 +289,13 @@ class ScenesDataset:
                 "answer_text": d["answer"], "caption_tokens": caption_L,
                 "caption_end": caption_end}
 
+    def get_images(self, indices) -> np.ndarray:
+        """uint8 [B, 3, H, W]: the images alone of split samples `indices` (no text)."""
+        H = self.image_size
+        images = [render_scene(self.seed, self.global_index(int(i)), self.max_shapes, H,
+                               _interp=self._interp) for i in np.asarray(indices).reshape(-1)]
+        return np.stack(images) if images else np.zeros((0, 3, H, H), np.uint8)
+
     def get_batch(self, indices) -> dict:
         """The batch of split samples `indices`: arrays stacked on a leading B (module docstring)."""
         items = [self[int(i)] for i in np.asarray(indices).reshape(-1)]

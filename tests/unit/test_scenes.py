@@ -273,3 +273,13 @@ def test_every_word_is_in_the_vocabulary_and_contact_sheet(tmp_path, capsys):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] == 2 * (64 + 4) + 4
     assert "4 scenes" in capsys.readouterr().out
+
+
+def test_get_images_are_get_batch_images():
+    """The images-only path (megamoe eval's neighbour-image ablation) draws the same pixels."""
+    from megamoe.data.scenes import ScenesDataset
+
+    d = ScenesDataset(num_samples=20, image_tokens=4, split="valid")
+    idx = [3, 7, 19, 0]
+    assert np.array_equal(d.get_images(idx), d.get_batch(idx)["images"])
+    assert d.get_images([]).shape == (0, 3, 32, 32)
