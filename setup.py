@@ -37,6 +37,9 @@ setup(
         "mpi": ["mpi4py"],
         # the releases tests/unit/test_hf_transformers_range.py checks (floor and newest)
         "hf": ["transformers>=5.18,<5.25", "safetensors"],
+        # the dit family: diffusers' noise schedulers and samplers (schedulers only; the export
+        # writes a diffusers pipeline folder), torchmetrics' KID/FID on custom features
+        "diffusion": ["diffusers>=0.42,<0.43", "torchmetrics>=1.9,<2"],
         "test": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["megamoe=megamoe.cli:main"]},
