@@ -1,0 +1,41 @@
+"""Test configs and pool tasks of the `dit` family: the tiny DiT-MoE the parity, checkpoint
+and model tests share, and what they compare besides megamoe.testing.parity's (the EMA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamoe.testing.parity import parity_task
+
+TINY_DIT = [
+    "model.family=dit", "data.kind=shapes", "data.image_size=16", "data.num_classes=6",
+    "model.dit.patch_size=4", "model.dit.ema_decay=0.9", "model.dit.class_dropout=0.25",
+    "model.dit.frequency_embedding_size=32",
+    "model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64",
+    "model.num_attention_heads=4", "model.moe.num_experts=4", "model.moe.topk=2",
+    "model.moe.ffn_hidden_size=48", "model.moe.layer_freq=[0,1,0,1]",
+    "model.moe.router=dit_moe", "model.moe.shared_expert_ffn_hidden_size=32",
+    "model.moe.aux_loss_coeff=0.01", "model.moe.z_loss_coeff=0",
+    "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.optimizer=sgd", "train.lr=0.1", "train.min_lr=0.1", "train.lr_schedule=constant",
+    "train.warmup_steps=0", "train.weight_decay=0.0", "train.clip_grad=0.5",
+    "train.precision=fp32", "run.tensorboard=false", "run.progress=false",
+]
+DENSE = ["model.moe.num_experts=0", "model.moe.shared_expert_ffn_hidden_size=0"]
+
+
+def dit_parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb=False):
+    """`parity_task` for the dit family: TINY_DIT + `overrides` on shapes images."""
+    return parity_task([*TINY_DIT, *overrides], steps, reference_dp, perturb)
+
+
+def perturb_embedder(engine, scale: float = 1e-2) -> bool:
+    """A negative control for the replicated embedders: the timestep MLP perturbed on the last
+    rank only (a pipeline replica that drifts from the others)."""
+    if dist.get_rank() == dist.get_world_size() - 1:
+        with torch.no_grad():
+            w = engine.modules[-1].t_embedder.mlp_in.weight
+            g = torch.Generator().manual_seed(97)
+            w.add_(torch.randn(w.shape, generator=g) * scale)
+    return True
