@@ -25,9 +25,39 @@ TINY_DIT = [
 DENSE = ["model.moe.num_experts=0", "model.moe.shared_expert_ffn_hidden_size=0"]
 
 
+@torch.no_grad()
+def warm_start(engine, std: float = 0.05, seed: int = 11) -> None:
+    """Every adaLN-Zero tensor (block and final modulations, final projection) filled with
+    values drawn from its global key, in every layout alike, and the EMA restarted from there.
+    From the zero start the conditioning has no effect and the embedders get no gradient at
+    step 1, so a parity check from there would not see them."""
+    from megamoe.models.global_view import parameter_shards
+
+    for sh in parameter_shards(engine.modules):
+        if "adaln_zero" not in sh.key:
+            continue
+        p = sh.prepend_axis_num
+        shape = tuple(sh.global_shape[p:])
+        g = torch.Generator().manual_seed(seed + sum(map(ord, f"{sh.key}{sh.global_offset[:p]}")))
+        values = torch.randn(shape, generator=g) * std
+        index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[p:], sh.local_shape))
+        sh.data.copy_(values[index].reshape(sh.data.shape))
+    for chunk in engine.modules:
+        chunk.ema.reset()
+
+
 def dit_parity_task(overrides=(), steps: int = 3, reference_dp=None, perturb=False):
-    """`parity_task` for the dit family: TINY_DIT + `overrides` on shapes images."""
-    return parity_task([*TINY_DIT, *overrides], steps, reference_dp, perturb)
+    """`parity_task` for the dit family: TINY_DIT + `overrides` on shapes images, from the warm
+    start; `perturb` (True: one expert; or a function of the engine) after it."""
+    from megamoe.testing.parity import perturb_one_expert
+
+    def start(engine):
+        warm_start(engine)
+        if perturb:
+            (perturb if callable(perturb) else perturb_one_expert)(engine)
+        return True
+
+    return parity_task([*TINY_DIT, *overrides], steps, reference_dp, start)
 
 
 def perturb_embedder(engine, scale: float = 1e-2) -> bool:

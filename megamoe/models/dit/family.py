@@ -50,6 +50,9 @@ def check_dit(cfg) -> None:
     if moe.num_experts and moe.fp8.recipe != "none":
         fail("model.moe.fp8.recipe", "FP8 experts have no biases yet and DiT experts do; "
              "use 'none'")
+    if moe.num_experts and cfg.parallel.expert_tensor_size > 1:
+        fail("parallel.expert_tensor", f"{cfg.parallel.expert_tensor_size}: Megatron's biased "
+             "experts (DiT's) need expert tensor parallelism 1; set parallel.expert_tensor: 1")
     if moe.num_experts and moe.experts == "grouped":
         fail("model.moe.experts", "'grouped' experts have no biases yet and DiT experts do; "
              "use 'sequential'")

@@ -12,7 +12,8 @@ replicated on every pipeline chunk, with identical values (initialisation is a f
 global parameter name) and identical updates: `embedder_grad_sync` (the family's `grad_sync`)
 sums their gradients over the chunks of the rank and the pipeline group before Megatron's DP
 reduction, as Megatron does for tied word embeddings. In checkpoints only the first chunk's
-copy is the main replica. (The alternative, sending c between stages, needs a second p2p
+copy is the main replica, and only its gradient counts in the gradient norm (the others
+carry Megatron's `shared` mark, as a tied output layer does). (The alternative, sending c between stages, needs a second p2p
 tensor per micro-batch and a backward for it, which Megatron's schedules do not carry.)
 
 Sequence parallelism. The patch embedding runs on the whole image and is scattered along the
@@ -131,6 +132,8 @@ class DiTModel(MegatronModule):
         for module in (self.t_embedder, self.y_embedder):
             for p in module.parameters():
                 p.sequence_parallel = config.sequence_parallel
+                # a copy: counted once in the gradient norm (Megatron's tied-embedding mark)
+                p.shared = replica_index > 0
         self.decoder = ContextTransformerBlock(config=config, spec=spec, pre_process=pre_process,
                                                post_process=post_process,
                                                pg_collection=pg_collection, vp_stage=vp_stage,
