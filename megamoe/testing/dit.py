@@ -22,7 +22,8 @@ TINY_DIT = [
     "train.warmup_steps=0", "train.weight_decay=0.0", "train.clip_grad=0.5",
     "train.precision=fp32", "run.tensorboard=false", "run.progress=false",
 ]
-DENSE = ["model.moe.num_experts=0", "model.moe.shared_expert_ffn_hidden_size=0"]
+DENSE = ["model.moe.num_experts=0", "model.moe.router=topk",
+         "model.moe.shared_expert_ffn_hidden_size=0"]
 
 
 @torch.no_grad()
