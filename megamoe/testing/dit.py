@@ -70,3 +70,33 @@ def perturb_embedder(engine, scale: float = 1e-2) -> bool:
             g = torch.Generator().manual_seed(97)
             w.add_(torch.randn(w.shape, generator=g) * scale)
     return True
+
+
+def _with_ema(engine, losses):
+    """(losses, parameters, EMA) gathered on rank 0, None elsewhere."""
+    from megamoe.models.dit.ema import ema_weights
+    from megamoe.models.global_view import gather_global
+
+    params = gather_global(engine.modules)
+    with ema_weights(engine.modules):
+        ema = gather_global(engine.modules)
+    return (losses, params, ema) if dist.get_rank() == 0 else None
+
+
+def straight_with_ema(overrides, steps: int):
+    """megamoe.testing.checkpointing.straight, with the EMA."""
+    from megamoe.testing.checkpointing import _engine, _steps
+
+    engine = _engine(overrides)
+    return _with_ema(engine, _steps(engine, 0, steps))
+
+
+def continue_with_ema(overrides, root: str, start: int, steps: int):
+    """megamoe.testing.checkpointing.load_and_continue, with the EMA."""
+    from megamoe.checkpoint.load import load_checkpoint, resolve
+    from megamoe.testing.checkpointing import _engine, _steps
+
+    engine = _engine(overrides)
+    load_checkpoint(engine, resolve(root, log=lambda *_: None))
+    assert engine.step == start
+    return _with_ema(engine, _steps(engine, start, start + steps))
