@@ -3,7 +3,8 @@ uint8, labels [B])).
 
 A micro-batch holds the clean images, their labels and each image's global `sample_index`.
 The noise, timestep and label drop of each image come from (run.seed, step, sample index)
-(megamoe.models.dit.objective), on every pipeline stage alike. The loss unit is the image: a
+(megamoe.models.dit.objective), on every pipeline stage alike; in evaluation the draws of step 0,
+so a held-out loss sees the same (x, ε, t, label drop) at every step. The loss unit is the image: a
 micro-batch returns the sum of its per-image mean squared errors and its image count, which
 Megatron divides by the global count (`calculate_per_token_loss`), so any DP size and
 micro-batch split gives the same gradients.
@@ -58,7 +59,8 @@ class DiTTask:
         last stage's output is the per-image loss [B]."""
         from megamoe.models.dit.model import dit_context
 
-        noised = self.noised(batch, step)
+        draw_step = step if model.training else 0     # held-out losses: fixed (x, ε, t)
+        noised = self.noised(batch, draw_step)
         context = dit_context(batch["sample_index"], noised.timesteps_B, noised.labels_B, step)
         output = model(noised.x_t_BCHW.to(device), noised.target_BCHW.to(device),
                        context=context)
