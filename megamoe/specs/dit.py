@@ -28,17 +28,17 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from megatron.core.models.gpt.gpt_layer_specs import get_transformer_layer_offset
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_layer import (TransformerLayer,
                                                          TransformerLayerSubmodules)
 from megatron.core.utils import make_viewless_tensor
-from megatron.core.models.gpt.gpt_layer_specs import get_transformer_layer_offset
-from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from megamoe.blocks.context import current_context
 from megamoe.specs.gpt_moe import _mlp_submodules, attention_spec, moe_spec
