@@ -165,7 +165,9 @@ def model_task(overrides, probe: str):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("overrides", [[], DENSE], ids=["dit_moe", "dense"])
+@pytest.mark.parametrize("overrides", [
+    [], DENSE, ["model.moe.router=diff_moe", "model.moe.diff_moe.calibration_rank=8"],
+], ids=["dit_moe", "dense", "diff_moe"])
 def test_zero_output_at_initialisation_and_parameter_count(overrides):
     out, built, counted = run_distributed(model_task, 1, overrides, "init")[0]
     assert out == 0.0
