@@ -12,11 +12,11 @@ from megamoe.testing.dit import dit_parity_task, perturb_embedder
 from megamoe.testing.parity import check_layout, compare, reference
 from megamoe.testing.pool import run_distributed
 
-# (name, layout, negative control). TP2 with expert-TP 1 and EP 1: each TP rank's expert copy
-# is a replica, and an expert perturbed on the last rank left step 1 unchanged in a trial
-# (Megatron's dispatch there does not run that rank's copy on its tokens): the control is the
-# conditioning path instead, the timestep embedder perturbed on the last TP rank, whose tokens
-# it modulates under SP.
+# (name, layout, negative control). TP2 with expert-TP 1 and EP 1: each TP rank holds a replica
+# of every expert for its own slice of the tokens; in a trial the perturbed expert of the last
+# rank received none of that rank's 32 tokens at step 1 and the later change stayed within the
+# tolerances, so the control is the conditioning path instead: the timestep embedder perturbed
+# on the last TP rank, whose tokens it modulates under SP.
 CASES = [
     ("ep2", (2, ["parallel.expert=2"], 2), True),
     ("tp2_sp", (2, ["parallel.tensor=2", "parallel.expert_tensor=1"], 1), perturb_embedder),
