@@ -14,7 +14,7 @@ from megamoe.testing.pool import run_distributed
 
 # (name, layout, negative control). TP2 with expert-TP 1 and EP 1: each TP rank holds a replica
 # of every expert for its own slice of the tokens; in a trial the perturbed expert of the last
-# rank received none of that rank's 32 tokens at step 1 and the later change stayed within the
+# rank received none of that rank's 64 tokens at step 1 and the later change stayed within the
 # tolerances, so the control is the conditioning path instead: the timestep embedder perturbed
 # on the last TP rank, whose tokens it modulates under SP.
 CASES = [
