@@ -35,12 +35,6 @@ def check_vit(cfg) -> None:
     if moe.num_experts and moe.router not in ROUTERS_FOR_VIT:
         fail("model.moe.router", f"'{moe.router}' does not support the vit task (it needs "
              f"context an image classifier lacks); choose one of {', '.join(ROUTERS_FOR_VIT)}")
-    if moe.num_experts and moe.fp8.recipe != "none":
-        fail("model.moe.fp8.recipe", "FP8 experts have no biases yet and ViT experts do; "
-             "use 'none'")
-    if moe.num_experts and moe.experts == "grouped":
-        fail("model.moe.experts", "'grouped' experts have no biases yet and ViT experts do; "
-             "use 'sequential'")
 
 
 def _task(cfg):
