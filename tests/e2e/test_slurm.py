@@ -1,7 +1,8 @@
 """The launch paths on a real Slurm cluster (scripts/slurm_local.sh: munge, slurmctld, two
 emulated nodes n1 and n2 on this host) and under OpenMPI's mpirun:
 - `mpirun -np 4 megamoe train` (no MASTER_ADDR: rank 0 shares it through mpi4py) trains the
-  quickstart recipe; its losses are the reference of the Slurm run;
+  quickstart recipe; its losses are the reference of the Slurm run and of the same training
+  under DeepSpeed's launcher (launchers/deepspeed.sh: `deepspeed --num_gpus 4`, gloo on CPU);
 - `megamoe submit` a 2-node x 2-task CPU job, pre-empt it through Slurm (`scancel --signal=USR1
   --batch`: the batch shell forwards it to the step), which saves, requeues itself, resumes and
   finishes with a summary and losses bit-identical, step for step, to the uninterrupted run;
@@ -73,6 +74,28 @@ def test_mpirun_trains_with_rendezvous_through_mpi4py(mpirun_run):
     assert summary["steps"] == STEPS and summary["world_size"] == 4, summary
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     assert "layout: TP2·PP1·DP2·EP2" in stdout, stdout[-2000:]
+
+
+@pytest.mark.timeout(480)
+def test_deepspeed_launcher_trains_bit_identical_to_mpirun(mpirun_run, tmp_path):
+    """The deepspeed launcher's rank variables (CROSS_RANK, LOCAL_SIZE, RANK, ...) give the same
+    ranks and layout as mpirun's, hence the same losses, step for step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = dict(ENV, PYTHON=sys.executable, MASTER_PORT=str(port),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", ""))
+    out = subprocess.run(["bash", os.path.join(ROOT, "launchers", "deepspeed.sh"), CONFIG,
+                          *SHORT, "--set", f"run.dir={run_dir}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "num_local_procs=4" in out.stdout + out.stderr    # DeepSpeed's launcher started them
+    assert "layout: TP2·PP1·DP2·EP2" in out.stdout, out.stdout[-2000:]
+    want = losses(mpirun_run[0])
+    assert len(want) == STEPS and losses(run_dir) == want
 
 
 def _wait_for_job(job: str, timeout: float) -> None:
