@@ -3,6 +3,7 @@
 - The EMA of the thresholds over two data-parallel ranks, by hand: every rank adds its
   micro-batches' quantiles, and after the step τ moves towards their mean over all of the
   step's micro-batches (not the mean of the ranks' means).
+- The thresholds and the capacity predictor round-trip through a checkpoint (EP2).
 - The vit family under EP2 (DP2): the same loss, step-1 gradients, parameters after 3 steps and
   thresholds (`expert_threshold`, a router buffer) as the single-process reference, which runs
   each rank's micro-batch as its own pool; perturbing one expert on one rank must break it.
@@ -13,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megamoe.testing.parity import EP2, check_layout, reference, vit_parity_task
+from megamoe.testing.checkpointing import save_then_load
+from megamoe.testing.parity import EP2, TINY_VIT, check_layout, reference, vit_parity_task
 from megamoe.testing.pool import run_distributed
 
 DIFFMOE = ["model.moe.router=diffmoe", "model.moe.diffmoe.predictor_loss_coeff=0.5"]
@@ -67,3 +69,13 @@ def test_vit_diffmoe_ep2_matches_single_process():
     assert len(thresholds) == 2 and all(bool((t > 0).all()) for t in thresholds)
     assert ref.losses[0] > 0
     check_layout(DIFFMOE, EP2, ref, task=vit_parity_task)
+
+
+@pytest.mark.timeout(300)
+def test_thresholds_and_predictor_round_trip_through_a_checkpoint(tmp_path):
+    """Every tensor randomised, saved, loaded into a differently seeded model: none differs."""
+    model = [*TINY_VIT, *DIFFMOE, "parallel.expert=2"]
+    out = run_distributed(save_then_load, 2, model, str(tmp_path), model)[0]
+    assert out["differ"] == [], out["differ"]
+    assert any(k.endswith("router.expert_threshold") for k in out["keys"])
+    assert any(".router.capacity_predictor.2.weight" in k for k in out["keys"])
