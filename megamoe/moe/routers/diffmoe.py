@@ -28,7 +28,8 @@ the same rule.
 Inference (`inference`):
 - threshold (default): M_te = 1[σ(p_te) > τ_e], so k_e = #{t : σ(p_te) > τ_e} and each token's
   experts depend on that token alone: batch-independent (one image alone routes as inside a
-  batch) and causal. This follows the paper's per-token reading of the dynamic capacity.
+  batch) and causal: the inference rule issue 15 asks for (the paper's text was not retrieved
+  here; papers.md §8b describes the code).
 - pool_topk: the code's `forward_eval`: k_e = #{t : σ(p_te) > τ_e} over the pool, and expert e
   takes its top-k_e tokens *by gate score* s. The counts are the same, but which tokens get
   them depends on the other samples: batch-dependent.
