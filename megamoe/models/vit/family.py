@@ -11,7 +11,7 @@ from megamoe.config.errors import fail
 from megamoe.models.registry import Family, register
 
 # router families that route image tokens on hidden states and the sample index alone
-ROUTERS_FOR_VIT = ("topk", "vmoe", "soft", "expert_choice", "dit_moe")
+ROUTERS_FOR_VIT = ("topk", "vmoe", "soft", "expert_choice", "dit_moe", "diffmoe")
 
 
 def check_vit(cfg) -> None:
@@ -68,7 +68,7 @@ def _flops_per_image(cfg, _output_size: int) -> float:
 
 
 def _after_step_hooks(chunks, grid) -> list:
-    """The routers' end-of-step updates (V-MoE's noise step)."""
+    """The routers' end-of-step updates (V-MoE's noise step, DiffMoE's thresholds)."""
     from megamoe.models.lm.model import moe_layers
 
     return [layer.router.after_step for layer in moe_layers(chunks)]
