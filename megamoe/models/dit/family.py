@@ -15,7 +15,7 @@ from megamoe.models.registry import Family, register
 
 # router families that route image tokens on hidden states, the sample index and the
 # conditioning c; another family's router joins by adding its key here
-ROUTERS_FOR_DIT = ("topk", "dit_moe", "diff_moe", "expert_choice", "race")
+ROUTERS_FOR_DIT = ("topk", "dit_moe", "diff_moe", "diffmoe", "expert_choice", "race")
 
 
 def check_dit(cfg) -> None:
