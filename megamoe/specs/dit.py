@@ -112,8 +112,9 @@ class UnbiasedSharedExpertMLP(SharedExpertMLP):
 
 
 def dit_layer_spec(is_moe: bool, *, router, shared_expert: bool, pg_collection=None,
-                   experts: str = "sequential") -> ModuleSpec:
-    mlp = (moe_spec(router, shared_expert, pg_collection, experts) if is_moe
+                   experts: str = "sequential", fp8=None) -> ModuleSpec:
+    """One DiT block; `experts`, `fp8`: the experts' back end (megamoe.specs.gpt_moe)."""
+    mlp = (moe_spec(router, shared_expert, pg_collection, experts, fp8) if is_moe
            else ModuleSpec(module=MLP, submodules=_mlp_submodules()))
     if is_moe and shared_expert:
         mlp.submodules.shared_experts.module = UnbiasedSharedExpertMLP
@@ -129,13 +130,16 @@ def dit_layer_spec(is_moe: bool, *, router, shared_expert: bool, pg_collection=N
 
 
 def dit_block_spec(tconfig, pattern: list[bool], *, router, shared_expert: bool,
-                   pg_collection=None, experts: str = "sequential",
+                   pg_collection=None, experts: str = "sequential", fp8=None,
                    vp_stage: int | None = None, pp_rank: int | None = None
                    ) -> TransformerBlockSubmodules:
-    """This pipeline stage's slice of the DiT blocks (`pattern`: MoE or dense per layer). The
-    block has no final norm: the model's final adaLN layer follows it."""
+    """This pipeline stage's slice of the DiT blocks (`pattern`: MoE or dense per layer);
+    layers in `fp8.keep_high_precision_layers` keep high-precision experts. The block has no
+    final norm: the model's final adaLN layer follows it."""
     specs = [dit_layer_spec(m, router=router, shared_expert=shared_expert,
-                            pg_collection=pg_collection, experts=experts) for m in pattern]
+                            pg_collection=pg_collection, experts=experts,
+                            fp8=None if fp8 is None or fp8.keeps(i, len(pattern)) else fp8)
+             for i, m in enumerate(pattern)]
     n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n_local],

@@ -47,15 +47,9 @@ def check_dit(cfg) -> None:
     if moe.num_experts and moe.router == "race" and moe.race.plr_coeff:
         fail("model.moe.race.plr_coeff", "Race's per-layer regularisation reads per-token "
              "labels, which the dit task does not provide yet; set 0")
-    if moe.num_experts and moe.fp8.recipe != "none":
-        fail("model.moe.fp8.recipe", "FP8 experts have no biases yet and DiT experts do; "
-             "use 'none'")
     if moe.num_experts and cfg.parallel.expert_tensor_size > 1:
         fail("parallel.expert_tensor", f"{cfg.parallel.expert_tensor_size}: Megatron's biased "
              "experts (DiT's) need expert tensor parallelism 1; set parallel.expert_tensor: 1")
-    if moe.num_experts and moe.experts == "grouped":
-        fail("model.moe.experts", "'grouped' experts have no biases yet and DiT experts do; "
-             "use 'sequential'")
 
 
 def _task(cfg):

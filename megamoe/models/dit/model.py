@@ -210,7 +210,7 @@ def build_dit(cfg, tconfig: TransformerConfig, pg_collection, num_classes: int) 
         spec = dit_block_spec(tconfig, pattern, router=router_builder(moe),
                               shared_expert=bool(moe.shared_expert_ffn_hidden_size),
                               pg_collection=pg_collection, experts=moe.experts,
-                              vp_stage=vp_stage, pp_rank=pp_rank)
+                              fp8=moe.fp8, vp_stage=vp_stage, pp_rank=pp_rank)
         chunks.append(DiTModel(
             tconfig, spec, image_size=cfg.data.image_size, patch_size=d.patch_size,
             num_classes=num_classes, frequency_size=d.frequency_embedding_size,
