@@ -26,7 +26,14 @@ LLAVA = ["model.vit.patch_size=8", "model.vit.pool=cls", "model.vlm.pixel_shuffl
 # biased patch projection, and VLMo's modality experts (image tokens → expert 1, text → 0)
 REMOTE = ["model.moe.router=modality", "model.moe.modality.mode=vlmo", "model.moe.topk=1",
           "model.moe.z_loss_coeff=0", "model.moe.aux_loss_coeff=0"]
-CASES = {"llava": (LLAVA, "llava"), "remote_code": (REMOTE, "megamoe_vlm")}
+CASES = {   # (overrides, model_type, text model_type)
+    "llava": (LLAVA, "llava", "mixtral"),
+    "llava_qwen2_moe": ([*LLAVA, "model.moe.shared_expert_ffn_hidden_size=32",
+                         "model.moe.shared_expert_gate=true", "model.add_qkv_bias=true"],
+                        "llava", "qwen2_moe"),
+    "llava_qwen3_moe": ([*LLAVA, "model.qk_layernorm=true"], "llava", "qwen3_moe"),
+    "remote_code": (REMOTE, "megamoe_vlm", "megamoe"),
+}
 
 
 def _cfg(*overrides):
@@ -53,7 +60,7 @@ def _controls(name: str, hf, batch, pixels, ours) -> dict:
     import sys
 
     out = {}
-    if name == "llava":
+    if name.startswith("llava"):
         proj = hf.model.multi_modal_projector
         proj.linear_1, proj.linear_2 = proj.linear_2, proj.linear_1   # both [D, D] here
         out["swapped_projector"] = (_hf_logits(hf, batch, pixels) - ours).abs().max().item()
@@ -101,14 +108,17 @@ def export_task(name: str, out: str, run_dir: str):
                      vision_context=vision_context(batch, 0, task.encoder_tokens))[..., :vocab]
     tensors = gather_global(engine.modules)
     export_hf(tensors, cfg, out)
-    hf = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=name != "llava",
+    remote = not name.startswith("llava")
+    hf = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=remote,
                                                      local_files_only=True).eval()
     pixels = batch["images"].float() / 127.5 - 1.0
     theirs = _hf_logits(hf, batch, pixels)
+    text_type = getattr(hf.config.text_config, "model_type", None)
     result = {"family": family_for(cfg).MODEL_TYPE, "class": type(hf).__name__,
-              "err": (theirs - ours).abs().max().item(), "scale": ours.abs().max().item(),
+              "text": text_type, "err": (theirs - ours).abs().max().item(),
+              "scale": ours.abs().max().item(),
               "uint8_err": (_hf_logits(hf, batch, batch["images"]) - ours).abs().max().item()
-              if name != "llava" else 0.0,
+              if remote else 0.0,
               **_controls(name, hf, batch, pixels, ours)}
     arch, back = import_hf(out)
     rebuilt = build_engine(load_config(None, [*arch, "parallel.world_size=1"]), vocab,
@@ -136,9 +146,9 @@ def export_task(name: str, out: str, run_dir: str):
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_logits_controls_and_import(name, tmp_path):
     r = run_distributed(export_task, 1, name, str(tmp_path / "hf"), str(tmp_path / "run"))[0]
-    want_type = CASES[name][1]
-    assert r["family"] == want_type, r
-    assert r["class"] == ("LlavaForConditionalGeneration" if name == "llava"
+    _, model_type, text_type = CASES[name]
+    assert (r["family"], r["text"]) == (model_type, text_type), r
+    assert r["class"] == ("LlavaForConditionalGeneration" if model_type == "llava"
                           else "MegamoeVLMForConditionalGeneration"), r
     assert r["scale"] > 0.1 and r["err"] <= 1e-4 and r["uint8_err"] <= 1e-4, r
     assert all(r[k] > 1e-3 for k in r if k in ("swapped_projector", "transposed_shuffle",
