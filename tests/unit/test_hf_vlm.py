@@ -33,12 +33,18 @@ CASES = {   # (overrides, model_type, text model_type)
                         "llava", "qwen2_moe"),
     "llava_qwen3_moe": ([*LLAVA, "model.qk_layernorm=true"], "llava", "qwen3_moe"),
     "remote_code": (REMOTE, "megamoe_vlm", "megamoe"),
+    # an MoE FFN in the encoder's second layer (top-2 of model.moe's 4 experts): the model
+    # builds it, the family's check still refuses it for training (issue 13 item 1)
+    "remote_encoder_moe": (["model.vlm.encoder_moe_layer_freq=[0,1]"], "megamoe_vlm",
+                           "megamoe"),
 }
+UNCHECKED = {"remote_encoder_moe"}
 
 
-def _cfg(*overrides):
+def _cfg(*overrides, check: bool = True):
     cfg = load_config(None, [*TINY_VLM, "parallel.world_size=1", *overrides])
-    check_config(cfg, launch=False)
+    if check:
+        check_config(cfg, launch=False)
     return cfg
 
 
@@ -48,11 +54,14 @@ def _hf_logits(hf, batch, pixels):
 
 
 def _perturb_expert(hf):
-    lm = hf.model.language_model
+    """One expert's weights moved: in the encoder's MoE layer when it has one, else the LM's."""
     with torch.no_grad():
-        experts = lm.layers[1].mlp.experts if hasattr(lm.layers[1], "mlp") \
-            else lm.layers[1].block_sparse_moe.experts
-        experts.gate_up_proj[1].add_(0.5)
+        if any(getattr(hf.config.vision_config, "moe_layers", [])):
+            hf.model.vision_tower.encoder.layer[1].mlp.experts.fc1_weight[0].add_(0.5)
+            return
+        layer = hf.model.language_model.layers[1]
+        moe = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
+        moe.experts.gate_up_proj[1].add_(0.5)
 
 
 def _controls(name: str, hf, batch, pixels, ours) -> dict:
@@ -93,7 +102,7 @@ def export_task(name: str, out: str, run_dir: str):
     from megamoe.models.registry import family_datasets
     from megamoe.models.vlm.model import vision_context
 
-    cfg = _cfg(*CASES[name][0])
+    cfg = _cfg(*CASES[name][0], check=name not in UNCHECKED)
     train, _, vocab = family_datasets(cfg)
     engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
     model, task = engine.modules[0].eval(), engine.task
@@ -184,3 +193,13 @@ def test_what_neither_expresses_is_refused_naming_the_field():
         family_for(_cfg(*LLAVA, "model.modality_norm=expert_adaln"))
     assert "model.modality_norm: 'expert_adaln'" in str(err.value), str(err.value)
     assert "LLaVA or megamoe's remote code" in str(err.value)
+
+
+def test_encoder_moe_routers_without_context_are_refused():
+    """The remote vision tower passes no modality ids or timesteps to its routers."""
+    from megamoe.checkpoint import hf_vlm
+
+    cfg = _cfg(*REMOTE, "model.vlm.encoder_moe_layer_freq=[0,1]", check=False)
+    assert [p.split(" ")[0] for p in hf_vlm.problems(cfg)] == ["model.moe.router:"]
+    assert "model.vlm.encoder_moe_layer_freq" in hf_vlm.problems(cfg)[0]
+    assert hf_vlm.problems(_cfg(*REMOTE)) == []
