@@ -203,3 +203,25 @@ def test_encoder_moe_routers_without_context_are_refused():
     assert [p.split(" ")[0] for p in hf_vlm.problems(cfg)] == ["model.moe.router:"]
     assert "model.vlm.encoder_moe_layer_freq" in hf_vlm.problems(cfg)[0]
     assert hf_vlm.problems(_cfg(*REMOTE)) == []
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"image_token_index": 32000}, "image_token_index:"),
+    ({"projector_hidden_act": "gelu_pytorch_tanh"}, "projector_hidden_act:"),
+    ({"vision_feature_layer": [-2, -1]}, "vision_feature_layer:"),
+    ({"text_config": {"model_type": "llama"}}, "text_config.model_type:"),
+    ({"vision_config": {"model_type": "clip_vision_model", "layer_norm_eps": 1e-6}},
+     "vision_config.layer_norm_eps:"),
+])
+def test_llava_folders_megamoe_cannot_take_are_refused_naming_the_field(change, field):
+    from transformers import LlavaConfig
+
+    from megamoe.checkpoint.hf_llava import from_hf_config
+
+    fields = {"image_token_index": 3, "vision_feature_layer": -1,
+              "text_config": {"model_type": "mixtral", "rms_norm_eps": 1e-5},
+              "vision_config": {"model_type": "clip_vision_model", "layer_norm_eps": 1e-5},
+              **change}
+    with pytest.raises(ValueError) as err:
+        from_hf_config(LlavaConfig(**fields), "hf/config.json")
+    assert str(err.value).startswith(f"hf/config.json: {field}"), str(err.value)
