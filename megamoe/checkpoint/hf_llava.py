@@ -42,9 +42,17 @@ DROPPED = ("contrastive.",)     # training-only tensors no Hugging Face model ho
 
 
 def encoder_cfg(cfg):
+    """The vlm's encoder as a vit config (megamoe.config.vlm.encoder_config), without the LM's
+    Mixture-of-Recursions (the tower never recurses; its tensor layout must not either)."""
+    import dataclasses
+
     from megamoe.config.vlm import encoder_config
 
-    return encoder_config(cfg)
+    enc = encoder_config(cfg)
+    mor = getattr(enc.model, "mor", None)
+    if mor is not None and mor.enabled:
+        enc.model.mor = dataclasses.replace(mor, enabled=False)
+    return enc
 
 
 def split(tensors: dict) -> tuple[dict, dict, dict]:

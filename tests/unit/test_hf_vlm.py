@@ -37,6 +37,10 @@ CASES = {   # (overrides, model_type, text model_type)
     # builds it, the family's check still refuses it for training (issue 13 item 1)
     "remote_encoder_moe": (["model.vlm.encoder_moe_layer_freq=[0,1]"], "megamoe_vlm",
                            "megamoe"),
+    # a Mixture-of-Recursions LM (token-choice depth router with its loss-free bias buffer)
+    "remote_mor": (["model.mor.enabled=true", "model.mor.num_recursions=2",
+                    "model.mor.router=token", "model.mor.sharing=cycle"], "megamoe_vlm",
+                   "megamoe"),
 }
 UNCHECKED = {"remote_encoder_moe"}
 
@@ -59,7 +63,9 @@ def _perturb_expert(hf):
         if any(getattr(hf.config.vision_config, "moe_layers", [])):
             hf.model.vision_tower.encoder.layer[1].mlp.experts.fc1_weight[0].add_(0.5)
             return
-        layer = hf.model.language_model.layers[1]
+        lm = hf.model.language_model
+        recursion = getattr(lm, "recursion", None)      # MoR: the shared pool's last layer
+        layer = (lm.layers if recursion is None else recursion.layers)[-1]
         moe = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
         moe.experts.gate_up_proj[1].add_(0.5)
 
@@ -96,7 +102,9 @@ def export_task(name: str, out: str, run_dir: str):
     """megamoe's eval logits against the exported model's; controls; the import back."""
     from transformers import AutoModelForImageTextToText
 
+    from megamoe.checkpoint.global_load import load_global_into
     from megamoe.checkpoint.hf import export_hf, family_for, import_hf
+    from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
     from megamoe.engines.megatron import build_engine
     from megamoe.models.global_view import gather_global
     from megamoe.models.registry import family_datasets
@@ -116,7 +124,7 @@ def export_task(name: str, out: str, run_dir: str):
                      context=task.context(batch, 0),
                      vision_context=vision_context(batch, 0, task.encoder_tokens))[..., :vocab]
     tensors = gather_global(engine.modules)
-    export_hf(tensors, cfg, out)
+    export_hf({**tensors, **gather_router_buffers(engine.modules)}, cfg, out)
     remote = not name.startswith("llava")
     hf = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=remote,
                                                      local_files_only=True).eval()
@@ -132,10 +140,12 @@ def export_task(name: str, out: str, run_dir: str):
     arch, back = import_hf(out)
     rebuilt = build_engine(load_config(None, [*arch, "parallel.world_size=1"]), vocab,
                            torch.device("cpu"), with_optimizer=False, ddp=False)
-    from megamoe.checkpoint.global_load import load_global_into
-
     load_global_into(rebuilt.modules, back)
+    buffers = load_router_buffers(rebuilt.modules, back)
     again = gather_global(rebuilt.modules)
+    result["buffers_back"] = gather_router_buffers(rebuilt.modules) == {} or all(
+        torch.equal(v, back[k]) for k, v in gather_router_buffers(rebuilt.modules).items())
+    result["buffers"] = buffers
     result["round_trip"] = sorted(again) == sorted(tensors) and all(
         torch.equal(again[k], tensors[k]) for k in tensors)
     if name == "llava":             # `megamoe convert --from hf`, then `--to hf` again
@@ -162,7 +172,8 @@ def test_export_logits_controls_and_import(name, tmp_path):
     assert r["scale"] > 0.1 and r["err"] <= 1e-4 and r["uint8_err"] <= 1e-4, r
     assert all(r[k] > 1e-3 for k in r if k in ("swapped_projector", "transposed_shuffle",
                                                 "perturbed_expert")), r
-    assert r["round_trip"], r
+    assert r["round_trip"] and r["buffers_back"], r
+    assert (r["buffers"] > 0) == (name == "remote_mor"), r
     assert r.get("convert_round_trip", True), r
 
 

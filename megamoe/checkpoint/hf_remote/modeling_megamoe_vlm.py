@@ -187,3 +187,12 @@ class MegamoeVLMForConditionalGeneration(MegamoeVLMPreTrainedModel, GenerationMi
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits_BSV,
                                       **{CACHE_NAME: getattr(out, CACHE_NAME)})
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """A Mixture-of-Recursions LM has no KV cache: every step feeds the whole sequence,
+        images included (as MegamoeForCausalLM does without them)."""
+        if self.config.text_config.mor:
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
+            kwargs.update(next_sequence_length=None, position_ids=None, use_cache=False)
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
