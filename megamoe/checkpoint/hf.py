@@ -97,7 +97,8 @@ def _vlm_family(cfg):
 def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
               max_shard_bytes: int = 2**30, force: bool = False) -> str:
     """Write `tensors` (global key → full tensor, `gather_global`'s format) of the model `cfg`
-    describes as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
+    describes as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads (the vit
+    family's: AutoModelForImageClassification; the vlm family's: AutoModelForImageTextToText).
     `force`: export into an existing non-empty folder that is not a Hugging Face folder too."""
     family = family_for(cfg)
     if max_shard_bytes < 1:

@@ -1,11 +1,12 @@
-"""The vlm family's Hugging Face export, both paths: a CLIP-exact vlm with a Mixtral-exact LM
-exports to transformers' `LlavaForConditionalGeneration`, anything else (here pixel shuffle 2,
-mean pooling, a biased patch projection, VLMo modality experts) to megamoe's remote code
+"""The vlm family's Hugging Face export, both paths: a CLIP-exact vlm with a Mixtral-,
+Qwen2-MoE- or Qwen3-MoE-exact LM exports to transformers' `LlavaForConditionalGeneration`;
+anything else (pixel shuffle 2, mean pooling, a biased patch projection, VLMo modality experts,
+an MoE encoder layer, a Mixture-of-Recursions LM with tied embeddings) to megamoe's remote code
 (`trust_remote_code`, offline). Image+text logits equal megamoe's eval-mode logits within 1e-4,
-with negative controls (LLaVA: projector layers swapped, one expert perturbed; remote code:
-pixel shuffle's block order transposed, one expert perturbed); the import gives back every
-parameter exactly (LLaVA also through `megamoe convert`); configs neither path expresses are
-refused naming the field."""
+with negative controls (LLaVA: projector layers swapped; remote code: pixel shuffle's block
+order transposed; both: one expert perturbed); the import gives back every parameter and router
+buffer exactly (LLaVA also through `megamoe convert --from hf` and `--to hf` again); configs
+and folders neither side can take are refused naming the field."""
 
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ CASES = {   # (overrides, model_type, text model_type)
     # builds it, the family's check still refuses it for training (issue 13 item 1)
     "remote_encoder_moe": (["model.vlm.encoder_moe_layer_freq=[0,1]"], "megamoe_vlm",
                            "megamoe"),
-    # a Mixture-of-Recursions LM (token-choice depth router with its loss-free bias buffer)
+    # a Mixture-of-Recursions LM (token-choice depth router with its loss-free bias buffer),
+    # tied embeddings, a narrower connector; CLIP's tower options under pixel shuffle
     "remote_mor": (["model.mor.enabled=true", "model.mor.num_recursions=2",
-                    "model.mor.router=token", "model.mor.sharing=cycle"], "megamoe_vlm",
-                   "megamoe"),
+                    "model.mor.router=token", "model.mor.sharing=cycle",
+                    "model.tie_embeddings=true", "model.vlm.connector_hidden_size=24",
+                    *[o for o in LLAVA if "patch_size" not in o and "shuffle" not in o]],
+                   "megamoe_vlm", "megamoe"),
 }
 UNCHECKED = {"remote_encoder_moe"}
 
