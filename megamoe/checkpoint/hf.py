@@ -19,13 +19,14 @@ on its own (Megatron's q_layernorm), which no choice of weights turns into the o
 
 The folder holds `config.json`, `generation_config.json`, fp32 safetensors (shards of at most
 `max_shard_bytes` with `model.safetensors.index.json`, or one `model.safetensors` when it fits)
-and optionally the sentencepiece tokenizer (`hf_tokenizer`), every file with the mode `open()`
-gives (0644 under umask 022). It is written whole into a temporary sibling folder first, then
-renamed into place: a new `out_dir` at once; into an existing Hugging Face folder file by file
-(renames only, config.json last), replacing the export's own files, removing the weights and
-modeling code of an earlier export that this one does not write, and keeping every other file
-(a model card, .gitattributes, .git/) — it is the user's. A non-empty folder without config.json
-is refused unless `force` (it may be anything).
+and optionally the sentencepiece tokenizer (`hf_tokenizer`); a vlm's also the
+CLIPImageProcessor settings of megamoe's pixels (preprocessor_config.json); every file with
+the mode `open()` gives (0644 under umask 022). It is written whole into a temporary sibling
+folder first, then renamed into place: a new `out_dir` at once; into an existing Hugging Face
+folder file by file (renames only, config.json last), replacing the export's own files,
+removing the weights and modeling code of an earlier export that this one does not write, and
+keeping every other file (a model card, .gitattributes, .git/) — it is the user's. A non-empty
+folder without config.json is refused unless `force` (it may be anything).
 """
 
 from __future__ import annotations
