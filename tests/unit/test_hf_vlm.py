@@ -104,7 +104,7 @@ def _controls(name: str, hf, batch, pixels, ours) -> dict:
 
 def export_task(name: str, out: str, run_dir: str):
     """megamoe's eval logits against the exported model's; controls; the import back."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, CLIPImageProcessor
 
     from megamoe.checkpoint.global_load import load_global_into
     from megamoe.checkpoint.hf import export_hf, family_for, import_hf
@@ -134,10 +134,13 @@ def export_task(name: str, out: str, run_dir: str):
                                                      local_files_only=True).eval()
     pixels = batch["images"].float() / 127.5 - 1.0
     theirs = _hf_logits(hf, batch, pixels)
+    processed = CLIPImageProcessor.from_pretrained(out)(images=list(batch["images"]),
+                                                       return_tensors="pt").pixel_values
     text_type = getattr(hf.config.text_config, "model_type", None)
     result = {"family": family_for(cfg).MODEL_TYPE, "class": type(hf).__name__,
               "text": text_type, "err": (theirs - ours).abs().max().item(),
               "scale": ours.abs().max().item(),
+              "processor_err": (processed - pixels).abs().max().item(),
               "uint8_err": (_hf_logits(hf, batch, batch["images"]) - ours).abs().max().item()
               if remote else 0.0,
               **_controls(name, hf, batch, pixels, ours)}
@@ -174,6 +177,7 @@ def test_export_logits_controls_and_import(name, tmp_path):
     assert r["class"] == ("LlavaForConditionalGeneration" if model_type == "llava"
                           else "MegamoeVLMForConditionalGeneration"), r
     assert r["scale"] > 0.1 and r["err"] <= 1e-4 and r["uint8_err"] <= 1e-4, r
+    assert r["processor_err"] <= 1e-6, r         # preprocessor_config.json: megamoe's pixels
     assert all(r[k] > 1e-3 for k in r if k in ("swapped_projector", "transposed_shuffle",
                                                 "perturbed_expert")), r
     assert r["round_trip"] and r["buffers_back"], r
