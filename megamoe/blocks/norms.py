@@ -9,6 +9,11 @@ LayerNorm (with bias, as ViT and DiT use it) marks both of its parameters.
 `ModalityExpertAdaLN` wraps either norm with CogVideoX's per-modality modulation, read from the
 bound context (megamoe.blocks.context).
 
+Weight decay: Megatron (and megamoe's DeepSpeed groups) exempt biases and 1-D tensors, which
+catches every plain norm parameter. The per-modality shift and scale are norm parameters too but
+2-D ([M, D]); they carry `NO_WEIGHT_DECAY` and `skips_weight_decay` is the one rule both engines
+apply.
+
 Shapes: S sequence (this rank's slice under SP), B batch, D width, C timestep-embedding width,
 M modalities.
 """
@@ -22,6 +27,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamoe.blocks.context import current_context
+
+NO_WEIGHT_DECAY = "megamoe_no_weight_decay"     # a parameter attribute (module docstring)
+
+
+def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, 1-D tensors and parameters marked `NO_WEIGHT_DECAY` get no weight decay."""
+    return param.ndim == 1 or name.endswith(".bias") or getattr(param, NO_WEIGHT_DECAY, False)
 
 
 class RMSNorm(MegatronModule):
@@ -102,6 +114,8 @@ class ModalityExpertAdaLN(MegatronModule):
             self.adaln_zero_shift = torch.nn.Parameter(torch.zeros(M, D, dtype=dtype))
             self.adaln_zero_scale = torch.nn.Parameter(torch.zeros(M, D, dtype=dtype))
             modulation = (self.adaln_zero_shift, self.adaln_zero_scale)
+            for p in modulation:
+                setattr(p, NO_WEIGHT_DECAY, True)
         for p in modulation:
             p.sequence_parallel = config.sequence_parallel
         tp = getattr(pg_collection, "tp", None)

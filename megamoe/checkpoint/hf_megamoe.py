@@ -43,9 +43,9 @@ CODE_FILES = ("configuration_megamoe.py", "modeling_megamoe.py", "routers_megamo
 # model.moe.<section>s a router family reads (config.json `router_options`)
 SECTIONS = {"dit_moe": ("dit_moe",), "diff_moe": ("diff_moe",), "vmoe": ("vmoe",),
             "limoe": ("vmoe", "limoe"), "race": ("race",), "modality": ("modality",),
-            "soft": ("soft",)}
+            "soft": ("soft",), "diffmoe": ("diffmoe",)}
 RAW_WEIGHTS = ("dit_moe", "diff_moe")       # top-k weights not renormalised
-GROUP_ROUTING = ("expert_choice", "race", "soft")   # choose across the micro-batch in training
+GROUP_ROUTING = ("expert_choice", "race", "soft", "diffmoe")   # choose across the batch in training
 AUTO_MAP = {"AutoConfig": "configuration_megamoe.MegamoeConfig",
             "AutoModelForCausalLM": "modeling_megamoe.MegamoeForCausalLM"}
 
@@ -67,7 +67,7 @@ def router_buffers(cfg) -> tuple[str, ...]:
     which the export must carry."""
     moe = cfg.model.moe
     names = {"race": ("threshold_ema", "threshold_updates"), "vmoe": ("noise_step",),
-             "limoe": ("noise_step",)}.get(moe.router, ())
+             "limoe": ("noise_step",), "diffmoe": ("expert_threshold",)}.get(moe.router, ())
     if moe.router in ("topk", "dit_moe", "diff_moe") and moe.loss_free_bias_rate > 0:
         names += ("selection_bias",)
     return names

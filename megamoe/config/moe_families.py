@@ -178,6 +178,39 @@ class ExpertChoiceOptions:
         _refuse_token_choice_losses(moe)
 
 
+DIFFMOE_INFERENCE_RULES = ("threshold", "pool_topk")
+
+
+@dataclass
+class DiffMoEPoolOptions:
+    """DiffMoE (papers.md §8b): each expert takes its top-⌊C·N/E⌋ tokens of the micro-batch's
+    token pool (N tokens, C = model.moe.topk, the code's `capacity`); a capacity predictor
+    trained with BCE to that choice and per-expert EMA thresholds set the tokens per expert at
+    inference. model.moe.aux_loss_coeff is not used."""
+    SECTION: ClassVar[str] = "model.moe.diffmoe"
+
+    predictor_loss_coeff: float = 1.0    # BCE weight (the code's CapacityPred_loss_weight: 1 in
+    #                                      its S-E16 config, 0.01 as the class default)
+    ema_momentum: float = 0.95           # τ_e ← m·τ_e + (1−m)·q̄_e once per optimizer step
+    inference: str = "threshold"         # threshold: σ(p_te) > τ_e per token (batch-independent)
+    #                                      | pool_topk: the code's k_e passing tokens, chosen by
+    #                                      gate score over the batch (batch-dependent)
+
+    def validate(self) -> None:
+        at_least(self, "predictor_loss_coeff", 0)
+        in_range(self, "ema_momentum", 0, 1, high_open=True)
+        one_of(self, "inference", DIFFMOE_INFERENCE_RULES)
+
+    def in_use(self, moe) -> bool:
+        return moe.router == "diffmoe"
+
+    def validate_with(self, moe) -> None:
+        _refuse_capacity(moe, "each expert takes ⌊C·N/E⌋ tokens of the pool, C = model.moe.topk")
+        _refuse_token_choice_losses(moe)
+        if moe.score_function != "softmax":
+            fail("model.moe.score_function", "router 'diffmoe' gates with softmax")
+
+
 RACE_GATINGS = ("identity", "sigmoid", "softmax")
 RACE_SIMILARITY_DIVISORS = ("tokens", "tokens_experts")
 RACE_SIMILARITY_OFF_DIAGONALS = ("off_diagonal", "all")

@@ -14,6 +14,7 @@ from typing import ClassVar
 from megamoe.config.errors import at_least, fail, greater_than, in_range, one_of
 from megamoe.config.moe_families import (
     DiffMoEOptions,
+    DiffMoEPoolOptions,
     DiTMoEOptions,
     ExpertChoiceOptions,
     MoEEOptions,
@@ -34,7 +35,7 @@ from megamoe.config.vlm import VLMOptions
 MODEL_FAMILIES = ("lm", "vit", "vlm")
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
-                 "vmoe", "limoe", "modality",)
+                 "vmoe", "limoe", "modality", "diffmoe")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 AUX_LOSS_TYPES = ("switch", "sequence", "global")
 DROP_POLICIES = ("probs", "position")
@@ -102,6 +103,7 @@ class MoEConfig:
     diff_moe: DiffMoEOptions = field(default_factory=DiffMoEOptions)
     expert_choice: ExpertChoiceOptions = field(default_factory=ExpertChoiceOptions)
     race: RaceOptions = field(default_factory=RaceOptions)
+    diffmoe: DiffMoEPoolOptions = field(default_factory=DiffMoEPoolOptions)
     vmoe: VMoEOptions = field(default_factory=VMoEOptions)
     limoe: LIMoEOptions = field(default_factory=LIMoEOptions)
     modality: ModalityOptions = field(default_factory=ModalityOptions)

@@ -28,6 +28,7 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
+from megamoe.blocks.norms import skips_weight_decay
 from megamoe.checkpoint.state import CheckpointState
 from megamoe.parallel import ParallelDims
 
@@ -176,13 +177,13 @@ def _set_aux_loss_scale() -> None:
 
 
 def param_groups(module, cfg, expert_group: str | None) -> list[dict]:
-    """Megatron's optimizer parameter groups: weight decay off for biases and 1-D tensors,
-    experts apart (DeepSpeed: `moe` groups named by their expert group)."""
+    """Megatron's optimizer parameter groups: weight decay off where `skips_weight_decay` says
+    (biases, 1-D tensors, marked norm parameters), experts apart (DeepSpeed: `moe` groups named by their expert group)."""
     t, groups = cfg.train, {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        wd_mult = 0.0 if (p.ndim == 1 or name.endswith(".bias")) else 1.0
+        wd_mult = 0.0 if skips_weight_decay(name, p) else 1.0
         expert = not getattr(p, "allreduce", True)
         groups.setdefault((expert, wd_mult), []).append(p)
     out = []

@@ -18,10 +18,12 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
+from megamoe.blocks.norms import skips_weight_decay
 from megamoe.checkpoint.state import CheckpointState
 from megamoe.models.init import init_global
 from megamoe.models.registry import family_for
@@ -224,7 +226,12 @@ def build_optimizer(cfg, chunks, dtype, pg):
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
+    # Megatron's default exemption (biases and 1-D tensors) widened to megamoe's marked norm
+    # parameters: the one rule both engines apply (megamoe.blocks.norms.skips_weight_decay)
+    no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="megamoe_skips_weight_decay", fn=lambda p, name: skips_weight_decay(name, p)))
     optimizer = get_megatron_optimizer(ocfg, chunks, pg_collection=pg,
+                                       config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)},
                                        use_gloo_process_groups=False)
     return optimizer, build_scheduler(cfg, optimizer)
 

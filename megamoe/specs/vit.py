@@ -18,7 +18,7 @@ from megamoe.specs.gpt_moe import decoder_block_spec
 
 
 def encoder_block_spec(tconfig, pattern: list[bool], *, router, shared_expert: bool,
-                       pg_collection=None, experts: str = "sequential",
+                       pg_collection=None, experts: str = "sequential", fp8=None,
                        vp_stage: int | None = None, pp_rank: int | None = None,
                        modality_norm: dict | None = None) -> TransformerBlockSubmodules:
     """This pipeline stage's slice of the encoder layers (`pattern`: MoE or dense per layer);
@@ -26,6 +26,6 @@ def encoder_block_spec(tconfig, pattern: list[bool], *, router, shared_expert: b
     layer modulated per modality (CogVideoX's expert adaptive LayerNorm)."""
     return decoder_block_spec(tconfig, pattern, qk_layernorm=False, router=router,
                               shared_expert=shared_expert, pg_collection=pg_collection,
-                              experts=experts, vp_stage=vp_stage, pp_rank=pp_rank,
+                              experts=experts, fp8=fp8, vp_stage=vp_stage, pp_rank=pp_rank,
                               norm=LayerNorm, mask=AttnMaskType.no_mask,
                               modality_norm=modality_norm)

@@ -57,8 +57,9 @@ def build_tiny(overrides):
 def randomize(engine, race_threshold: float | None = None, seed: int = 1) -> torch.Generator:
     """Every parameter random (norm weights 1 + 0.2·N(0, 1), the rest 0.1·N(0, 1)) and every
     MoE selection bias 0.3·N(0, 1), so that a misplaced tensor shows in the logits; Expert
-    Race routers' τ_ema set to `race_threshold` (with 7 updates behind it). Returns the
-    generator, for the caller's further draws."""
+    Race routers' τ_ema set to `race_threshold` (with 7 updates behind it), DiffMoE's τ_e to
+    0.5 (inside the predictor's σ range: some pairs routed, not all). Returns the generator,
+    for the caller's further draws."""
     from megamoe.models.lm.model import moe_layers
 
     g = torch.Generator().manual_seed(seed)
@@ -70,6 +71,8 @@ def randomize(engine, race_threshold: float | None = None, seed: int = 1) -> tor
         if getattr(router, "selection_bias", None) is not None:
             router.selection_bias.copy_(0.3 * torch.randn(router.selection_bias.shape,
                                                           generator=g))
+        if hasattr(router, "expert_threshold"):
+            router.expert_threshold.fill_(0.5)
         if race_threshold is not None and hasattr(router, "threshold_ema"):
             router.threshold_ema.fill_(race_threshold)
             router.threshold_updates.fill_(7.0)

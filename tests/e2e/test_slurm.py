@@ -1,10 +1,12 @@
 """The launch paths on a real Slurm cluster (scripts/slurm_local.sh: munge, slurmctld, two
 emulated nodes n1 and n2 on this host) and under OpenMPI's mpirun:
 - `mpirun -np 4 megamoe train` (no MASTER_ADDR: rank 0 shares it through mpi4py) trains the
-  quickstart recipe; its losses are the reference of the Slurm run;
+  quickstart recipe; its losses are the reference of the Slurm run and of the same training
+  under DeepSpeed's launcher (launchers/deepspeed.sh: `deepspeed --num_gpus 4`, gloo on CPU);
 - `megamoe submit` a 2-node x 2-task CPU job, pre-empt it through Slurm (`scancel --signal=USR1
   --batch`: the batch shell forwards it to the step), which saves, requeues itself, resumes and
-  finishes with a summary and losses bit-identical, step for step, to the uninterrupted run;
+  finishes with a summary and losses bit-identical, step for step, to the uninterrupted run —
+  with both templates (one srun task per rank; one per node running torchrun);
 - a health check failed by a real condition (a free-disk threshold above what is free) stops the
   job before training, in one line naming node and check.
 Skipped only where the cluster cannot exist (not Linux, not root); a failed bring-up fails."""
@@ -75,6 +77,28 @@ def test_mpirun_trains_with_rendezvous_through_mpi4py(mpirun_run):
     assert "layout: TP2·PP1·DP2·EP2" in stdout, stdout[-2000:]
 
 
+@pytest.mark.timeout(480)
+def test_deepspeed_launcher_trains_bit_identical_to_mpirun(mpirun_run, tmp_path):
+    """The deepspeed launcher's rank variables (CROSS_RANK, LOCAL_SIZE, RANK, ...) give the same
+    ranks and layout as mpirun's, hence the same losses, step for step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = dict(ENV, PYTHON=sys.executable, MASTER_PORT=str(port),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", ""))
+    out = subprocess.run(["bash", os.path.join(ROOT, "launchers", "deepspeed.sh"), CONFIG,
+                          *SHORT, "--set", f"run.dir={run_dir}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "num_local_procs=4" in out.stdout + out.stderr    # DeepSpeed's launcher started them
+    assert "layout: TP2·PP1·DP2·EP2" in out.stdout, out.stdout[-2000:]
+    want = losses(mpirun_run[0])
+    assert len(want) == STEPS and losses(run_dir) == want
+
+
 def _wait_for_job(job: str, timeout: float) -> None:
     deadline = time.time() + timeout
     while subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
@@ -133,6 +157,34 @@ def test_submit_preempt_requeue_resumes_bit_identical(cluster, mpirun_run, tmp_p
     delay = restarted - requeued
     print(f"requeue delay: {delay:.1f} s (scontrol requeue -> the restarted batch shell)")
     assert 0 < delay < 30, delay
+
+
+@pytest.mark.timeout(480)
+def test_torchrun_template_preempt_requeue_resumes_bit_identical(cluster, mpirun_run, tmp_path):
+    """slurm/pretrain_torchrun.sbatch (one srun task per node running torchrun): torchrun
+    ignores USR1, srun delivers it to every rank, the ranks save and stop, the job requeues and
+    the restarted torchruns resume to the same losses as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    job = _submit(tmp_path, "--launcher", "torchrun", *SHORT, "--set", f"run.dir={run_dir}")
+    node0 = tmp_path / "logs" / job / "node-0.log"      # torchrun's --tee: rank 0 is default0
+    deadline = time.time() + 300
+    while not (node0.exists() and "[default0]:[megamoe] step 2/" in node0.read_text()):
+        assert time.time() < deadline, f"job {job} never reached step 2"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    _wait_for_job(job, timeout=360)
+
+    batch = (tmp_path / "logs" / f"lm_quickstart-{job}.out").read_text()
+    log = node0.read_text()
+    assert _job_field(job, "JobState") == "COMPLETED", batch
+    assert _job_field(job, "Restarts") == "1", batch
+    saved = re.search(r"SIGUSR1 received: saved \S+ at step (\d+); exiting", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert 2 <= step < STEPS and f"(step {step})" in log, step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["resumed_from_step"] == step, summary
+    assert losses(run_dir) == losses(mpirun_run[0])   # bit-identical, step for step
 
 
 @pytest.mark.timeout(300)

@@ -3,9 +3,10 @@ are unchanged. Every router family's declaration (`causal_for`) is checked again
 families declared non-causal are refused in a causal decoder without the opt-in.
 
 - top-k: dropless is causal; capacity dropping competes across the micro-batch.
-- expert-choice and Expert Race choose across the micro-batch / data-parallel group when
-  training; Race's evaluation rule (S ≥ τ_ema) looks at one token at a time and passes the probe,
-  expert-choice selects the same way in evaluation and fails it there too.
+- expert-choice, Expert Race and DiffMoE choose across the micro-batch / data-parallel group
+  when training; Race's evaluation rule (S ≥ τ_ema) looks at one token at a time and passes the
+  probe, expert-choice selects the same way in evaluation and fails it there too (DiffMoE's
+  evaluation rule σ(p) > τ is per token too; the vit-level test checks it with τ set).
 - MoEE, DiT-MoE and Diff-MoE gate per token (Diff-MoE's synthetic timestep depends only on the
   first token); Soft MoE's slots mix the positions of each sequence.
 
@@ -25,6 +26,7 @@ from megamoe.testing.pool import run_distributed
 NO_AUX = ["model.moe.z_loss_coeff=0", "model.moe.aux_loss_coeff=0"]
 EXPERT_CHOICE = NO_AUX + ["model.moe.router=expert_choice"]
 RACE = NO_AUX + ["model.moe.router=race", "model.moe.race.similarity_loss_coeff=0.01"]
+DIFFMOE = NO_AUX + ["model.moe.router=diffmoe"]
 NO_Z = ["model.moe.z_loss_coeff=0"]
 VMOE = NO_Z + ["model.moe.router=vmoe"]
 LIMOE = NO_Z + ["model.moe.router=limoe", "data.synthetic_modalities=2"]
@@ -43,6 +45,7 @@ FAMILIES = [
     ("expert_choice-eval", EXPERT_CHOICE, False, False, False),
     ("race-train", RACE, False, True, False),
     ("race-eval-ema", RACE, False, False, True),
+    ("diffmoe-train", DIFFMOE, False, True, False),
     ("moee", ["model.moe.router=moee", "model.moe.topk=4"], True, False, True),
     ("dit_moe", ["model.moe.router=dit_moe", "model.moe.shared_expert_ffn_hidden_size=64"],
      True, False, True),
@@ -116,7 +119,7 @@ def test_non_causal_family_is_refused_without_opt_in(name):
     check_router_causality(tiny_config(overrides + ["model.moe.allow_non_causal=true"]))
 
 
-@pytest.mark.parametrize("router", ["expert_choice", "race"])
+@pytest.mark.parametrize("router", ["expert_choice", "race", "diffmoe"])
 @pytest.mark.parametrize("field,value", [("capacity_factor", "1.0"), ("z_loss_coeff", "0.001")])
 def test_token_choice_options_are_refused(router, field, value):
     from megamoe.config import ConfigError

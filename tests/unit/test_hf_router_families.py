@@ -5,11 +5,12 @@ family reads one) gets random values in every parameter and router buffer (adaLN
 a non-zero loss-free selection bias, an Expert Race threshold inside the score range), is
 exported, loaded by transformers with trust_remote_code, and its logits equal megamoe's
 eval-mode logits on the same batch within 1e-4. Controls: zeroing the selection bias, the
-race threshold (in the folder), the Diff-MoE calibration, shifting the timesteps, or dropping
-V-MoE's eval capacity, or moving the experts of one layer moves the logits by far more; the
-families that choose over the batch (eval capacity, expert choice) route one sample alone
-differently, as megamoe does, while Soft MoE (slots per input sequence) gives a sample alone
-its in-batch logits; a folder exported before that rule (no `soft_moe_groups`) is refused on
+race threshold (in the folder), DiffMoE's thresholds, the Diff-MoE calibration, shifting the
+timesteps, or dropping V-MoE's eval capacity, or moving the experts of one layer moves the
+logits by far more; the families that choose over the batch (eval capacity, expert choice)
+route one sample alone differently, as megamoe does, while Soft MoE (slots per input
+sequence) and DiffMoE (a threshold per token) give a sample alone its in-batch logits; a folder
+exported before that rule (no `soft_moe_groups`) is refused on
 import. Export → import → export is the identity
 for Diff-MoE, Expert Race and Soft MoE, and the imported tensors (router buffers included)
 give megamoe the same logits; `megamoe convert` carries the race threshold both ways. Greedy
@@ -53,10 +54,11 @@ FAMILIES = {
     "modality_pools": ["model.moe.router=modality", *NO_AUX, "data.synthetic_modalities=2",
                        "model.moe.modality.mode=pools"],
     "soft": ["model.moe.router=soft", *NON_CAUSAL, "model.moe.soft.slots_per_expert=4"],
+    "diffmoe": ["model.moe.router=diffmoe", *NO_AUX, *NON_CAUSAL, "model.moe.topk=1"],
 }
 ROUND_TRIP = ("diff_moe", "race", "soft")
 BATCH_DEPENDENT = ("vmoe", "expert_choice")   # choose over the call's B·S tokens
-BATCH_INDEPENDENT = ("soft",)                  # choose within each sample
+BATCH_INDEPENDENT = ("soft", "diffmoe")       # choose within each sample / per token
 RACE_THRESHOLD = 0.3         # inside the identity scores' range (std ≈ 0.6)
 
 
@@ -116,6 +118,10 @@ def _controls(name, hf, ours, tokens_BS, out):
         save_file(tensors, path, metadata={"format": "pt"})
         yield "no_threshold", hf_logits_err(load_hf(copy)[0], ours, tokens_BS), True
         shutil.rmtree(copy)
+    if name == "diffmoe":                    # τ = 0: every (token, expert) pair routed
+        for g in gates:
+            g.expert_threshold.zero_()
+        yield "no_threshold", hf_logits_err(hf, ours, tokens_BS), True
     if name == "modality_pools":
         ids_BS = tokens_BS % 2
         yield ("explicit_modality_ids", hf_logits_err(hf, ours, tokens_BS, modality_ids=ids_BS),

@@ -15,6 +15,7 @@ CASES = {
     "cls_learned_bpr": ["model.moe.vmoe.eval_capacity_ratio=0.5"],
     "gap_sincos_soft": ["model.vit.pool=gap", "model.vit.position_embedding=sincos",
                         "model.moe.router=soft"],
+    "cls_diffmoe": ["model.moe.router=diffmoe", "model.moe.topk=1"],
 }
 
 
@@ -36,6 +37,9 @@ def export_task(out: str, overrides):
     with torch.no_grad():           # weights far from the small initialisation
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        for m in model.modules():   # DiffMoE: τ inside σ(p)'s range (0 routes every pair)
+            if hasattr(m, "expert_threshold"):
+                m.expert_threshold.fill_(0.5)
     images = torch.randint(0, 256, (4, 3, 16, 16), generator=g, dtype=torch.uint8)
     with torch.no_grad():
         ours = model(images)

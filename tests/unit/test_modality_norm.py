@@ -202,3 +202,30 @@ def test_lm_starts_as_the_plain_norm_and_trains(variant):
     assert losses[0] == pytest.approx(plain[0], rel=1e-6)    # zero modulation: the plain norm
     assert min(grads.values()) > 0                  # … that receives gradients and trains
     assert len(trained) == 2 * 2 and min(trained.values()) > 0
+
+
+def weight_decay_task():
+    """wd_mult of every parameter, by name, in both engines' optimizer groups."""
+    from megamoe.engines.deepspeed import param_groups
+    from megamoe.engines.megatron import build_engine
+    from megamoe.testing.parity import TINY_VOCAB
+
+    cfg = tiny_config(ON)
+    engine = build_engine(cfg, TINY_VOCAB, torch.device("cpu"))
+    names = {id(p): n for c in engine.modules for n, p in c.named_parameters()}
+    megatron = {names[id(p)]: g["wd_mult"] for opt in engine.optimizer.chained_optimizers
+                for g in opt.param_groups for p in g["params"]}
+    deepspeed = {names[id(p)]: g["wd_mult"] for c in engine.modules
+                 for g in param_groups(c, cfg, "experts") for p in g["params"]}
+    return megatron, deepspeed
+
+
+def test_per_modality_shift_and_scale_get_no_weight_decay_in_either_engine():
+    """They are norm parameters (2-D only because of the modality axis): exempt like the norm's
+    own weight; an ordinary 2-D weight keeps its decay (the rule is not "everything")."""
+    megatron, deepspeed = run_distributed(weight_decay_task, 1)[0]
+    assert megatron == deepspeed
+    modulation = [n for n in megatron if n.endswith(("adaln_zero_shift", "adaln_zero_scale"))]
+    assert modulation and all(megatron[n] == 0.0 for n in modulation)
+    assert megatron["embedding.word_embeddings.weight"] == 1.0
+    assert all(megatron[n] == 1.0 for n in megatron if n.endswith("linear_qkv.weight"))

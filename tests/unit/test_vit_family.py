@@ -30,7 +30,6 @@ def _check(*overrides):
     (["model.moe.router=modality"], "model.moe.router:"),
     (["data.kind=markov"], "data.kind:"),
     (["model.vit.num_classes=3"], "model.vit.num_classes:"),
-    (["model.moe.experts=grouped"], "model.moe.experts:"),
     (["model.vit.position_embedding=sincos", "model.hidden_size=30",
       "model.num_attention_heads=3"], "model.vit.position_embedding:"),
     # 16 patches + the class token: not divisible by TP 2 under sequence parallelism

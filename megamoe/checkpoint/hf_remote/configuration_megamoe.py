@@ -47,10 +47,11 @@ from transformers import PretrainedConfig
 from .mor_megamoe import LORA_TARGETS, mor_layout, slot_is_moe
 
 ROUTER_KINDS = ("topk", "dit_moe", "diff_moe", "moee", "vmoe", "limoe", "expert_choice",
-                "race", "modality", "soft")
+                "race", "modality", "soft", "diffmoe")
 # the option sections each family reads (router_options)
 ROUTER_SECTIONS = {"diff_moe": ("diff_moe",), "vmoe": ("vmoe",), "limoe": ("vmoe",),
-                   "race": ("race",), "modality": ("modality",), "soft": ("soft",)}
+                   "race": ("race",), "modality": ("modality",), "soft": ("soft",),
+                   "diffmoe": ("diffmoe",)}
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOR_FIELDS = ("num_recursions", "sharing", "router", "capacities", "alpha", "temperature",
               "inference_rule", "gating", "kv_sharing", "token_score", "token_balancing")

@@ -32,14 +32,18 @@ Families (model.moe.router), eval semantics:
   the router is a 2-layer MLP, l = W·GELU(W_h·x) (`plr_hidden` W_h [D, D]); PLR's target head
   `plr_target` [V, D] only trains (it predicts the next token from GELU(W_h·x)): it is loaded
   and kept, never used here.
+- diffmoe: s = softmax(l); the capacity predictor p = W₂·SiLU(W₁·x + b₁) + b₂
+  (`capacity_predictor.{0,2}`) and the per-expert thresholds τ (`expert_threshold`); with
+  `inference` threshold (t, e) is routed when σ(p_te) > τ_e (per token), with pool_topk expert
+  e takes its k_e = #{t : σ(p_te) > τ_e} tokens of largest s over the call; weights s.
 - modality: vlmo: modality m → expert m, weight 1 (in the top `vl_ffn_layers` layers every
   token → expert M); pools: top-k logits inside the modality's pool of experts, weights the
   softmax over the k selected logits.
 - soft: Soft MoE slots, per input sequence (see `SoftRouter`).
 
-topk/dit_moe with a capacity, vmoe/limoe with a capacity and expert_choice choose over *all
-tokens of the call* (S × B), as megamoe's eval forward chooses over its micro-batch: the outputs
-of a batch then depend on the batch's composition (other samples, later positions, padding),
+topk/dit_moe with a capacity, vmoe/limoe with a capacity, expert_choice and diffmoe's pool_topk
+choose over *all tokens of the call* (S × B), as megamoe's eval forward chooses over its
+micro-batch: the outputs of a batch then depend on the batch's composition (other samples, later positions, padding),
 exactly as megamoe's do. soft mixes the positions of each sample only: a sample's outputs do not
 depend on the other samples. None of them is causal, and decoding with the KV cache (which
 routes only the new tokens) differs from recomputing the whole prefix.
@@ -358,6 +362,29 @@ class RaceRouter(GateLinear):
         return scores_TE * map_TE, map_TE
 
 
+class DiffMoEPoolRouter(GateLinear):
+    """diffmoe in eval: the capacity predictor's σ(p_te) against the thresholds τ_e."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        D, E = config.hidden_size, config.num_experts
+        self.inference = config.router_options["diffmoe"]["inference"]
+        self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
+        self.register_buffer("expert_threshold", torch.zeros(E))
+
+    def forward(self, x_TD, ctx):
+        scores_TE = torch.softmax(self.logits(x_TD), dim=-1)
+        passing_TE = torch.sigmoid(self.capacity_predictor(x_TD).float()) > self.expert_threshold
+        if self.inference == "threshold":
+            map_TE = passing_TE
+        else:
+            k_E = passing_TE.sum(0)
+            ranked_TE = scores_TE.sort(dim=0, descending=True).values
+            cut_E = ranked_TE.gather(0, (k_E.clamp_min(1) - 1)[None]).squeeze(0)
+            map_TE = (scores_TE >= cut_E) & (k_E > 0)
+        return scores_TE * map_TE, map_TE
+
+
 class ModalityRouter(GateLinear):
     """modality: VLMo modality experts or Uni-MoE pools (the gate is used by pools only)."""
 
@@ -440,7 +467,7 @@ class SoftRouter(nn.Module):
 ROUTERS = {"topk": TopKRouter, "dit_moe": TopKRouter, "diff_moe": DiffMoERouter,
            "moee": MoEERouter, "vmoe": VMoERouter, "limoe": VMoERouter,
            "expert_choice": ExpertChoiceRouter, "race": RaceRouter,
-           "modality": ModalityRouter, "soft": SoftRouter}
+           "modality": ModalityRouter, "soft": SoftRouter, "diffmoe": DiffMoEPoolRouter}
 
 
 def build_router(config, layer_idx: int) -> nn.Module:

@@ -11,7 +11,7 @@ from megamoe.config.errors import fail
 from megamoe.models.registry import Family, register
 
 # router families that route image tokens on hidden states and the sample index alone
-ROUTERS_FOR_VIT = ("topk", "vmoe", "soft", "expert_choice", "dit_moe")
+ROUTERS_FOR_VIT = ("topk", "vmoe", "soft", "expert_choice", "dit_moe", "diffmoe")
 
 
 def check_vit(cfg) -> None:
@@ -35,12 +35,6 @@ def check_vit(cfg) -> None:
     if moe.num_experts and moe.router not in ROUTERS_FOR_VIT:
         fail("model.moe.router", f"'{moe.router}' does not support the vit task (it needs "
              f"context an image classifier lacks); choose one of {', '.join(ROUTERS_FOR_VIT)}")
-    if moe.num_experts and moe.fp8.recipe != "none":
-        fail("model.moe.fp8.recipe", "FP8 experts have no biases yet and ViT experts do; "
-             "use 'none'")
-    if moe.num_experts and moe.experts == "grouped":
-        fail("model.moe.experts", "'grouped' experts have no biases yet and ViT experts do; "
-             "use 'sequential'")
 
 
 def _task(cfg):
@@ -74,7 +68,7 @@ def _flops_per_image(cfg, _output_size: int) -> float:
 
 
 def _after_step_hooks(chunks, grid) -> list:
-    """The routers' end-of-step updates (V-MoE's noise step)."""
+    """The routers' end-of-step updates (V-MoE's noise step, DiffMoE's thresholds)."""
     from megamoe.models.lm.model import moe_layers
 
     return [layer.router.after_step for layer in moe_layers(chunks)]

@@ -178,7 +178,7 @@ def build_vit(cfg, tconfig: TransformerConfig, pg_collection, _output_size=None)
         spec = encoder_block_spec(tconfig, pattern, router=router_builder(moe),
                                   shared_expert=bool(moe.shared_expert_ffn_hidden_size),
                                   pg_collection=pg_collection, experts=moe.experts,
-                                  vp_stage=vp_stage, pp_rank=pp_rank)
+                                  fp8=moe.fp8, vp_stage=vp_stage, pp_rank=pp_rank)
         chunks.append(ViTModel(
             tconfig, spec, image_size=cfg.data.image_size, patch_size=v.patch_size,
             pool=v.pool, position_embedding=v.position_embedding, num_classes=num_classes(cfg),
@@ -205,8 +205,8 @@ def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection, *,
     pattern = moe_layer_pattern(m.num_layers, moe.layer_freq, tconfig.num_moe_experts or 0)[:k]
     spec = encoder_block_spec(tconfig, pattern, router=router_builder(moe),
                               shared_expert=bool(moe.shared_expert_ffn_hidden_size),
-                              pg_collection=pg_collection, experts=moe.experts, pp_rank=0,
-                              modality_norm=modality_norm)
+                              pg_collection=pg_collection, experts=moe.experts, fp8=moe.fp8,
+                              pp_rank=0, modality_norm=modality_norm)
     tower = ViTModel(tconfig, spec, image_size=cfg.data.image_size, patch_size=v.patch_size,
                      pool=v.pool, position_embedding=v.position_embedding, num_classes=None,
                      pre_process=True, post_process=True, pg_collection=pg_collection,

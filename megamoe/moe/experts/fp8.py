@@ -1,6 +1,6 @@
 """FP8 experts: every expert GEMM (fc1, fc2; forward, input and weight gradients) in FP8 with
 per-expert scales (megamoe.fp8), the activation, probabilities, router and losses in high
-precision.
+precision; biased experts' biases are added in high precision around the FP8 GEMMs.
 
 A subclass of Megatron's `SequentialMLP` like `GroupedExperts`: the same parameters,
 checkpoint keys and resharding, plus the per-expert scaling state (`fp8_state.amax_history`,
@@ -21,7 +21,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megamoe.fp8 import FP8Call, FP8ScalingState, fp8_grouped_linear, make_recipe
 from megamoe.fp8.backends import resolve_backend
-from megamoe.moe.experts.grouped import GroupedExperts
+from megamoe.moe.experts.grouped import GroupedExperts, expert_biases
 
 FC1, FC2 = 0, 1
 
@@ -32,7 +32,6 @@ class FP8Experts(SequentialMLP):
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, *, fp8,
                  grouped: bool = False):
         super().__init__(num_local_experts, config, submodules, pg_collection)
-        assert not self.config.add_bias_linear, "FP8 experts: biases are not supported yet"
         assert not (self.config.fp8 or self.config.fp4), "FP8 experts replace Megatron's TE FP8"
         assert not self.config.use_te_activation_func
         self.recipe = make_recipe(fp8.recipe, fp8.grad_format, fp8.amax_history_len, fp8.margin)
@@ -75,10 +74,16 @@ class FP8Experts(SequentialMLP):
         record = torch.is_grad_enabled() or not self.training
         w1_EGD = torch.stack([e.linear_fc1.weight for e in self.local_experts])
         w2_EDF = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        b1_TG, b2_TD = expert_biases(self.local_experts, torch.tensor(counts), x_TD.device)
         h_TG = self._linear(x_TD, w1_EGD, counts, FC1, record)
+        if b1_TG is not None:          # biases stay in high precision, outside the FP8 GEMMs
+            h_TG = h_TG + b1_TG
         a_TF = self._activation(h_TG)
         a_TF = (a_TF * probs_T.unsqueeze(-1)).to(a_TF.dtype)
-        return self._linear(a_TF, w2_EDF, counts, FC2, record) * live_T1, None
+        y_TD = self._linear(a_TF, w2_EDF, counts, FC2, record)
+        if b2_TD is not None:
+            y_TD = y_TD + b2_TD * probs_T.unsqueeze(-1)
+        return y_TD * live_T1, None
 
     def fp8_counters(self) -> dict:
         """Overflow/underflow casts since the last call (for the step metrics)."""

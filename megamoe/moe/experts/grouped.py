@@ -4,7 +4,9 @@
 A subclass of Megatron's `SequentialMLP`: the parameters, `sharded_state_dict`, checkpoint keys
 and resharding are the parent's, so a checkpoint moves between the two back ends and any layout.
 Only `forward` differs; it reproduces `MLP.forward`'s math (GLU split, activation, probs applied
-after the activation, before fc2). Under expert-TP the weights are the local shard and the
+after the activation, before fc2). Biased experts (the vit, vlm-encoder and dit families') add
+each token's expert biases around the grouped GEMMs as `MLP.forward` does: fc1's before the
+activation, fc2's scaled by the token's probability (`expert_biases`). Under expert-TP the weights are the local shard and the
 linears do no communication of their own (`explicit_expert_comm`: the dispatcher reduces), so
 the grouped path needs none either.
 
@@ -39,7 +41,6 @@ class GroupedExperts(SequentialMLP):
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None):
         super().__init__(num_local_experts, config, submodules, pg_collection)
-        assert not self.config.add_bias_linear, "grouped experts: biases are not supported yet"
         assert not (self.config.fp8 or self.config.fp4), "grouped experts: FP8/FP4 not supported"
         assert not self.config.use_te_activation_func
         for expert in self.local_experts:
@@ -56,7 +57,7 @@ class GroupedExperts(SequentialMLP):
                                  "model.moe.experts=grouped (torch._grouped_mm) needs")
 
     def _activation(self, h_TG: torch.Tensor) -> torch.Tensor:
-        """`MLP.forward`'s unfused activation (no bias here)."""
+        """`MLP.forward`'s unfused activation (of the biased fc1 output)."""
         cfg = self.config
         if not cfg.gated_linear_unit:
             return self.local_experts[0].activation_func(h_TG)
@@ -80,8 +81,29 @@ class GroupedExperts(SequentialMLP):
 
         w1_EDG = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
         w2_EFD = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
+        b1_TG, b2_TD = expert_biases(self.local_experts, counts, x_TD.device)
         h_TG = torch._grouped_mm(x_TD.contiguous(), w1_EDG, offs=offs_E)
+        if b1_TG is not None:
+            h_TG = h_TG + b1_TG
         a_TF = self._activation(_ContiguousGrad.apply(h_TG))
         a_TF = (a_TF * probs_T.unsqueeze(-1)).to(a_TF.dtype)
-        y_TD = torch._grouped_mm(a_TF.contiguous(), w2_EFD, offs=offs_E)
-        return _ContiguousGrad.apply(y_TD), None
+        y_TD = _ContiguousGrad.apply(torch._grouped_mm(a_TF.contiguous(), w2_EFD, offs=offs_E))
+        if b2_TD is not None:
+            y_TD = y_TD + b2_TD * probs_T.unsqueeze(-1)
+        return y_TD, None
+
+
+def expert_biases(experts, counts: torch.Tensor, device):
+    """Each permuted token's fc1 and fc2 biases ([T, G], [T, D]), gathered from its expert's
+    (tokens arrive grouped by local expert, `counts` per expert), or (None, None) for experts
+    without biases. The fc2 bias is the one `MLP.forward` adds scaled by the token's probability
+    (Megatron's expert fc2 returns it apart: `skip_bias_add`)."""
+    fc1, fc2 = experts[0].linear_fc1, experts[0].linear_fc2
+    if fc1.bias is None and fc2.bias is None:
+        return None, None
+    assert fc2.skip_bias_add and fc2.bias is not None and fc1.bias is not None
+    expert_T = torch.repeat_interleave(
+        torch.arange(len(experts), device=device), counts.to(device=device, dtype=torch.int64))
+    b1_EG = torch.stack([e.linear_fc1.bias for e in experts])
+    b2_ED = torch.stack([e.linear_fc2.bias for e in experts])
+    return b1_EG[expert_T], b2_ED[expert_T]

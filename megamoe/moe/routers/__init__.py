@@ -4,6 +4,7 @@ import functools
 
 from megamoe.moe.routers.base import MegamoeRouter, RouterOutput
 from megamoe.moe.routers.diff_moe import DiffMoERouter
+from megamoe.moe.routers.diffmoe import DiffMoEPoolRouter
 from megamoe.moe.routers.dit_moe import DiTMoERouter
 from megamoe.moe.routers.expert_choice import ExpertChoiceRouter
 from megamoe.moe.routers.limoe import LIMoERouter
@@ -19,6 +20,7 @@ ROUTERS.update({"moee": MoEERouter, "dit_moe": DiTMoERouter, "soft": SoftRouter,
                 "diff_moe": DiffMoERouter})
 ROUTERS.update({"expert_choice": ExpertChoiceRouter, "race": RaceRouter})
 ROUTERS.update({"vmoe": VMoERouter, "limoe": LIMoERouter, "modality": ModalityRouter})
+ROUTERS.update({"diffmoe": DiffMoEPoolRouter})
 
 
 def router_builder(moe_cfg, vocab_size: int | None = None):
