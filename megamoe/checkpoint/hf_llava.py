@@ -88,13 +88,10 @@ def connector_problems(cfg) -> list[str]:
 
 def problems(cfg) -> list[str]:
     """What LLaVA cannot express (field: reason); empty when it expresses the model exactly."""
-    v, bad = cfg.model.vlm, []
-    if v.encoder_moe_layer_freq is not None:
-        bad.append(f"model.vlm.encoder_moe_layer_freq: {v.encoder_moe_layer_freq!r}; CLIP's "
-                   "layers have dense MLPs")
-    dense = encoder_cfg(cfg)
-    dense.model.moe.num_experts = 0        # said above, in the vlm's own field
-    bad += hf_clip.problems(dense)
+    moe_field = "model.moe.num_experts:"   # the encoder's MoE layers: the vlm's own field
+    bad = [f"model.vlm.encoder_moe_layer_freq: {cfg.model.vlm.encoder_moe_layer_freq!r};"
+           + p[len(moe_field):] if p.startswith(moe_field) else p
+           for p in hf_clip.problems(encoder_cfg(cfg))]
     bad += connector_problems(cfg)
     if text_family(cfg) is None:           # the closest text model's reasons
         bad += min((f.problems(cfg) for f in TEXT_FAMILIES), key=len)

@@ -214,9 +214,16 @@ def test_what_neither_expresses_is_refused_naming_the_field():
     assert "LLaVA or megamoe's remote code" in str(err.value)
 
 
-def test_encoder_moe_routers_without_context_are_refused():
-    """The remote vision tower passes no modality ids or timesteps to its routers."""
-    from megamoe.checkpoint import hf_vlm
+def test_encoder_moe_refusals():
+    """LLaVA's tower is dense (an MoE layer after the one read does not matter); the remote
+    vision tower passes no modality ids or timesteps to its routers."""
+    from megamoe.checkpoint import hf_llava, hf_vlm
+
+    moe = "model.vlm.encoder_moe_layer_freq=[0,1]"
+    assert [p.split(" ")[0] for p in hf_llava.problems(_cfg(*LLAVA, moe, check=False))] == \
+        ["model.vlm.encoder_moe_layer_freq:"]
+    assert hf_llava.problems(_cfg(*LLAVA, moe, "model.vit.vision_feature_layer=-2",
+                                  check=False)) == []
 
     cfg = _cfg(*REMOTE, "model.vlm.encoder_moe_layer_freq=[0,1]", check=False)
     assert [p.split(" ")[0] for p in hf_vlm.problems(cfg)] == ["model.moe.router:"]
