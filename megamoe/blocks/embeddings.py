@@ -2,13 +2,16 @@
 positions (learned, or fixed 2-D sin-cos), as in ViT (Dosovitskiy et al. 2021, Eq. 1) and
 V-MoE; optionally CLIP's form (Radford et al. 2021): no projection bias and a LayerNorm over
 the summed embeddings. No family knowledge: the vit family puts this at the front of its encoder, the diffusion
-and multimodal families reuse it.
+and multimodal families reuse it. The diffusion family's conditioning embedders (timestep
+sinusoid → MLP, class table with a null class; DiT, Peebles & Xie 2023) are here too.
 
 Shapes: B images, C channels, H, W image sides, P patch side, N = (H/P)·(W/P) patches,
 S tokens (N, + 1 with the class token), D model width.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,6 +27,15 @@ def patchify(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
     B, C, H, W = images_BCHW.shape
     x = images_BCHW.reshape(B, C, H // patch, patch, W // patch, patch)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), C * patch * patch)
+
+
+def unpatchify(patches_BNP: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """[B, C, H, W] from [B, N, C·P·P]: the inverse of `patchify` for a square image."""
+    B, N, _ = patches_BNP.shape
+    side = math.isqrt(N)
+    assert side * side == N, N
+    x = patches_BNP.reshape(B, side, side, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, channels, side * patch, side * patch)
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -91,3 +103,44 @@ class PatchEmbedding(MegatronModule):
         if self.pre_norm is not None:
             x_BSD = self.pre_norm(x_BSD)
         return x_BSD.transpose(0, 1).contiguous()
+
+
+def timestep_sinusoid(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[B, dim] sinusoidal features of (possibly fractional) timesteps, DiT's order:
+    [cos(t·ω_i), sin(t·ω_i)] with ω_i = max_period^(−i/(dim/2)), i < dim/2. Computed in fp32."""
+    half = dim // 2
+    omega = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=t_B.device) / half)
+    angle_BH = t_B.float()[:, None] * omega[None]
+    return torch.cat([angle_BH.cos(), angle_BH.sin()], dim=-1)
+
+
+class TimestepEmbedder(MegatronModule):
+    """t → sinusoid (width `frequency_size`) → Linear → SiLU → Linear → [B, D] (DiT's
+    TimestepEmbedder, Peebles & Xie 2023 §3.2)."""
+
+    def __init__(self, config, frequency_size: int = 256):
+        super().__init__(config)
+        D, dtype = config.hidden_size, config.params_dtype
+        self.frequency_size = frequency_size
+        self.mlp_in = torch.nn.Linear(frequency_size, D, dtype=dtype)
+        self.mlp_out = torch.nn.Linear(D, D, dtype=dtype)
+
+    def forward(self, t_B: torch.Tensor) -> torch.Tensor:
+        freq_BF = timestep_sinusoid(t_B, self.frequency_size).to(self.mlp_in.weight.dtype)
+        return self.mlp_out(torch.nn.functional.silu(self.mlp_in(freq_BF)))
+
+
+class ClassEmbedder(MegatronModule):
+    """Class label → [B, D]: a table of `num_classes` + 1 rows, the last the null class that
+    dropped labels (classifier-free guidance) and unconditional sampling use (DiT's
+    LabelEmbedder; which labels drop is the caller's draw)."""
+
+    def __init__(self, config, num_classes: int):
+        super().__init__(config)
+        self.null_class = num_classes
+        self.embedding_table = torch.nn.Embedding(num_classes + 1, config.hidden_size,
+                                                  dtype=config.params_dtype)
+
+    def forward(self, labels_B: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels_B)

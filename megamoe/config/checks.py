@@ -96,6 +96,9 @@ def check_sequence_parallel(cfg: Config) -> None:
         fail(fix[0], f"{S} tokens per image (patches + class token) are not divisible by "
              f"parallel.tensor ({p.tensor}), which sequence parallelism shards them over; "
              f"{fix[1]}")
+    if cfg.model.family == "dit":
+        fail("model.dit.patch_size", f"{S} patch tokens per image are not divisible by "
+             f"parallel.tensor ({p.tensor}), which sequence parallelism shards them over")
     fail("model.seq_length", f"{cfg.model.seq_length} is not divisible by parallel.tensor "
          f"({p.tensor}), which sequence parallelism shards it over")
 

@@ -25,6 +25,7 @@ from megamoe.config.moe_families import (
     VMoEOptions,
     validate_families,
 )
+from megamoe.config.diffusion import DiTOptions
 from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
 from megamoe.config.vision import (SCENES_MAX_SHAPES, SHAPES_MAX_CLASSES, SHAPES_MIN_IMAGE_SIZE,
@@ -32,7 +33,7 @@ from megamoe.config.vision import (SCENES_MAX_SHAPES, SHAPES_MAX_CLASSES, SHAPES
 from megamoe.config.vlm import VLMOptions
 
 # model families (`model.family`): the one list; megamoe.models registers a record for each
-MODEL_FAMILIES = ("lm", "vit", "vlm")
+MODEL_FAMILIES = ("lm", "vit", "vlm", "dit")
 # router families; megamoe.moe.routers.ROUTERS implements them
 KNOWN_ROUTERS = ("topk", "moee", "dit_moe", "soft", "diff_moe", "expert_choice", "race",
                  "vmoe", "limoe", "modality", "diffmoe")
@@ -150,7 +151,8 @@ class ModelConfig:
 
     family: str = "lm"               # what is built and trained: lm (decoder-only language model),
                                      # vit (image classifier, model.vit), vlm (image + text:
-                                     # encoder, connector, MoE LM; model.vlm)
+                                     # encoder, connector, MoE LM; model.vlm), dit
+                                     # (class-conditional diffusion transformer; model.dit)
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 128       # dense FFN (layers that are not MoE)
@@ -176,6 +178,7 @@ class ModelConfig:
     mor: MoRConfig = field(default_factory=MoRConfig)   # Mixture-of-Recursions, off by default
     vit: ViTOptions = field(default_factory=ViTOptions)  # family vit: patches, pooling, head
     vlm: VLMOptions = field(default_factory=VLMOptions)  # family vlm: encoder, connector
+    dit: DiTOptions = field(default_factory=DiTOptions)  # family dit: patches, objective, EMA
 
     def validate(self) -> None:
         one_of(self, "family", MODEL_FAMILIES)
@@ -202,6 +205,8 @@ class ModelConfig:
             self.vit.validate()
         if self.family == "vlm":
             self.vlm.validate()
+        if self.family == "dit":
+            self.dit.validate()
         freq = self.moe.layer_freq
         if isinstance(freq, list) and len(freq) != self.num_layers:
             fail("model.moe.layer_freq", f"has {len(freq)} entries, "

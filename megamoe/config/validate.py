@@ -18,11 +18,16 @@ def sequence_parallel_enabled(cfg: Config) -> bool:
 
 def sequence_length(cfg: Config) -> int:
     """Tokens per sample the transformer sees: `model.seq_length` for the language model, the
-    patch tokens (+ class token) of an image for the vit family (megamoe.config.vision)."""
+    patch tokens (+ class token) of an image for the vit family (megamoe.config.vision),
+    the patch tokens for the dit family (megamoe.config.diffusion)."""
     if cfg.model.family == "vit":
         from megamoe.config.vision import image_tokens
 
         return image_tokens(cfg)
+    if cfg.model.family == "dit":
+        from megamoe.config.diffusion import dit_tokens
+
+        return dit_tokens(cfg)
     return cfg.model.seq_length
 
 

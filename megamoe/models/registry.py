@@ -49,11 +49,13 @@ def register(family: Family) -> Family:
 
 
 def _load_builtin() -> None:
+    from megamoe.models.dit import family as dit_family
     from megamoe.models.lm import family as lm_family
     from megamoe.models.vit import family as vit_family
     from megamoe.models.vlm import family as vlm_family
 
-    assert {lm_family.LM.name, vit_family.VIT.name, vlm_family.VLM.name} <= set(_FAMILIES)
+    assert {lm_family.LM.name, vit_family.VIT.name, vlm_family.VLM.name,
+            dit_family.DIT.name} <= set(_FAMILIES)
 
 
 def families() -> dict[str, Family]:

@@ -166,8 +166,8 @@ def test_defaults_must_be_a_list_of_names(tmp_path, text):
 
 def test_unknown_family_names_the_field_and_the_known_families():
     assert load_config(None).model.family == "lm"
-    message = one_line_error(None, ["model.family=dit"])
-    assert message == "model.family: must be one of lm | vit | vlm, got 'dit'"
+    message = one_line_error(None, ["model.family=video"])
+    assert message == "model.family: must be one of lm | vit | vlm | dit, got 'video'"
 
 
 # ---- the one check entry, derived defaults -------------------------------------------------------

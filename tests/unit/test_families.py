@@ -22,8 +22,9 @@ def test_lm_is_registered_with_its_task_and_accounting():
 
 def test_unknown_family_is_one_error_naming_the_field():
     with pytest.raises(ValueError,
-                       match=r"^model.family: unknown family 'dit' \(known: lm, vit, vlm\)$"):
-        family_for(cfg_with("dit"))
+                       match=r"^model.family: unknown family 'video' \(known: dit, lm, vit, "
+                             r"vlm\)$"):
+        family_for(cfg_with("video"))
 
 
 def test_the_megatron_engine_implements_the_protocol():
