@@ -1,8 +1,9 @@
 """`megamoe sample` end to end (issue 15 item 6): a tiny dit run trained for 2 steps, sampled
 from the command line into a labelled grid PNG with the JSON line last; and each bad request as
-one error naming the flag — --labels (not a class, out of range), --steps ≤ 0, a negative
---cfg-scale, a run of another family (model.family), a checkpoint without EMA weights (RUN) —
-raised before any model is built (the error cases run in this process)."""
+one error naming the flag — --labels (not a class, out of range), --steps ≤ 0 (or more than a
+DDPM run's training steps), a negative --cfg-scale, a run of another family (model.family), a
+checkpoint without EMA weights (RUN) — raised before any model is built (the error cases run in
+this process)."""
 
 import json
 import os
@@ -79,12 +80,14 @@ def _without_ema(step_dir, dest):
     return dest
 
 
-def _other_family(step_dir, dest):
-    """A copy of the checkpoint whose config is an lm run's."""
+def _with_config(step_dir, dest, source, overrides):
+    """A copy of the checkpoint whose config.yaml is `source` (None: the defaults, an lm run)
+    with `overrides`."""
     from megamoe.config import dump_config, load_config
 
     shutil.copytree(step_dir, dest)
-    dump_config(load_config(None, ["parallel.world_size=1"]), os.path.join(dest, "config.yaml"))
+    dump_config(load_config(source, ["parallel.world_size=1", *overrides]),
+                os.path.join(dest, "config.yaml"))
     return dest
 
 
@@ -100,7 +103,11 @@ def test_each_bad_request_is_one_error_naming_the_flag(dit_run, tmp_path, capsys
         ([run, "--labels", "1.5"], "--labels: '1.5' is neither"),
         ([run, "--steps", "0"], "--steps=0: must be ≥ 1"),
         ([run, "--cfg-scale", "-0.5"], "--cfg-scale=-0.5: must be ≥ 0"),
-        ([_other_family(step_dir, tmp_path / "lm")], "model.family 'lm': `megamoe sample`"),
+        ([_with_config(step_dir, tmp_path / "lm", None, [])],
+         "model.family 'lm': `megamoe sample`"),
+        ([_with_config(step_dir, tmp_path / "ddpm", os.path.join(step_dir, "config.yaml"),
+                       ["model.dit.objective=ddpm"]), "--steps", "1001"],
+         "--steps=1001: a ddpm run samples in at most model.dit.num_train_timesteps = 1000"),
         ([_without_ema(step_dir, tmp_path / "no_ema")], "RUN "),
         ([str(tmp_path / "nothing")], f"{tmp_path / 'nothing'}: no complete checkpoint"),
     ]

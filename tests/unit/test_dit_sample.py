@@ -7,7 +7,8 @@
   too. Controls, which must differ: DiffMoE's pool top-k inference rule and expert choice over
   the micro-batch (batch-coupled routers);
 - one Euler step (steps = 1) equals the step computed by hand from `predict` with the EMA
-  weights and the guidance formula; the trained weights (not the EMA) sample differently.
+  weights and the guidance formula; the trained weights (not the EMA) sample differently; the
+  per-step callback sees (0, t = T, the initial noise).
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def one_step_task() -> dict:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     labels, scale, seed = [2, 5], 2.5, 9
     side, n = cfg.data.image_size, cfg.data.num_classes
-    got = sample_images(engine.modules, cfg, labels, steps=1, cfg_scale=scale, seed=seed)
+    seen = []
+    got = sample_images(engine.modules, cfg, labels, steps=1, cfg_scale=scale, seed=seed,
+                        on_step=lambda i, t, x: seen.append((i, t, x.clone())))
     trained = sample_images(engine.modules, cfg, labels, steps=1, cfg_scale=scale, seed=seed,
                             ema=False)
     eps = initial_noise(seed, [0, 1], (CHANNELS, side, side))
@@ -145,7 +148,9 @@ def one_step_task() -> dict:
     v = uncond + scale * (cond - uncond)
     x0 = eps + (0.0 - 1.0) * v                                          # σ: 1 → 0
     want = ((x0 + 1) / 2).clamp(0, 1)
-    return {"hand": (got - want).abs().max().item(),
+    (i, t_seen, x_seen), = seen
+    return {"hand": (got - want).abs().max().item(), "on_step": (i, t_seen),
+            "on_step_x": (x_seen - eps).abs().max().item(),
             "ema_vs_trained": (got - trained).abs().max().item(),
             "scale": (want - ((eps + 1) / 2).clamp(0, 1)).abs().max().item()}
 
@@ -155,4 +160,5 @@ def test_one_euler_step_equals_the_step_by_hand():
     got = run_distributed(one_step_task, 1)[0]
     assert got["scale"] > 0.1, got           # the step moved the noise
     assert got["hand"] <= 1e-6, got
+    assert got["on_step"] == (0, 1000.0) and got["on_step_x"] == 0.0, got   # the callback
     assert got["ema_vs_trained"] > 1e-3, got  # sampling used the EMA weights
