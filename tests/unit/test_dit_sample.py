@@ -1,10 +1,10 @@
 """Sampling from a DiT (issue 15 items 4 and 6; megamoe.models.dit.sample):
 
-- batch independence, per recipe (every configs/*.yaml of model.family dit) and per router fragment of the
-  dit family (DiffMoE's threshold rule, EC-DiT, Race, Diff-MoE on the DiT-MoE recipe): image 3
-  sampled alone (position 3, same seed) equals image 3 of a request of 8, classifier-free
-  guidance's two halves in the same batch, max |Δ| ≤ 1e-5 on the sample; DDPM's per-step noise
-  too. Controls, which must differ: DiffMoE's pool top-k inference rule and expert choice over
+- batch independence, per recipe (every configs/*.yaml of model.family dit) and per router
+  fragment of the dit family (DiffMoE's threshold rule, EC-DiT, Race, Diff-MoE on the DiT-MoE
+  recipe): image 3 sampled alone (position 3, same seed) equals image 3 of a request of 8,
+  classifier-free guidance's two halves in the same batch, max |Δ| ≤ 1e-5 on the sample;
+  DDPM's per-step noise too. Controls, which must differ: DiffMoE's pool top-k inference rule and expert choice over
   the micro-batch (batch-coupled routers);
 - one Euler step (steps = 1) equals the step computed by hand from `predict` with the EMA
   weights and the guidance formula; the trained weights (not the EMA) sample differently; the
