@@ -4,7 +4,8 @@ with its EMA weights (megamoe.models.dit.sample), written as a labelled grid PNG
 
 Every flag is checked, and the checkpoint's family, classes and EMA tensors read from its
 files, before the model is built: a bad request costs no load. A progress bar goes to stderr;
-the last line of stdout is one JSON object (path, labels, steps, cfg_scale, seed, seconds).
+the last line of stdout is one JSON object (path, labels, steps, cfg_scale, seed, seconds:
+the sampling's wall time, the load excluded).
 """
 
 from __future__ import annotations
