@@ -33,8 +33,13 @@ class VLMOptions:
     encoder_hidden_size: int = 64
     encoder_num_attention_heads: int = 4
     encoder_ffn_hidden_size: int = 128
-    # MoE FFNs in the encoder (model.moe's experts and router): None keeps it dense; N or a
-    # 0/1 list as model.moe.layer_freq (V-MoE: every other layer)
+    # MoE FFNs in the encoder (model.moe's experts and router, which must be one of the vit
+    # family's: topk, vmoe, soft, expert_choice, dit_moe): None keeps it dense; N or a 0/1
+    # list as model.moe.layer_freq (V-MoE: every other layer). Expert parallelism: the
+    # encoder's experts live on the LM's expert grid (parallel.expert, expert_tensor), also
+    # when the encoder has its own grid (parallel.vision_tensor) — all-to-all within the LM's
+    # EP group, each expert's gradient reduced over the expert-DP ranks exactly once, like the
+    # LM's experts; with parallel.expert 1 they are replicas on every first-stage rank.
     encoder_moe_layer_freq: int | list[int] | None = None
     pixel_shuffle: int = 1               # r: r×r patches → one token (1: off)
     connector_hidden_size: int | None = None   # None: the LM's model.hidden_size
