@@ -77,6 +77,10 @@ def _check_encoder_moe(cfg) -> None:
     if moe.experts == "grouped":
         fail("model.moe.experts", "'grouped' experts have no biases yet and the encoder's "
              "(model.vlm.encoder_moe_layer_freq) do; use 'sequential'")
+    if cfg.parallel.expert_tensor_size > 1:
+        fail("parallel.expert_tensor", f"{cfg.parallel.expert_tensor_size}: the encoder's "
+             "experts (model.vlm.encoder_moe_layer_freq) have biases, which Megatron-Core "
+             "supports only with expert-TP 1: set it to 1")
 
 
 def _task(cfg):
