@@ -4,20 +4,22 @@ same answer-token loss, step-1 gradients (encoder, connector and LM), parameters
 and grad norms as the single-process reference that sees every DP rank's samples.
 
 Negative controls: one expert perturbed on one rank, or — where the encoder is replicated —
-its patch projection perturbed on one rank. The asymmetric grids (encoder TP 1 and DP 2 or 4
+its patch projection perturbed on one rank; with MoE FFNs in the encoder, one of its experts
+perturbed on one rank. The asymmetric grids (encoder TP 1 and DP 2 or 4
 under an LM with TP 2 and DP 1 or 2) must also catch two injected boundary bugs: (a) the
 encoder side's samples permuted relative to the LM's, (b) the encoder's gradient reduced over
 the LM's data-parallel group only, as if normalised by the LM's DP instead of its own."""
 
 import pytest
 
-from megamoe.testing.parity import (compare, check_layout, perturb_encoder, reference,
-                                    vlm_parity_task)
+from megamoe.testing.parity import (compare, check_layout, perturb_encoder,
+                                    perturb_encoder_expert, reference, vlm_parity_task)
 from megamoe.testing.pool import run_distributed
 
 VISION_TP1 = ["parallel.vision_tensor=1"]
-CONTRASTIVE = ["model.vlm.contrastive_coeff=0.5", "model.moe.aux_loss_coeff=0",
-               "model.moe.z_loss_coeff=0"]
+NO_ROUTER_LOSSES = ["model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"]
+CONTRASTIVE = ["model.vlm.contrastive_coeff=0.5", *NO_ROUTER_LOSSES]
+ENCODER_MOE = ["model.vlm.encoder_moe_layer_freq=[0,1]"]
 CASES = [
     ("ep2", [], (2, ["parallel.expert=2"], 2), True),
     ("tp2_sp", [], (2, ["parallel.tensor=2"], 1), perturb_encoder),
@@ -34,6 +36,13 @@ CASES = [
     # the contrastive loss's negatives span the DP ranks (the reference runs the ranks'
     # micro-batches m as one); per-micro-batch router losses off, as they would differ
     ("contrastive_ep2_dp4", CONTRASTIVE, (4, ["parallel.expert=2"], 4), True),
+    # MoE FFNs in the encoder, its experts on the LM's expert grid: split over EP 2 (with the
+    # loss-free bias, a router buffer per encoder layer); replicated under the encoder's own
+    # grid (encoder DP 2 routes half the micro-batch per rank: no per-group router losses)
+    ("encoder_moe_ep2", ENCODER_MOE + ["model.moe.loss_free_bias_rate=0.01"],
+     (2, ["parallel.expert=2"], 2), perturb_encoder_expert),
+    ("encoder_moe_vision_tp1_lm_tp2", ENCODER_MOE + NO_ROUTER_LOSSES + VISION_TP1,
+     (2, ["parallel.tensor=2", "parallel.expert_tensor=1"], 1), perturb_encoder_expert),
 ]
 
 
@@ -46,6 +55,11 @@ def test_vlm_matches_single_process(name, overrides, layout, perturb):
     if overrides is CONTRASTIVE:
         assert any(k.startswith("contrastive.") for k in ref.grads), sorted(ref.grads)[-5:]
     assert any(k.startswith("connector.") for k in ref.grads)
+    if name.startswith("encoder_moe"):
+        assert any(k.startswith("vision.") and ".experts." in k for k in ref.grads)
+    if "model.moe.loss_free_bias_rate=0.01" in overrides:    # named apart from the LM's
+        assert {"layer 2.selection_bias", "encoder layer 2.selection_bias"} <= \
+            set(ref.router_state), sorted(ref.router_state)
     assert ref.losses[0] > 0 and ref.losses[-1] < ref.losses[0] * 1.5
     check_layout(overrides, layout, ref, task=vlm_parity_task, perturb=perturb)
 
