@@ -95,3 +95,26 @@ def test_asymmetric_grid_catches_injected_boundary_bugs(bug):
     if bug == "lm_dp_norm":   # only the encoder's gradients are wrong at step 1
         step1 = [p for p in problems if p.startswith("grad ") and "norm" not in p]
         assert step1 and all(p.startswith("grad vision.") for p in step1), step1
+
+
+@pytest.mark.timeout(600)
+def test_encoder_moe_trains_and_logs_its_layers_apart(tmp_path):
+    """A few `megamoe train` steps (the training loop, EP2) with MoE FFNs in the encoder: the
+    loss is finite, and the encoder's layer 2 has its own expert-load row, router losses and
+    routing statistics next to the LM's layer 2 (in metrics.jsonl; TensorBoard gets the same)."""
+    import math
+
+    from megamoe.testing.parity import TINY_VLM
+    from megamoe.testing.recipes import train_recipe
+
+    _, records = run_distributed(train_recipe, 2, None, [
+        *TINY_VLM, *ENCODER_MOE, "parallel.world_size=2", "parallel.expert=2",
+        "train.steps=2", "train.eval_iters=0", "train.save_interval=0", "train.resume=none",
+        "run.tensorboard=true"], str(tmp_path))[0]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records), records
+    last = records[-1]
+    assert {"2", "encoder_layer2"} <= set(last["expert_load"]), sorted(last["expert_load"])
+    assert sum(last["expert_load"]["encoder_layer2"]) > 0
+    for name in ("load_balancing_loss", "z_loss"):
+        assert math.isfinite(last[name]) and last[f"encoder/{name}"] > 0, sorted(last)
+    assert any(k.startswith("router/encoder/") for k in last), sorted(last)
