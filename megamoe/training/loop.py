@@ -152,7 +152,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         router = M.router_losses(cfg, engine.pg, len(mbs), streams)
         router.update(M.routing_stats(engine.moe_layers))
         if cfg.model.moe.fp8.recipe != "none":
-            router.update(M.fp8_counters(engine.moe_layers, cfg.model.num_layers))
+            router.update(M.fp8_counters(engine.moe_layers, cfg.model.num_layers, streams))
         step_flops = flops_unit
         if family_metrics is not None:
             router.update(family_metrics.read(tokens_per_step))

@@ -95,25 +95,28 @@ def routing_stats(layers) -> dict:
             for i, n in enumerate(names) if sums[i, 1] > 0}
 
 
-def fp8_counters(layers, num_layers: int) -> dict:
+def fp8_counters(layers, num_layers: int, streams: dict | None = None) -> dict:
     """FP8 casts that saturated (overflow) or flushed a nonzero value to zero (underflow) since
-    the last read, per MoE layer (1-based), summed over all ranks; layers without FP8 experts
-    report nothing."""
-    counts_L3 = torch.zeros(num_layers, 3, dtype=torch.float64)   # overflow, underflow, is FP8
+    the last read, per MoE layer (1-based; another stream's, from `moe_streams`, as
+    "<stream>_layer<N>"), summed over all ranks; layers without FP8 experts report nothing."""
+    offsets, names = {"": 0}, [f"layer{i}" for i in range(1, num_layers + 1)]
+    for stream, (n, _) in (streams or {}).items():
+        offsets[stream] = len(names)
+        names += [f"{stream}_layer{i}" for i in range(1, n + 1)]
+    counts_L3 = torch.zeros(len(names), 3, dtype=torch.float64)   # overflow, underflow, is FP8
     for layer in layers:
         read = getattr(layer.experts, "fp8_counters", None)
         if read is not None:
-            assert not layer.stream, "encoders have no FP8 experts (megamoe.models.vlm.family)"
             c = read()
-            counts_L3[layer.layer_number - 1] += torch.tensor(
+            counts_L3[offsets[layer.stream] + layer.layer_number - 1] += torch.tensor(
                 [c["fp8_overflow"], c["fp8_underflow"], 1.0], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts_L3)
     out = {}
-    for i, (over, under, is_fp8) in enumerate(counts_L3.tolist()):
+    for name, (over, under, is_fp8) in zip(names, counts_L3.tolist()):
         if is_fp8:
-            out[f"fp8/overflow_layer{i + 1}"] = int(over)
-            out[f"fp8/underflow_layer{i + 1}"] = int(under)
+            out[f"fp8/overflow_{name}"] = int(over)
+            out[f"fp8/underflow_{name}"] = int(under)
     return out
 
 
