@@ -293,11 +293,14 @@ def perturb_encoder(engine, scale: float = 1e-2) -> bool:
 @torch.no_grad()
 def perturb_encoder_expert(engine, scale: float = 1e-2) -> bool:
     """Negative control for an encoder's MoE layers: local expert 0 of the encoder's first MoE
-    layer changed on the last rank only (one expert shard, or one replica, drifts)."""
+    layer changed on the last rank that holds the encoder only (one expert shard, or one
+    replica, drifts)."""
     from megamoe.models.lm.model import moe_layers
 
     layers = [layer for layer in moe_layers(engine.modules) if layer.stream == "encoder"]
-    if dist.get_rank() != dist.get_world_size() - 1 or not layers:
+    holders = [None] * dist.get_world_size()
+    dist.all_gather_object(holders, bool(layers))
+    if dist.get_rank() != max(r for r, held in enumerate(holders) if held):
         return False
     w = layers[0].experts.local_experts[0].linear_fc1.weight
     w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(97)) * scale)

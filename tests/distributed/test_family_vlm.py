@@ -38,11 +38,13 @@ CASES = [
     ("contrastive_ep2_dp4", CONTRASTIVE, (4, ["parallel.expert=2"], 4), True),
     # MoE FFNs in the encoder, its experts on the LM's expert grid: split over EP 2 (with the
     # loss-free bias, a router buffer per encoder layer); replicated under the encoder's own
-    # grid (encoder DP 2 routes half the micro-batch per rank: no per-group router losses)
+    # grid (encoder DP 2 routes half the micro-batch per rank: no per-group router losses);
+    # with the encoder on the first of two pipeline stages
     ("encoder_moe_ep2", ENCODER_MOE + ["model.moe.loss_free_bias_rate=0.01"],
      (2, ["parallel.expert=2"], 2), perturb_encoder_expert),
     ("encoder_moe_vision_tp1_lm_tp2", ENCODER_MOE + NO_ROUTER_LOSSES + VISION_TP1,
      (2, ["parallel.tensor=2", "parallel.expert_tensor=1"], 1), perturb_encoder_expert),
+    ("encoder_moe_pp2", ENCODER_MOE, (2, ["parallel.pipeline=2"], 1), perturb_encoder_expert),
 ]
 
 
