@@ -32,6 +32,8 @@ def _check(*overrides):
       "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"], "model.moe.router:"),
     (["model.vlm.encoder_moe_layer_freq=2", "model.moe.num_experts=0"],
      "model.vlm.encoder_moe_layer_freq:"),
+    (["model.vlm.encoder_moe_layer_freq=2", "model.moe.shared_expert_ffn_hidden_size=64"],
+     "model.moe.shared_expert_ffn_hidden_size:"),
     (["model.vlm.encoder_moe_layer_freq=2", "parallel.world_size=2", "parallel.tensor=2",
       "parallel.expert_tensor=2"], "parallel.expert_tensor:"),
     (["model.vlm.encoder_hidden_size=30"], "model.vlm.encoder_hidden_size:"),

@@ -58,9 +58,9 @@ def check_vlm(cfg) -> None:
 
 
 def _check_encoder_moe(cfg) -> None:
-    """MoE FFNs in the encoder: model.moe's experts (with biases, as ViT's: expert-TP 1) and
-    a router that routes image tokens on hidden states alone; the encoder's context has no
-    text, timesteps or labels (one line naming the field)."""
+    """MoE FFNs in the encoder: model.moe's experts (with biases, as ViT's: expert-TP 1, no
+    shared expert) and a router that routes image tokens on hidden states alone; the
+    encoder's context has no text, timesteps or labels (one line naming the field)."""
     from megamoe.models.vit.family import ROUTERS_FOR_VIT
 
     moe = cfg.model.moe
@@ -71,6 +71,10 @@ def _check_encoder_moe(cfg) -> None:
         fail("model.moe.router", f"'{moe.router}' cannot route the encoder's image tokens "
              f"(model.vlm.encoder_moe_layer_freq: it needs context an encoder lacks, e.g. "
              f"text); choose one of {', '.join(ROUTERS_FOR_VIT)}")
+    if moe.shared_expert_ffn_hidden_size:
+        fail("model.moe.shared_expert_ffn_hidden_size", "Megatron-Core's shared experts take "
+             "no biases and the encoder's linears have them (model.vlm.encoder_moe_layer_freq):"
+             " set it 0 (dit_moe: also model.moe.dit_moe.require_shared_expert=false)")
     if cfg.parallel.expert_tensor_size > 1:
         fail("parallel.expert_tensor", f"{cfg.parallel.expert_tensor_size}: the encoder's "
              "experts (model.vlm.encoder_moe_layer_freq) have biases, which Megatron-Core "
