@@ -40,7 +40,7 @@ class VLMOptions:
     # when the encoder has its own grid (parallel.vision_tensor) — all-to-all within the LM's
     # EP group, each expert's gradient reduced over the expert-DP ranks exactly once, like the
     # LM's experts; with parallel.expert 1 they are replicas on every first-stage rank. Their
-    # biases need parallel.expert_tensor 1 and no shared expert (Megatron-Core's has none).
+    # biases need parallel.expert_tensor 1 and no shared expert (Megatron-Core's is unbiased).
     # On the encoder's own grid its routing groups (the token sets aux losses and capacities
     # are computed over) are each encoder DP rank's slice of the micro-batch, as Megatron
     # computes them per rank's tokens.
