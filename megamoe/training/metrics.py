@@ -34,21 +34,21 @@ def global_mean(stats: dict, pg, name: str, per: str = "units") -> float:
 
 
 def moe_streams(layers) -> dict:
-    """{stream: (its layer count, its MoE layers)} of the model's MoE stacks other than the main
-    one (a vlm encoder's: megamoe.moe.layer), the same on every rank (pipeline stages hold other
-    layers). One collective: read it once per run."""
+    """{stream: (its layer count, its MoE layers' numbers)} of the model's MoE stacks other than
+    the main one (a vlm encoder's: megamoe.moe.layer), the same on every rank (pipeline stages
+    hold other layers). One collective: read it once per run."""
     mine: dict = {}
     for layer in layers:
         if layer.stream:
-            n, moe = mine.get(layer.stream, (layer.config.num_layers, 0))
-            mine[layer.stream] = (n, moe + 1)
+            n, numbers = mine.get(layer.stream, (layer.config.num_layers, ()))
+            mine[layer.stream] = (n, numbers + (layer.layer_number,))
     if dist.is_initialized() and dist.get_world_size() > 1:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
         mine = {}
         for part in every:
-            for stream, sizes in part.items():
-                mine[stream] = max(mine.get(stream, sizes), sizes)
+            for stream, (n, numbers) in part.items():
+                mine[stream] = (n, tuple(sorted(set(mine.get(stream, (n, ()))[1] + numbers))))
     return dict(sorted(mine.items()))
 
 
@@ -145,7 +145,8 @@ def router_losses(cfg, pg, num_microbatches: int, streams: dict | None = None) -
     """Mean per-layer router losses of the last step (Switch load-balancing loss and z-loss,
     without their coefficients), read from Megatron's tracker and reduced over ranks; those of
     each stream in `streams` (`moe_streams`: an encoder's MoE layers, tracked under
-    "<stream>/<name>", megamoe.moe.routers.base) as "<stream>/<name>"."""
+    "<stream>/<name>", megamoe.moe.routers.base) as "<stream>/<name>", and per layer as
+    "<stream>/layer<N>/<name>"."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
@@ -159,18 +160,25 @@ def router_losses(cfg, pg, num_microbatches: int, streams: dict | None = None) -
             if moe.num_experts and c]
     if not base:
         return {}
-    n_moe = max(1, sum(moe_layer_pattern(cfg.model.num_layers, moe.layer_freq, moe.num_experts)))
-    sizes = {name: (cfg.model.num_layers, n_moe) for name in base}
-    for stream, stream_sizes in (streams or {}).items():
-        sizes.update({f"{stream}/{name}": stream_sizes for name in base})
-    names = list(sizes)
+    pattern = moe_layer_pattern(cfg.model.num_layers, moe.layer_freq, moe.num_experts)
+    main = (cfg.model.num_layers, tuple(i + 1 for i, is_moe in enumerate(pattern) if is_moe))
+    layers = {name: main for name in base}
+    for stream, stream_layers in (streams or {}).items():
+        layers.update({f"{stream}/{name}": stream_layers for name in base})
+    names = list(layers)
     tracker = get_moe_layer_wise_logging_tracker()
     for name in names:   # every rank reduces the same names, also stages without MoE layers
         if name not in tracker:
-            tracker[name] = {"values": torch.zeros(sizes[name][0]), "reduce_group": None,
+            tracker[name] = {"values": torch.zeros(layers[name][0]), "reduce_group": None,
                              "avg_group": None, "reduce_group_has_dp": False}
     reduce_aux_losses_tracker_across_ranks(names, pg_collection=pg)
-    out = {name: tracker[name]["values"].sum().item() / num_microbatches / sizes[name][1]
-           for name in names}
+    out = {}
+    for name in names:
+        values_L = tracker[name]["values"] / num_microbatches
+        out[name] = values_L.sum().item() / max(1, len(layers[name][1]))
+        if "/" in name:                   # another stream's: also per layer
+            stream, _, base_name = name.partition("/")
+            out.update({f"{stream}/layer{n}/{base_name}": values_L[n - 1].item()
+                        for n in layers[name][1]})
     clear_aux_losses_tracker()
     return out

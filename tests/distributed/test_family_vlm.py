@@ -102,8 +102,9 @@ def test_asymmetric_grid_catches_injected_boundary_bugs(bug):
 @pytest.mark.timeout(600)
 def test_encoder_moe_trains_and_logs_its_layers_apart(tmp_path):
     """A few `megamoe train` steps (the training loop, EP2) with MoE FFNs in the encoder: the
-    loss is finite, and the encoder's layer 2 has its own expert-load row, router losses and
-    routing statistics next to the LM's layer 2 (in metrics.jsonl; TensorBoard gets the same)."""
+    loss is finite, and the encoder's layer 2 has its own expert-load row, router losses (mean
+    and per layer) and routing statistics next to the LM's layer 2 (in metrics.jsonl;
+    TensorBoard gets the same)."""
     import math
 
     from megamoe.testing.parity import TINY_VLM
@@ -117,6 +118,8 @@ def test_encoder_moe_trains_and_logs_its_layers_apart(tmp_path):
     last = records[-1]
     assert {"2", "encoder_layer2"} <= set(last["expert_load"]), sorted(last["expert_load"])
     assert sum(last["expert_load"]["encoder_layer2"]) > 0
-    for name in ("load_balancing_loss", "z_loss"):
+    for name in ("load_balancing_loss", "z_loss"):   # the encoder's mean = its one layer's
         assert math.isfinite(last[name]) and last[f"encoder/{name}"] > 0, sorted(last)
+        assert last[f"encoder/layer2/{name}"] == last[f"encoder/{name}"], sorted(last)
+        assert f"encoder/layer1/{name}" not in last          # a dense layer
     assert any(k.startswith("router/encoder/") for k in last), sorted(last)
