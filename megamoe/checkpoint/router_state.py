@@ -6,7 +6,10 @@ V-MoE's `noise_step`, and the Mixture-of-Recursions token-choice depth router's 
 `router_bias`. `gather_global` describes parameters only, so exports add these under their
 checkpoint keys (fp32): `decoder.layers.<i>.mlp.router.<name>`; in a MoR decoder
 `decoder.layers.{0,1}.mlp.router.<name>` (unique layers), `decoder.recursion.layers.<j>.mlp.
-router.<name>` (the shared pool) and `decoder.recursion.router.<name>`; imports copy them back.
+router.<name>` (the shared pool) and `decoder.recursion.router.<name>`; an encoder's MoE layers
+(another stream, megamoe.moe.layer: their layer numbers repeat the LM's) under their own module
+path, e.g. `vision.decoder.layers.<i>.mlp.router.<name>` (a tower sits whole on one stage, so
+its path is its global key); imports copy them back.
 Non-persistent buffers (per-step counters, masks computed from the config) are not model state
 and stay out.
 """
@@ -41,6 +44,10 @@ def _router_buffers(chunks):
             for j, layer in enumerate(decoder.recursion.layers):
                 mor_prefix[id(layer.mlp)] = f"decoder.recursion.layers.{j}.mlp.router."
             yield from _persistent(decoder.recursion.router, "decoder.recursion.router.")
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            if getattr(module, "stream", ""):
+                mor_prefix[id(module)] = f"{name}.router."
     for layer in moe_layers(chunks):
         prefix = mor_prefix.get(id(layer), f"{LAYER_PREFIX}{layer.layer_number - 1}.mlp.router.")
         yield from _persistent(layer.router, prefix)

@@ -11,7 +11,9 @@
   caption, image-blind);
 - the per-modality expert usage of the language model's MoE layers (experts × modality, per
   layer: the share of each modality's routed assignments that each expert received) as a PNG
-  next to the checkpoints and in the run's TensorBoard.
+  next to the checkpoints and in the run's TensorBoard. An MoE encoder's layers are left out:
+  every encoder token is an image patch, so their map would have one row and say nothing
+  about modality (their expert load is in the training logs as `encoder_layer<N>`).
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ class NeighbourImages:
 
 def modality_usage(engine) -> dict:
     """{layer name: {modality id: [E] routed-token counts}} of the LM's MoE layers since the
-    last reset (one process: `megamoe eval` loads the model on one rank)."""
+    last reset (one process: `megamoe eval` loads the model on one rank); not the encoder's
+    (module docstring; megamoe.moe.layer records none for them)."""
     from megamoe.moe.layer import MegamoeMoELayer
 
     out = {}
     for chunk in engine.modules:
         for name, module in chunk.named_modules():
-            if isinstance(module, MegamoeMoELayer) and not name.startswith("vision."):
+            if isinstance(module, MegamoeMoELayer) and not module.stream:
                 out[name.removesuffix(".mlp")] = {m: c.numpy().copy() for m, c in
                                                   sorted(module.modality_usage_acc.items())}
     return out

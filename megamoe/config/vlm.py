@@ -33,8 +33,17 @@ class VLMOptions:
     encoder_hidden_size: int = 64
     encoder_num_attention_heads: int = 4
     encoder_ffn_hidden_size: int = 128
-    # MoE FFNs in the encoder (model.moe's experts and router): None keeps it dense; N or a
-    # 0/1 list as model.moe.layer_freq (V-MoE: every other layer)
+    # MoE FFNs in the encoder (model.moe's experts and router, which must be one of the vit
+    # family's: topk, vmoe, soft, expert_choice, dit_moe): None keeps it dense; N or a 0/1
+    # list as model.moe.layer_freq (V-MoE: every other layer). Expert parallelism: the
+    # encoder's experts live on the LM's expert grid (parallel.expert, expert_tensor), also
+    # when the encoder has its own grid (parallel.vision_tensor) — all-to-all within the LM's
+    # EP group, each expert's gradient reduced over the expert-DP ranks exactly once, like the
+    # LM's experts; with parallel.expert 1 they are replicas on every first-stage rank. Their
+    # biases need parallel.expert_tensor 1 and no shared expert (Megatron-Core's is unbiased).
+    # On the encoder's own grid its routing groups (the token sets aux losses and capacities
+    # are computed over) are each encoder DP rank's slice of the micro-batch, as Megatron
+    # computes them per rank's tokens.
     encoder_moe_layer_freq: int | list[int] | None = None
     pixel_shuffle: int = 1               # r: r×r patches → one token (1: off)
     connector_hidden_size: int | None = None   # None: the LM's model.hidden_size

@@ -7,6 +7,12 @@ statistics. `moe_forward` runs the phases in Megatron's order; a family that nee
 between phases (Diff-MoE) overrides it and carries them as local values, never on `self`, so a
 recomputed or interleaved forward cannot read another call's. Selective `moe` recompute
 checkpoints `moe_forward` in the context of its micro-batch (megamoe.blocks.recompute).
+
+A model may hold two stacks of MoE layers whose `layer_number`s overlap (the vlm family's
+vision encoder and its language model). `stream` tells them apart wherever a layer is named:
+"" for the model's main stack, whose names stay as they were, "encoder" for a vision tower's
+(`mark_stream`). Expert logs, Megatron's aux-loss tracker, V-MoE's noise seed, router buffers
+in exports and parity results key a layer by (stream, layer_number).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from megamoe.blocks.recompute import checkpoint_in_context
 class MegamoeMoELayer(MoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         super().__init__(config, submodules, layer_number, pg_collection)
+        self.stream = ""                     # which MoE stack of the model (module docstring)
         self.register_buffer("tokens_per_expert_acc", torch.zeros(config.num_moe_experts),
                              persistent=False)
         self.stats_acc: dict = {}            # name -> [sum, count] since the last read
@@ -87,8 +94,9 @@ class MegamoeMoELayer(MoELayer):
             return
         if out.tokens_per_expert_E is not None:
             self.tokens_per_expert_acc += out.tokens_per_expert_E.to(self.tokens_per_expert_acc)
+        # an encoder's tokens are all of one modality: nothing to split by (eval_vlm)
         if (not self.training and context is not None and context.modality_ids_BS is not None
-                and not context.extras.get("auxiliary_pass")):
+                and not context.extras.get("auxiliary_pass") and not self.stream):
             self._record_modalities(out.routing_map_TE, context)
         if self.training:
             for name, value in out.stats.items():
@@ -106,3 +114,16 @@ class MegamoeMoELayer(MoELayer):
             counts_E = routing_map_TE[modality_T == m].sum(dim=0).double().cpu()
             acc = self.modality_usage_acc.setdefault(int(m), torch.zeros_like(counts_E))
             acc += counts_E
+
+
+def mark_stream(layers, stream: str) -> None:
+    """Put MoE `layers` (and their routers) in `stream` (module docstring)."""
+    for layer in layers:
+        layer.stream = stream
+        layer.router.stream = stream
+
+
+def layer_key(layer) -> str:
+    """A layer's name in logs and parity results: "layer N" in the main stack, "<stream>
+    layer N" in another."""
+    return f"{layer.stream} layer {layer.layer_number}".lstrip()

@@ -34,7 +34,8 @@ class VisionGrid:
     the LM's tl, rank (j, i) has encoder TP index t = i mod tv and encoder DP index
     k = j·(tl/tv) + i div tv. `pg.tp`: same k; `pg.dp`: same t, ordered by k; `replicas`: same
     j and t (the encoder replicas inside one LM TP group, tl/tv of them); `first_stage`: all of
-    the stage's ranks."""
+    the stage's ranks (also `pg.tp_dp_cp`). `pg`'s expert groups (ep, expt_tp, tp_ep, expt_dp)
+    are the LM's."""
     pg: ProcessGroupCollection | None
     replicas: object
     first_stage: object
@@ -133,8 +134,10 @@ def init_vision_groups(dims: ParallelDims, built: dict) -> VisionGrid:
     fields = {name: getattr(lm, name) for name in ("pp", "cp", "mp", "embd", "pos_embd", "hcp",
                                                    "ep", "expt_tp", "tp_ep", "tp_ep_pp",
                                                    "expt_dp") if hasattr(lm, name)}
+    # the expert groups are the LM's (an MoE encoder's experts live on the LM's expert grid,
+    # megamoe.models.vlm.model); the encoder's TP × DP is the whole stage
     pg = ProcessGroupCollection(**fields, tp=made["tp"][k], dp=made["dp"][t],
-                                dp_cp=made["dp"][t], tp_cp=made["tp"][k])
+                                dp_cp=made["dp"][t], tp_cp=made["tp"][k], tp_dp_cp=stage)
     return VisionGrid(pg, made["replicas"][(j, t)], stage, k, tl)
 
 

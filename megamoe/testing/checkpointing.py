@@ -49,21 +49,33 @@ def train_and_save(overrides, root: str, steps: int):
     return losses if dist.get_rank() == 0 else None
 
 
-def load_and_continue(overrides, root: str, start: int, steps: int, load_optimizer=True):
+def load_and_continue(overrides, root: str, start: int, steps: int, load_optimizer=True,
+                      router_buffers: bool = False):
     from megamoe.checkpoint.load import load_checkpoint, resolve
 
     engine = _engine(overrides)
     load_checkpoint(engine, resolve(root, log=lambda *_: None), load_optimizer=load_optimizer)
     assert engine.step == start
     losses = _steps(engine, start, start + steps)
-    params = gather_global(engine.modules)
+    params = _global_state(engine, router_buffers)
     return (losses, params) if dist.get_rank() == 0 else None
 
 
-def straight(overrides, steps: int):
+def _global_state(engine, router_buffers: bool) -> dict:
+    """The global parameters, and with `router_buffers` the routers' persistent buffers under
+    their global keys (megamoe.checkpoint.router_state)."""
+    params = gather_global(engine.modules)
+    if router_buffers:
+        from megamoe.checkpoint.router_state import gather_router_buffers
+
+        params.update(gather_router_buffers(engine.modules))
+    return params
+
+
+def straight(overrides, steps: int, router_buffers: bool = False):
     engine = _engine(overrides)
     losses = _steps(engine, 0, steps)
-    params = gather_global(engine.modules)
+    params = _global_state(engine, router_buffers)
     return (losses, params) if dist.get_rank() == 0 else None
 
 

@@ -30,7 +30,8 @@ class ParityResult:
     grad_norms: list = field(default_factory=list)
     grads: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
-    router_state: dict = field(default_factory=dict)   # "layer N.name" -> router buffer
+    # "layer N.name" (an encoder's: "encoder layer N.name") -> router buffer
+    router_state: dict = field(default_factory=dict)
 
 
 def synthetic_sample(step: int, index: int, seq_length: int, vocab: int) -> torch.Tensor:
@@ -147,14 +148,14 @@ def router_buffers(engine) -> dict:
     """Persistent router buffers (loss-free biases, EMA thresholds) of every layer, merged over
     the ranks (pipeline stages hold different layers; other ranks hold copies)."""
     from megamoe.models.lm.model import moe_layers
-
+    from megamoe.moe.layer import layer_key
     from megamoe.mor.decoder import mor_decoders
 
     local = {}
     for layer in moe_layers(engine.modules):
         for name, buf in layer.router.state_dict().items():
             if name in dict(layer.router.named_buffers()):
-                local[f"layer {layer.layer_number}.{name}"] = buf.detach().clone()
+                local[f"{layer_key(layer)}.{name}"] = buf.detach().clone()
     for decoder in mor_decoders(engine.modules):     # MoR depth router (loss-free bias)
         router = decoder.recursion.router
         for name, buf in router.state_dict().items():
@@ -286,6 +287,23 @@ def perturb_encoder(engine, scale: float = 1e-2) -> bool:
             w = vision.embedding.proj.weight.data
             g = torch.Generator().manual_seed(98)
             w.add_(torch.randn(w.shape, generator=g) * scale)
+    return True
+
+
+@torch.no_grad()
+def perturb_encoder_expert(engine, scale: float = 1e-2) -> bool:
+    """Negative control for an encoder's MoE layers: local expert 0 of the encoder's first MoE
+    layer changed on the last rank that holds the encoder only (one expert shard, or one
+    replica, drifts)."""
+    from megamoe.models.lm.model import moe_layers
+
+    layers = [layer for layer in moe_layers(engine.modules) if layer.stream == "encoder"]
+    holders = [None] * dist.get_world_size()
+    dist.all_gather_object(holders, bool(layers))
+    if dist.get_rank() != max(r for r, held in enumerate(holders) if held):
+        return False
+    w = layers[0].experts.local_experts[0].linear_fc1.weight
+    w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(97)) * scale)
     return True
 
 

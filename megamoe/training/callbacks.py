@@ -148,14 +148,15 @@ class TensorBoardCallback(Callback):
             if m.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", m[key], step)
         for key, value in m.items():
-            if key.startswith("router/") or key.endswith("load_balancing_loss"):
+            if key.startswith("router/") or key.endswith(("load_balancing_loss", "/z_loss")):
                 self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
             elif key.startswith("mor/") and key != "mor/depth":
                 self.writer.add_scalar(key, value, step)
         if m.get("mor/depth") is not None:
             self._depth_histogram(m["mor/depth"], step)
-        for layer, load in m.get("expert_load", {}).items():
-            self.writer.add_histogram(f"experts/load_layer{layer}", load, step)
+        for layer, load in m.get("expert_load", {}).items():   # N, or "<stream>_layer<N>"
+            name = f"layer{layer}" if isinstance(layer, int) else layer
+            self.writer.add_histogram(f"experts/load_{name}", load, step)
 
     def _depth_histogram(self, counts: list[int], step: int) -> None:
         """`mor/depth`: tokens per recursion depth d = 0..N_r, one bucket per depth."""

@@ -140,17 +140,20 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     start, first_step = time.perf_counter(), engine.step + 1
     pending = AsyncSaves(t.async_save)
     speed = SpeedMonitor(t.steps)
+    streams = M.moe_streams(engine.moe_layers)     # an encoder's MoE layers, logged apart
+    M.reset_router_losses()
     for step in range(first_step, t.steps + 1):
         t0 = time.perf_counter()
         mbs = loader.step_batches()
         stats = engine.train_step(mbs)
         engine.consumed_samples, engine.data_state = loader.consumed_samples, loader.state_dict()
         loss = M.global_loss(stats, engine.grid)
-        load = M.expert_load(engine.moe_layers, cfg.model.num_layers, cfg.model.moe.num_experts)
-        router = M.router_losses(cfg, engine.pg, len(mbs))
+        load = M.expert_load(engine.moe_layers, cfg.model.num_layers, cfg.model.moe.num_experts,
+                             streams=streams)
+        router = M.router_losses(cfg, engine.pg, len(mbs), streams)
         router.update(M.routing_stats(engine.moe_layers))
         if cfg.model.moe.fp8.recipe != "none":
-            router.update(M.fp8_counters(engine.moe_layers, cfg.model.num_layers))
+            router.update(M.fp8_counters(engine.moe_layers, cfg.model.num_layers, streams))
         step_flops = flops_unit
         if family_metrics is not None:
             router.update(family_metrics.read(tokens_per_step))
@@ -160,7 +163,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
              "tokens_per_s": tokens_per_step / dt, "imbalance": M.imbalance(load),
              "mfu": (step_flops * tokens_per_step / dt / (peak * engine.dims.world_size))
              if peak else None,
-             "expert_load": {i + 1: row for i, row in enumerate(load) if row.sum() > 0},
+             "expert_load": {key: row for key, row in load.items() if row.sum() > 0},
              **router}
         m.update(speed.update(step, tokens_per_step,
                               engine.consumed_samples * task.units_per_sample()))

@@ -2,7 +2,11 @@
 (encoder TP 1 and DP 2 under an LM with TP 2; or EP2), loaded under another, the next steps
 match the single-process run that never stopped (model, Adam state, schedule, progress).
 Without the optimizer state the check fails. (Before the encoder's replicas got distinct
-replica ids, a save under its own grid was refused by Megatron's sharding validation.)"""
+replica ids, a save under its own grid was refused by Megatron's sharding validation.)
+
+With MoE FFNs in the encoder: its experts split over EP 2 at the save, replicated on the
+encoder's own grid at the load, and every router buffer (the loss-free biases of the encoder's
+and the LM's layer 2, stored apart) matches the straight run as well."""
 
 import pytest
 
@@ -45,3 +49,22 @@ def test_vlm_reshard_without_optimizer_state_is_detected(tmp_path):
     got = run_distributed(load_and_continue, 1, MODEL, root, K, MORE, load_optimizer=False)[0]
     with pytest.raises(AssertionError):
         check_continued(reference(), got, K, atol=0.05 * LR * MORE)
+
+
+ENCODER_MOE = [*MODEL, "model.vlm.encoder_moe_layer_freq=[0,1]", "parallel.expert_tensor=1",
+               "model.moe.loss_free_bias_rate=0.01",
+               # the encoder's own grid routes half a micro-batch per rank: no group losses
+               "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"]
+
+
+@pytest.mark.timeout(600)
+def test_vlm_encoder_experts_and_router_buffers_reshard(tmp_path):
+    root = str(tmp_path / "ckpt")
+    ref = run_distributed(straight, 1, ENCODER_MOE, K + MORE, router_buffers=True)[0]
+    bias = "vision.decoder.layers.1.mlp.router.selection_bias"
+    assert bias in ref[1] and "decoder.layers.1.mlp.router.selection_bias" in ref[1]
+    assert ref[1][bias].abs().max() > 0.05 * LR * MORE    # moved: a lost one would show
+    run_distributed(train_and_save, 2, [*ENCODER_MOE, "parallel.expert=2"], root, K)
+    got = run_distributed(load_and_continue, 2, [*ENCODER_MOE, *VISION_GRID], root, K, MORE,
+                          router_buffers=True)[0]
+    check_continued(ref, got, K, atol=0.05 * LR * MORE)

@@ -34,10 +34,10 @@ CASES = {   # (overrides, model_type, text model_type)
                         "llava", "qwen2_moe"),
     "llava_qwen3_moe": ([*LLAVA, "model.qk_layernorm=true"], "llava", "qwen3_moe"),
     "remote_code": (REMOTE, "megamoe_vlm", "megamoe"),
-    # an MoE FFN in the encoder's second layer (top-2 of model.moe's 4 experts): the model
-    # builds it, the family's check still refuses it for training (issue 13 item 1)
-    "remote_encoder_moe": (["model.vlm.encoder_moe_layer_freq=[0,1]"], "megamoe_vlm",
-                           "megamoe"),
+    # an MoE FFN in the encoder's second layer (top-2 of model.moe's 4 experts), with the
+    # loss-free bias: the encoder's router buffer is exported apart from the LM's layer 2's
+    "remote_encoder_moe": (["model.vlm.encoder_moe_layer_freq=[0,1]",
+                            "model.moe.loss_free_bias_rate=0.01"], "megamoe_vlm", "megamoe"),
     # a Mixture-of-Recursions LM (token-choice depth router with its loss-free bias buffer),
     # tied embeddings, a narrower connector; CLIP's tower options under pixel shuffle
     "remote_mor": (["model.mor.enabled=true", "model.mor.num_recursions=2",
@@ -46,7 +46,6 @@ CASES = {   # (overrides, model_type, text model_type)
                     *[o for o in LLAVA if "patch_size" not in o and "shuffle" not in o]],
                    "megamoe_vlm", "megamoe"),
 }
-UNCHECKED = {"remote_encoder_moe"}
 
 
 def _cfg(*overrides, check: bool = True):
@@ -106,7 +105,7 @@ def export_task(name: str, out: str, run_dir: str):
     """megamoe's eval logits against the exported model's; controls; the import back."""
     from transformers import AutoModelForImageTextToText, CLIPImageProcessor
 
-    from megamoe.checkpoint.global_load import load_global_into
+    from megamoe.checkpoint.global_load import load_global_into, unstack_layers
     from megamoe.checkpoint.hf import export_hf, family_for, import_hf
     from megamoe.checkpoint.router_state import gather_router_buffers, load_router_buffers
     from megamoe.engines.megatron import build_engine
@@ -114,7 +113,7 @@ def export_task(name: str, out: str, run_dir: str):
     from megamoe.models.registry import family_datasets
     from megamoe.models.vlm.model import vision_context
 
-    cfg = _cfg(*CASES[name][0], check=name not in UNCHECKED)
+    cfg = _cfg(*CASES[name][0])
     train, _, vocab = family_datasets(cfg)
     engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
     model, task = engine.modules[0].eval(), engine.task
@@ -122,6 +121,9 @@ def export_task(name: str, out: str, run_dir: str):
     with torch.no_grad():           # weights far from the small initialisation
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        for key, b in model.named_buffers():    # loss-free biases that change the routing
+            if key.endswith("router.selection_bias"):
+                b.copy_(torch.randn(b.shape, generator=g))
     batch = task.collate(train.get_batch([0, 1, 2]), [0, 1, 2])
     with torch.no_grad():
         ours = model(batch["tokens"], batch["position_ids"], None, images=batch["images"],
@@ -150,8 +152,10 @@ def export_task(name: str, out: str, run_dir: str):
     load_global_into(rebuilt.modules, back)
     buffers = load_router_buffers(rebuilt.modules, back)
     again = gather_global(rebuilt.modules)
+    flat = unstack_layers(back)
     result["buffers_back"] = gather_router_buffers(rebuilt.modules) == {} or all(
-        torch.equal(v, back[k]) for k, v in gather_router_buffers(rebuilt.modules).items())
+        torch.equal(v, flat[k]) for k, v in gather_router_buffers(rebuilt.modules).items())
+    result["buffer_keys"] = sorted(gather_router_buffers(engine.modules))
     result["buffers"] = buffers
     result["round_trip"] = sorted(again) == sorted(tensors) and all(
         torch.equal(again[k], tensors[k]) for k in tensors)
@@ -181,7 +185,10 @@ def test_export_logits_controls_and_import(name, tmp_path):
     assert all(r[k] > 1e-3 for k in r if k in ("swapped_projector", "transposed_shuffle",
                                                 "perturbed_expert")), r
     assert r["round_trip"] and r["buffers_back"], r
-    assert (r["buffers"] > 0) == (name == "remote_mor"), r
+    assert (r["buffers"] > 0) == (name in ("remote_mor", "remote_encoder_moe")), r
+    if name == "remote_encoder_moe":
+        assert {"vision.decoder.layers.1.mlp.router.selection_bias",
+                "decoder.layers.1.mlp.router.selection_bias"} <= set(r["buffer_keys"]), r
     assert r.get("convert_round_trip", True), r
 
 

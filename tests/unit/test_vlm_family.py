@@ -27,7 +27,15 @@ def _check(*overrides):
     (["model.vlm.pixel_shuffle=3"], "model.vlm.pixel_shuffle:"),
     (["data.image_size=18"], "model.vit.patch_size:"),
     (["model.seq_length=5"], "model.seq_length:"),
-    (["model.vlm.encoder_moe_layer_freq=2"], "model.vlm.encoder_moe_layer_freq:"),
+    # MoE FFNs in the encoder: a router that routes image tokens alone, biased experts
+    (["model.vlm.encoder_moe_layer_freq=2", "model.moe.router=modality",
+      "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"], "model.moe.router:"),
+    (["model.vlm.encoder_moe_layer_freq=2", "model.moe.num_experts=0"],
+     "model.vlm.encoder_moe_layer_freq:"),
+    (["model.vlm.encoder_moe_layer_freq=2", "model.moe.shared_expert_ffn_hidden_size=64"],
+     "model.moe.shared_expert_ffn_hidden_size:"),
+    (["model.vlm.encoder_moe_layer_freq=2", "parallel.world_size=2", "parallel.tensor=2",
+      "parallel.expert_tensor=2"], "parallel.expert_tensor:"),
     (["model.vlm.encoder_hidden_size=30"], "model.vlm.encoder_hidden_size:"),
     (["model.vlm.encoder_moe_layer_freq=[0,1,1]"], "model.vlm.encoder_moe_layer_freq:"),
     (["train.engine=deepspeed"], "train.engine:"),
@@ -108,11 +116,13 @@ def built_model_task(overrides=()):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("overrides", [[], ["model.modality_norm=expert_adaln"]],
-                         ids=["plain", "expert_adaln"])
+@pytest.mark.parametrize("overrides", [[], ["model.modality_norm=expert_adaln"],
+                                       ["model.vlm.encoder_moe_layer_freq=[0,1]"]],
+                         ids=["plain", "expert_adaln", "encoder_moe"])
 def test_built_model_counts_reads_the_image_and_stays_causal(overrides):
     """Also with CogVideoX's expert AdaLN in the encoder and the LM (modality ids 1 on the
-    image tokens, 0 on text, from the two contexts)."""
+    image tokens, 0 on text, from the two contexts), and with MoE FFNs in the encoder (its
+    experts counted by the accounting)."""
     built, counted, image_effect, causal_leak, error = run_distributed(built_model_task, 1,
                                                                        overrides)[0]
     assert built == counted
@@ -122,15 +132,17 @@ def test_built_model_counts_reads_the_image_and_stays_causal(overrides):
 
 
 @pytest.mark.timeout(300)
-def test_grouped_and_fp8_experts_run_in_the_language_model():
-    """The LM's experts on the grouped back end and in FP8 (tensorwise current scaling): the
-    grouped GEMM equals the sequential loop (to float rounding), FP8's step losses stay finite
-    and within 1% of fp32's (tools/fp8_loss.py measured 0.05% over 200 quickstart steps)."""
+def test_grouped_and_fp8_experts_run_in_the_language_model_and_the_encoder():
+    """The LM's and the encoder's experts (MoE FFNs in both, the encoder's biased) on the
+    grouped back end and in FP8 (tensorwise current scaling): the grouped GEMM equals the
+    sequential loop (to float rounding), FP8's step losses stay finite and within 1% of
+    fp32's (tools/fp8_loss.py measured 0.05% over 200 quickstart steps)."""
     import math
 
     from megamoe.testing.parity import vlm_parity_task
 
-    runs = {name: run_distributed(vlm_parity_task, 1, overrides, steps=2)[0].losses
+    encoder_moe = ["model.vlm.encoder_moe_layer_freq=[0,1]"]
+    runs = {name: run_distributed(vlm_parity_task, 1, encoder_moe + overrides, steps=2)[0].losses
             for name, overrides in [("sequential", []),
                                     ("grouped", ["model.moe.experts=grouped"]),
                                     ("fp8", ["model.moe.fp8.recipe=tensorwise"])]}
@@ -222,3 +234,21 @@ def test_the_placeholder_id_is_the_tokenizers():
 
     tok = scenes_tokenizer()
     assert tok.image_id == IMAGE_TOKEN_ID == tok.encode("<image>")[0]
+
+
+def test_encoder_layers_are_named_apart_from_the_language_models():
+    """An encoder's layer N and the LM's layer N: V-MoE noise keys differ (the LM's are the
+    keys of before: seed, step, layer), aux-loss tracker names and log keys differ."""
+    from types import SimpleNamespace
+
+    from megamoe.moe.layer import layer_key
+    from megamoe.moe.routers.base import MegamoeRouter
+    from megamoe.moe.routers.vmoe import VMoERouter
+
+    lm, enc = (SimpleNamespace(seed=7, noise_step=torch.tensor(3), layer_number=2, stream=s)
+               for s in ("", "encoder"))
+    assert VMoERouter.noise_keys(lm) == (7, 3, 2)
+    assert VMoERouter.noise_keys(enc)[:3] == (7, 3, 2) and len(VMoERouter.noise_keys(enc)) == 4
+    assert MegamoeRouter.tracker_name(lm, "z_loss") == "z_loss"
+    assert MegamoeRouter.tracker_name(enc, "z_loss") == "encoder/z_loss"
+    assert (layer_key(lm), layer_key(enc)) == ("layer 2", "encoder layer 2")

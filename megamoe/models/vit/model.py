@@ -36,8 +36,9 @@ from megamoe.blocks.context import Context, bind
 from megamoe.blocks.embeddings import PatchEmbedding
 from megamoe.blocks.recompute import ContextTransformerBlock
 from megamoe.config.vision import grid_side, num_classes, tower_layers
-from megamoe.models.lm.model import mark_expert_replicas
+from megamoe.models.lm.model import mark_expert_replicas, moe_layers
 from megamoe.models.transformer_config import recompute_options, shared_settings
+from megamoe.moe.layer import mark_stream
 from megamoe.moe.routers import router_builder
 from megamoe.specs.gpt_moe import moe_layer_pattern
 from megamoe.specs.vit import encoder_block_spec
@@ -214,6 +215,9 @@ def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection, *,
                      features=v.vision_feature_select_strategy)
     drop_router_biases([tower])
     mark_expert_replicas([tower], tconfig)
+    # a tower is an encoder inside a larger model: its MoE layers are named apart from that
+    # model's (their layer numbers repeat the language model's)
+    mark_stream(moe_layers([tower]), "encoder")
     return tower
 
 
@@ -221,8 +225,6 @@ def drop_router_biases(chunks) -> None:
     """Megatron's router gets a bias whenever the linears have one (`add_bias_linear`, which
     ViT's attention and MLPs need); V-MoE's gate is x·W without a bias (papers.md §4,
     google-research/vmoe's router Dense), as is every other family's."""
-    from megamoe.models.lm.model import moe_layers
-
     for layer in moe_layers(chunks):
         if getattr(layer.router, "bias", None) is not None:
             layer.router.bias = None

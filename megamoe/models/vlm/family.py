@@ -3,8 +3,8 @@ MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated sc
 next-token loss on answers and captions (megamoe.models.vlm.task).
 
 Causal: the decoder is; its routers follow the lm family's causality rule. The encoder's MoE
-layers (model.vlm.encoder_moe_layer_freq) use model.moe's router, which must then suit image
-tokens as well — refused for now: see `check_vlm`.
+layers (model.vlm.encoder_moe_layer_freq) use model.moe's experts and router, which must then
+route image tokens on hidden states alone (the vit family's routers): see `check_vlm`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,7 @@ def check_vlm(cfg) -> None:
              f"class token) do not split over its TP {tp} under sequence parallelism: use "
              f"'gap' (no class token) or parallel.vision_tensor: 1")
     if m.vlm.encoder_moe_layer_freq is not None:
-        # the encoder's MoE layers would share layer numbers with the LM's, which key the
-        # routing logs (expert load per layer) and the router state in checkpoints
-        fail("model.vlm.encoder_moe_layer_freq", "MoE FFNs in the encoder are not supported "
-             "yet (their layer numbers would collide with the language model's in the expert "
-             "logs and the checkpointed router state): leave it null (a dense encoder)")
+        _check_encoder_moe(cfg)
     if m.modality_norm != "none" and m.num_modalities < 2:
         fail("model.num_modalities", f"{m.num_modalities}: the vlm family's tokens have two "
              f"modalities (0 text, 1 image)")
@@ -59,6 +55,30 @@ def check_vlm(cfg) -> None:
     if m.vit.position_embedding == "sincos" and m.vlm.encoder_hidden_size % 4:
         fail("model.vit.position_embedding", f"'sincos' needs model.vlm.encoder_hidden_size "
              f"divisible by 4, got {m.vlm.encoder_hidden_size}")
+
+
+def _check_encoder_moe(cfg) -> None:
+    """MoE FFNs in the encoder: model.moe's experts (with biases, as ViT's: expert-TP 1, no
+    shared expert) and a router that routes image tokens on hidden states alone; the
+    encoder's context has no text, timesteps or labels (one line naming the field)."""
+    from megamoe.models.vit.family import ROUTERS_FOR_VIT
+
+    moe = cfg.model.moe
+    if not moe.num_experts:
+        fail("model.vlm.encoder_moe_layer_freq", "MoE FFNs in the encoder take model.moe's "
+             "experts: set model.moe.num_experts, or leave it null (a dense encoder)")
+    if moe.router not in ROUTERS_FOR_VIT:
+        fail("model.moe.router", f"'{moe.router}' cannot route the encoder's image tokens "
+             f"(model.vlm.encoder_moe_layer_freq: it needs context an encoder lacks, e.g. "
+             f"text); choose one of {', '.join(ROUTERS_FOR_VIT)}")
+    if moe.shared_expert_ffn_hidden_size:
+        fail("model.moe.shared_expert_ffn_hidden_size", "Megatron-Core's shared experts take "
+             "no biases and the encoder's linears have them (model.vlm.encoder_moe_layer_freq):"
+             " set it 0 (dit_moe: also model.moe.dit_moe.require_shared_expert=false)")
+    if cfg.parallel.expert_tensor_size > 1:
+        fail("parallel.expert_tensor", f"{cfg.parallel.expert_tensor_size}: the encoder's "
+             "experts (model.vlm.encoder_moe_layer_freq) have biases, which Megatron-Core "
+             "supports only with expert-TP 1: set it to 1")
 
 
 def _task(cfg):

@@ -17,6 +17,17 @@ and only then split for SP. Backward mirrors it: the scatter's backward gathers 
 gradient on every TP rank, the column-parallel connector input all-reduces it, and the encoder's
 final gather only splits — each encoder parameter's gradient is counted once.
 
+MoE FFNs in the encoder (`model.vlm.encoder_moe_layer_freq`) take model.moe's experts and
+router. Their experts live on the LM's expert grid — its EP, expert-TP and expert-DP groups,
+which span the first stage's ranks whatever the encoder's own TP and DP — so tokens are
+dispatched by all-to-all within the LM's EP group, on either grid. Every encoder token sits on
+exactly one first-stage rank (its encoder DP slice, its SP shard), so an expert's gradient is
+complete once Megatron has reduced it over the expert-DP group, like the LM's experts; on the
+encoder's own grid they are therefore marked expert parameters (`allreduce=False`) and left out
+of the replica sum of `encoder_grad_sync`, which is for the encoder's replicated parameters.
+Their layers are the "encoder" stream (megamoe.moe.layer): logs, aux losses, router noise and
+router buffers name them apart from the LM's layers of the same number.
+
 Each stream has its own context: the encoder's (every token an image patch, `modality_ids` 1)
 and the LM's (text 0, image placeholders 1), each bound by the module that runs it.
 
@@ -174,7 +185,9 @@ class VLMModel(LMModel):
         if self.vision_grid is not None:
             replica = (0, 0, self.vision_grid.first_stage.rank())
             for key, item in state.items():
-                if key.startswith(f"{prefix}vision.") and hasattr(item, "replica_id"):
+                # experts keep Megatron's ids: they are sharded on the LM's expert grid
+                if (key.startswith(f"{prefix}vision.") and hasattr(item, "replica_id")
+                        and ".mlp.experts." not in key):
                     item.replica_id = replica
         return state
 
@@ -268,8 +281,10 @@ def encoder_grad_sync(chunks, grids):
     grid = grids.vision if grids is not None else None
     if grid is None or grid.replicas is None or grid.replicas.size() == 1:
         return None
+    # an MoE encoder's experts (allreduce False) are complete after Megatron's expert-DP
+    # reduction (module docstring): summing them here would add other tokens' shares again
     params = [p for c in chunks if getattr(c, "vision", None) is not None
-              for p in c.vision.parameters() if p.requires_grad]
+              for p in c.vision.parameters() if p.requires_grad and getattr(p, "allreduce", True)]
 
     def sync():
         for p in params:
@@ -316,8 +331,9 @@ def argmax_is_label(logits_SBV: torch.Tensor, labels_BS: torch.Tensor, tp_group)
 
 def encoder_transformer_config(cfg, lm_tconfig, tp: int | None = None):
     """The encoder's Megatron config: the vit family's block (LayerNorm, GELU, biases) at the
-    encoder's sizes (megamoe.config.vlm.encoder_config), on the LM's TP (or its own `tp`), SP
-    and EP, as one pipeline stage (it lives whole on the LM's first stage)."""
+    encoder's sizes (megamoe.config.vlm.encoder_config), on the LM's TP (or its own `tp`) and
+    SP, its experts on the LM's EP and expert-TP, as one pipeline stage (it lives whole on the
+    LM's first stage)."""
     from types import SimpleNamespace
 
     from megamoe.config.vlm import encoder_config
@@ -338,7 +354,7 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     """This rank's chunks: the LM's (megamoe.models.lm.model.build_lm) as `VLMModel`s, the
     first stage's with the encoder (on the LM's grid, or on `grids.vision`) and connector."""
     from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_config, image_tokens, patch_side
-    from megamoe.models.lm.model import build_lm
+    from megamoe.models.lm.model import build_lm, moe_layers
     from megamoe.models.vit.model import build_vision_tower
     from megamoe.specs.gpt_moe import modality_norm_options
 
@@ -356,11 +372,16 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
         vision = build_vision_tower(enc, etc, enc_pg,
                                     modality_norm=modality_norm_options(enc.model))
         if vision_grid is not None:
+            experts = {id(p) for layer in moe_layers([vision]) for p in layer.experts.parameters()}
             # encoder TP 1 on an LM TP group: every encoder parameter is a replica on the LM's
             # TP ranks, but Megatron's linears mark their weights TP-split whatever the TP
-            # size, and the gradient norm would then count them once per LM TP rank
+            # size, and the gradient norm would then count them once per LM TP rank. Experts
+            # are on the LM's expert grid instead (module docstring): expert parameters.
             for param in vision.parameters():
-                param.tensor_model_parallel = False
+                if id(param) in experts:
+                    param.allreduce = False
+                else:
+                    param.tensor_model_parallel = False
         projector = connector(tconfig, input_size=r * r * v.encoder_hidden_size,
                               hidden_size=v.connector_hidden_size or cfg.model.hidden_size,
                               pg_collection=pg_collection)

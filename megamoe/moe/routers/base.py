@@ -41,6 +41,13 @@ class MegamoeRouter:
     # whether `route` takes `padding_mask` (bool [S, B], True = pad) and leaves pads out of
     # routing and every loss and statistic; the MoE layer refuses a mask for other families
     takes_padding_mask: ClassVar[bool] = False
+    # the MoE stack its layer belongs to (megamoe.moe.layer.mark_stream): "" the model's main one
+    stream: str = ""
+
+    def tracker_name(self, name: str) -> str:
+        """`name` in Megatron's aux-loss tracker, which keys losses by layer number alone: an
+        encoder's layers log under "<stream>/<name>" so they do not add into the LM's."""
+        return f"{self.stream}/{name}" if self.stream else name
 
     def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
         raise NotImplementedError

@@ -130,7 +130,7 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
                 and reduce_group in (self.tp_cp_group, self.tp_dp_cp_group)):
             valid_token_count = valid_token_count * self.tp_cp_group.size()
         return super().attach_and_log_load_balancing_loss(
-            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+            activation, aux_loss_coeff, aux_loss, self.tracker_name(aux_loss_name), reduce_group,
             reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
 
     def apply_z_loss(self, logits, padding_mask=None):
@@ -143,7 +143,7 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
         z_loss = z_loss_func(logits, coeff, padding_mask=padding_mask)
         num_tokens = (~padding_mask).sum() if padding_mask is not None else logits.shape[0]
         logits = MoEAuxLossAutoScaler.apply(logits, z_loss * num_tokens)
-        save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number,
+        save_to_aux_losses_tracker(self.tracker_name("z_loss"), z_loss / coeff, self.layer_number,
                                    self.config.num_layers)
         return logits
 
@@ -260,7 +260,7 @@ class TopKSoftmaxRouter(TopKRouter, MegamoeRouter):
         """Megatron's attachment, scaled by the micro-batch's real-token count n_mb (already
         summed over TP·CP: not the local count that the override above multiplies by TP)."""
         return TopKRouter.attach_and_log_load_balancing_loss(
-            self, probs_TE, coeff, aux, name, group, reduce_group_has_dp=has_dp,
+            self, probs_TE, coeff, aux, self.tracker_name(name), group, reduce_group_has_dp=has_dp,
             valid_token_count=n_mb)
 
     def route(self, hidden_SBD: torch.Tensor, context: Context,

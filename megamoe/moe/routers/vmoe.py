@@ -21,7 +21,9 @@ losses; papers.md §4), written after `google-research/vmoe` `vmoe/nn/routing.py
 The noise must be the same in a parallel run and in its single-process reference, which sees
 the same micro-batches but on other ranks and in another order, and the same when activation
 recompute runs a forward again. It is therefore drawn per sample from a generator seeded with
-(noise_seed, optimizer step, layer, global sample index): the sample index is the one the data
+(noise_seed, optimizer step, layer, global sample index), plus the layer's stream for an
+encoder's layers (megamoe.moe.layer: a vlm encoder's layer N and its LM's layer N must not
+draw the same noise for a sample): the sample index is the one the data
 loader stamps on every sample (`Context.sample_index_B`, its global dataset position), the step
 is the persistent `noise_step` buffer (model state: resumed runs continue the sequence; it
 equals the number of optimizer steps taken). Under sequence parallelism each rank keeps its
@@ -38,6 +40,7 @@ the micro-batch, E experts, k experts per token.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -175,9 +178,14 @@ class VMoERouter(TopKRouter, MegamoeRouter):
         """[T, E] σ·ε for this rank's tokens, a function of (step, layer, global position)."""
         sample_B = context.require("sample_index_B", "model.moe.vmoe.noise_std > 0 (training)")
         assert sample_B.shape == (B,), (sample_B.shape, B)
-        eps_TE = sample_noise((self.seed, int(self.noise_step.item()), int(self.layer_number or 0)),
-                              sample_B.tolist(), S, E, self.shards.rank, self.shards.size)
+        eps_TE = sample_noise(self.noise_keys(), sample_B.tolist(), S, E, self.shards.rank,
+                              self.shards.size)
         return (self.sigma * eps_TE).to(like)
+
+    def noise_keys(self) -> tuple:
+        """(seed, step, layer[, stream]) of this layer's draws (module docstring)."""
+        keys = (self.seed, int(self.noise_step.item()), int(self.layer_number or 0))
+        return keys + ((zlib.crc32(self.stream.encode()),) if self.stream else ())
 
     # -- selection and losses ------------------------------------------------------------------
 
