@@ -12,6 +12,9 @@ setup(
                                                    "mor_megamoe.py",
                                                    "configuration_megamoe_vit.py",
                                                    "modeling_megamoe_vit.py"],
+                  # copied into exported diffusers pipeline folders (diffusers_export)
+                  "megamoe.checkpoint.diffusers_remote": ["modeling_megamoe_dit.py",
+                                                          "pipeline_megamoe_dit.py"],
                   # the recipes, `megamoe train --config <name>`, and the fragments they list
                   # under `defaults:` (configs/models, data, parallel, train): megamoe/recipes
                   # is a symlink to configs/, whose files the wheel and sdist copy

@@ -65,9 +65,6 @@ def problems(cfg) -> list[str]:
         if moe.fp8.recipe != "none":
             bad.append(f"model.moe.fp8.recipe: {moe.fp8.recipe!r}; the export computes the "
                        "experts in fp32 (set none)")
-        if moe.experts != "sequential":
-            bad.append(f"model.moe.experts: {moe.experts!r}; the export reads the sequential "
-                       "experts' tensors (convert the run with model.moe.experts=sequential)")
     return bad
 
 
