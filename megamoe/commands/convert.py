@@ -90,12 +90,16 @@ def to_diffusers(src: str, out: str, *, force: bool = False, log=print) -> str:
     a pipeline export. Refuses before loading the weights what the folder cannot express."""
     from megamoe.checkpoint.diffusers_export import (check, check_out_dir, ema_tensors,
                                                      export_diffusers)
+    from megamoe.commands.sample import ema_tensors as stored_ema
 
     check_out_dir(out, force)
     step_dir = resolve(src, log=log)
     if step_dir is None:
         raise CheckpointError(f"{src}: no complete checkpoint")
     check(checkpoint_config(step_dir))
+    if not stored_ema(step_dir):
+        raise ValueError(f"{src}: the checkpoint {step_dir} has no EMA weights (no ema.* "
+                         "tensors), which the pipeline samples with")
     engine, cfg, step_dir, meta = load_one_rank(step_dir, log=log)
     export_diffusers(ema_tensors(engine.modules), cfg, out, force=force)
     log(f"[megamoe] exported {step_dir} (step {meta['step']}, EMA weights) to {out} as a "
