@@ -220,3 +220,18 @@ def test_unsupported_settings_are_refused_by_field():
     bad = problems(cfg)
     assert len(bad) == 1 and bad[0].startswith("model.moe.expert_choice.selection_group:"), bad
     assert problems(tiny_config(["parallel.world_size=1", *TINY_DIT])) == []
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """`megamoe convert SRC --to diffusers --out OUT`: the output folder given twice, or a
+    missing source, is one error line before anything loads."""
+    from megamoe.cli import main
+
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "a"), "--to", "diffusers",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "give the output folder once" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "none"), "--to", "diffusers",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint directory" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
