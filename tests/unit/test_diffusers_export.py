@@ -38,43 +38,51 @@ ROUTER_CASES = {
     "race": ["model.moe.router=race", "model.moe.race.plr_coeff=0",
              "model.moe.aux_loss_coeff=0"],
     "diff_moe": ["model.moe.router=diff_moe"],
+    "diffmoe_pool_topk": ["model.moe.router=diffmoe", "model.moe.topk=1",
+                          "model.moe.aux_loss_coeff=0", "model.moe.diffmoe.inference=pool_topk"],
+    "dit_moe_capacity": ["model.moe.capacity_factor=0.5", "model.moe.allow_non_causal=true"],
 }
 
-# run with `python -I -S`: no site-packages .pth files (megamoe's editable install), no cwd
+# run with `python -I -S`: no site-packages .pth files (megamoe's editable install), no cwd;
+# argv: site-packages, then (pipeline folder, reference file) per case; prints {case: figures}
 LOADER = r"""
-import json, sys
-sys.path.append(sys.argv[3])
+import json, os, sys
+sys.path.append(sys.argv[1])
 import torch
-out, ref_path = sys.argv[1], sys.argv[2]
-r = {}
 try:
     import megamoe
-    r["megamoe"] = megamoe.__file__
+    where = megamoe.__file__
 except ImportError:
-    r["megamoe"] = None
+    where = None
 from diffusers import DiffusionPipeline
-try:
-    DiffusionPipeline.from_pretrained(out, local_files_only=True)
-    r["refused"] = None
-except ValueError as exc:
-    r["refused"] = str(exc)
-pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True, local_files_only=True)
-pipe.set_progress_bar_config(disable=True)
-ref = torch.load(ref_path)
-with torch.no_grad():
-    pred = pipe.transformer(ref["x"], ref["t"], ref["y"]).sample
-r["pred_err"] = (pred - ref["pred"]).abs().max().item()
-r["ema_gap"] = (pred - ref["trained"]).abs().max().item()
-images = pipe(ref["labels"], num_inference_steps=ref["steps"], guidance_scale=ref["cfg"],
-              seed=ref["seed"], output_type="pt").images
-r["sample_err"] = (images - ref["images"]).abs().max().item()
-r["sample_std"] = images.std().item()
-r["pil"] = len(pipe(ref["labels"][:1], num_inference_steps=1, seed=0).images)
-with torch.no_grad():
-    dict(pipe.transformer.named_parameters())[ref["perturb"]].view(-1)[:8].add_(0.5)
-    r["perturbed_err"] = (pipe.transformer(ref["x"], ref["t"], ref["y"]).sample
-                          - ref["pred"]).abs().max().item()
-print(json.dumps(r))
+results = {}
+for out, ref_path in zip(sys.argv[2::2], sys.argv[3::2]):
+    r = results[os.path.basename(os.path.dirname(out))] = {"megamoe": where}
+    try:
+        DiffusionPipeline.from_pretrained(out, local_files_only=True)
+        r["refused"] = None
+    except ValueError as exc:
+        r["refused"] = str(exc)
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = torch.load(ref_path)
+    with torch.no_grad():
+        pred = pipe.transformer(ref["x"], ref["t"], ref["y"]).sample
+    r["pred_err"] = (pred - ref["pred"]).abs().max().item()
+    r["ema_gap"] = (pred - ref["trained"]).abs().max().item()
+    images = pipe(ref["labels"], num_inference_steps=ref["steps"], guidance_scale=ref["cfg"],
+                  seed=ref["seed"], output_type="pt").images
+    r["sample_err"] = (images - ref["images"]).abs().max().item()
+    r["sample_std"] = images.std().item()
+    r["pil"] = len(pipe(ref["labels"][:1], num_inference_steps=1, seed=0).images)
+    drawn = pipe(ref["labels"], num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    r["generator_ok"] = bool(torch.isfinite(drawn).all()) and drawn.shape == images.shape
+    with torch.no_grad():
+        dict(pipe.transformer.named_parameters())[ref["perturb"]].view(-1)[:8].add_(0.5)
+        r["perturbed_err"] = (pipe.transformer(ref["x"], ref["t"], ref["y"]).sample
+                              - ref["pred"]).abs().max().item()
+print(json.dumps(results))
 """
 
 
@@ -136,29 +144,38 @@ def export_task(root: str, overrides, perturb: str) -> dict:
     return {"out": out, "scale": pred.abs().max().item(), "files": sorted(os.listdir(out))}
 
 
+def export_cases_task(root: str) -> dict:
+    """export_task for every case of CASES, each in root/<case>."""
+    return {name: export_task(os.path.join(root, name), overrides, perturb)
+            for name, (overrides, perturb) in CASES.items()}
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", list(CASES))
-def test_pipeline_loads_without_megamoe_and_samples_as_megamoe(name, tmp_path):
-    overrides, perturb = CASES[name]
-    made = run_distributed(export_task, 1, str(tmp_path), overrides, perturb)[0]
-    assert made["files"] == ["model_index.json", "pipeline.py", "scheduler", "transformer"], made
-    assert made["scale"] > 0.1, made
+def test_pipeline_loads_without_megamoe_and_samples_as_megamoe(tmp_path):
+    made = run_distributed(export_cases_task, 1, str(tmp_path))[0]
+    args = []
+    for name, m in made.items():
+        assert m["files"] == ["model_index.json", "pipeline.py", "scheduler", "transformer"], m
+        assert m["scale"] > 0.1, m
+        args += [m["out"], str(tmp_path / name / "ref.pt")]
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+           "OMP_NUM_THREADS": "1"}
     loader = tmp_path / "load.py"
     loader.write_text(LOADER)
-    proc = subprocess.run([sys.executable, "-I", "-S", str(loader), made["out"],
-                           str(tmp_path / "ref.pt"), sysconfig.get_paths()["purelib"]],
+    proc = subprocess.run([sys.executable, "-I", "-S", str(loader),
+                           sysconfig.get_paths()["purelib"], *args],
                           env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["megamoe"] is None, r                           # the folder runs without megamoe
-    assert r["refused"] and "trust_remote_code" in r["refused"], r
-    assert r["pred_err"] <= TOL, r
-    assert r["sample_err"] <= TOL and r["sample_std"] > 0.05, r
-    assert r["pil"] == 1, r
-    assert r["perturbed_err"] > 1e-3, r                       # negative control
-    assert r["ema_gap"] > 1e-3, r                             # the EMA was exported
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(results) == sorted(CASES), results
+    for name, r in results.items():
+        assert r["megamoe"] is None, (name, r)                # the folder runs without megamoe
+        assert r["refused"] and "trust_remote_code" in r["refused"], (name, r)
+        assert r["pred_err"] <= TOL, (name, r)
+        assert r["sample_err"] <= TOL and r["sample_std"] > 0.05, (name, r)
+        assert r["pil"] == 1 and r["generator_ok"], (name, r)
+        assert r["perturbed_err"] > 1e-3, (name, r)          # negative control
+        assert r["ema_gap"] > 1e-3, (name, r)                # the EMA was exported
 
 
 def routers_task(root: str) -> dict:
