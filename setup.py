@@ -11,7 +11,9 @@ setup(
                                                    "routers_megamoe.py",
                                                    "mor_megamoe.py",
                                                    "configuration_megamoe_vit.py",
-                                                   "modeling_megamoe_vit.py"],
+                                                   "modeling_megamoe_vit.py",
+                                                   "configuration_megamoe_vlm.py",
+                                                   "modeling_megamoe_vlm.py"],
                   # copied into exported diffusers pipeline folders (diffusers_export)
                   "megamoe.checkpoint.diffusers_remote": ["modeling_megamoe_dit.py",
                                                           "pipeline_megamoe_dit.py"],

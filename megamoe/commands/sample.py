@@ -4,7 +4,8 @@ with its EMA weights (megamoe.models.dit.sample), written as a labelled grid PNG
 
 Every flag is checked, and the checkpoint's family, classes and EMA tensors read from its
 files, before the model is built: a bad request costs no load. A progress bar goes to stderr;
-the last line of stdout is one JSON object (path, labels, steps, cfg_scale, seed, seconds).
+the last line of stdout is one JSON object (path, labels, steps, cfg_scale, seed, seconds:
+the sampling's wall time, the load excluded).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def ema_tensors(step_dir: str) -> int:
     return sum(1 for k in keys if k.startswith("ema."))
 
 
-def _checked_source(src: str, labels: str | None):
+def _checked_source(src: str, labels: str | None, steps: int):
     """(step_dir, cfg, labels) of a request whose checkpoint is a dit run's with EMA weights."""
     from megamoe.checkpoint.load import CheckpointError, resolve
     from megamoe.commands.convert import checkpoint_config
@@ -78,6 +79,10 @@ def _checked_source(src: str, labels: str | None):
         raise ValueError(f"model.family {cfg.model.family!r}: `megamoe sample` samples runs of "
                          f"the dit family ({src})")
     labels_B = parse_labels(labels, cfg)
+    T = cfg.model.dit.num_train_timesteps
+    if cfg.model.dit.objective == "ddpm" and steps > T:
+        raise ValueError(f"--steps={steps}: a ddpm run samples in at most "
+                         f"model.dit.num_train_timesteps = {T} steps")
     if not ema_tensors(step_dir):
         raise ValueError(f"RUN {src}: the checkpoint {step_dir} has no EMA weights (no ema.* "
                          "tensors), which sampling uses")
@@ -122,7 +127,7 @@ def sample_checkpoint(src: str, *, labels: str | None = None, steps: int = 50,
     from megamoe.models.dit.sample import sample_images
 
     check_flags(steps, cfg_scale)
-    step_dir, cfg, labels_B = _checked_source(src, labels)
+    step_dir, cfg, labels_B = _checked_source(src, labels, steps)
     engine, cfg, step_dir, meta = load_one_rank(step_dir,
                                                 log=lambda m: print(m, file=sys.stderr))
     bar = None
