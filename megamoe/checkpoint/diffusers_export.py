@@ -166,10 +166,10 @@ def check_out_dir(out_dir: str, force: bool = False) -> None:
     """ValueError unless `out_dir` is new, empty, an earlier pipeline export (model_index.json)
     or `force`d."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+        raise ValueError(f"{out_dir}: exists and is not a folder")
     if (os.path.isdir(out_dir) and os.listdir(out_dir) and not force
             and not os.path.isfile(os.path.join(out_dir, "model_index.json"))):
-        raise ValueError(f"--out {out_dir}: exists and is not a diffusers pipeline folder (no "
+        raise ValueError(f"{out_dir}: exists and is not a diffusers pipeline folder (no "
                          "model_index.json); choose another folder, or pass --force")
 
 
