@@ -4,8 +4,9 @@ it; `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` loads the f
 a subprocess that cannot import megamoe (checked), where the transformer's output equals
 megamoe's `predict` (EMA weights) and the pipeline's samples equal megamoe's sampler
 (megamoe.models.dit.sample) for the same seed and guidance scale, within 1e-5 before uint8.
-Negative controls: loading without trust_remote_code is refused by diffusers, a perturbed
-weight breaks the equality, and the trained (non-EMA) weights differ from what was exported.
+The pipeline's `save_pretrained` writes a folder that loads the same way. Negative controls:
+loading without trust_remote_code is refused by diffusers, a perturbed weight breaks the
+equality, and the trained (non-EMA) weights differ from what was exported.
 The other routers of the dit recipes (DiffMoE, EC-DiT's per-image expert choice, Race,
 Diff-MoE) are checked on the transformer's output alone, in the worker."""
 
@@ -78,7 +79,12 @@ for out, ref_path in zip(sys.argv[2::2], sys.argv[3::2]):
     drawn = pipe(ref["labels"], num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     r["generator_ok"] = bool(torch.isfinite(drawn).all()) and drawn.shape == images.shape
+    pipe.save_pretrained(out + "_resaved")
+    again = DiffusionPipeline.from_pretrained(out + "_resaved", trust_remote_code=True,
+                                              local_files_only=True)
     with torch.no_grad():
+        r["resaved_err"] = (again.transformer(ref["x"], ref["t"], ref["y"]).sample
+                            - ref["pred"]).abs().max().item()
         dict(pipe.transformer.named_parameters())[ref["perturb"]].view(-1)[:8].add_(0.5)
         r["perturbed_err"] = (pipe.transformer(ref["x"], ref["t"], ref["y"]).sample
                               - ref["pred"]).abs().max().item()
@@ -174,6 +180,7 @@ def test_pipeline_loads_without_megamoe_and_samples_as_megamoe(tmp_path):
         assert r["pred_err"] <= TOL, (name, r)
         assert r["sample_err"] <= TOL and r["sample_std"] > 0.05, (name, r)
         assert r["pil"] == 1 and r["generator_ok"], (name, r)
+        assert r["resaved_err"] <= TOL, (name, r)            # save_pretrained carries the code
         assert r["perturbed_err"] > 1e-3, (name, r)          # negative control
         assert r["ema_gap"] > 1e-3, (name, r)                # the EMA was exported
 

@@ -22,6 +22,10 @@ same seed, steps and guidance scale the images are megamoe's:
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import shutil
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -54,6 +58,23 @@ class MegamoeDiTPipeline(DiffusionPipeline):
     def __init__(self, transformer, scheduler):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' save plus this folder's code: diffusers records a custom class by the
+        module path of its cached copy, which another process cannot import."""
+        super().save_pretrained(save_directory, **kwargs)
+        shutil.copyfile(inspect.getfile(type(self)), os.path.join(save_directory, "pipeline.py"))
+        model_file = inspect.getfile(type(self.transformer))
+        for name in (os.path.basename(model_file), "routers_megamoe.py"):
+            shutil.copyfile(os.path.join(os.path.dirname(model_file), name),
+                            os.path.join(save_directory, "transformer", name))
+        path = os.path.join(save_directory, "model_index.json")
+        with open(path) as f:
+            index = json.load(f)
+        index["_class_name"] = ["pipeline", type(self).__name__]
+        index["transformer"] = [os.path.basename(model_file)[:-3], type(self.transformer).__name__]
+        with open(path, "w") as f:
+            json.dump(index, f, indent=2)
 
     @torch.no_grad()
     def __call__(self, class_labels: Union[int, Sequence[int], torch.Tensor],
