@@ -12,6 +12,13 @@ installed (and refuses to run without trust_remote_code):
     scheduler/scheduler_config.json   FlowMatchEulerDiscreteScheduler (shift 1) or
                                       DDPMScheduler (the run's linear β), as megamoe samples
 
+How diffusers 0.42 finds the code (pipelines/pipeline_loading_utils.py): a `_class_name` list
+[file, class] whose file lies in the folder selects that custom pipeline class; a component
+entry [module, class] whose `<component>/<module>.py` exists is imported from there, its
+relative imports (routers_megamoe) copied along into diffusers' module cache. Both go through
+`get_cached_module_file`, which raises ValueError for a local code file unless
+trust_remote_code=True. The pipeline's `save_pretrained` copies the code into the new folder.
+
 Tensors on disk (fp32): `patch_embed` [D, C·P·P] (patches flattened (c, dy, dx)),
 `timestep_embedder.linear_{1,2}`, `class_embedder.weight` [K + 1, D] (last row: null class);
 per block `blocks.{i}.`: `adaln_modulation` [6D, D], `attn.{q,k,v,o}_proj` (Megatron's
