@@ -14,6 +14,9 @@ setup(
                                                    "modeling_megamoe_vit.py",
                                                    "configuration_megamoe_vlm.py",
                                                    "modeling_megamoe_vlm.py"],
+                  # copied into exported diffusers pipeline folders (diffusers_export)
+                  "megamoe.checkpoint.diffusers_remote": ["modeling_megamoe_dit.py",
+                                                          "pipeline_megamoe_dit.py"],
                   # the recipes, `megamoe train --config <name>`, and the fragments they list
                   # under `defaults:` (configs/models, data, parallel, train): megamoe/recipes
                   # is a symlink to configs/, whose files the wheel and sdist copy

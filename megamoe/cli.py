@@ -47,15 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "(model_type megamoe, from_pretrained(OUT, trust_remote_code=True)). "
                     "--from hf SRC OUT: SRC is such a folder; OUT (a new or empty directory, "
                     "see --force) becomes a run directory with a step-0 checkpoint that any "
-                    "layout can train from (--set train.resume=...).",
+                    "layout can train from (--set train.resume=...). "
+                    "--to diffusers SRC OUT (or --out OUT): a dit run as a diffusers pipeline "
+                    "folder (EMA weights), DiffusionPipeline.from_pretrained(OUT, "
+                    "trust_remote_code=True).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  megamoe convert --to hf runs/quickstart-20261123-084046 hf/quickstart"
-               "\n  megamoe convert --from hf hf/quickstart runs/imported")
+               "\n  megamoe convert --from hf hf/quickstart runs/imported"
+               "\n  megamoe convert runs/dit_dit_moe --to diffusers --out pipes/dit_dit_moe")
     direction = conv.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--to", choices=["hf"], help="export format")
+    direction.add_argument("--to", choices=["hf", "diffusers"], help="export format")
     direction.add_argument("--from", dest="from_", choices=["hf"], help="import format")
     conv.add_argument("src", help="source (see above)")
-    conv.add_argument("out", help="output folder")
+    conv.add_argument("out", nargs="?", help="output folder")
+    conv.add_argument("--out", dest="out_flag", metavar="OUT", help="output folder (instead of "
+                      "the positional OUT)")
     conv.add_argument("--max-shard-size", type=int, default=2**30, metavar="BYTES",
                       help="largest safetensors shard when exporting (default 1 GiB)")
     conv.add_argument("--set", "-s", dest="overrides", action="append", default=[],
@@ -305,8 +311,13 @@ def cmd_convert(args) -> int:
     from megamoe.commands import convert
     from megamoe.config import ConfigError
 
+    if (args.out is None) == (args.out_flag is None):
+        return _error("convert: give the output folder once (OUT or --out OUT)")
+    args.out = args.out or args.out_flag
     try:
-        if args.to:
+        if args.to == "diffusers":
+            convert.to_diffusers(args.src, args.out, force=args.force)
+        elif args.to:
             convert.to_hf(args.src, args.out, max_shard_bytes=args.max_shard_size,
                           force=args.force)
         else:

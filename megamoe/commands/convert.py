@@ -1,4 +1,5 @@
-"""`megamoe convert`: checkpoint ↔ Hugging Face folder, in this process on one rank.
+"""`megamoe convert`: checkpoint ↔ Hugging Face folder, in this process on one rank; a dit
+checkpoint → a diffusers pipeline folder (`to_diffusers`).
 
 A checkpoint saved under any layout loads into a one-rank model (checkpoints reshard), whose
 global tensors are exported; an imported folder initialises a one-rank model that is saved as a
@@ -80,6 +81,30 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, force: bool = Fal
     how = (" with its modeling code (load with trust_remote_code=True)"
            if model_type in ("megamoe", "megamoe_vit", "megamoe_vlm") else "")
     log(f"[megamoe] exported {step_dir} (step {meta['step']}) to {out} as {model_type}{how}")
+    return out
+
+
+def to_diffusers(src: str, out: str, *, force: bool = False, log=print) -> str:
+    """Export the dit checkpoint `src` (its EMA weights) to the diffusers pipeline folder
+    `out` (megamoe.checkpoint.diffusers_export); `force`: into an existing folder that is not
+    a pipeline export. Refuses before loading the weights what the folder cannot express."""
+    from megamoe.checkpoint.diffusers_export import (check, check_out_dir, ema_tensors,
+                                                     export_diffusers)
+    from megamoe.commands.sample import ema_tensors as stored_ema
+
+    check_out_dir(out, force)
+    step_dir = resolve(src, log=log)
+    if step_dir is None:
+        raise CheckpointError(f"{src}: no complete checkpoint")
+    check(checkpoint_config(step_dir))
+    if not stored_ema(step_dir):
+        raise ValueError(f"{src}: the checkpoint {step_dir} has no EMA weights (no ema.* "
+                         "tensors), which the pipeline samples with")
+    engine, cfg, step_dir, meta = load_one_rank(step_dir, log=log)
+    export_diffusers(ema_tensors(engine.modules), cfg, out, force=force)
+    log(f"[megamoe] exported {step_dir} (step {meta['step']}, EMA weights) to {out} as a "
+        "diffusers pipeline; load with DiffusionPipeline.from_pretrained(out, "
+        "trust_remote_code=True)")
     return out
 
 
