@@ -64,8 +64,10 @@ def family_for(cfg):
     when it has no mapping at all."""
     model_family = getattr(cfg.model, "family", "lm")
     if model_family not in MAPPED_MODEL_FAMILIES:
+        instead = ("export a diffusers pipeline instead: megamoe convert RUN --to diffusers"
+                   if model_family == "dit" else "keep the megamoe checkpoint")
         raise ValueError(f"model.family {model_family!r}: no Hugging Face mapping (mapped: "
-                         f"{', '.join(MAPPED_MODEL_FAMILIES)}); keep the megamoe checkpoint")
+                         f"{', '.join(MAPPED_MODEL_FAMILIES)}); {instead}")
     if model_family == "vit":
         bad = hf_vit.problems(cfg)
         if bad:
