@@ -125,13 +125,25 @@ def _job_field(job: str, name: str) -> str:
     return re.search(rf"\b{name}=(\S+)", text).group(1)
 
 
+# (launcher, rank 0's log under logs/<job>/, the line rank 0 writes at step 2 there): one srun
+# task per rank writes rank-<N>.log; under torchrun (one srun task per node) torchrun's --tee
+# copies rank 0's lines, prefixed "[default0]:", into the first node's log
+TEMPLATES = [("srun", "rank-0.log", "step 2/"),
+             ("torchrun", "node-0.log", "[default0]:[megamoe] step 2/")]
+
+
 @pytest.mark.timeout(480)
-def test_submit_preempt_requeue_resumes_bit_identical(cluster, mpirun_run, tmp_path):
+@pytest.mark.parametrize("launcher,rank0_log,step2", TEMPLATES, ids=[t[0] for t in TEMPLATES])
+def test_submit_preempt_requeue_resumes_bit_identical(cluster, mpirun_run, tmp_path, launcher,
+                                                      rank0_log, step2):
+    """Either sbatch template: the batch shell forwards USR1 to the step (torchrun ignores it;
+    srun delivers it to every rank), the ranks save and stop, the job requeues itself and the
+    restarted step resumes to the same losses as the uninterrupted run."""
     run_dir = tmp_path / "run"
-    job = _submit(tmp_path, *SHORT, "--set", f"run.dir={run_dir}")
-    rank0 = tmp_path / "logs" / job / "rank-0.log"
+    job = _submit(tmp_path, "--launcher", launcher, *SHORT, "--set", f"run.dir={run_dir}")
+    rank0 = tmp_path / "logs" / job / rank0_log
     deadline = time.time() + 300
-    while not (rank0.exists() and "step 2/" in rank0.read_text()):
+    while not (rank0.exists() and step2 in rank0.read_text()):
         assert time.time() < deadline, f"job {job} never reached step 2"
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -155,36 +167,9 @@ def test_submit_preempt_requeue_resumes_bit_identical(cluster, mpirun_run, tmp_p
     requeued = float(re.search(r"requeueing \S+ at (\S+)", batch).group(1))
     restarted = float(re.search(r"\(restart 1\) started at (\S+)", batch).group(1))
     delay = restarted - requeued
-    print(f"requeue delay: {delay:.1f} s (scontrol requeue -> the restarted batch shell)")
+    print(f"requeue delay ({launcher}): {delay:.1f} s (scontrol requeue -> the restarted "
+          "batch shell)")
     assert 0 < delay < 30, delay
-
-
-@pytest.mark.timeout(480)
-def test_torchrun_template_preempt_requeue_resumes_bit_identical(cluster, mpirun_run, tmp_path):
-    """slurm/pretrain_torchrun.sbatch (one srun task per node running torchrun): torchrun
-    ignores USR1, srun delivers it to every rank, the ranks save and stop, the job requeues and
-    the restarted torchruns resume to the same losses as the uninterrupted run."""
-    run_dir = tmp_path / "run"
-    job = _submit(tmp_path, "--launcher", "torchrun", *SHORT, "--set", f"run.dir={run_dir}")
-    node0 = tmp_path / "logs" / job / "node-0.log"      # torchrun's --tee: rank 0 is default0
-    deadline = time.time() + 300
-    while not (node0.exists() and "[default0]:[megamoe] step 2/" in node0.read_text()):
-        assert time.time() < deadline, f"job {job} never reached step 2"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    _wait_for_job(job, timeout=360)
-
-    batch = (tmp_path / "logs" / f"lm_quickstart-{job}.out").read_text()
-    log = node0.read_text()
-    assert _job_field(job, "JobState") == "COMPLETED", batch
-    assert _job_field(job, "Restarts") == "1", batch
-    saved = re.search(r"SIGUSR1 received: saved \S+ at step (\d+); exiting", log)
-    assert saved, log[-3000:]
-    step = int(saved.group(1))
-    assert 2 <= step < STEPS and f"(step {step})" in log, step
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["resumed_from_step"] == step, summary
-    assert losses(run_dir) == losses(mpirun_run[0])   # bit-identical, step for step
 
 
 @pytest.mark.timeout(300)

@@ -422,6 +422,21 @@ class MegamoeModel(MegamoePreTrainedModel):
         return x_BSD
 
 
+def causal_lm_output(out, lm_head, labels=None, logits_to_keep=0) -> CausalLMOutputWithPast:
+    """Logits of the decoder's last hidden states (the last `logits_to_keep` positions when
+    positive), the next-token loss when `labels` are given (-100 ignored), and the cache."""
+    h_BSD = out.last_hidden_state
+    if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+        h_BSD = h_BSD[:, -logits_to_keep:]
+    logits_BSV = lm_head(h_BSD)
+    loss = None
+    if labels is not None:
+        loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(),
+                               labels[:, 1:].flatten().to(logits_BSV.device), ignore_index=-100)
+    return CausalLMOutputWithPast(loss=loss, logits=logits_BSV,
+                                  **{CACHE_NAME: getattr(out, CACHE_NAME)})
+
+
 class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -451,17 +466,7 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
                          cache=kv_cache_argument(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          modality_ids=modality_ids, timesteps=timesteps)
-        h_BSD = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            h_BSD = h_BSD[:, -logits_to_keep:]
-        logits_BSV = self.lm_head(h_BSD)
-        loss = None
-        if labels is not None:       # next-token loss; -100 is ignored
-            loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten().to(logits_BSV.device),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits_BSV,
-                                      **{CACHE_NAME: getattr(out, CACHE_NAME)})
+        return causal_lm_output(out, self.lm_head, labels, logits_to_keep)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """With the KV cache only new tokens are fed: the synthetic timestep (a function of the

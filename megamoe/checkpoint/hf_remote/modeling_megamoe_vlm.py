@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:                                    # transformers 5: initialisers that skip loaded tensors
     from transformers import initialization as init
@@ -36,7 +35,7 @@ except ImportError:                     # pragma: no cover - transformers 4
     from torch.nn import init
 
 from .configuration_megamoe_vlm import MegamoeVLMConfig
-from .modeling_megamoe import CACHE_NAME, MegamoeModel, kv_cache_argument
+from .modeling_megamoe import MegamoeModel, causal_lm_output, kv_cache_argument
 from .modeling_megamoe_vit import (
     MegamoeViTEmbeddings, MegamoeViTEncoder, MegamoeViTPreTrainedModel,
 )
@@ -176,17 +175,7 @@ class MegamoeVLMForConditionalGeneration(MegamoeVLMPreTrainedModel, GenerationMi
                          cache=kv_cache_argument(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          modality_ids=modality_ids)
-        h_BSD = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            h_BSD = h_BSD[:, -logits_to_keep:]
-        logits_BSV = self.lm_head(h_BSD)
-        loss = None
-        if labels is not None:       # next-token loss; -100 is ignored
-            loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten().to(logits_BSV.device),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits_BSV,
-                                      **{CACHE_NAME: getattr(out, CACHE_NAME)})
+        return causal_lm_output(out, self.lm_head, labels, logits_to_keep)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """A Mixture-of-Recursions LM has no KV cache: every step feeds the whole sequence,

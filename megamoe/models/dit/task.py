@@ -14,10 +14,10 @@ Shapes: B images.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from megamoe.config.diffusion import dit_tokens
+from megamoe.models.vit.task import LabelledImages
 
 
 def _loss_func(output):
@@ -28,25 +28,12 @@ def _loss_func(output):
     return loss_sum, n, {"loss": torch.stack([loss_sum.detach(), n.float()])}
 
 
-class DiTTask:
-    unit = "image"
+class DiTTask(LabelledImages):
     stat_names = ("loss_sum", "units")
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.seq_length = dit_tokens(cfg)     # the pipeline's activation shape
-
-    def collate(self, samples, sample_index_B) -> dict:
-        images_BCHW, labels_B = samples
-        return {"images": torch.as_tensor(np.asarray(images_BCHW)),
-                "labels": torch.as_tensor(np.asarray(labels_B), dtype=torch.long),
-                "sample_index": torch.as_tensor(np.asarray(sample_index_B), dtype=torch.long)}
-
-    def micro_batch_size(self, batch: dict) -> int:
-        return batch["images"].shape[0]
-
-    def units_per_sample(self) -> int:
-        return 1
 
     def noised(self, batch: dict, step: int):
         from megamoe.models.dit.objective import noise_batch

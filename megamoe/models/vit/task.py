@@ -31,13 +31,9 @@ def _loss_func(labels_B: torch.Tensor, output):
     return loss_sum, n, {"loss": stats}
 
 
-class ViTTask:
+class LabelledImages:
+    """Micro-batches of labelled images, one loss unit per image (the vit and dit tasks)."""
     unit = "image"
-    stat_names = ("loss_sum", "units", "correct")   # what each micro-batch's stats hold
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.seq_length = image_tokens(cfg)     # the pipeline's activation shape
 
     def collate(self, samples, sample_index_B) -> dict:
         images_BCHW, labels_B = samples
@@ -50,6 +46,14 @@ class ViTTask:
 
     def units_per_sample(self) -> int:
         return 1
+
+
+class ViTTask(LabelledImages):
+    stat_names = ("loss_sum", "units", "correct")   # what each micro-batch's stats hold
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.seq_length = image_tokens(cfg)     # the pipeline's activation shape
 
     def forward_step(self, model, batch: dict, device: torch.device, step: int):
         """(output, loss function) of one micro-batch, Megatron's forward-step convention; the
