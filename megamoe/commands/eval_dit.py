@@ -101,34 +101,32 @@ class LoadByStep:
         self.layers = moe_layers(chunks)
         self.cfg, self.t = cfg, {}
         self.load, self.tokens, self.diffmoe = {}, {}, {}
-        self.reset()
+        self._read()          # drop what earlier forwards (the t-bin losses) counted
 
-    def reset(self) -> None:
+    def _read(self) -> tuple:
+        """([L, E] routed tokens, [L] DiffMoE active compute or None) since the last read."""
+        load_LE = torch.stack([layer.tokens_per_expert_acc.double().cpu()
+                               for layer in self.layers])
+        active = []
         for layer in self.layers:
             layer.tokens_per_expert_acc.zero_()
-            if hasattr(layer.router, "active_compute"):
-                layer.router.active_compute(reset=True)
+            got = (layer.router.active_compute(reset=True)
+                   if hasattr(layer.router, "active_compute") else None)
+            active.append(None if got is None else got["relative_to_training"])
+        return load_LE, active
 
     def __call__(self, i: int, timestep: float, x_BCHW: torch.Tensor, guided: bool) -> None:
         from megamoe.config.diffusion import dit_tokens
 
-        load_LE = torch.stack([layer.tokens_per_expert_acc.double().cpu()
-                               for layer in self.layers])
-        self.reset_counts()
+        load_LE, active = self._read()
         self.t[i] = timestep
         self.load[i] = self.load.get(i, 0) + load_LE
-        self.tokens[i] = self.tokens.get(i, 0) + x_BCHW.shape[0] * (2 if guided else 1) \
-            * dit_tokens(self.cfg)
-        for n, layer in enumerate(self.layers):
-            if hasattr(layer.router, "active_compute"):
-                got = layer.router.active_compute(reset=True)
-                if got is not None:
-                    acc = self.diffmoe.setdefault(i, {}).setdefault(n, [0.0, 0])
-                    acc[0], acc[1] = acc[0] + got["relative_to_training"], acc[1] + 1
-
-    def reset_counts(self) -> None:
-        for layer in self.layers:
-            layer.tokens_per_expert_acc.zero_()
+        images = x_BCHW.shape[0] * (2 if guided else 1)
+        self.tokens[i] = self.tokens.get(i, 0) + images * dit_tokens(self.cfg)
+        if all(a is not None for a in active):     # per call: a mean over the calls
+            acc = self.diffmoe.setdefault(i, [torch.zeros(len(active), dtype=torch.float64), 0])
+            acc[0] += torch.tensor(active, dtype=torch.float64)
+            acc[1] += 1
 
     def figures(self) -> dict:
         """{t: [steps], share: [steps][L][E] (each layer's routed share per expert), active:
@@ -142,8 +140,7 @@ class LoadByStep:
                "share": share}
         router, k = self.cfg.model.moe.router, self.cfg.model.moe.topk
         if router == "diffmoe" and self.diffmoe:
-            out["active"] = [[s / c for s, c in (self.diffmoe[i][n] for n in
-                                                  sorted(self.diffmoe[i]))] for i in steps]
+            out["active"] = [(self.diffmoe[i][0] / self.diffmoe[i][1]).tolist() for i in steps]
         elif router == "race":
             out["active"] = [(self.load[i].sum(dim=1) / (self.tokens[i] * k)).tolist()
                              for i in steps]
@@ -289,7 +286,7 @@ def evaluate_dit(engine, cfg, step_dir: str, meta: dict, *, judge: str | None = 
     log(f"[megamoe] held-out {figures['objective']} loss by noise level (EMA weights, "
         f"{n_real} validation images): " + ", ".join(
             f"[{k / T_BINS:.3f},{(k + 1) / T_BINS:.3f}) {v:.4f}" for k, v in enumerate(losses)))
-    recorder = LoadByStep(chunks, cfg)
+    recorder = LoadByStep(chunks, cfg) if cfg.model.moe.num_experts else None
     fake_BCHW, fake_labels = generate(chunks, cfg, samples, steps=steps, cfg_scale=cfg_scale,
                                       seed=seed, recorder=recorder)
     figures.update({"samples": samples, "steps": steps, "cfg_scale": cfg_scale,
@@ -304,7 +301,7 @@ def evaluate_dit(engine, cfg, step_dir: str, meta: dict, *, judge: str | None = 
             f"KID {figures['kid']:.5f} ± {figures['kid_std']:.5f} (subsets of "
             f"{figures['kid_subset_size']}), FID {figures['fid']:.3f} in the judge's "
             f"{figures['feature_dims']}-dim features")
-    load = recorder.figures()
+    load = recorder.figures() if recorder is not None else {}
     if load:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
         figures["expert_load_png"] = write_load(load, run_dir, figures["step"], log)
