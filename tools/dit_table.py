@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -88,20 +87,18 @@ def budget(recipe: str, steps: int | None, overrides: list) -> int:
     return steps or load_config(recipe_path(recipe), overrides).train.steps
 
 
-def train(recipe: str, run_dir: str, steps: int, overrides: list, log) -> float:
-    """Train (or resume) `recipe` to `steps` in `run_dir`; its wall time (0 when already
-    there). SystemExit with the run's last lines when training fails."""
+def train(recipe: str, run_dir: str, steps: int, overrides: list, log) -> None:
+    """Train (or resume) `recipe` to `steps` in `run_dir` unless it is there; SystemExit with
+    the run's last lines when training fails."""
     if run_step(run_dir) == steps:
         log(f"[dit_table] {recipe}: read {run_dir} (step {steps})")
-        return 0.0
+        return
     log(f"[dit_table] {recipe}: training {steps} steps into {run_dir}")
     sets = [a for o in [*overrides, f"train.steps={steps}", f"run.dir={run_dir}"]
             for a in ("--set", o)]
-    start = time.perf_counter()
     out = megamoe("train", "--config", f"configs/{recipe}.yaml", *sets)
     if out.returncode != 0:
         raise SystemExit(f"[dit_table] {recipe}: training failed:\n{out.stderr[-2000:]}")
-    return time.perf_counter() - start
 
 
 def evaluate(recipe: str, run_dir: str, judge: str, args, log) -> dict:
@@ -129,14 +126,15 @@ def evaluate(recipe: str, run_dir: str, judge: str, args, log) -> dict:
     return figures
 
 
-def row_of(label: str, recipe: str, run_dir: str, figures: dict, wall: float) -> dict:
+def row_of(label: str, recipe: str, run_dir: str, figures: dict) -> dict:
     summary = {}
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
     keep = ("step", "loss_by_t", "loss_mean", "sample_accuracy", "chance", "kid", "kid_std",
             "fid", "judge_accuracy", "active_compute_mean", "router")
-    return {"label": label, "recipe": recipe, "run": run_dir, "train_wall_s": wall or None,
+    return {"label": label, "recipe": recipe, "run": run_dir,
+            "train_wall_s": summary.get("wall_s"), "layout": summary.get("layout"),
             "parameters_active": summary.get("parameters_active"),
             "parameters_total": summary.get("parameters_total"),
             "val_loss": summary.get("val_loss"),
@@ -150,7 +148,7 @@ def table(rows: list[dict]) -> str:
 
     head = (f"{'recipe':<10} {'step':>5} {'active':>8} {'loss':>7}  "
             + " ".join(f"t{k}" .rjust(6) for k in range(8))
-            + f" {'acc':>6} {'KID':>8} {'FID':>8} {'compute':>7}")
+            + f" {'acc':>6} {'KID':>8} {'FID':>8} {'compute':>7} {'train_s':>7}")
     lines = [head]
     for r in rows:
         bins = r["loss_by_t"] or [None] * 8
@@ -158,7 +156,8 @@ def table(rows: list[dict]) -> str:
                      f"{num(r['parameters_active'], ','):>8} {num(r['loss_mean'], '.4f'):>7}  "
                      + " ".join(num(v, '.4f').rjust(6) for v in bins)
                      + f" {num(r['sample_accuracy'], '.3f'):>6} {num(r['kid'], '.5f'):>8} "
-                     f"{num(r['fid'], '.3f'):>8} {num(r['active_compute_mean'], '.3f'):>7}")
+                     f"{num(r['fid'], '.3f'):>8} {num(r['active_compute_mean'], '.3f'):>7} "
+                     f"{num(r['train_wall_s'], '.0f'):>7}")
     return "\n".join(lines)
 
 
@@ -188,9 +187,8 @@ def main(argv=None) -> int:
     rows = []
     for label, recipe in chosen:
         run_dir = os.path.join(args.runs_dir, recipe)
-        wall = train(recipe, run_dir, steps[recipe], args.overrides, log)
-        rows.append(row_of(label, recipe, run_dir, evaluate(recipe, run_dir, judge, args, log),
-                           wall))
+        train(recipe, run_dir, steps[recipe], args.overrides, log)
+        rows.append(row_of(label, recipe, run_dir, evaluate(recipe, run_dir, judge, args, log)))
     print(f"dit recipes, {next(iter(steps.values()), 0)} steps each; samples {args.samples}, "
           f"{args.eval_steps} sampler steps, CFG {args.cfg_scale:g}, judge {judge}")
     print("loss: held-out denoising loss (t0 nearly clean … t7 nearly noise); acc: judged "
