@@ -63,13 +63,31 @@ def test_t_bin_loss_equals_a_direct_computation():
     assert not np.allclose(got, other_seed, rtol=1e-3), (got, other_seed)   # the control
 
 
-def kid_fid_task():
-    from megamoe.commands.dit_judge import JudgeFeatures, kid_fid
+def judge_task(run_dir: str):
+    """An untrained judge saved as a step-0 run: (KID/FID pieces, the refusal of `load_judge`
+    at the default bound, what it returns at an explicit bound of 0)."""
+    from megamoe.checkpoint.save import save_checkpoint
+    from megamoe.commands.dit_judge import load_judge
     from megamoe.engines.megatron import build_engine
-    from megamoe.models.registry import family_datasets
 
     cfg = load_config("configs/vit_judge.yaml", JUDGE)
     engine = build_engine(cfg, 6, torch.device("cpu"), with_optimizer=False, ddp=False)
+    cfg.run.dir = run_dir
+    save_checkpoint(f"{run_dir}/checkpoints", engine, {"vocab_size": 6}, config=cfg)
+    dit = load_config(None, TINY_DIT)
+    try:
+        load_judge(run_dir, dit, log=lambda _: None)
+        refusal = None
+    except ValueError as exc:
+        refusal = str(exc)
+    _, accuracy, images = load_judge(run_dir, dit, 0.0, log=lambda _: None)
+    return kid_fid_pieces(engine, cfg), refusal, accuracy, images
+
+
+def kid_fid_pieces(engine, cfg):
+    from megamoe.commands.dit_judge import JudgeFeatures, kid_fid
+    from megamoe.models.registry import family_datasets
+
     extractor = JudgeFeatures(engine.modules[0])
     _, valid, _ = family_datasets(cfg)
     real = torch.as_tensor(np.asarray(valid.get_batch(np.arange(64))[0]))
@@ -79,8 +97,13 @@ def kid_fid_task():
             tuple(feats.shape), tuple(logits.shape), extractor.num_features)
 
 
-def test_kid_fid_of_a_set_with_itself_and_with_a_shifted_set():
-    same, shifted, feats_shape, logits_shape, dims = run_distributed(kid_fid_task, 1)[0]
+def test_judge_refusal_then_kid_fid_of_a_set_with_itself_and_with_a_shifted_set(tmp_path):
+    pieces, refusal, accuracy, images = run_distributed(judge_task, 1, str(tmp_path))[0]
+    assert refusal == (f"--judge {tmp_path}: its validation accuracy is {accuracy:.4f} (step 0, "
+                       f"{images} images), below 0.9: its verdicts would mean nothing (train "
+                       "configs/vit_judge.yaml to the end, or lower --min-judge-accuracy)")
+    assert accuracy < 0.9 and images == 8 * 64          # train.eval_iters × global batch
+    same, shifted, feats_shape, logits_shape, dims = pieces
     assert feats_shape == (5, 32) and logits_shape == (5, 6) and dims == 32 <= 128
     # KID's subsets of one set still differ: its estimate is 0 within its spread
     assert abs(same["fid"]) < 1e-6 and abs(same["kid"]) < 2 * same["kid_std"], same
