@@ -93,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the newest complete checkpoint of RUN (saved under any layout) on one "
                     "CPU process and evaluate it on the validation split of its data config: "
                     "validation loss and perplexity (lm family), top-1 accuracy next to chance "
-                    "(vit family; with --capacity, V-MoE's inference-capacity table). Progress "
+                    "(vit family; with --capacity, V-MoE's inference-capacity table), held-out "
+                    "loss by t and, with --judge, samples judged by a vit classifier (dit family, "
+                    "--samples/--steps/--cfg-scale/--seed). Progress "
                     "goes to stderr; the last line of stdout is one JSON object of the figures.",
         epilog="examples:\n  megamoe eval runs/quickstart-20261203-0710 --iters 8\n"
                "  megamoe eval runs/vit_vmoe-20261203-1100 --capacity 1,0.5,0.25,0.1 "
-               "--priority none,max",
+               "--priority none,max\n"
+               "  megamoe eval runs/dit_dit_moe-20261203-1800 --judge runs/vit_judge-20261203-1700",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("src", metavar="RUN",
                     help="a run directory, its checkpoints/ root or one step directory")
