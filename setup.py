@@ -11,7 +11,9 @@ setup(
                                                    "routers_megamoe.py",
                                                    "mor_megamoe.py",
                                                    "configuration_megamoe_vit.py",
-                                                   "modeling_megamoe_vit.py"],
+                                                   "modeling_megamoe_vit.py",
+                                                   "configuration_megamoe_vlm.py",
+                                                   "modeling_megamoe_vlm.py"],
                   # the recipes, `megamoe train --config <name>`, and the fragments they list
                   # under `defaults:` (configs/models, data, parallel, train): megamoe/recipes
                   # is a symlink to configs/, whose files the wheel and sdist copy

@@ -5,7 +5,9 @@ code travels in the folder (model_type "megamoe", `trust_remote_code=True`, `hf_
 runs every router family in its eval-mode routing (Megatron's capacity dropping and Expert
 Race's PLR router included), and Mixture-of-Recursions decoders (`model.mor`, hf_mor; their
 per-recursion LoRA adapters too). Only what that code cannot express either (`model.mor`
-options it does not know) is refused, naming the field.
+options it does not know) is refused, naming the field. The vit family exports through its
+remote code (hf_vit); the vlm family to transformers' LLaVA where it expresses the model
+exactly (hf_llava), else through its remote code (hf_vlm).
 
 Not a family: OLMoE. Its q_norm/k_norm are one RMSNorm over the whole q (H·d) and k (G·d)
 projection, mixing all heads' statistics; megamoe's QK-norm normalises each head's d channels
@@ -17,13 +19,14 @@ on its own (Megatron's q_layernorm), which no choice of weights turns into the o
 
 The folder holds `config.json`, `generation_config.json`, fp32 safetensors (shards of at most
 `max_shard_bytes` with `model.safetensors.index.json`, or one `model.safetensors` when it fits)
-and optionally the sentencepiece tokenizer (`hf_tokenizer`), every file with the mode `open()`
-gives (0644 under umask 022). It is written whole into a temporary sibling folder first, then
-renamed into place: a new `out_dir` at once; into an existing Hugging Face folder file by file
-(renames only, config.json last), replacing the export's own files, removing the weights and
-modeling code of an earlier export that this one does not write, and keeping every other file
-(a model card, .gitattributes, .git/) — it is the user's. A non-empty folder without config.json
-is refused unless `force` (it may be anything).
+and optionally the sentencepiece tokenizer (`hf_tokenizer`); a vlm's also the
+CLIPImageProcessor settings of megamoe's pixels (preprocessor_config.json); every file with
+the mode `open()` gives (0644 under umask 022). It is written whole into a temporary sibling
+folder first, then renamed into place: a new `out_dir` at once; into an existing Hugging Face
+folder file by file (renames only, config.json last), replacing the export's own files,
+removing the weights and modeling code of an earlier export that this one does not write, and
+keeping every other file (a model card, .gitattributes, .git/) — it is the user's. A non-empty
+folder without config.json is refused unless `force` (it may be anything).
 """
 
 from __future__ import annotations
@@ -35,21 +38,24 @@ import shutil
 
 import torch
 
-from megamoe.checkpoint import hf_megamoe, hf_mixtral, hf_qwen2moe, hf_qwen3moe, hf_vit
+from megamoe.checkpoint import (
+    hf_llava, hf_megamoe, hf_mixtral, hf_qwen2moe, hf_qwen3moe, hf_vit, hf_vlm,
+)
 from megamoe.checkpoint.global_load import stack_layers
 from megamoe.checkpoint.hf_layout import DecoderShape, from_hf, to_hf
 from megamoe.checkpoint.hf_tokenizer import write_tokenizer
 
 EXACT = (hf_mixtral, hf_qwen2moe, hf_qwen3moe)       # tried in this order
-FAMILIES = {f.MODEL_TYPE: f for f in (*EXACT, hf_megamoe, hf_vit)}
+FAMILIES = {f.MODEL_TYPE: f for f in (*EXACT, hf_megamoe, hf_vit, hf_llava, hf_vlm)}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+PREPROCESSOR = "preprocessor_config.json"     # the vlm family's image processor
 
 
 # model families (megamoe.models.registry) with a Hugging Face mapping; the mapping lives here,
 # above the model code, which never imports checkpoint code
-MAPPED_MODEL_FAMILIES = ("lm", "vit")
+MAPPED_MODEL_FAMILIES = ("lm", "vit", "vlm")
 
 
 def family_for(cfg):
@@ -65,6 +71,8 @@ def family_for(cfg):
         if bad:
             raise ValueError("cannot export to a Hugging Face model:\n  " + "\n  ".join(bad))
         return hf_vit
+    if model_family == "vlm":
+        return _vlm_family(cfg)
     for family in EXACT:
         if not family.problems(cfg):
             return family
@@ -75,10 +83,23 @@ def family_for(cfg):
     return hf_megamoe
 
 
+def _vlm_family(cfg):
+    """LLaVA when it expresses the vlm exactly, else megamoe's remote code, else ValueError
+    naming every field neither expresses."""
+    if not hf_llava.problems(cfg):
+        return hf_llava
+    bad = hf_vlm.problems(cfg)
+    if bad:
+        raise ValueError("cannot export to a Hugging Face model (LLaVA or megamoe's remote "
+                         "code):\n  " + "\n  ".join(bad))
+    return hf_vlm
+
+
 def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
               max_shard_bytes: int = 2**30, force: bool = False) -> str:
     """Write `tensors` (global key → full tensor, `gather_global`'s format) of the model `cfg`
-    describes as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
+    describes as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads (the vit
+    family's: AutoModelForImageClassification; the vlm family's: AutoModelForImageTextToText).
     `force`: export into an existing non-empty folder that is not a Hugging Face folder too."""
     family = family_for(cfg)
     if max_shard_bytes < 1:
@@ -88,6 +109,8 @@ def export_hf(tensors: dict, cfg, out_dir: str, *, tokenizer: str | None = None,
     check_export_dir(out_dir, force)
     if family is hf_vit:
         return _export_vit(tensors, cfg, out_dir, max_shard_bytes)
+    if family in (hf_llava, hf_vlm):
+        return _export_vlm(family, tensors, cfg, out_dir, tokenizer, max_shard_bytes)
     if "embedding.word_embeddings.weight" not in tensors:
         raise ValueError("tensors: no 'embedding.word_embeddings.weight'")
     vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
@@ -127,10 +150,40 @@ def _export_vit(tensors: dict, cfg, out_dir: str, max_shard_bytes: int) -> str:
     return out_dir
 
 
+def _export_vlm(family, tensors: dict, cfg, out_dir: str, tokenizer: str | None,
+                max_shard_bytes: int) -> str:
+    """The vlm family's folder (LLaVA's, or megamoe's remote code): config, image processor,
+    weights (and code)."""
+    from megamoe.checkpoint.hf_clip import image_processor_fields
+
+    if "embedding.word_embeddings.weight" not in tensors:
+        raise ValueError("tensors: no 'embedding.word_embeddings.weight'")
+    vocab_size = tensors["embedding.word_embeddings.weight"].shape[0]
+    if family is hf_vlm:
+        hf_megamoe.check_router_buffers(hf_llava.split(tensors)[2], cfg)
+    hf_tensors = family.to_hf(tensors, cfg)
+    config = family.hf_config(cfg, vocab_size)
+    tmp = _temp_sibling(out_dir)
+    try:
+        special = write_tokenizer(tokenizer, tmp, vocab_size) if tokenizer else {}
+        config["text_config"].update(special)
+        _write_json(os.path.join(tmp, "config.json"), config)
+        _write_json(os.path.join(tmp, "generation_config.json"), dict(special))
+        _write_json(os.path.join(tmp, PREPROCESSOR),
+                    {"image_processor_type": "CLIPImageProcessor", **image_processor_fields(cfg)})
+        if family is hf_vlm:
+            hf_vlm.write_code(tmp)
+        _write_shards(hf_tensors, tmp, max_shard_bytes)
+        _commit(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def import_hf(hf_dir: str) -> tuple[list[str], dict]:
     """megamoe config overrides (architecture fields only: sequence length, data and training
     settings stay the recipe's) and global tensors (megamoe's keys, fp32) of a Mixtral,
-    Qwen2-MoE, Qwen3-MoE or megamoe remote-code folder."""
+    Qwen2-MoE, Qwen3-MoE, LLaVA or megamoe remote-code folder."""
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{config_path}: not found (not a Hugging Face model folder)")
@@ -146,6 +199,13 @@ def import_hf(hf_dir: str) -> tuple[list[str], dict]:
     if family is hf_vit:
         overrides, shape = hf_vit.from_hf_config(hf_vit.read_config(hf_dir), config_path)
         return overrides, hf_vit.from_hf(read_safetensors(hf_dir), shape, hf_dir)
+    if family is hf_llava:
+        overrides, shape, text = hf_llava.from_hf_config(_auto_config(hf_dir), config_path)
+        return overrides, hf_llava.from_hf(read_safetensors(hf_dir), overrides, shape, text,
+                                           hf_dir)
+    if family is hf_vlm:
+        overrides, shape, tower = hf_vlm.from_hf_config(hf_vlm.read_config(hf_dir), config_path)
+        return overrides, hf_vlm.from_hf(read_safetensors(hf_dir), shape, tower, hf_dir)
     config = (hf_megamoe.read_config(hf_dir) if family is hf_megamoe
               else _auto_config(hf_dir))
     overrides, shape = family.from_hf_config(config, config_path)
@@ -242,8 +302,10 @@ def _temp_sibling(out_dir: str) -> str:
 
 
 def _is_weights_or_code(name: str) -> bool:
-    """A file of an export that must match its config.json: weights, index, modeling code."""
-    return name in (SINGLE, INDEX, *hf_megamoe.CODE_FILES) or bool(SHARD.fullmatch(name))
+    """A file of an export that must match its config.json: weights, index, modeling code
+    (every family's: hf_vlm's include the LM's and the ViT's), image processor."""
+    return (name in (SINGLE, INDEX, PREPROCESSOR, *hf_vlm.CODE_FILES)
+            or bool(SHARD.fullmatch(name)))
 
 
 def _default_file_mode() -> int:

@@ -82,10 +82,14 @@ def hf_config(cfg, num_classes: int) -> dict:
     }
 
 
-def _layer_names(s: DecoderShape, i: int, is_moe: bool) -> list[tuple[str, str]]:
+LAYERS = ("decoder.layers.", "vit.encoder.layer.")     # (megamoe, HF) prefix of layer i
+
+
+def _layer_names(s: DecoderShape, i: int, is_moe: bool, prefixes=LAYERS
+                 ) -> list[tuple[str, str]]:
     """(megamoe key, HF key) of layer i's tensors other than the fused qkv and the router's
     own (which need a split or a listing): the one table both directions read."""
-    p, q = f"decoder.layers.{i}.", f"vit.encoder.layer.{i}."
+    p, q = f"{prefixes[0]}{i}.", f"{prefixes[1]}{i}."
     pairs = [("input_layernorm", "layernorm_before"), ("pre_mlp_layernorm", "layernorm_after"),
              ("self_attention.linear_proj", "attention.o_proj")]
     if not is_moe:
@@ -121,10 +125,20 @@ def _convert(src: TensorPool, s: DecoderShape, forward: bool) -> dict:
             key, to = pair(ours, theirs)
             if names is GLOBAL_NAMES or src.has(key):
                 out[to] = src.take(key)
+    out.update(convert_layers(src, s, forward))
+    src.expect_empty("exported" if forward else "imported")
+    return out
+
+
+def convert_layers(src: TensorPool, s: DecoderShape, forward: bool, prefixes=LAYERS) -> dict:
+    """Every encoder layer's tensors taken from `src` under the other side's name (`forward`:
+    megamoe → HF), layer i under `prefixes` (megamoe's, HF's) + "{i}." (the vlm family's
+    remote code puts the layers elsewhere: hf_vlm)."""
+    out = {}
     for i, is_moe in enumerate(s.moe_layers):
-        p, q = f"decoder.layers.{i}.", f"vit.encoder.layer.{i}."
-        for ours, theirs in _layer_names(s, i, is_moe):
-            key, to = pair(ours, theirs)
+        p, q = f"{prefixes[0]}{i}.", f"{prefixes[1]}{i}."
+        for ours, theirs in _layer_names(s, i, is_moe, prefixes):
+            key, to = (ours, theirs) if forward else (theirs, ours)
             out[to] = src.take(key)
         for kind in LINEAR:
             qkv_key = f"{p}self_attention.linear_qkv.{kind}"
@@ -134,10 +148,9 @@ def _convert(src: TensorPool, s: DecoderShape, forward: bool) -> dict:
             else:
                 out[qkv_key] = fuse_qkv(*(src.take(k) for k in hf_keys), s, src.where)
         if is_moe:
-            (a, b) = pair(p + ROUTER[0], q + ROUTER[1])
+            a, b = (p + ROUTER[0], q + ROUTER[1]) if forward else (q + ROUTER[1], p + ROUTER[0])
             for name in src.names_under(a):
                 out[b + name] = src.take(a + name)
-    src.expect_empty("exported" if forward else "imported")
     return out
 
 

@@ -78,7 +78,7 @@ def to_hf(src: str, out: str, *, max_shard_bytes: int = 2**30, force: bool = Fal
                     max_shard_bytes=max_shard_bytes, force=force)
     model_type = family_for(cfg).MODEL_TYPE
     how = (" with its modeling code (load with trust_remote_code=True)"
-           if model_type in ("megamoe", "megamoe_vit") else "")
+           if model_type in ("megamoe", "megamoe_vit", "megamoe_vlm") else "")
     log(f"[megamoe] exported {step_dir} (step {meta['step']}) to {out} as {model_type}{how}")
     return out
 

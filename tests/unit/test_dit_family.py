@@ -2,8 +2,8 @@
 draws as functions of (seed, step, sample index) and its formulas (rectified flow by hand,
 DDPM against diffusers' `add_noise`); the built model — zero output at initialisation
 (adaLN-Zero), parameter count = accounting, per-sample predictions independent of the batch
-(dense and DiT-MoE; a batch-coupled router as the control) — and the EMA (update rule,
-swapping in and out, sharded like the weights)."""
+(dense and DiT-MoE; a batch-coupled router as the control), grouped and FP8 experts — and the
+EMA (update rule, swapping in and out, sharded like the weights)."""
 
 from __future__ import annotations
 

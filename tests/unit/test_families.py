@@ -41,7 +41,7 @@ def test_hf_export_of_a_family_without_a_mapping_is_one_error():
     from megamoe.checkpoint.hf import family_for as hf_family_for
 
     with pytest.raises(ValueError, match=r"^model.family 'dit': no Hugging Face mapping "
-                                         r"\(mapped: lm, vit\)"):
+                                         r"\(mapped: lm, vit, vlm\)"):
         hf_family_for(cfg_with("dit"))
 
 

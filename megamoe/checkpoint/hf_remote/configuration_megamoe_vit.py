@@ -6,6 +6,11 @@ Fields beyond transformers' usual ones:
   `patch_size`² patches; `num_tokens` = (image_size / patch_size)² (+ 1 with `pool` "cls");
 - pool: "cls" (the class token is read by the classifier) or "gap" (mean of the patch tokens);
 - position_embedding: "learned" (a tensor in the weights) or "sincos" (fixed 2-D, computed);
+- pre_norm (CLIP's pre_layrnorm: a LayerNorm on the embeddings, `embeddings.pre_layernorm`),
+  patch_bias (false: the patch projection has no bias, as CLIP's), hidden_act "gelu" or
+  "quick_gelu" (x·σ(1.702x), CLIP's): megamoe's `model.vit` options of the same names; the
+  vit family's export keeps the defaults, the vlm family's vision tower
+  (modeling_megamoe_vlm.py) sets them;
 - moe_layers: 0/1 per layer (MoE FFN or dense); router, num_experts, num_experts_per_tok,
   router_options, capacity_factor…: as megamoe's `MegamoeConfig` (routers_megamoe.py runs them).
 """
@@ -16,6 +21,7 @@ from transformers import PretrainedConfig
 
 POOLS = ("cls", "gap")
 POSITION_EMBEDDINGS = ("learned", "sincos")
+ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 class MegamoeViTConfig(PretrainedConfig):
@@ -31,9 +37,10 @@ class MegamoeViTConfig(PretrainedConfig):
                  shared_expert_intermediate_size=0, router_options=None,
                  loss_free_bias_rate=0.0, router_z_loss_coef=0.0, capacity_factor=None,
                  token_drop_policy="probs", pad_to_capacity=False, soft_moe_groups=None,
-                 **kwargs):
+                 pre_norm=False, patch_bias=True, **kwargs):
         self.image_size, self.patch_size, self.num_channels = image_size, patch_size, num_channels
         self.pool, self.position_embedding = pool, position_embedding
+        self.pre_norm, self.patch_bias = bool(pre_norm), bool(patch_bias)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -70,8 +77,8 @@ class MegamoeViTConfig(PretrainedConfig):
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(f"patch_size: {self.patch_size} does not tile image_size "
                              f"{self.image_size}")
-        if self.hidden_act != "gelu":
-            raise ValueError(f"hidden_act: {self.hidden_act!r}; the MLPs are GELU")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act: {self.hidden_act!r}; one of {', '.join(ACTIVATIONS)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} does not divide "
                              f"num_attention_heads {self.num_attention_heads}")

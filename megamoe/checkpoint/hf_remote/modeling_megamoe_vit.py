@@ -8,11 +8,13 @@ transformers. Load with
   patch_size² patches in row-major order, each flattened channel-major (c, dy, dx), a biased
   linear to D; a class token prepended with `pool` "cls"; positions added (learned, or fixed
   2-D sin-cos: the first D/2 channels encode the row, the rest the column, [sin, cos] of
-  p·10000^(−i/(D/4)); the class token's position is zero). This restates
-  megamoe.blocks.embeddings, which the folder cannot import.
+  p·10000^(−i/(D/4)); the class token's position is zero); with `pre_norm` a LayerNorm over
+  the result (CLIP's pre_layrnorm); the patch linear without bias when not `patch_bias`. This
+  restates megamoe.blocks.embeddings, which the folder cannot import.
 - Block (pre-LN, bidirectional): x += Attn(LN(x)); x += FFN(LN(x)). LayerNorm in fp32 with
   bias; attention with biased q, k, v, o projections, query head h reading KV head h // (H/G),
-  softmax(q·kᵀ/√d) without a mask; FFN: fc2(GELU(fc1(x))) with biases, or in MoE layers
+  softmax(q·kᵀ/√d) without a mask; FFN: fc2(act(fc1(x))) with biases (act: GELU, or CLIP's
+  quick_gelu x·σ(1.702x) with `hidden_act` "quick_gelu"), or in MoE layers
   Σ_e p_e·E_e(x) over the routed experts (+ a shared expert), routed by megamoe's eval-mode
   router family (routers_megamoe.py) over the tokens of the call in Megatron's [S, B] order,
   so routers that choose across the batch (a V-MoE capacity, expert choice) see the batch as
@@ -40,6 +42,14 @@ from .configuration_megamoe_vit import MegamoeViTConfig
 from .routers_megamoe import RoutingInputs, build_router
 
 
+def quick_gelu(x):
+    """CLIP's activation (Megatron's `quick_gelu`, transformers' QuickGELUActivation)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 def patchify(images_BCHW, patch: int):
     B, C, H, W = images_BCHW.shape
     x = images_BCHW.reshape(B, C, H // patch, patch, W // patch, patch)
@@ -58,18 +68,27 @@ def sincos_2d(side: int, dim: int):
     return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
+class MegamoeLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
 class MegamoeViTEmbeddings(nn.Module):
     def __init__(self, config: MegamoeViTConfig):
         super().__init__()
         D, side = config.hidden_size, config.image_size // config.patch_size
         self.patch_size = config.patch_size
-        self.patch_embedding = nn.Linear(config.num_channels * config.patch_size ** 2, D)
+        self.patch_embedding = nn.Linear(config.num_channels * config.patch_size ** 2, D,
+                                         bias=config.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, D)) if config.pool == "cls" else None
         if config.position_embedding == "learned":
             self.position_embeddings = nn.Parameter(torch.zeros(config.num_tokens, D))
         else:   # computed in forward: transformers materialises modules from the meta
             self.position_embeddings = None      # device, and a non-persistent buffer made
             self.side, self.with_cls = side, config.pool == "cls"   # here would be lost
+        self.pre_layernorm = (MegamoeLayerNorm(D, eps=config.layer_norm_eps)
+                              if config.pre_norm else None)
 
     def forward(self, pixel_values_BCHW):
         x = pixel_values_BCHW.to(self.patch_embedding.weight.dtype)
@@ -83,13 +102,8 @@ class MegamoeViTEmbeddings(nn.Module):
             pos = sincos_2d(self.side, x_BND.shape[-1]).to(x_BND)
             if self.with_cls:
                 pos = torch.cat([torch.zeros_like(pos[:1]), pos])
-        return x_BND + pos
-
-
-class MegamoeLayerNorm(nn.LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        x_BND = x_BND + pos
+        return x_BND if self.pre_layernorm is None else self.pre_layernorm(x_BND)
 
 
 class MegamoeViTAttention(nn.Module):
@@ -115,17 +129,18 @@ class MegamoeViTAttention(nn.Module):
 
 
 class MegamoeViTMLP(nn.Module):
-    def __init__(self, hidden: int, ffn: int):
+    def __init__(self, hidden: int, ffn: int, act: str = "gelu"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class MegamoeViTExperts(nn.Module):
-    """E biased GELU experts stored fused: fc1_weight [E, F, D], fc1_bias [E, F],
-    fc2_weight [E, D, F], fc2_bias [E, D]."""
+    """E biased GELU (or quick_gelu) experts stored fused: fc1_weight [E, F, D],
+    fc1_bias [E, F], fc2_weight [E, D, F], fc2_bias [E, D]."""
 
     def __init__(self, config: MegamoeViTConfig):
         super().__init__()
@@ -134,9 +149,10 @@ class MegamoeViTExperts(nn.Module):
         self.fc1_bias = nn.Parameter(torch.zeros(E, Fe))
         self.fc2_weight = nn.Parameter(torch.empty(E, D, Fe))
         self.fc2_bias = nn.Parameter(torch.zeros(E, D))
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def expert_ffn(self, e: int, x_ND):
-        h = F.gelu(F.linear(x_ND, self.fc1_weight[e], self.fc1_bias[e]))
+        h = self.act(F.linear(x_ND, self.fc1_weight[e], self.fc1_bias[e]))
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])
 
     def forward(self, x_TD, probs_TE, map_TE):
@@ -155,7 +171,8 @@ class MegamoeViTMoE(nn.Module):
         self.gate = build_router(config, layer_idx)
         self.experts = MegamoeViTExperts(config)
         self.shared_expert = (MegamoeViTMLP(config.hidden_size,
-                                            config.shared_expert_intermediate_size)
+                                            config.shared_expert_intermediate_size,
+                                            config.hidden_act)
                               if config.shared_expert_intermediate_size else None)
 
     def forward(self, x_BSD):
@@ -179,7 +196,7 @@ class MegamoeViTLayer(nn.Module):
         self.attention = MegamoeViTAttention(config)
         self.layernorm_after = MegamoeLayerNorm(D, eps=eps)
         self.mlp = (MegamoeViTMoE(config, layer_idx) if config.moe_layers[layer_idx]
-                    else MegamoeViTMLP(D, config.intermediate_size))
+                    else MegamoeViTMLP(D, config.intermediate_size, config.hidden_act))
 
     def forward(self, x_BSD):
         x_BSD = x_BSD + self.attention(self.layernorm_before(x_BSD))

@@ -13,8 +13,9 @@ global parameter name) and identical updates: `embedder_grad_sync` (the family's
 sums their gradients over the chunks of the rank and the pipeline group before Megatron's DP
 reduction, as Megatron does for tied word embeddings. In checkpoints only the first chunk's
 copy is the main replica, and only its gradient counts in the gradient norm (the others
-carry Megatron's `shared` mark, as a tied output layer does). (The alternative, sending c between stages, needs a second p2p
-tensor per micro-batch and a backward for it, which Megatron's schedules do not carry.)
+carry Megatron's `shared` mark, as a tied output layer does). The alternative, sending c
+between stages, needs a second p2p tensor per micro-batch and a backward for it, which
+Megatron's schedules do not carry; the embedders are small (about D² + (F + K)·D).
 
 Sequence parallelism. The patch embedding runs on the whole image and is scattered along the
 sequence (its backward gathers: replicated parameters, whole gradient). The final layer runs on
