@@ -1,4 +1,5 @@
-"""`megamoe` command line: train, submit, config, recipes, convert, generate, eval, specs."""
+"""`megamoe` command line: train, submit, config, recipes, convert, generate, eval, sample,
+specs."""
 
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --capacity: Batch Prioritized Routing modes to compare, from "
                          "none, max, sum (default none,max)")
     _add_dit_eval_options(ev)
+    _add_sample_parser(sub)
     _add_submit_parser(sub)
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
@@ -136,6 +138,36 @@ def _add_dit_eval_options(ev) -> None:
                      help="refuse a judge whose own validation accuracy is below this "
                           "(default 0.9: below it the sample accuracy means nothing; lower it "
                           "only for smoke tests)")
+
+
+def _add_sample_parser(sub) -> None:
+    """`megamoe sample`: images from a dit run (megamoe.commands.sample)."""
+    sp = sub.add_parser(
+        "sample", help="sample class-conditional images from a dit run into a grid PNG",
+        description="Load the newest complete checkpoint of RUN (a model.family dit run, saved "
+                    "under any layout) on one CPU process and sample one image per label with "
+                    "its EMA weights: Euler steps of the flow (rectified_flow runs) or DDPM "
+                    "steps, classifier-free guidance, noise fixed by --seed and each image's "
+                    "position in --labels. Writes a grid PNG captioned with the classes; a "
+                    "progress bar goes to stderr; the last line of stdout is one JSON object "
+                    "(path, labels, steps, cfg_scale, seed, seconds).",
+        epilog="examples:\n  megamoe sample runs/dit_dit_moe-20261203-1800 --labels 0,3,5 "
+               "--steps 50 --cfg-scale 4 --seed 0 --out grid.png\n"
+               "  megamoe sample runs/dit_dense-20261203-1800 --labels red_circle,blue_square",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("src", metavar="RUN",
+                    help="a run directory, its checkpoints/ root or one step directory")
+    sp.add_argument("--labels", default=None, metavar="L1,L2,...",
+                    help="one image per label: class indices or names such as red_circle "
+                         "(default: every class once)")
+    sp.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    sp.add_argument("--cfg-scale", type=float, default=4.0, metavar="S",
+                    help="classifier-free guidance scale s ≥ 0: u + s·(c − u); 1 is plain "
+                         "conditional sampling (default 4)")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="noise seed; image i's noise depends on (seed, i) only (default 0)")
+    sp.add_argument("--out", default=None, metavar="PNG",
+                    help="grid path (default RUN/samples/step_<N>_seed_<K>.png)")
 
 
 def _add_submit_parser(sub) -> None:
@@ -317,6 +349,19 @@ def cmd_eval(args) -> int:
                             priority=args.priority, judge=args.judge, samples=args.samples,
                             steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                             min_judge_accuracy=args.min_judge_accuracy)
+    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
+        return _error(str(exc))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from megamoe.config import ConfigError
+
+    try:
+        from megamoe.commands.sample import sample_checkpoint
+
+        sample_checkpoint(args.src, labels=args.labels, steps=args.steps,
+                          cfg_scale=args.cfg_scale, seed=args.seed, out=args.out)
     except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
         return _error(str(exc))
     return 0
@@ -516,7 +561,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return _error("a command is required (train, submit, config, recipes, specs, "
-                      "convert, generate, eval)")
+                      "convert, generate, eval, sample)")
     if args.command == "config":
         return cmd_config(args)
     if args.command == "recipes":
@@ -544,5 +589,7 @@ def _dispatch(args) -> int:
         return cmd_convert(args)
     if args.command == "eval":
         return cmd_eval(args)
+    if args.command == "sample":
+        return cmd_sample(args)
     assert args.command == "generate", args.command
     return cmd_generate(args)

@@ -101,12 +101,13 @@ def sample_images(chunks, cfg, labels_B, *, steps: int, cfg_scale: float, seed: 
     labels_in = torch.cat([labels_B, torch.full_like(labels_B, num_classes)]) if guided \
         else labels_B
     order = range(len(scheduler.timesteps))
+    device = next(getattr(chunks[0], "module", chunks[0]).parameters()).device
     with ema_weights(chunks) if ema else contextlib.nullcontext():
         for i in (progress(order) if progress is not None else order):
             t = scheduler.timesteps[i]
             x_in = torch.cat([x_BCHW, x_BCHW]) if guided else x_BCHW
             t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float32)
-            pred = predict(chunks, x_in, t_in, labels_in).float().cpu()
+            pred = predict(chunks, x_in.to(device), t_in, labels_in).float().cpu()
             if guided:
                 cond, uncond = pred.chunk(2)
                 pred = uncond + cfg_scale * (cond - uncond)
