@@ -93,7 +93,8 @@ def loss_by_t(chunks, cfg, images_BCHW, labels_B, index_B, *, seed: int, batch: 
 
 class LoadByStep:
     """The sampler's `on_step`: per step index, the [L, E] routed tokens of the MoE layers and
-    the tokens they saw, plus DiffMoE's `active_compute` (summed over the sampler's calls)."""
+    the tokens they saw, plus DiffMoE's `active_compute` (a token-weighted mean over the
+    sampler's calls)."""
 
     def __init__(self, chunks, cfg):
         from megamoe.models.lm.model import moe_layers
@@ -121,12 +122,12 @@ class LoadByStep:
         load_LE, active = self._read()
         self.t[i] = timestep
         self.load[i] = self.load.get(i, 0) + load_LE
-        images = x_BCHW.shape[0] * (2 if guided else 1)
-        self.tokens[i] = self.tokens.get(i, 0) + images * dit_tokens(self.cfg)
-        if all(a is not None for a in active):     # per call: a mean over the calls
+        tokens = x_BCHW.shape[0] * (2 if guided else 1) * dit_tokens(self.cfg)
+        self.tokens[i] = self.tokens.get(i, 0) + tokens
+        if all(a is not None for a in active):
             acc = self.diffmoe.setdefault(i, [torch.zeros(len(active), dtype=torch.float64), 0])
-            acc[0] += torch.tensor(active, dtype=torch.float64)
-            acc[1] += 1
+            acc[0] += torch.tensor(active, dtype=torch.float64) * tokens
+            acc[1] += tokens
 
     def figures(self) -> dict:
         """{t: [steps], share: [steps][L][E] (each layer's routed share per expert), active:
@@ -136,7 +137,7 @@ class LoadByStep:
         steps = sorted(self.load)
         share = [(self.load[i] / self.load[i].sum(dim=1, keepdim=True).clamp(min=1)).tolist()
                  for i in steps]
-        out = {"t": [self.t[i] for i in steps], "layers": [l.layer_number for l in self.layers],
+        out = {"t": [self.t[i] for i in steps], "layers": [m.layer_number for m in self.layers],
                "share": share}
         router, k = self.cfg.model.moe.router, self.cfg.model.moe.topk
         if router == "diffmoe" and self.diffmoe:
