@@ -92,6 +92,9 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | N
     if family == "dit":
         from megamoe.commands.eval_dit import evaluate_dit
 
+        if iters is not None or capacities:
+            raise ValueError(f"--{'iters' if iters is not None else 'capacity'}: not an option "
+                             "of dit runs (their held-out images: --samples)")
         figures = evaluate_dit(engine, cfg, step_dir, meta, log=log, **dit_options)
         log(json.dumps(figures))
         return figures
