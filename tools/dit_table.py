@@ -87,6 +87,15 @@ def budget(recipe: str, steps: int | None, overrides: list) -> int:
     return steps or load_config(recipe_path(recipe), overrides).train.steps
 
 
+def images_per_step(recipe: str, overrides: list) -> tuple:
+    """(global batch, image side, patch): what makes two budgets the same tokens."""
+    from megamoe.config import load_config
+    from megamoe.config.recipes import recipe_path
+
+    cfg = load_config(recipe_path(recipe), overrides)
+    return cfg.train.global_batch_size, cfg.data.image_size, cfg.model.dit.patch_size
+
+
 def train(recipe: str, run_dir: str, steps: int, overrides: list, log) -> None:
     """Train (or resume) `recipe` to `steps` in `run_dir` unless it is there; SystemExit with
     the run's last lines when training fails."""
@@ -179,6 +188,10 @@ def main(argv=None) -> int:
     steps = {r: budget(r, args.steps, args.overrides) for _, r in chosen}
     if len(set(steps.values())) > 1:
         raise SystemExit(f"--steps: the recipes' budgets differ ({steps}); give one budget")
+    images = {r: images_per_step(r, args.overrides) for _, r in chosen}
+    if len(set(images.values())) > 1:
+        raise SystemExit(f"the recipes' images per step differ ({images}): set "
+                         "train.global_batch_size with --set for all")
     judge = args.judge
     if judge is None:
         judge = os.path.join(args.runs_dir, JUDGE_RECIPE)
@@ -189,12 +202,15 @@ def main(argv=None) -> int:
         run_dir = os.path.join(args.runs_dir, recipe)
         train(recipe, run_dir, steps[recipe], args.overrides, log)
         rows.append(row_of(label, recipe, run_dir, evaluate(recipe, run_dir, judge, args, log)))
-    print(f"dit recipes, {next(iter(steps.values()), 0)} steps each; samples {args.samples}, "
+    batch = next(iter(images.values()), (0, 0, 0))
+    print(f"dit recipes, {next(iter(steps.values()), 0)} steps of {batch[0]} images each "
+          f"({batch[1]}x{batch[1]}, patch {batch[2]}); samples {args.samples}, "
           f"{args.eval_steps} sampler steps, CFG {args.cfg_scale:g}, judge {judge}")
     print("loss: held-out denoising loss (t0 nearly clean … t7 nearly noise); acc: judged "
           "class accuracy of the samples; compute: active/training (DiffMoE, Race)")
     print(table(rows))
     print(json.dumps({"tool": "dit_table", "steps": next(iter(steps.values()), None),
+                      "images_per_step": batch[0],
                       "judge": judge, "samples": args.samples, "eval_steps": args.eval_steps,
                       "cfg_scale": args.cfg_scale, "seed": args.seed, "missing": missing,
                       "rows": rows}))

@@ -35,6 +35,7 @@ def test_dit_table_trains_evaluates_and_reads_back(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     table = json.loads(out.stdout.strip().splitlines()[-1])
     assert table["missing"] == ["dit_race"] and table["steps"] == 2
+    assert table["images_per_step"] == 8 and "2 steps of 8 images each" in out.stdout
     (row,) = table["rows"]
     assert row["recipe"] == "dit_dit_moe" and row["step"] == 2 and row["router"] == "dit_moe"
     assert len(row["loss_by_t"]) == 8 and all(v > 0 for v in row["loss_by_t"])
