@@ -100,11 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the newest complete checkpoint of RUN (saved under any layout) on one "
                     "CPU process and evaluate it on the validation split of its data config: "
                     "validation loss and perplexity (lm family), top-1 accuracy next to chance "
-                    "(vit family; with --capacity, V-MoE's inference-capacity table). Progress "
+                    "(vit family; with --capacity, V-MoE's inference-capacity table), held-out "
+                    "loss by t and, with --judge, samples judged by a vit classifier (dit family, "
+                    "--samples/--steps/--cfg-scale/--seed). Progress "
                     "goes to stderr; the last line of stdout is one JSON object of the figures.",
         epilog="examples:\n  megamoe eval runs/quickstart-20261203-0710 --iters 8\n"
                "  megamoe eval runs/vit_vmoe-20261203-1100 --capacity 1,0.5,0.25,0.1 "
-               "--priority none,max",
+               "--priority none,max\n"
+               "  megamoe eval runs/dit_dit_moe-20261203-1800 --judge runs/vit_judge-20261203-1700",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("src", metavar="RUN",
                     help="a run directory, its checkpoints/ root or one step directory")
@@ -115,12 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--priority", default=None, metavar="MODES",
                     help="with --capacity: Batch Prioritized Routing modes to compare, from "
                          "none, max, sum (default none,max)")
+    _add_dit_eval_options(ev)
     _add_sample_parser(sub)
     _add_submit_parser(sub)
     sub.add_parser("specs", help="list the router families with paper, config key, causality",
                    description="List the MoE router families megamoe provides.")
     _add_config_parsers(sub)
     return parser
+
+
+def _add_dit_eval_options(ev) -> None:
+    """`megamoe eval` on a dit run (megamoe.commands.eval_dit)."""
+    dit = ev.add_argument_group("dit runs (held-out loss by t; samples judged by a vit classifier)")
+    dit.add_argument("--judge", default=None, metavar="RUN",
+                     help="a trained configs/vit_judge.yaml run on the same image set: classifies "
+                          "the samples, its pooled features give KID/FID")
+    dit.add_argument("--samples", type=int, default=None,
+                     help="images generated (and validation images compared; default 512)")
+    dit.add_argument("--steps", type=int, default=None, help="sampler steps (default 50)")
+    dit.add_argument("--cfg-scale", type=float, default=None,
+                     help="classifier-free guidance scale (default 1.5)")
+    dit.add_argument("--seed", type=int, default=None,
+                     help="seed of the held-out draws and the samples' noise (default 0)")
+    dit.add_argument("--min-judge-accuracy", type=float, default=None,
+                     help="refuse a judge whose own validation accuracy is below this "
+                          "(default 0.9: below it the sample accuracy means nothing; lower it "
+                          "only for smoke tests)")
 
 
 def _add_sample_parser(sub) -> None:
@@ -334,7 +357,9 @@ def cmd_eval(args) -> int:
         from megamoe.commands.eval import evaluate_checkpoint
 
         evaluate_checkpoint(args.src, iters=args.iters, capacity=args.capacity,
-                            priority=args.priority)
+                            priority=args.priority, judge=args.judge, samples=args.samples,
+                            steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                            min_judge_accuracy=args.min_judge_accuracy)
     except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
         return _error(str(exc))
     return 0

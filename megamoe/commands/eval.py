@@ -11,6 +11,9 @@ on one CPU process and evaluated on the held-out split of its own data config.
   loss. With `--capacity C1,C2,… [--priority none,max]` also V-MoE's inference-capacity table
   (Riquelme et al. 2021, §4): every V-MoE layer evaluated at capacity ratio C with and without
   Batch Prioritized Routing — what each setting gives this model, no direction assumed.
+- `dit`: the held-out denoising loss in 8 noise-level bins, and with `--judge` the class
+  accuracy, KID and FID of generated samples, the expert load against t
+  (megamoe.commands.eval_dit).
 
 A progress line per batch goes to stderr; the last line of stdout is one JSON object of the
 figures.
@@ -69,8 +72,10 @@ def _sweep(engine, loader, iters: int, G: int, what: str) -> dict:
 
 
 def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | None = None,
-                        priority: str | None = None, log=print) -> dict:
-    """The figures of `src` (a run directory, its checkpoints/ root or a step directory)."""
+                        priority: str | None = None, log=print, **dit_options) -> dict:
+    """The figures of `src` (a run directory, its checkpoints/ root or a step directory);
+    `dit_options`: evaluate_dit's keywords (judge, samples, steps, cfg_scale, seed,
+    min_judge_accuracy), for dit runs only."""
     from megamoe.commands.convert import load_one_rank
     from megamoe.models.registry import family_datasets
     from megamoe.training import metrics as M
@@ -83,8 +88,22 @@ def evaluate_checkpoint(src: str, *, iters: int | None = None, capacity: str | N
         raise ValueError("--priority: needs --capacity (the ratios to evaluate each mode at)")
     engine, cfg, step_dir, meta = load_one_rank(src, log=lambda m: print(m, file=sys.stderr))
     family = engine.family.name
+    dit_options = {k: v for k, v in dit_options.items() if v is not None}
+    if family == "dit":
+        from megamoe.commands.eval_dit import evaluate_dit
+
+        if iters is not None or capacities:
+            raise ValueError(f"--{'iters' if iters is not None else 'capacity'}: not an option "
+                             "of dit runs (their held-out images: --samples)")
+        figures = evaluate_dit(engine, cfg, step_dir, meta, log=log, **dit_options)
+        log(json.dumps(figures))
+        return figures
+    if dit_options:
+        flag = "--" + next(iter(dit_options)).replace("_", "-")
+        raise ValueError(f"{flag}: an option of dit runs (this run's model.family is {family!r})")
     if family not in ("lm", "vit", "vlm"):
-        raise ValueError(f"model.family {family!r}: `megamoe eval` evaluates lm, vit and vlm")
+        raise ValueError(f"model.family {family!r}: `megamoe eval` evaluates lm, vit, vlm and "
+                         "dit")
     if capacities and not _vmoe_routers(engine):
         raise ValueError(f"--capacity: the run's routers ({cfg.model.moe.router!r}) have no "
                          "V-MoE capacity to vary (model.moe.router: vmoe)")
