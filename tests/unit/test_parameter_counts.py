@@ -27,17 +27,22 @@ def counts_task(recipe: str, overrides=()):
     from megamoe.engines.megatron import build_engine
     from megamoe.models.registry import family_for
 
+    from megamoe.models.registry import family_datasets
+
     cfg = load_config(os.path.join(ROOT, "configs", recipe),
                       [*_single_rank_overrides(), *overrides])
-    engine = build_engine(cfg, VOCAB, torch.device("cpu"), with_optimizer=False, ddp=False)
+    # the size of what the model predicts: the lm's vocabulary (any), else the data's (classes
+    # of an image set, the vlm's word vocabulary), as the engine gets it in training
+    out = VOCAB if cfg.model.family == "lm" else family_datasets(cfg)[2]
+    engine = build_engine(cfg, out, torch.device("cpu"), with_optimizer=False, ddp=False)
     built = (sum(p.numel() for p in engine.modules[0].parameters())
              - padding_elements(engine.modules))
-    counted = family_for(cfg).parameter_counts(cfg, VOCAB)[0]
+    counted = family_for(cfg).parameter_counts(cfg, out)[0]
     cls = ROUTERS[cfg.model.moe.router]
     moe_layers = sum(1 for m in engine.modules[0].modules() if hasattr(m, "router")
                      and isinstance(m.router, cls))
     return built, counted, counted - moe_layers * cls.extra_parameters(
-        cfg.model.moe, cfg.model.hidden_size, VOCAB)[0]
+        cfg.model.moe, cfg.model.hidden_size, out)[0]
 
 
 CASES = [(r, ()) for r in RECIPES] + [("race.yaml", ("model.moe.race.plr_coeff=0.1",))]
