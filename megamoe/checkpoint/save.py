@@ -45,6 +45,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _barrier_after_failure() -> None:
+    """A barrier on a failure path: a rank that does not come (it failed elsewhere) costs the
+    group's collective timeout, never a second error in place of the first."""
+    try:
+        _barrier()
+    except Exception:  # noqa: BLE001 - the save's own error is the one to report
+        pass
+
+
 def model_sharded_state_dict(chunks) -> dict:
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
@@ -95,6 +104,10 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
             raise
         except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is one
             error = save_error(root, tmp, exc)   # before the space is given back
+            # torch's save fails on every rank, but a rank may learn only that another failed
+            # (a CheckpointException without failures) and reads the cause from the file
+            # system's state: rank 0 frees the space only after every rank has read it
+            _barrier_after_failure()
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise error from exc

@@ -184,7 +184,13 @@ def build_engine(cfg, vocab_size: int, device: torch.device, *, with_optimizer: 
 def build_model(cfg, vocab_size: int, device: torch.device):
     """(family, dims, grid, transformer config, chunks, dtype): the groups for the config's
     layout and the family's chunks for this rank, initialised as a function of the global
-    parameter (every engine starts from this)."""
+    parameter (every engine starts from this). Megatron's aux-loss tracker, a process-wide
+    dict sized by the model it first saw, starts empty: a process that built another model (a
+    test pool's worker) would otherwise index its entries with this model's layer numbers
+    (IndexError past their size) or reduce them over that model's stale groups."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
     family = family_for(cfg)
     dims = ParallelDims.from_config(cfg.parallel)
     grids = build_grids(dims)

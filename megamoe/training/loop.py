@@ -141,7 +141,6 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
     pending = AsyncSaves(t.async_save)
     speed = SpeedMonitor(t.steps)
     streams = M.moe_streams(engine.moe_layers)     # an encoder's MoE layers, logged apart
-    M.reset_router_losses()
     for step in range(first_step, t.steps + 1):
         t0 = time.perf_counter()
         mbs = loader.step_batches()

@@ -132,15 +132,6 @@ def imbalance(load: dict) -> float:
     return (rows.max(-1).values / rows.mean(-1)).mean().item()
 
 
-def reset_router_losses() -> None:
-    """Empty Megatron's aux-loss tracker before a run: a process that ran another layout
-    (a test pool's worker) would keep its entries' sizes and groups — a stage that never
-    records an encoder's losses would then reduce them over a stale group."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    get_moe_layer_wise_logging_tracker().clear()
-
-
 def router_losses(cfg, pg, num_microbatches: int, streams: dict | None = None) -> dict:
     """Mean per-layer router losses of the last step (Switch load-balancing loss and z-loss,
     without their coefficients), read from Megatron's tracker and reduced over ranks; those of
