@@ -330,67 +330,61 @@ def cmd_recipes() -> int:
     return 0
 
 
-def cmd_convert(args) -> int:
-    from megamoe.commands import convert
+def _user_errors(run) -> int:
+    """`run()`; a user's error (ValueError, CheckpointError among them, or ConfigError): one
+    line, exit code 2."""
     from megamoe.config import ConfigError
 
-    if (args.out is None) == (args.out_flag is None):
-        return _error("convert: give the output folder once (OUT or --out OUT)")
-    args.out = args.out or args.out_flag
     try:
-        if args.to == "diffusers":
-            convert.to_diffusers(args.src, args.out, force=args.force)
-        elif args.to:
-            convert.to_hf(args.src, args.out, max_shard_bytes=args.max_shard_size,
-                          force=args.force)
-        else:
-            convert.from_hf(args.src, args.out, args.overrides, force=args.force)
-    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
+        run()
+    except (ValueError, ConfigError) as exc:
         return _error(str(exc))
     return 0
 
 
-def cmd_eval(args) -> int:
-    from megamoe.config import ConfigError
+def cmd_convert(args) -> int:
+    from megamoe.commands import convert
 
-    try:
+    if (args.out is None) == (args.out_flag is None):
+        return _error("convert: give the output folder once (OUT or --out OUT)")
+    out = args.out or args.out_flag
+    if args.to == "diffusers":
+        return _user_errors(lambda: convert.to_diffusers(args.src, out, force=args.force))
+    if args.to:
+        return _user_errors(lambda: convert.to_hf(
+            args.src, out, max_shard_bytes=args.max_shard_size, force=args.force))
+    return _user_errors(lambda: convert.from_hf(args.src, out, args.overrides, force=args.force))
+
+
+def cmd_eval(args) -> int:
+    def run():
         from megamoe.commands.eval import evaluate_checkpoint
 
         evaluate_checkpoint(args.src, iters=args.iters, capacity=args.capacity,
                             priority=args.priority, judge=args.judge, samples=args.samples,
                             steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                             min_judge_accuracy=args.min_judge_accuracy)
-    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
-        return _error(str(exc))
-    return 0
+    return _user_errors(run)
 
 
 def cmd_sample(args) -> int:
-    from megamoe.config import ConfigError
-
-    try:
+    def run():
         from megamoe.commands.sample import sample_checkpoint
 
         sample_checkpoint(args.src, labels=args.labels, steps=args.steps,
                           cfg_scale=args.cfg_scale, seed=args.seed, out=args.out)
-    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
-        return _error(str(exc))
-    return 0
+    return _user_errors(run)
 
 
 def cmd_generate(args) -> int:
-    from megamoe.config import ConfigError
-
-    try:
+    def run():
         from megamoe.commands.generate import generate_from_checkpoint
 
         generate_from_checkpoint(args.src, texts=args.prompt, id_prompts=args.prompt_ids,
                                  max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, seed=args.seed,
                                  max_batch=args.batch, policy=args.policy)
-    except (ValueError, ConfigError) as exc:   # CheckpointError is a ValueError
-        return _error(str(exc))
-    return 0
+    return _user_errors(run)
 
 
 def _train_rank(config) -> None:
