@@ -90,10 +90,15 @@ class PatchEmbedding(MegatronModule):
             self.position_embeddings = None
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        x = images_BCHW.to(self.proj.weight.dtype)
-        if not images_BCHW.is_floating_point():
-            x = x / 127.5 - 1.0
-        x_BND = self.proj(patchify(x, self.patch_size))
+        return self.tokens(self.proj(patchify(self.scaled(images_BCHW), self.patch_size)))
+
+    def scaled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels → [−1, 1] in the projection's dtype (float input is taken as is)."""
+        x = pixels.to(self.proj.weight.dtype)
+        return x if pixels.is_floating_point() else x / 127.5 - 1.0
+
+    def tokens(self, x_BND: torch.Tensor) -> torch.Tensor:
+        """Projected patches [B, N, D] → [S, B, D]: class token, positions, pre-norm."""
         if self.class_token is not None:
             cls_B1D = self.class_token.expand(x_BND.shape[0], 1, -1)
             x_BND = torch.cat([cls_B1D, x_BND], dim=1)

@@ -6,7 +6,8 @@ on one CPU process and evaluated on the held-out split of its own data config.
   summary.json) and its perplexity.
 - `vlm`: closed-answer accuracy, its image-blind chance, the accuracy with every sample given
   its neighbour's image, caption exact match, and the expert-usage heat map per modality
-  (megamoe.commands.eval_vlm).
+  (megamoe.commands.eval_vlm); on video clips the time-reversed clips' accuracy instead of
+  the caption figures (megamoe.commands.eval_video).
 - `vit`: top-1 accuracy on the same batches next to the chance level (1 / classes), and the
   loss. With `--capacity C1,C2,… [--priority none,max]` also V-MoE's inference-capacity table
   (Riquelme et al. 2021, §4): every V-MoE layer evaluated at capacity ratio C with and without
@@ -161,12 +162,18 @@ def _vlm_figures(engine, cfg, total: dict, valid, iters: int, G: int, step_dir: 
     shuffled = _sweep(engine, loader_for(engine, NeighbourImages(valid)), iters, G,
                       " (each sample with its neighbour's image)")
     out["shuffled_accuracy"] = M.global_mean(shuffled, engine.grid, "correct", "questions")
+    if cfg.data.kind == "clips":
+        from megamoe.commands.eval_video import video_figures
+
+        out.update(video_figures(engine, valid, lambda loader, what: _sweep(
+            engine, loader, iters, G, what), log))
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
     out["expert_usage_png"] = write_usage(usage, run_dir, step, log)
+    captions = (f"; captions exact {out['caption_match']:.4f} of {out['captions']:,} (blind "
+                f"{out['caption_chance']:.4f})" if "caption_chance" in out else "")
     log(f"[megamoe] {step_dir} (step {step}): answer accuracy {out['accuracy']:.4f} on "
         f"{out['questions']:,} questions (image-blind chance {out['chance']:.4f}; with the "
-        f"neighbour's image {out['shuffled_accuracy']:.4f}); captions exact "
-        f"{out['caption_match']:.4f} of {out['captions']:,} (blind {out['caption_chance']:.4f})")
+        f"neighbour's image {out['shuffled_accuracy']:.4f}){captions}")
     return out
 
 

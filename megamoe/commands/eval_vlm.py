@@ -7,6 +7,8 @@
   (megamoe.data.scenes.blind_baselines); whichever is higher;
 - `shuffled_accuracy`: the same questions with each sample's image replaced by its
   neighbour's (index i + 1): a model that reads the images falls to about `chance`;
+- video runs (`data.kind: clips`): the clip-blind chance and the time-reversed clips'
+  accuracy instead of the caption figures (megamoe.commands.eval_video);
 - `caption_match`: captions reproduced exactly, next to `caption_chance` (the most frequent
   caption, image-blind);
 - the per-modality expert usage of the language model's MoE layers (experts × modality, per
@@ -117,6 +119,10 @@ def write_usage(usage: dict, run_dir: str, step: int, log) -> str | None:
 def blind_figures(cfg, n_valid: int) -> dict:
     """`chance` and `caption_chance` on the first `n_valid` validation samples
     (megamoe.data.scenes.blind_baselines)."""
+    if cfg.data.kind == "clips":          # video: no captions (megamoe.commands.eval_video)
+        from megamoe.commands.eval_video import clip_blind_figures
+
+        return clip_blind_figures(cfg, n_valid)
     from megamoe.data.scenes import blind_baselines
 
     d = cfg.data

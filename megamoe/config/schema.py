@@ -46,7 +46,7 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed", "shapes", "scenes")
+DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "clips")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
@@ -369,6 +369,7 @@ class DataConfig:
     shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
     caption_fraction: float = 0.25   # scenes: share of captions; the rest are questions
+    num_frames: int = 4              # clips: frames T per clip (direction needs >= 2)
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
@@ -388,6 +389,7 @@ class DataConfig:
         at_least(self, "shapes_seed", 0)
         in_range(self, "max_shapes", 1, SCENES_MAX_SHAPES)
         in_range(self, "caption_fraction", 0, 1)
+        at_least(self, "num_frames", 2)
 
 
 @dataclass

@@ -39,6 +39,7 @@ class ViTOptions:
     SECTION: ClassVar[str] = "model.vit"
 
     patch_size: int = 4
+    tubelet_size: int = 1                # video (data.kind clips): frames per tubelet token
     pool: str = "cls"                    # cls: a class token; gap: mean of the patch tokens
     position_embedding: str = "learned"  # learned | sincos (fixed 2-D, not a parameter)
     num_classes: int | None = None       # None: the data's (data.num_classes)
@@ -50,6 +51,7 @@ class ViTOptions:
 
     def validate(self) -> None:
         at_least(self, "patch_size", 1)
+        at_least(self, "tubelet_size", 1)
         one_of(self, "pool", POOLS)
         one_of(self, "position_embedding", POSITION_EMBEDDINGS)
         at_least(self, "num_classes", 2)
@@ -69,6 +71,21 @@ def grid_side(cfg) -> int:
 def image_tokens(cfg) -> int:
     """Tokens per image: the patches, plus the class token with `pool: cls`."""
     return grid_side(cfg) ** 2 + (cfg.model.vit.pool == "cls")
+
+
+def time_slices(cfg) -> int:
+    """Tubelet time slices per sample: data.num_frames / model.vit.tubelet_size for video
+    (ConfigError naming the field when the tubelet does not tile the clip), 1 for images."""
+    t = cfg.model.vit.tubelet_size
+    if cfg.data.kind != "clips":
+        if t != 1:
+            fail("model.vit.tubelet_size", f"{t}: tubelets are for video (data.kind 'clips'); "
+                 f"images ({cfg.data.kind!r}) need 1")
+        return 1
+    T = cfg.data.num_frames
+    if T % t:
+        fail("model.vit.tubelet_size", f"{t} does not divide data.num_frames ({T})")
+    return T // t
 
 
 def num_classes(cfg) -> int:

@@ -10,6 +10,10 @@ CLIP tower read by LLaVA). Its patch features are reduced by pixel shuffle (`pix
 each r×r block of neighbouring patches becomes one token of r²× the width, InternVL / NVLM's
 token reduction) and projected to the LM width by a two-layer GELU MLP (LLaVA-1.5's projector).
 The LM sees `image_tokens(cfg)` placeholders per image: the tower's feature tokens / r².
+
+Video (`data.kind: clips`, T = `data.num_frames` frames): the tower embeds tubelets of
+`model.vit.tubelet_size` t frames × p × p pixels (megamoe.blocks.tubelets), so a clip is T/t
+time slices of patches, each slice pixel-shuffled on its own: T/t · (side / r)² image tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from megamoe.config.errors import at_least, fail, greater_than
+from megamoe.config.vision import time_slices
 
 # the placeholder token the data puts where image embeddings go: the word tokenizer's fixed
 # special id for "<image>" (megamoe.data.word_tokenizer; a test holds the two equal)
@@ -96,13 +101,13 @@ def image_tokens(cfg) -> int:
     if with_class and r > 1:
         fail("model.vlm.pixel_shuffle", "needs the patch grid alone: set "
              "model.vit.vision_feature_select_strategy to 'default' (drops the class token)")
-    return (patch_side(cfg) // r) ** 2 + with_class
+    return (patch_side(cfg) // r) ** 2 * time_slices(cfg) + with_class
 
 
 def encoder_tokens(cfg) -> int:
-    """Tokens the encoder runs on per image (its context's sequence): the patches, plus the
-    class token with `model.vit.pool: cls`."""
-    return patch_side(cfg) ** 2 + (cfg.model.vit.pool == "cls")
+    """Tokens the encoder runs on per image or clip (its context's sequence): the patches (of
+    every time slice), plus the class token with `model.vit.pool: cls`."""
+    return patch_side(cfg) ** 2 * time_slices(cfg) + (cfg.model.vit.pool == "cls")
 
 
 def encoder_config(cfg):

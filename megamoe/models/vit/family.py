@@ -16,7 +16,7 @@ ROUTERS_FOR_VIT = ("topk", "vmoe", "soft", "expert_choice", "dit_moe", "diffmoe"
 
 def check_vit(cfg) -> None:
     """The config describes a classifier this family can build (one line naming the field)."""
-    from megamoe.config.vision import grid_side, num_classes, tower_layers
+    from megamoe.config.vision import grid_side, num_classes, time_slices, tower_layers
 
     m, moe = cfg.model, cfg.model.moe
     if cfg.data.kind != "shapes":
@@ -27,6 +27,7 @@ def check_vit(cfg) -> None:
     if m.modality_norm != "none":
         fail("model.modality_norm", "the vit task's images carry no modality ids; set 'none'")
     grid_side(cfg)
+    time_slices(cfg)      # model.vit.tubelet_size: 1 (tubelets are for video)
     num_classes(cfg)
     tower_layers(cfg)
     if m.vit.position_embedding == "sincos" and m.hidden_size % 4:

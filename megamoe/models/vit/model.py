@@ -10,7 +10,8 @@ before pooling with a backward that only splits: the head is replicated, every T
 the same loss, and summing their gradients would count it TP times.
 
 A vision tower (`build_vision_tower`, for models that read image features, as LLaVA reads
-CLIP's) is the same encoder without head or final LayerNorm, cut after the layer whose output
+CLIP's; for video clips (`data.kind: clips`) with a tubelet embedding, megamoe.blocks.tubelets)
+is the same encoder without head or final LayerNorm, cut after the layer whose output
 is read (`model.vit.vision_feature_layer`): layers nothing reads are not built, so no
 parameter goes without a gradient. `ViTModel.features` returns what LLaVA takes from
 `CLIPVisionModel`: that layer's hidden states, TP-replicated, with or without the class token.
@@ -35,7 +36,8 @@ from megatron.core.transformer.module import MegatronModule
 from megamoe.blocks.context import Context, bind
 from megamoe.blocks.embeddings import PatchEmbedding
 from megamoe.blocks.recompute import ContextTransformerBlock
-from megamoe.config.vision import grid_side, num_classes, tower_layers
+from megamoe.blocks.tubelets import TubeletEmbedding
+from megamoe.config.vision import grid_side, num_classes, time_slices, tower_layers
 from megamoe.models.lm.model import mark_expert_replicas, moe_layers
 from megamoe.models.transformer_config import recompute_options, shared_settings
 from megamoe.moe.layer import mark_stream
@@ -91,7 +93,8 @@ class ViTModel(MegatronModule):
     def __init__(self, config: TransformerConfig, spec, *, image_size: int, patch_size: int,
                  pool: str, position_embedding: str, num_classes: int | None, pre_process: bool,
                  post_process: bool, pg_collection, vp_stage: int | None = None,
-                 patch_bias: bool = True, pre_norm: bool = False, features: str | None = None):
+                 patch_bias: bool = True, pre_norm: bool = False, features: str | None = None,
+                 frames: int | None = None, tubelet_size: int = 1):
         super().__init__(config)
         assert features is None or (pre_process and post_process), "a tower is one chunk"
         self.pre_process, self.post_process, self.pool = pre_process, post_process, pool
@@ -101,10 +104,11 @@ class ViTModel(MegatronModule):
         # Megatron's finalize_model_grads asks every first/last stage for a tied embedding
         self.share_embeddings_and_output_weights = False
         if pre_process:
-            self.embedding = PatchEmbedding(config, image_size=image_size, patch_size=patch_size,
-                                            class_token=pool == "cls",
-                                            position_embedding=position_embedding,
-                                            bias=patch_bias, pre_norm=pre_norm)
+            video = {} if frames is None else {"frames": frames, "tubelet_size": tubelet_size}
+            self.embedding = (TubeletEmbedding if video else PatchEmbedding)(
+                config, image_size=image_size, patch_size=patch_size, class_token=pool == "cls",
+                position_embedding=position_embedding, bias=patch_bias, pre_norm=pre_norm,
+                **video)
         self.decoder = ContextTransformerBlock(config=config, spec=spec, pre_process=pre_process,
                                                post_process=post_process,
                                                pg_collection=pg_collection, vp_stage=vp_stage,
@@ -200,6 +204,7 @@ def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection, *,
     CogVideoX's expert AdaLN for both norms of each layer (the vlm family's option)."""
     m, moe, v = cfg.model, cfg.model.moe, cfg.model.vit
     grid_side(cfg)
+    time_slices(cfg)
     k = tower_layers(cfg)
     assert tconfig.num_layers == k, "build the tower's config with transformer_config(tower=True)"
     assert tconfig.pipeline_model_parallel_size == 1, "a vision tower sits on one stage"
@@ -212,7 +217,9 @@ def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection, *,
                      pool=v.pool, position_embedding=v.position_embedding, num_classes=None,
                      pre_process=True, post_process=True, pg_collection=pg_collection,
                      patch_bias=v.patch_bias, pre_norm=v.pre_norm,
-                     features=v.vision_feature_select_strategy)
+                     features=v.vision_feature_select_strategy,
+                     frames=cfg.data.num_frames if cfg.data.kind == "clips" else None,
+                     tubelet_size=v.tubelet_size)
     drop_router_biases([tower])
     mark_expert_replicas([tower], tconfig)
     # a tower is an encoder inside a larger model: its MoE layers are named apart from that

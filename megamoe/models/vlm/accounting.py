@@ -15,15 +15,16 @@ from megamoe.specs.gpt_moe import moe_layer_pattern
 
 
 def _encoder(cfg) -> tuple[int, int]:
-    """(total, active per token) of the vision tower: patch projection (+ bias), class token,
-    learned positions, CLIP's pre-norm, the layers it runs (`model.vit.vision_feature_layer`);
-    no final norm (megamoe.models.vit.model.build_vision_tower)."""
+    """(total, active per token) of the vision tower: patch (video: tubelet) projection
+    (+ bias), class token, learned positions, CLIP's pre-norm, the layers it runs
+    (`model.vit.vision_feature_layer`); no final norm (megamoe.models.vit.model.build_vision_tower)."""
     from megamoe.config.vision import tower_layers
     from megamoe.models.vit.accounting import _layer
 
     enc = encoder_config(cfg)
     m, v, E = enc.model, enc.model.vit, enc.model.hidden_size
-    embed = 3 * v.patch_size ** 2 * E + (E if v.patch_bias else 0) \
+    tubelet = v.tubelet_size if cfg.data.kind == "clips" else 1      # frames per token
+    embed = 3 * tubelet * v.patch_size ** 2 * E + (E if v.patch_bias else 0) \
         + (E if v.pool == "cls" else 0) + (2 * E if v.pre_norm else 0)
     if v.position_embedding == "learned":
         embed += encoder_tokens(cfg) * E

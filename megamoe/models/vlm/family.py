@@ -1,6 +1,7 @@
-"""The `vlm` family: image + text — the vit family's encoder, a connector and the lm family's
-MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated scenes with
-next-token loss on answers and captions (megamoe.models.vlm.task).
+"""The `vlm` family: image (or video) + text — the vit family's encoder, a connector and the
+lm family's MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated scenes (or the
+generated clips, megamoe.models.vlm.video) with next-token loss on answers and captions
+(megamoe.models.vlm.task).
 
 Causal: the decoder is; its routers follow the lm family's causality rule. The encoder's MoE
 layers (model.vlm.encoder_moe_layer_freq) use model.moe's experts and router, which must then
@@ -19,13 +20,18 @@ def check_vlm(cfg) -> None:
     from megamoe.config.vlm import image_tokens
 
     m = cfg.model
-    if cfg.data.kind != "scenes":
-        fail("data.kind", f"model.family 'vlm' trains on images with text: set it to 'scenes', "
-             f"got {cfg.data.kind!r}")
-    from megamoe.data.scenes import check_seq_length
+    if cfg.data.kind not in ("scenes", "clips"):
+        fail("data.kind", f"model.family 'vlm' trains on images or video with text: set it to "
+             f"'scenes' or 'clips', got {cfg.data.kind!r}")
+    if cfg.data.kind == "clips":
+        from megamoe.models.vlm.video import check_video
 
-    d = cfg.data
-    check_seq_length(m.seq_length, image_tokens(cfg), d.max_shapes, d.caption_fraction)
+        check_video(cfg)
+    else:
+        from megamoe.data.scenes import check_seq_length
+
+        d = cfg.data
+        check_seq_length(m.seq_length, image_tokens(cfg), d.max_shapes, d.caption_fraction)
     from megamoe.config.vision import tower_layers
     from megamoe.config.vlm import encoder_config, encoder_tokens
 
@@ -52,7 +58,8 @@ def check_vlm(cfg) -> None:
         if m.mor.enabled:
             fail("model.vlm.contrastive_coeff", "the text-only pass runs the plain decoder; "
                  "Mixture-of-Recursions LMs do not support it yet")
-    if m.vit.position_embedding == "sincos" and m.vlm.encoder_hidden_size % 4:
+    if m.vit.position_embedding == "sincos" and m.vlm.encoder_hidden_size % 4 and \
+            cfg.data.kind != "clips":
         fail("model.vit.position_embedding", f"'sincos' needs model.vlm.encoder_hidden_size "
              f"divisible by 4, got {m.vlm.encoder_hidden_size}")
 
@@ -117,6 +124,11 @@ def _describe(cfg, _vocab: int) -> dict:
 
     v = cfg.model.vlm
     moe = "dense" if v.encoder_moe_layer_freq is None else "MoE"
+    if cfg.data.kind == "clips":
+        from megamoe.models.vlm.video import describe_video
+
+        return {"clips": describe_video(cfg),
+                "encoder": f"{v.encoder_num_layers} layers, width {v.encoder_hidden_size}, {moe}"}
     return {"images": f"{cfg.data.image_size}x{cfg.data.image_size}, patch "
                       f"{cfg.model.vit.patch_size} -> {patch_side(cfg) ** 2} patches -> "
                       f"{image_tokens(cfg)} image tokens (pixel shuffle {v.pixel_shuffle})",

@@ -57,12 +57,20 @@ from megamoe.models.lm.model import LMModel
 TEXT, IMAGE = 0, 1      # modality ids the routers and norms see
 
 
-def pixel_shuffle(features_NBE: torch.Tensor, side: int, r: int) -> torch.Tensor:
+def pixel_shuffle(features_NBE: torch.Tensor, side: int, r: int, slices: int = 1
+                  ) -> torch.Tensor:
     """[N, B, E] row-major patch tokens → [N / r², B, r²·E]: each r×r block of neighbouring
     patches concatenated (row within the block, then column, then channel) into one token,
-    the blocks in row-major order."""
+    the blocks in row-major order. Video: N = slices · side² tokens, time slice by time slice
+    (megamoe.blocks.tubelets); each slice is shuffled on its own, the slices stay in order."""
     if r == 1:
         return features_NBE
+    if slices > 1:            # the time slices as extra batch rows: [side², slices·B, E]
+        N, B, E = features_NBE.shape
+        x = features_NBE.reshape(slices, N // slices, B, E).transpose(0, 1)
+        x = pixel_shuffle(x.reshape(N // slices, slices * B, E), side, r)
+        n = x.shape[0]
+        return x.reshape(n, slices, B, r * r * E).transpose(0, 1).reshape(n * slices, B, -1)
     N, B, E = features_NBE.shape
     x = features_NBE.permute(1, 0, 2).reshape(B, side // r, r, side // r, r, E)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, (side // r) ** 2, r * r * E)
@@ -100,7 +108,7 @@ class VLMModel(LMModel):
 
     def __init__(self, config, build_decoder, *, vision=None,
                  projector=None, image_token_id: int, patch_side: int, pixel_shuffle: int,
-                 vision_grid=None, contrastive=None, **gpt_kwargs):
+                 vision_grid=None, contrastive=None, time_slices: int = 1, **gpt_kwargs):
         super().__init__(config, build_decoder, scatter_embedding_sequence_parallel=False,
                          **gpt_kwargs)
         assert (vision is None) == (projector is None) and (vision is None) != self.pre_process
@@ -109,6 +117,7 @@ class VLMModel(LMModel):
         self.contrastive = contrastive      # ContrastiveHead (one pipeline stage only)
         self.image_token_id, self.patch_side, self.shuffle = image_token_id, patch_side, \
             pixel_shuffle
+        self.time_slices = time_slices      # video: tubelet time slices per clip
         self._correct = None
 
     def forward(self, input_ids, position_ids, attention_mask, *, images=None, labels=None,
@@ -164,7 +173,8 @@ class VLMModel(LMModel):
             features_NBE = self.vision.features(images_BCHW, context=vision_context)
         else:
             features_NBE = self.encode_on_vision_grid(images_BCHW, vision_context)
-        image_nBD = self.connector(pixel_shuffle(features_NBE, self.patch_side, self.shuffle))
+        image_nBD = self.connector(pixel_shuffle(features_NBE, self.patch_side, self.shuffle,
+                                                 self.time_slices))
         text_SBD = self.embedding(input_ids=input_ids_BS, position_ids=position_ids_BS)
         placeholders_BS = input_ids_BS == self.image_token_id
         check_placeholders(placeholders_BS, image_nBD.shape[0], context)
@@ -353,6 +363,7 @@ def encoder_transformer_config(cfg, lm_tconfig, tp: int | None = None):
 def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     """This rank's chunks: the LM's (megamoe.models.lm.model.build_lm) as `VLMModel`s, the
     first stage's with the encoder (on the LM's grid, or on `grids.vision`) and connector."""
+    from megamoe.config.vision import time_slices
     from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_config, image_tokens, patch_side
     from megamoe.models.lm.model import build_lm, moe_layers
     from megamoe.models.vit.model import build_vision_tower
@@ -363,7 +374,8 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     image_tokens(cfg)
 
     def chunk_kwargs(first: bool, last: bool) -> dict:
-        kwargs = dict(image_token_id=IMAGE_TOKEN_ID, patch_side=side, pixel_shuffle=r)
+        kwargs = dict(image_token_id=IMAGE_TOKEN_ID, patch_side=side, pixel_shuffle=r,
+                      time_slices=time_slices(cfg))
         if not first:
             return kwargs
         vision_grid = grids.vision if grids is not None else None
