@@ -88,6 +88,10 @@ def family_for(cfg):
 def _vlm_family(cfg):
     """LLaVA when it expresses the vlm exactly, else megamoe's remote code, else ValueError
     naming every field neither expresses."""
+    if cfg.data.kind == "clips":
+        raise ValueError("cannot export to a Hugging Face model: data.kind 'clips' (video): the "
+                         "tower's tubelet embedding has no counterpart in LLaVA or megamoe's "
+                         "remote code yet")
     if not hf_llava.problems(cfg):
         return hf_llava
     bad = hf_vlm.problems(cfg)
