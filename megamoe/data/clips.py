@@ -1,14 +1,14 @@
-"""The clips video+text set: short procedural clips of two moving coloured shapes, each with a
+"""The clips video+text set: short procedural clips of moving coloured shapes, each with a
 closed-answer question that needs time, for the multimodal (`vlm`) family's video encoder.
 
 Clip. T frames (`num_frames`) of side H on one textured background (megamoe.data.shapes's
-drawing: background, colour jitter, anti-aliasing; fresh pixel noise per frame). Two shapes of
-distinct kinds and distinct colours, each with circumradius r ∈ [0.16, 0.22] · H, moving
-straight in its own direction (left, right, up or down, uniform) by 0.375 · H over the clip,
-its whole path inside the frame (start uniform where it fits). Each shape is visible over an
-interval of frames: in a `direction` clip both are visible throughout; in a `first` clip shape
-F is visible over frames [0, T − u) and shape S over [v, T), u and v independent and uniform in
-{1 … T − 1}, so S appears after F (and F vanishes before the end).
+drawing: background, colour jitter, anti-aliasing; fresh pixel noise per frame). A shape has
+circumradius r ∈ [0.16, 0.2] · H and moves straight in its own direction (left, right, up or
+down, uniform) by the most whole pixels per frame that keep any shape's path inside the frame
+(3 at 16 × 16 over 4 frames; `max_step`), its start uniform where the path fits. A `direction`
+clip holds the shape asked about, alone and visible throughout. A `first` clip holds two shapes
+of distinct kinds and colours: F visible over frames [0, T − u), S over [v, T), u and v
+independent and uniform in {1 … T − 1}, so S appears after F (and F vanishes before the end).
 
 Questions (template uniform; answers uniform given the question text, so the best clip-blind
 accuracy is 1/4 for each — `blind_baselines` measures it):
@@ -52,8 +52,7 @@ TEMPLATES = ("direction", "first")
 DIRECTION, FIRST = 0, 1
 WORDS = ("which", "way", "does", "the", "move", "colour", "appears", "first", *DIRECTIONS,
          *KINDS, *COLOUR_NAMES, "?")
-_RADIUS = (0.16, 0.22)           # circumradius r / frame side
-_TRAVEL = 0.5                    # path length over the clip / frame side
+_RADIUS = (0.16, 0.2)            # circumradius r / frame side
 _JITTER = 25                     # ± per colour channel
 _NOISE = 6.0                     # pixel noise σ
 _CLIP, _TEXT, _PIXELS = 1, 2, 3  # generator streams of one sample
@@ -65,12 +64,19 @@ def clips_tokenizer() -> WordTokenizer:
     return WordTokenizer(WORDS)
 
 
+def max_step(num_frames: int, image_size: int) -> int:
+    """Pixels a shape moves per frame: the most that keeps the path of any shape (radius up to
+    0.2 · H) inside the frame; 0 when even one pixel per frame does not fit."""
+    return int((1 - 2 * _RADIUS[1]) * image_size) // (num_frames - 1)
+
+
 def _shapes(rng: np.random.Generator, template: int, T: int, size: int) -> list[dict]:
     """The two shapes of a clip: kind, colour, direction, radius, centre per frame (pixels)
     and visible frames [first, last); shape 0 is F (appears first in `first` clips)."""
     kinds = rng.choice(len(KINDS), size=2, replace=False)
     colours = rng.choice(len(COLOURS), size=2, replace=False)
-    travel = _TRAVEL * size
+    step = max_step(T, size)            # whole pixels per frame
+    travel = step * (T - 1)
     if template == FIRST:
         u, v = (int(x) for x in rng.integers(1, T, size=2))
         spans = [(0, T - u), (v, T)]
@@ -84,10 +90,9 @@ def _shapes(rng: np.random.Generator, template: int, T: int, size: int) -> list[
         # start uniform such that the whole path stays inside the frame
         x0, y0 = (float(rng.uniform(r + travel * max(-d, 0), size - r - travel * max(d, 0)))
                   for d in (dx, dy))
-        steps = np.arange(T) / max(T - 1, 1) * travel
         shapes.append({"kind": KINDS[kind], "colour": COLOUR_NAMES[colour],
-                       "direction": direction, "radius": r, "span": span,
-                       "centers": [(x0 + dx * s, y0 + dy * s) for s in steps.tolist()],
+                       "direction": direction, "radius": r, "span": span, "step": step,
+                       "centers": [(x0 + dx * step * f, y0 + dy * step * f) for f in range(T)],
                        "angle": float(rng.uniform(0.0, 2 * np.pi))})
     return shapes
 
@@ -107,6 +112,15 @@ def describe_clip(seed: int, index: int, num_frames: int = 4, image_size: int = 
             "answer": answer}
 
 
+def _shifted(alpha_HW: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """`alpha_HW` moved by (dx, dy) whole pixels, zeros shifted in."""
+    out_HW = np.zeros_like(alpha_HW)
+    H, W = alpha_HW.shape
+    out_HW[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+        alpha_HW[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out_HW
+
+
 def render_clip(seed: int, index: int, num_frames: int = 4, image_size: int = 16, *,
                 _interp=None, _shapes=None) -> np.ndarray:
     """Clip uint8 [T, 3, H, W] of global sample `index`; a pure function of its arguments."""
@@ -117,13 +131,18 @@ def render_clip(seed: int, index: int, num_frames: int = 4, image_size: int = 16
     background_CHW = textured_background(rng, image_size, interp)
     colours = [np.asarray(COLOURS[s["colour"]], float) + rng.uniform(-_JITTER, _JITTER, 3)
                for s in shapes]
+    # each shape drawn once, at frame 0; it moves by whole pixels, so a frame's coverage is
+    # frame 0's shifted (the same pixels as drawing it there: Pillow's rasterising does not
+    # change under whole-pixel shifts)
+    alphas = [shape_alpha(s["kind"], image_size, *s["centers"][0], s["radius"], s["angle"])
+              for s in shapes]
     frames = []
     for f in range(num_frames):
         img_CHW = background_CHW.copy()
-        for s, colour_C in zip(shapes, colours):
+        for s, colour_C, alpha0_HW in zip(shapes, colours, alphas):
             if s["span"][0] <= f < s["span"][1]:
-                alpha_HW = shape_alpha(s["kind"], image_size, *s["centers"][f], s["radius"],
-                                       s["angle"])
+                dx, dy = DIRECTIONS[s["direction"]]
+                alpha_HW = _shifted(alpha0_HW, dx * s["step"] * f, dy * s["step"] * f)
                 img_CHW = img_CHW * (1 - alpha_HW) + colour_C[:, None, None] * alpha_HW
         img_CHW = img_CHW + rng.normal(0.0, _NOISE, size=img_CHW.shape)
         frames.append(np.clip(np.rint(img_CHW), 0, 255).astype(np.uint8))
@@ -136,6 +155,14 @@ def max_sample_length(image_tokens: int) -> int:
     longest = max(len(tok.encode(f"which way does the {c} {k} move?"))
                   for c in COLOUR_NAMES for k in KINDS)
     return 1 + image_tokens + longest + 1 + 1      # one-word answers
+
+
+def check_motion(num_frames: int, image_size: int) -> None:
+    """ConfigError naming `data.num_frames` when a shape cannot move a pixel per frame."""
+    if max_step(num_frames, image_size) < 1:
+        fail("data.num_frames", f"{num_frames} frames of {image_size} pixels: a shape cannot "
+             f"move one pixel per frame and stay inside (at most "
+             f"{int(0.6 * image_size) + 1} frames; or raise data.image_size)")
 
 
 def check_seq_length(seq_length: int, image_tokens: int) -> None:
@@ -159,6 +186,7 @@ class ClipsDataset:
             raise ValueError(f"num_samples must be in [1, 2**40], got {num_samples}")
         if not isinstance(num_frames, int) or num_frames < 2:
             raise ValueError(f"num_frames must be an integer >= 2, got {num_frames!r}")
+        check_motion(num_frames, image_size)
         self.seed, self.image_size, self.split = seed, image_size, split
         self.num_samples, self.num_frames, self.image_tokens = num_samples, num_frames, \
             image_tokens

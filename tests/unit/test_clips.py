@@ -32,6 +32,7 @@ def _check(*overrides):
     (["model.vit.tubelet_size=3"], "model.vit.tubelet_size:"),
     (["data.kind=scenes", "model.seq_length=40"], "model.vit.tubelet_size:"),
     (["data.num_frames=1"], "data.num_frames:"),
+    (["data.num_frames=12"], "data.num_frames:"),     # 16 px: at most 10 frames of motion
     (["data.image_size=18"], "model.vit.patch_size:"),
     (["model.seq_length=12"], "model.seq_length:"),
     (["model.vlm.contrastive_coeff=0.5"], "model.vlm.contrastive_coeff:"),
@@ -168,6 +169,22 @@ def test_answers_are_what_the_pixels_show():
         checked[d["template"]] += 1
     assert min(checked.values()) >= 10, checked
     assert wrong == 0 and contrasts >= 3, (wrong, contrasts)
+
+
+def test_whole_pixel_motion_is_the_shape_drawn_there():
+    """Frames shift frame 0's coverage by whole pixels: exactly what drawing the shape at the
+    moved centre gives. Control: a shift one pixel short differs."""
+    from megamoe.data.clips import _shifted
+    from megamoe.data.shapes import shape_alpha
+
+    for g in range(6):
+        s = describe_clip(0, g)["shapes"][0]
+        (dx, dy), k = DIRECTIONS[s["direction"]], s["step"]
+        assert k == 3                        # 0.6 · 16 px over 3 frame steps
+        a0 = shape_alpha(s["kind"], 16, *s["centers"][0], s["radius"], s["angle"])
+        drawn = shape_alpha(s["kind"], 16, *s["centers"][3], s["radius"], s["angle"])
+        assert np.array_equal(_shifted(a0, 3 * k * dx, 3 * k * dy), drawn)
+        assert not np.array_equal(_shifted(a0, (3 * k - 1) * dx, (3 * k - 1) * dy), drawn)
 
 
 def test_blind_baseline_is_a_quarter():

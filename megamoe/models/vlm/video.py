@@ -11,9 +11,10 @@ def check_video(cfg) -> None:
     """The config describes a video model this family can build (one line naming the field)."""
     from megamoe.config.vision import time_slices
     from megamoe.config.vlm import image_tokens
-    from megamoe.data.clips import check_seq_length
+    from megamoe.data.clips import check_motion, check_seq_length
 
     m = cfg.model
+    check_motion(cfg.data.num_frames, cfg.data.image_size)
     time_slices(cfg)            # model.vit.tubelet_size divides data.num_frames
     check_seq_length(m.seq_length, image_tokens(cfg))
     if m.vlm.contrastive_coeff > 0:
