@@ -195,3 +195,47 @@ def test_blind_baseline_is_a_quarter():
     for key in ("template", "question"):
         assert 0.18 < b[key] < 0.32, b
     assert set(b["per_template"]) == {"direction", "first"}
+
+
+def built_video_task(overrides=()):
+    """(parameters built, the accounting's total, |Δ answer logits| when only the clip's frame
+    order changes, clip tokens the model makes)."""
+    from megamoe.engines.megatron import build_engine
+    from megamoe.models.registry import family_datasets, family_for
+    from megamoe.models.vlm.model import vision_context
+
+    cfg = _check("parallel.world_size=1", *overrides)
+    train, _, vocab = family_datasets(cfg)
+    engine = build_engine(cfg, vocab, torch.device("cpu"), with_optimizer=False, ddp=False)
+    model, task = engine.modules[0].eval(), engine.task
+    padding = (model.vocab_size - vocab) * cfg.model.hidden_size * 2   # embedding + output
+    built = sum(p.numel() for p in model.parameters()) - padding
+    batch = task.collate(train.get_batch([0, 1]), [0, 1])
+
+    def logits(b):
+        with torch.no_grad():
+            return model(b["tokens"], b["position_ids"], None, images=b["images"],
+                         context=task.context(b, 0),
+                         vision_context=vision_context(b, 0, task.encoder_tokens))[..., :vocab]
+
+    reversed_clip = dict(batch, images=batch["images"].flip(1))
+    effect = (logits(reversed_clip) - logits(batch)).abs().max().item()
+    return built, family_for(cfg).parameter_counts(cfg, vocab)[0], effect, \
+        int((batch["tokens"][0] == 3).sum())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("overrides,clip_tokens", [
+    ([], 8), (["model.vit.position_embedding=sincos", "model.vlm.encoder_hidden_size=48",
+               "model.vit.pool=cls", "model.vlm.pixel_shuffle=1", "model.seq_length=44"], 32)],
+    ids=["learned", "sincos_cls"])
+def test_built_video_model_counts_and_reads_the_frame_order(overrides, clip_tokens):
+    """The built model's parameters are the accounting's (the tubelet projection is t times a
+    patch's), the placeholders are the clip tokens, and reversing the frames changes the
+    answer logits."""
+    from megamoe.testing.pool import run_distributed
+
+    built, counted, effect, placeholders = run_distributed(built_video_task, 1, overrides)[0]
+    assert built == counted
+    assert placeholders == clip_tokens
+    assert effect > 1e-4
