@@ -6,7 +6,9 @@ question given its neighbour's clip falls back to about chance, and each clip re
 falls below chance (a reversed clip's shape moves the other way and its first colour is the
 other shape's, megamoe.data.clips), which only a model that reads the frames' order does. A
 single frame cannot answer the questions (megamoe.data.clips's docstring says why), so what is
-learned above chance is read from time.
+learned above chance is read from time. Measured (run.seed 1234, the recipe's lr 5e-4):
+accuracy 0.50, chance 0.25, neighbour's clip 0.24, reversed 0.18; run.seed 99: 0.64 / 0.25 /
+0.30 / 0.10 (at lr 1e-3 a seed stayed clip-blind: the recipe's lr matters).
 
 And parity: the video vlm under EP2 (× DP2) against one process (DESIGN.md's tolerances), with
 its negative control (one expert perturbed on one rank)."""
