@@ -25,6 +25,7 @@ from megamoe.config.moe_families import (
     VMoEOptions,
     validate_families,
 )
+from megamoe.config.audio import AudioOptions
 from megamoe.config.diffusion import DiTOptions
 from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
@@ -46,7 +47,7 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed", "shapes", "scenes")
+DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "sounds")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
@@ -366,9 +367,10 @@ class DataConfig:
     synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
     image_size: int = 32             # shapes: square RGB images of this side
     num_classes: int = 12            # shapes: classes (shape kind x colour, at most 24)
-    shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
+    shapes_seed: int = 0             # shapes, scenes, sounds: every sample is a function of (seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
     caption_fraction: float = 0.25   # scenes: share of captions; the rest are questions
+    audio: AudioOptions = field(default_factory=AudioOptions)   # sounds (megamoe.config.audio)
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
@@ -388,6 +390,7 @@ class DataConfig:
         at_least(self, "shapes_seed", 0)
         in_range(self, "max_shapes", 1, SCENES_MAX_SHAPES)
         in_range(self, "caption_fraction", 0, 1)
+        self.audio.validate()
 
 
 @dataclass
