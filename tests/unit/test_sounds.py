@@ -151,3 +151,15 @@ def test_bad_sounds_config_is_one_error_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=f"^{field.replace('.', '[.]')}: "):
         cfg = load_config(str(ROOT / "configs" / "vlm_audio.yaml"), overrides)
         check_config(cfg)
+
+
+def test_eval_chance_and_export_refusal_of_an_audio_run():
+    from megamoe.checkpoint.hf import family_for
+    from megamoe.commands.eval_vlm import blind_figures
+
+    cfg = load_config(str(ROOT / "configs" / "vlm_audio.yaml"), [])
+    figures = blind_figures(cfg, 256)
+    assert abs(figures["chance"] - 1 / 8) < 0.05 and figures["chance_uniform"] == 1 / 8
+    assert figures["caption_chance"] == 0.0
+    with pytest.raises(ValueError, match="^data.kind 'sounds': no Hugging Face mapping"):
+        family_for(cfg)
