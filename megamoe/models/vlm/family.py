@@ -1,6 +1,7 @@
 """The `vlm` family: image + text — the vit family's encoder, a connector and the lm family's
-MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated scenes with
-next-token loss on answers and captions (megamoe.models.vlm.task).
+MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated scenes (or the
+generated sounds' log-mel spectrograms, one channel: megamoe.data.sounds) with next-token loss
+on answers and captions (megamoe.models.vlm.task).
 
 Causal: the decoder is; its routers follow the lm family's causality rule. The encoder's MoE
 layers (model.vlm.encoder_moe_layer_freq) use model.moe's experts and router, which must then
@@ -156,5 +157,6 @@ VLM = register(Family(
     describe=_describe,
     dataset_kwargs=_dataset_kwargs,
     grad_sync=_grad_sync,
-    notes="image + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, data.kind scenes)",
+    notes="image (or audio) + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, "
+          "data.kind scenes | sounds)",
 ))
