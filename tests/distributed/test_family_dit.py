@@ -7,7 +7,14 @@ single-process reference that sees every DP rank's images, for
   `selection_group("micro-batch")`), the capacity predictor's BCE, and the per-expert EMA
   thresholds τ_e (router buffers, compared after 3 steps) updated once per optimizer step over
   the step's micro-batches of every DP rank;
-- DiT-MoE with DDPM's ε-prediction (`model.dit.objective: ddpm`) under DP2 and PP2.
+- DiT-MoE with DDPM's ε-prediction (`model.dit.objective: ddpm`) under DP2 and PP2;
+- Race-DiT with its per-layer regularisation (PLR: the router's hidden layer feeds a head that
+  predicts the per-token diffusion target, papers.md §7) under EP2 and TP2+SP. The race spans
+  the DP group's micro-batch m (Race's default selection group), so its reference runs DP·mbs
+  images per micro-batch (tests/distributed/test_family_race.py explains why); besides the
+  perturbed expert, a reference with twice the PLR weight must differ in the PLR head's
+  gradients (the loss's scale, and under SP its normalisation by the image's whole token
+  count, are checked).
 
 The reference sees the same routing pools: `reference(..., dp=DP)` runs each DP rank's
 micro-batch as its own micro-batch, in (m, r) order, and averages τ over all of them as the
@@ -119,3 +126,21 @@ def test_diffmoe_dp2_thresholds_without_the_dp_average_are_caught():
     problems = compare(ref, got)
     assert problems and all(p.startswith("router buffer") and "expert_threshold" in p
                             for p in problems), problems[:5]
+
+
+RACE_PLR = ["model.moe.router=race", "model.moe.aux_loss_coeff=0",
+            "model.moe.race.similarity_loss_coeff=0.1", "model.moe.race.plr_coeff=0.5"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,layout", [("ep2", EP2), ("tp2_sp", TP2_SP)], ids=["ep2", "tp2_sp"])
+def test_race_plr_matches_single_process(name, layout):
+    one_micro_batch = [f"train.micro_batch_size={2 * layout[2]}"]   # the race's DP group
+    ref = reference(RACE_PLR + one_micro_batch, task=dit_parity_task)
+    plr = [k for k in ref.grads if ".router.plr_" in k]
+    assert len(plr) == 4 and all(ref.grads[k].abs().max() > 1e-4 for k in plr), plr
+    got = check_layout(RACE_PLR, layout, ref, task=dit_parity_task)
+    doubled = reference([*RACE_PLR[:-1], "model.moe.race.plr_coeff=1.0", *one_micro_batch],
+                        task=dit_parity_task)
+    assert any(p.startswith("grad") and ".router.plr_" in p for p in compare(doubled, got)), \
+        "the PLR loss's scale went unnoticed"
