@@ -81,7 +81,9 @@ class VLMTask:
 
     def collate(self, samples, sample_index_B) -> dict:
         """The micro-batch of the loader's stacked samples (packed k at a time with
-        data.packing), or of a list of packed sequences (a streaming source's)."""
+        data.packing), or of a list of packed sequences (a streaming source's, packed with
+        megamoe.data.pack; `sample_index_B` then holds one global position per packed sample,
+        in pack order)."""
         if isinstance(samples, list) or self.pack_k:
             from megamoe.data.pack import pack_fixed
             from megamoe.models.vlm.packing import collate_packed
@@ -107,7 +109,7 @@ class VLMTask:
     def micro_batch_size(self, batch: dict) -> int:
         return batch["tokens"].shape[0]
 
-    def units_per_sample(self) -> int:
+    def units_per_sample(self) -> float:
         """Tokens per sample: the loop's throughput and consumed-token counts (packed: a
         sequence's share)."""
         return self.cfg.model.seq_length / (self.pack_k or 1)
