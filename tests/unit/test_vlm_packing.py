@@ -115,8 +115,9 @@ def test_packing_is_refused_for_data_without_samples_to_pack():
         load_config(None, ["data.packing=true"])
 
 
-def packed_vs_unpacked_task(samples: int = 4):
-    """Each sample's (answer-token loss sum, answer logits) from one packed batch and from the
+def packed_vs_unpacked_task(samples: int = 8):
+    """Each sample's (answer-token loss sum, answer logits) from one packed batch (k = 2 per
+    row), from greedy packs (megamoe.data.pack.plan_packs: a streaming source's) and from the
     same samples unpacked, on one built model; also packed without the block-diagonal mask,
     without the position restart (positions 0 … S−1 along the row) and with every position 0."""
     import copy
@@ -155,8 +156,16 @@ def packed_vs_unpacked_task(samples: int = 4):
         return (per_sample_sum(loss_BS * batch["loss_mask"], samples_BS, samples),
                 logits_BSV[answers])
 
+    # a streaming source's path: greedy packs of uneven sample counts, handed to collate
+    from megamoe.data.pack import pack_samples, plan_packs, sample_length, split_batch
+
+    items = split_batch(train.get_batch(idx))
+    plan = plan_packs([sample_length(x) for x in items], cfg.model.seq_length)
+    greedy = task.collate([pack_samples([items[j] for j in p], cfg.model.seq_length)
+                           for p in plan], idx)
     R, S = packed["tokens"].shape
-    return {"unpacked": run(unpacked), "packed": run(packed),
+    return {"unpacked": run(unpacked), "packed": run(packed), "greedy": run(greedy),
+            "plan": plan,
             "no_mask": run(packed, mask=False),
             "no_restart": run(packed, positions=torch.arange(S).expand(R, S)),
             "all_zero": run(packed, positions=torch.zeros(R, S, dtype=torch.long))}
@@ -170,7 +179,7 @@ def test_packed_samples_have_the_losses_and_logits_they_have_alone():
     (no restart) leaves its logits equal to rounding: the restart is exact, not required."""
     out = run_distributed(packed_vs_unpacked_task, 1)[0]
     ref_loss, ref_logits = out["unpacked"]
-    assert (ref_loss > 0).all() and len(ref_loss) == 4
+    assert (ref_loss > 0).all() and len(ref_loss) == 8
 
     def error(name):
         loss, logits = out[name]
@@ -178,6 +187,8 @@ def test_packed_samples_have_the_losses_and_logits_they_have_alone():
                    (logits - ref_logits).abs().max().item())
 
     assert error("packed") <= 1e-5, error("packed")
+    assert len({len(p) for p in out["plan"]}) > 1, out["plan"]     # rows of uneven counts
+    assert error("greedy") <= 1e-5, error("greedy")
     assert error("no_mask") > 1e-4 and error("all_zero") > 1e-4, (error("no_mask"),
                                                                    error("all_zero"))
     assert error("no_restart") <= 1e-5, error("no_restart")
