@@ -7,6 +7,13 @@ samples, independent of the DP size), and the task packs each `data.pack_samples
 consecutive ones into a sequence, so a micro-batch of b samples is b / k rows and the order
 rule, resume and parity with one process hold unchanged. A streaming source packs greedily
 from its stream (`megamoe.data.pack.plan_packs`) and hands the task the packed sequences.
+A fixed k saves no padding on the scenes (a row must hold k of the longest sample, as an
+unpacked row holds one); it makes the packed path run under the order rule. Greedy packing of
+a stream into a length set by the budget, not the longest sample, is where the tokens are won.
+
+Loss. Each sample's answer-token losses are those it has unpacked (a test holds them equal),
+so the reported loss is too; the router losses are not: the micro-batch's pool now holds less
+padding (the quickstart's step-3 loss moved by 5e-4 through them).
 
 Routers. A packed row holds several samples; attention keeps them apart, but MoE routing runs
 over the row's and the micro-batch's tokens. Token-choice routers without capacity decide per
