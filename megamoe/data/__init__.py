@@ -29,6 +29,8 @@ _EXPORTS = {
     "build_datasets": "batches",
     "global_batch_indices": "batches",
     "rank_microbatches": "batches",
+    "pack_samples": "pack",
+    "plan_packs": "pack",
 }
 __all__ = sorted(_EXPORTS)
 
