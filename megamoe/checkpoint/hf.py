@@ -92,6 +92,10 @@ def _vlm_family(cfg):
         raise ValueError("cannot export to a Hugging Face model: data.kind 'clips' (video): the "
                          "tower's tubelet embedding has no counterpart in LLaVA or megamoe's "
                          "remote code yet")
+    if cfg.data.kind == "sounds":
+        raise ValueError("data.kind 'sounds': no Hugging Face mapping for the audio model (its "
+                         "encoder reads one-channel log-mel spectrograms, which LLaVA's image "
+                         "processor does not make); keep the megamoe checkpoint")
     if not hf_llava.problems(cfg):
         return hf_llava
     bad = hf_vlm.problems(cfg)

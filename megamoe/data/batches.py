@@ -78,6 +78,7 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
     virtual samples, valid: 4096) with `image_tokens` <image> placeholders per sample (the
     model's count); the third value is the closed word vocabulary's size.
     clips: the two splits of the clips video+text set (megamoe.data.clips), likewise.
+    sounds: the two splits of the sounds audio+text set (megamoe.data.sounds), as scenes.
     """
     if data_cfg.kind == "markov":
         from megamoe.data.markov import MarkovCorpus
@@ -105,7 +106,11 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
             raise ValueError("data.kind: 'scenes' needs the model's image token count "
                              "(build_datasets(..., image_tokens=...); a vlm model gives it)")
         return build_scenes_datasets(data_cfg, image_tokens, seq_length)
-    if data_cfg.kind == "clips":
+    if data_cfg.kind == "sounds":
+        from megamoe.data.sounds import build_sounds_datasets
+
+        if image_tokens is None:
+            if data_cfg.kind == "clips":
         from megamoe.data.clips import build_clips_datasets
 
         if image_tokens is None:
@@ -113,4 +118,4 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
                              "(build_datasets(..., image_tokens=...); a vlm model gives it)")
         return build_clips_datasets(data_cfg, image_tokens, seq_length)
     raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov, indexed, shapes, "
-                     "scenes or clips)")
+                     "scenes, sounds or clips)")
