@@ -110,7 +110,10 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
         from megamoe.data.sounds import build_sounds_datasets
 
         if image_tokens is None:
-            if data_cfg.kind == "clips":
+            raise ValueError("data.kind: 'sounds' needs the model's spectrogram token count "
+                             "(build_datasets(..., image_tokens=...); a vlm model gives it)")
+        return build_sounds_datasets(data_cfg, image_tokens, seq_length)
+    if data_cfg.kind == "clips":
         from megamoe.data.clips import build_clips_datasets
 
         if image_tokens is None:
