@@ -128,6 +128,10 @@ def test_routing_map_padding_to_16_rows_is_exact_for_rowwise():
       "model.moe.token_dispatcher=allgather"], r"^model\.moe\.fp8\.row_multiple: padding"),
     (["model.moe.fp8.recipe=rowwise", "model.moe.fp8.keep_high_precision_layers=[4]"],
      r"^model\.moe\.fp8\.keep_high_precision_layers: \[4\] outside"),
+    (["model.moe.fp8.recipe=blockwise", "parallel.world_size=2", "parallel.tensor=2",
+      "model.moe.ffn_hidden_size=128"],
+     r"^model\.moe\.ffn_hidden_size: 128 / parallel\.expert_tensor \(2\) = 64 is not a "
+     r"multiple of 128"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -149,3 +153,15 @@ def test_back_end_errors_are_one_line(backend, match):
     assert resolve_backend("auto", "rowwise", True, cuda=False) == "scaled_mm"
     assert resolve_backend("auto", "rowwise", True, cuda=True) == "scaled_grouped_mm"
     assert resolve_backend("auto", "rowwise", True, cuda=True, grad_format="e5m2") == "scaled_mm"
+    # expert-TP: only the per-expert back end, whose whole-row scales the parity test proves
+    assert resolve_backend("auto", "rowwise", True, cuda=True, expert_tp=2) == "scaled_mm"
+    with pytest.raises(ValueError, match=r"^model\.moe\.fp8\.backend: scaled_grouped_mm with "
+                       r"expert tensor parallelism \(2\)"):
+        resolve_backend("scaled_grouped_mm", "rowwise", True, cuda=True, expert_tp=2)
+
+
+def test_blockwise_under_expert_tp_accepts_whole_tiles():
+    """The refusal's positive side: F / expert-TP a multiple of 128 is a valid config."""
+    cfg = tiny_config(["model.moe.fp8.recipe=blockwise", "parallel.world_size=2",
+                       "parallel.tensor=2", "model.moe.ffn_hidden_size=256"])
+    assert cfg.parallel.expert_tensor_size == 2
