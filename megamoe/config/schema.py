@@ -50,7 +50,7 @@ DATA_KINDS = ("markov", "indexed", "shapes", "scenes")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
-EXPERT_BACKENDS = ("sequential", "grouped")
+EXPERT_BACKENDS = ("auto", "sequential", "grouped")
 # Megatron's selective modules that megamoe's layers have (no grouped GEMM, no MLA)
 RECOMPUTE_MODULES = ("core_attn", "moe", "shared_experts", "mlp", "layernorm")
 # the layers' two norms (megamoe.blocks.norms): plain, or CogVideoX's expert adaptive norm
@@ -94,7 +94,9 @@ class MoEConfig:
     drop_policy: str = "probs"
     pad_to_capacity: bool = False
     token_dispatcher: str = "alltoall"
-    experts: str = "sequential"      # grouped: one torch._grouped_mm per projection, all experts
+    experts: str = "auto"            # sequential: Megatron's loop over experts; grouped: one
+                                     # torch._grouped_mm per projection; auto: the device's
+                                     # measured choice (megamoe.moe.experts.choice)
     shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False
     allow_non_causal: bool = False

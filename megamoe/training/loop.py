@@ -22,6 +22,7 @@ from megamoe.data.loader import DataLoader
 from megamoe.engines.megatron import build_engine as build_megatron_engine
 from megamoe.models.lm.model import non_causal_routers
 from megamoe.models.vocab import describe_vocab
+from megamoe.moe.experts.choice import resolve_experts
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import (JsonlCallback, ProgressCallback, TensorBoardCallback,
                                         json_text)
@@ -116,6 +117,9 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
                                                 if t.engine == "deepspeed" else ""),
             "parameters": f"{total_params:,} total, "
             f"{active_params:,} active per {family.unit}", "run dir": cfg.run.dir}
+    experts = resolve_experts(cfg, device.type) if cfg.model.moe.num_experts else None
+    if experts:   # model.moe.experts, `auto` resolved for this device
+        info["experts"] = f"{experts[0]} ({experts[1]})"
     if engine.padded_vocab_size is not None:
         info["vocab"] = describe_vocab(vocab, engine.padded_vocab_size,
                                        cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)
@@ -207,6 +211,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         "resumed_from_step": first_step - 1,
         "layout": engine.dims.describe(), "world_size": engine.dims.world_size,
         "parameters_total": total_params, "parameters_active": active_params,
+        "experts": experts[0] if experts else None,
         "entropy_rate": getattr(train_ds, "entropy_rate", None), "checkpoint": checkpoint,
     }
     if rank0:

@@ -36,8 +36,8 @@ def layer_task():
     from megamoe.moe.experts import FP8Experts
 
     bad = []
-    ref_engine, ref_layers = _experts([])
-    fp8_engine, fp8_layers = _experts(["model.moe.fp8.recipe=rowwise"])
+    ref_engine, ref_layers = _experts(["model.moe.experts=sequential"])
+    fp8_engine, fp8_layers = _experts(["model.moe.fp8.recipe=rowwise", "model.moe.experts=sequential"])
     _, grp_layers = _experts(["model.moe.fp8.recipe=rowwise", "model.moe.experts=grouped"])
     ref, fp8, grp = ref_layers[0].experts, fp8_layers[0].experts, grp_layers[0].experts
     if not (isinstance(fp8, FP8Experts) and isinstance(grp, FP8Experts) and grp.backend_args[2]):
