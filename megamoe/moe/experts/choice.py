@@ -16,9 +16,9 @@ BY_DEVICE = {
     # tools/bench_fp8.py on the 2-core CPU host, 2026-12-03 (one thread, median of 20, fwd+bwd,
     # machine loaded by other jobs: ratios side by side are meaningful, times are not quiet):
     # quickstart expert shape (T=256, D=64, F=128, E=4, k=2) fp32 expert GEMMs 3.86 ms
-    # sequential vs 2.11 ms grouped (1.83×), whole MoE layer 5.41 vs 4.24 ms (1.27×);
-    # at T=2048, D=512, F=1024, E=8 the other way: 574 ms sequential vs 659 ms grouped (0.87×;
-    # bf16 1.05×). CPU runs here are quickstart-sized (a D=512 model does not train on CPU in
+    # sequential vs 2.11 ms grouped (1.83×), whole MoE layer 5.41 vs 4.24 ms (1.27×); a second
+    # run 4.16 vs 2.62 ms (1.59×), layer 1.32×. At T=2048, D=512, F=1024, E=8 the other way:
+    # 574 vs 659 ms (0.87×), then 583 vs 612 ms (0.95×); bf16 1.05×, 1.07×. CPU runs here are quickstart-sized (a D=512 model does not train on CPU in
     # useful time), so the quickstart's figure decides; a larger CPU model may set sequential.
     "cpu": ("grouped", "tools/bench_fp8.py on CPU: grouped 1.83× sequential at the quickstart "
                        "shape"),
