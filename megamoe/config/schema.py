@@ -25,6 +25,7 @@ from megamoe.config.moe_families import (
     VMoEOptions,
     validate_families,
 )
+from megamoe.config.audio import AudioOptions
 from megamoe.config.diffusion import DiTOptions
 from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
@@ -46,7 +47,9 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed", "shapes", "scenes")
+DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "sounds")
+PACKABLE_KINDS = ("scenes",)         # data.packing: the vlm family's sample formats
+PACKED_ATTENTION = ("mask", "thd")   # data.packed_attention: megamoe.blocks.packed
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
@@ -368,9 +371,18 @@ class DataConfig:
     synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
     image_size: int = 32             # shapes: square RGB images of this side
     num_classes: int = 12            # shapes: classes (shape kind x colour, at most 24)
-    shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
+    shapes_seed: int = 0             # shapes, scenes, sounds: a sample = f(seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
     caption_fraction: float = 0.25   # scenes: share of captions; the rest are questions
+    # vlm: several samples per sequence, each attending only within itself, positions
+    # restarting per sample (megamoe.data.pack, megamoe.blocks.packed)
+    packing: bool = False
+    # scenes + packing: each k consecutive samples of a micro-batch form one sequence (a fixed
+    # k keeps a micro-batch a function of consumed samples); train.micro_batch_size counts
+    # samples and must be a multiple of k
+    pack_samples: int = 2
+    packed_attention: str = "mask"   # mask: block-diagonal causal mask | thd: TE (not built)
+    audio: AudioOptions = field(default_factory=AudioOptions)   # sounds (megamoe.config.audio)
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
@@ -390,6 +402,12 @@ class DataConfig:
         at_least(self, "shapes_seed", 0)
         in_range(self, "max_shapes", 1, SCENES_MAX_SHAPES)
         in_range(self, "caption_fraction", 0, 1)
+        at_least(self, "pack_samples", 1)
+        one_of(self, "packed_attention", PACKED_ATTENTION)
+        if self.packing and self.kind not in PACKABLE_KINDS:
+            fail("data.packing", f"packs image+text samples (data.kind "
+                 f"{' | '.join(PACKABLE_KINDS)}), got data.kind {self.kind!r}")
+        self.audio.validate()
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Training data: the built-in Markov corpus, the shapes image set, the scenes image+text set,
-Megatron indexed datasets, sentencepiece and closed word tokenizers, and batches as a function of
-consumed samples.
+the sounds audio+text set (log-mel spectrograms), Megatron indexed datasets, sentencepiece and
+closed word tokenizers, and batches as a function of consumed samples.
 
     train, valid, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     micro_batches = rank_microbatches(train, consumed, G, mbs, dp_rank, dp_size)
@@ -17,6 +17,9 @@ _EXPORTS = {
     "ScenesDataset": "scenes",
     "build_scenes_datasets": "scenes",
     "scenes_tokenizer": "scenes",
+    "SoundsDataset": "sounds",
+    "build_sounds_datasets": "sounds",
+    "sounds_tokenizer": "sounds",
     "WordTokenizer": "word_tokenizer",
     "IndexedDatasetReader": "indexed",
     "IndexedDatasetWriter": "indexed",
@@ -26,6 +29,8 @@ _EXPORTS = {
     "build_datasets": "batches",
     "global_batch_indices": "batches",
     "rank_microbatches": "batches",
+    "pack_samples": "pack",
+    "plan_packs": "pack",
 }
 __all__ = sorted(_EXPORTS)
 
