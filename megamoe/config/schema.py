@@ -46,7 +46,7 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed", "shapes", "scenes")
+DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "energon")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
@@ -369,6 +369,9 @@ class DataConfig:
     shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
     caption_fraction: float = 0.25   # scenes: share of captions; the rest are questions
+    strict: bool = False             # energon: a bad sample or shard stops every rank (else skipped)
+    num_workers: int = 0             # energon: loader worker processes per DP rank (0: in-process)
+    shuffle_buffer: int = 100        # energon: samples shuffled together (0: shard order only)
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
@@ -376,6 +379,11 @@ class DataConfig:
         if self.kind == "indexed" and not self.path:
             fail("data.path", "required when data.kind is 'indexed' (dataset prefix without "
                  ".bin/.idx)")
+        if self.kind == "energon" and not self.path:
+            fail("data.path", "required when data.kind is 'energon' (a prepared dataset folder: "
+                 "tools/preprocess_data.py --kind image-text)")
+        at_least(self, "num_workers", 0)
+        at_least(self, "shuffle_buffer", 0)
         in_range(self, "valid_fraction", 0, 0.5, low_open=True)
         at_least(self, "markov_vocab_size", 2)
         at_least(self, "markov_branching", 1)

@@ -19,13 +19,18 @@ def check_vlm(cfg) -> None:
     from megamoe.config.vlm import image_tokens
 
     m = cfg.model
-    if cfg.data.kind != "scenes":
-        fail("data.kind", f"model.family 'vlm' trains on images with text: set it to 'scenes', "
-             f"got {cfg.data.kind!r}")
+    if cfg.data.kind not in ("scenes", "energon"):
+        fail("data.kind", f"model.family 'vlm' trains on images with text: set it to 'scenes' "
+             f"or 'energon', got {cfg.data.kind!r}")
     from megamoe.data.scenes import check_seq_length
 
     d = cfg.data
-    check_seq_length(m.seq_length, image_tokens(cfg), d.max_shapes, d.caption_fraction)
+    if d.kind == "energon":
+        from megamoe.data.energon_shards import check_energon_config
+
+        check_energon_config(cfg)
+    else:
+        check_seq_length(m.seq_length, image_tokens(cfg), d.max_shapes, d.caption_fraction)
     from megamoe.config.vision import tower_layers
     from megamoe.config.vlm import encoder_config, encoder_tokens
 
@@ -145,5 +150,5 @@ VLM = register(Family(
     describe=_describe,
     dataset_kwargs=_dataset_kwargs,
     grad_sync=_grad_sync,
-    notes="image + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, data.kind scenes)",
+    notes="image + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, data.kind scenes or energon)",
 ))

@@ -1,0 +1,177 @@
+"""Energon's TaskEncoder for the `vlm` family: a CaptioningSample or VQASample read from shards
+becomes exactly the sample dict megamoe.data.scenes makes (image uint8 [3, H, W] resized to the
+model's image size, tokens [S + 1], loss_mask [S], template, index, caption_tokens, caption_end),
+and a micro-batch is those samples stacked as `ScenesDataset.get_batch` stacks them.
+
+Text: the scenes word tokenizer (megamoe.data.scenes: the closed vocabulary the built-in data
+uses), so shards written from scenes and the generated set train the same model; a word outside
+it makes the sample bad. Captions are asked as "describe the image." with the caption as answer;
+a VQA sample's question is the prompt and its first answer the answer.
+
+Bad samples: anything wrong with one sample (an image Pillow cannot decode, a missing field, an
+unknown word, too many tokens) becomes a `BadSample` record (shard, key, reason). Energon then
+skips the sample before batching, so a micro-batch is always full. The records travel to the
+training process attached to the next good sample (worker processes have no other way back);
+with `strict` the first one raises `BadSampleError` instead.
+
+Packing (issue 16 item 3) hooks in here: `select_samples_to_pack` / `pack_selected_samples`
+(Energon calls them when the dataset is built with a packing buffer) will call
+megamoe.data.pack's plan_packs / pack_samples.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from megatron.energon import DefaultTaskEncoder, SkipSample
+from megatron.energon.errors import FatalSampleError
+
+from megamoe.data.scenes import CAPTION, CAPTION_PROMPT, ScenesDataset, scenes_tokenizer
+
+_BAD_KEY = "__megamoe_bad__"      # the records riding on a good sample
+
+
+@dataclass(frozen=True)
+class BadSample:
+    shard: str
+    key: str
+    reason: str
+
+    def line(self) -> str:
+        return f"bad sample {self.shard}/{self.key}: {self.reason}"
+
+
+class BadSampleError(FatalSampleError):
+    """A bad sample under `data.strict` (Energon lets FatalSampleError through its handler)."""
+
+
+def where(sample) -> tuple[str, str]:
+    """(shard, key) of an Energon sample (or of a raw one, for errors before it was typed)."""
+    from megatron.energon.source_info import get_source_info
+
+    sources = get_source_info(sample) or []
+    shard = sources[0].shard_name if sources else "?"
+    key = getattr(sample, "__key__", None)
+    if key is None and isinstance(sample, dict):
+        key = sample.get("__key__")
+    if key is None and sources:
+        key = sources[0].index
+    return shard.rsplit("/", 1)[-1], str(key).rsplit("/", 1)[-1]
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+class VLMTaskEncoder(DefaultTaskEncoder):
+    """encode_sample: Energon sample -> scenes sample dict; batch: stacked like get_batch."""
+
+    decoder = None       # bytes in: images are decoded here, with Pillow, so a bad one is ours
+
+    def __init__(self, *, image_size: int, image_tokens: int, seq_length: int,
+                 strict: bool = False):
+        super().__init__()
+        self.image_size, self.strict = image_size, strict
+        # the scenes set's tokenisation (sequence(), caption_sequence()) with the model's sizes
+        self.text = ScenesDataset(image_size=image_size, tokenizer=scenes_tokenizer(),
+                                  image_tokens=image_tokens, seq_length=seq_length,
+                                  max_shapes=3, caption_fraction=1.0)
+        self.pending: list[BadSample] = []      # this process's records not yet delivered
+
+    # ---- one sample ------------------------------------------------------------------------------
+
+    def encode_sample(self, sample) -> dict:
+        try:
+            out = self._encode(sample)
+        except (SkipSample, FatalSampleError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure of one sample is a bad sample
+            self.bad(BadSample(*where(sample), _reason(exc)))
+            raise SkipSample() from None
+        out[_BAD_KEY], self.pending = self.pending, []
+        return out
+
+    def on_error(self, exc: Exception, sample, sources=None) -> None:
+        """Energon's error handler (WorkerConfig.global_error_handler): a sample that failed
+        outside encode_sample, e.g. a file of the field map missing from the shard."""
+        self.bad(BadSample(*where(sample), _reason(exc)))
+
+    def bad(self, record: BadSample) -> None:
+        """Record a bad sample (strict: stop with it)."""
+        if self.strict:
+            raise BadSampleError(record.line())
+        self.pending.append(record)
+
+    def _encode(self, sample) -> dict:
+        shard, key = where(sample)
+        if hasattr(sample, "caption"):
+            template, prompt, answer = CAPTION, CAPTION_PROMPT, _text(sample.caption, "caption")
+            caption = answer
+        else:
+            answers = sample.answers if isinstance(sample.answers, list) else [sample.answers]
+            template, prompt = -1, _text(sample.context, "question")
+            answer = _text(answers[0] if answers else None, "answer")
+            caption = ""          # a VQA record has no caption: contrastive pairs need one
+        index = int(key) if key.isdigit() else -1
+        d = {"prompt": prompt, "answer": answer, "caption": caption, "index": index}
+        try:
+            tokens_S1, loss_mask_S = self.text.sequence(d)
+        except ValueError as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None   # drop the scenes' naming
+        caption_L, caption_end = self.text.caption_sequence(d)
+        return {"image": decode_image(sample.image, self.image_size), "tokens": tokens_S1,
+                "loss_mask": loss_mask_S, "template": template, "index": index,
+                "prompt_text": prompt, "answer_text": answer, "caption_tokens": caption_L,
+                "caption_end": caption_end, "key": f"{shard}/{key}"}
+
+    # ---- a micro-batch ---------------------------------------------------------------------------
+
+    def batch(self, samples: list[dict]) -> dict:
+        """The samples stacked as ScenesDataset.get_batch stacks them, plus their keys and the
+        bad-sample records they carried."""
+        stack = {k: np.stack([s[k] for s in samples]) for k in
+                 ("image", "tokens", "loss_mask", "caption_tokens")}
+        return {"images": stack["image"], "tokens": stack["tokens"],
+                "loss_mask": stack["loss_mask"], "caption_tokens": stack["caption_tokens"],
+                **{k: np.array([s[k] for s in samples], np.int64)
+                   for k in ("template", "index", "caption_end")},
+                **{k: [s[k] for s in samples] for k in ("prompt_text", "answer_text", "key")},
+                "bad": [r for s in samples for r in s[_BAD_KEY]]}
+
+    def encode_batch(self, batch: dict) -> dict:
+        return batch
+
+    # ---- packing: the hook (megamoe.data.pack, issue 16 item 3) ---------------------------------
+
+    def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
+        raise NotImplementedError("packing: megamoe.data.pack.plan_packs goes here")
+
+    def pack_selected_samples(self, samples: list[dict]) -> dict:
+        raise NotImplementedError("packing: megamoe.data.pack.pack_samples goes here")
+
+
+def _text(value, what: str) -> str:
+    """Text of a sample field (bytes from the shard, or str), which must not be empty."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"empty {what}")
+    return value.strip()
+
+
+def decode_image(data, image_size: int) -> np.ndarray:
+    """uint8 [3, H, W]: encoded image bytes decoded with Pillow (fully: a truncated file
+    fails), as RGB, resized to image_size × image_size when it is another size."""
+    from PIL import Image
+
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"image: expected encoded bytes, got {type(data).__name__}")
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.BICUBIC)
+    return np.ascontiguousarray(np.asarray(rgb, np.uint8).transpose(2, 0, 1))
