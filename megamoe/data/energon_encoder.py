@@ -51,6 +51,9 @@ def where(sample) -> tuple[str, str]:
     """(shard, key) of an Energon sample (or of a raw one, for errors before it was typed)."""
     from megatron.energon.source_info import get_source_info
 
+    data = getattr(sample, "data", None)       # a raw sample (RawSampleData): its files' dict
+    if isinstance(data, tuple) and data and isinstance(data[0], dict):
+        sample = data[0]
     sources = get_source_info(sample) or []
     shard = sources[0].shard_name if sources else "?"
     key = getattr(sample, "__key__", None)
@@ -62,8 +65,11 @@ def where(sample) -> tuple[str, str]:
 
 
 def _reason(exc: Exception) -> str:
+    """One short line: Energon's field-access errors print the whole sample after " in {"."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
+    if text.startswith("Cannot access '"):
+        text = f"no '{text.split(chr(39))[1]}' file (the field map needs it)"
+    return text.split(" in {")[0][:300]
 
 
 class VLMTaskEncoder(DefaultTaskEncoder):

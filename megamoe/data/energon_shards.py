@@ -25,8 +25,9 @@ class BadShard:
     samples: int
     reason: str
 
-    def line(self) -> str:
-        return f"bad shard {self.shard}: {self.reason}; its {self.samples} samples skipped"
+    def line(self, skipped: bool = True) -> str:
+        tail = f"; its {self.samples} samples skipped" if skipped else ""
+        return f"bad shard {self.shard}: {self.reason}{tail}"
 
 
 def dataset_info(path: str) -> tuple[dict, dict]:

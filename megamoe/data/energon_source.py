@@ -90,22 +90,16 @@ class EnergonLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples, self.bad_samples = consumed_samples, 0
         self.replica = _replica_index(dp_rank)
-        self.loader, self._iter = agree(lambda: self._build(), "data.path")
+        self.what = "data.strict" if source.strict else "data"    # the prefix of its errors
+        self.loader, self._iter = agree(lambda: self._build(), self.what)
 
     def _build(self):
         from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset
 
         from megamoe.data.energon_encoder import VLMTaskEncoder
-        from megamoe.data.energon_shards import check_split
 
         s = self.source
-        bad, split_config = check_split(s.path, s.part)
-        for b in bad:
-            if s.strict:
-                raise ValueError(f"data.strict: {b.line()}")
-            if self.dp_rank == 0 and self.replica == 0:
-                s.log(b.line())
-                self.bad_samples += b.samples       # counted once, by DP rank 0
+        _, split_config = self._check_shards()
         self.encoder = VLMTaskEncoder(**s.encoder_args)
         wc = WorkerConfig(rank=self.dp_rank, world_size=self.dp_size,
                           num_workers=s.num_workers, seed_offset=s.seed,
@@ -118,11 +112,25 @@ class EnergonLoader:
         loader = get_savable_loader(dataset, watchdog_timeout_seconds=None)
         return loader, None
 
+    def _check_shards(self):
+        """Damaged shards of the split: logged and counted once (by DP rank 0), or with
+        data.strict the error; returns them and the split config without them."""
+        from megamoe.data.energon_shards import check_split
+
+        bad, split_config = check_split(self.source.path, self.source.part)
+        if bad and self.source.strict:
+            raise ValueError(bad[0].line(skipped=False))
+        if self.dp_rank == 0 and self.replica == 0:
+            for b in bad:
+                self.source.log(b.line())
+                self.bad_samples += b.samples if self.source.part == "train" else 0
+        return bad, split_config
+
     # ---- the DataLoader interface ----------------------------------------------------------------
 
     def step_batches(self) -> list:
         """This rank's micro-batches of the next step; every rank stops together on an error."""
-        out = agree(lambda: self._read(self.micro_batches, self.consumed_samples), "data")
+        out = agree(lambda: self._read(self.micro_batches, self.consumed_samples), self.what)
         self.consumed_samples += self.global_batch_size
         return out
 
@@ -185,12 +193,9 @@ class EnergonValLoader(EnergonLoader):
         from megatron.energon import WorkerConfig, get_loader, get_val_dataset
 
         from megamoe.data.energon_encoder import VLMTaskEncoder
-        from megamoe.data.energon_shards import check_split
 
         s = self.source
-        bad, split_config = check_split(s.path, s.part)
-        if bad and s.strict:
-            raise ValueError(f"data.strict: {bad[0].line()}")
+        _, split_config = self._check_shards()
         self.encoder = VLMTaskEncoder(**s.encoder_args)
         wc = WorkerConfig(rank=self.dp_rank, world_size=self.dp_size, num_workers=0,
                           global_error_handler=self.encoder.on_error)
@@ -203,7 +208,7 @@ class EnergonValLoader(EnergonLoader):
 
     def peek(self, consumed_samples: int) -> list:
         step = consumed_samples // self.global_batch_size
-        return agree(lambda: self._cached(step, consumed_samples), "data (val split)")
+        return agree(lambda: self._cached(step, consumed_samples), self.what)
 
     def _cached(self, step: int, consumed: int) -> list:
         while len(self._cache) <= step:
@@ -250,7 +255,7 @@ def _one_line(exc: BaseException) -> str:
     when there is one, else the last line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:
-        for tag in ("bad sample ", "bad shard ", "data.strict: "):
+        for tag in ("bad sample ", "bad shard "):
             if tag in ln:
                 return ln[ln.index(tag):].rstrip(".")
     return (lines[-1] if lines else type(exc).__name__)[:400]
