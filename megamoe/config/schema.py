@@ -356,7 +356,7 @@ class DataConfig:
     SECTION: ClassVar[str] = "data"
 
     kind: str = "markov"
-    path: str | None = None          # indexed: dataset prefix without .bin/.idx
+    path: str | None = None          # indexed: dataset prefix without .bin/.idx; energon: folder
     tokenizer: str | None = None     # sentencepiece .model (indexed)
     valid_fraction: float = 0.05
     markov_vocab_size: int = 64
@@ -364,7 +364,7 @@ class DataConfig:
     markov_seed: int = 7
     synthetic_modalities: int = 0    # M > 0: modality id of a token = token id mod M
     synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
-    image_size: int = 32             # shapes: square RGB images of this side
+    image_size: int = 32             # shapes: square RGB images of this side (energon: resized to)
     num_classes: int = 12            # shapes: classes (shape kind x colour, at most 24)
     shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
