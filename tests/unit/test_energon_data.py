@@ -124,3 +124,39 @@ def test_validation_batches_are_the_same_at_every_peek(dataset):
     assert [b["key"] for b, _ in valid.peek(0)] == first
     second = [b["key"] for b, _ in valid.peek(4)]
     assert second != first and all(k.startswith("shard-000002.tar/") for mb in first for k in mb)
+
+
+def _check(overrides):
+    from megamoe.config import load_config
+    from megamoe.models.checks import check_config
+    from megamoe.testing.parity import TINY_VLM
+
+    check_config(load_config(None, [*TINY_VLM, "data.kind=energon", "model.seq_length=48",
+                                    *overrides]), launch=False)
+
+
+def test_config_checks_name_the_field(dataset, tmp_path):
+    from megamoe.config.errors import ConfigError
+
+    _check([f"data.path={dataset}"])                         # control: a prepared dataset
+    with pytest.raises(ConfigError, match=r"^data\.path: required when data.kind is 'energon'"):
+        _check([])
+    with pytest.raises(ConfigError, match=r"^data\.path: .* is not a prepared Energon dataset"):
+        _check([f"data.path={tmp_path}"])
+    vqa = tmp_path / "vqa"
+    from megamoe.data.energon_write import prepare, write_shards
+
+    jsonl = write_scenes_jsonl(str(tmp_path / "raw"), 4, kind="vqa")
+    prepare(str(vqa), write_shards(jsonl, str(vqa), samples_per_shard=2, progress=False,
+                                   log=lambda *_: None).sample_type, split_ratio="1,1,0")
+    _check([f"data.path={vqa}"])
+    with pytest.raises(ConfigError, match=r"^model\.vlm\.contrastive_coeff: .* VQA samples"):
+        _check([f"data.path={vqa}", "model.vlm.contrastive_coeff=0.1"])
+
+
+def test_progress_line_shows_the_bad_sample_count():
+    from megamoe.training.callbacks import _line
+
+    m = {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0, "imbalance": 1.0}
+    assert "bad samples 3" in _line(2, 4, {**m, "bad_samples": 3})
+    assert "bad samples" not in _line(2, 4, {**m, "bad_samples": 0})
