@@ -31,6 +31,7 @@ from megatron.energon.errors import FatalSampleError
 from megamoe.data.scenes import CAPTION, CAPTION_PROMPT, ScenesDataset, scenes_tokenizer
 
 _BAD_KEY = "__megamoe_bad__"      # the records riding on a good sample
+ENERGON_NOISE = ("Except ", "ErrorContext ")    # Energon's own prints for a handled error
 
 
 @dataclass(frozen=True)
@@ -181,3 +182,29 @@ def decode_image(data, image_size: int) -> np.ndarray:
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BICUBIC)
     return np.ascontiguousarray(np.asarray(rgb, np.uint8).transpose(2, 0, 1))
+
+
+class DropNoise(io.TextIOBase):
+    """A stdout that drops Energon's prints for errors its handler took (our handler logs one
+    line per bad sample) and passes every other line on (megamoe.data.energon_source installs
+    it while it reads; loader workers forked meanwhile keep it)."""
+
+    def __init__(self, out):
+        self.out, self.pending = out, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if not line.startswith(ENERGON_NOISE):
+                self.out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close_line(self) -> None:
+        """Pass on a last line without its newline yet."""
+        if self.pending:
+            self.out.write(self.pending)
+            self.pending = ""
+

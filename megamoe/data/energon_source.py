@@ -30,7 +30,6 @@ same batches at every validation); a split shorter than that wraps around.
 from __future__ import annotations
 
 import contextlib
-import io
 import pickle
 import sys
 import warnings
@@ -40,7 +39,6 @@ import torch
 
 from megamoe.parallel.dims import microbatches_per_step
 
-_ENERGON_NOISE = ("Except ", "ErrorContext ")    # Energon's own prints for a handled error
 # Energon's loader asks torch for pinned memory, which warns on every iterator without a GPU
 warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
 
@@ -135,12 +133,12 @@ class EnergonLoader:
         return out
 
     def _read(self, count: int, consumed: int) -> list:
-        if self._iter is None:
-            self._iter = iter(self.loader)
         out = []
         b, D = self.micro_batch_size, self.dp_size
         for m in range(count):
-            with _quiet(self.source.num_workers == 0):
+            with _quiet():
+                if self._iter is None:
+                    self._iter = iter(self.loader)
                 batch = next(self._iter)
             for record in batch.pop("bad"):
                 self.source.log(record.line())
@@ -274,19 +272,16 @@ def _replica_index(dp_rank: int) -> int:
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool):
-    """Drop Energon's own prints for errors its handler took (our handler logs one line per bad
-    sample); everything else printed meanwhile is passed on. Only in this process: worker
-    processes print for themselves."""
-    if not enabled:
-        yield
-        return
-    buf = io.StringIO()
+def _quiet():
+    """Drop Energon's own prints for errors its handler took while reading (our handler logs one
+    line per bad sample); every other line is passed on. Worker processes forked meanwhile (at
+    the first read) keep the filter."""
+    from megamoe.data.energon_encoder import DropNoise
+
+    saved = sys.stdout
+    sys.stdout = DropNoise(saved)
     try:
-        with contextlib.redirect_stdout(buf):
-            yield
+        yield
     finally:
-        kept = [ln for ln in buf.getvalue().splitlines(keepends=True)
-                if not ln.startswith(_ENERGON_NOISE)]
-        if kept:
-            sys.stdout.write("".join(kept))
+        sys.stdout.close_line()
+        sys.stdout = saved

@@ -160,3 +160,12 @@ def test_progress_line_shows_the_bad_sample_count():
     m = {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0, "imbalance": 1.0}
     assert "bad samples 3" in _line(2, 4, {**m, "bad_samples": 3})
     assert "bad samples" not in _line(2, 4, {**m, "bad_samples": 0})
+
+
+def test_a_state_saved_with_other_workers_is_refused(dataset):
+    from megamoe.testing.energon_tasks import train_loader
+
+    state = train_loader(dataset).state_dict()
+    train_loader(dataset).load_state_dict(state)             # control: the same layout loads
+    with pytest.raises(ValueError, match=r"\(num_workers 0 -> 1\)"):
+        train_loader(dataset, num_workers=1).load_state_dict(state)
