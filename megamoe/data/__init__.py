@@ -1,6 +1,6 @@
 """Training data: the built-in Markov corpus, the shapes image set, the scenes image+text set,
-Megatron indexed datasets, sentencepiece and closed word tokenizers, and batches as a function of
-consumed samples.
+Megatron indexed datasets, Energon WebDataset shards (image+text, streamed per DP rank),
+sentencepiece and closed word tokenizers, and batches as a function of consumed samples.
 
     train, valid, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     micro_batches = rank_microbatches(train, consumed, G, mbs, dp_rank, dp_size)
@@ -26,6 +26,8 @@ _EXPORTS = {
     "build_datasets": "batches",
     "global_batch_indices": "batches",
     "rank_microbatches": "batches",
+    "EnergonSource": "energon_source",
+    "write_shards": "energon_write",
 }
 __all__ = sorted(_EXPORTS)
 

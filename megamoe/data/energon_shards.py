@@ -54,23 +54,28 @@ def split_shards(split: dict, part: str) -> list[str]:
 
 
 def shard_problem(path: str, name: str) -> str | None:
-    """Why shard `name` of the dataset at `path` cannot be read as indexed (None: it can)."""
+    """Why shard `name` of the dataset at `path` cannot be read as indexed (None: it can): its
+    size against the end its index records, and a tar header where each sample starts (one
+    512-byte read per sample; the reader would stop the loader at a bad one)."""
     shard = os.path.join(path, name)
     try:
         with open(shard + ".idx", "rb") as f:
             raw = f.read()
         offsets = struct.unpack(f"<{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
         size = os.path.getsize(shard)
+        if offsets and size < offsets[-1]:
+            return f"truncated ({size:,} bytes, its index ends at {offsets[-1]:,})"
         with open(shard, "rb") as f:
-            head = f.read(tarfile.BLOCKSIZE)
+            for offset in offsets[:-1] or (0,):
+                f.seek(offset)
+                head = f.read(tarfile.BLOCKSIZE)
+                try:
+                    tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+                except tarfile.HeaderError as exc:
+                    where = "not a tar file" if offset == 0 else f"no tar header at byte {offset:,}"
+                    return f"unreadable ({where}: {exc})"
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    if offsets and size < offsets[-1]:
-        return f"truncated ({size:,} bytes, its index ends at {offsets[-1]:,})"
-    try:
-        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
-    except tarfile.HeaderError as exc:
-        return f"unreadable (not a tar file: {exc})"
     return None
 
 

@@ -30,6 +30,7 @@ same batches at every validation); a split shorter than that wraps around.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import sys
 import warnings
@@ -68,13 +69,20 @@ class EnergonSource:
         self.encoder_args = dict(image_size=image_size, image_tokens=image_tokens,
                                  seq_length=seq_length, strict=data_cfg.strict)
         self.log = log or (lambda msg: print(f"[megamoe] {msg}", file=sys.stderr, flush=True))
+        self._val_loaders: dict = {}
 
     def make_loader(self, collate, *, global_batch_size: int, micro_batch_size: int,
                     dp_rank: int, dp_size: int, consumed_samples: int = 0):
-        cls = EnergonLoader if self.part == "train" else EnergonValLoader
-        return cls(self, collate, global_batch_size=global_batch_size,
-                   micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                   consumed_samples=consumed_samples)
+        """A train stream, or the val loader (kept: every validation peeks the same batches
+        without reading the split again)."""
+        args = dict(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                    dp_rank=dp_rank, dp_size=dp_size)
+        if self.part == "train":
+            return EnergonLoader(self, collate, consumed_samples=consumed_samples, **args)
+        key = (collate, *args.values())
+        if key not in self._val_loaders:
+            self._val_loaders[key] = EnergonValLoader(self, collate, **args)
+        return self._val_loaders[key]
 
 
 class EnergonLoader:
@@ -106,7 +114,8 @@ class EnergonLoader:
             s.path, split_part=s.part, worker_config=wc, batch_size=self.micro_batch_size,
             batch_drop_last=True, shuffle_buffer_size=s.shuffle_buffer or None,
             max_samples_per_sequence=None, task_encoder=self.encoder,
-            **({"split_config": split_config} if split_config else {}))
+            **_split_kwargs(split_config))
+        _remove(split_config)                     # read while the dataset was built
         loader = get_savable_loader(dataset, watchdog_timeout_seconds=None)
         return loader, None
 
@@ -200,7 +209,8 @@ class EnergonValLoader(EnergonLoader):
         dataset = get_val_dataset(s.path, split_part=s.part, worker_config=wc,
                                   batch_size=self.micro_batch_size, batch_drop_last=True,
                                   task_encoder=self.encoder,
-                                  **({"split_config": split_config} if split_config else {}))
+                                  **_split_kwargs(split_config))
+        _remove(split_config)
         self._cache: list = []
         return get_loader(dataset, watchdog_timeout_seconds=None), None
 
@@ -223,6 +233,16 @@ class EnergonValLoader(EnergonLoader):
 
     def step_batches(self) -> list:
         raise AssertionError("the val split is read with peek()")
+
+
+def _split_kwargs(split_config: str | None) -> dict:
+    """Energon's `split_config` argument: a split without the damaged shards, if any."""
+    return {"split_config": split_config} if split_config else {}
+
+
+def _remove(path: str | None) -> None:
+    if path is not None and os.path.exists(path):
+        os.remove(path)
 
 
 def agree(fn, what: str):

@@ -36,7 +36,8 @@ def train_loader(path: str, *, strict: bool = False, dp_rank: int = 0, dp_size: 
 
 # ---- damage ---------------------------------------------------------------------------------------
 
-DAMAGE = ("truncated_image", "missing_caption", "truncated_shard", "unreadable_shard")
+DAMAGE = ("truncated_image", "missing_caption", "truncated_shard", "unreadable_shard",
+          "corrupt_shard")
 
 
 def damage(path: str, kind: str, shard: int) -> str:
@@ -56,10 +57,21 @@ def damage(path: str, kind: str, shard: int) -> str:
     if kind == "truncated_shard":
         truncate_file(tar, 0.5)
         return name
-    assert kind == "unreadable_shard", kind
     with open(tar, "r+b") as f:
-        f.write(b"\xff" * 512)               # no tar header where the first sample starts
+        if kind == "corrupt_shard":           # the fifth sample's tar header overwritten
+            f.seek(_offsets(tar)[4])
+        else:
+            assert kind == "unreadable_shard", kind   # no tar header where the file starts
+        f.write(b"\xff" * 512)
     return name
+
+
+def _offsets(tar: str) -> tuple:
+    """The samples' byte offsets `energon prepare` recorded (KEY.tar.idx)."""
+    import struct
+
+    raw = open(tar + ".idx", "rb").read()
+    return struct.unpack(f"<{len(raw) // 8}Q", raw)
 
 
 def _members(tar: str) -> list[str]:

@@ -1,6 +1,6 @@
 """data.kind energon under DP2 (2 gloo ranks): shards written by tools/preprocess_data.py's
-writer, damaged four ways (a truncated image, a missing caption file, a truncated shard, a
-shard that is not a tar). Skipping: every rank's micro-batches stay full, each bad sample or
+writer, damaged five ways (a truncated image, a missing caption file, a truncated shard, a
+shard that is not a tar, a shard with a sample's tar header overwritten mid-file). Skipping: every rank's micro-batches stay full, each bad sample or
 shard is logged once with its shard/key and reason and counted (summed over ranks), and no
 damaged sample reaches a batch. Strict: every rank stops with the same one-line error naming
 the shard, key and reason (a rank whose own data is fine does not hang in a collective).
@@ -41,9 +41,10 @@ def test_bad_samples_and_shards_are_skipped_counted_and_batches_stay_full(datase
     assert any("image file is truncated" in ln for ln in lines)
     assert any("no 'txt' file" in ln for ln in lines)
     assert any("truncated (" in ln for ln in lines) and any("not a tar file" in ln for ln in lines)
+    assert any("no tar header at byte " in ln for ln in lines)
     # the count: 8 samples per damaged shard (once, by DP rank 0) + one per logged bad sample
     sample_lines = [ln for ln in lines if ln.startswith("bad sample ")]
-    assert out[0]["bad_total"] == 2 * 8 + len(sample_lines), (out[0]["bad_total"], lines)
+    assert out[0]["bad_total"] == 3 * 8 + len(sample_lines), (out[0]["bad_total"], lines)
     # control: the undamaged dataset logs nothing and counts nothing, and reads those keys
     clean = run_distributed(read_steps, 2, dataset, STEPS)
     assert clean[0]["bad_total"] == 0 and not any(r["lines"] for r in clean)
@@ -62,7 +63,8 @@ def test_strict_mode_stops_every_rank_with_one_error(dataset, tmp_path, kind):
     assert errors[0].startswith("data.strict: bad ") and "every rank stopped" in errors[0]
     assert name in errors[0] and "\n" not in errors[0]
     reason = {"truncated_image": "image file is truncated", "missing_caption": "no 'txt' file",
-              "truncated_shard": "truncated (", "unreadable_shard": "not a tar file"}[kind]
+              "truncated_shard": "truncated (", "unreadable_shard": "not a tar file",
+              "corrupt_shard": "no tar header at byte"}[kind]
     assert reason in errors[0], errors[0]
 
 
