@@ -169,3 +169,21 @@ def test_a_state_saved_with_other_workers_is_refused(dataset):
     train_loader(dataset).load_state_dict(state)             # control: the same layout loads
     with pytest.raises(ValueError, match=r"\(num_workers 0 -> 1\)"):
         train_loader(dataset, num_workers=1).load_state_dict(state)
+
+
+@pytest.mark.timeout(120)
+def test_exact_resume_with_a_worker_process(dataset):
+    from megamoe.testing.energon_tasks import train_loader
+
+    a = train_loader(dataset, num_workers=1)
+    a.step_batches()
+    early = a.state_dict()
+    a.step_batches()
+    state = a.state_dict()
+    straight = [a.step_batches() for _ in range(2)]
+    b = train_loader(dataset, num_workers=1)
+    b.load_state_dict(state)
+    assert [b.step_batches() for _ in range(2)] == straight
+    c = train_loader(dataset, num_workers=1)
+    c.load_state_dict(early)                                  # control: another step's state
+    assert [c.step_batches() for _ in range(2)] != straight
