@@ -216,11 +216,12 @@ class EnergonValLoader(EnergonLoader):
 
     def peek(self, consumed_samples: int) -> list:
         step = consumed_samples // self.global_batch_size
-        return agree(lambda: self._cached(step, consumed_samples), self.what)
+        return agree(lambda: self._cached(step), self.what)
 
-    def _cached(self, step: int, consumed: int) -> list:
+    def _cached(self, step: int) -> list:
         while len(self._cache) <= step:
             try:
+                consumed = len(self._cache) * self.global_batch_size
                 self._cache.append(self._read(self.micro_batches, consumed))
             except StopIteration:
                 if self._iter is not None and not self._cache:
