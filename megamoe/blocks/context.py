@@ -27,7 +27,8 @@ from typing import Iterator, Optional
 
 import torch
 
-PER_TOKEN_FIELDS = ("modality_ids_BS", "sequence_ids_BS", "labels_BS", "padding_mask_BS")
+PER_TOKEN_FIELDS = ("modality_ids_BS", "sequence_ids_BS", "labels_BS", "padding_mask_BS",
+                    "targets_BSP")
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Context:
     sequence_ids_BS: Optional[torch.Tensor] = None   # int [B, S]: document index inside a sample
     labels_BS: Optional[torch.Tensor] = None         # int [B, S]: the training target
     padding_mask_BS: Optional[torch.Tensor] = None   # bool [B, S], True = pad
+    targets_BSP: Optional[torch.Tensor] = None       # float [B, S, P]: a per-token regression
+    #                                                  target (a DiT's patchified v or ε)
     step: Optional[int] = None                        # optimizer steps taken before this batch
     extras: dict = field(default_factory=dict)
 
@@ -51,11 +54,13 @@ class Context:
         return value
 
     def tokens(self, name: str, sp_rank: int = 0, sp_size: int = 1) -> torch.Tensor:
-        """A per-token field as [T] in Megatron's [S, B] flattening, restricted to this rank's
-        slice of the sequence under sequence parallelism."""
+        """A per-token field as [T] (or [T, P] for a vector per token) in Megatron's [S, B]
+        flattening, restricted to this rank's slice of the sequence under sequence
+        parallelism."""
         value_SB = getattr(self, name).transpose(0, 1)
         s_local = value_SB.shape[0] // sp_size
-        return value_SB[sp_rank * s_local:(sp_rank + 1) * s_local].reshape(-1)
+        local = value_SB[sp_rank * s_local:(sp_rank + 1) * s_local]
+        return local.reshape(-1, *value_SB.shape[2:])
 
     def compacted(self, index_BK: torch.Tensor) -> "Context":
         """The context of a compacted batch (Mixture-of-Recursions: the tokens a recursion step
@@ -66,7 +71,10 @@ class Context:
         for name in PER_TOKEN_FIELDS:
             value_BS = getattr(self, name)
             if value_BS is not None:
-                per_token[name] = torch.gather(value_BS, 1, index_BK.to(value_BS.device))
+                index = index_BK.to(value_BS.device)
+                index = index.view(*index.shape, *[1] * (value_BS.dim() - 2))
+                per_token[name] = torch.gather(value_BS, 1,
+                                               index.expand(*index_BK.shape, *value_BS.shape[2:]))
         return dataclasses.replace(self, **per_token)
 
 

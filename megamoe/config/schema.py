@@ -47,6 +47,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
 DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "energon")
+PACKABLE_KINDS = ("scenes",)         # data.packing: the vlm family's sample formats
+PACKED_ATTENTION = ("mask", "thd")   # data.packed_attention: megamoe.blocks.packed
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
@@ -369,6 +371,14 @@ class DataConfig:
     shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
     caption_fraction: float = 0.25   # scenes: share of captions; the rest are questions
+    # vlm: several samples per sequence, each attending only within itself, positions
+    # restarting per sample (megamoe.data.pack, megamoe.blocks.packed)
+    packing: bool = False
+    # scenes + packing: each k consecutive samples of a micro-batch form one sequence (a fixed
+    # k keeps a micro-batch a function of consumed samples); train.micro_batch_size counts
+    # samples and must be a multiple of k
+    pack_samples: int = 2
+    packed_attention: str = "mask"   # mask: block-diagonal causal mask | thd: TE (not built)
     strict: bool = False             # energon: a bad sample or shard stops every rank (else skipped)
     num_workers: int = 0             # energon: loader worker processes per DP rank (0: in-process)
     shuffle_buffer: int = 100        # energon: samples shuffled together (0: shard order only)
@@ -396,6 +406,11 @@ class DataConfig:
         at_least(self, "shapes_seed", 0)
         in_range(self, "max_shapes", 1, SCENES_MAX_SHAPES)
         in_range(self, "caption_fraction", 0, 1)
+        at_least(self, "pack_samples", 1)
+        one_of(self, "packed_attention", PACKED_ATTENTION)
+        if self.packing and self.kind not in PACKABLE_KINDS:
+            fail("data.packing", f"packs image+text samples (data.kind "
+                 f"{' | '.join(PACKABLE_KINDS)}), got data.kind {self.kind!r}")
 
 
 @dataclass

@@ -26,6 +26,8 @@ _EXPORTS = {
     "build_datasets": "batches",
     "global_batch_indices": "batches",
     "rank_microbatches": "batches",
+    "pack_samples": "pack",
+    "plan_packs": "pack",
     "EnergonSource": "energon_source",
     "write_shards": "energon_write",
 }

@@ -38,6 +38,8 @@ ROUTER_CASES = {
                "model.moe.aux_loss_coeff=0"],
     "race": ["model.moe.router=race", "model.moe.race.plr_coeff=0",
              "model.moe.aux_loss_coeff=0"],
+    "race_plr": ["model.moe.router=race", "model.moe.race.plr_coeff=0.1",
+                 "model.moe.aux_loss_coeff=0"],
     "diff_moe": ["model.moe.router=diff_moe"],
     "diffmoe_pool_topk": ["model.moe.router=diffmoe", "model.moe.topk=1",
                           "model.moe.aux_loss_coeff=0", "model.moe.diffmoe.inference=pool_topk"],
@@ -215,11 +217,17 @@ def routers_task(root: str) -> dict:
                 if block.is_moe:
                     block.ffn.per_image = False
             pooled = pipe.transformer(x, t, y).sample
+            gates = [b.ffn.gate for b in pipe.transformer.blocks if b.is_moe]
+            no_plr = None
+            if getattr(gates[0], "plr_hidden", None) is not None:   # control: logits W·x
+                for gate in gates:
+                    gate.plr_hidden = None
+                no_plr = (ours - pipe.transformer(x, t, y).sample).abs().max().item()
         results[name] = {"err": (ours - theirs).abs().max().item(),
                          "scale": ours.abs().max().item(),
                          "alone": (alone - theirs[1:2]).abs().max().item(),
                          "routed": torch.cat(maps).float().mean().item(),
-                         "pooled": (ours - pooled).abs().max().item()}
+                         "pooled": (ours - pooled).abs().max().item(), "no_plr": no_plr}
     return results
 
 
@@ -231,6 +239,8 @@ def test_other_dit_routers_match_megamoe(tmp_path):
         assert 0 < v["routed"] < 1, (name, v)                 # some (token, expert) pairs
     assert r["ec_dit"]["alone"] <= TOL, r                     # per image: batch-independent
     assert r["ec_dit"]["pooled"] > 1e-3, r                    # control: selection over the call
+    # Race's PLR: the exported router reads its hidden layer W_h (without it: other logits)
+    assert r["race_plr"]["no_plr"] > 1e-3 and r["race"]["no_plr"] is None, r
 
 
 def test_unsupported_settings_are_refused_by_field():

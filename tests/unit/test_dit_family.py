@@ -167,7 +167,8 @@ def model_task(overrides, probe: str):
 @pytest.mark.parametrize("overrides", [
     [], DENSE, ["model.moe.router=diff_moe", "model.moe.diff_moe.calibration_rank=8"],
     ["model.moe.router=diffmoe", "model.moe.topk=1", "model.moe.shared_expert_ffn_hidden_size=0"],
-], ids=["dit_moe", "dense", "diff_moe", "diffmoe"])
+    ["model.moe.router=race", "model.moe.aux_loss_coeff=0", "model.moe.race.plr_coeff=0.1"],
+], ids=["dit_moe", "dense", "diff_moe", "diffmoe", "race_plr"])
 def test_zero_output_at_initialisation_and_parameter_count(overrides):
     out, built, counted = run_distributed(model_task, 1, overrides, "init")[0]
     assert out == 0.0

@@ -251,6 +251,7 @@ class MegamoeDiTTransformer2DModel(ModelMixin, ConfigMixin):
         c.moe_layers = list(moe_layers or [0] * num_layers)
         c.router_options = dict(router_options or {})
         c.num_hidden_layers = num_layers          # what routers_megamoe.py reads
+        c.vocab_size = in_channels * patch_size ** 2   # Race's PLR head: a token's target
         D, self.side = hidden_size, sample_size // patch_size
         self.patch_embed = nn.Linear(in_channels * patch_size ** 2, D)
         self.timestep_embedder = TimestepEmbedder(frequency_embedding_size, D)

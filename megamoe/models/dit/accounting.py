@@ -29,7 +29,9 @@ def _layer(cfg, is_moe: bool) -> tuple[int, int]:
         return attn + mlp(m.ffn_hidden_size), attn + mlp(m.ffn_hidden_size)
     from megamoe.moe.routers import ROUTERS
 
-    extra_total, extra_active = ROUTERS[moe.router].extra_parameters(moe, D, 0)
+    # what a token's target holds (Race's PLR head predicts it): p²·C values
+    target = CHANNELS * cfg.model.dit.patch_size ** 2
+    extra_total, extra_active = ROUTERS[moe.router].extra_parameters(moe, D, target)
     shared = 2 * D * moe.shared_expert_ffn_hidden_size     # no biases (megamoe.specs.dit)
     shared += D if moe.shared_expert_gate else 0
     common = attn + moe.num_experts * D + shared

@@ -4,8 +4,8 @@ on the shapes images (megamoe.models.dit.model), trained with rectified flow or 
 
 Bidirectional: causality rules do not apply. The routers a DiT may use are those that route
 image tokens on hidden states, the sample index and the conditioning c (`timestep_emb_BD`):
-`ROUTERS_FOR_DIT`. A router that needs a per-token target (Race's PLR head) or modality ids is
-refused by name.
+`ROUTERS_FOR_DIT`; Race's PLR head predicts the per-token diffusion target the task puts in
+the context. A router that needs modality ids is refused by name.
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ def check_dit(cfg) -> None:
     if moe.num_experts and moe.router not in ROUTERS_FOR_DIT:
         fail("model.moe.router", f"'{moe.router}' does not support the dit task (it needs "
              f"context a DiT lacks); choose one of {', '.join(ROUTERS_FOR_DIT)}")
-    if moe.num_experts and moe.router == "race" and moe.race.plr_coeff:
-        fail("model.moe.race.plr_coeff", "Race's per-layer regularisation reads per-token "
-             "labels, which the dit task does not provide yet; set 0")
     if moe.num_experts and cfg.parallel.expert_tensor_size > 1:
         fail("parallel.expert_tensor", f"{cfg.parallel.expert_tensor_size}: Megatron's biased "
              "experts (DiT's) need expert tensor parallelism 1; set parallel.expert_tensor: 1")

@@ -34,6 +34,7 @@ under SP), D width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -102,11 +103,22 @@ class FinalLayer(MegatronModule):
                                           self.adaln_zero_out_bias)
 
 
-def dit_context(sample_index_B, timesteps_B, labels_B, step: int | None = None) -> Context:
+def dit_context(sample_index_B, timesteps_B, labels_B, step: int | None = None,
+                targets_BSP=None) -> Context:
     """The context of a DiT micro-batch: raw timesteps (the embedder's units) and labels (after
-    the classifier-free-guidance drop), built on every pipeline stage."""
+    the classifier-free-guidance drop), built on every pipeline stage; in training also the
+    patchified diffusion target per token (`targets_BSP`, what Race's PLR head predicts)."""
     return Context(sample_index_B=sample_index_B, class_labels_B=labels_B, step=step,
-                   extras={"timesteps_B": timesteps_B})
+                   targets_BSP=targets_BSP, extras={"timesteps_B": timesteps_B})
+
+
+def dit_router(moe, patch_size: int):
+    """The MoE layers' router builder; Race's PLR head (`race.plr_coeff` > 0) regresses the
+    per-token diffusion target, p²·C values (megamoe.moe.routers.race)."""
+    builder = router_builder(moe)
+    if moe.num_experts and moe.router == "race" and moe.race.plr_coeff > 0:
+        builder = functools.partial(builder, plr_regression_size=patch_size ** 2 * CHANNELS)
+    return builder
 
 
 class DiTModel(MegatronModule):
@@ -208,7 +220,7 @@ def build_dit(cfg, tconfig: TransformerConfig, pg_collection, num_classes: int) 
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     chunks = []
     for vp_stage in (range(vp) if vp else [None]):
-        spec = dit_block_spec(tconfig, pattern, router=router_builder(moe),
+        spec = dit_block_spec(tconfig, pattern, router=dit_router(moe, d.patch_size),
                               shared_expert=bool(moe.shared_expert_ffn_hidden_size),
                               pg_collection=pg_collection, experts=moe.experts,
                               fp8=moe.fp8, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -2,6 +2,7 @@
 uint8, labels [B])).
 
 A micro-batch holds the clean images, their labels and each image's global `sample_index`.
+The context carries the patchified target per token too (Race's PLR head predicts it).
 The noise, timestep and label drop of each image come from (run.seed, step, sample index)
 (megamoe.models.dit.objective), on every pipeline stage alike; in evaluation the draws of step 0,
 so a held-out loss sees the same (x, ε, t, label drop) at every step. The loss unit is the image: a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from megamoe.blocks.embeddings import patchify
 from megamoe.config.diffusion import dit_tokens
 from megamoe.models.vit.task import LabelledImages
 
@@ -48,7 +50,9 @@ class DiTTask(LabelledImages):
 
         draw_step = step if model.training else 0     # held-out losses: fixed (x, ε, t)
         noised = self.noised(batch, draw_step)
-        context = dit_context(batch["sample_index"], noised.timesteps_B, noised.labels_B, step)
+        targets_BSP = patchify(noised.target_BCHW, self.cfg.model.dit.patch_size)
+        context = dit_context(batch["sample_index"], noised.timesteps_B, noised.labels_B, step,
+                              targets_BSP=targets_BSP)
         output = model(noised.x_t_BCHW.to(device), noised.target_BCHW.to(device),
                        context=context)
         return output, _loss_func

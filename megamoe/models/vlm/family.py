@@ -57,6 +57,10 @@ def check_vlm(cfg) -> None:
         if m.mor.enabled:
             fail("model.vlm.contrastive_coeff", "the text-only pass runs the plain decoder; "
                  "Mixture-of-Recursions LMs do not support it yet")
+    if cfg.data.packing:
+        from megamoe.models.vlm.packing import check_packing
+
+        check_packing(cfg)
     if m.vit.position_embedding == "sincos" and m.vlm.encoder_hidden_size % 4:
         fail("model.vit.position_embedding", f"'sincos' needs model.vlm.encoder_hidden_size "
              f"divisible by 4, got {m.vlm.encoder_hidden_size}")

@@ -52,6 +52,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.mlp import MLPSubmodules
 
 from megamoe.blocks.context import Context, bind
+from megamoe.blocks.packed import per_sample_sum, rotary_at_positions, sample_numbers
 from megamoe.models.lm.model import LMModel
 
 TEXT, IMAGE = 0, 1      # modality ids the routers and norms see
@@ -100,7 +101,8 @@ class VLMModel(LMModel):
 
     def __init__(self, config, build_decoder, *, vision=None,
                  projector=None, image_token_id: int, patch_side: int, pixel_shuffle: int,
-                 vision_grid=None, contrastive=None, **gpt_kwargs):
+                 vision_grid=None, contrastive=None, packed_positions: bool = False,
+                 **gpt_kwargs):
         super().__init__(config, build_decoder, scatter_embedding_sequence_parallel=False,
                          **gpt_kwargs)
         assert (vision is None) == (projector is None) and (vision is None) != self.pre_process
@@ -110,6 +112,16 @@ class VLMModel(LMModel):
         self.image_token_id, self.patch_side, self.shuffle = image_token_id, patch_side, \
             pixel_shuffle
         self._correct = None
+        self.packed_positions = packed_positions     # data.packing: RoPE at position_ids
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        """GPTModel's, with packed sequences' RoPE read at `position_ids` (restarting per
+        sample): Megatron builds the rotary table from the sequence length alone
+        (megamoe.blocks.packed). Runs on every pipeline stage, each with the batch's ids."""
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if not self.packed_positions or out[1] is None or position_ids is None:
+            return out
+        return (out[0], rotary_at_positions(out[1], position_ids), *out[2:])
 
     def forward(self, input_ids, position_ids, attention_mask, *, images=None, labels=None,
                 context: Context | None = None, vision_context: Context | None = None,
@@ -167,7 +179,8 @@ class VLMModel(LMModel):
         image_nBD = self.connector(pixel_shuffle(features_NBE, self.patch_side, self.shuffle))
         text_SBD = self.embedding(input_ids=input_ids_BS, position_ids=position_ids_BS)
         placeholders_BS = input_ids_BS == self.image_token_id
-        check_placeholders(placeholders_BS, image_nBD.shape[0], context)
+        check_placeholders(placeholders_BS, image_nBD.shape[0], context, images_BCHW.shape[0],
+                           vision_context.sample_index_B if vision_context is not None else None)
         merged_BSD = text_SBD.transpose(0, 1).masked_scatter(
             placeholders_BS.unsqueeze(-1), image_nBD.transpose(0, 1).to(text_SBD.dtype))
         merged_SBD = merged_BSD.transpose(0, 1).contiguous()
@@ -294,16 +307,26 @@ def encoder_grad_sync(chunks, grids):
 
 
 def check_placeholders(placeholders_BS: torch.Tensor, image_tokens: int,
-                       context: Context | None) -> None:
+                       context: Context | None, images: int | None = None,
+                       image_index_N: torch.Tensor | None = None) -> None:
     """Every sample has exactly one image's worth of placeholders; else one error naming the
-    sample."""
-    counts_B = placeholders_BS.sum(dim=1)
-    bad = (counts_B != image_tokens).nonzero().flatten()
+    sample. A packed row holds several samples (the context's `sequence_ids_BS`, the data's
+    segment ids): counted per sample, in the order of the batch's `images` images (global
+    sample indices `image_index_N`), which the masked scatter fills them with."""
+    segments_BS = context.sequence_ids_BS if context is not None else None
+    if segments_BS is None:
+        counts, index = placeholders_BS.sum(dim=1), context.sample_index_B if context is not \
+            None else None
+    else:
+        numbers_BS, n = sample_numbers(segments_BS.to(placeholders_BS.device))
+        counts, index = per_sample_sum(placeholders_BS.long(), numbers_BS, n), image_index_N
+        if images is not None and n != images:
+            raise ValueError(f"a packed micro-batch holds {n} samples and {images} images")
+    bad = (counts != image_tokens).nonzero().flatten()
     if len(bad):
         b = int(bad[0])
-        index = context.sample_index_B[b].item() if context is not None and \
-            context.sample_index_B is not None else b
-        raise ValueError(f"sample {index}: {int(counts_B[b])} image placeholder tokens, the "
+        name = index[b].item() if index is not None else b
+        raise ValueError(f"sample {name}: {int(counts[b])} image placeholder tokens, the "
                          f"model makes {image_tokens} image embeddings per image "
                          f"(model.vit.patch_size, model.vlm.pixel_shuffle, data.image_size)")
 
@@ -363,7 +386,8 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     image_tokens(cfg)
 
     def chunk_kwargs(first: bool, last: bool) -> dict:
-        kwargs = dict(image_token_id=IMAGE_TOKEN_ID, patch_side=side, pixel_shuffle=r)
+        kwargs = dict(image_token_id=IMAGE_TOKEN_ID, patch_side=side, pixel_shuffle=r,
+                      packed_positions=cfg.data.packing)
         if not first:
             return kwargs
         vision_grid = grids.vision if grids is not None else None

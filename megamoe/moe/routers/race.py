@@ -43,13 +43,20 @@ The score function may be switched to sigmoid or softmax (`race.gating`, the pap
 ablation); identity is the paper's choice.
 
 Per-layer regularisation (PLR, papers.md §7), with `race.plr_coeff` > 0: the router becomes a
-2-layer MLP, h = GELU(W_h·x), S = W_g·h, and a second head predicts the training target from h.
-On a diffusion model the target is the noise/velocity (MSE); on this LM it is the model's own
-training target, the next token, so the head is a Linear_{D→V} with cross-entropy against the
-labels of the routing context. The loss is a per-token sum like the LM loss (each rank adds its
-tokens' CE; Megatron divides every gradient by the global token count), weighted by
-`plr_coeff` [unverified: the paper's weight was not retrieved]. The head exists only for
-training; routing (and so inference) uses W_h and W_g.
+2-layer MLP, h = GELU(W_h·x), S = W_g·h, and a second head (W_y, no biases) predicts the
+model's training target from h, weighted by `plr_coeff` [unverified: the paper's weight was not
+retrieved]. The head exists only for training; routing (and so inference) uses W_h and W_g.
+- Diffusion (the paper's; the dit family passes `plr_regression_size` = p²·C): ŷ_t = W_y·h_t ∈
+  R^{p²·C} against the patchified diffusion target y_t of the context (`targets_BSP`: v = ε − x
+  or ε, the main loss's), L_PLR = mean over the image's S tokens and p²·C values of (ŷ − y)²,
+  the main loss's normalisation (per-image MSE), so coeff·Σ_l L_PLR,l sits on the paper's
+  Σ_l ‖ŷ_l − y‖² up to that constant. Each rank adds Σ over its tokens of (ŷ − y)² / (S·p²·C)
+  with S the image's whole token count (its sequence shard's tokens under SP), so the TP ranks'
+  shares sum to the image's value whatever the layout; Megatron then divides by the global
+  image count, as for the main loss.
+- Language model: the target is the next token, so W_y is Linear_{D→V} with cross-entropy
+  against the labels of the routing context, a per-token sum like the LM loss (each rank adds
+  its tokens' CE; Megatron divides every gradient by the global token count).
 
 Token-choice options: `model.moe.aux_loss_coeff` is not used;
 `capacity_factor` and `z_loss_coeff` are refused when the config is validated
@@ -139,7 +146,8 @@ class RaceRouter(Router, MegamoeRouter):
 
     @classmethod
     def extra_parameters(cls, moe_cfg, hidden: int, vocab_size: int) -> tuple[int, int]:
-        """The PLR head (hidden [D, D], target [V, D]) when `race.plr_coeff` > 0."""
+        """The PLR head (hidden [D, D], target [V, D]) when `race.plr_coeff` > 0; V is what
+        the head predicts per token (the vocabulary, or the DiT's p²·C target values)."""
         n = hidden * hidden + vocab_size * hidden if moe_cfg.race.plr_coeff > 0 else 0
         return n, n
 
@@ -147,14 +155,17 @@ class RaceRouter(Router, MegamoeRouter):
                  ema_momentum: float = 0.95, similarity_loss_coeff: float = 1e-5,
                  similarity_divisor: str = "tokens", similarity_off_diagonal: str = "off_diagonal",
                  plr_coeff: float = 0.0, vocab_size: int | None = None,
-                 selection: str = "data-parallel"):
+                 plr_regression_size: int | None = None, selection: str = "data-parallel"):
         super().__init__(config=config, pg_collection=pg_collection)
         self.plr_coeff = plr_coeff
+        # a diffusion model's per-token target width p²·C (MSE); None: next tokens (CE)
+        self.plr_regression_size = plr_regression_size
         if plr_coeff > 0:
-            assert vocab_size, "PLR predicts tokens: the router needs the vocabulary size"
+            width = plr_regression_size or vocab_size
+            assert width, "PLR predicts the target: the router needs its size per token"
             D = config.hidden_size
             self.plr_hidden = torch.nn.Parameter(torch.empty(D, D, dtype=torch.float32))
-            self.plr_target = torch.nn.Parameter(torch.empty(vocab_size, D, dtype=torch.float32))
+            self.plr_target = torch.nn.Parameter(torch.empty(width, D, dtype=torch.float32))
             for w in (self.plr_hidden, self.plr_target):
                 if config.perform_initialization:
                     config.init_method(w)
@@ -242,6 +253,16 @@ class RaceRouter(Router, MegamoeRouter):
         logits_TV = F.linear(h_TD, self.plr_target)
         return F.cross_entropy(logits_TV, labels_T.long(), reduction="sum")
 
+    def plr_regression_share(self, context: Context, h_TD: torch.Tensor,
+                             tokens_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's share of Σ_images L_PLR, with gradient; Σ (ŷ − y)² of its tokens,
+        detached): Σ over its tokens of (W_y·h_t − y_t)² / (S·P), S = `tokens_per_sample` the
+        image's whole token count, P = p²·C (module docstring)."""
+        context.require("targets_BSP", "model.moe.race.plr_coeff (PLR head)")
+        y_TP = context.tokens("targets_BSP", self.sp_rank, self.sp_size).to(h_TD.device)
+        err_sum = ((F.linear(h_TD, self.plr_target) - y_TP.float()) ** 2).sum()
+        return err_sum / (tokens_per_sample * y_TP.shape[-1]), err_sum.detach()
+
     def route(self, hidden_SBD: torch.Tensor, context: Context) -> RouterOutput:
         if self.plr_coeff > 0:
             h_TD = self.plr_features(hidden_SBD)
@@ -250,9 +271,16 @@ class RaceRouter(Router, MegamoeRouter):
             logits_TE = super().gating(hidden_SBD)
         probs_TE, routing_map_TE, stats = self.routing_with_stats(logits_TE)
         if self.plr_coeff > 0 and self.training and torch.is_grad_enabled():
-            ce_sum = self.plr_loss_sum(context, h_TD)
-            probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, self.plr_coeff * ce_sum)
-            stats["plr_loss"] = ce_sum.item() / max(1, h_TD.shape[0])
+            if self.plr_regression_size:      # a diffusion target: per-image MSE
+                share, err_sum = self.plr_regression_share(
+                    context, h_TD, hidden_SBD.shape[0] * self.sp_size)
+                probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, self.plr_coeff * share)
+                stats["plr_loss"] = err_sum.item() / max(1, h_TD.shape[0]
+                                                         * self.plr_regression_size)
+            else:
+                ce_sum = self.plr_loss_sum(context, h_TD)
+                probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, self.plr_coeff * ce_sum)
+                stats["plr_loss"] = ce_sum.item() / max(1, h_TD.shape[0])
         return RouterOutput(probs_TE=probs_TE, routing_map_TE=routing_map_TE,
                             tokens_per_expert_E=routing_map_TE.sum(dim=0).detach(), stats=stats)
 
