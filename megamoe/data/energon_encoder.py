@@ -10,13 +10,18 @@ a VQA sample's question is the prompt and its first answer the answer.
 
 Bad samples: anything wrong with one sample (an image Pillow cannot decode, a missing field, an
 unknown word, too many tokens) becomes a `BadSample` record (shard, key, reason). Energon then
-skips the sample before batching, so a micro-batch is always full. The records travel to the
-training process attached to the next good sample (worker processes have no other way back);
-with `strict` the first one raises `BadSampleError` instead.
+skips the sample before batching, so a micro-batch is always full. Read in the training process
+(data.num_workers 0) a record is reported as the sample is met, so the count is part of the
+reading position a checkpoint saves; from a worker process it travels attached to the next good
+sample (a worker has no other way back; a record riding on a sample that sits in a packing
+buffer at a save is not counted again after the resume). With `strict` the first one raises
+`BadSampleError` instead.
 
-Packing (issue 16 item 3) hooks in here: `select_samples_to_pack` / `pack_selected_samples`
-(Energon calls them when the dataset is built with a packing buffer) will call
-megamoe.data.pack's plan_packs / pack_samples.
+Packing (data.packing): Energon buffers encoded samples and calls `select_samples_to_pack`
+(megamoe.data.pack.plan_packs: greedy, in order, as many as fit in seq_length + 1 tokens) and
+`pack_selected_samples` (pack_samples); a micro-batch is then a list of packed sequences, which
+the vlm task collates (its list path). The buffer is part of Energon's saved state, so a resume
+packs exactly as the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from megatron.energon import DefaultTaskEncoder, SkipSample
+from megatron.energon import DefaultTaskEncoder, SkipSample, stateless
 from megatron.energon.errors import FatalSampleError
 
 from megamoe.data.scenes import CAPTION, CAPTION_PROMPT, ScenesDataset, scenes_tokenizer
 
 _BAD_KEY = "__megamoe_bad__"      # the records riding on a good sample
 ENERGON_NOISE = ("Except ", "ErrorContext ")    # Energon's own prints for a handled error
+_PACKING_BAR = "Filling reading buffer"          # the progress bar of its packing buffer
 
 
 @dataclass(frozen=True)
@@ -79,17 +85,20 @@ class VLMTaskEncoder(DefaultTaskEncoder):
     decoder = None       # bytes in: images are decoded here, with Pillow, so a bad one is ours
 
     def __init__(self, *, image_size: int, image_tokens: int, seq_length: int,
-                 strict: bool = False):
+                 strict: bool = False, packing: bool = False):
         super().__init__()
         self.image_size, self.strict = image_size, strict
+        self.seq_length, self.packing = seq_length, packing
         # the scenes set's tokenisation (sequence(), caption_sequence()) with the model's sizes
         self.text = ScenesDataset(image_size=image_size, tokenizer=scenes_tokenizer(),
                                   image_tokens=image_tokens, seq_length=seq_length,
                                   max_shapes=3, caption_fraction=1.0)
-        self.pending: list[BadSample] = []      # this process's records not yet delivered
+        self.pending: list[BadSample] = []      # a worker's records not yet delivered
+        self.report = None       # the training process's reporter (set by the loader)
 
     # ---- one sample ------------------------------------------------------------------------------
 
+    @stateless        # a pure function of the sample: Energon may re-encode a packing buffer's
     def encode_sample(self, sample) -> dict:
         try:
             out = self._encode(sample)
@@ -99,6 +108,8 @@ class VLMTaskEncoder(DefaultTaskEncoder):
             self.bad(BadSample(*where(sample), _reason(exc)))
             raise SkipSample() from None
         out[_BAD_KEY], self.pending = self.pending, []
+        # where Energon finds the sample again (a packing buffer is saved as these keys)
+        out["__restore_key__"] = getattr(sample, "__restore_key__", ())
         return out
 
     def on_error(self, exc: Exception, sample, sources=None) -> None:
@@ -110,7 +121,12 @@ class VLMTaskEncoder(DefaultTaskEncoder):
         """Record a bad sample (strict: stop with it)."""
         if self.strict:
             raise BadSampleError(record.line())
-        self.pending.append(record)
+        from torch.utils.data import get_worker_info
+
+        if self.report is not None and get_worker_info() is None:
+            self.report(record)          # in the training process: counted as it is met
+        else:
+            self.pending.append(record)
 
     def _encode(self, sample) -> dict:
         shard, key = where(sample)
@@ -138,7 +154,12 @@ class VLMTaskEncoder(DefaultTaskEncoder):
 
     def batch(self, samples: list[dict]) -> dict:
         """The samples stacked as ScenesDataset.get_batch stacks them, plus their keys and the
-        bad-sample records they carried."""
+        bad-sample records they carried; packed: {"packs": the packed sequences, keys, records}."""
+        if self.packing:
+            return {"packs": [{k: v for k, v in s.items() if k not in ("bad", "__restore_key__")}
+                              for s in samples],
+                    "key": [k for s in samples for k in s["key"]],
+                    "bad": [r for s in samples for r in s["bad"]]}
         stack = {k: np.stack([s[k] for s in samples]) for k in
                  ("image", "tokens", "loss_mask", "caption_tokens")}
         return {"images": stack["image"], "tokens": stack["tokens"],
@@ -151,13 +172,20 @@ class VLMTaskEncoder(DefaultTaskEncoder):
     def encode_batch(self, batch: dict) -> dict:
         return batch
 
-    # ---- packing: the hook (megamoe.data.pack, issue 16 item 3) ---------------------------------
+    # ---- packing (megamoe.data.pack) --------------------------------------------------------------
 
     def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
-        raise NotImplementedError("packing: megamoe.data.pack.plan_packs goes here")
+        from megamoe.data.pack import plan_packs, sample_length
 
+        plan = plan_packs([sample_length(s) for s in samples], self.seq_length)
+        return [[samples[i] for i in pack] for pack in plan]
+
+    @stateless
     def pack_selected_samples(self, samples: list[dict]) -> dict:
-        raise NotImplementedError("packing: megamoe.data.pack.pack_samples goes here")
+        from megamoe.data.pack import pack_samples
+
+        return {**pack_samples(samples, self.seq_length), "key": [s["key"] for s in samples],
+                "bad": [r for s in samples for r in s[_BAD_KEY]], "__restore_key__": ()}
 
 
 def _text(value, what: str) -> str:
@@ -185,8 +213,9 @@ def decode_image(data, image_size: int) -> np.ndarray:
 
 
 class DropNoise(io.TextIOBase):
-    """A stdout that drops Energon's prints for errors its handler took (our handler logs one
-    line per bad sample) and passes every other line on (megamoe.data.energon_source installs
+    """A stdout (stderr) that drops Energon's prints for errors its handler took (our handler
+    logs one line per bad sample) and its packing buffer's progress bar, and passes every other
+    line on (megamoe.data.energon_source installs
     it while it reads; loader workers forked meanwhile keep it)."""
 
     def __init__(self, out):
@@ -195,7 +224,7 @@ class DropNoise(io.TextIOBase):
     def write(self, text: str) -> int:
         *lines, self.pending = (self.pending + text).split("\n")
         for line in lines:
-            if not line.startswith(ENERGON_NOISE):
+            if not (line.lstrip("\r").startswith(ENERGON_NOISE) or _PACKING_BAR in line):
                 self.out.write(line + "\n")
         return len(text)
 

@@ -66,8 +66,12 @@ class EnergonSource:
         self.path, self.part, self.seed = data_cfg.path, part, seed
         self.strict, self.num_workers = data_cfg.strict, data_cfg.num_workers
         self.shuffle_buffer = data_cfg.shuffle_buffer
+        # data.packing: a micro-batch of b sample slots is b / pack_samples packed rows, each
+        # filled greedily from Energon's packing buffer (megamoe.data.energon_encoder)
+        self.pack_k = data_cfg.pack_samples if getattr(data_cfg, "packing", False) else None
         self.encoder_args = dict(image_size=image_size, image_tokens=image_tokens,
-                                 seq_length=seq_length, strict=data_cfg.strict)
+                                 seq_length=seq_length, strict=data_cfg.strict,
+                                 packing=self.pack_k is not None)
         self.log = log or (lambda msg: print(f"[megamoe] {msg}", file=sys.stderr, flush=True))
         self._val_loaders: dict = {}
 
@@ -95,6 +99,7 @@ class EnergonLoader:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples, self.bad_samples = consumed_samples, 0
+        self.samples_read = 0         # packed: this rank's samples so far (their positions)
         self.replica = _replica_index(dp_rank)
         self.what = "data.strict" if source.strict else "data"    # the prefix of its errors
         self.loader, self._iter = agree(lambda: self._build(), self.what)
@@ -107,17 +112,29 @@ class EnergonLoader:
         s = self.source
         _, split_config = self._check_shards()
         self.encoder = VLMTaskEncoder(**s.encoder_args)
+        self.encoder.report = self._report
         wc = WorkerConfig(rank=self.dp_rank, world_size=self.dp_size,
                           num_workers=s.num_workers, seed_offset=s.seed,
                           global_error_handler=self.encoder.on_error)
         dataset = get_train_dataset(
-            s.path, split_part=s.part, worker_config=wc, batch_size=self.micro_batch_size,
+            s.path, split_part=s.part, worker_config=wc, batch_size=self.rows,
             batch_drop_last=True, shuffle_buffer_size=s.shuffle_buffer or None,
+            packing_buffer_size=self.pack_buffer,
             max_samples_per_sequence=None, task_encoder=self.encoder,
             **_split_kwargs(split_config))
         _remove(split_config)                     # read while the dataset was built
         loader = get_savable_loader(dataset, watchdog_timeout_seconds=None)
         return loader, None
+
+    @property
+    def rows(self) -> int:
+        """Sequences per micro-batch (packed: micro_batch_size / data.pack_samples)."""
+        return self.micro_batch_size // (self.source.pack_k or 1)
+
+    @property
+    def pack_buffer(self) -> int | None:
+        """Samples Energon buffers to plan packs from (None: no packing)."""
+        return None if self.source.pack_k is None else 4 * self.micro_batch_size
 
     def _check_shards(self):
         """Damaged shards of the split: logged and counted once (by DP rank 0), or with
@@ -150,11 +167,20 @@ class EnergonLoader:
                     self._iter = iter(self.loader)
                 batch = next(self._iter)
             for record in batch.pop("bad"):
-                self.source.log(record.line())
-                self.bad_samples += 1
+                self._report(record)
+            if "packs" in batch:       # positions: this rank's samples, interleaved over ranks
+                n = len(batch["key"])
+                positions = (self.samples_read + np.arange(n, dtype=np.int64)) * D + self.dp_rank
+                self.samples_read += n
+                out.append(self.collate(batch["packs"], positions))
+                continue
             start = consumed + m * b * D + self.dp_rank * b
             out.append(self.collate(batch, np.arange(start, start + b, dtype=np.int64)))
         return out
+
+    def _report(self, record) -> None:
+        self.source.log(record.line())
+        self.bad_samples += 1
 
     def metrics(self) -> dict:
         """This rank's counts since the run started (summed over ranks by the loop)."""
@@ -164,9 +190,11 @@ class EnergonLoader:
         state = self.loader.save_state_rank()
         return {"consumed_samples": int(self.consumed_samples),
                 "stream": {"dp_size": self.dp_size, "num_workers": self.source.num_workers,
-                           "micro_batch_size": self.micro_batch_size},
+                           "micro_batch_size": self.micro_batch_size,
+                           "packing": self.source.pack_k},
                 "source": {"dp_rank": self.dp_rank, "dp_size": self.dp_size,
                            "replica": self.replica, "bad_samples": self.bad_samples,
+                           "samples_read": self.samples_read,
                            "energon": torch.frombuffer(bytearray(pickle.dumps(state)),
                                                        dtype=torch.uint8)}}
 
@@ -177,20 +205,21 @@ class EnergonLoader:
                              "source (no Energon stream position); data.kind energon cannot "
                              "resume from it (start fresh: train.resume=none)")
         mine = {"dp_size": self.dp_size, "num_workers": self.source.num_workers,
-                "micro_batch_size": self.micro_batch_size}
+                "micro_batch_size": self.micro_batch_size, "packing": self.source.pack_k}
         changed = [f"{k} {stream[k]} -> {mine[k]}" for k in mine if stream.get(k) != mine[k]]
         if changed:
             raise ValueError(
                 "data loader state: the Energon stream was saved under another layout ("
                 + ", ".join(changed) + "): its per-rank position cannot be carried over "
-                "exactly; resume with the same DP size, data.num_workers and "
-                "train.micro_batch_size, or start fresh (train.resume=none)")
+                "exactly; resume with the same DP size, data.num_workers, "
+                "train.micro_batch_size and data.packing, or start fresh (train.resume=none)")
         source = state.get("source")
         assert source is not None and source["dp_rank"] == self.dp_rank, (source, self.dp_rank)
         assert self._iter is None, "restore before the first step"
         self.loader.restore_state_rank(pickle.loads(source["energon"].numpy().tobytes()))
         self.consumed_samples = int(state["consumed_samples"])
         self.bad_samples = int(source["bad_samples"])
+        self.samples_read = int(source.get("samples_read", 0))
 
 
 class EnergonValLoader(EnergonLoader):
@@ -207,7 +236,8 @@ class EnergonValLoader(EnergonLoader):
         wc = WorkerConfig(rank=self.dp_rank, world_size=self.dp_size, num_workers=0,
                           global_error_handler=self.encoder.on_error)
         dataset = get_val_dataset(s.path, split_part=s.part, worker_config=wc,
-                                  batch_size=self.micro_batch_size, batch_drop_last=True,
+                                  batch_size=self.rows, batch_drop_last=True,
+                                  packing_buffer_size=self.pack_buffer,
                                   task_encoder=self.encoder,
                                   **_split_kwargs(split_config))
         _remove(split_config)
@@ -295,14 +325,15 @@ def _replica_index(dp_rank: int) -> int:
 @contextlib.contextmanager
 def _quiet():
     """Drop Energon's own prints for errors its handler took while reading (our handler logs one
-    line per bad sample); every other line is passed on. Worker processes forked meanwhile (at
-    the first read) keep the filter."""
+    line per bad sample) and its packing buffer's progress bar; every other line is passed on.
+    Worker processes forked meanwhile (at the first read) keep the filter."""
     from megamoe.data.energon_encoder import DropNoise
 
-    saved = sys.stdout
-    sys.stdout = DropNoise(saved)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = DropNoise(saved[0]), DropNoise(saved[1])
     try:
         yield
     finally:
-        sys.stdout.close_line()
-        sys.stdout = saved
+        for stream in (sys.stdout, sys.stderr):
+            stream.close_line()
+        sys.stdout, sys.stderr = saved

@@ -15,21 +15,27 @@ from megamoe.testing.energon_data import (make_dataset, member_bytes, reindex, r
 G, B = 8, 2          # global and micro-batch size of the loader tests
 
 
-def data_cfg(path: str, strict: bool = False, num_workers: int = 0, image_size: int = 32):
+def data_cfg(path: str, strict: bool = False, num_workers: int = 0, image_size: int = 32,
+             packing: bool = False):
     return SimpleNamespace(path=path, strict=strict, num_workers=num_workers,
-                           shuffle_buffer=10, image_size=image_size)
+                           shuffle_buffer=10, image_size=image_size, packing=packing,
+                           pack_samples=2)
 
 
-def keys_collate(batch: dict, sample_index) -> list:
+def keys_collate(batch, sample_index) -> list:
+    """The keys of a micro-batch (packed: the packs' keys, with the rows' lengths)."""
+    if isinstance(batch, list):
+        return [[*p["key"], int((p["segment_ids"] >= 0).sum())] for p in batch]
     return list(batch["key"])
 
 
 def train_loader(path: str, *, strict: bool = False, dp_rank: int = 0, dp_size: int = 1,
-                 log=None, num_workers: int = 0):
+                 log=None, num_workers: int = 0, packing: bool = False):
     from megamoe.data.energon_source import EnergonSource
 
-    source = EnergonSource(data_cfg(path, strict, num_workers), "train", image_size=32,
-                           image_tokens=16, seq_length=48, seed=1234, log=log)
+    source = EnergonSource(data_cfg(path, strict, num_workers, packing=packing), "train",
+                           image_size=32,
+                           image_tokens=16, seq_length=96 if packing else 48, seed=1234, log=log)
     return source.make_loader(keys_collate, global_batch_size=G, micro_batch_size=B,
                               dp_rank=dp_rank, dp_size=dp_size)
 
@@ -119,7 +125,8 @@ def read_steps(path: str, steps: int, strict: bool = False) -> dict:
             "bad_total": int(total.item())}
 
 
-def resume_round_trip(path: str, root: str, before: int, after: int) -> dict:
+def resume_round_trip(path: str, root: str, before: int, after: int,
+                      packing: bool = False) -> dict:
     """Pool task: read `before` steps, save the loader state in a checkpoint (the per-DP-rank
     sharded objects megamoe saves), read `after` more; then a fresh loader restored from the
     checkpoint, and one restored from the state after step 1 (the control), read `after` steps."""
@@ -129,7 +136,7 @@ def resume_round_trip(path: str, root: str, before: int, after: int) -> dict:
     from megamoe.checkpoint.state import CheckpointState
 
     r, D = dist.get_rank(), dist.get_world_size()
-    a = train_loader(path, dp_rank=r, dp_size=D)
+    a = train_loader(path, dp_rank=r, dp_size=D, packing=packing)
     early = None
     for i in range(before):
         a.step_batches()
@@ -147,10 +154,10 @@ def resume_round_trip(path: str, root: str, before: int, after: int) -> dict:
     template = CheckpointState(model={}, progress=dict(progress),
                                data=_data_source_template(meta, SimpleNamespace(grid=grid), {}))
     loaded = CheckpointState.from_sharded(dist_checkpointing.load(template.sharded(), root))
-    b = train_loader(path, dp_rank=r, dp_size=D)
+    b = train_loader(path, dp_rank=r, dp_size=D, packing=packing)
     b.load_state_dict(loaded.data)
     resumed = [b.step_batches() for _ in range(after)]
-    c = train_loader(path, dp_rank=r, dp_size=D)
+    c = train_loader(path, dp_rank=r, dp_size=D, packing=packing)
     c.load_state_dict(early)
     control = [c.step_batches() for _ in range(after)]
     return {"straight": straight, "resumed": resumed, "control": control,

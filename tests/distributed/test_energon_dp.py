@@ -4,9 +4,10 @@ shard that is not a tar, a shard with a sample's tar header overwritten mid-file
 shard is logged once with its shard/key and reason and counted (summed over ranks), and no
 damaged sample reaches a batch. Strict: every rank stops with the same one-line error naming
 the shard, key and reason (a rank whose own data is fine does not hang in a collective).
-Resume: the loader state saved in a checkpoint (one object per DP rank) gives exactly the keys
-an uninterrupted reader gets; the state of an earlier step (control) does not; a DP1 reader
-refuses a DP2 state, saying what changed."""
+Resume (unpacked and packed: Energon's packing buffer is in its state): the loader state saved
+in a checkpoint (one object per DP rank) gives exactly the keys an uninterrupted reader gets;
+the state of an earlier step (control) does not; a DP1 reader refuses a DP2 state, saying what
+changed."""
 
 import os
 
@@ -69,15 +70,19 @@ def test_strict_mode_stops_every_rank_with_one_error(dataset, tmp_path, kind):
 
 
 @pytest.mark.timeout(300)
-def test_exact_resume_from_a_checkpoint_and_changed_dp_size_refused(dataset, tmp_path):
-    out = run_distributed(resume_round_trip, 2, dataset, str(tmp_path / "ckpt"), 3, 3)
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_exact_resume_from_a_checkpoint_and_changed_dp_size_refused(dataset, tmp_path, packing):
+    out = run_distributed(resume_round_trip, 2, dataset, str(tmp_path / "ckpt"), 3, 3,
+                          packing=packing)
     for r in out:
+        if packing:     # rows of greedily packed samples (keys…, the row's tokens)
+            assert any(len(row) > 2 for step in r["straight"] for mb in step for row in mb)
         assert r["resumed"] == r["straight"], r
         assert r["control"] != r["straight"]        # restoring another step's state differs
         assert r["consumed"] == 6 * G
     assert out[0]["straight"] != out[1]["straight"]  # the ranks read disjoint streams
     # a DP1 reader refuses the DP2 state (which holds no cursor for a DP size of 1)
-    loader = train_loader(dataset)
+    loader = train_loader(dataset, packing=packing)
     with pytest.raises(ValueError, match=r"dp_size 2 -> 1") as err:
         loader.load_state_dict(out[0]["data"])
     assert "start fresh" in str(err.value) and "\n" not in str(err.value)

@@ -1,5 +1,5 @@
-"""The training loop on data.kind energon under DP2 (EP2 × DP2 on 2 gloo ranks): a shard with a
-truncated image trains on, with the bad sample counted in metrics.jsonl (summed over ranks);
+"""The training loop on data.kind energon under DP2 (EP2 × DP2 on 2 gloo ranks), with packing
+(Energon's packing buffer planning rows greedily): a shard with a truncated image trains on, with the bad sample counted in metrics.jsonl (summed over ranks);
 a run stopped at step 2 and resumed from its checkpoint takes the same steps 3 and 4 as the run
 that never stopped (same losses: the same samples on every rank, restored per DP rank), and
 carries its bad-sample count over."""
@@ -13,7 +13,8 @@ from megamoe.testing.recipes import train_recipe
 
 
 def _args(path, steps):
-    return [*TINY_VLM, "data.kind=energon", f"data.path={path}", "model.seq_length=48",
+    return [*TINY_VLM, "data.kind=energon", f"data.path={path}", "model.seq_length=64",
+            "data.packing=true", "data.pack_samples=2",
             "parallel.world_size=2", "parallel.expert=2", f"train.steps={steps}",
             "train.save_interval=2", "train.eval_interval=0", "train.eval_iters=1"]
 
