@@ -98,7 +98,7 @@ class VLMTaskEncoder(DefaultTaskEncoder):
 
     # ---- one sample ------------------------------------------------------------------------------
 
-    @stateless        # a pure function of the sample: Energon may re-encode a packing buffer's
+    @stateless   # output: a function of the sample (Energon re-encodes a saved packing buffer)
     def encode_sample(self, sample) -> dict:
         try:
             out = self._encode(sample)
@@ -172,7 +172,7 @@ class VLMTaskEncoder(DefaultTaskEncoder):
     def encode_batch(self, batch: dict) -> dict:
         return batch
 
-    # ---- packing (megamoe.data.pack) --------------------------------------------------------------
+    # ---- packing (megamoe.data.pack) -------------------------------------------------------------
 
     def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
         from megamoe.data.pack import plan_packs, sample_length

@@ -40,7 +40,7 @@ def train_loader(path: str, *, strict: bool = False, dp_rank: int = 0, dp_size: 
                               dp_rank=dp_rank, dp_size=dp_size)
 
 
-# ---- damage ---------------------------------------------------------------------------------------
+# ---- damage --------------------------------------------------------------------------------------
 
 DAMAGE = ("truncated_image", "missing_caption", "truncated_shard", "unreadable_shard",
           "corrupt_shard")
@@ -105,7 +105,7 @@ def build_dataset(folder: str, count: int = 64) -> str:
     return path
 
 
-# ---- tasks ----------------------------------------------------------------------------------------
+# ---- tasks ---------------------------------------------------------------------------------------
 
 def read_steps(path: str, steps: int, strict: bool = False) -> dict:
     """Pool task: this DP rank's keys per step, its logged lines, its count and the summed count

@@ -1,8 +1,9 @@
 """The training loop on data.kind energon under DP2 (EP2 × DP2 on 2 gloo ranks), with packing
-(Energon's packing buffer planning rows greedily): a shard with a truncated image trains on, with the bad sample counted in metrics.jsonl (summed over ranks);
-a run stopped at step 2 and resumed from its checkpoint takes the same steps 3 and 4 as the run
-that never stopped (same losses: the same samples on every rank, restored per DP rank), and
-carries its bad-sample count over."""
+(Energon's packing buffer planning rows greedily): a shard with a truncated image trains on,
+with the bad sample counted in metrics.jsonl (summed over ranks); a run stopped at step 2 and
+resumed from its checkpoint takes the same steps 3 and 4 as the run that never stopped (same
+losses: the same samples on every rank, restored per DP rank), and carries its bad-sample count
+over."""
 
 import pytest
 
