@@ -287,7 +287,9 @@ def agree(fn, what: str):
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         error = _one_line(exc)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        failed = torch.tensor([0.0 if error is None else 1.0])
+        from megamoe.launch.env import collective_device
+
+        failed = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
         dist.all_reduce(failed)
         if failed.item() > 0:
             errors = [None] * dist.get_world_size()
