@@ -88,6 +88,10 @@ def family_for(cfg):
 def _vlm_family(cfg):
     """LLaVA when it expresses the vlm exactly, else megamoe's remote code, else ValueError
     naming every field neither expresses."""
+    if cfg.data.kind == "sounds":
+        raise ValueError("data.kind 'sounds': no Hugging Face mapping for the audio model (its "
+                         "encoder reads one-channel log-mel spectrograms, which LLaVA's image "
+                         "processor does not make); keep the megamoe checkpoint")
     if not hf_llava.problems(cfg):
         return hf_llava
     bad = hf_vlm.problems(cfg)

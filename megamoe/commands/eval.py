@@ -163,10 +163,12 @@ def _vlm_figures(engine, cfg, total: dict, valid, iters: int, G: int, step_dir: 
     out["shuffled_accuracy"] = M.global_mean(shuffled, engine.grid, "correct", "questions")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
     out["expert_usage_png"] = write_usage(usage, run_dir, step, log)
+    what = "sound" if cfg.data.kind == "sounds" else "image"
+    captions = (f"; captions exact {out['caption_match']:.4f} of {out['captions']:,} (blind "
+                f"{out['caption_chance']:.4f})" if out["captions"] else "")
     log(f"[megamoe] {step_dir} (step {step}): answer accuracy {out['accuracy']:.4f} on "
-        f"{out['questions']:,} questions (image-blind chance {out['chance']:.4f}; with the "
-        f"neighbour's image {out['shuffled_accuracy']:.4f}); captions exact "
-        f"{out['caption_match']:.4f} of {out['captions']:,} (blind {out['caption_chance']:.4f})")
+        f"{out['questions']:,} questions ({what}-blind chance {out['chance']:.4f}; with the "
+        f"neighbour's {what} {out['shuffled_accuracy']:.4f}){captions}")
     return out
 
 

@@ -1,4 +1,5 @@
-"""`megamoe eval` for the vlm family: what the model reads from the images.
+"""`megamoe eval` for the vlm family: what the model reads from the images (or, on the sounds
+set, from the clips' spectrograms: "image" below reads "spectrogram", chance is about 1/K).
 
 - `accuracy`: closed-answer questions of the validation split answered exactly (every answer
   token is the argmax under teacher forcing, which is what greedy decoding would produce);
@@ -116,10 +117,20 @@ def write_usage(usage: dict, run_dir: str, step: int, log) -> str | None:
 
 def blind_figures(cfg, n_valid: int) -> dict:
     """`chance` and `caption_chance` on the first `n_valid` validation samples
-    (megamoe.data.scenes.blind_baselines)."""
+    (megamoe.data.scenes.blind_baselines; the sounds set's: megamoe.data.sounds, no
+    captions)."""
+    d = cfg.data
+    if d.kind == "sounds":
+        from megamoe.data.sounds import blind_baselines as sound_blind
+
+        # balanced classes: the majority answer of 2000 training questions is as good as any
+        base = sound_blind(d.shapes_seed, d.audio.num_classes, 2000, n_valid)
+        return {"chance": max(base["template"], base["question"]),
+                "chance_per_template": base["template"],
+                "chance_per_question": base["question"],
+                "chance_uniform": 1.0 / d.audio.num_classes, "caption_chance": 0.0}
     from megamoe.data.scenes import blind_baselines
 
-    d = cfg.data
     base = blind_baselines(d.shapes_seed, d.image_size, d.max_shapes, d.caption_fraction,
                            BLIND_TRAIN_SAMPLES, n_valid)
     return {"chance": max(base["template"], base["question"]),

@@ -25,6 +25,7 @@ from megamoe.config.moe_families import (
     VMoEOptions,
     validate_families,
 )
+from megamoe.config.audio import AudioOptions
 from megamoe.config.diffusion import DiTOptions
 from megamoe.config.fp8 import FP8Options
 from megamoe.config.mor import MoRConfig
@@ -46,8 +47,8 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "energon")
-PACKABLE_KINDS = ("scenes", "energon")         # data.packing: the vlm family's sample formats
+DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "sounds", "energon")
+PACKABLE_KINDS = ("scenes", "energon")   # data.packing: the vlm family's sample formats
 PACKED_ATTENTION = ("mask", "thd")   # data.packed_attention: megamoe.blocks.packed
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -368,7 +369,7 @@ class DataConfig:
     synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
     image_size: int = 32             # shapes: square RGB images of this side (energon: resized to)
     num_classes: int = 12            # shapes: classes (shape kind x colour, at most 24)
-    shapes_seed: int = 0             # shapes, scenes: every sample is a function of (seed, index)
+    shapes_seed: int = 0             # shapes, scenes, sounds: a sample = f(seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
     caption_fraction: float = 0.25   # scenes: share of captions; the rest are questions
     # vlm: several samples per sequence, each attending only within itself, positions
@@ -379,7 +380,8 @@ class DataConfig:
     # samples and must be a multiple of k
     pack_samples: int = 2
     packed_attention: str = "mask"   # mask: block-diagonal causal mask | thd: TE (not built)
-    strict: bool = False             # energon: a bad sample or shard stops every rank (else skipped)
+    audio: AudioOptions = field(default_factory=AudioOptions)   # sounds (megamoe.config.audio)
+    strict: bool = False             # energon: a bad sample or shard stops all ranks (else skipped)
     num_workers: int = 0             # energon: loader worker processes per DP rank (0: in-process)
     shuffle_buffer: int = 100        # energon: samples shuffled together (0: shard order only)
 
@@ -411,6 +413,7 @@ class DataConfig:
         if self.packing and self.kind not in PACKABLE_KINDS:
             fail("data.packing", f"packs image+text samples (data.kind "
                  f"{' | '.join(PACKABLE_KINDS)}), got data.kind {self.kind!r}")
+        self.audio.validate()
 
 
 @dataclass

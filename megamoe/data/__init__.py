@@ -1,6 +1,7 @@
 """Training data: the built-in Markov corpus, the shapes image set, the scenes image+text set,
-Megatron indexed datasets, Energon WebDataset shards (image+text, streamed per DP rank),
-sentencepiece and closed word tokenizers, and batches as a function of consumed samples.
+the sounds audio+text set (log-mel spectrograms), Megatron indexed datasets, Energon WebDataset
+shards (image+text, streamed per DP rank), sentencepiece and closed word tokenizers, and batches
+as a function of consumed samples.
 
     train, valid, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     micro_batches = rank_microbatches(train, consumed, G, mbs, dp_rank, dp_size)
@@ -17,6 +18,9 @@ _EXPORTS = {
     "ScenesDataset": "scenes",
     "build_scenes_datasets": "scenes",
     "scenes_tokenizer": "scenes",
+    "SoundsDataset": "sounds",
+    "build_sounds_datasets": "sounds",
+    "sounds_tokenizer": "sounds",
     "WordTokenizer": "word_tokenizer",
     "IndexedDatasetReader": "indexed",
     "IndexedDatasetWriter": "indexed",

@@ -77,6 +77,7 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
     scenes: the two splits of the scenes image+text set (megamoe.data.scenes; train: 1,000,000
     virtual samples, valid: 4096) with `image_tokens` <image> placeholders per sample (the
     model's count); the third value is the closed word vocabulary's size.
+    sounds: the two splits of the sounds audio+text set (megamoe.data.sounds), as scenes.
     energon: the train and val splits of the prepared dataset at `path`, streamed per DP rank
     (megamoe.data.energon_source), tokenised with the scenes vocabulary (the third value).
     """
@@ -106,6 +107,13 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
             raise ValueError("data.kind: 'scenes' needs the model's image token count "
                              "(build_datasets(..., image_tokens=...); a vlm model gives it)")
         return build_scenes_datasets(data_cfg, image_tokens, seq_length)
+    if data_cfg.kind == "sounds":
+        from megamoe.data.sounds import build_sounds_datasets
+
+        if image_tokens is None:
+            raise ValueError("data.kind: 'sounds' needs the model's spectrogram token count "
+                             "(build_datasets(..., image_tokens=...); a vlm model gives it)")
+        return build_sounds_datasets(data_cfg, image_tokens, seq_length)
     if data_cfg.kind == "energon":
         from megamoe.data.energon_source import build_energon_sources
 
@@ -114,4 +122,4 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
                              "model gives it)")
         return build_energon_sources(data_cfg, image_tokens, seq_length, seed)
     raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov, indexed, shapes, "
-                     "scenes or energon)")
+                     "scenes, sounds or energon)")

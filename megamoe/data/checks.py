@@ -56,6 +56,10 @@ def data_vocab_size(cfg, tokenizer_vocab: int | None) -> int | None:
         from megamoe.data.scenes import scenes_tokenizer
 
         return scenes_tokenizer().vocab_size
+    if cfg.data.kind == "sounds":
+        from megamoe.data.sounds import sounds_tokenizer
+
+        return sounds_tokenizer().vocab_size
     return tokenizer_vocab
 
 
@@ -68,7 +72,8 @@ def model_vocab_size(cfg, data_vocab: int) -> int:
     if explicit < data_vocab:
         source = ("data.tokenizer" if cfg.data.tokenizer else
                   "data.markov_vocab_size" if cfg.data.kind == "markov" else
-                  "the scenes word vocabulary" if cfg.data.kind == "scenes" else
+                  f"the {cfg.data.kind} word vocabulary" if cfg.data.kind in ("scenes", "sounds")
+                  else
                   "the largest token id + 1")
         fail("model.vocab_size", f"{explicit} is smaller than the data's vocabulary "
              f"({data_vocab}, {source}); raise it or leave it unset to take the data's")

@@ -52,12 +52,12 @@ def _check_mor(cfg) -> None:
 
 def _check_data(cfg) -> None:
     """The language model reads token windows, not images."""
-    if cfg.data.kind in ("shapes", "scenes"):
+    if cfg.data.kind in ("shapes", "scenes", "sounds"):
         from megamoe.config.errors import fail
 
         other = "vit" if cfg.data.kind == "shapes" else "vlm"
-        fail("data.kind", f"'{cfg.data.kind}' is an image set; model.family 'lm' trains on "
-             f"tokens (markov or indexed), or set model.family: {other}")
+        fail("data.kind", f"'{cfg.data.kind}' is an image or audio set; model.family 'lm' "
+             f"trains on tokens (markov or indexed), or set model.family: {other}")
 
 
 def _check_modality_norm(cfg) -> None:

@@ -91,7 +91,8 @@ class ViTModel(MegatronModule):
     def __init__(self, config: TransformerConfig, spec, *, image_size: int, patch_size: int,
                  pool: str, position_embedding: str, num_classes: int | None, pre_process: bool,
                  post_process: bool, pg_collection, vp_stage: int | None = None,
-                 patch_bias: bool = True, pre_norm: bool = False, features: str | None = None):
+                 patch_bias: bool = True, pre_norm: bool = False, features: str | None = None,
+                 channels: int = 3):
         super().__init__(config)
         assert features is None or (pre_process and post_process), "a tower is one chunk"
         self.pre_process, self.post_process, self.pool = pre_process, post_process, pool
@@ -104,7 +105,8 @@ class ViTModel(MegatronModule):
             self.embedding = PatchEmbedding(config, image_size=image_size, patch_size=patch_size,
                                             class_token=pool == "cls",
                                             position_embedding=position_embedding,
-                                            bias=patch_bias, pre_norm=pre_norm)
+                                            bias=patch_bias, pre_norm=pre_norm,
+                                            channels=channels)
         self.decoder = ContextTransformerBlock(config=config, spec=spec, pre_process=pre_process,
                                                post_process=post_process,
                                                pg_collection=pg_collection, vp_stage=vp_stage,
@@ -193,11 +195,12 @@ def build_vit(cfg, tconfig: TransformerConfig, pg_collection, _output_size=None)
 
 
 def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection, *,
-                       modality_norm: dict | None = None) -> ViTModel:
+                       modality_norm: dict | None = None, channels: int = 3) -> ViTModel:
     """The vision tower `cfg` describes (module docstring), whole on this pipeline stage;
     `tconfig` from `transformer_config(cfg, ..., tower=True)`. `tower.features(images)` (or
     `tower(images)`) gives [S', B, D] (megamoe.config.vision.feature_tokens). `modality_norm`:
-    CogVideoX's expert AdaLN for both norms of each layer (the vlm family's option)."""
+    CogVideoX's expert AdaLN for both norms of each layer (the vlm family's option).
+    `channels`: of the images (1 for the vlm family's log-mel spectrograms)."""
     m, moe, v = cfg.model, cfg.model.moe, cfg.model.vit
     grid_side(cfg)
     k = tower_layers(cfg)
@@ -212,7 +215,7 @@ def build_vision_tower(cfg, tconfig: TransformerConfig, pg_collection, *,
                      pool=v.pool, position_embedding=v.position_embedding, num_classes=None,
                      pre_process=True, post_process=True, pg_collection=pg_collection,
                      patch_bias=v.patch_bias, pre_norm=v.pre_norm,
-                     features=v.vision_feature_select_strategy)
+                     features=v.vision_feature_select_strategy, channels=channels)
     drop_router_biases([tower])
     mark_expert_replicas([tower], tconfig)
     # a tower is an encoder inside a larger model: its MoE layers are named apart from that

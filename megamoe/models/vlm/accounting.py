@@ -9,6 +9,7 @@ sample of S tokens, so its encoder and connector FLOPs count 1/S per token.
 
 from __future__ import annotations
 
+from megamoe.config.audio import encoder_channels
 from megamoe.config.vlm import encoder_config, encoder_tokens, image_tokens, patch_side
 from megamoe.specs.accounting import modality_norm_parameters
 from megamoe.specs.gpt_moe import moe_layer_pattern
@@ -23,7 +24,7 @@ def _encoder(cfg) -> tuple[int, int]:
 
     enc = encoder_config(cfg)
     m, v, E = enc.model, enc.model.vit, enc.model.hidden_size
-    embed = 3 * v.patch_size ** 2 * E + (E if v.patch_bias else 0) \
+    embed = encoder_channels(cfg) * v.patch_size ** 2 * E + (E if v.patch_bias else 0) \
         + (E if v.pool == "cls" else 0) + (2 * E if v.pre_norm else 0)
     if v.position_embedding == "learned":
         embed += encoder_tokens(cfg) * E

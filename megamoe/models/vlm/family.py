@@ -1,6 +1,7 @@
 """The `vlm` family: image + text — the vit family's encoder, a connector and the lm family's
-MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated scenes with
-next-token loss on answers and captions (megamoe.models.vlm.task).
+MoE (or MoE-MoR) decoder (megamoe.models.vlm.model), trained on the generated scenes (or the
+generated sounds' log-mel spectrograms, one channel: megamoe.data.sounds) with next-token loss
+on answers and captions (megamoe.models.vlm.task).
 
 Causal: the decoder is; its routers follow the lm family's causality rule. The encoder's MoE
 layers (model.vlm.encoder_moe_layer_freq) use model.moe's experts and router, which must then
@@ -19,17 +20,21 @@ def check_vlm(cfg) -> None:
     from megamoe.config.vlm import image_tokens
 
     m = cfg.model
-    if cfg.data.kind not in ("scenes", "energon"):
-        fail("data.kind", f"model.family 'vlm' trains on images with text: set it to 'scenes' "
-             f"or 'energon', got {cfg.data.kind!r}")
-    from megamoe.data.scenes import check_seq_length
+    if cfg.data.kind == "sounds":
+        from megamoe.data.sounds import check_sounds
 
-    d = cfg.data
-    if d.kind == "energon":
+        check_sounds(cfg, image_tokens(cfg))
+    elif cfg.data.kind == "energon":
         from megamoe.data.energon_shards import check_energon_config
 
         check_energon_config(cfg)
+    elif cfg.data.kind != "scenes":
+        fail("data.kind", f"model.family 'vlm' trains on images or sounds with text: set it to "
+             f"'scenes', 'sounds' or 'energon', got {cfg.data.kind!r}")
     else:
+        from megamoe.data.scenes import check_seq_length
+
+        d = cfg.data
         check_seq_length(m.seq_length, image_tokens(cfg), d.max_shapes, d.caption_fraction)
     from megamoe.config.vision import tower_layers
     from megamoe.config.vlm import encoder_config, encoder_tokens
@@ -115,7 +120,7 @@ def _flops_per_token(cfg, vocab_size: int) -> float:
 
 
 def _dataset_kwargs(cfg) -> dict:
-    """What the scenes data needs from the model: placeholders per image."""
+    """What the scenes (sounds) data needs from the model: placeholders per image (clip)."""
     from megamoe.config.vlm import image_tokens
 
     return {"image_tokens": image_tokens(cfg)}
@@ -126,9 +131,15 @@ def _describe(cfg, _vocab: int) -> dict:
 
     v = cfg.model.vlm
     moe = "dense" if v.encoder_moe_layer_freq is None else "MoE"
-    return {"images": f"{cfg.data.image_size}x{cfg.data.image_size}, patch "
-                      f"{cfg.model.vit.patch_size} -> {patch_side(cfg) ** 2} patches -> "
-                      f"{image_tokens(cfg)} image tokens (pixel shuffle {v.pixel_shuffle})",
+    size = cfg.data.image_size
+    what, seen = "images", f"{size}x{size}"
+    if cfg.data.kind == "sounds":
+        from megamoe.config.audio import describe_clips
+
+        what, seen = "sounds", f"{describe_clips(cfg.data)} -> log-mel {size} x {size} frames"
+    return {what: f"{seen}, patch {cfg.model.vit.patch_size} -> {patch_side(cfg) ** 2} patches "
+                  f"-> {image_tokens(cfg)} {'image' if what == 'images' else 'spectrogram'} "
+                  f"tokens (pixel shuffle {v.pixel_shuffle})",
             "encoder": f"{v.encoder_num_layers} layers, width {v.encoder_hidden_size}, {moe}"}
 
 
@@ -154,5 +165,6 @@ VLM = register(Family(
     describe=_describe,
     dataset_kwargs=_dataset_kwargs,
     grad_sync=_grad_sync,
-    notes="image + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, data.kind scenes or energon)",
+    notes="image (or audio) + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, "
+          "data.kind scenes | sounds | energon)",
 ))

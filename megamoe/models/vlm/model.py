@@ -376,6 +376,7 @@ def encoder_transformer_config(cfg, lm_tconfig, tp: int | None = None):
 def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
     """This rank's chunks: the LM's (megamoe.models.lm.model.build_lm) as `VLMModel`s, the
     first stage's with the encoder (on the LM's grid, or on `grids.vision`) and connector."""
+    from megamoe.config.audio import encoder_channels
     from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_config, image_tokens, patch_side
     from megamoe.models.lm.model import build_lm, moe_layers
     from megamoe.models.vit.model import build_vision_tower
@@ -394,7 +395,8 @@ def build_vlm(cfg, tconfig, pg_collection, vocab_size: int, grids=None) -> list:
         enc_pg = pg_collection if vision_grid is None else vision_grid.pg
         etc = encoder_transformer_config(cfg, tconfig, tp=enc_pg.tp.size())
         vision = build_vision_tower(enc, etc, enc_pg,
-                                    modality_norm=modality_norm_options(enc.model))
+                                    modality_norm=modality_norm_options(enc.model),
+                                    channels=encoder_channels(cfg))
         if vision_grid is not None:
             experts = {id(p) for layer in moe_layers([vision]) for p in layer.experts.parameters()}
             # encoder TP 1 on an LM TP group: every encoder parameter is a replica on the LM's
