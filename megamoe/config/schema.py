@@ -380,10 +380,10 @@ class DataConfig:
     # samples and must be a multiple of k
     pack_samples: int = 2
     packed_attention: str = "mask"   # mask: block-diagonal causal mask | thd: TE (not built)
-    audio: AudioOptions = field(default_factory=AudioOptions)   # sounds (megamoe.config.audio)
     strict: bool = False             # energon: a bad sample or shard stops all ranks (else skipped)
     num_workers: int = 0             # energon: loader worker processes per DP rank (0: in-process)
     shuffle_buffer: int = 100        # energon: samples shuffled together (0: shard order only)
+    audio: AudioOptions = field(default_factory=AudioOptions)   # sounds (megamoe.config.audio)
 
     def validate(self) -> None:
         one_of(self, "kind", DATA_KINDS)
