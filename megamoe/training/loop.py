@@ -18,7 +18,7 @@ from megamoe.checkpoint.load import load_newest
 from megamoe.checkpoint.save import save_checkpoint
 from megamoe.models.registry import family_datasets
 from megamoe.data.checks import model_vocab_size
-from megamoe.data.loader import DataLoader
+from megamoe.data.loader import DataLoader, make_loader
 from megamoe.engines.megatron import build_engine as build_megatron_engine
 from megamoe.models.lm.model import non_causal_routers
 from megamoe.models.vocab import describe_vocab
@@ -59,9 +59,9 @@ def check_causality(cfg, family, chunks) -> list[str]:
 def loader_for(engine, dataset, consumed_samples: int = 0) -> DataLoader:
     """This DP rank's loader over `dataset`, collated by the family's task."""
     t, dp = engine.cfg.train, engine.grid.dp
-    return DataLoader(dataset, engine.task.collate, global_batch_size=t.global_batch_size,
-                      micro_batch_size=t.micro_batch_size, dp_rank=dp.rank(), dp_size=dp.size(),
-                      consumed_samples=consumed_samples)
+    return make_loader(dataset, engine.task.collate, global_batch_size=t.global_batch_size,
+                       micro_batch_size=t.micro_batch_size, dp_rank=dp.rank(),
+                       dp_size=dp.size(), consumed_samples=consumed_samples)
 
 
 def evaluate(engine, dataset, iters: int) -> tuple[float, dict]:
@@ -168,6 +168,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
              if peak else None,
              "expert_load": {key: row for key, row in load.items() if row.sum() > 0},
              **router}
+        m.update(M.data_counts(loader.metrics(), engine.grid))   # bad samples, all ranks
         m.update(speed.update(step, tokens_per_step,
                               engine.consumed_samples * task.units_per_sample()))
         if not torch.isfinite(torch.tensor(loss)):

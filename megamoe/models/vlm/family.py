@@ -24,9 +24,13 @@ def check_vlm(cfg) -> None:
         from megamoe.data.sounds import check_sounds
 
         check_sounds(cfg, image_tokens(cfg))
+    elif cfg.data.kind == "energon":
+        from megamoe.data.energon_shards import check_energon_config
+
+        check_energon_config(cfg)
     elif cfg.data.kind != "scenes":
         fail("data.kind", f"model.family 'vlm' trains on images or sounds with text: set it to "
-             f"'scenes' or 'sounds', got {cfg.data.kind!r}")
+             f"'scenes', 'sounds' or 'energon', got {cfg.data.kind!r}")
     else:
         from megamoe.data.scenes import check_seq_length
 
@@ -162,5 +166,5 @@ VLM = register(Family(
     dataset_kwargs=_dataset_kwargs,
     grad_sync=_grad_sync,
     notes="image (or audio) + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, "
-          "data.kind scenes | sounds)",
+          "data.kind scenes | sounds | energon)",
 ))
