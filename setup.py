@@ -45,6 +45,8 @@ setup(
         # the dit family: diffusers' noise schedulers and samplers (schedulers only; the export
         # writes a diffusers pipeline folder), torchmetrics' KID/FID on custom features
         "diffusion": ["diffusers>=0.42,<0.43", "torchmetrics>=1.9,<2"],
+        # data.kind energon and tools/preprocess_data.py --kind image-text (WebDataset shards)
+        "data": ["megatron-energon>=7.4,<7.5", "webdataset"],
         "test": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["megamoe=megamoe.cli:main"]},

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${MEGAMOE_EXTRAS:-test,hf,deepspeed,diffusion}
+EXTRAS=${MEGAMOE_EXTRAS:-test,hf,deepspeed,diffusion,data}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -10,7 +10,7 @@ if [ "$(uname -s)" = Linux ] && [ "$(id -u)" = 0 ]; then
 else
   echo "no local Slurm cluster (needs root on Linux): tests/e2e/test_slurm.py skips"
 fi
-MEGAMOE_EXTRAS=${MEGAMOE_EXTRAS:-test,hf,mpi,deepspeed,diffusion} bash scripts/setup.sh
+MEGAMOE_EXTRAS=${MEGAMOE_EXTRAS:-test,hf,mpi,deepspeed,diffusion,data} bash scripts/setup.sh
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 set +e
 .venv/bin/python -m pytest tests -q -ra --durations=20 --timeout=900 "$@"

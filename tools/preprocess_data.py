@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""JSONL -> Megatron indexed dataset (PREFIX.bin + PREFIX.idx) with a sentencepiece tokenizer.
+"""JSONL -> Megatron indexed dataset (PREFIX.bin + PREFIX.idx) with a sentencepiece tokenizer
+(--kind text, the default), or image-text JSONL -> WebDataset shards prepared for Energon
+(--kind image-text; megamoe.data.energon_write says which records it reads).
 
 Each non-empty input line is a JSON object whose --json-key field (default "text") is one
 document. Without --tokenizer, a BPE sentencepiece model of at most --vocab-size pieces is trained
@@ -13,6 +15,9 @@ examples:
       --tokenizer data/corpus.model
   megamoe train --set data.kind=indexed --set data.path=data/corpus \\
       --set data.tokenizer=data/corpus.model
+  python tools/preprocess_data.py --kind image-text --input pairs.jsonl --output-dir data/shards \\
+      --samples-per-shard 1000 --split-ratio 0.95,0.05,0
+  megamoe train --config quickstart --set data.kind=energon --set data.path=data/shards
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ class InputError(ValueError):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=("text", "image-text"), default="text",
+                   help="text: documents -> .bin/.idx (default); image-text: image + caption or "
+                        "question/answer records -> Energon shards")
     p.add_argument("--input", required=True, metavar="FILE.jsonl",
                    help="input file, one JSON object per line")
     p.add_argument("--json-key", default="text", metavar="KEY",
                    help="field of each object that holds the document text (default: text)")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
+    p.add_argument("--output-prefix", metavar="PREFIX",
                    help="write PREFIX.bin and PREFIX.idx (and PREFIX.model when a tokenizer is "
                         "trained); missing directories are created")
     tok = p.add_mutually_exclusive_group()
@@ -49,7 +57,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="end every document with the tokenizer's EOS id (default: on)")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
-    return p.parse_args(argv)
+    img = p.add_argument_group("image-text")
+    img.add_argument("--output-dir", metavar="DIR", help="image-text: write the shards and "
+                     "Energon's DIR/.nv-meta here")
+    img.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
+                     help="image-text: samples per tar shard (default: 1000)")
+    img.add_argument("--split-ratio", default="0.9,0.1,0", metavar="TRAIN,VAL,TEST",
+                     help="image-text: shards per split, as energon prepare takes it "
+                          "(default: 0.9,0.1,0)")
+    img.add_argument("--image-format", choices=("png", "jpg"), default="png",
+                     help="image-text: format of the images in the shards (default: png)")
+    args = p.parse_args(argv)
+    need = "--output-dir" if args.kind == "image-text" else "--output-prefix"
+    if getattr(args, need[2:].replace("-", "_")) is None:
+        p.error(f"{need} is required with --kind {args.kind}")
+    return args
 
 
 def iter_documents(path: str, key: str):
@@ -144,11 +166,33 @@ def run(args: argparse.Namespace) -> dict:
             "tokenizer": args.tokenizer or args.output_prefix + ".model"}
 
 
+def run_image_text(args: argparse.Namespace) -> int:
+    """Shards + `energon prepare`; a summary of what was written and refused (each refused
+    record has had its own line). Exit code 2 when nothing could be written."""
+    from megamoe.data.energon_write import RecordError, prepare, write_shards
+
+    try:
+        r = write_shards(args.input, args.output_dir, samples_per_shard=args.samples_per_shard,
+                         image_format=args.image_format, progress=not args.no_progress,
+                         log=lambda msg: print(f"preprocess_data.py: {msg}", file=sys.stderr))
+        prepare(args.output_dir, r.sample_type, split_ratio=args.split_ratio,
+                image_format=args.image_format)
+    except RecordError as exc:
+        print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output_dir}: {r.written:,} {r.sample_type} samples in {len(r.shards)} "
+          f"shards ({args.samples_per_shard} per shard), split {args.split_ratio}; refused "
+          f"{len(r.refused)} records" + (" (listed above)" if r.refused else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
     except SystemExit as exc:               # --help, or a usage error argparse has printed
         return int(exc.code or 0)
+    if args.kind == "image-text":
+        return run_image_text(args)
     try:
         s = run(args)
     except ValueError as exc:               # InputError, bad tokenizer, token id overflow

@@ -233,6 +233,7 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
     template = engine.checkpoint_state(for_loading=True)
     if meta.get("world_size") != _world_size():
         template.rng = None    # per-rank RNG streams only carry over to the same world size
+    template.data = _data_source_template(meta, engine, template.data)
     if not (load_optimizer and meta.get("optimizer_saved")):
         template.optimizer = None
     state, error = None, None
@@ -247,6 +248,17 @@ def load_checkpoint(engine, step_dir: str, *, load_optimizer: bool = True) -> di
         raise CheckpointError(f"{step_dir}: cannot load: {why}") from error
     engine.load_checkpoint_state(CheckpointState.from_sharded(state), template)
     return meta
+
+
+def _data_source_template(meta: dict, engine, data: dict) -> dict:
+    """The data state to ask for: a streaming source's cursor of this DP rank when the
+    checkpoint holds cursors for this run's DP size (else none: the loader then refuses the
+    state, saying what changed)."""
+    data = {k: v for k, v in data.items() if k != "source"}
+    dp_size, grid = meta.get("data_source_dp_size"), getattr(engine, "grid", None)
+    if dp_size is not None and grid is not None and dp_size == grid.dp.size():
+        data["source"] = {"dp_rank": grid.dp.rank(), "dp_size": dp_size}
+    return data
 
 
 def _check_vocab(meta: dict, engine, step_dir: str) -> None:

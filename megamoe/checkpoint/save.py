@@ -95,7 +95,7 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
             "padded_vocab_size": engine.padded_vocab_size,   # this layout's (models.vocab)
             "optimizer_saved": getattr(engine, "optimizer", None) is not None,
             "soft_moe_groups": SOFT_MOE_GROUPS,     # the rule in force (load refuses older)
-            **meta}
+            **_data_source_meta(engine.data_state), **meta}
     commit = functools.partial(_commit, root, tmp, final, meta, config or engine.cfg, keep_last)
     if async_queue is None:
         try:
@@ -119,6 +119,13 @@ def save_checkpoint(root: str, engine, meta: dict, keep_last: int = 0, config=No
     request.add_finalize_fn(commit)
     async_queue.schedule_async_request(request)
     return final
+
+
+def _data_source_meta(data_state: dict) -> dict:
+    """A streaming source's per-DP-rank cursors are in the checkpoint: their DP size, which a
+    load needs to know before it asks for them (megamoe.checkpoint.state)."""
+    source = data_state.get("source")
+    return {"data_source_dp_size": int(source["dp_size"])} if source else {}
 
 
 def _make_tmp(root: str, tmp: str) -> None:

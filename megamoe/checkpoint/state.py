@@ -9,7 +9,9 @@ Parts (each optional except model and progress):
 - `scheduler`: the LR schedule's state dict;
 - `progress`: step and consumed samples;
 - `data`: the data loader's state (megamoe.data.loader), one per data-parallel rank's view;
-  checkpoints written before it existed hold only `progress.consumed_samples`;
+  checkpoints written before it existed hold only `progress.consumed_samples`. A streaming
+  source's per-rank cursor (`data["source"]`, megamoe.data.energon_source) is saved apart, one
+  object per DP rank (`data_source`), by the rank whose `replica` is 0;
 - `rng`: this rank's RNG streams (a ShardedObject per rank).
 
 On disk this is one `dist_checkpointing` sharded state dict; the keys are those megamoe wrote
@@ -20,6 +22,17 @@ older checkpoints load unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+DATA_SOURCE = "data_source"
+
+
+def data_source_sharded(source: dict):
+    """A streaming source's cursor of one DP rank as a sharded object: entry `dp_rank` of
+    `dp_size`, written by one of the ranks sharing that DP rank (`replica` 0)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(DATA_SOURCE, source, (source["dp_size"],), (source["dp_rank"],),
+                         replica_id=source.get("replica", 0))
 
 
 @dataclass
@@ -38,7 +51,10 @@ class CheckpointState:
             sd["optimizer_state"] = self.optimizer
         if self.scheduler is not None:
             sd["scheduler"] = self.scheduler
-        sd["progress"] = {**self.progress, **({"data": self.data} if self.data else {})}
+        data = {k: v for k, v in self.data.items() if k != "source"}
+        sd["progress"] = {**self.progress, **({"data": data} if data else {})}
+        if "source" in self.data:
+            sd[DATA_SOURCE] = data_source_sharded(self.data["source"])
         if self.rng is not None:
             sd["rng"] = self.rng
         return sd
@@ -48,6 +64,8 @@ class CheckpointState:
         """The state a load returned (`sd` from `dist_checkpointing.load`)."""
         progress = dict(sd["progress"])
         data = progress.pop("data", None) or {"consumed_samples": progress["consumed_samples"]}
+        if DATA_SOURCE in sd:
+            data = {**data, "source": sd[DATA_SOURCE]}
         model = {k: v for k, v in sd.items() if k == "model" or
                  (k.startswith("model") and k[5:].isdigit())}
         return cls(model=model, progress=progress, optimizer=sd.get("optimizer_state"),

@@ -6,6 +6,7 @@ pipeline schedule. Pure reads of a loaded config, before any process group exist
 from __future__ import annotations
 
 from megamoe.config.errors import fail
+from megamoe.config.fp8 import check_fp8_layout
 from megamoe.config.schema import Config
 from megamoe.config.validate import num_microbatches, sequence_length, sequence_parallel_enabled
 
@@ -121,7 +122,8 @@ def check_engine(cfg: Config) -> None:
 
 
 SECTION_CHECKS = (check_experts, check_tensor_split, check_batch, check_vision_grid,
-                  check_pipeline, check_sequence_parallel, check_engine)
+                  check_pipeline, check_sequence_parallel, check_engine,
+                  check_fp8_layout)     # config.fp8: blockwise tiles under expert-TP
 
 
 def check_sections(cfg: Config) -> None:

@@ -60,3 +60,19 @@ class FP8Options:
         """Whether 0-based layer `layer` stays in high precision."""
         return any(layer == (k if k >= 0 else num_layers + k)
                    for k in self.keep_high_precision_layers)
+
+
+def check_fp8_layout(cfg) -> None:
+    """Blockwise FP8 under expert tensor parallelism: each expert-TP shard must hold whole
+    128-wide tiles of the split FFN dimension (fc2's K, fc1's output rows, gate and up alike),
+    so that each shard's tiles and 128×128 weight blocks are one process's. Otherwise a tile
+    would straddle two ranks and need their amaxes combined per tile, which is not built."""
+    fp8, etp = cfg.model.moe.fp8, cfg.parallel.expert_tensor_size
+    if fp8.recipe != "blockwise" or etp == 1 or cfg.model.moe.num_experts == 0:
+        return
+    F = cfg.model.moe.ffn_hidden_size
+    if (F // etp) % 128:
+        fail("model.moe.ffn_hidden_size", f"{F} / parallel.expert_tensor ({etp}) = {F // etp} "
+             "is not a multiple of 128, which model.moe.fp8.recipe=blockwise needs under expert "
+             "tensor parallelism (each shard holds whole 1×128 tiles); use rowwise, or a "
+             f"multiple of {128 * etp}")

@@ -47,13 +47,13 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2)
-DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "sounds", "clips")
-PACKABLE_KINDS = ("scenes",)         # data.packing: the vlm family's sample formats
+DATA_KINDS = ("markov", "indexed", "shapes", "scenes", "sounds", "clips", "energon")
+PACKABLE_KINDS = ("scenes", "energon")   # data.packing: the vlm family's sample formats
 PACKED_ATTENTION = ("mask", "thd")   # data.packed_attention: megamoe.blocks.packed
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # expert back ends; megamoe.specs.gpt_moe picks the module
-EXPERT_BACKENDS = ("sequential", "grouped")
+EXPERT_BACKENDS = ("auto", "sequential", "grouped")
 # Megatron's selective modules that megamoe's layers have (no grouped GEMM, no MLA)
 RECOMPUTE_MODULES = ("core_attn", "moe", "shared_experts", "mlp", "layernorm")
 # the layers' two norms (megamoe.blocks.norms): plain, or CogVideoX's expert adaptive norm
@@ -97,7 +97,9 @@ class MoEConfig:
     drop_policy: str = "probs"
     pad_to_capacity: bool = False
     token_dispatcher: str = "alltoall"
-    experts: str = "sequential"      # grouped: one torch._grouped_mm per projection, all experts
+    experts: str = "auto"            # sequential: Megatron's loop over experts; grouped: one
+                                     # torch._grouped_mm per projection; auto: the device's
+                                     # measured choice (megamoe.moe.experts.choice)
     shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False
     allow_non_causal: bool = False
@@ -359,7 +361,7 @@ class DataConfig:
     SECTION: ClassVar[str] = "data"
 
     kind: str = "markov"
-    path: str | None = None          # indexed: dataset prefix without .bin/.idx
+    path: str | None = None          # indexed: dataset prefix without .bin/.idx; energon: folder
     tokenizer: str | None = None     # sentencepiece .model (indexed)
     valid_fraction: float = 0.05
     markov_vocab_size: int = 64
@@ -367,7 +369,7 @@ class DataConfig:
     markov_seed: int = 7
     synthetic_modalities: int = 0    # M > 0: modality id of a token = token id mod M
     synthetic_timesteps: bool = False  # per-sample timestep embedding from the tokens
-    image_size: int = 32             # shapes: square RGB images of this side
+    image_size: int = 32             # shapes: square RGB images of this side (energon: resized to)
     num_classes: int = 12            # shapes: classes (shape kind x colour, at most 24)
     shapes_seed: int = 0             # shapes, scenes, sounds: a sample = f(seed, index)
     max_shapes: int = 3              # scenes: 1 … max_shapes shapes per image (one per 2x2 cell)
@@ -381,6 +383,9 @@ class DataConfig:
     # samples and must be a multiple of k
     pack_samples: int = 2
     packed_attention: str = "mask"   # mask: block-diagonal causal mask | thd: TE (not built)
+    strict: bool = False             # energon: a bad sample or shard stops all ranks (else skipped)
+    num_workers: int = 0             # energon: loader worker processes per DP rank (0: in-process)
+    shuffle_buffer: int = 100        # energon: samples shuffled together (0: shard order only)
     audio: AudioOptions = field(default_factory=AudioOptions)   # sounds (megamoe.config.audio)
 
     def validate(self) -> None:
@@ -389,6 +394,11 @@ class DataConfig:
         if self.kind == "indexed" and not self.path:
             fail("data.path", "required when data.kind is 'indexed' (dataset prefix without "
                  ".bin/.idx)")
+        if self.kind == "energon" and not self.path:
+            fail("data.path", "required when data.kind is 'energon' (a prepared dataset folder: "
+                 "tools/preprocess_data.py --kind image-text)")
+        at_least(self, "num_workers", 0)
+        at_least(self, "shuffle_buffer", 0)
         in_range(self, "valid_fraction", 0, 0.5, low_open=True)
         at_least(self, "markov_vocab_size", 2)
         at_least(self, "markov_branching", 1)

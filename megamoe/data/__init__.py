@@ -1,7 +1,7 @@
 """Training data: the built-in Markov corpus, the shapes image set, the scenes image+text set,
-the clips video+text set, the sounds audio+text set (log-mel spectrograms), Megatron
-indexed datasets, sentencepiece and closed word tokenizers, and batches as a function of
-consumed samples.
+the clips video+text set, the sounds audio+text set (log-mel spectrograms), Megatron indexed
+datasets, Energon WebDataset shards (image+text, streamed per DP rank), sentencepiece and
+closed word tokenizers, and batches as a function of consumed samples.
 
     train, valid, vocab = build_datasets(cfg.data, cfg.model.seq_length, cfg.run.seed)
     micro_batches = rank_microbatches(train, consumed, G, mbs, dp_rank, dp_size)
@@ -34,6 +34,8 @@ _EXPORTS = {
     "rank_microbatches": "batches",
     "pack_samples": "pack",
     "plan_packs": "pack",
+    "EnergonSource": "energon_source",
+    "write_shards": "energon_write",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -79,6 +79,8 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
     model's count); the third value is the closed word vocabulary's size.
     clips: the two splits of the clips video+text set (megamoe.data.clips), likewise.
     sounds: the two splits of the sounds audio+text set (megamoe.data.sounds), as scenes.
+    energon: the train and val splits of the prepared dataset at `path`, streamed per DP rank
+    (megamoe.data.energon_source), tokenised with the scenes vocabulary (the third value).
     """
     if data_cfg.kind == "markov":
         from megamoe.data.markov import MarkovCorpus
@@ -120,5 +122,12 @@ def build_datasets(data_cfg, seq_length: int, seed: int, *, image_tokens: int | 
             raise ValueError("data.kind: 'clips' needs the model's clip token count "
                              "(build_datasets(..., image_tokens=...); a vlm model gives it)")
         return build_clips_datasets(data_cfg, image_tokens, seq_length)
+    if data_cfg.kind == "energon":
+        from megamoe.data.energon_source import build_energon_sources
+
+        if image_tokens is None:
+            raise ValueError("data.kind: 'energon' needs the model's image token count (a vlm "
+                             "model gives it)")
+        return build_energon_sources(data_cfg, image_tokens, seq_length, seed)
     raise ValueError(f"data.kind: unknown kind {data_cfg.kind!r} (markov, indexed, shapes, "
-                     "scenes, sounds or clips)")
+                     "scenes, sounds, clips or energon)")

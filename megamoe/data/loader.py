@@ -51,6 +51,10 @@ class DataLoader:
                                     positions[start:start + b]))
         return out
 
+    def metrics(self) -> dict:
+        """Counts for the step metrics (a streaming source counts its bad samples)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"consumed_samples": int(self.consumed_samples)}
 
@@ -60,3 +64,10 @@ class DataLoader:
             raise ValueError(f"data loader state: unknown entries {sorted(unknown)} (a "
                              "streaming source's cursor; this run's source is random-access)")
         self.consumed_samples = int(state["consumed_samples"])
+
+
+def make_loader(dataset, collate, **kwargs):
+    """This rank's loader over `dataset` (kwargs: DataLoader's): a streaming source (one with
+    `make_loader`, megamoe.data.energon_source) makes its own, with the same interface."""
+    make = getattr(dataset, "make_loader", None)
+    return make(collate, **kwargs) if make is not None else DataLoader(dataset, collate, **kwargs)

@@ -27,6 +27,7 @@ from megamoe.blocks.norms import skips_weight_decay
 from megamoe.checkpoint.state import CheckpointState
 from megamoe.models.init import init_global
 from megamoe.models.registry import family_for
+from megamoe.moe.experts.choice import with_resolved_experts
 from megamoe.parallel import ParallelDims, build_grids, seed_rng
 
 
@@ -191,6 +192,7 @@ def build_model(cfg, vocab_size: int, device: torch.device):
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     get_moe_layer_wise_logging_tracker().clear()
+    cfg = with_resolved_experts(cfg, device.type)      # model.moe.experts=auto: this device's
     family = family_for(cfg)
     dims = ParallelDims.from_config(cfg.parallel)
     grids = build_grids(dims)

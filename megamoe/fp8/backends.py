@@ -9,7 +9,10 @@
                      TE cannot be installed here nor on the lent GPU machines, so there is no
                      untested TE path: selecting it raises one clear error.
 
-`auto` picks scaled_grouped_mm for rowwise grouped experts on CUDA, scaled_mm otherwise.
+`auto` picks scaled_grouped_mm for rowwise grouped experts on CUDA without expert tensor
+parallelism, scaled_mm otherwise. Under expert-TP only scaled_mm: its whole-row scales of split
+contractions (megamoe.fp8.linear) are proven by parity on CPU; the grouped kernel's path has no
+multi-GPU test, so it is refused there rather than left untested.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def te_available() -> bool:
 
 
 def resolve_backend(backend: str, recipe: str, grouped: bool, cuda: bool,
-                    grad_format: str = "auto") -> str:
-    """The back end `model.moe.fp8.backend` means for this recipe, expert module and device."""
+                    grad_format: str = "auto", expert_tp: int = 1) -> str:
+    """The back end `model.moe.fp8.backend` means for this recipe, expert module, device and
+    expert-TP size."""
     if backend == "te":
         why = ("is not installed" if not te_available() else
                "is installed but megamoe has no tested TE expert path yet (integration point: "
@@ -34,8 +38,12 @@ def resolve_backend(backend: str, recipe: str, grouped: bool, cuda: bool,
         raise ValueError(f"model.moe.fp8.backend: te needs Transformer Engine, which {why}; "
                          "use auto, scaled_mm or scaled_grouped_mm")
     if backend == "auto":
-        fits = cuda and grouped and recipe == "rowwise" and grad_format != "e5m2"
+        fits = (cuda and grouped and recipe == "rowwise" and grad_format != "e5m2"
+                and expert_tp == 1)
         return "scaled_grouped_mm" if fits else "scaled_mm"
+    if backend == "scaled_grouped_mm" and expert_tp > 1:
+        raise ValueError(f"model.moe.fp8.backend: scaled_grouped_mm with expert tensor "
+                         f"parallelism ({expert_tp}) is not supported; use auto or scaled_mm")
     if backend == "scaled_grouped_mm" and not cuda:
         raise ValueError("model.moe.fp8.backend: scaled_grouped_mm needs CUDA "
                          "(torch._scaled_grouped_mm has no CPU kernel); use scaled_mm")

@@ -82,7 +82,8 @@ def _cast(x: torch.Tensor, s_full: torch.Tensor, fmt: Format, count: bool):
 def quantise(x_MK: torch.Tensor, fmt: Format, kind: str, *, scale: torch.Tensor | None = None,
              margin: int = 0, count: bool = False) -> Quantised:
     """Quantise `x_MK` along K with scales of `kind`: tensor | rows | tiles | blocks. `scale`
-    (tensor kind only) overrides the current-amax scale (delayed scaling)."""
+    (tensor: [], rows: [M, 1]) overrides the scale of the local amax: delayed scaling, and rows
+    whose K is split over expert-TP ranks (the scale of the whole row's amax)."""
     assert x_MK.dim() == 2, f"quantise expects [M, K], got {tuple(x_MK.shape)}"
     M, K = x_MK.shape
     a = x_MK.detach().float().abs()
@@ -91,7 +92,9 @@ def quantise(x_MK: torch.Tensor, fmt: Format, kind: str, *, scale: torch.Tensor 
             a.amax() if a.numel() else a.new_zeros(()), fmt, margin)
         s_full = s
     elif kind == "rows":
-        s = scale_from_amax(a.amax(1, keepdim=True) if K else a.new_zeros(M, 1), fmt, margin)
+        s = scale if scale is not None else scale_from_amax(
+            a.amax(1, keepdim=True) if K else a.new_zeros(M, 1), fmt, margin)
+        assert s.shape == (M, 1), f"row scales {tuple(s.shape)} for {M} rows"
         s_full = s
     elif kind == "tiles":
         nK = -(-K // TILE)

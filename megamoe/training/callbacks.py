@@ -49,6 +49,8 @@ def _line(step: int, total: int, m: dict, unit: str = "tok") -> str:
         parts.append("kept " + "/".join(f"{100 * v:.0f}" for v in kept) + "%")
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    if m.get("bad_samples"):
+        parts.append(f"bad samples {m['bad_samples']}")
     return " | ".join(parts)
 
 
@@ -99,6 +101,8 @@ class ProgressCallback(Callback):
                        "imb": f"{m['imbalance']:.2f}"}
             if m.get("consumed_tokens") is not None:
                 postfix[self.unit] = format_count(m["consumed_tokens"])
+            if m.get("bad_samples"):
+                postfix["bad"] = m["bad_samples"]
             self.bar.set_postfix(postfix)
         elif step % self.interval == 0 or step == self.total:
             print("[megamoe] " + _line(step, self.total, m, self.unit), flush=True)

@@ -18,10 +18,11 @@ from megamoe.checkpoint.load import load_newest
 from megamoe.checkpoint.save import save_checkpoint
 from megamoe.models.registry import family_datasets
 from megamoe.data.checks import model_vocab_size
-from megamoe.data.loader import DataLoader
+from megamoe.data.loader import DataLoader, make_loader
 from megamoe.engines.megatron import build_engine as build_megatron_engine
 from megamoe.models.lm.model import non_causal_routers
 from megamoe.models.vocab import describe_vocab
+from megamoe.moe.experts.choice import resolve_experts
 from megamoe.training import metrics as M
 from megamoe.training.callbacks import (JsonlCallback, ProgressCallback, TensorBoardCallback,
                                         json_text)
@@ -58,9 +59,9 @@ def check_causality(cfg, family, chunks) -> list[str]:
 def loader_for(engine, dataset, consumed_samples: int = 0) -> DataLoader:
     """This DP rank's loader over `dataset`, collated by the family's task."""
     t, dp = engine.cfg.train, engine.grid.dp
-    return DataLoader(dataset, engine.task.collate, global_batch_size=t.global_batch_size,
-                      micro_batch_size=t.micro_batch_size, dp_rank=dp.rank(), dp_size=dp.size(),
-                      consumed_samples=consumed_samples)
+    return make_loader(dataset, engine.task.collate, global_batch_size=t.global_batch_size,
+                       micro_batch_size=t.micro_batch_size, dp_rank=dp.rank(),
+                       dp_size=dp.size(), consumed_samples=consumed_samples)
 
 
 def evaluate(engine, dataset, iters: int) -> tuple[float, dict]:
@@ -116,6 +117,9 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
                                                 if t.engine == "deepspeed" else ""),
             "parameters": f"{total_params:,} total, "
             f"{active_params:,} active per {family.unit}", "run dir": cfg.run.dir}
+    experts = resolve_experts(cfg, device.type) if cfg.model.moe.num_experts else None
+    if experts:   # model.moe.experts, `auto` resolved for this device
+        info["experts"] = f"{experts[0]} ({experts[1]})"
     if engine.padded_vocab_size is not None:
         info["vocab"] = describe_vocab(vocab, engine.padded_vocab_size,
                                        cfg.model.make_vocab_size_divisible_by, engine.dims.tensor)
@@ -164,6 +168,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
              if peak else None,
              "expert_load": {key: row for key, row in load.items() if row.sum() > 0},
              **router}
+        m.update(M.data_counts(loader.metrics(), engine.grid))   # bad samples, all ranks
         m.update(speed.update(step, tokens_per_step,
                               engine.consumed_samples * task.units_per_sample()))
         if not torch.isfinite(torch.tensor(loss)):
@@ -207,6 +212,7 @@ def train(cfg, device: torch.device, stop: StopRequest | None = None) -> dict:
         "resumed_from_step": first_step - 1,
         "layout": engine.dims.describe(), "world_size": engine.dims.world_size,
         "parameters_total": total_params, "parameters_active": active_params,
+        "experts": experts[0] if experts else None,
         "entropy_rate": getattr(train_ds, "entropy_rate", None), "checkpoint": checkpoint,
     }
     if rank0:

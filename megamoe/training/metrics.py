@@ -33,6 +33,18 @@ def global_mean(stats: dict, pg, name: str, per: str = "units") -> float:
     return (t[0] / t[1].clamp(min=1)).item()
 
 
+def data_counts(counts: dict, pg) -> dict:
+    """The loader's counts (bad samples since the start) summed over the DP ranks, each
+    counted once (the ranks `global_mean` takes its sums from); {} when it counts nothing."""
+    if not counts:
+        return {}
+    owner = pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0
+    t = torch.tensor([float(v) for v in counts.values()], dtype=torch.float64) * float(owner)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _all_reduce(t)
+    return {k: int(v) for k, v in zip(counts, t.tolist())}
+
+
 def moe_streams(layers) -> dict:
     """{stream: (its layer count, its MoE layers' numbers)} of the model's MoE stacks other than
     the main one (a vlm encoder's: megamoe.moe.layer), the same on every rank (pipeline stages

@@ -12,5 +12,5 @@ GROUPED = ["model.moe.experts=grouped"]
 @pytest.mark.parametrize("mode", [[], ["model.moe.capacity_factor=1.0"]],
                          ids=["dropless", "capacity"])
 def test_grouped_ep2_matches_sequential_single_process(mode):
-    ref = reference(mode, dp=EP2[2])
+    ref = reference(mode + ["model.moe.experts=sequential"], dp=EP2[2])
     check_layout(GROUPED + mode, EP2, ref)

@@ -20,6 +20,8 @@ def test_lm_quickstart_trains_and_writes_its_run_dir(cli, tmp_path):
         assert key in summary
     assert summary["steps"] == 100
     assert summary["layout"].startswith("TP2·PP1·DP2·EP2")
+    # model.moe.experts=auto: the CPU table's back end, said at start-up; config.yaml keeps auto
+    assert summary["experts"] == "grouped" and "[megamoe] experts: grouped (auto on cpu" in out.stdout
     assert summary["last10_mean_loss"] < 0.85 * summary["first_loss"]
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [s["loss"] for s in steps if "loss" in s]

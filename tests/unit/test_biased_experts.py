@@ -61,9 +61,9 @@ def layer_task(perturb: bool = False):
     """Mismatches (empty = as documented) between sequential, grouped and FP8 biased experts."""
     from megamoe.moe.experts import FP8Experts, GroupedExperts
 
-    seq = _experts([])
+    seq = _experts(["model.moe.experts=sequential"])
     grp = _experts(["model.moe.experts=grouped"])
-    fp8 = _experts(["model.moe.fp8.recipe=rowwise"])
+    fp8 = _experts(["model.moe.fp8.recipe=rowwise", "model.moe.experts=sequential"])
     fp8_grp = _experts(["model.moe.fp8.recipe=rowwise", "model.moe.experts=grouped"])
     assert isinstance(grp, GroupedExperts) and isinstance(fp8, FP8Experts)
     names = ["output", "input grad", "probs grad"] + [n for n, _ in seq.named_parameters()]
@@ -103,7 +103,7 @@ def step_task(perturb: bool = False):
     from megamoe.testing.parity import perturb_one_expert
     from megamoe.models.registry import family_datasets
 
-    cfg = _cfg([])
+    cfg = _cfg(["model.moe.experts=sequential"])
     classes = family_datasets(cfg)[2]
     ref = parity_run(cfg, classes, steps=1)
     got = parity_run(_cfg(["model.moe.experts=grouped"]), classes, steps=1,

@@ -209,7 +209,7 @@ def experts_step_task(overrides) -> list:
 def test_grouped_and_fp8_experts_train_in_the_dit():
     """Grouped experts give the sequential experts' losses (1e-5 relative); FP8 experts
     (tensorwise) stay finite and within 2% of them; control: a changed seed moves the loss."""
-    base = run_distributed(experts_step_task, 1, [])[0]
+    base = run_distributed(experts_step_task, 1, ["model.moe.experts=sequential"])[0]
     grouped = run_distributed(experts_step_task, 1, ["model.moe.experts=grouped"])[0]
     fp8 = run_distributed(experts_step_task, 1, ["model.moe.fp8.recipe=tensorwise"])[0]
     other = run_distributed(experts_step_task, 1, ["run.seed=5"])[0]

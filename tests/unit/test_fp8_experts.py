@@ -36,8 +36,8 @@ def layer_task():
     from megamoe.moe.experts import FP8Experts
 
     bad = []
-    ref_engine, ref_layers = _experts([])
-    fp8_engine, fp8_layers = _experts(["model.moe.fp8.recipe=rowwise"])
+    ref_engine, ref_layers = _experts(["model.moe.experts=sequential"])
+    fp8_engine, fp8_layers = _experts(["model.moe.fp8.recipe=rowwise", "model.moe.experts=sequential"])
     _, grp_layers = _experts(["model.moe.fp8.recipe=rowwise", "model.moe.experts=grouped"])
     ref, fp8, grp = ref_layers[0].experts, fp8_layers[0].experts, grp_layers[0].experts
     if not (isinstance(fp8, FP8Experts) and isinstance(grp, FP8Experts) and grp.backend_args[2]):
@@ -128,6 +128,10 @@ def test_routing_map_padding_to_16_rows_is_exact_for_rowwise():
       "model.moe.token_dispatcher=allgather"], r"^model\.moe\.fp8\.row_multiple: padding"),
     (["model.moe.fp8.recipe=rowwise", "model.moe.fp8.keep_high_precision_layers=[4]"],
      r"^model\.moe\.fp8\.keep_high_precision_layers: \[4\] outside"),
+    (["model.moe.fp8.recipe=blockwise", "parallel.world_size=2", "parallel.tensor=2",
+      "model.moe.ffn_hidden_size=128"],
+     r"^model\.moe\.ffn_hidden_size: 128 / parallel\.expert_tensor \(2\) = 64 is not a "
+     r"multiple of 128"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -149,3 +153,50 @@ def test_back_end_errors_are_one_line(backend, match):
     assert resolve_backend("auto", "rowwise", True, cuda=False) == "scaled_mm"
     assert resolve_backend("auto", "rowwise", True, cuda=True) == "scaled_grouped_mm"
     assert resolve_backend("auto", "rowwise", True, cuda=True, grad_format="e5m2") == "scaled_mm"
+    # expert-TP: only the per-expert back end, whose whole-row scales the parity test proves
+    assert resolve_backend("auto", "rowwise", True, cuda=True, expert_tp=2) == "scaled_mm"
+    with pytest.raises(ValueError, match=r"^model\.moe\.fp8\.backend: scaled_grouped_mm with "
+                       r"expert tensor parallelism \(2\)"):
+        resolve_backend("scaled_grouped_mm", "rowwise", True, cuda=True, expert_tp=2)
+
+
+def test_blockwise_under_expert_tp_accepts_whole_tiles():
+    """The refusal's positive side: F / expert-TP a multiple of 128 is a valid config."""
+    cfg = tiny_config(["model.moe.fp8.recipe=blockwise", "parallel.world_size=2",
+                       "parallel.tensor=2", "model.moe.ffn_hidden_size=256"])
+    assert cfg.parallel.expert_tensor_size == 2
+
+
+MOR = ["model.num_layers=8", "model.mor.enabled=true", "model.mor.num_recursions=3",
+       "model.mor.router=token"]
+_ENGINE = {}
+
+
+def _keep_engine(engine) -> bool:
+    _ENGINE["engine"] = engine
+    return True
+
+
+def mor_task(overrides):
+    """Two MoR steps: losses, and how many of the recursion's experts are FP8 experts whose
+    amax history recorded the step (the shared block runs once per recursion)."""
+    from megamoe.moe.experts import FP8Experts
+
+    r = parity_run(tiny_config(MOR + overrides), TINY_VOCAB, steps=2, perturb=_keep_engine)
+    engine = _ENGINE.pop("engine")
+    shared = [m for c in engine.modules for n, m in c.named_modules()
+              if ".recursion." in f".{n}." and n.endswith("mlp.experts")]
+    fp8 = [m for m in shared if isinstance(m, FP8Experts)
+           and (m.fp8_state.amax_history[..., 0] > 0).any()]
+    return r.losses, len(shared), len(fp8)
+
+
+@pytest.mark.timeout(300)
+def test_fp8_experts_inside_mor_recursion():
+    """FP8 (rowwise) experts in the recursion's shared block: the losses stay finite and
+    within 4u of fp32's, and differ from them (control: FP8 did run there)."""
+    ref, n, n8 = run_distributed(mor_task, 1, [])[0]
+    got, m, m8 = run_distributed(mor_task, 1, ["model.moe.fp8.recipe=rowwise"])[0]
+    assert n == m > 0 and n8 == 0 and m8 == m, (n, n8, m, m8)
+    assert all(abs(a - b) <= 4 * U * abs(a) for a, b in zip(ref, got)), (ref, got)
+    assert ref != got

@@ -11,6 +11,7 @@ from megamoe.testing.pool import run_distributed
 
 RTOL = 1e-6
 GROUPED = ["model.moe.experts=grouped"]
+SEQUENTIAL = ["model.moe.experts=sequential"]     # the default `auto` may be either
 
 
 def _close(a, b) -> bool:
@@ -31,7 +32,7 @@ def layer_task(perturb: bool = False):
     """Feed both back ends the same permuted tokens (expert 1 gets none); report mismatches."""
     from megamoe.moe.experts import GroupedExperts
 
-    seq_engine, seq = _experts([])
+    seq_engine, seq = _experts(SEQUENTIAL)
     grp_engine, grp = _experts(GROUPED)
     assert isinstance(grp, GroupedExperts) and not isinstance(seq, GroupedExperts)
     bad = []
@@ -70,7 +71,7 @@ def model_task(overrides, perturb: bool = False):
     """One step of the whole tiny LM: loss and every gradient, sequential vs grouped."""
     from megamoe.testing.parity import perturb_one_expert
 
-    ref = parity_run(tiny_config(overrides), TINY_VOCAB, steps=1)
+    ref = parity_run(tiny_config(overrides + SEQUENTIAL), TINY_VOCAB, steps=1)
     got = parity_run(tiny_config(overrides + GROUPED), TINY_VOCAB, steps=1,
                      perturb=perturb_one_expert if perturb else False)
     bad = [] if abs(ref.losses[0] - got.losses[0]) <= RTOL * abs(ref.losses[0]) else ["loss"]
@@ -100,3 +101,44 @@ def test_grouped_model_step_equals_sequential(mode):
 def test_unknown_expert_back_end_is_one_config_error():
     with pytest.raises(ConfigError, match=r"^model\.moe\.experts: must be one of"):
         tiny_config(["model.moe.experts=loop"])
+
+
+def backend_task(overrides):
+    """The experts module class the built model holds on this (CPU) rank."""
+    return type(_experts(overrides)[1]).__name__
+
+
+@pytest.mark.timeout(300)
+def test_auto_is_the_cpu_table_entry_and_an_explicit_choice_overrides_it():
+    from megamoe.moe.experts.choice import BY_DEVICE, resolve_experts
+
+    cfg = tiny_config([])
+    assert cfg.model.moe.experts == "auto"                       # the default
+    assert resolve_experts(cfg, "cpu")[0] == BY_DEVICE["cpu"][0] == "grouped"
+    assert resolve_experts(cfg, "cuda")[0] == BY_DEVICE["cuda"][0]
+    assert resolve_experts(cfg, "xpu")[0] == "sequential"       # no entry: the fallback
+    for explicit in ("sequential", "grouped"):
+        c = tiny_config([f"model.moe.experts={explicit}"])
+        assert resolve_experts(c, "cpu")[0] == resolve_experts(c, "cuda")[0] == explicit
+    # widths torch._grouped_mm cannot take: auto quietly keeps the sequential loop
+    odd = tiny_config(["model.moe.ffn_hidden_size=44"])
+    assert resolve_experts(odd, "cpu")[0] == "sequential"
+    # built on CPU: auto holds the table's module, an explicit choice its own (control)
+    built = {o: run_distributed(backend_task, 1, [f"model.moe.experts={o}"])[0]
+             for o in ("auto", "sequential")}
+    assert built == {"auto": "GroupedExperts", "sequential": "SequentialMLP"}, built
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_moves_between_back_ends(tmp_path):
+    """Saved by sequential experts, loaded by auto (grouped on CPU, the test above): every
+    tensor equal (the loading model starts from another seed). Control: a corrupted
+    checkpoint's load fails, so the equality came from the files."""
+    from megamoe.testing.checkpointing import save_then_load
+
+    seq = ["model.moe.experts=sequential"]
+    out = run_distributed(save_then_load, 1, seq, str(tmp_path / "ok"), ["model.moe.experts=auto"])[0]
+    assert out["differ"] == [] and any(".experts." in k for k in out["keys"]), out
+    bad = run_distributed(save_then_load, 1, seq, str(tmp_path / "bad"), GROUPED,
+                          corrupt="metadata")[0]
+    assert isinstance(bad, str), bad

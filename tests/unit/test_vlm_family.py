@@ -143,7 +143,7 @@ def test_grouped_and_fp8_experts_run_in_the_language_model_and_the_encoder():
 
     encoder_moe = ["model.vlm.encoder_moe_layer_freq=[0,1]"]
     runs = {name: run_distributed(vlm_parity_task, 1, encoder_moe + overrides, steps=2)[0].losses
-            for name, overrides in [("sequential", []),
+            for name, overrides in [("sequential", ["model.moe.experts=sequential"]),
                                     ("grouped", ["model.moe.experts=grouped"]),
                                     ("fp8", ["model.moe.fp8.recipe=tensorwise"])]}
     ref = runs["sequential"]

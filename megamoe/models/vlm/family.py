@@ -29,9 +29,13 @@ def check_vlm(cfg) -> None:
         from megamoe.models.vlm.video import check_video
 
         check_video(cfg)
+    elif cfg.data.kind == "energon":
+        from megamoe.data.energon_shards import check_energon_config
+
+        check_energon_config(cfg)
     elif cfg.data.kind != "scenes":
         fail("data.kind", f"model.family 'vlm' trains on images, video or sounds with text: "
-             f"set it to 'scenes', 'clips' or 'sounds', got {cfg.data.kind!r}")
+             f"set it to 'scenes', 'clips', 'sounds' or 'energon', got {cfg.data.kind!r}")
     else:
         from megamoe.data.scenes import check_seq_length
 
@@ -173,5 +177,5 @@ VLM = register(Family(
     dataset_kwargs=_dataset_kwargs,
     grad_sync=_grad_sync,
     notes="image (or audio) + text: vit encoder, connector, MoE(-MoR) LM (model.vlm, "
-          "data.kind scenes | sounds)",
+          "data.kind scenes | sounds | energon)",
 ))

@@ -52,7 +52,9 @@ def check_packing(cfg) -> None:
         fail("data.pack_samples", f"{k} does not divide train.micro_batch_size "
              f"({cfg.train.micro_batch_size}), which counts samples: a micro-batch is "
              f"micro_batch_size / pack_samples packed sequences")
-    longest = max_sample_length(image_tokens(cfg), d.max_shapes, d.caption_fraction)
+    # energon: packs are planned greedily from the samples' lengths (megamoe.data.energon_encoder)
+    longest = (max_sample_length(image_tokens(cfg), d.max_shapes, d.caption_fraction)
+               if d.kind == "scenes" else 0)
     if k * longest > m.seq_length + 1:
         fail("model.seq_length", f"{m.seq_length} is too short to pack data.pack_samples = {k} "
              f"samples of up to {longest} tokens: it must be >= {k * longest - 1}")

@@ -37,7 +37,13 @@ class FP8Experts(SequentialMLP):
         self.recipe = make_recipe(fp8.recipe, fp8.grad_format, fp8.amax_history_len, fp8.margin)
         self.backend_args = (fp8.backend, fp8.recipe, grouped)
         self.grad_format = fp8.grad_format
-        resolve_backend(*self.backend_args, torch.cuda.is_available(), fp8.grad_format)
+        # expert-TP: fc1 holds a slice of its output features, fc2 of its input features; the
+        # GEMMs contracting a slice take whole-row scales over this group (megamoe.fp8.linear).
+        # A negative control sets it to None (each shard then scales its own slice).
+        self.split_group = (self.tp_group if self.tp_group is not None
+                            and self.tp_group.size() > 1 else None)
+        resolve_backend(*self.backend_args, torch.cuda.is_available(), fp8.grad_format,
+                        self.expert_tp)
         if torch.cuda.is_available() and config.moe_token_dispatcher_type != "alltoall":
             raise ValueError("model.moe.token_dispatcher: FP8 experts on CUDA need alltoall, "
                              "which pads each expert's rows to 16 in the routing map")
@@ -47,9 +53,15 @@ class FP8Experts(SequentialMLP):
 
     _activation = GroupedExperts._activation
 
+    @property
+    def expert_tp(self) -> int:
+        return self.tp_group.size() if self.tp_group is not None else 1
+
     def _linear(self, x_TK, w_ENK, counts, proj: int, record: bool):
-        call = FP8Call(self.recipe, self.fp8_state, proj, record)
-        backend = resolve_backend(*self.backend_args, x_TK.is_cuda, self.grad_format)
+        call = FP8Call(self.recipe, self.fp8_state, proj, record,
+                       split="n" if proj == FC1 else "k", split_group=self.split_group)
+        backend = resolve_backend(*self.backend_args, x_TK.is_cuda, self.grad_format,
+                                  self.expert_tp)
         if backend == "scaled_grouped_mm":
             from megamoe.fp8.grouped import fp8_scaled_grouped_linear
             return fp8_scaled_grouped_linear(x_TK, w_ENK, counts, call)
