@@ -158,9 +158,16 @@ def _vlm_figures(engine, cfg, total: dict, valid, iters: int, G: int, step_dir: 
            "caption_match": M.global_mean(total, engine.grid, "caption_match", "captions"),
            "captions": int(total["captions"])}
     usage = modality_usage(engine)
-    out.update(blind_figures(cfg, iters * G))
-    shuffled = _sweep(engine, loader_for(engine, NeighbourImages(valid)), iters, G,
-                      " (each sample with its neighbour's image)")
+    if cfg.data.kind == "energon":        # no generator: figures from the batches themselves
+        from megamoe.commands.eval_shards import NeighbourInBatch, blind_figures_from_batches
+
+        loader = loader_for(engine, valid)
+        out.update(blind_figures_from_batches(loader, iters, G))
+        neighbours = NeighbourInBatch(loader)
+    else:
+        out.update(blind_figures(cfg, iters * G))
+        neighbours = loader_for(engine, NeighbourImages(valid))
+    shuffled = _sweep(engine, neighbours, iters, G, " (each sample with its neighbour's image)")
     out["shuffled_accuracy"] = M.global_mean(shuffled, engine.grid, "correct", "questions")
     if cfg.data.kind == "clips":
         from megamoe.commands.eval_video import video_figures

@@ -35,3 +35,20 @@ def test_training_counts_bad_samples_and_resumes_exactly(tmp_path):
     # 24 train samples, 32 read: the truncated one is met at least once, and only counted
     assert straight[-1]["bad_samples"] >= 1
     assert straight[2]["loss"] != straight[0]["loss"]
+
+
+@pytest.mark.timeout(600)
+def test_eval_of_a_run_on_shards(tmp_path):
+    """`megamoe eval` on an Energon run: accuracy, the leave-one-out blind chance and the
+    neighbour-image control come from the val split's batches (no generator behind them)."""
+    from megamoe.commands.eval import evaluate_checkpoint
+
+    path = run_distributed(build_dataset, 2, str(tmp_path / "data"), 32)[0]
+    run_distributed(train_recipe, 2, None, _args(path, 2), str(tmp_path / "run"))
+    lines = []
+    figures = evaluate_checkpoint(str(tmp_path / "run"), iters=1, log=lines.append)
+    assert figures["questions"] + figures["captions"] > 0, figures
+    for key in ("accuracy", "chance", "shuffled_accuracy", "caption_chance"):
+        assert 0.0 <= figures[key] <= 1.0, (key, figures)
+    assert figures["chance_rule"].startswith("leave-one-out")
+    assert "neighbour's image" in lines[-2], lines[-2:]
