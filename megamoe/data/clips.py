@@ -210,18 +210,9 @@ class ClipsDataset:
 
     def sequence(self, d: dict) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int64 [S + 1], loss_mask float32 [S]) of a described sample."""
-        tok = self.tokenizer
-        answer = tok.encode(d["answer"])
-        ids = [tok.bos_id, *[tok.image_id] * self.image_tokens, *tok.encode(d["prompt"]),
-               *answer, tok.eos_id]
-        if len(ids) > self.seq_length + 1:
-            raise ValueError(f"clips {self.split} sample {d['index'] - self._base}: {len(ids)} "
-                             f"tokens > model.seq_length + 1 = {self.seq_length + 1}")
-        tokens_S1 = np.full(self.seq_length + 1, tok.pad_id, np.int64)
-        tokens_S1[:len(ids)] = ids
-        loss_mask_S = np.zeros(self.seq_length, np.float32)
-        loss_mask_S[len(ids) - len(answer) - 2:len(ids) - 1] = 1.0   # predicts answer, <eos>
-        return tokens_S1, loss_mask_S
+        return self.tokenizer.question_sequence(
+            d["prompt"], d["answer"], self.image_tokens, self.seq_length,
+            f"clips {self.split} sample {d['index'] - self._base}")
 
     def __getitem__(self, i: int) -> dict:
         d = self.describe(i)

@@ -254,19 +254,9 @@ class ScenesDataset:
 
     def sequence(self, d: dict) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int64 [S + 1], loss_mask float32 [S]) of a described sample."""
-        tok = self.tokenizer
-        prompt, answer = tok.encode(d["prompt"]), tok.encode(d["answer"])
-        ids = [tok.bos_id, *[tok.image_id] * self.image_tokens, *prompt, *answer, tok.eos_id]
-        if len(ids) > self.seq_length + 1:
-            raise ValueError(f"scenes {self.split} sample {d['index'] - self._base} (global "
-                             f"index {d['index']}): {len(ids)} tokens > model.seq_length + 1 = "
-                             f"{self.seq_length + 1}")
-        tokens_S1 = np.full(self.seq_length + 1, tok.pad_id, np.int64)
-        tokens_S1[:len(ids)] = ids
-        loss_mask_S = np.zeros(self.seq_length, np.float32)
-        first_target = len(ids) - len(answer) - 1          # position of the first answer word
-        loss_mask_S[first_target - 1:len(ids) - 1] = 1.0  # predicts answer words and <eos>
-        return tokens_S1, loss_mask_S
+        return self.tokenizer.question_sequence(
+            d["prompt"], d["answer"], self.image_tokens, self.seq_length,
+            f"scenes {self.split} sample {d['index'] - self._base} (global index {d['index']})")
 
     def caption_sequence(self, d: dict) -> tuple[np.ndarray, int]:
         """(tokens int64 [caption_length] = [<bos>, caption words, <eos>, <pad>…], position of

@@ -201,15 +201,9 @@ class SoundsDataset:
         """tokens [S + 1], loss_mask [S] (answer words and <eos>), caption tokens and end."""
         tok = self.tokenizer
         answer = tok.encode(d["answer"])
-        ids = [tok.bos_id, *[tok.image_id] * self.image_tokens, *tok.encode(d["prompt"]),
-               *answer, tok.eos_id]
-        if len(ids) > self.seq_length + 1:
-            raise ValueError(f"sounds {self.split} sample {d['index'] - self._base}: {len(ids)} "
-                             f"tokens > model.seq_length + 1 = {self.seq_length + 1}")
-        tokens_S1 = np.full(self.seq_length + 1, tok.pad_id, np.int64)
-        tokens_S1[:len(ids)] = ids
-        loss_mask_S = np.zeros(self.seq_length, np.float32)
-        loss_mask_S[len(ids) - len(answer) - 2:len(ids) - 1] = 1.0   # predicts answer, <eos>
+        tokens_S1, loss_mask_S = tok.question_sequence(
+            d["prompt"], d["answer"], self.image_tokens, self.seq_length,
+            f"sounds {self.split} sample {d['index'] - self._base}")
         caption = [tok.bos_id, *answer, tok.eos_id]
         caption_L = np.full(self.caption_length, tok.pad_id, np.int64)
         caption_L[:len(caption)] = caption

@@ -65,6 +65,25 @@ class WordTokenizer:
             raise ValueError(f"word tokenizer: id {bad[0]} outside [0, {self.vocab_size})")
         return _ATTACHED.sub(r"\1", " ".join(self._vocab[i] for i in ids))
 
+    def question_sequence(self, prompt: str, answer: str, image_tokens: int, seq_length: int,
+                          name: str):
+        """(tokens int64 [S + 1] = [<bos>, <image> × image_tokens, prompt, answer, <eos>,
+        <pad>…], loss_mask float32 [S], 1 where the next token is an answer word or the <eos>)
+        of one question; `name` names the sample in the error for a sequence that is too long."""
+        import numpy as np
+
+        answer_ids = self.encode(answer)
+        ids = [self.bos_id, *[self.image_id] * image_tokens, *self.encode(prompt), *answer_ids,
+               self.eos_id]
+        if len(ids) > seq_length + 1:
+            raise ValueError(f"{name}: {len(ids)} tokens > model.seq_length + 1 = "
+                             f"{seq_length + 1}")
+        tokens_S1 = np.full(seq_length + 1, self.pad_id, np.int64)
+        tokens_S1[:len(ids)] = ids
+        loss_mask_S = np.zeros(seq_length, np.float32)
+        loss_mask_S[len(ids) - len(answer_ids) - 2:len(ids) - 1] = 1.0
+        return tokens_S1, loss_mask_S
+
     def to_json(self) -> str:
         """The vocabulary as JSON (what an export writes next to the model)."""
         return json.dumps({"type": "megamoe.word_tokenizer", "specials": list(SPECIALS),
