@@ -43,8 +43,9 @@ import numpy as np
 
 from megamoe.config.errors import fail
 from megamoe.data.scenes import blind_accuracy
-from megamoe.data.shapes import (COLOUR_NAMES, COLOURS, KINDS, VALID_BASE, check_patch_grid,
-                                 interp_matrix, shape_alpha, textured_background)
+from megamoe.data.shapes import (COLOUR_NAMES, COLOURS, KINDS, VALID_BASE, GeneratedSplit,
+                                 check_patch_grid, interp_matrix, shape_alpha,
+                                 textured_background)
 from megamoe.data.word_tokenizer import WordTokenizer
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}   # (dx, dy)
@@ -173,8 +174,10 @@ def check_seq_length(seq_length: int, image_tokens: int) -> None:
              f"sample is {need + 1} tokens, so it must be >= {need} ({image_tokens} clip tokens)")
 
 
-class ClipsDataset:
+class ClipsDataset(GeneratedSplit):
     """One split of the clips set: `num_samples` samples, random access (module docstring)."""
+
+    kind = "clips"
 
     def __init__(self, seed: int = 0, image_size: int = 16, split: str = "train",
                  num_samples: int = 1_000_000, num_frames: int = 4, image_tokens: int = 8,
@@ -195,15 +198,6 @@ class ClipsDataset:
                            else seq_length)
         self._base = 0 if split == "train" else VALID_BASE
         self._interp = interp_matrix(image_size, 4)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def global_index(self, i: int) -> int:
-        """The global sample index of split sample `i` (the split rule)."""
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"clips {self.split} index {i} outside [0, {self.num_samples})")
-        return self._base + int(i)
 
     def describe(self, i: int) -> dict:
         return describe_clip(self.seed, self.global_index(i), self.num_frames, self.image_size)

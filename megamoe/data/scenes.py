@@ -58,8 +58,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from megamoe.config.errors import ConfigError, fail
 from megamoe.config.vision import SCENES_MAX_SHAPES
-from megamoe.data.shapes import (COLOUR_NAMES, COLOURS, KINDS, VALID_BASE, check_patch_grid,
-                                 interp_matrix, shape_alpha, textured_background)
+from megamoe.data.shapes import (COLOUR_NAMES, COLOURS, KINDS, VALID_BASE, GeneratedSplit,
+                                 check_patch_grid, interp_matrix, shape_alpha,
+                                 textured_background)
 from megamoe.data.word_tokenizer import WordTokenizer
 
 CELLS = ("top left", "top right", "bottom left", "bottom right")   # cell c: row c // 2, col c % 2
@@ -212,8 +213,10 @@ def check_seq_length(seq_length: int, image_tokens: int, max_shapes: int = 3,
 
 # ---- the dataset ----------------------------------------------------------------------------------
 
-class ScenesDataset:
+class ScenesDataset(GeneratedSplit):
     """One split of the scenes set: `num_samples` samples, random access (module docstring)."""
+
+    kind = "scenes"
 
     def __init__(self, seed: int = 0, image_size: int = 32, split: str = "train",
                  num_samples: int = 1_000_000, tokenizer: WordTokenizer | None = None,
@@ -237,15 +240,6 @@ class ScenesDataset:
         self._base = 0 if split == "train" else VALID_BASE
         self._interp = interp_matrix(image_size, 4)
         self.caption_length = caption_length(max_shapes, self.tokenizer)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def global_index(self, i: int) -> int:
-        """The global sample index of split sample `i` (the split rule)."""
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"scenes {self.split} index {i} outside [0, {self.num_samples})")
-        return self._base + int(i)
 
     def describe(self, i: int) -> dict:
         """Shapes, template, prompt, answer and caption of split sample `i` (describe_sample)."""

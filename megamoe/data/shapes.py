@@ -177,8 +177,28 @@ def render_image(seed: int, index: int, num_classes: int = DEFAULT_CLASSES,
     return np.clip(np.rint(img_CHW), 0, 255).astype(np.uint8), p["label"]
 
 
-class ShapesDataset:
+class GeneratedSplit:
+    """A split of a generated set (the split rule): split sample i is global index i in
+    'train' and VALID_BASE + i in 'valid'. Subclasses set `kind`, `split`, `num_samples` and
+    `_base`."""
+
+    kind = "generated"
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def global_index(self, i: int) -> int:
+        """The global sample index of split sample `i`."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"{self.kind} {self.split} index {i} outside [0, "
+                             f"{self.num_samples})")
+        return self._base + int(i)
+
+
+class ShapesDataset(GeneratedSplit):
     """One split of the shapes images: `num_samples` images, random access (module docstring)."""
+
+    kind = "shapes"
 
     def __init__(self, seed: int = 0, image_size: int = 32, num_classes: int = DEFAULT_CLASSES,
                  num_samples: int = 50_000, split: str = "train"):
@@ -192,15 +212,6 @@ class ShapesDataset:
         self.num_samples, self.split = num_samples, split
         self._base = 0 if split == "train" else VALID_BASE
         self._interp = interp_matrix(image_size, 4)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def global_index(self, i: int) -> int:
-        """The global image index of split image `i` (the split rule)."""
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"shapes {self.split} index {i} outside [0, {self.num_samples})")
-        return self._base + int(i)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         return render_image(self.seed, self.global_index(i), self.num_classes, self.image_size,

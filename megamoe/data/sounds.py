@@ -45,7 +45,7 @@ from megamoe.config.audio import SOUND_CLASSES, AudioOptions, clip_samples
 from megamoe.config.errors import fail
 from megamoe.data.mel import empty_filters, log_mel, mel_filterbank, normalise
 from megamoe.data.scenes import blind_accuracy
-from megamoe.data.shapes import VALID_BASE
+from megamoe.data.shapes import VALID_BASE, GeneratedSplit
 from megamoe.data.word_tokenizer import WordTokenizer
 
 CLASSES = ("low tone", "high tone", "rising chirp", "falling chirp", "two tones",
@@ -146,8 +146,10 @@ def check_sounds(cfg, image_tokens: int) -> None:
              f"data.audio.n_fft {a.n_fft} (lower data.image_size or raise data.audio.n_fft)")
 
 
-class SoundsDataset:
+class SoundsDataset(GeneratedSplit):
     """One split of the sounds set: `num_samples` clips, random access (module docstring)."""
+
+    kind = "sounds"
 
     def __init__(self, seed: int = 0, image_size: int = 32, split: str = "train",
                  num_samples: int = 1_000_000, image_tokens: int = 16,
@@ -169,14 +171,6 @@ class SoundsDataset:
         self._filterbank_MF = mel_filterbank(image_size, a.n_fft, a.sample_rate, a.f_min,
                                              a.f_max).double()
         self.caption_length = 2 + max(len(self.tokenizer.encode(c)) for c in CLASSES)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def global_index(self, i: int) -> int:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sounds {self.split} index {i} outside [0, {self.num_samples})")
-        return self._base + int(i)
 
     def describe(self, i: int) -> dict:
         return describe_sound(self.seed, self.global_index(i), self.audio.num_classes)
