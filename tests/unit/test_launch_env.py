@@ -133,3 +133,40 @@ def test_host_collectives_use_the_backends_device(monkeypatch):
     assert E.collective_device() == torch.device("cuda", 2)
     monkeypatch.setattr(E.dist, "get_backend", lambda: "gloo")
     assert E.collective_device() == torch.device("cpu")
+
+
+def test_cpu_ranks_share_the_nodes_cores_unless_told_otherwise():
+    """N CPU ranks on a node get cores/N intra-op threads each (oversubscribed, 2 ranks x 2 threads
+    on 2 cores ran the tiny ViT 3x slower); OMP_NUM_THREADS and a rank's own binding win."""
+    from megamoe.launch.env import RankInfo, cpu_threads
+
+    two_local = RankInfo(0, 2, 0, "env", local_size=2)
+    assert cpu_threads(two_local, {}, affinity=2, node_cpus=2) == 1
+    assert cpu_threads(two_local, {}, affinity=16, node_cpus=16) == 8
+    assert cpu_threads(RankInfo(0, 3, 0, "env", local_size=3), {}, 16, 16) == 5
+    assert cpu_threads(RankInfo(0, 4, 0, "env", local_size=4), {}, 2, 2) == 1   # never 0
+    assert cpu_threads(RankInfo(0, 1, 0, "env", local_size=1), {}, 2, 2) == 2
+    # one rank of 8 on a 2-node job whose local size is unknown: as if all shared this node
+    assert cpu_threads(RankInfo(5, 8, 1, "slurm"), {}, 16, 16) == 2
+    # srun --cpus-per-task=4 bound this task to 4 of the node's 16 cores: all 4 are its own
+    assert cpu_threads(RankInfo(5, 8, 1, "slurm", local_size=4), {}, 4, 16) == 4
+    assert cpu_threads(two_local, {"OMP_NUM_THREADS": "3"}, 2, 2) is None   # the user's choice
+
+
+def _exit_unless_local_world_size(expected: int) -> None:
+    import os
+
+    if os.environ.get("LOCAL_WORLD_SIZE") != str(expected):
+        raise SystemExit(7)
+
+
+def test_locally_spawned_ranks_know_how_many_share_the_node():
+    from megamoe.launch.spawn import spawn_local
+
+    assert spawn_local(2, _exit_unless_local_world_size, (2,)).failure is None
+    failed = spawn_local(1, _exit_unless_local_world_size, (2,)).failure   # the control
+    assert failed is not None and failed.message == "SystemExit: 7"
+    info = E.discover_rank({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": "29500"})
+    assert info.local_size == 2
