@@ -21,7 +21,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megamoe.fp8 import FP8Call, FP8ScalingState, fp8_grouped_linear, make_recipe
 from megamoe.fp8.backends import resolve_backend
-from megamoe.moe.experts.grouped import GroupedExperts, expert_biases
+from megamoe.moe.experts.grouped import GroupedExperts, expert_biases, probs_on_input
 
 FC1, FC2 = 0, 1
 
@@ -68,13 +68,8 @@ class FP8Experts(SequentialMLP):
         return fp8_grouped_linear(x_TK, w_ENK, counts, call)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        x_TD, probs_T = permuted_local_hidden_states, permuted_probs
-        if self.config.moe_apply_probs_on_input:
-            assert self.config.moe_router_topk == 1, \
-                "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
-            x_TD = (probs_T.unsqueeze(-1) * x_TD).to(x_TD.dtype)
-            probs_T = torch.ones_like(probs_T)
-        assert x_TD.dim() == 2, f"expected permuted tokens [T, D], got {tuple(x_TD.shape)}"
+        x_TD, probs_T = probs_on_input(self.config, permuted_local_hidden_states,
+                                       permuted_probs)
         counts = [int(c) for c in torch.as_tensor(tokens_per_expert, device="cpu")]
         assert len(counts) == self.num_local_experts and sum(counts) == x_TD.shape[0]
         # rows routed with probability 0 (the routing map's alignment padding) are zeroed on the

@@ -68,13 +68,8 @@ class GroupedExperts(SequentialMLP):
         return cfg.activation_func(glu_TF) * (lin_TF + cfg.glu_linear_offset)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        x_TD, probs_T = permuted_local_hidden_states, permuted_probs
-        if self.config.moe_apply_probs_on_input:
-            assert self.config.moe_router_topk == 1, \
-                "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
-            x_TD = (probs_T.unsqueeze(-1) * x_TD).to(x_TD.dtype)
-            probs_T = torch.ones_like(probs_T)
-        assert x_TD.dim() == 2, f"expected permuted tokens [T, D], got {tuple(x_TD.shape)}"
+        x_TD, probs_T = probs_on_input(self.config, permuted_local_hidden_states,
+                                       permuted_probs)
         counts = torch.as_tensor(tokens_per_expert, device="cpu").to(torch.int64)
         assert counts.numel() == self.num_local_experts and int(counts.sum()) == x_TD.shape[0]
         offs_E = torch.cumsum(counts, 0).to(device=x_TD.device, dtype=torch.int32)
@@ -91,6 +86,18 @@ class GroupedExperts(SequentialMLP):
         if b2_TD is not None:
             y_TD = y_TD + b2_TD * probs_T.unsqueeze(-1)
         return y_TD, None
+
+
+def probs_on_input(config, x_TD: torch.Tensor, probs_T: torch.Tensor):
+    """The permuted tokens and probabilities a grouped forward works on: with
+    `moe_apply_probs_on_input` (top-1 only, as in Megatron's experts) the probability scales the
+    input and 1 stands in for it afterwards."""
+    assert x_TD.dim() == 2, f"expected permuted tokens [T, D], got {tuple(x_TD.shape)}"
+    if not config.moe_apply_probs_on_input:
+        return x_TD, probs_T
+    assert config.moe_router_topk == 1, \
+        "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
+    return (probs_T.unsqueeze(-1) * x_TD).to(x_TD.dtype), torch.ones_like(probs_T)
 
 
 def expert_biases(experts, counts: torch.Tensor, device):
