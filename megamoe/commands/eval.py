@@ -174,6 +174,8 @@ def _vlm_figures(engine, cfg, total: dict, valid, iters: int, G: int, step_dir: 
 
         out.update(video_figures(engine, valid, lambda loader, what: _sweep(
             engine, loader, iters, G, what), log))
+    if not out["captions"]:   # clips, sounds, caption-free shards: no figure, not a 0
+        out["caption_match"] = out["caption_chance"] = None
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
     out["expert_usage_png"] = write_usage(usage, run_dir, step, log)
     what = {"sounds": "sound", "clips": "clip"}.get(cfg.data.kind, "image")

@@ -56,7 +56,7 @@ def encoder_channels(cfg) -> int:
     return 1 if cfg.data.kind == "sounds" else 3
 
 
-def describe_clips(data) -> str:
+def describe_sounds(data) -> str:
     """'0.50 s clips at 8000 Hz, 8 classes': what the run's sounds are (its start-up lines)."""
     a = data.audio
     return (f"{clip_samples(data.image_size, a) / a.sample_rate:.2f} s clips at "

@@ -37,6 +37,7 @@ def test_video_recipe_learns_above_the_clip_blind_chance(tmp_path):
     print({k: figures[k] for k in ("accuracy", "chance", "shuffled_accuracy",
                                    "reversed_accuracy")})
     assert figures["questions"] == 32 * ITERS and figures["captions"] == 0, figures
+    assert figures["caption_match"] is None and figures["caption_chance"] is None
     assert figures["accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-6)
     accuracy, chance = figures["accuracy"], figures["chance"]
     assert 0.2 < chance < 0.3, figures                   # 1/4 by construction

@@ -145,9 +145,9 @@ def _describe(cfg, _vocab: int) -> dict:
     size = cfg.data.image_size
     what, seen = "images", f"{size}x{size}"
     if cfg.data.kind == "sounds":
-        from megamoe.config.audio import describe_clips
+        from megamoe.config.audio import describe_sounds
 
-        what, seen = "sounds", f"{describe_clips(cfg.data)} -> log-mel {size} x {size} frames"
+        what, seen = "sounds", f"{describe_sounds(cfg.data)} -> log-mel {size} x {size} frames"
     return {what: f"{seen}, patch {cfg.model.vit.patch_size} -> {patch_side(cfg) ** 2} patches "
                   f"-> {image_tokens(cfg)} {'image' if what == 'images' else 'spectrogram'} "
                   f"tokens (pixel shuffle {v.pixel_shuffle})",
