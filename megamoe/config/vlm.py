@@ -28,6 +28,9 @@ from megamoe.config.vision import time_slices
 # the placeholder token the data puts where image embeddings go: the word tokenizer's fixed
 # special id for "<image>" (megamoe.data.word_tokenizer; a test holds the two equal)
 IMAGE_TOKEN_ID = 3
+# the padding after a sample (and a packed row's unused tail): the word tokenizer's "<pad>"; the
+# LM's MoE routers leave these tokens out (megamoe.models.vlm.model.VLMModel.padding_mask)
+PAD_TOKEN_ID = 0
 
 
 @dataclass

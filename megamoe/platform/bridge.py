@@ -75,6 +75,39 @@ def _host_copy(tensor, as_numpy=False, record_stream=False):
     return tensor
 
 
+_MAPPINGS = "megatron.core.tensor_parallel.mappings"
+_REPLACED: dict = {}   # (module, attribute) -> Megatron's function, kept by apply_cpu_bridge
+
+
+def _gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """`mappings._gather_along_first_dim` where the ranks' row counts differ (the MoE
+    dispatcher's all-gather over expert-TP once pads or dropped tokens make them uneven): gloo's
+    all-gather takes equal sizes only, so each rank's rows are padded to the largest count,
+    gathered, and the padding cut out."""
+    if output_split_sizes is None or group.size() == 1:
+        return _REPLACED[_MAPPINGS, "_gather_along_first_dim"](
+            input_, group, output_split_sizes, use_global_buffer)
+    most = max(output_split_sizes)
+    padded = input_.new_zeros((most, *input_.shape[1:]))
+    padded[:input_.shape[0]] = input_
+    out = input_.new_empty((most * group.size(), *input_.shape[1:]))
+    torch.distributed.all_gather_into_tensor(out, padded, group=group)
+    return torch.cat([out[r * most:r * most + n] for r, n in enumerate(output_split_sizes)])
+
+
+def _reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """`mappings._reduce_scatter_along_first_dim` with uneven split sizes (the backward of the
+    gather above): gloo has no list reduce-scatter, so the whole tensor is all-reduced and each
+    rank keeps its rows."""
+    if input_split_sizes is None or group.size() == 1:
+        return _REPLACED[_MAPPINGS, "_reduce_scatter_along_first_dim"](
+            input_, group, input_split_sizes, use_global_buffer)
+    summed = input_.clone()
+    torch.distributed.all_reduce(summed, group=group)
+    start = sum(input_split_sizes[:group.rank()])
+    return summed[start:start + input_split_sizes[group.rank()]].contiguous()
+
+
 class _EmbeddingSyncTorch(type(CPU_TORCH)):
     """`torch` for Megatron's language_module on CPU: its tied-embedding set-up calls
     `weight.data.cuda()` before an all-reduce that copies the first stage's embedding into the
@@ -98,6 +131,8 @@ FUNCTION_PATCHES = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_get_rng_state),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _cpu_set_rng_state),
     ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _host_copy),
+    (_MAPPINGS, "_gather_along_first_dim", _gather_uneven),
+    (_MAPPINGS, "_reduce_scatter_along_first_dim", _reduce_scatter_uneven),
 )
 
 # Names Megatron leaves undefined without Transformer Engine, which then raise NameError.
@@ -134,6 +169,7 @@ def apply_cpu_bridge() -> None:
     for name, attr, replacement in FUNCTION_PATCHES:
         module = importlib.import_module(name)
         assert hasattr(module, attr), f"{name}.{attr} moved"
+        _REPLACED[name, attr] = getattr(module, attr)
         setattr(module, attr, replacement)
     language_module = importlib.import_module(LANGUAGE_MODULE)
     assert language_module.torch in (torch,) or isinstance(language_module.torch,

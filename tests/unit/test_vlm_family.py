@@ -6,6 +6,8 @@ error naming the sample."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -252,3 +254,40 @@ def test_encoder_layers_are_named_apart_from_the_language_models():
     assert MegamoeRouter.tracker_name(lm, "z_loss") == "z_loss"
     assert MegamoeRouter.tracker_name(enc, "z_loss") == "encoder/z_loss"
     assert (layer_key(lm), layer_key(enc)) == ("layer 2", "encoder layer 2")
+
+
+def pads_routed_task(with_pads_in_context: bool):
+    """(tokens the LM's MoE layers routed per layer, pad tokens, all tokens, top-k) after one
+    evaluation step of the tiny vlm."""
+    from megamoe.config.vlm import PAD_TOKEN_ID
+    from megamoe.engines.megatron import build_engine
+    from megamoe.models.lm.model import moe_layers
+    from megamoe.models.registry import family_datasets
+
+    cfg = _check("parallel.world_size=1")
+    train, _, vocab = family_datasets(cfg)
+    engine = build_engine(cfg, vocab, torch.device("cpu"))
+    task = engine.task
+    if not with_pads_in_context:     # the control: the rule as it was, pads routed like text
+        make_context = task.context
+        task.context = lambda b, step: dataclasses.replace(make_context(b, step),
+                                                           padding_mask_BS=None)
+    batch = task.collate(train.get_batch(list(range(4))), list(range(4)))
+    layers = [layer for layer in moe_layers(engine.modules) if not layer.stream]
+    for layer in layers:
+        layer.tokens_per_expert_acc.zero_()
+    engine.eval_step([batch])
+    routed = [int(layer.tokens_per_expert_acc.sum()) for layer in layers]
+    pads = int((batch["tokens"] == PAD_TOKEN_ID).sum())
+    return routed, pads, batch["tokens"].numel(), cfg.model.moe.topk
+
+
+@pytest.mark.timeout(300)
+def test_the_language_models_routers_route_pads_nowhere():
+    """A sample's padding (and a packed row's tail) reaches no expert: out of the experts'
+    work, capacity, load counts and balancing losses (Megatron's padding_mask)."""
+    routed, pads, tokens, k = run_distributed(pads_routed_task, 1, True)[0]
+    assert pads > 0 and routed and all(r == (tokens - pads) * k for r in routed), \
+        (routed, pads, tokens)
+    routed, pads, tokens, k = run_distributed(pads_routed_task, 1, False)[0]   # the control
+    assert all(r == tokens * k for r in routed), (routed, pads, tokens)

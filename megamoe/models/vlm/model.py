@@ -100,6 +100,16 @@ def vision_context(batch: dict, step: int | None, encoder_tokens: int) -> Contex
                    step=step)
 
 
+def _routes_pads_nowhere(decoder) -> bool:
+    """Whether every MoE router of the decoder can leave pad tokens out (and the decoder is no
+    MoR one, whose recursion block has its own pad rule)."""
+    from megamoe.models.lm.model import moe_layers
+    from megamoe.mor.decoder import MoRDecoder
+
+    return not isinstance(decoder, MoRDecoder) and all(
+        layer.router.takes_padding_mask for layer in moe_layers([decoder]))
+
+
 class VLMModel(LMModel):
     """One pipeline chunk of the multimodal model (module docstring): the LM chunk, plus the
     encoder and connector on the first stage. `forward(tokens, position_ids, None, images=…,
@@ -121,6 +131,7 @@ class VLMModel(LMModel):
             pixel_shuffle
         self.time_slices = time_slices      # video: tubelet time slices per clip
         self._correct = None
+        self.routes_pads_nowhere = _routes_pads_nowhere(self.decoder)
         self.packed_positions = packed_positions     # data.packing: RoPE at position_ids
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
@@ -142,7 +153,8 @@ class VLMModel(LMModel):
             decoder_input, image_nBD = self.embed(input_ids, position_ids, images, context,
                                                   vision_context)
         output = super().forward(input_ids, position_ids, attention_mask,
-                                 decoder_input=decoder_input, labels=labels, context=context)
+                                 decoder_input=decoder_input, labels=labels, context=context,
+                                 padding_mask=self.padding_mask(context))
         if not (self.post_process and labels is not None):
             return output
         correct, self._correct = self._correct, None
@@ -154,6 +166,23 @@ class VLMModel(LMModel):
         pair = contrastive_loss(*self.contrastive(image_nBD.mean(dim=0), text_BD),
                                 dp_group=self.pg_collection.dp)
         return output, correct, pair
+
+    def padding_mask(self, context: Context | None) -> torch.Tensor | None:
+        """Megatron's `padding_mask` for this chunk's decoder: bool [B, S(/TP)], True at the
+        context's pad tokens (the rest of a sample, a packed row's tail), which its MoE routers
+        then route nowhere — out of the experts' work, capacity, counts and balancing losses.
+        Split here under SP: Megatron splits it only when it embeds the tokens itself. None
+        without pads in the context, or when a router of the chunk cannot leave tokens out
+        (`takes_padding_mask`) or the decoder is MoR's (its block has its own pad rule): pads
+        are then routed like any token."""
+        pads_BS = context.padding_mask_BS if context is not None else None
+        if pads_BS is None or not self.routes_pads_nowhere:
+            return None
+        if self.config.sequence_parallel:
+            tp = self.pg_collection.tp
+            s = pads_BS.shape[1] // tp.size()
+            pads_BS = pads_BS[:, tp.rank() * s:(tp.rank() + 1) * s]
+        return pads_BS.to(next(self.parameters()).device)
 
     def caption_states(self, tokens_BL, end_B, context: Context | None) -> torch.Tensor:
         """[B, D]: the decoder's final-normed state at each caption's <eos>, from a text-only

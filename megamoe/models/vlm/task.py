@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from megamoe.blocks.context import Context
-from megamoe.config.vlm import IMAGE_TOKEN_ID, encoder_tokens
+from megamoe.config.vlm import IMAGE_TOKEN_ID, PAD_TOKEN_ID, encoder_tokens
 from megamoe.data.scenes import CAPTION
 
 
@@ -115,11 +115,13 @@ class VLMTask:
         return self.cfg.model.seq_length / (self.pack_k or 1)
 
     def context(self, batch: dict, step: int | None) -> Context:
-        """The LM stream's context: sample indices, labels, modality ids (1 = image); a
-        packed batch's segment ids as the sequence ids (a row has no one sample index)."""
+        """The LM stream's context: sample indices, labels, modality ids (1 = image), the
+        padding (routed nowhere by the LM's MoE layers); a packed batch's segment ids as the
+        sequence ids (a row has no one sample index)."""
         packed = "segment_ids" in batch
         return Context(sample_index_B=None if packed else batch.get("sample_index"),
                        modality_ids_BS=(batch["tokens"] == IMAGE_TOKEN_ID).long(),
+                       padding_mask_BS=batch["tokens"] == PAD_TOKEN_ID,
                        sequence_ids_BS=batch.get("segment_ids"),
                        labels_BS=batch.get("labels"), step=step)
 
