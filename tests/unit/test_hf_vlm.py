@@ -10,6 +10,8 @@ and folders neither side can take are refused naming the field."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -125,9 +127,12 @@ def export_task(name: str, out: str, run_dir: str):
             if key.endswith("router.selection_bias"):
                 b.copy_(torch.randn(b.shape, generator=g))
     batch = task.collate(train.get_batch([0, 1, 2]), [0, 1, 2])
+    # every position compared, pads too: transformers' MoE LMs route pads like any token, so
+    # megamoe's logits here come without the task's pad marks (which only change pad positions)
+    context = dataclasses.replace(task.context(batch, 0), padding_mask_BS=None)
     with torch.no_grad():
         ours = model(batch["tokens"], batch["position_ids"], None, images=batch["images"],
-                     context=task.context(batch, 0),
+                     context=context,
                      vision_context=vision_context(batch, 0, task.encoder_tokens))[..., :vocab]
     tensors = gather_global(engine.modules)
     export_hf({**tensors, **gather_router_buffers(engine.modules)}, cfg, out)
