@@ -14,14 +14,6 @@ def default_device_type() -> str:
 def check_layout_supported(cfg, device_type: str | None = None) -> None:
     """Refuse layouts this device cannot run, naming the fields (before any process starts)."""
     device_type = device_type or default_device_type()
-    p = cfg.parallel
-    etp = p.tensor if p.expert_tensor is None else p.expert_tensor
-    if device_type == "cpu" and etp > 1 and p.expert > 1:
-        raise ValueError(
-            f"parallel.expert_tensor={etp} with parallel.expert={p.expert}: on CPU, gloo cannot "
-            "do the uneven all-gather of Megatron's dispatch post-processing; use "
-            "parallel.expert_tensor=1 on CPU (this layout runs on GPUs)"
-        )
     if cfg.train.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError("train.engine=deepspeed: the deepspeed package is not installed "
                          "(pip install -e '.[deepspeed]')")

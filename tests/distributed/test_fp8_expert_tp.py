@@ -1,5 +1,5 @@
-"""FP8 experts under expert tensor parallelism (2 ranks: TP2 with expert-TP 2, EP1; gloo cannot
-run expert-TP with EP > 1 on CPU) equal FP8 in one process.
+"""FP8 experts under expert tensor parallelism (2 ranks: TP2 with expert-TP 2, EP1) equal FP8 in
+one process.
 
 fc2 is row-parallel under expert-TP, so its forward contracts this rank's slice of F; fc1's input
 gradient contracts this rank's slice of its outputs. One process scales a whole row, so the

@@ -23,6 +23,11 @@ LAYOUTS = [
     # their gradients over the dense DP group only (megamoe.models.lm.model.mark_expert_replicas)
     ("tp2_etp1", 2, ["parallel.tensor=2", "parallel.expert_tensor=1"], 1, "sgd"),
     ("ep2_tp2", 4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"], 2, "sgd"),
+    # experts split over TP ranks and EP: each TP rank sends this EP rank its own number of
+    # tokens, so the dispatcher's all-gather over expert-TP takes uneven rows per rank (the CPU
+    # bridge's, megamoe.platform.bridge; gloo's own takes equal sizes only)
+    ("ep2_etp2", 4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=2"], 2,
+     "sgd"),
     ("pp2_ep2", 4, ["parallel.pipeline=2", "parallel.expert=2"], 2, "sgd"),
     ("dp4_ep2", 4, ["parallel.expert=2"], 4, "sgd"),
     # model options under parallelism: QK-norm, qkv bias, gated shared expert under TP2+SP·EP2;
