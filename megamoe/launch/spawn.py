@@ -70,7 +70,8 @@ def _rank_entry(rank: int, world_size: int, port: int, target, args, report) -> 
     goes to the launcher through `report`."""
     _die_with_launcher()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     try:
         target(*args)
     except BaseException as exc:  # noqa: BLE001 - the parent reports it
