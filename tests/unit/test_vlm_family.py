@@ -256,38 +256,54 @@ def test_encoder_layers_are_named_apart_from_the_language_models():
     assert (layer_key(lm), layer_key(enc)) == ("layer 2", "encoder layer 2")
 
 
-def pads_routed_task(with_pads_in_context: bool):
+def pads_routed_task(with_pads_in_context: bool, overrides=()):
     """(tokens the LM's MoE layers routed per layer, pad tokens, all tokens, top-k) after one
-    evaluation step of the tiny vlm."""
+    evaluation step of the tiny vlm (with a contrastive head: the caption pass's too)."""
     from megamoe.config.vlm import PAD_TOKEN_ID
     from megamoe.engines.megatron import build_engine
     from megamoe.models.lm.model import moe_layers
     from megamoe.models.registry import family_datasets
 
-    cfg = _check("parallel.world_size=1")
+    cfg = _check("parallel.world_size=1", *overrides)
     train, _, vocab = family_datasets(cfg)
     engine = build_engine(cfg, vocab, torch.device("cpu"))
     task = engine.task
     if not with_pads_in_context:     # the control: the rule as it was, pads routed like text
+        from megamoe.models.vlm import model as vlm_model
+
         make_context = task.context
         task.context = lambda b, step: dataclasses.replace(make_context(b, step),
                                                            padding_mask_BS=None)
-    batch = task.collate(train.get_batch(list(range(4))), list(range(4)))
+        vlm_model.PAD_TOKEN_ID = -1  # the caption pass's marks (a pooled worker: put back below)
+    samples = [0, 1, 2, 8]      # sample 8's caption (one shape) is shorter: padded
+    batch = task.collate(train.get_batch(samples), samples)
     layers = [layer for layer in moe_layers(engine.modules) if not layer.stream]
     for layer in layers:
         layer.tokens_per_expert_acc.zero_()
-    engine.eval_step([batch])
+    try:
+        engine.eval_step([batch])
+    finally:
+        from megamoe.models.vlm import model as vlm_model
+
+        vlm_model.PAD_TOKEN_ID = PAD_TOKEN_ID
     routed = [int(layer.tokens_per_expert_acc.sum()) for layer in layers]
-    pads = int((batch["tokens"] == PAD_TOKEN_ID).sum())
-    return routed, pads, batch["tokens"].numel(), cfg.model.moe.topk
+    passes = [batch["tokens"]]
+    if cfg.model.vlm.contrastive_coeff > 0:
+        passes.append(batch["caption_tokens"])
+    pads = sum(int((t == PAD_TOKEN_ID).sum()) for t in passes)
+    return routed, pads, sum(t.numel() for t in passes), cfg.model.moe.topk
 
 
 @pytest.mark.timeout(300)
-def test_the_language_models_routers_route_pads_nowhere():
-    """A sample's padding (and a packed row's tail) reaches no expert: out of the experts'
-    work, capacity, load counts and balancing losses (Megatron's padding_mask)."""
-    routed, pads, tokens, k = run_distributed(pads_routed_task, 1, True)[0]
+@pytest.mark.parametrize("overrides", [[], ["model.vlm.contrastive_coeff=0.1"]],
+                         ids=["answers", "with_caption_pass"])
+def test_the_language_models_routers_route_pads_nowhere(overrides):
+    """A sample's padding (and a packed row's tail, and a caption's in the contrastive pass)
+    reaches no expert: out of the experts' work, capacity, load counts and balancing losses
+    (Megatron's padding_mask)."""
+    routed, pads, tokens, k = run_distributed(pads_routed_task, 1, True, overrides)[0]
     assert pads > 0 and routed and all(r == (tokens - pads) * k for r in routed), \
         (routed, pads, tokens)
-    routed, pads, tokens, k = run_distributed(pads_routed_task, 1, False)[0]   # the control
+    # the control: without the pad marks every token is routed
+    routed, pads, tokens, k = run_distributed(pads_routed_task, 1, False, overrides)[0]
     assert all(r == tokens * k for r in routed), (routed, pads, tokens)

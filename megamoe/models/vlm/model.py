@@ -53,6 +53,7 @@ from megatron.core.transformer.mlp import MLPSubmodules
 
 from megamoe.blocks.context import Context, bind
 from megamoe.blocks.packed import per_sample_sum, rotary_at_positions, sample_numbers
+from megamoe.config.vlm import PAD_TOKEN_ID
 from megamoe.models.lm.model import LMModel
 
 TEXT, IMAGE = 0, 1      # modality ids the routers and norms see
@@ -195,11 +196,13 @@ class VLMModel(LMModel):
             hidden = scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         text = Context(sample_index_B=context.sample_index_B if context is not None else None,
                        modality_ids_BS=torch.full((B, L), TEXT, dtype=torch.long),
+                       padding_mask_BS=tokens_BL == PAD_TOKEN_ID,
                        step=context.step if context is not None else None,
                        extras={"auxiliary_pass": True})
         with bind(text):
             hidden = self.decoder(hidden_states=hidden, attention_mask=None,
-                                  rotary_pos_emb=self.rotary_pos_emb(L))
+                                  rotary_pos_emb=self.rotary_pos_emb(L),
+                                  padding_mask=self.padding_mask(text))
         if self.config.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False, group=self.tp_group)
