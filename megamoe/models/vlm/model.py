@@ -172,18 +172,19 @@ class VLMModel(LMModel):
         """Megatron's `padding_mask` for this chunk's decoder: bool [B, S(/TP)], True at the
         context's pad tokens (the rest of a sample, a packed row's tail), which its MoE routers
         then route nowhere — out of the experts' work, capacity, counts and balancing losses.
-        Split here under SP: Megatron splits it only when it embeds the tokens itself. None
+        Split here under SP (Megatron's scatter; GPTModel splits it only when it embeds the
+        tokens itself). None
         without pads in the context, or when a router of the chunk cannot leave tokens out
         (`takes_padding_mask`) or the decoder is MoR's (its block has its own pad rule): pads
         are then routed like any token."""
         pads_BS = context.padding_mask_BS if context is not None else None
         if pads_BS is None or not self.routes_pads_nowhere:
             return None
+        pads_BS = pads_BS.to(next(self.parameters()).device)
         if self.config.sequence_parallel:
-            tp = self.pg_collection.tp
-            s = pads_BS.shape[1] // tp.size()
-            pads_BS = pads_BS[:, tp.rank() * s:(tp.rank() + 1) * s]
-        return pads_BS.to(next(self.parameters()).device)
+            pads_BS = scatter_to_sequence_parallel_region(
+                pads_BS.transpose(0, 1).contiguous(), group=self.tp_group).transpose(0, 1)
+        return pads_BS
 
     def caption_states(self, tokens_BL, end_B, context: Context | None) -> torch.Tensor:
         """[B, D]: the decoder's final-normed state at each caption's <eos>, from a text-only
