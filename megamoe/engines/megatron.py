@@ -188,10 +188,14 @@ def build_model(cfg, vocab_size: int, device: torch.device):
     parameter (every engine starts from this). Megatron's aux-loss tracker, a process-wide
     dict sized by the model it first saw, starts empty: a process that built another model (a
     test pool's worker) would otherwise index its entries with this model's layer numbers
-    (IndexError past their size) or reduce them over that model's stale groups."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    (IndexError past their size) or reduce them over that model's stale groups. Likewise the
+    aux-loss backward scale, process-wide too: a backward without the schedule creates it with
+    shape [], which the schedule's later copy of a [1] scale refuses."""
+    from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
+                                                         get_moe_layer_wise_logging_tracker)
 
     get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     cfg = with_resolved_experts(cfg, device.type)      # model.moe.experts=auto: this device's
     family = family_for(cfg)
     dims = ParallelDims.from_config(cfg.parallel)
