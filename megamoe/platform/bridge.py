@@ -97,15 +97,17 @@ def _gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=Fal
 
 def _reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
     """`mappings._reduce_scatter_along_first_dim` with uneven split sizes (the backward of the
-    gather above): gloo has no list reduce-scatter, so the whole tensor is all-reduced and each
-    rank keeps its rows."""
+    gather above): gloo has no list reduce-scatter, so an uneven all-to-all sends each rank the
+    rows it owns from every rank, and the rank sums them (the data a reduce-scatter moves)."""
     if input_split_sizes is None or group.size() == 1:
         return _REPLACED[_MAPPINGS, "_reduce_scatter_along_first_dim"](
             input_, group, input_split_sizes, use_global_buffer)
-    summed = input_.clone()
-    torch.distributed.all_reduce(summed, group=group)
-    start = sum(input_split_sizes[:group.rank()])
-    return summed[start:start + input_split_sizes[group.rank()]].contiguous()
+    world, mine = group.size(), input_split_sizes[group.rank()]
+    received = input_.new_empty((world * mine, *input_.shape[1:]))
+    torch.distributed.all_to_all_single(
+        received, input_.contiguous(), output_split_sizes=[mine] * world,
+        input_split_sizes=list(input_split_sizes), group=group)
+    return received.view(world, mine, *input_.shape[1:]).sum(0)
 
 
 class _EmbeddingSyncTorch(type(CPU_TORCH)):

@@ -6,7 +6,6 @@ error naming the sample."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -256,36 +255,30 @@ def test_encoder_layers_are_named_apart_from_the_language_models():
     assert (layer_key(lm), layer_key(enc)) == ("layer 2", "encoder layer 2")
 
 
-def pads_routed_task(with_pads_in_context: bool, overrides=()):
+def pads_routed_task(route_pads_nowhere: bool, overrides=()):
     """(tokens the LM's MoE layers routed per layer, pad tokens, all tokens, top-k) after one
     evaluation step of the tiny vlm (with a contrastive head: the caption pass's too)."""
     from megamoe.config.vlm import PAD_TOKEN_ID
     from megamoe.engines.megatron import build_engine
     from megamoe.models.lm.model import moe_layers
     from megamoe.models.registry import family_datasets
+    from megamoe.models.vlm.model import VLMModel
 
     cfg = _check("parallel.world_size=1", *overrides)
     train, _, vocab = family_datasets(cfg)
     engine = build_engine(cfg, vocab, torch.device("cpu"))
     task = engine.task
-    if not with_pads_in_context:     # the control: the rule as it was, pads routed like text
-        from megamoe.models.vlm import model as vlm_model
-
-        make_context = task.context
-        task.context = lambda b, step: dataclasses.replace(make_context(b, step),
-                                                           padding_mask_BS=None)
-        vlm_model.PAD_TOKEN_ID = -1  # the caption pass's marks (a pooled worker: put back below)
+    vlm = [m for m in engine.modules if isinstance(m, VLMModel)]
+    assert vlm and all(m.routes_pads_nowhere for m in vlm)
+    if not route_pads_nowhere:       # the control: the rule as it was, pads routed like text
+        for m in vlm:                # (the answer pass's marks and the caption pass's)
+            m.routes_pads_nowhere = False
     samples = [0, 1, 2, 8]      # sample 8's caption (one shape) is shorter: padded
     batch = task.collate(train.get_batch(samples), samples)
     layers = [layer for layer in moe_layers(engine.modules) if not layer.stream]
     for layer in layers:
         layer.tokens_per_expert_acc.zero_()
-    try:
-        engine.eval_step([batch])
-    finally:
-        from megamoe.models.vlm import model as vlm_model
-
-        vlm_model.PAD_TOKEN_ID = PAD_TOKEN_ID
+    engine.eval_step([batch])
     routed = [int(layer.tokens_per_expert_acc.sum()) for layer in layers]
     passes = [batch["tokens"]]
     if cfg.model.vlm.contrastive_coeff > 0:
