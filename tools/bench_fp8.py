@@ -14,7 +14,9 @@ each timing, and `fp8 rowwise grouped` adds the `torch._scaled_grouped_mm` back 
 the device refuses (torch._grouped_mm takes bf16 only on CUDA) is reported with its error.
 Every ratio against fp32 sequential (and bf16 sequential) is printed; the last line is JSON with
 grouped_speedup_fp32 and grouped_speedup_bf16 (sequential ms / grouped ms at the last shape) and
-every time. The CPU goal (grouped ≥ 1.3× sequential at the larger shape) and the GPU goals (FP8
+every time. A dense bound per dtype times the same GEMMs as one dense MLP over all the rows
+(one expert's weights, no split into experts): sequential ms / dense-bound ms
+(dense_bound_speedup_*) is the most any grouping of the expert GEMMs could gain. The CPU goal (grouped ≥ 1.3× sequential at the larger shape) and the GPU goals (FP8
 expert GEMMs ≥ 1.5× bf16, FP8 layer ≥ 1.2× bf16) are measured, not asserted.
 
 examples:
@@ -118,6 +120,19 @@ def _fwd_bwd_layer(layer, x_SBD):
     y.float().sum().backward()
 
 
+def _fwd_bwd_dense(w1_GD, w2_DF, x_TD, probs_T):
+    """The expert GEMMs' work as one dense SwiGLU MLP over all T·k rows with one expert's
+    weights: the same FLOPs and element-wise steps with no split into experts, which bounds what
+    any expert back end (grouped or not) can reach on this device."""
+    import torch
+    import torch.nn.functional as F
+
+    x = x_TD.clone().requires_grad_()
+    glu_TF, lin_TF = torch.chunk(F.linear(x, w1_GD), 2, dim=-1)
+    a_TF = F.silu(glu_TF) * lin_TF * probs_T.unsqueeze(-1)
+    F.linear(a_TF, w2_DF).float().sum().backward()
+
+
 def _timed(fn, device: str, *args) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -147,6 +162,11 @@ def bench_shape(name, shape, args, pg) -> dict:
     probs_T = torch.rand(T * k, generator=g).to(dev)
     x_SBD = torch.randn(T // 4, 4, D, generator=g).to(dev)
     times = {v: {"experts": [], "layer": []} for v in layers}
+    expert0 = layers["fp32 sequential"][0].experts.local_experts[0]
+    bound = {dtype: [w.detach().to(dtype).clone().requires_grad_() for w in
+                     (expert0.linear_fc1.weight, expert0.linear_fc2.weight)]
+             for dtype in {d for _, d in layers.values()}}
+    bound_times = {dtype: [] for dtype in bound}
     for i in range(args.warmup + args.iters):
         for vname, (layer, dtype) in list(layers.items()):    # interleaved: A, B, C, …, A, …
             try:
@@ -160,6 +180,10 @@ def bench_shape(name, shape, args, pg) -> dict:
             if i >= args.warmup:
                 times[vname]["experts"].append(te)
                 times[vname]["layer"].append(tl)
+        for dtype, (w1_GD, w2_DF) in bound.items():
+            tb = _timed(_fwd_bwd_dense, dev, w1_GD, w2_DF, x_TD.to(dtype), probs_T.to(dtype))
+            if i >= args.warmup:
+                bound_times[dtype].append(tb)
     med = {v: {part: statistics.median(t) for part, t in d.items()} for v, d in times.items()}
     print(f"\n{name}: T={T} tokens, D={D}, F={shape['F']}, E={E}, k={k}; forward+backward, "
           f"median of {args.iters} after {args.warmup} warm-up, "
@@ -175,6 +199,14 @@ def bench_shape(name, shape, args, pg) -> dict:
     for v, why in failed.items():
         print(f"{v:20} refused on {dev}: {why}")
         med[v] = {"experts": None, "layer": None, "error": why}
+    for dtype, t in bound_times.items():    # the ceiling of grouping's gain
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        ms = statistics.median(t)
+        seq = med.get(f"{name} sequential", nan)["experts"]
+        print(f"{name + ' dense bound':20} {ms:11.2f} {'-':>9} {f32['experts'] / ms:12.2f} "
+              f"{b16['experts'] / ms:12.2f}   (one dense MLP, same FLOPs: sequential reaches "
+              f"{ms / seq:.0%} of it, so grouping can gain at most {seq / ms:.2f}x)")
+        med[f"{name} dense bound"] = {"experts": ms, "layer": None}
     del layers
     if dev == "cuda":
         torch.cuda.empty_cache()
@@ -193,6 +225,9 @@ def main(argv=None) -> int:
     quiet_megatron_warnings()
     if args.device == "cpu":
         os.environ["MEGAMOE_DEVICE"] = "cpu"        # gloo, also on a GPU host
+        # one thread (a rank's share of a CPU); set in the environment too, or init_distributed
+        # would give this lone rank all the cores (megamoe.launch.env.cpu_threads)
+        os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -215,6 +250,8 @@ def main(argv=None) -> int:
     print(json.dumps({
         "bench": "fp8_experts", "shape": args.shapes[-1],
         "grouped_speedup_fp32": speedup("fp32"), "grouped_speedup_bf16": speedup("bf16"),
+        "dense_bound_speedup_fp32": ratio("fp32 sequential", "fp32 dense bound"),
+        "dense_bound_speedup_bf16": ratio("bf16 sequential", "bf16 dense bound"),
         "grouped_layer_speedup_fp32": speedup("fp32", "layer"),
         "grouped_layer_speedup_bf16": speedup("bf16", "layer"),
         "fp8_vs_bf16_experts": {v[4:]: ratio("bf16 sequential", v) for v in fp8},
