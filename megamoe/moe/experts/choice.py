@@ -13,15 +13,16 @@ import dataclasses
 
 # device kind -> (back end, where the figure comes from)
 BY_DEVICE = {
-    # tools/bench_fp8.py on the 2-core CPU host, 2026-12-03 (one thread, median of 20, fwd+bwd,
-    # machine loaded by other jobs: ratios side by side are meaningful, times are not quiet):
-    # quickstart expert shape (T=256, D=64, F=128, E=4, k=2) fp32 expert GEMMs 3.86 ms
-    # sequential vs 2.11 ms grouped (1.83×), whole MoE layer 5.41 vs 4.24 ms (1.27×); a second
-    # run 4.16 vs 2.62 ms (1.59×), layer 1.32×. At T=2048, D=512, F=1024, E=8 the other way:
-    # 574 vs 659 ms (0.87×), then 583 vs 612 ms (0.95×); bf16 1.05×, 1.07×. CPU runs here are quickstart-sized (a D=512 model does not train on CPU in
-    # useful time), so the quickstart's figure decides; a larger CPU model may set sequential.
-    "cpu": ("grouped", "tools/bench_fp8.py on CPU: grouped 1.83× sequential at the quickstart "
-                       "shape"),
+    # tools/bench_fp8.py on the 2-core CPU host, 2026-12-04, quiet (one thread, median of 20,
+    # fwd+bwd, balanced routing): at the quickstart's expert shape (T=256, D=64, F=128, E=4,
+    # k=2) fp32 expert GEMMs 2.66 ms sequential vs 1.66 ms grouped (1.61x; bf16 1.71x), the
+    # whole MoE layer 3.71 vs 2.77 ms (1.34x). At T=2048, D=512, F=1024, E=8 they tie: fp32
+    # 0.99x, bf16 1.01x (layer 0.94x, 1.00x), because the GEMMs dominate there: sequential
+    # reaches 99% (fp32) and 95% (bf16) of the bench's dense bound, the same FLOPs as one dense
+    # MLP. CPU runs are quickstart-sized (a D=512 model does not train on CPU in useful time),
+    # so grouped is the CPU entry; at large shapes the choice hardly matters on CPU.
+    "cpu": ("grouped", "tools/bench_fp8.py on CPU: grouped 1.61x sequential at the quickstart "
+                       "shape, 0.99x at D=512 (GEMM-bound there)"),
     # NOT MEASURED: no GPU was lent when this was written. Megatron's SequentialMLP stays the
     # CUDA default: it is what tests/gpu/test_gpu_smoke.py trains in fp32 and bf16, and torch
     # 2.13's shape checks of _grouped_mm (torch/_meta_registrations.py, "checks from
