@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megamoe.cli import _report
+from megamoe.commands.train import report as _report
 from megamoe.launch.lock import RunDirBusy, RunDirLock
 from megamoe.launch import spawn
 from megamoe.launch.spawn import LaunchResult, RankFailure, spawn_local
