@@ -16,8 +16,9 @@ Every ratio against fp32 sequential (and bf16 sequential) is printed; the last l
 grouped_speedup_fp32 and grouped_speedup_bf16 (sequential ms / grouped ms at the last shape) and
 every time. A dense bound per dtype times the same GEMMs as one dense MLP over all the rows
 (one expert's weights, no split into experts): sequential ms / dense-bound ms
-(dense_bound_speedup_*) is the most any grouping of the expert GEMMs could gain. The CPU goal (grouped ≥ 1.3× sequential at the larger shape) and the GPU goals (FP8
-expert GEMMs ≥ 1.5× bf16, FP8 layer ≥ 1.2× bf16) are measured, not asserted.
+(dense_bound_speedup_*) is the most any grouping of the expert GEMMs could gain. The CPU goal
+(grouped ≥ 1.3× sequential at the larger shape) and the GPU goals (FP8 expert GEMMs ≥ 1.5×
+bf16, FP8 layer ≥ 1.2× bf16) are measured, not asserted.
 
 examples:
   python tools/bench_fp8.py
