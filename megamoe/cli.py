@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from megamoe.commands.train import error as _error   # light: no heavy imports
+from megamoe.commands import error as _error, fast_shutdown
 
 EPILOG = """examples:
   megamoe train --config configs/lm_quickstart.yaml
@@ -404,8 +404,6 @@ def main(argv=None) -> int:
         print("megamoe: interrupted", file=sys.stderr)
         return 130
     finally:
-        from megamoe.commands.train import fast_shutdown
-
         fast_shutdown()
 
 

@@ -166,7 +166,7 @@ def bench_shape(name, shape, args, pg) -> dict:
     expert0 = layers["fp32 sequential"][0].experts.local_experts[0]
     bound = {dtype: [w.detach().to(dtype).clone().requires_grad_() for w in
                      (expert0.linear_fc1.weight, expert0.linear_fc2.weight)]
-             for dtype in {d for _, d in layers.values()}}
+             for dtype in dict.fromkeys(d for _, d in layers.values())}   # fp32, then bf16
     bound_times = {dtype: [] for dtype in bound}
     for i in range(args.warmup + args.iters):
         for vname, (layer, dtype) in list(layers.items()):    # interleaved: A, B, C, …, A, …

@@ -7,11 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-
-def error(msg: str) -> int:
-    """One error line on stderr; the CLI's exit code for a user's error."""
-    print(f"megamoe: error: {msg}", file=sys.stderr)
-    return 2
+from megamoe.commands import error, fast_shutdown
 
 
 def _train_rank(config) -> None:
@@ -34,22 +30,6 @@ def _train_rank(config) -> None:
         train(cfg, device, stop)
     finally:
         fast_shutdown()
-
-
-def fast_shutdown() -> None:
-    """End the process group (convert and generate open a one-rank one): left to interpreter
-    exit, gloo's threads can be destroyed while joinable and the process aborts ("terminate
-    called without an active exception", exit -6) after its work is done. Then collect garbage
-    once and freeze what is left: Python's shutdown otherwise runs repeated full collections
-    over torch's and Megatron's objects, seconds per process."""
-    import gc
-    import sys
-
-    dist = sys.modules.get("torch.distributed")   # not imported by --help, config, recipes
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    gc.collect()
-    gc.freeze()
 
 
 def _check_resume(cfg) -> int | None:

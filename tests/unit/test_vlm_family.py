@@ -6,7 +6,6 @@ error naming the sample."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

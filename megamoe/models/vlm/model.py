@@ -173,10 +173,9 @@ class VLMModel(LMModel):
         context's pad tokens (the rest of a sample, a packed row's tail), which its MoE routers
         then route nowhere — out of the experts' work, capacity, counts and balancing losses.
         Split here under SP (Megatron's scatter; GPTModel splits it only when it embeds the
-        tokens itself). None
-        without pads in the context, or when a router of the chunk cannot leave tokens out
-        (`takes_padding_mask`) or the decoder is MoR's (its block has its own pad rule): pads
-        are then routed like any token."""
+        tokens itself). None without pads in the context, or when a router of the chunk cannot
+        leave tokens out (`takes_padding_mask`) or the decoder is MoR's (its block has its own
+        pad rule): pads are then routed like any token."""
         pads_BS = context.padding_mask_BS if context is not None else None
         if pads_BS is None or not self.routes_pads_nowhere:
             return None
